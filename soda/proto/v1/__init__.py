@@ -1,0 +1,1 @@
+"""Generated from protos/soda/proto/v1 by scripts/gen-protos; never edit by hand."""

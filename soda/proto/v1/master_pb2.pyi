@@ -1,0 +1,379 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    PENDING: _ClassVar[Phase]
+    PULLING: _ClassVar[Phase]
+    BOOTING: _ClassVar[Phase]
+    RUNNING: _ClassVar[Phase]
+    FAILED: _ClassVar[Phase]
+    STOPPING: _ClassVar[Phase]
+    STOPPED: _ClassVar[Phase]
+PHASE_UNSPECIFIED: Phase
+PENDING: Phase
+PULLING: Phase
+BOOTING: Phase
+RUNNING: Phase
+FAILED: Phase
+STOPPING: Phase
+STOPPED: Phase
+
+class Resources(_message.Message):
+    __slots__ = ("cpu", "memory_mib", "bandwidth_mbit", "disk_mib")
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_MBIT_FIELD_NUMBER: _ClassVar[int]
+    DISK_MIB_FIELD_NUMBER: _ClassVar[int]
+    cpu: float
+    memory_mib: int
+    bandwidth_mbit: int
+    disk_mib: int
+    def __init__(self, cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., bandwidth_mbit: _Optional[int] = ..., disk_mib: _Optional[int] = ...) -> None: ...
+
+class SwitchSpec(_message.Message):
+    __slots__ = ("listen", "policy")
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    listen: str
+    policy: str
+    def __init__(self, listen: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class ServiceSpec(_message.Message):
+    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    image: str
+    hypervisor: str
+    nodes: int
+    port: int
+    resources: _containers.RepeatedCompositeFieldContainer[Resources]
+    switch: SwitchSpec
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ...) -> None: ...
+
+class VirtualNode(_message.Message):
+    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BOOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DELETING_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    service: str
+    index: int
+    node: str
+    address: str
+    prefix_length: int
+    gateway: str
+    resources: Resources
+    weight: float
+    image_digest: str
+    hypervisor: str
+    port: int
+    phase: Phase
+    reason: str
+    boot_seconds: float
+    deleting: bool
+    generation: int
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class Service(_message.Message):
+    __slots__ = ("spec", "image_digest", "vnodes", "deleting", "created_at")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    DELETING_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    spec: ServiceSpec
+    image_digest: str
+    vnodes: _containers.RepeatedCompositeFieldContainer[VirtualNode]
+    deleting: bool
+    created_at: float
+    def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    HYPERVISORS_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    capacity: Resources
+    allocated: Resources
+    hypervisors: _containers.RepeatedScalarFieldContainer[str]
+    subnet: str
+    gateway: str
+    state: str
+    vnodes: int
+    last_heartbeat: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("digest", "names", "size", "created_at", "init")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    size: int
+    created_at: float
+    init: str
+    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., created_at: _Optional[float] = ..., init: _Optional[str] = ...) -> None: ...
+
+class CreateServiceRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: ServiceSpec
+    def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ...) -> None: ...
+
+class GetServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListServicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListServicesResponse(_message.Message):
+    __slots__ = ("services",)
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[Service]
+    def __init__(self, services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ...) -> None: ...
+
+class DeleteServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ResizeServiceRequest(_message.Message):
+    __slots__ = ("name", "nodes", "resources")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    nodes: int
+    resources: _containers.RepeatedCompositeFieldContainer[Resources]
+    def __init__(self, name: _Optional[str] = ..., nodes: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ...) -> None: ...
+
+class WatchServicesRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ServiceEvent(_message.Message):
+    __slots__ = ("kind", "service")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[ServiceEvent.Kind]
+        UPSERT: _ClassVar[ServiceEvent.Kind]
+        DELETED: _ClassVar[ServiceEvent.Kind]
+    KIND_UNSPECIFIED: ServiceEvent.Kind
+    UPSERT: ServiceEvent.Kind
+    DELETED: ServiceEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    kind: ServiceEvent.Kind
+    service: Service
+    def __init__(self, kind: _Optional[_Union[ServiceEvent.Kind, str]] = ..., service: _Optional[_Union[Service, _Mapping]] = ...) -> None: ...
+
+class RegisterNodeRequest(_message.Message):
+    __slots__ = ("name", "address", "capacity", "hypervisors")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    HYPERVISORS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    capacity: Resources
+    hypervisors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class VirtualNodeStatus(_message.Message):
+    __slots__ = ("name", "phase", "reason", "boot_seconds", "generation")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BOOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    phase: Phase
+    reason: str
+    boot_seconds: float
+    generation: int
+    def __init__(self, name: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node", "vnodes", "complete")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    vnodes: _containers.RepeatedCompositeFieldContainer[VirtualNodeStatus]
+    complete: bool
+    def __init__(self, node: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNodeStatus, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("heartbeat_seconds",)
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_seconds: int
+    def __init__(self, heartbeat_seconds: _Optional[int] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class WatchAssignmentsRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class AssignmentEvent(_message.Message):
+    __slots__ = ("kind", "vnodes")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[AssignmentEvent.Kind]
+        SNAPSHOT: _ClassVar[AssignmentEvent.Kind]
+        UPSERT: _ClassVar[AssignmentEvent.Kind]
+        REMOVE: _ClassVar[AssignmentEvent.Kind]
+    KIND_UNSPECIFIED: AssignmentEvent.Kind
+    SNAPSHOT: AssignmentEvent.Kind
+    UPSERT: AssignmentEvent.Kind
+    REMOVE: AssignmentEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    kind: AssignmentEvent.Kind
+    vnodes: _containers.RepeatedCompositeFieldContainer[VirtualNode]
+    def __init__(self, kind: _Optional[_Union[AssignmentEvent.Kind, str]] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ...) -> None: ...
+
+class ImageHeader(_message.Message):
+    __slots__ = ("name", "size", "digest", "init")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    digest: str
+    init: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., init: _Optional[str] = ...) -> None: ...
+
+class PushImageRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ImageHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[ImageHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ListImagesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListImagesResponse(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+
+class DeleteImageRequest(_message.Message):
+    __slots__ = ("image",)
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    def __init__(self, image: _Optional[str] = ...) -> None: ...
+
+class PullImageRequest(_message.Message):
+    __slots__ = ("image",)
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    def __init__(self, image: _Optional[str] = ...) -> None: ...
+
+class PullImageResponse(_message.Message):
+    __slots__ = ("image", "chunk")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    chunk: bytes
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("vnode", "address", "port", "weight", "ready")
+    VNODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    vnode: str
+    address: str
+    port: int
+    weight: float
+    ready: bool
+    def __init__(self, vnode: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[float] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class EndpointSet(_message.Message):
+    __slots__ = ("service", "listen", "policy", "endpoints", "deleted")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    listen: str
+    policy: str
+    endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
+    deleted: bool
+    def __init__(self, service: _Optional[str] = ..., listen: _Optional[str] = ..., policy: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class WatchEndpointsRequest(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    def __init__(self, service: _Optional[str] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

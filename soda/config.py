@@ -1,0 +1,113 @@
+"""Configuration of SODA's daemons: YAML files into frozen dataclasses.
+
+Defaults live in the dataclasses; a file may set any field; unknown keys are
+an error. Loaded only from a daemon's `main()`, never at import time.
+Command-line flags override the file (`with_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from soda.errors import InvalidSpec
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    listen: str = "127.0.0.1:7070"
+    state_dir: str = "/var/lib/soda/master"
+    # Cluster address range; every physical node gets its own /node_prefix.
+    cluster_cidr: str = "10.233.0.0/16"
+    node_prefix: int = 24
+    heartbeat_seconds: int = 2
+    # A node silent for this long is LOST and its virtual nodes placed again.
+    node_lost_seconds: float = 10.0
+    max_workers: int = 256
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """Zero means: measure it on this machine."""
+    cpu: float = 0.0
+    memory: int = 0
+    bandwidth: int = 0
+    disk: int = 0
+
+
+@dataclass(frozen=True)
+class FakeDriverConfig:
+    boot_seconds: float = 0.2
+    stop_seconds: float = 0.05
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    master: str = "127.0.0.1:7070"
+    name: str = ""                     # default: the host name
+    address: str = "127.0.0.1"         # where the Switch and peers reach this node
+    state_dir: str = "/var/lib/soda/agent"
+    hypervisors: tuple[str, ...] = ("fake",)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    fake: FakeDriverConfig = field(default_factory=FakeDriverConfig)
+    max_parallel_boots: int = 4
+    reconcile_seconds: float = 1.0
+    log_level: str = "INFO"
+
+
+def _build(cls: type[T], data: Any, where: str) -> T:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InvalidSpec(f"{where}: unknown key(s) {', '.join(map(str, unknown))} "
+                          f"(known: {', '.join(fields)})")
+    kwargs = {}
+    for key, value in data.items():
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}.{key}")
+        elif isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise InvalidSpec(f"{where}.{key}: expected a list")
+            kwargs[key] = tuple(value)
+        elif isinstance(default, bool) or not isinstance(default, (int, float)):
+            if not isinstance(value, type(default)):
+                raise InvalidSpec(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+            kwargs[key] = value
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidSpec(f"{where}.{key}: expected a number, got {value!r}")
+            kwargs[key] = type(default)(value)
+    return cls(**kwargs)
+
+
+def load(cls: type[T], path: str | None) -> T:
+    """Read `path` (YAML) into `cls`; no path means all defaults."""
+    if not path:
+        return cls()
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise InvalidSpec(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidSpec(f"config {path} is not valid YAML: {exc}") from None
+    return _build(cls, data, os.path.basename(path))
+
+
+def with_overrides(config: T, **overrides: Any) -> T:
+    """Apply command-line flags that were given (None means not given)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **given) if given else config

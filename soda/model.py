@@ -1,0 +1,344 @@
+"""SODA's domain objects and the rules a service spec must obey.
+
+Plain frozen dataclasses shared by every part (Master, Agent, Switch,
+sodactl). `parse_spec` turns a YAML/flag dict into a validated
+`ServiceSpec`; the Master validates again whatever reaches it over gRPC.
+No I/O and no grpc here.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from soda.errors import InvalidSpec
+
+# Names of hypervisor drivers that may appear in a spec. The Agent's driver
+# registry (soda.hypervisors.base) decides which of them a node really has.
+HYPERVISOR_NAMES = ("uml", "qemu", "fake")
+# When a spec names no hypervisor, a node's drivers are preferred in this order.
+HYPERVISOR_PREFERENCE = ("uml", "qemu", "fake")
+POLICIES = ("weighted-round-robin", "weighted-least-connections")
+DEFAULT_POLICY = "weighted-round-robin"
+DEFAULT_PORT = 80
+
+# A DNS label; services leave room for the "-NNN" virtual node suffix.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+SERVICE_NAME_MAX = 50
+NODE_NAME_MAX = 63
+MAX_VNODES_PER_SERVICE = 1000
+IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+# Bounds that catch typos (64000 cores, negative memory) before scheduling;
+# a request inside them that no node can hold is NoCapacity, not InvalidSpec.
+RESOURCE_BOUNDS = {
+    "cpu": (0.01, 1024.0),
+    "memory": (16, 16 * 1024 * 1024),        # MiB: 16 MiB .. 16 TiB
+    "bandwidth": (1, 400_000),               # Mbit/s
+    "disk": (16, 1024 * 1024 * 1024),        # MiB: 16 MiB .. 1 PiB
+}
+RESOURCE_UNITS = {"cpu": "cores", "memory": "MiB", "bandwidth": "Mbit/s", "disk": "MiB"}
+RESOURCE_DEFAULTS = {"cpu": 1.0, "memory": 64, "bandwidth": 100, "disk": 256}
+
+
+class Phase(enum.IntEnum):
+    """Lifecycle of a virtual node as its Agent observes it."""
+    UNSPECIFIED = 0
+    PENDING = 1
+    PULLING = 2
+    BOOTING = 3
+    RUNNING = 4
+    FAILED = 5
+    STOPPING = 6
+    STOPPED = 7
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 0.0
+    memory: int = 0          # MiB
+    bandwidth: int = 0       # Mbit/s
+    disk: int = 0            # MiB
+
+    def __add__(self, other: "Resources") -> "Resources":
+        return Resources(self.cpu + other.cpu, self.memory + other.memory,
+                         self.bandwidth + other.bandwidth, self.disk + other.disk)
+
+    def __sub__(self, other: "Resources") -> "Resources":
+        return Resources(self.cpu - other.cpu, self.memory - other.memory,
+                         self.bandwidth - other.bandwidth, self.disk - other.disk)
+
+    def as_dict(self) -> dict:
+        return {"cpu": round(self.cpu, 6), "memory": self.memory,
+                "bandwidth": self.bandwidth, "disk": self.disk}
+
+
+@dataclass(frozen=True)
+class SwitchSpec:
+    listen: str = ""
+    policy: str = DEFAULT_POLICY
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    image: str
+    nodes: int
+    resources: tuple[Resources, ...]     # one per virtual node
+    hypervisor: str = ""
+    port: int = DEFAULT_PORT
+    switch: SwitchSpec = field(default_factory=SwitchSpec)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "image": self.image, "hypervisor": self.hypervisor,
+            "nodes": self.nodes, "port": self.port,
+            "resources": [r.as_dict() for r in self.resources],
+            "switch": {"listen": self.switch.listen, "policy": self.switch.policy},
+        }
+
+
+@dataclass(frozen=True)
+class VirtualNode:
+    name: str
+    service: str
+    index: int
+    resources: Resources
+    node: str = ""
+    address: str = ""
+    prefix_length: int = 0
+    gateway: str = ""
+    weight: float = 0.0
+    image_digest: str = ""
+    hypervisor: str = ""
+    port: int = DEFAULT_PORT
+    phase: Phase = Phase.PENDING
+    reason: str = ""
+    boot_seconds: float = 0.0
+    deleting: bool = False
+    generation: int = 1
+
+    def with_status(self, phase: Phase, reason: str = "", boot_seconds: float | None = None) -> "VirtualNode":
+        return replace(self, phase=phase, reason=reason,
+                       boot_seconds=self.boot_seconds if boot_seconds is None else boot_seconds)
+
+
+@dataclass(frozen=True)
+class Service:
+    spec: ServiceSpec
+    image_digest: str
+    vnodes: tuple[VirtualNode, ...] = ()
+    deleting: bool = False
+    created_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    capacity: Resources
+    hypervisors: tuple[str, ...]
+    subnet: str = ""
+    gateway: str = ""
+    state: str = "READY"          # READY | LOST
+    allocated: Resources = Resources()
+    vnodes: int = 0
+    last_heartbeat: float = 0.0
+
+
+@dataclass(frozen=True)
+class Image:
+    digest: str
+    size: int
+    names: tuple[str, ...] = ()
+    created_at: float = 0.0
+    init: str = "/sbin/init"
+
+
+@dataclass(frozen=True)
+class VirtualNodeStatus:
+    """What an Agent reports about one virtual node."""
+    name: str
+    phase: Phase
+    reason: str = ""
+    boot_seconds: float = 0.0
+    generation: int = 0
+
+
+def vnode_name(service: str, index: int) -> str:
+    return f"{service}-{index}"
+
+
+# ---- validation -------------------------------------------------------
+
+def check_dns_label(kind: str, name: Any, max_len: int) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidSpec(f"{kind} name is required")
+    if len(name) > max_len or not _DNS_LABEL.match(name):
+        raise InvalidSpec(
+            f"invalid {kind} name {name!r}: use lowercase letters, digits and '-', "
+            f"start and end with a letter or digit, at most {max_len} characters")
+    return name
+
+
+def check_image_ref(ref: Any) -> str:
+    if not isinstance(ref, str) or not ref:
+        raise InvalidSpec("image is required (a name or sha256:<hex> digest)")
+    if DIGEST_RE.match(ref) or IMAGE_NAME_RE.match(ref):
+        return ref
+    raise InvalidSpec(f"invalid image reference {ref!r}: expected a name "
+                      "([a-z0-9._-], at most 128 characters) or sha256:<64 hex digits>")
+
+
+def check_image_name(name: Any) -> str:
+    if not isinstance(name, str) or not IMAGE_NAME_RE.match(name) or name.startswith("sha256"):
+        raise InvalidSpec(f"invalid image name {name!r}: use [a-z0-9._-], start with a letter "
+                          "or digit, at most 128 characters")
+    return name
+
+
+def _number(key: str, value: Any, integer: bool) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise InvalidSpec(f"{key}: {value!r} is not a number") from None
+        else:
+            raise InvalidSpec(f"{key}: {value!r} is not a number")
+    if not math.isfinite(value):
+        raise InvalidSpec(f"{key}: {value!r} is not a finite number")
+    lo, hi = RESOURCE_BOUNDS[key]
+    if value < lo or value > hi:
+        raise InvalidSpec(f"{key} must be between {lo:g} and {hi:g} {RESOURCE_UNITS[key]}, got {value:g}")
+    if integer:
+        if value != int(value):
+            raise InvalidSpec(f"{key} must be a whole number of {RESOURCE_UNITS[key]}, got {value:g}")
+        return int(value)
+    return float(value)
+
+
+def expand_resources(nodes: int, resources: Mapping[str, Any] | None) -> tuple[Resources, ...]:
+    """One Resources per virtual node from `{cpu: 0.5 | [0.5, 1.0], ...}`."""
+    resources = dict(resources or {})
+    unknown = sorted(set(resources) - set(RESOURCE_BOUNDS))
+    if unknown:
+        raise InvalidSpec(f"unknown resource field(s): {', '.join(unknown)} "
+                          f"(known: {', '.join(RESOURCE_BOUNDS)})")
+    columns: dict[str, list] = {}
+    for key in RESOURCE_BOUNDS:
+        value = resources.get(key, RESOURCE_DEFAULTS[key])
+        if value is None:
+            value = RESOURCE_DEFAULTS[key]
+        if isinstance(value, (list, tuple)):
+            if len(value) != nodes:
+                raise InvalidSpec(f"{key}: {len(value)} values given for {nodes} virtual nodes; "
+                                  "give one value, or one per virtual node")
+            values = list(value)
+        else:
+            values = [value] * nodes
+        columns[key] = [_number(key, v, integer=(key != "cpu")) for v in values]
+    return tuple(Resources(columns["cpu"][i], columns["memory"][i], columns["bandwidth"][i],
+                           columns["disk"][i]) for i in range(nodes))
+
+
+def check_listen(listen: Any) -> str:
+    if listen in (None, ""):
+        return ""
+    if not isinstance(listen, str) or ":" not in listen:
+        raise InvalidSpec(f"switch.listen {listen!r}: expected HOST:PORT")
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InvalidSpec(f"switch.listen {listen!r}: expected HOST:PORT with a port from 1 to 65535")
+    return listen
+
+
+_SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "switch"}
+_SWITCH_FIELDS = {"listen", "policy"}
+
+
+def parse_spec(data: Any) -> ServiceSpec:
+    """Validate a spec dict (YAML document, flags, or decoded protobuf)."""
+    if not isinstance(data, Mapping):
+        raise InvalidSpec("a service spec must be a mapping of fields")
+    unknown = sorted(str(k) for k in set(data) - _SPEC_FIELDS)
+    if unknown:
+        raise InvalidSpec(f"unknown spec field(s): {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(_SPEC_FIELDS))})")
+    name = check_dns_label("service", data.get("name"), SERVICE_NAME_MAX)
+    image = check_image_ref(data.get("image"))
+    nodes = data.get("nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int):
+        raise InvalidSpec(f"nodes: {nodes!r} is not a whole number")
+    if not 0 <= nodes <= MAX_VNODES_PER_SERVICE:
+        raise InvalidSpec(f"nodes must be between 0 and {MAX_VNODES_PER_SERVICE}, got {nodes}")
+    hypervisor = data.get("hypervisor") or ""
+    if hypervisor not in ("",) + HYPERVISOR_NAMES:
+        raise InvalidSpec(f"unknown hypervisor {hypervisor!r} (known: {', '.join(HYPERVISOR_NAMES)})")
+    port = data.get("port", DEFAULT_PORT)
+    if port in (None, 0):
+        port = DEFAULT_PORT
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidSpec(f"port must be a whole number from 1 to 65535, got {port!r}")
+    resources = data.get("resources")
+    if resources is not None and not isinstance(resources, Mapping):
+        raise InvalidSpec("resources must be a mapping like {cpu: 0.5, memory: 64}")
+    switch = data.get("switch") or {}
+    if not isinstance(switch, Mapping):
+        raise InvalidSpec("switch must be a mapping like {listen: '127.0.0.1:8080'}")
+    unknown = sorted(str(k) for k in set(switch) - _SWITCH_FIELDS)
+    if unknown:
+        raise InvalidSpec(f"unknown switch field(s): {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(_SWITCH_FIELDS))})")
+    policy = switch.get("policy") or DEFAULT_POLICY
+    if policy not in POLICIES:
+        raise InvalidSpec(f"unknown switch policy {policy!r} (known: {', '.join(POLICIES)})")
+    return ServiceSpec(
+        name=name, image=image, nodes=nodes, hypervisor=hypervisor, port=port,
+        resources=expand_resources(nodes, resources),
+        switch=SwitchSpec(listen=check_listen(switch.get("listen")), policy=policy))
+
+
+def validate_spec(spec: ServiceSpec) -> ServiceSpec:
+    """Re-check a spec that arrived already structured (over gRPC)."""
+    if len(spec.resources) != spec.nodes:
+        raise InvalidSpec(f"{len(spec.resources)} resource entries given for {spec.nodes} virtual "
+                          "nodes; give one per virtual node")
+    return parse_spec({
+        "name": spec.name, "image": spec.image, "hypervisor": spec.hypervisor,
+        "nodes": spec.nodes, "port": spec.port,
+        "resources": {key: [getattr(r, key) for r in spec.resources] for key in RESOURCE_BOUNDS},
+        "switch": {"listen": spec.switch.listen, "policy": spec.switch.policy},
+    })
+
+
+def share_weight(resources: Resources) -> float:
+    """A virtual node's balancing weight: its CPU share (the paper's 1:2 rule)."""
+    return resources.cpu
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One virtual node as the Switch sees it."""
+    vnode: str
+    address: str
+    port: int
+    weight: float
+    ready: bool
+
+
+@dataclass(frozen=True)
+class EndpointSet:
+    service: str
+    listen: str
+    policy: str
+    endpoints: tuple[Endpoint, ...] = ()
+    deleted: bool = False

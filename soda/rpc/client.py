@@ -1,0 +1,202 @@
+"""MasterClient: the one way sodactl, Agents and Switches talk to the Master.
+
+It speaks soda.model objects, not protobuf, and raises SodaError subclasses,
+not grpc.RpcError, so code above it never imports grpc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+import grpc
+
+from soda import errors, model
+from soda.proto.v1 import master_pb2 as pb
+from soda.proto.v1 import master_pb2_grpc as pb_grpc
+from soda.rpc import convert
+from soda.rpc.errors import from_rpc_error
+
+DEFAULT_MASTER = "127.0.0.1:7070"
+CHUNK_SIZE = 1 << 20          # 1 MiB: well under gRPC's 4 MiB message cap
+UNARY_TIMEOUT = 30.0
+
+# Keepalive so that a long-lived watch notices a dead Master within seconds,
+# not when the kernel's TCP timeout expires.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+]
+
+ProgressFn = Callable[[int, int], None]      # (bytes done, bytes total)
+
+
+def sha256_file(path: str, progress: ProgressFn | None = None) -> str:
+    h = hashlib.sha256()
+    total = os.path.getsize(path)
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    return "sha256:" + h.hexdigest()
+
+
+class MasterClient:
+    def __init__(self, target: str = DEFAULT_MASTER, timeout: float = UNARY_TIMEOUT):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.MasterStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "MasterClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- plumbing -----------------------------------------------------
+    def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from None
+
+    def _stream(self, method: str, request) -> Iterator:
+        call = getattr(self._stub, method)(request)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise from_rpc_error(exc, self.target) from None
+        finally:
+            call.cancel()
+
+    # ---- services -----------------------------------------------------
+    def create_service(self, spec: model.ServiceSpec) -> model.Service:
+        reply = self._call("CreateService", pb.CreateServiceRequest(spec=convert.spec_to_pb(spec)))
+        return convert.service_from_pb(reply)
+
+    def get_service(self, name: str) -> model.Service:
+        return convert.service_from_pb(self._call("GetService", pb.GetServiceRequest(name=name)))
+
+    def list_services(self) -> list[model.Service]:
+        reply = self._call("ListServices", pb.ListServicesRequest())
+        return [convert.service_from_pb(s) for s in reply.services]
+
+    def delete_service(self, name: str) -> model.Service:
+        return convert.service_from_pb(self._call("DeleteService", pb.DeleteServiceRequest(name=name)))
+
+    def resize_service(self, name: str, nodes: int | None = None,
+                       resources: Iterable[model.Resources] = ()) -> model.Service:
+        req = pb.ResizeServiceRequest(name=name, nodes=-1 if nodes is None else nodes,
+                                      resources=[convert.resources_to_pb(r) for r in resources])
+        return convert.service_from_pb(self._call("ResizeService", req))
+
+    def watch_services(self, name: str = "") -> Iterator[tuple[str, model.Service | str]]:
+        """Yields ("UPSERT", Service) and ("DELETED", name); first the current state."""
+        for ev in self._stream("WatchServices", pb.WatchServicesRequest(name=name)):
+            if ev.kind == pb.ServiceEvent.DELETED:
+                yield "DELETED", ev.service.spec.name
+            else:
+                yield "UPSERT", convert.service_from_pb(ev.service)
+
+    # ---- nodes --------------------------------------------------------
+    def register_node(self, name: str, address: str, capacity: model.Resources,
+                      hypervisors: Iterable[str]) -> model.Node:
+        req = pb.RegisterNodeRequest(name=name, address=address,
+                                     capacity=convert.resources_to_pb(capacity),
+                                     hypervisors=list(hypervisors))
+        return convert.node_from_pb(self._call("RegisterNode", req))
+
+    def heartbeat(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> int:
+        req = pb.NodeStatus(node=node, complete=True,
+                            vnodes=[convert.status_to_pb(s) for s in statuses])
+        return self._call("Heartbeat", req).heartbeat_seconds
+
+    def report_status(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> None:
+        req = pb.NodeStatus(node=node, complete=False,
+                            vnodes=[convert.status_to_pb(s) for s in statuses])
+        self._call("ReportStatus", req)
+
+    def list_nodes(self) -> list[model.Node]:
+        return [convert.node_from_pb(n) for n in self._call("ListNodes", pb.ListNodesRequest()).nodes]
+
+    def watch_assignments(self, node: str) -> Iterator[tuple[str, list]]:
+        """Yields ("SNAPSHOT", [VirtualNode]) first, then ("UPSERT", [VirtualNode])
+        and ("REMOVE", [name]) as this node's desired set changes."""
+        for ev in self._stream("WatchAssignments", pb.WatchAssignmentsRequest(node=node)):
+            kind = pb.AssignmentEvent.Kind.Name(ev.kind)
+            if ev.kind == pb.AssignmentEvent.REMOVE:
+                yield kind, [v.name for v in ev.vnodes]
+            else:
+                yield kind, [convert.vnode_from_pb(v) for v in ev.vnodes]
+
+    # ---- images -------------------------------------------------------
+    def push_image(self, path: str, name: str = "", init: str = "",
+                   progress: ProgressFn | None = None, digest: str | None = None) -> model.Image:
+        """Stream a file to the Master in chunks; the Master checks `digest`
+        (computed here first unless given) before it keeps anything."""
+        size = os.path.getsize(path)
+        digest = digest or sha256_file(path)
+
+        def requests():
+            yield pb.PushImageRequest(header=pb.ImageHeader(name=name, size=size, digest=digest, init=init))
+            done = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK_SIZE):
+                    done += len(chunk)
+                    yield pb.PushImageRequest(chunk=chunk)
+                    if progress:
+                        progress(done, size)
+        return self.push_image_stream(requests())
+
+    def push_image_stream(self, requests: Iterable[pb.PushImageRequest]) -> model.Image:
+        try:
+            return convert.image_from_pb(self._stub.PushImage(iter(requests)))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from None
+
+    def list_images(self) -> list[model.Image]:
+        return [convert.image_from_pb(i) for i in self._call("ListImages", pb.ListImagesRequest()).images]
+
+    def delete_image(self, image: str) -> model.Image:
+        return convert.image_from_pb(self._call("DeleteImage", pb.DeleteImageRequest(image=image)))
+
+    def pull_image(self, image: str, out: BinaryIO, progress: ProgressFn | None = None) -> model.Image:
+        """Write the image's bytes to `out`; verify the digest on the way."""
+        meta = None
+        h = hashlib.sha256()
+        done = 0
+        for part in self._stream("PullImage", pb.PullImageRequest(image=image)):
+            if part.HasField("image"):
+                meta = convert.image_from_pb(part.image)
+                continue
+            out.write(part.chunk)
+            h.update(part.chunk)
+            done += len(part.chunk)
+            if progress and meta:
+                progress(done, meta.size)
+        if meta is None:
+            raise errors.DataLoss(f"pull of image {image} ended before its header")
+        got = "sha256:" + h.hexdigest()
+        if done != meta.size or got != meta.digest:
+            raise errors.DataLoss(f"image {meta.digest} arrived damaged: {done} of {meta.size} "
+                                  f"bytes, digest {got}")
+        return meta
+
+    # ---- endpoints ----------------------------------------------------
+    def watch_endpoints(self, service: str = "") -> Iterator[model.EndpointSet]:
+        for ev in self._stream("WatchEndpoints", pb.WatchEndpointsRequest(service=service)):
+            yield convert.endpoints_from_pb(ev)

@@ -1,0 +1,108 @@
+"""Protobuf <-> soda.model conversion, both directions, in one place.
+
+Nothing else builds or reads protobuf messages field by field.
+"""
+
+from __future__ import annotations
+
+from soda import model
+from soda.proto.v1 import master_pb2 as pb
+
+
+def resources_to_pb(r: model.Resources) -> pb.Resources:
+    return pb.Resources(cpu=r.cpu, memory_mib=r.memory, bandwidth_mbit=r.bandwidth, disk_mib=r.disk)
+
+
+def resources_from_pb(m: pb.Resources) -> model.Resources:
+    return model.Resources(cpu=m.cpu, memory=m.memory_mib, bandwidth=m.bandwidth_mbit, disk=m.disk_mib)
+
+
+def spec_to_pb(s: model.ServiceSpec) -> pb.ServiceSpec:
+    return pb.ServiceSpec(
+        name=s.name, image=s.image, hypervisor=s.hypervisor, nodes=s.nodes, port=s.port,
+        resources=[resources_to_pb(r) for r in s.resources],
+        switch=pb.SwitchSpec(listen=s.switch.listen, policy=s.switch.policy))
+
+
+def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
+    """Structural decoding only; the Master validates with model.validate_spec."""
+    return model.ServiceSpec(
+        name=m.name, image=m.image, hypervisor=m.hypervisor, nodes=m.nodes, port=m.port,
+        resources=tuple(resources_from_pb(r) for r in m.resources),
+        switch=model.SwitchSpec(listen=m.switch.listen, policy=m.switch.policy or model.DEFAULT_POLICY))
+
+
+def vnode_to_pb(v: model.VirtualNode) -> pb.VirtualNode:
+    return pb.VirtualNode(
+        name=v.name, service=v.service, index=v.index, node=v.node, address=v.address,
+        prefix_length=v.prefix_length, gateway=v.gateway, resources=resources_to_pb(v.resources),
+        weight=v.weight, image_digest=v.image_digest, hypervisor=v.hypervisor, port=v.port,
+        phase=int(v.phase), reason=v.reason, boot_seconds=v.boot_seconds,
+        deleting=v.deleting, generation=v.generation)
+
+
+def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
+    return model.VirtualNode(
+        name=m.name, service=m.service, index=m.index, node=m.node, address=m.address,
+        prefix_length=m.prefix_length, gateway=m.gateway, resources=resources_from_pb(m.resources),
+        weight=m.weight, image_digest=m.image_digest, hypervisor=m.hypervisor, port=m.port,
+        phase=model.Phase(m.phase), reason=m.reason, boot_seconds=m.boot_seconds,
+        deleting=m.deleting, generation=m.generation)
+
+
+def service_to_pb(s: model.Service) -> pb.Service:
+    return pb.Service(spec=spec_to_pb(s.spec), image_digest=s.image_digest,
+                      vnodes=[vnode_to_pb(v) for v in s.vnodes], deleting=s.deleting,
+                      created_at=s.created_at)
+
+
+def service_from_pb(m: pb.Service) -> model.Service:
+    return model.Service(spec=spec_from_pb(m.spec), image_digest=m.image_digest,
+                         vnodes=tuple(vnode_from_pb(v) for v in m.vnodes),
+                         deleting=m.deleting, created_at=m.created_at)
+
+
+def node_to_pb(n: model.Node) -> pb.Node:
+    return pb.Node(name=n.name, address=n.address, capacity=resources_to_pb(n.capacity),
+                   allocated=resources_to_pb(n.allocated), hypervisors=list(n.hypervisors),
+                   subnet=n.subnet, gateway=n.gateway, state=n.state, vnodes=n.vnodes,
+                   last_heartbeat=n.last_heartbeat)
+
+
+def node_from_pb(m: pb.Node) -> model.Node:
+    return model.Node(name=m.name, address=m.address, capacity=resources_from_pb(m.capacity),
+                      allocated=resources_from_pb(m.allocated), hypervisors=tuple(m.hypervisors),
+                      subnet=m.subnet, gateway=m.gateway, state=m.state, vnodes=m.vnodes,
+                      last_heartbeat=m.last_heartbeat)
+
+
+def image_to_pb(i: model.Image) -> pb.Image:
+    return pb.Image(digest=i.digest, names=list(i.names), size=i.size, created_at=i.created_at,
+                    init=i.init)
+
+
+def image_from_pb(m: pb.Image) -> model.Image:
+    return model.Image(digest=m.digest, size=m.size, names=tuple(m.names), created_at=m.created_at,
+                       init=m.init or "/sbin/init")
+
+
+def status_to_pb(s: model.VirtualNodeStatus) -> pb.VirtualNodeStatus:
+    return pb.VirtualNodeStatus(name=s.name, phase=int(s.phase), reason=s.reason,
+                                boot_seconds=s.boot_seconds, generation=s.generation)
+
+
+def status_from_pb(m: pb.VirtualNodeStatus) -> model.VirtualNodeStatus:
+    return model.VirtualNodeStatus(name=m.name, phase=model.Phase(m.phase), reason=m.reason,
+                                   boot_seconds=m.boot_seconds, generation=m.generation)
+
+
+def endpoints_to_pb(e: model.EndpointSet) -> pb.EndpointSet:
+    return pb.EndpointSet(service=e.service, listen=e.listen, policy=e.policy, deleted=e.deleted,
+                          endpoints=[pb.Endpoint(vnode=x.vnode, address=x.address, port=x.port,
+                                                 weight=x.weight, ready=x.ready) for x in e.endpoints])
+
+
+def endpoints_from_pb(m: pb.EndpointSet) -> model.EndpointSet:
+    return model.EndpointSet(service=m.service, listen=m.listen, policy=m.policy, deleted=m.deleted,
+                             endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready)
+                                             for x in m.endpoints))

@@ -97,9 +97,18 @@ class ServiceSpec:
         return {
             "name": self.name, "image": self.image, "hypervisor": self.hypervisor,
             "nodes": self.nodes, "port": self.port,
-            "resources": [r.as_dict() for r in self.resources],
+            "resources": resource_columns(self.resources),
             "switch": {"listen": self.switch.listen, "policy": self.switch.policy},
         }
+
+
+def resource_columns(resources: tuple[Resources, ...]) -> dict:
+    """The spec form: {cpu: 0.5, memory: [64, 128], ...}, a scalar where all agree."""
+    out = {}
+    for key in RESOURCE_BOUNDS:
+        values = [r.as_dict()[key] for r in resources]
+        out[key] = values[0] if values and len(set(values)) == 1 else values
+    return out
 
 
 @dataclass(frozen=True)

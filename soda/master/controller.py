@@ -1,0 +1,368 @@
+"""The Master's domain logic: desired state of services, node membership,
+placement through the scheduler, addresses, and what each Agent and Switch
+must be told.
+
+A plain class over the state store, image store, notifier and clocks (all
+injected). It holds one lock around every read-modify-write so that
+admission is decided on the state it commits. No gRPC here: `api.py` is a
+thin translation layer on top.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Iterable, Sequence
+
+from soda import model
+from soda.config import MasterConfig
+from soda.errors import AlreadyExists, InvalidSpec, NoCapacity, NotFound, WrongState
+from soda.master import scheduler
+from soda.master.images import ImageStore
+from soda.master.notifier import Notifier
+from soda.master.store import StateStore
+
+log = logging.getLogger(__name__)
+
+READY, LOST = "READY", "LOST"
+
+
+def node_topic(node: str) -> str:
+    return f"node:{node}"
+
+
+def service_topic(service: str) -> str:
+    return f"service:{service}"
+
+
+SERVICES_TOPIC = "services"
+ENDPOINTS_TOPIC = "endpoints"
+
+
+class Controller:
+    def __init__(self, store: StateStore, images: ImageStore, notifier: Notifier,
+                 config: MasterConfig = MasterConfig(), clock=time.time, monotonic=time.monotonic):
+        self.store = store
+        self.images = images
+        self.notifier = notifier
+        self.config = config
+        self.clock = clock
+        self.monotonic = monotonic
+        self._lock = threading.RLock()
+        # Heartbeats are kept in memory only: after a Master restart every
+        # known node gets a full grace period to reconnect before it is LOST.
+        started = monotonic()
+        self._last_seen = {n.name: started for n in store.list_nodes()}
+
+    # ---- services -----------------------------------------------------
+    def create_service(self, spec: model.ServiceSpec) -> model.Service:
+        spec = model.validate_spec(spec)
+        image = self.store.resolve_image(spec.image)
+        with self._lock:
+            existing = {s.name: s for s in self.store.list_services()}
+            if spec.name in existing:
+                raise AlreadyExists(f"service {spec.name!r} already exists")
+            self._check_listen_free(spec, existing.values())
+            names = [model.vnode_name(spec.name, i) for i in range(spec.nodes)]
+            vnodes = self._place_new(spec, image.digest, list(range(spec.nodes)), spec.resources, names, {})
+            service = model.Service(spec=spec, image_digest=image.digest, vnodes=tuple(vnodes),
+                                    created_at=self.clock())
+            self.store.create_service(service)
+        log.info("service %s created: %d virtual node(s) on %s", spec.name, len(vnodes),
+                 ", ".join(sorted({v.node for v in vnodes})) or "-")
+        self._publish_service(spec.name, nodes={v.node for v in vnodes})
+        return self.store.get_service(spec.name)
+
+    def _check_listen_free(self, spec: model.ServiceSpec, others: Iterable[model.Service]) -> None:
+        if not spec.switch.listen:
+            return
+        for other in others:
+            if other.name != spec.name and other.spec.switch.listen == spec.switch.listen:
+                raise AlreadyExists(f"switch address {spec.switch.listen} is already used by "
+                                    f"service {other.name!r}")
+
+    def _place_new(self, spec: model.ServiceSpec, digest: str, indexes: Sequence[int],
+                   resources: Sequence[model.Resources], names: Sequence[str],
+                   service_counts: dict[str, int]) -> list[model.VirtualNode]:
+        nodes = self.store.list_nodes()
+        placements = scheduler.place(nodes, resources, hypervisor=spec.hypervisor,
+                                     service_counts=service_counts, labels=names)
+        by_name = {n.name: n for n in nodes}
+        addresses = self._allocate_addresses(by_name, [p.node for p in placements])
+        return [model.VirtualNode(
+            name=name, service=spec.name, index=index, resources=res, node=p.node,
+            address=address, prefix_length=ipaddress.ip_network(by_name[p.node].subnet).prefixlen,
+            gateway=by_name[p.node].gateway, weight=model.share_weight(res), image_digest=digest,
+            hypervisor=p.hypervisor, port=spec.port, phase=model.Phase.PENDING)
+            for name, index, res, p, address in zip(names, indexes, resources, placements, addresses)]
+
+    def _allocate_addresses(self, nodes: dict[str, model.Node], targets: Sequence[str]) -> list[str]:
+        taken: dict[str, set[str]] = {}
+        out = []
+        for target in targets:
+            if target not in taken:
+                taken[target] = {v.address for v in self.store.list_vnodes(node=target)}
+                taken[target].add(nodes[target].gateway)
+            network = ipaddress.ip_network(nodes[target].subnet)
+            for host in network.hosts():
+                if str(host) not in taken[target]:
+                    taken[target].add(str(host))
+                    out.append(str(host))
+                    break
+            else:
+                raise NoCapacity(f"physical node {target} has no free guest address left in "
+                                 f"{network}", resource="addresses")
+        return out
+
+    def get_service(self, name: str) -> model.Service:
+        return self.store.get_service(name)
+
+    def list_services(self) -> list[model.Service]:
+        return self.store.list_services()
+
+    def delete_service(self, name: str) -> model.Service:
+        with self._lock:
+            before = self.store.get_service(name)
+            service = self.store.mark_service_deleting(name)
+            # Virtual nodes nobody runs (unplaced, or on a lost node) go at once.
+            nodes = {n.name: n for n in self.store.list_nodes()}
+            orphans = [v.name for v in service.vnodes
+                       if not v.node or nodes.get(v.node) is None or nodes[v.node].state != READY]
+            self.store.delete_vnodes(orphans)
+            self._finish_deletions({name})
+        log.info("service %s marked for deletion", name)
+        self._publish_service(name, nodes={v.node for v in before.vnodes if v.node})
+        try:
+            return self.store.get_service(name)
+        except NotFound:
+            return service
+
+    def _finish_deletions(self, services: Iterable[str]) -> list[str]:
+        """Drop services marked deleting whose last virtual node is gone."""
+        done = []
+        for name in services:
+            try:
+                service = self.store.get_service(name)
+            except NotFound:
+                continue
+            if service.deleting and not service.vnodes:
+                self.store.delete_service(name)
+                done.append(name)
+                log.info("service %s deleted", name)
+        return done
+
+    def resize_service(self, name: str, nodes: int | None,
+                       resources: Sequence[model.Resources]) -> model.Service:
+        with self._lock:
+            service = self.store.get_service(name)
+            if service.deleting:
+                raise WrongState(f"service {name!r} is being deleted")
+            live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
+            count = len(live) if nodes is None or nodes < 0 else nodes
+            if resources and len(resources) not in (1, count):
+                raise InvalidSpec(f"{len(resources)} resource entries for {count} virtual nodes; "
+                                  "give one, or one per virtual node")
+            wanted = [(resources[0] if len(resources) == 1 else resources[i]) if resources
+                      else (live[i].resources if i < len(live) else
+                            (live[-1].resources if live else model.Resources(**model.RESOURCE_DEFAULTS)))
+                      for i in range(count)]
+            spec = model.validate_spec(replace(service.spec, nodes=count, resources=tuple(wanted)))
+            keep, drop = live[:count], live[count:]
+            changed = self._resize_in_place(keep, spec.resources[:len(keep)])
+            used_indexes = {v.index for v in service.vnodes}
+            new_indexes, i = [], 0
+            while len(new_indexes) < count - len(keep):
+                if i not in used_indexes:
+                    new_indexes.append(i)
+                i += 1
+            counts: dict[str, int] = {}
+            for v in keep:
+                counts[v.node] = counts.get(v.node, 0) + 1
+            added = self._place_new(spec, service.image_digest, new_indexes, spec.resources[len(keep):],
+                                    [model.vnode_name(name, j) for j in new_indexes], counts)
+            dropped = [replace(v, deleting=True) for v in drop]
+            updated = replace(service, spec=spec, vnodes=tuple(changed + added + dropped))
+            self.store.update_service(updated)
+        touched = {v.node for v in changed + added + dropped if v.node}
+        log.info("service %s resized to %d virtual node(s)", name, count)
+        self._publish_service(name, nodes=touched)
+        return self.store.get_service(name)
+
+    def _resize_in_place(self, vnodes: Sequence[model.VirtualNode],
+                         wanted: Sequence[model.Resources]) -> list[model.VirtualNode]:
+        nodes = {n.name: n for n in self.store.list_nodes()}
+        extra: dict[str, model.Resources] = {}
+        out = []
+        for v, res in zip(vnodes, wanted):
+            if res == v.resources:
+                out.append(v)
+                continue
+            delta = res - v.resources
+            extra[v.node] = extra.get(v.node, model.Resources()) + delta
+            node = nodes.get(v.node)
+            if node is not None:
+                free = node.capacity - node.allocated - extra[v.node]
+                for r in ("cpu", "memory", "bandwidth", "disk"):
+                    if getattr(free, r) < -1e-9:
+                        raise NoCapacity(f"not enough {r} on {v.node} to grow {v.name}", resource=r)
+            out.append(replace(v, resources=res, weight=model.share_weight(res),
+                               generation=v.generation + 1))
+        return out
+
+    # ---- nodes --------------------------------------------------------
+    def register_node(self, name: str, address: str, capacity: model.Resources,
+                      hypervisors: Sequence[str]) -> model.Node:
+        model.check_dns_label("node", name, model.NODE_NAME_MAX)
+        for field in ("cpu", "memory", "bandwidth", "disk"):
+            if getattr(capacity, field) <= 0:
+                raise InvalidSpec(f"node {name}: capacity {field} must be positive")
+        unknown = sorted(set(hypervisors) - set(model.HYPERVISOR_NAMES))
+        if not hypervisors or unknown:
+            raise InvalidSpec(f"node {name}: hypervisors must be some of "
+                              f"{', '.join(model.HYPERVISOR_NAMES)}, got {', '.join(hypervisors) or 'none'}")
+        with self._lock:
+            try:
+                old = self.store.get_node(name)
+                subnet, gateway = old.subnet, old.gateway
+            except NotFound:
+                subnet, gateway = self._allocate_subnet()
+            node = self.store.upsert_node(model.Node(
+                name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
+                subnet=subnet, gateway=gateway, state=READY))
+            self._last_seen[name] = self.monotonic()
+        log.info("node %s registered from %s (subnet %s)", name, address, subnet)
+        self.notifier.publish(SERVICES_TOPIC)
+        return node
+
+    def _allocate_subnet(self) -> tuple[str, str]:
+        used = {n.subnet for n in self.store.list_nodes()}
+        cluster = ipaddress.ip_network(self.config.cluster_cidr)
+        for subnet in cluster.subnets(new_prefix=self.config.node_prefix):
+            if str(subnet) not in used:
+                return str(subnet), str(next(subnet.hosts()))
+        raise NoCapacity(f"no free /{self.config.node_prefix} subnet left in {cluster}", resource="subnets")
+
+    def list_nodes(self) -> list[model.Node]:
+        now, wall = self.monotonic(), self.clock()
+        return [replace(n, last_heartbeat=wall - (now - self._last_seen[n.name]))
+                if n.name in self._last_seen else n for n in self.store.list_nodes()]
+
+    def report_status(self, node: str, statuses: Sequence[model.VirtualNodeStatus],
+                      complete: bool) -> None:
+        """Record what an Agent observed. A complete report (heartbeat) also
+        says which virtual nodes it no longer runs."""
+        with self._lock:
+            current = self.store.get_node(node)      # NotFound makes the Agent register again
+            self._last_seen[node] = self.monotonic()
+            if current.state != READY:
+                self.store.set_node_state(node, READY)
+                log.info("node %s is back", node)
+            mine = {v.name: v for v in self.store.list_vnodes(node=node)}
+            reported = {s.name: s for s in statuses}
+            changed, removed = [], []
+            for s in statuses:
+                v = mine.get(s.name)
+                if v is None or (s.generation and s.generation < v.generation):
+                    continue
+                if v.deleting and s.phase == model.Phase.STOPPED:
+                    removed.append(v)
+                elif (v.phase, v.reason, v.boot_seconds) != (s.phase, s.reason, s.boot_seconds):
+                    changed.append(v.with_status(s.phase, s.reason, s.boot_seconds))
+            if complete:
+                removed += [v for name, v in mine.items() if v.deleting and name not in reported]
+            if not changed and not removed:
+                return
+            self.store.put_vnodes(changed)
+            self.store.delete_vnodes([v.name for v in removed])
+            services = {v.service for v in changed + removed}
+            self._finish_deletions(services)
+        for service in services:
+            self._publish_service(service)
+
+    def assignments(self, node: str) -> dict[str, model.VirtualNode]:
+        """The desired set of a physical node: what its Agent must run."""
+        return {v.name: v for v in self.store.list_vnodes(node=node) if not v.deleting}
+
+    def check_membership(self) -> list[str]:
+        """Mark nodes whose heartbeats stopped LOST and place their virtual
+        nodes again; retry virtual nodes that could not be placed. Returns
+        the nodes newly lost."""
+        now = self.monotonic()
+        lost = []
+        with self._lock:
+            for node in self.store.list_nodes():
+                seen = self._last_seen.setdefault(node.name, now)
+                if node.state == READY and now - seen > self.config.node_lost_seconds:
+                    self.store.set_node_state(node.name, LOST)
+                    lost.append(node.name)
+                    log.warning("node %s lost: no heartbeat for %.1f s", node.name, now - seen)
+            lost_nodes = {n.name for n in self.store.list_nodes() if n.state != READY}
+            stranded = [v for v in self.store.list_vnodes()
+                        if (not v.node or v.node in lost_nodes)]
+            touched = self._replace(stranded) if stranded else set()
+        for service in touched:
+            self._publish_service(service, nodes=set())
+        return lost
+
+    def _replace(self, stranded: Sequence[model.VirtualNode]) -> set[str]:
+        gone = [v.name for v in stranded if v.deleting]
+        self.store.delete_vnodes(gone)
+        touched = {v.service for v in stranded}
+        for v in stranded:
+            if v.deleting:
+                continue
+            spec = self.store.get_service(v.service).spec
+            counts: dict[str, int] = {}
+            for other in self.store.list_vnodes(service=v.service):
+                counts[other.node] = counts.get(other.node, 0) + 1
+            try:
+                [moved] = self._place_new(spec, v.image_digest, [v.index], [v.resources], [v.name], counts)
+                self.store.put_vnodes([replace(moved, generation=v.generation + 1)])
+                log.info("virtual node %s placed again on %s", v.name, moved.node)
+                self.notifier.publish(node_topic(moved.node))
+            except NoCapacity as exc:
+                reason = f"waiting for room: {exc.message}"
+                if v.node or v.reason != reason:
+                    self.store.put_vnodes([replace(v, node="", address="", phase=model.Phase.FAILED,
+                                                   reason=reason)])
+                else:
+                    touched.discard(v.service)
+        self._finish_deletions(touched)
+        return touched
+
+    # ---- images -------------------------------------------------------
+    def push_image(self, name: str, size: int, digest: str, init: str,
+                   chunks: Iterable[bytes]) -> model.Image:
+        image = self.images.receive(name, size, digest, init, chunks)
+        log.info("image %s stored (%d bytes%s)", image.digest, image.size, f", name {name}" if name else "")
+        return image
+
+    def list_images(self) -> list[model.Image]:
+        return self.store.list_images()
+
+    def delete_image(self, ref: str) -> model.Image:
+        with self._lock:
+            digest = self.store.resolve_image(ref).digest
+            users = [s.name for s in self.store.list_services() if s.image_digest == digest]
+            return self.images.delete(ref, users)
+
+    # ---- endpoints ----------------------------------------------------
+    def endpoint_sets(self, service: str = "") -> list[model.EndpointSet]:
+        services = [self.store.get_service(service)] if service else self.store.list_services()
+        return [endpoint_set(s) for s in services]
+
+    # ---- notification -------------------------------------------------
+    def _publish_service(self, service: str, nodes: Iterable[str] = ()) -> None:
+        self.notifier.publish(SERVICES_TOPIC, service_topic(service), ENDPOINTS_TOPIC,
+                              *(node_topic(n) for n in nodes if n))
+
+
+def endpoint_set(service: model.Service) -> model.EndpointSet:
+    return model.EndpointSet(
+        service=service.name, listen=service.spec.switch.listen, policy=service.spec.switch.policy,
+        endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
+                                       ready=v.phase == model.Phase.RUNNING)
+                        for v in service.vnodes if not v.deleting and v.address))

@@ -1,0 +1,124 @@
+"""soda-master: load config, open the state, serve the Master API.
+
+Wires the store, image store, controller and membership loop together and
+runs the gRPC server (with the standard health and reflection services)
+until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from soda import config as soda_config
+from soda.errors import SodaError
+from soda.master.api import MasterServicer
+from soda.master.controller import Controller
+from soda.master.images import ImageStore
+from soda.master.membership import MembershipLoop
+from soda.master.notifier import Notifier
+from soda.master.store import open_store
+from soda.proto.v1 import master_pb2, master_pb2_grpc
+from soda.service import sd_notify, setup_logging, stop_event_on_signals
+
+log = logging.getLogger("soda.master")
+
+SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class MasterServer:
+    """The running Master: everything `main()` starts, stoppable in tests."""
+
+    def __init__(self, cfg: soda_config.MasterConfig):
+        self.cfg = cfg
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        self.store = open_store(cfg.state_dir)
+        self.notifier = Notifier()
+        self.images = ImageStore(os.path.join(cfg.state_dir, "images"), self.store)
+        self.controller = Controller(self.store, self.images, self.notifier, cfg)
+        self.membership = MembershipLoop(self.controller, interval=min(1.0, cfg.node_lost_seconds / 4))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
+                                                             thread_name_prefix="master-rpc"),
+                                  options=SERVER_OPTIONS)
+        master_pb2_grpc.add_MasterServicer_to_server(
+            MasterServicer(self.controller, cfg.heartbeat_seconds), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (master_pb2.DESCRIPTOR.services_by_name["Master"].full_name, reflection.SERVICE_NAME,
+             health.SERVICE_NAME), self.server)
+        try:
+            self.port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self.store.close()
+            raise SodaError(f"cannot listen on {cfg.listen} (address in use or not available here)")
+
+    def start(self) -> None:
+        self.server.start()
+        self.membership.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("soda.proto.v1.Master", health_pb2.HealthCheckResponse.SERVING)
+        log.info("SODA Master serving on %s (state in %s)", self.cfg.listen, self.cfg.state_dir)
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.membership.stop()
+        self.notifier.close()
+        self.server.stop(grace).wait()
+        self.store.close()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="soda-master", description="Run the SODA Master (control plane API).")
+    p.add_argument("--config", help="YAML config file (see etc/soda/master.yaml)")
+    p.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:7070)")
+    p.add_argument("--state-dir", help="directory for the state store and images")
+    p.add_argument("--cluster-cidr", help="address range split into one subnet per physical node")
+    p.add_argument("--node-lost-seconds", type=float, help="silence after which a node is LOST")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = soda_config.with_overrides(
+            soda_config.load(soda_config.MasterConfig, args.config),
+            listen=args.listen, state_dir=args.state_dir, cluster_cidr=args.cluster_cidr,
+            node_lost_seconds=args.node_lost_seconds, log_level=args.log_level)
+        setup_logging(cfg.log_level, "soda-master")
+        stop = stop_event_on_signals()
+        server = MasterServer(cfg)
+    except SodaError as exc:
+        print(f"soda-master: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"soda-master: error: {exc}", file=sys.stderr)
+        return 1
+    server.start()
+    sd_notify("READY=1")
+    stop.wait()
+    sd_notify("STOPPING=1")
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

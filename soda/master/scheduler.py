@@ -1,0 +1,116 @@
+"""Placement of virtual nodes on physical nodes: a pure function.
+
+`place(nodes, requests, ...)` returns one placement per request or raises
+NoCapacity naming the resource that is short. It is all-or-nothing: it
+never returns a partial answer. No store, no clock, no I/O.
+
+Policy: spread a service's virtual nodes over physical nodes (fewest of
+this service first), then least-loaded first (the lowest of the largest
+fraction of any resource in use after placing), then name, for determinism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from soda import model
+from soda.errors import NoCapacity
+
+_EPSILON = 1e-9
+_RESOURCES = ("cpu", "memory", "bandwidth", "disk")
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: str
+    hypervisor: str
+
+
+def _fits(free: model.Resources, want: model.Resources) -> bool:
+    return all(getattr(free, r) + _EPSILON >= getattr(want, r) for r in _RESOURCES)
+
+
+def _load_after(node: model.Node, used: model.Resources, want: model.Resources) -> float:
+    fractions = []
+    for r in _RESOURCES:
+        cap = getattr(node.capacity, r)
+        fractions.append((getattr(used, r) + getattr(want, r)) / cap if cap > 0 else 1.0)
+    return max(fractions)
+
+
+def pick_hypervisor(node: model.Node, wanted: str) -> str:
+    if wanted:
+        return wanted if wanted in node.hypervisors else ""
+    for name in model.HYPERVISOR_PREFERENCE:
+        if name in node.hypervisors:
+            return name
+    return ""
+
+
+def _fmt(resource: str, value: float) -> str:
+    unit = model.RESOURCE_UNITS[resource]
+    return f"{value:g} {unit}"
+
+
+def _shortage(candidates: Sequence[model.Node], used: Mapping[str, model.Resources],
+              want: model.Resources, label: str) -> NoCapacity:
+    """Explain why `want` fits nowhere: the first resource no node has enough of."""
+    for r in _RESOURCES:
+        best_node, best_free = None, None
+        for node in candidates:
+            free = getattr(node.capacity, r) - getattr(used[node.name], r)
+            if best_free is None or free > best_free:
+                best_node, best_free = node.name, free
+        if best_free is None or best_free + _EPSILON < getattr(want, r):
+            most = f"the most free on any node is {_fmt(r, max(best_free or 0, 0))} ({best_node})"
+            return NoCapacity(f"not enough {r}: {label} needs {_fmt(r, getattr(want, r))}, {most}",
+                              resource=r)
+    wanted = ", ".join(_fmt(r, getattr(want, r)) for r in _RESOURCES)
+    return NoCapacity(f"no single node has room for {label} ({wanted}) at once; "
+                      "each resource is free somewhere, but not together", resource="combined")
+
+
+def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
+          hypervisor: str = "", service_counts: Mapping[str, int] | None = None,
+          labels: Sequence[str] | None = None) -> list[Placement]:
+    """Place every request or raise NoCapacity.
+
+    `nodes` carry their capacity and what is already allocated on them;
+    `service_counts` says how many virtual nodes of this service each node
+    already runs (for spreading); `labels` name the requests in errors.
+    """
+    labels = labels or [f"virtual node {i}" for i in range(len(requests))]
+    ready = [n for n in nodes if n.state == "READY"]
+    if not requests:
+        return []
+    if not ready:
+        raise NoCapacity("no ready physical nodes: start a soda-agent or wait for one to register",
+                         resource="nodes")
+    candidates = [n for n in ready if pick_hypervisor(n, hypervisor)]
+    if not candidates:
+        raise NoCapacity(f"no ready physical node offers hypervisor {hypervisor!r}", resource="hypervisor")
+    used = {n.name: n.allocated for n in candidates}
+    counts = {n.name: (service_counts or {}).get(n.name, 0) for n in candidates}
+    # Larger requests first: they are the hard ones to fit, and placing them
+    # early avoids refusing a request that a different order could hold.
+    order = sorted(range(len(requests)),
+                   key=lambda i: tuple(-getattr(requests[i], r) for r in _RESOURCES))
+    result: dict[int, Placement] = {}
+    for i in order:
+        want = requests[i]
+        best = None
+        for node in candidates:
+            free = node.capacity - used[node.name]
+            if not _fits(free, want):
+                continue
+            key = (counts[node.name], _load_after(node, used[node.name], want), node.name)
+            if best is None or key < best[0]:
+                best = (key, node)
+        if best is None:
+            raise _shortage(candidates, used, want, labels[i])
+        node = best[1]
+        used[node.name] = used[node.name] + want
+        counts[node.name] += 1
+        result[i] = Placement(node=node.name, hypervisor=pick_hypervisor(node, hypervisor))
+    return [result[i] for i in range(len(requests))]

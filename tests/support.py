@@ -1,0 +1,48 @@
+"""Helpers shared by every test tier: images, free ports, in-process Master."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from soda import config as soda_config
+
+EXT4_MAGIC_OFFSET = 1024 + 56
+
+
+def make_ext4_image(path: str, size: int = 4 << 20, *, data: bytes = b"") -> str:
+    """A file whose ext4 superblock is valid enough for the Master's checks
+    (magic, block count matching the size). mkfs.ext4 is not needed, so unit
+    tests run anywhere; `data` is written after the superblock to vary the digest."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        sb = bytearray(1024)
+        struct.pack_into("<I", sb, 4, size // 4096)   # s_blocks_count_lo
+        struct.pack_into("<I", sb, 24, 2)             # s_log_block_size: 4096
+        struct.pack_into("<H", sb, 56, 0xEF53)        # s_magic
+        f.seek(1024)
+        f.write(sb)
+        if data:
+            f.seek(4096)
+            f.write(data)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def master_config(state_dir: str, **overrides) -> soda_config.MasterConfig:
+    return soda_config.MasterConfig(listen="127.0.0.1:0", state_dir=state_dir, **overrides)
+
+
+def start_master(state_dir: str, **overrides):
+    """An in-process Master on a free port; returns (server, target)."""
+    from soda.master.main import MasterServer
+    os.makedirs(state_dir, exist_ok=True)
+    server = MasterServer(master_config(state_dir, **overrides))
+    server.start()
+    return server, f"127.0.0.1:{server.port}"

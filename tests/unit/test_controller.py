@@ -1,0 +1,103 @@
+"""Controller logic with an injected clock: membership, re-placement, restart."""
+
+import pytest
+
+from soda import model
+from soda.config import MasterConfig
+from soda.master.controller import Controller
+from soda.master.images import ImageStore
+from soda.master.notifier import Notifier
+from soda.master.store import open_store
+from tests.support import make_ext4_image
+
+CAP = model.Resources(2, 4096, 1000, 100_000)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_controller(state_dir, clock):
+    store = open_store(state_dir)
+    images = ImageStore(f"{state_dir}/images", store)
+    return Controller(store, images, Notifier(), MasterConfig(node_lost_seconds=10), clock=clock, monotonic=clock)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    clock = Clock()
+    ctl = make_controller(str(tmp_path / "m"), clock)
+    path = make_ext4_image(str(tmp_path / "img"))
+    from soda.rpc.client import sha256_file
+    with open(path, "rb") as f:
+        ctl.push_image("busybox", 4 << 20, sha256_file(path), "", iter(lambda: f.read(1 << 20), b""))
+    for name in ("a", "b"):
+        ctl.register_node(name, "127.0.0.1", CAP, ["fake"])
+    return ctl, clock, tmp_path
+
+
+def spec(nodes=2, cpu=0.5):
+    return model.parse_spec({"name": "web", "image": "busybox", "nodes": nodes, "resources": {"cpu": cpu}})
+
+
+def test_lost_node_vnodes_are_placed_again(setup):
+    ctl, clock, _ = setup
+    svc = ctl.create_service(spec())
+    assert {v.node for v in svc.vnodes} == {"a", "b"}
+    clock.now += 5
+    ctl.report_status("a", [], complete=True)
+    clock.now += 6                       # b silent for 11 s
+    assert ctl.check_membership() == ["b"]
+    nodes = {n.name: n for n in ctl.list_nodes()}
+    assert nodes["b"].state == "LOST"
+    moved = ctl.get_service("web").vnodes
+    assert {v.node for v in moved} == {"a"}
+    assert len({v.address for v in moved}) == 2
+    assert ctl.check_membership() == []            # nothing more to do
+    # b comes back: READY again, its old vnode is no longer assigned to it.
+    ctl.report_status("b", [], complete=True)
+    assert {n.name: n.state for n in ctl.list_nodes()}["b"] == "READY"
+    assert ctl.assignments("b") == {}
+
+
+def test_stranded_vnode_waits_for_room(setup):
+    ctl, clock, _ = setup
+    ctl.create_service(spec(nodes=2, cpu=2))     # one full node each
+    clock.now += 11
+    ctl.report_status("a", [], complete=True)
+    ctl.check_membership()
+    waiting = [v for v in ctl.get_service("web").vnodes if not v.node]
+    assert len(waiting) == 1 and waiting[0].phase == model.Phase.FAILED
+    assert "waiting for room" in waiting[0].reason and "cpu" in waiting[0].reason
+    ctl.register_node("c", "127.0.0.1", CAP, ["fake"])
+    ctl.check_membership()
+    assert all(v.node for v in ctl.get_service("web").vnodes)
+
+
+def test_restart_keeps_everything_and_grants_grace(setup):
+    ctl, clock, tmp_path = setup
+    ctl.create_service(spec())
+    ctl.store.close()
+    clock.now += 100                              # long after the last heartbeat
+    again = make_controller(str(tmp_path / "m"), clock)
+    assert [s.name for s in again.list_services()] == ["web"]
+    assert [i.names for i in again.list_images()] == [("busybox",)]
+    assert again.check_membership() == []         # grace period after restart
+    assert {n.state for n in again.list_nodes()} == {"READY"}
+
+
+def test_delete_of_vnodes_on_lost_node_finishes_at_once(setup):
+    ctl, clock, _ = setup
+    ctl.create_service(spec(nodes=1))
+    node = ctl.get_service("web").vnodes[0].node
+    clock.now += 11
+    other = "a" if node == "b" else "b"
+    ctl.report_status(other, [], complete=True)
+    ctl.check_membership()
+    ctl.delete_service("web")
+    ctl.report_status(other, [], complete=True)
+    assert ctl.list_services() == []

@@ -1,0 +1,47 @@
+import os
+
+import pytest
+
+from soda import config
+from soda.errors import InvalidSpec
+
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("cls, name", [(config.MasterConfig, "master.yaml"), (config.AgentConfig, "agent.yaml")])
+def test_shipped_configs_hold_the_defaults(cls, name):
+    assert config.load(cls, os.path.join(TOP, "etc", "soda", name)) == cls()
+
+
+def test_unknown_keys_are_an_error(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("listen: 1.2.3.4:5\nlisen: typo\n")
+    with pytest.raises(InvalidSpec, match="unknown key.*lisen"):
+        config.load(config.MasterConfig, str(path))
+
+
+def test_nested_and_types(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("capacity: {cpu: 4}\nhypervisors: [fake]\n")
+    cfg = config.load(config.AgentConfig, str(path))
+    assert cfg.capacity.cpu == 4.0 and cfg.hypervisors == ("fake",)
+    path.write_text("capacity: {cpu: many}\n")
+    with pytest.raises(InvalidSpec, match="capacity.cpu"):
+        config.load(config.AgentConfig, str(path))
+    path.write_text("capacity: {gpu: 1}\n")
+    with pytest.raises(InvalidSpec, match="unknown key"):
+        config.load(config.AgentConfig, str(path))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen: [unclosed\n")
+    with pytest.raises(InvalidSpec, match="not valid YAML"):
+        config.load(config.MasterConfig, str(path))
+    with pytest.raises(InvalidSpec, match="cannot read config"):
+        config.load(config.MasterConfig, str(tmp_path / "missing.yaml"))
+
+
+def test_flags_override_only_when_given():
+    cfg = config.with_overrides(config.MasterConfig(), listen="0.0.0.0:1", state_dir=None)
+    assert cfg.listen == "0.0.0.0:1" and cfg.state_dir == config.MasterConfig().state_dir

@@ -1,0 +1,98 @@
+"""A SODA cluster of real processes for system tests: a Master and Agents
+started as separate programs, sodactl run as a command. Every process is
+recorded and killed by its own pid at teardown, whatever happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.support import free_port
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Cluster:
+    def __init__(self, root: str):
+        self.root = root
+        self.port = free_port()
+        self.master_addr = f"127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs = []
+
+    # ---- processes ----------------------------------------------------
+    def _spawn(self, key: str, argv: list[str]) -> subprocess.Popen:
+        log = open(os.path.join(self.root, f"{key}.log"), "ab")
+        self._logs.append(log)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs[key] = proc
+        return proc
+
+    def start_master(self, *extra: str) -> subprocess.Popen:
+        proc = self._spawn("master", [sys.executable, "-m", "soda.master.main", "--listen", self.master_addr,
+                                      "--state-dir", os.path.join(self.root, "master"), *extra])
+        wait_until(lambda: self.ctl("node", "list", check=False).returncode == 0 or proc.poll() is not None,
+                   20, what="the Master to serve")
+        assert proc.poll() is None, self.log("master")
+        return proc
+
+    def start_agent(self, name: str, *extra: str) -> subprocess.Popen:
+        return self._spawn(name, [sys.executable, "-m", "soda.agent.main", "--master", self.master_addr,
+                                  "--name", name, "--state-dir", self.agent_dir(name),
+                                  "--hypervisor", "fake", *extra])
+
+    def agent_dir(self, name: str) -> str:
+        return os.path.join(self.root, "agents", name)
+
+    def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(key)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        proc.wait(timeout=20)
+
+    def log(self, key: str) -> str:
+        with open(os.path.join(self.root, f"{key}.log"), errors="replace") as f:
+            return f.read()
+
+    def close(self) -> None:
+        for key in list(self.procs):
+            proc = self.procs[key]
+            if proc.poll() is None:
+                proc.terminate()
+        for key in list(self.procs):
+            try:
+                self.procs[key].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.procs[key].kill()
+                self.procs[key].wait()
+        self.procs.clear()
+        for log in self._logs:
+            log.close()
+
+    # ---- sodactl ------------------------------------------------------
+    def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "soda.cli.sodactl", "--master", self.master_addr, *args],
+                                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise AssertionError(f"sodactl {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, *args: str):
+        return json.loads(self.ctl("-o", "json", *args).stdout)
+
+    def ready_nodes(self) -> list[str]:
+        return [n["name"] for n in self.json("node", "list") if n["state"] == "READY"]

@@ -214,6 +214,13 @@ def check_image_name(name: Any) -> str:
     return name
 
 
+def _plain(value: float) -> str:
+    """A number as people write it: 16777216, 0.01, 1e+11 only when huge."""
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
+
+
 def _number(key: str, value: Any, integer: bool) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if isinstance(value, str):
@@ -227,7 +234,8 @@ def _number(key: str, value: Any, integer: bool) -> float | int:
         raise InvalidSpec(f"{key}: {value!r} is not a finite number")
     lo, hi = RESOURCE_BOUNDS[key]
     if value < lo or value > hi:
-        raise InvalidSpec(f"{key} must be between {lo:g} and {hi:g} {RESOURCE_UNITS[key]}, got {value:g}")
+        raise InvalidSpec(f"{key} must be between {_plain(lo)} and {_plain(hi)} {RESOURCE_UNITS[key]}, "
+                          f"got {_plain(value)}")
     if integer:
         if value != int(value):
             raise InvalidSpec(f"{key} must be a whole number of {RESOURCE_UNITS[key]}, got {value:g}")

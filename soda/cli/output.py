@@ -1,0 +1,203 @@
+"""How sodactl shows things: machine dicts, tables for people, and formats.
+
+Owns the shape of sodactl's json/yaml output (scripts depend on it: add
+keys, never rename or remove them) and the one table formatter every
+command uses. Pure functions of soda.model objects; no I/O, no client.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+import yaml
+
+from soda import model
+from soda.cli.rollout import Rollout
+
+OUTPUT_FORMATS = ("table", "json", "yaml")
+COLUMN_GAP = "   "
+EMPTY_CELL = "-"
+SHORT_DIGEST_HEX = 12
+
+
+# ---- machine output ------------------------------------------------------
+
+def timestamp(seconds: float) -> str | None:
+    """RFC 3339 UTC, or None when the Master did not record a time."""
+    if not seconds:
+        return None
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def vnode_to_dict(vnode: model.VirtualNode) -> dict:
+    return {
+        "name": vnode.name,
+        "node": vnode.node,
+        "address": vnode.address,
+        "phase": vnode.phase.name,
+        "resources": vnode.resources.as_dict(),
+        "weight": vnode.weight,
+        "boot_seconds": vnode.boot_seconds,
+        "reason": vnode.reason,
+        "hypervisor": vnode.hypervisor,
+        "deleting": vnode.deleting,
+    }
+
+
+def service_to_dict(service: model.Service) -> dict:
+    spec = service.spec
+    return {
+        "name": spec.name,
+        "image": spec.image,
+        "image_digest": service.image_digest,
+        "hypervisor": spec.hypervisor,
+        "nodes": spec.nodes,
+        "port": spec.port,
+        "switch": {"listen": spec.switch.listen, "policy": spec.switch.policy},
+        "state": Rollout.of(service).state,
+        "deleting": service.deleting,
+        "created_at": timestamp(service.created_at),
+        "vnodes": [vnode_to_dict(v) for v in _by_index(service.vnodes)],
+    }
+
+
+def node_to_dict(node: model.Node) -> dict:
+    return {
+        "name": node.name,
+        "address": node.address,
+        "state": node.state,
+        "subnet": node.subnet,
+        "gateway": node.gateway,
+        "hypervisors": list(node.hypervisors),
+        "capacity": node.capacity.as_dict(),
+        "allocated": node.allocated.as_dict(),
+        "vnodes": node.vnodes,
+        # No last_heartbeat: it changes every few seconds, and scripts compare
+        # node lists to see whether anything changed. `state` says LOST.
+    }
+
+
+def image_to_dict(image: model.Image) -> dict:
+    return {
+        "digest": image.digest,
+        "names": list(image.names),
+        "size": image.size,
+        "init": image.init,
+        "created_at": timestamp(image.created_at),
+    }
+
+
+def render(data: Any, output: str, table: Callable[[], str]) -> str:
+    """`data` as json or yaml, or what `table` draws for people."""
+    if output == "json":
+        return json.dumps(data, indent=2)
+    if output == "yaml":
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip("\n")
+    return table()
+
+
+# ---- text for people -----------------------------------------------------
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Left-aligned columns as wide as their widest cell; empty cells show '-'."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in enumerate(headers)]
+    lines = []
+    for row in [list(headers)] + cells:
+        lines.append(COLUMN_GAP.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def format_fields(fields: Sequence[tuple[str, Any]]) -> str:
+    """'Key:   value' lines with the values aligned."""
+    width = max(len(key) for key, _ in fields) + 1
+    return "\n".join(f"{key + ':':<{width}}  {_cell(value)}" for key, value in fields)
+
+
+def format_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def short_digest(digest: str) -> str:
+    algorithm, _, hex_digits = digest.partition(":")
+    return f"{algorithm}:{hex_digits[:SHORT_DIGEST_HEX]}" if hex_digits else digest
+
+
+def service_table(service: model.Service) -> str:
+    spec = service.spec
+    rollout = Rollout.of(service)
+    image = spec.image if spec.image == service.image_digest or not service.image_digest \
+        else f"{spec.image} ({short_digest(service.image_digest)})"
+    switch = f"{spec.switch.listen} {spec.switch.policy}" if spec.switch.listen \
+        else f"(no listener) {spec.switch.policy}"
+    summary = format_fields([
+        ("Name", spec.name),
+        ("Image", image),
+        ("Hypervisor", spec.hypervisor or "any"),
+        ("Port", spec.port),
+        ("Switch", switch),
+        ("State", f"{rollout.state} ({len(rollout.running)}/{rollout.wanted} running)"),
+        ("Created", timestamp(service.created_at)),
+    ])
+    vnodes = format_table(
+        ("NAME", "NODE", "ADDRESS", "PHASE", "CPU", "MEMORY", "BANDWIDTH", "DISK", "WEIGHT", "BOOT", "REASON"),
+        [(v.name, v.node, v.address, v.phase.name + (" (deleting)" if v.deleting else ""),
+          f"{v.resources.cpu:g}", f"{v.resources.memory}Mi", f"{v.resources.bandwidth}Mbit",
+          f"{v.resources.disk}Mi", f"{v.weight:g}", f"{v.boot_seconds:.1f}s" if v.boot_seconds else "",
+          v.reason) for v in _by_index(service.vnodes)])
+    return f"{summary}\n\n{vnodes}"
+
+
+def services_table(services: Iterable[model.Service]) -> str:
+    rows = []
+    for service in services:
+        rollout = Rollout.of(service)
+        rows.append((service.name, f"{len(rollout.running)}/{rollout.wanted}", service.spec.image,
+                     rollout.state))
+    return format_table(("NAME", "NODES", "IMAGE", "STATE"), rows)
+
+
+def nodes_table(nodes: Iterable[model.Node]) -> str:
+    def used(allocated: float, capacity: float, unit: str = "") -> str:
+        return f"{allocated:g}/{capacity:g}{unit}"
+
+    rows = [(n.name, n.address, n.state, n.subnet,
+             used(n.allocated.cpu, n.capacity.cpu),
+             used(n.allocated.memory, n.capacity.memory, "Mi"),
+             used(n.allocated.bandwidth, n.capacity.bandwidth, "Mbit"),
+             used(n.allocated.disk, n.capacity.disk, "Mi"),
+             n.vnodes, ",".join(n.hypervisors))
+            for n in nodes]
+    return format_table(("NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH", "DISK",
+                         "VNODES", "HYPERVISORS"), rows)
+
+
+def images_table(images: Iterable[model.Image]) -> str:
+    rows = [(short_digest(i.digest), ",".join(i.names), format_bytes(i.size), timestamp(i.created_at))
+            for i in images]
+    return format_table(("DIGEST", "NAMES", "SIZE", "CREATED"), rows)
+
+
+def listing_order(item: model.Service | model.Node | model.Image) -> tuple:
+    """The order lists are shown in, the same for tables and json/yaml."""
+    if isinstance(item, model.Image):
+        return (item.names[:1], item.digest)
+    return (item.name,)
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return EMPTY_CELL
+    return str(value)
+
+
+def _by_index(vnodes: Iterable[model.VirtualNode]) -> list[model.VirtualNode]:
+    return sorted(vnodes, key=lambda v: (v.index, v.name))

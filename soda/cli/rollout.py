@@ -1,0 +1,93 @@
+"""Where a service stands against its spec, read from one snapshot.
+
+Owns sodactl's notion of "done" for `--wait` and the STATE it shows: a pure
+function of a soda.model.Service. The Master and Agents decide phases;
+this module only counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from soda import model
+
+# How many virtual nodes a one-line message names before it says "and N more".
+NAMED_IN_MESSAGE = 5
+
+
+@dataclass(frozen=True)
+class Rollout:
+    name: str
+    wanted: int                                   # spec.nodes
+    deleting: bool                                # the whole service is going away
+    running: tuple[model.VirtualNode, ...]
+    waiting: tuple[model.VirtualNode, ...]        # wanted, not RUNNING yet, not FAILED
+    failed: tuple[model.VirtualNode, ...]
+    leaving: tuple[model.VirtualNode, ...]        # marked for removal (resize down), still there
+
+    @classmethod
+    def of(cls, service: model.Service) -> "Rollout":
+        staying = [v for v in service.vnodes if not v.deleting]
+        return cls(
+            name=service.name,
+            wanted=service.spec.nodes,
+            deleting=service.deleting,
+            running=tuple(v for v in staying if v.phase == model.Phase.RUNNING),
+            waiting=tuple(v for v in staying if v.phase not in (model.Phase.RUNNING, model.Phase.FAILED)),
+            failed=tuple(v for v in staying if v.phase == model.Phase.FAILED),
+            leaving=tuple(v for v in service.vnodes if v.deleting),
+        )
+
+    @property
+    def done(self) -> bool:
+        """Every wanted virtual node runs and every unwanted one is gone."""
+        return (not self.deleting and not self.failed and not self.waiting and not self.leaving
+                and len(self.running) == self.wanted)
+
+    @property
+    def state(self) -> str:
+        if self.deleting:
+            return "DELETING"
+        if self.failed:
+            return "FAILED"
+        if self.done:
+            # A service may rest at zero virtual nodes (deploy on first request).
+            return "RUNNING" if self.wanted else "IDLE"
+        if self.leaving and not self.waiting and len(self.running) == self.wanted:
+            return "SCALING"
+        return "PENDING"
+
+    def progress(self) -> str:
+        """`web: 3/4 running`, plus what else is going on."""
+        text = f"{self.name}: {len(self.running)}/{self.wanted} running"
+        if self.failed:
+            text += f", {len(self.failed)} failed"
+        if self.leaving:
+            text += f", {len(self.leaving)} stopping"
+        return text
+
+    def failures(self) -> str:
+        """One line naming each failed virtual node, where it ran and why."""
+        return "; ".join(f"{v.name} failed on {v.node or 'no node'}: {v.reason or 'no reason given'}"
+                         for v in self.failed)
+
+    def not_running(self) -> str:
+        """One line naming what keeps the service from being done."""
+        parts = [f"{v.name} ({describe(v)})" for v in self.waiting]
+        parts += [f"{v.name} (still stopping)" for v in self.leaving]
+        missing = self.wanted - len(self.running) - len(self.waiting) - len(self.failed)
+        if missing > 0:
+            parts.append(f"{missing} not created yet")
+        return name_some(parts)
+
+
+def describe(vnode: model.VirtualNode) -> str:
+    where = f"on {vnode.node}" if vnode.node else "not placed"
+    reason = f": {vnode.reason}" if vnode.reason else ""
+    return f"{vnode.phase.name} {where}{reason}"
+
+
+def name_some(parts: list[str]) -> str:
+    if len(parts) <= NAMED_IN_MESSAGE:
+        return ", ".join(parts)
+    return ", ".join(parts[:NAMED_IN_MESSAGE]) + f" and {len(parts) - NAMED_IN_MESSAGE} more"

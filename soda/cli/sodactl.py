@@ -1,0 +1,376 @@
+"""sodactl: the operator CLI for SODA.
+
+Owns the command line: options and help, calling the Master through a
+MasterClient, printing (data to stdout, progress and errors to stderr) and
+exit codes: 0 success, 1 error, 2 usage error, 3 no room on the platform,
+130 interrupted. Every error reaches the user as one line `error: ...`,
+never a traceback.
+
+It must not hold rules about what a valid spec is (soda.model does, and the
+Master applies the same ones) and must not touch grpc (soda.rpc does).
+Tests inject a stand-in client with
+`CliRunner().invoke(cli, args, obj=Session(connect=lambda master: fake))`.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import click
+
+from soda import errors, model
+from soda.cli import output, specs
+from soda.cli.progress import ByteProgress, StatusLine
+from soda.cli.wait import DEFAULT_TIMEOUT, wait_until_deleted, wait_until_running
+from soda.rpc.client import DEFAULT_MASTER, MasterClient, sha256_file
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2            # click's own exit code for usage errors
+EXIT_NO_CAPACITY = 3
+EXIT_INTERRUPTED = 130    # what a shell reports for a command ended by SIGINT
+
+# flag -> (metavar, what one value means)
+RESOURCE_FLAGS = {
+    "cpu": ("CORES", "CPU cores (also the share of traffic)"),
+    "memory": ("MiB", "Memory in MiB"),
+    "bandwidth": ("MBIT", "Network bandwidth in Mbit/s, each way"),
+    "disk": ("MiB", "Disk (copy-on-write layer) in MiB"),
+}
+
+
+class CliError(click.ClickException):
+    """An error shown as one line `error: <message>`."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str):
+        # Messages from the Master may span lines; the contract is one line.
+        super().__init__("; ".join(line.strip() for line in message.splitlines() if line.strip()))
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", file=file, err=file is None)
+
+
+class NoRoomError(CliError):
+    """The platform has no capacity for the request."""
+
+    exit_code = EXIT_NO_CAPACITY
+
+
+@dataclass
+class Session:
+    """What every command shares: where the Master is, how to reach it and
+    how to print. The client is made on first use, so `--help` and usage
+    errors never open a channel."""
+
+    master: str = DEFAULT_MASTER
+    output_format: str = "table"
+    connect: Callable[[str], MasterClient] = MasterClient
+    _client: MasterClient | None = field(default=None, init=False, repr=False)
+
+    @property
+    def client(self) -> MasterClient:
+        if self._client is None:
+            self._client = self.connect(self.master)
+        return self._client
+
+    def close(self) -> None:
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            close()
+
+    def emit(self, data: Any, table: Callable[[], str]) -> None:
+        """Print `data` in the chosen format; `table` draws it for people."""
+        click.echo(output.render(data, self.output_format, table))
+
+
+class SodactlGroup(click.Group):
+    """The top-level group: turns whatever a command raises into the
+    one-line message and exit code of sodactl's contract."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except errors.NoCapacity as exc:
+            raise NoRoomError(str(exc) or "the platform has no room for this request") from None
+        except errors.SodaError as exc:
+            raise CliError(str(exc) or type(exc).__name__) from None
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:       # stdout closed early (| head): click exits quietly
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise CliError(f"{where}{exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the contract is "never a traceback"
+            raise CliError(f"internal: {type(exc).__name__}: {exc}") from None
+
+
+# ---- shared options ------------------------------------------------------
+
+def _remember_output(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_object(Session).output_format = value
+
+
+def output_option(command: Callable) -> Callable:
+    """`-o` on the command too, so `sodactl service get web -o json` works."""
+    return click.option("-o", "--output", type=click.Choice(output.OUTPUT_FORMATS), default=None,
+                        expose_value=False, callback=_remember_output,
+                        help="Output format (overrides the global -o).")(command)
+
+
+def resource_options(command: Callable) -> Callable:
+    for key, (unit, what) in reversed(RESOURCE_FLAGS.items()):
+        command = click.option(
+            f"--{key}", metavar=f"{unit}[,{unit}...]",
+            help=f"{what} per virtual node; a comma list gives one value per node.")(command)
+    return command
+
+
+def wait_options(until: str) -> Callable[[Callable], Callable]:
+    def decorate(command: Callable) -> Callable:
+        command = click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                               default=DEFAULT_TIMEOUT, show_default=True, metavar="SECONDS",
+                               help="How long --wait waits before it gives up (exit 1).")(command)
+        return click.option("--wait", is_flag=True,
+                            help=f"Wait until {until}, showing progress on stderr.")(command)
+    return decorate
+
+
+def resource_values(**flags: str | None) -> dict[str, specs.PerNodeValue]:
+    """The resource flags that were given, comma lists split per node."""
+    return {key: specs.per_node_values(text) for key, text in flags.items() if text is not None}
+
+
+# ---- commands ------------------------------------------------------------
+
+@click.group(cls=SodactlGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                  "max_content_width": 100})
+@click.option("--master", envvar="SODA_MASTER", default=DEFAULT_MASTER, show_default=True,
+              metavar="HOST:PORT", help="Address of the SODA Master (env SODA_MASTER).")
+@click.option("-o", "--output", "output_format", type=click.Choice(output.OUTPUT_FORMATS), default="table",
+              show_default=True, help="Output format: a table for people, json or yaml for scripts.")
+@click.version_option(package_name="soda", prog_name="sodactl")
+@click.pass_context
+def cli(ctx: click.Context, master: str, output_format: str) -> None:
+    """Operate a SODA platform: physical nodes, images and services.
+
+    Data goes to stdout, progress and errors to stderr. Exit status: 0 ok,
+    1 error, 2 usage error, 3 no room on the platform."""
+    session = ctx.ensure_object(Session)
+    session.master = master
+    session.output_format = output_format
+    ctx.call_on_close(session.close)
+
+
+@cli.group()
+def node() -> None:
+    """Physical nodes that run virtual nodes."""
+
+
+@node.command("list")
+@output_option
+@click.pass_obj
+def node_list(session: Session) -> None:
+    """List physical nodes: capacity in use, virtual nodes, hypervisors."""
+    nodes = sorted(session.client.list_nodes(), key=output.listing_order)
+    session.emit([output.node_to_dict(n) for n in nodes], lambda: output.nodes_table(nodes))
+
+
+@cli.group()
+def image() -> None:
+    """Root filesystem images that virtual nodes boot from."""
+
+
+@image.command("push")
+@click.argument("file", type=click.Path())
+@click.option("--name", metavar="NAME", help="Name for the image; its sha256 digest always works too.")
+@click.option("--init", metavar="PATH",
+              help="Init the guest starts instead of /sbin/init (a path inside the image).")
+@output_option
+@click.pass_obj
+def image_push(session: Session, file: str, name: str | None, init: str | None) -> None:
+    """Upload the raw ext4 root filesystem FILE; prints its name and digest."""
+    if name is not None:
+        model.check_image_name(name)
+    size = specs.file_size(file)
+    client = session.client
+    with StatusLine() as status:
+        started = time.monotonic()
+        digest = sha256_file(file, progress=ByteProgress(status, "hashing  "))
+        status.finish(f"hashed {file}: {output.format_bytes(size)} in {time.monotonic() - started:.1f}s")
+        started = time.monotonic()
+        pushed = client.push_image(file, name=name or "", init=init or "",
+                                   progress=ByteProgress(status, "uploading"), digest=digest)
+        elapsed = time.monotonic() - started
+        rate = f", {output.format_bytes(int(size / elapsed))}/s" if elapsed > 0 else ""
+        status.finish(f"uploaded {output.format_bytes(size)} in {elapsed:.1f}s{rate}")
+    label = name or ",".join(pushed.names) or "-"
+    session.emit(output.image_to_dict(pushed), lambda: f"{label} {pushed.digest}")
+
+
+@image.command("list")
+@output_option
+@click.pass_obj
+def image_list(session: Session) -> None:
+    """List images with their names, size and digest."""
+    images = sorted(session.client.list_images(), key=output.listing_order)
+    session.emit([output.image_to_dict(i) for i in images], lambda: output.images_table(images))
+
+
+@image.command("delete")
+@click.argument("ref", metavar="NAME|DIGEST")
+@output_option
+@click.pass_obj
+def image_delete(session: Session, ref: str) -> None:
+    """Delete an image no service uses."""
+    deleted = session.client.delete_image(ref)
+    session.emit(output.image_to_dict(deleted), lambda: f"image {deleted.digest} deleted")
+
+
+@cli.group()
+def service() -> None:
+    """Services: an image run as virtual nodes behind a Switch.
+
+    The Service Switch spreads each service's clients over its virtual
+    nodes in proportion to their resources."""
+
+
+@service.command("create")
+@click.argument("name", required=False)
+@click.option("-f", "--file", "spec_file", metavar="FILE",
+              help="Read the spec from a YAML file ('-' for stdin). Flags given too override "
+                   "its fields, and NAME its name.")
+@click.option("--image", metavar="NAME|DIGEST", help="Image to boot (required without -f).")
+@click.option("--nodes", type=int, metavar="N", help="Number of virtual nodes (default 1).")
+@resource_options
+@click.option("--port", type=int, metavar="PORT", help=f"Port the guests serve on (default {model.DEFAULT_PORT}).")
+@click.option("--hypervisor", type=click.Choice(model.HYPERVISOR_NAMES),
+              help="Hypervisor to boot the guests with (default: whatever a node offers).")
+@click.option("--switch", "listen", metavar="HOST:PORT",
+              help="Address where the Service Switch listens for this service's clients.")
+@click.option("--policy", type=click.Choice(model.POLICIES),
+              help=f"How the Switch spreads connections (default {model.DEFAULT_POLICY}).")
+@wait_options("every virtual node is running")
+@output_option
+@click.pass_obj
+def service_create(session: Session, name: str | None, spec_file: str | None, image: str | None,
+                   nodes: int | None, cpu: str | None, memory: str | None, bandwidth: str | None,
+                   disk: str | None, port: int | None, hypervisor: str | None, listen: str | None,
+                   policy: str | None, wait: bool, timeout: float) -> None:
+    """Create service NAME from flags, or from a YAML spec with -f.
+
+    \b
+    sodactl service create web --image busybox-httpd --nodes 2 --cpu 0.5,1.0
+    sodactl service create -f web.yaml --nodes 3 --wait"""
+    if spec_file is None:
+        if not name:
+            raise click.UsageError("give the service NAME, or a spec file with -f FILE")
+        if not image:
+            raise click.UsageError("--image is required unless the spec comes from -f FILE")
+        data: dict = {}
+    else:
+        data = specs.load_spec_file(spec_file, sys.stdin)
+    data = specs.apply_overrides(
+        data, name=name, image=image, nodes=nodes, port=port, hypervisor=hypervisor,
+        listen=listen, policy=policy,
+        resources=resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk))
+    try:
+        spec = model.parse_spec(data)
+    except errors.InvalidSpec as exc:
+        if spec_file is None:
+            raise
+        raise errors.InvalidSpec(f"{'<stdin>' if spec_file == specs.STDIN_PATH else spec_file}: "
+                                 f"{exc}") from None
+    created = session.client.create_service(spec)
+    if wait:
+        with StatusLine() as status:
+            created = wait_until_running(session.client, spec.name, status, timeout)
+    session.emit(output.service_to_dict(created), lambda: output.service_table(created))
+
+
+@service.command("get")
+@click.argument("name")
+@output_option
+@click.pass_obj
+def service_get(session: Session, name: str) -> None:
+    """Show a service and each of its virtual nodes."""
+    found = session.client.get_service(name)
+    session.emit(output.service_to_dict(found), lambda: output.service_table(found))
+
+
+@service.command("list")
+@output_option
+@click.pass_obj
+def service_list(session: Session) -> None:
+    """List services with how many of their virtual nodes run."""
+    services = sorted(session.client.list_services(), key=output.listing_order)
+    session.emit([output.service_to_dict(s) for s in services], lambda: output.services_table(services))
+
+
+@service.command("delete")
+@click.argument("name")
+@wait_options("the service and all its virtual nodes are gone")
+@output_option
+@click.pass_obj
+def service_delete(session: Session, name: str, wait: bool, timeout: float) -> None:
+    """Delete a service: its virtual nodes stop, then it is removed."""
+    deleting = session.client.delete_service(name)
+    if wait:
+        with StatusLine() as status:
+            wait_until_deleted(session.client, name, status, timeout)
+    session.emit(output.service_to_dict(deleting),
+                 lambda: f"service {name} {'deleted' if wait else 'deleting'}")
+
+
+@service.command("resize")
+@click.argument("name")
+@click.option("--nodes", type=int, metavar="N", help="New number of virtual nodes.")
+@resource_options
+@wait_options("the service runs as resized")
+@output_option
+@click.pass_obj
+def service_resize(session: Session, name: str, nodes: int | None, cpu: str | None,
+                   memory: str | None, bandwidth: str | None, disk: str | None,
+                   wait: bool, timeout: float) -> None:
+    """Change the number of virtual nodes or their resources.
+
+    Resource flags left out keep each node's current value.
+
+    \b
+    sodactl service resize web --nodes 4
+    sodactl service resize web --cpu 1.0,2.0 --wait"""
+    overrides = resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk)
+    if nodes is None and not overrides:
+        raise click.UsageError("nothing to change: give --nodes and/or --cpu, --memory, "
+                               "--bandwidth, --disk")
+    client = session.client
+    # The current spec is read so the request is checked by the same rules
+    # as a new service before it is sent.
+    wanted = specs.resized_spec(client.get_service(name).spec, nodes, overrides)
+    resized = client.resize_service(name, nodes=nodes, resources=wanted.resources if overrides else ())
+    if wait:
+        with StatusLine() as status:
+            resized = wait_until_running(client, name, status, timeout)
+    session.emit(output.service_to_dict(resized), lambda: output.service_table(resized))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script entry point; exits with sodactl's exit code."""
+    try:
+        cli.main(args=argv, prog_name="sodactl")
+    except Exception as exc:  # noqa: BLE001 - last resort outside any command
+        click.echo(f"error: internal: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""`--wait`: follow a service through the Master's watch until it is done.
+
+Owns waiting only: it reads the service through the client it is given
+and reports on a StatusLine; what "done" means lives in soda.cli.rollout.
+Failures and timeouts are raised as WaitFailed (a SodaError), so sodactl
+prints them like any other error.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Iterator, Protocol
+
+from soda import errors, model
+from soda.cli.progress import StatusLine
+from soda.cli.rollout import Rollout, describe, name_some
+
+DEFAULT_TIMEOUT = 300.0
+# How long the watch may stay quiet before the service is read directly. It
+# covers a change that fell between our request and the watch's first
+# snapshot, and a watch the Master ended early.
+POLL_INTERVAL = 5.0
+
+Clock = Callable[[], float]
+
+
+class ServiceReader(Protocol):
+    def get_service(self, name: str) -> model.Service: ...
+    def watch_services(self, name: str = "") -> Iterator[tuple[str, model.Service | str]]: ...
+
+
+class WaitFailed(errors.SodaError):
+    """The service will not get there (a virtual node failed) or not in time."""
+
+
+class _EventPump:
+    """Reads a blocking event stream on a daemon thread, so that the waiter
+    can give up at its deadline: a gRPC stream iterator has no timeout of its
+    own. The thread ends when the client's channel is closed, or with the
+    process."""
+
+    QUIET = object()
+
+    def __init__(self, events: Iterator):
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(events,), name="sodactl-watch", daemon=True).start()
+
+    def _pump(self, events: Iterator) -> None:
+        try:
+            for event in events:
+                self._queue.put((True, event))
+        except BaseException as exc:          # handed to the waiting thread, raised there
+            self._queue.put((False, exc))
+
+    def next(self, timeout: float):
+        """The next event, or QUIET if none came within `timeout` seconds."""
+        try:
+            ok, item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return self.QUIET
+        if not ok:
+            raise item
+        return item
+
+
+def follow_service(client: ServiceReader, name: str, deadline: float,
+                   poll_interval: float = POLL_INTERVAL,
+                   clock: Clock = time.monotonic) -> Iterator[model.Service | None]:
+    """Yield service `name` each time it changes, then None once it is gone.
+    Stops (without raising) when `deadline` on `clock` has passed."""
+    pump = _EventPump(client.watch_services(name))
+    while (remaining := deadline - clock()) > 0:
+        try:
+            event = pump.next(timeout=min(remaining, poll_interval))
+        except errors.NotFound:
+            yield None
+            return
+        if event is _EventPump.QUIET:
+            try:
+                service = client.get_service(name)
+            except errors.NotFound:
+                yield None
+                return
+            yield service
+            continue
+        kind, payload = event
+        if kind == "DELETED":
+            if payload == name:
+                yield None
+                return
+        elif payload.name == name:
+            yield payload
+
+
+def wait_until_running(client: ServiceReader, name: str, status: StatusLine,
+                       timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL,
+                       clock: Clock = time.monotonic) -> model.Service:
+    """Return the service once every wanted virtual node is RUNNING and every
+    unwanted one is gone; raise WaitFailed as soon as one FAILED, or at timeout."""
+    last: Rollout | None = None
+    for service in follow_service(client, name, clock() + timeout, poll_interval, clock):
+        if service is None:
+            raise WaitFailed(f"service {name} was deleted while waiting for it to run")
+        last = Rollout.of(service)
+        status.update(last.progress(), milestone=True)
+        if last.failed:
+            status.finish(last.progress())
+            raise WaitFailed(f"{name}: {last.failures()}")
+        if last.done:
+            status.finish(last.progress())
+            return service
+    if last is None:
+        raise WaitFailed(f"timed out after {timeout:g}s waiting for service {name}: "
+                         "no word of it from the Master")
+    raise WaitFailed(f"timed out after {timeout:g}s waiting for {last.progress()}; "
+                     f"not running: {last.not_running()}")
+
+
+def wait_until_deleted(client: ServiceReader, name: str, status: StatusLine,
+                       timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL,
+                       clock: Clock = time.monotonic) -> None:
+    """Return once the Master has removed the service (all its virtual nodes stopped)."""
+    left: tuple[model.VirtualNode, ...] | None = None
+    for service in follow_service(client, name, clock() + timeout, poll_interval, clock):
+        if service is None:
+            status.finish(f"{name}: deleted")
+            return
+        left = service.vnodes
+        status.update(f"{name}: deleting, {len(left)} virtual node(s) left", milestone=True)
+    detail = "" if not left else ": still there: " + name_some(
+        [f"{v.name} ({describe(v)})" for v in sorted(left, key=lambda v: v.index)])
+    raise WaitFailed(f"timed out after {timeout:g}s waiting for service {name} to be deleted{detail}")

@@ -1,0 +1,640 @@
+"""sodactl against a fake Master client: parsing, output, errors, --wait.
+
+The fake records every call and answers with soda.model objects; it is
+handed to the CLI through Session(connect=...), so nothing is patched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from soda import errors, model
+from soda.cli import output, specs
+from soda.cli.progress import ByteProgress, StatusLine
+from soda.cli.rollout import Rollout
+from soda.cli.sodactl import Session, cli, main
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+# ---- fakes -------------------------------------------------------------------
+
+def make_service(spec: model.ServiceSpec, phases=None, reasons=None, deleting=False,
+                 image_digest=DIGEST) -> model.Service:
+    phases = phases or [model.Phase.PENDING] * spec.nodes
+    reasons = reasons or [""] * spec.nodes
+    vnodes = tuple(
+        model.VirtualNode(
+            name=model.vnode_name(spec.name, i), service=spec.name, index=i,
+            resources=spec.resources[i], node=f"node-{i}", address=f"10.0.{i}.2",
+            weight=spec.resources[i].cpu, image_digest=image_digest, hypervisor="fake",
+            phase=phases[i], reason=reasons[i],
+            boot_seconds=1.5 if phases[i] == model.Phase.RUNNING else 0.0,
+            deleting=deleting)
+        for i in range(spec.nodes))
+    return model.Service(spec=spec, image_digest=image_digest, vnodes=vnodes, deleting=deleting,
+                         created_at=1_700_000_000.0)
+
+
+def web_spec(**fields) -> model.ServiceSpec:
+    data = {"name": "web", "image": "busybox-httpd", "nodes": 2, "port": 80,
+            "resources": {"cpu": [0.5, 1.0], "memory": 64, "bandwidth": 10, "disk": 64},
+            "switch": {"listen": "127.0.0.1:8080"}}
+    data.update(fields)
+    return model.parse_spec(data)
+
+
+class FakeClient:
+    """Stands in for MasterClient: records calls, returns model objects,
+    raises what a test puts in `fail`."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.services: dict[str, model.Service] = {}
+        self.fail: dict[str, Exception] = {}
+        self.watch_events: list = []
+        self.watch_blocks = threading.Event()    # set() to release a blocking watch
+        self.watch_stays_open = False
+        self.nodes: list[model.Node] = []
+        self.images: list[model.Image] = []
+        self.closed = False
+
+    def _record(self, method, *args, **kwargs):
+        self.calls.append((method, args, kwargs))
+        if method in self.fail:
+            raise self.fail[method]
+
+    def called(self, method):
+        return [(args, kwargs) for name, args, kwargs in self.calls if name == method]
+
+    def close(self):
+        self.closed = True
+
+    def create_service(self, spec):
+        self._record("create_service", spec)
+        self.services[spec.name] = make_service(spec)
+        return self.services[spec.name]
+
+    def get_service(self, name):
+        self._record("get_service", name)
+        if name not in self.services:
+            raise errors.NotFound(f"service {name} not found")
+        return self.services[name]
+
+    def list_services(self):
+        self._record("list_services")
+        return list(self.services.values())
+
+    def delete_service(self, name):
+        self._record("delete_service", name)
+        service = self.get_service(name)
+        return make_service(service.spec, deleting=True)
+
+    def resize_service(self, name, nodes=None, resources=()):
+        self._record("resize_service", name, nodes=nodes, resources=tuple(resources))
+        return self.services[name]
+
+    def watch_services(self, name=""):
+        self._record("watch_services", name)
+        events = list(self.watch_events)
+
+        def stream():
+            # Like the Master, what the watch says is what a read returns.
+            for kind, payload in events:
+                if kind == "UPSERT":
+                    self.services[payload.name] = payload
+                else:
+                    self.services.pop(payload, None)
+                yield kind, payload
+            if self.watch_stays_open:
+                self.watch_blocks.wait(10)
+        return stream()
+
+    def list_nodes(self):
+        self._record("list_nodes")
+        return self.nodes
+
+    def push_image(self, path, name="", init="", progress=None, digest=None):
+        self._record("push_image", path, name=name, init=init, digest=digest)
+        with open(path, "rb") as f:
+            data = f.read()
+        if progress:
+            progress(len(data), len(data))
+        return model.Image(digest=digest, size=len(data), names=(name,) if name else ())
+
+    def list_images(self):
+        self._record("list_images")
+        return self.images
+
+    def delete_image(self, ref):
+        self._record("delete_image", ref)
+        return model.Image(digest=DIGEST, size=1 << 20, names=(ref,))
+
+
+@pytest.fixture
+def client():
+    fake = FakeClient()
+    yield fake
+    fake.watch_blocks.set()
+
+
+def run(client, *args, input=None):
+    return CliRunner().invoke(cli, list(args), obj=Session(connect=lambda master: client), input=input)
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+
+
+# ---- service create ----------------------------------------------------------------
+
+def test_create_flags_with_comma_lists_become_the_spec(client):
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--nodes", "2",
+                 "--cpu", "0.5,1.0", "--memory", "64", "--bandwidth", "10,20", "--disk", "128",
+                 "--port", "8000", "--hypervisor", "uml", "--switch", "0.0.0.0:8080",
+                 "--policy", "weighted-least-connections")
+    assert result.exit_code == 0, result.output
+    [(spec,), _] = client.called("create_service")[0]
+    assert spec == model.ServiceSpec(
+        name="web", image="busybox-httpd", nodes=2, hypervisor="uml", port=8000,
+        resources=(model.Resources(0.5, 64, 10, 128), model.Resources(1.0, 64, 20, 128)),
+        switch=model.SwitchSpec("0.0.0.0:8080", "weighted-least-connections"))
+    assert "web-1" in result.stdout        # the accepted service is shown
+
+
+def test_create_from_file_with_overrides(client, tmp_path):
+    path = tmp_path / "service.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "web", "image": "busybox-httpd", "hypervisor": "uml", "nodes": 2,
+        "resources": {"cpu": [0.5, 1.0], "memory": 64},
+        "switch": {"listen": "127.0.0.1:8080"}}))
+    result = run(client, "service", "create", "shop", "-f", str(path), "--nodes", "3",
+                 "--cpu", "2", "--policy", "weighted-least-connections")
+    assert result.exit_code == 0, result.output
+    [(spec,), _] = client.called("create_service")[0]
+    assert spec.name == "shop"
+    assert spec.nodes == 3
+    assert spec.hypervisor == "uml"
+    assert [r.cpu for r in spec.resources] == [2.0, 2.0, 2.0]
+    assert {r.memory for r in spec.resources} == {64}
+    assert spec.switch == model.SwitchSpec("127.0.0.1:8080", "weighted-least-connections")
+
+
+def test_create_from_stdin(client):
+    result = run(client, "service", "create", "-f", "-",
+                 input="name: web\nimage: busybox-httpd\nnodes: 1\n")
+    assert result.exit_code == 0, result.output
+    assert client.called("create_service")[0][0][0].name == "web"
+
+
+def test_malformed_yaml_is_one_line_exit_1(client, tmp_path):
+    path = tmp_path / "service.yaml"
+    path.write_text("name: web\nimage: [busybox\nnodes: 2\n")
+    result = run(client, "service", "create", "-f", str(path))
+    assert_one_line_error(result, 1, f"{path}: not valid YAML", "line")
+    assert client.calls == []
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("- name: web\n", "must be a mapping of fields, not a list"),
+    ("", "empty"),
+    ("name: web\nimage: busybox-httpd\nreplicas: 2\n", "unknown spec field(s): replicas"),
+    ("name: web\nimage: busybox-httpd\nresources: {cpu: 0.5, gpu: 1}\n", "unknown resource field(s): gpu"),
+    ("name: web\nimage: busybox-httpd\nnodes: 2\nresources: {cpu: [1, 2, 3]}\n",
+     "cpu: 3 values given for 2 virtual nodes"),
+])
+def test_bad_spec_file_is_one_line_exit_1(client, tmp_path, text, fragment):
+    path = tmp_path / "service.yaml"
+    path.write_text(text)
+    result = run(client, "service", "create", "-f", str(path))
+    assert_one_line_error(result, 1, str(path), fragment)
+    assert client.called("create_service") == []
+
+
+def test_unreadable_spec_file(client, tmp_path):
+    result = run(client, "service", "create", "-f", str(tmp_path / "missing.yaml"))
+    assert_one_line_error(result, 1, "missing.yaml: cannot read: No such file or directory")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--nodes", "2", "--cpu", "0.5,fast"], "cpu: 'fast' is not a number"),
+    (["--nodes", "2", "--cpu", "0.5,"], "cpu: '' is not a number"),
+    (["--nodes", "3", "--memory", "64,128"], "memory: 2 values given for 3 virtual nodes"),
+    (["--memory", "0.5"], "memory must be between"),
+    (["--switch", "8080"], "expected HOST:PORT"),
+])
+def test_bad_flag_values_are_one_line_exit_1(client, flags, fragment):
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", *flags)
+    assert_one_line_error(result, 1, fragment)
+    assert client.called("create_service") == []
+
+
+def test_no_capacity_exits_3(client):
+    client.fail["create_service"] = errors.NoCapacity("no node has 64 cores free", resource="cpu")
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--cpu", "64")
+    assert_one_line_error(result, 3, "no node has 64 cores free")
+
+
+def test_master_unreachable_exits_1_with_its_message(client):
+    client.fail["list_services"] = errors.Unavailable("cannot reach the SODA Master at 127.0.0.1:7070")
+    result = run(client, "service", "list")
+    assert_one_line_error(result, 1, "cannot reach the SODA Master at 127.0.0.1:7070")
+
+
+def test_multiline_server_message_is_printed_on_one_line(client):
+    client.fail["get_service"] = errors.SodaError("first\nsecond")
+    result = run(client, "service", "get", "web")
+    assert_one_line_error(result, 1, "first; second")
+
+
+@pytest.mark.parametrize("args", [
+    ["service", "create", "--image", "busybox-httpd"],         # no NAME and no -f
+    ["service", "create", "web"],                              # no --image
+    ["service", "create", "web", "--image", "x", "--nodes", "two"],
+    ["service", "frobnicate"],
+    ["--output", "xml", "service", "list"],
+    ["service", "resize", "web"],                              # nothing to change
+])
+def test_usage_errors_exit_2(client, args):
+    result = run(client, *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert client.calls == []
+
+
+def test_unexpected_exception_is_internal_error_not_traceback(client):
+    client.fail["list_nodes"] = ZeroDivisionError("division by zero")
+    result = run(client, "node", "list")
+    assert_one_line_error(result, 1, "error: internal: ZeroDivisionError: division by zero")
+
+
+def test_keyboard_interrupt_exits_130_quietly(client):
+    client.fail["list_nodes"] = KeyboardInterrupt()
+    result = run(client, "node", "list")
+    assert result.exit_code == 130
+    assert result.output == ""
+
+
+def test_client_is_made_from_master_option_and_closed(client):
+    targets = []
+
+    def connect(master):
+        targets.append(master)
+        return client
+    result = CliRunner().invoke(cli, ["--master", "10.1.1.1:7070", "service", "list"],
+                                obj=Session(connect=connect))
+    assert result.exit_code == 0, result.output
+    assert targets == ["10.1.1.1:7070"]
+    assert client.closed
+
+
+def test_master_from_environment(client):
+    targets = []
+    CliRunner(env={"SODA_MASTER": "master.example:7070"}).invoke(
+        cli, ["service", "list"], obj=Session(connect=lambda m: targets.append(m) or client))
+    assert targets == ["master.example:7070"]
+
+
+# ---- output --------------------------------------------------------------------------
+
+def test_service_get_json_shape(client):
+    client.services["web"] = make_service(web_spec(), phases=[model.Phase.RUNNING, model.Phase.FAILED],
+                                          reasons=["", "kernel panic"])
+    result = run(client, "-o", "json", "service", "get", "web")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "name": "web", "image": "busybox-httpd", "image_digest": DIGEST, "hypervisor": "",
+        "nodes": 2, "port": 80,
+        "switch": {"listen": "127.0.0.1:8080", "policy": "weighted-round-robin"},
+        "state": "FAILED", "deleting": False, "created_at": "2023-11-14T22:13:20Z",
+        "vnodes": [
+            {"name": "web-0", "node": "node-0", "address": "10.0.0.2", "phase": "RUNNING",
+             "resources": {"cpu": 0.5, "memory": 64, "bandwidth": 10, "disk": 64},
+             "weight": 0.5, "boot_seconds": 1.5, "reason": "", "hypervisor": "fake",
+             "deleting": False},
+            {"name": "web-1", "node": "node-1", "address": "10.0.1.2", "phase": "FAILED",
+             "resources": {"cpu": 1.0, "memory": 64, "bandwidth": 10, "disk": 64},
+             "weight": 1.0, "boot_seconds": 0.0, "reason": "kernel panic", "hypervisor": "fake",
+             "deleting": False},
+        ],
+    }
+
+
+def test_yaml_output_matches_json_and_command_level_o(client):
+    client.services["web"] = make_service(web_spec())
+    as_json = json.loads(run(client, "-o", "json", "service", "get", "web").stdout)
+    as_yaml = yaml.safe_load(run(client, "service", "get", "web", "-o", "yaml").stdout)
+    assert as_yaml == as_json
+
+
+def test_service_get_table(client):
+    client.services["web"] = make_service(web_spec(), phases=[model.Phase.RUNNING, model.Phase.BOOTING])
+    result = run(client, "service", "get", "web")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "Switch:" in result.stdout and "127.0.0.1:8080 weighted-round-robin" in result.stdout
+    assert "sha256:abababababab" in result.stdout
+    assert "PENDING (1/2 running)" in result.stdout
+    header = next(line for line in lines if line.startswith("NAME"))
+    assert header.split() == ["NAME", "NODE", "ADDRESS", "PHASE", "CPU", "MEMORY", "BANDWIDTH",
+                              "DISK", "WEIGHT", "BOOT", "REASON"]
+    row = next(line for line in lines if line.startswith("web-0"))
+    assert row.split() == ["web-0", "node-0", "10.0.0.2", "RUNNING", "0.5", "64Mi", "10Mbit",
+                           "64Mi", "0.5", "1.5s", "-"]
+
+
+def test_service_list_table_and_json(client):
+    client.services["web"] = make_service(web_spec(), phases=[model.Phase.RUNNING, model.Phase.PENDING])
+    table = run(client, "service", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "NODES", "IMAGE", "STATE"]
+    assert table[1].split() == ["web", "1/2", "busybox-httpd", "PENDING"]
+    listed = json.loads(run(client, "-o", "json", "service", "list").stdout)
+    assert [s["name"] for s in listed] == ["web"] and listed[0]["vnodes"][0]["phase"] == "RUNNING"
+
+
+def test_node_list(client):
+    client.nodes = [model.Node(name="node-a", address="192.0.2.10", subnet="10.0.1.0/24",
+                               capacity=model.Resources(4, 4096, 1000, 10240),
+                               allocated=model.Resources(1.5, 128, 20, 128),
+                               hypervisors=("uml", "qemu"), vnodes=2)]
+    table = run(client, "node", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH",
+                                "DISK", "VNODES", "HYPERVISORS"]
+    assert table[1].split() == ["node-a", "192.0.2.10", "READY", "10.0.1.0/24", "1.5/4",
+                                "128/4096Mi", "20/1000Mbit", "128/10240Mi", "2", "uml,qemu"]
+    [listed] = json.loads(run(client, "-o", "json", "node", "list").stdout)
+    assert listed["capacity"] == {"cpu": 4, "memory": 4096, "bandwidth": 1000, "disk": 10240}
+    assert listed["hypervisors"] == ["uml", "qemu"]
+
+
+def test_image_list_and_delete(client):
+    client.images = [model.Image(digest=DIGEST, size=3 * 1024 * 1024, names=("busybox-httpd",))]
+    table = run(client, "image", "list").stdout.splitlines()
+    assert table[0].split() == ["DIGEST", "NAMES", "SIZE", "CREATED"]
+    assert table[1].split() == ["sha256:abababababab", "busybox-httpd", "3.0", "MiB", "-"]
+    result = run(client, "image", "delete", "busybox-httpd")
+    assert result.exit_code == 0 and client.called("delete_image") == [(("busybox-httpd",), {})]
+
+
+def test_image_push_hashes_then_uploads(client, tmp_path):
+    path = tmp_path / "rootfs.ext4"
+    path.write_bytes(b"\0" * 4096)
+    result = run(client, "image", "push", str(path), "--name", "busybox-httpd", "--init", "/init")
+    assert result.exit_code == 0, result.output
+    digest = "sha256:" + hashlib.sha256(b"\0" * 4096).hexdigest()
+    assert client.called("push_image") == [
+        ((str(path),), {"name": "busybox-httpd", "init": "/init", "digest": digest})]
+    assert result.stdout.strip() == f"busybox-httpd {digest}"
+    # Not a terminal: no redrawn bars, just the final line of each step.
+    assert "hashed" in result.stderr and "uploaded" in result.stderr and "\r" not in result.stderr
+
+
+def test_image_push_missing_file_and_bad_name(client, tmp_path):
+    result = run(client, "image", "push", str(tmp_path / "nope.ext4"))
+    assert_one_line_error(result, 1, "nope.ext4: cannot read")
+    (tmp_path / "rootfs.ext4").write_bytes(b"x")
+    result = run(client, "image", "push", str(tmp_path / "rootfs.ext4"), "--name", "Bad Name")
+    assert_one_line_error(result, 1, "invalid image name")
+    assert client.called("push_image") == []
+
+
+# ---- --wait ---------------------------------------------------------------------------
+
+def upsert(spec, *phases, reasons=None):
+    return ("UPSERT", make_service(spec, phases=list(phases), reasons=reasons))
+
+
+def test_create_wait_until_running(client):
+    spec = web_spec()
+    client.watch_events = [upsert(spec, model.Phase.PENDING, model.Phase.PENDING),
+                           upsert(spec, model.Phase.RUNNING, model.Phase.BOOTING),
+                           upsert(spec, model.Phase.RUNNING, model.Phase.RUNNING)]
+    result = run(client, "-o", "json", "service", "create", "web", "--image", "busybox-httpd",
+                 "--nodes", "2", "--cpu", "0.5,1.0", "--wait")
+    assert result.exit_code == 0, result.output
+    assert client.called("watch_services") == [(("web",), {})]
+    assert result.stderr.splitlines() == ["web: 0/2 running", "web: 1/2 running", "web: 2/2 running"]
+    assert [v["phase"] for v in json.loads(result.stdout)["vnodes"]] == ["RUNNING", "RUNNING"]
+
+
+def test_create_wait_fails_naming_the_failed_vnode(client):
+    spec = web_spec()
+    client.watch_events = [upsert(spec, model.Phase.PENDING, model.Phase.PENDING),
+                           upsert(spec, model.Phase.RUNNING, model.Phase.FAILED,
+                                  reasons=["", "image digest mismatch"])]
+    client.watch_stays_open = True
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--nodes", "2",
+                 "--cpu", "0.5,1.0", "--wait")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == \
+        "error: web: web-1 failed on node-1: image digest mismatch"
+
+
+def test_create_wait_times_out_naming_what_is_not_running(client):
+    spec = web_spec()
+    client.watch_events = [upsert(spec, model.Phase.RUNNING, model.Phase.BOOTING)]
+    client.watch_stays_open = True
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--nodes", "2",
+                 "--cpu", "0.5,1.0", "--wait", "--timeout", "0.3")
+    assert result.exit_code == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: timed out after 0.3s waiting for web: 1/2 running")
+    assert "web-1 (BOOTING on node-1)" in last
+
+
+def test_create_wait_when_service_is_deleted_meanwhile(client):
+    client.watch_events = [upsert(web_spec(), model.Phase.PENDING, model.Phase.PENDING),
+                           ("DELETED", "web")]
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--wait")
+    assert_one_line_error_tail(result, "service web was deleted while waiting")
+
+
+def test_delete_wait_until_deleted_event(client):
+    spec = web_spec()
+    client.services["web"] = make_service(spec, phases=[model.Phase.RUNNING] * 2)
+    client.watch_events = [("UPSERT", make_service(spec, phases=[model.Phase.STOPPING] * 2, deleting=True)),
+                           ("DELETED", "web")]
+    result = run(client, "service", "delete", "web", "--wait")
+    assert result.exit_code == 0, result.output
+    assert client.called("delete_service") == [(("web",), {})]
+    assert result.stdout.strip() == "service web deleted"
+    assert result.stderr.splitlines()[-1] == "web: deleted"
+
+
+def test_delete_wait_notices_a_service_gone_before_the_watch_began(client):
+    # The DELETED event fell before the watch started: the quiet watch is
+    # followed by a direct read, which finds the service gone.
+    spec = web_spec()
+    client.services["web"] = make_service(spec)
+    client.watch_stays_open = True
+    original_delete = client.delete_service
+
+    def delete_and_vanish(name):
+        answer = original_delete(name)
+        del client.services[name]
+        return answer
+    client.delete_service = delete_and_vanish
+    result = run(client, "service", "delete", "web", "--wait", "--timeout", "0.2")
+    assert result.exit_code == 0, result.output
+
+
+def test_delete_without_wait_and_json(client):
+    client.services["web"] = make_service(web_spec())
+    assert run(client, "service", "delete", "web").stdout.strip() == "service web deleting"
+    assert json.loads(run(client, "-o", "json", "service", "delete", "web").stdout)["deleting"] is True
+    assert client.called("watch_services") == []
+
+
+def assert_one_line_error_tail(result, fragment):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1].startswith("error: ")
+    assert fragment in result.stderr.splitlines()[-1]
+
+
+# ---- resize ---------------------------------------------------------------------------
+
+def test_resize_applies_flags_over_current_resources(client):
+    client.services["web"] = make_service(web_spec())
+    result = run(client, "service", "resize", "web", "--nodes", "3", "--memory", "128")
+    assert result.exit_code == 0, result.output
+    [(args, kwargs)] = client.called("resize_service")
+    assert args == ("web",)
+    assert kwargs["nodes"] == 3
+    # cpu kept per node; the new third node starts from the last node's values.
+    assert kwargs["resources"] == (model.Resources(0.5, 128, 10, 64), model.Resources(1.0, 128, 10, 64),
+                                   model.Resources(1.0, 128, 10, 64))
+
+
+def test_resize_nodes_only_leaves_resources_to_the_master(client):
+    client.services["web"] = make_service(web_spec())
+    result = run(client, "service", "resize", "web", "--nodes", "5")
+    assert result.exit_code == 0, result.output
+    assert client.called("resize_service") == [(("web",), {"nodes": 5, "resources": ()})]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--nodes", "-1"], "nodes must be between 0 and"),
+    (["--cpu", "1,2,3"], "cpu: 3 values given for 2 virtual nodes"),
+])
+def test_resize_bad_values(client, flags, fragment):
+    client.services["web"] = make_service(web_spec())
+    assert_one_line_error(run(client, "service", "resize", "web", *flags), 1, fragment)
+    assert client.called("resize_service") == []
+
+
+def test_resize_refused_by_the_master(client):
+    client.services["web"] = make_service(web_spec())
+    client.fail["resize_service"] = errors.WrongState("service web is being deleted")
+    assert_one_line_error(run(client, "service", "resize", "web", "--nodes", "3"), 1,
+                          "service web is being deleted")
+
+
+def test_resize_wait(client):
+    spec = web_spec()
+    client.services["web"] = make_service(spec, phases=[model.Phase.RUNNING] * 2)
+    client.watch_events = [upsert(spec, model.Phase.RUNNING, model.Phase.RUNNING)]
+    result = run(client, "service", "resize", "web", "--cpu", "1", "--wait")
+    assert result.exit_code == 0, result.output
+
+
+# ---- help and entry point -----------------------------------------------------------
+
+def test_help_lists_commands_and_everything_has_help():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for group in ("node", "image", "service"):
+        assert group in result.output
+
+    def walk(command, path):
+        assert command.help, f"{path} has no help"
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{path} {param.opts} has no help"
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+    walk(cli, "sodactl")
+
+
+def test_main_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--no-such-flag"])
+    assert exit_info.value.code == 2
+
+
+# ---- pure helpers ---------------------------------------------------------------------
+
+def test_format_table_aligns_columns():
+    text = output.format_table(("A", "LONGER"), [("wide cell", 1), ("x", None)])
+    assert text.splitlines() == ["A           LONGER",
+                                 "wide cell   1",
+                                 "x           -"]
+
+
+def test_per_node_values():
+    assert specs.per_node_values("0.5") == "0.5"
+    assert specs.per_node_values("0.5, 1.0") == ["0.5", "1.0"]
+
+
+def test_rollout_counts_vnodes_marked_for_removal_as_unfinished():
+    spec = web_spec(nodes=1, resources={"cpu": 1})
+    service = make_service(web_spec(), phases=[model.Phase.RUNNING, model.Phase.STOPPING])
+    leaving = model.Service(spec=spec, image_digest=DIGEST, vnodes=(
+        service.vnodes[0], model.VirtualNode(**{**service.vnodes[1].__dict__, "deleting": True})))
+    rollout = Rollout.of(leaving)
+    assert not rollout.done and rollout.state == "SCALING"
+    assert rollout.progress() == "web: 1/1 running, 1 stopping"
+
+
+@given(st.lists(st.lists(st.text(alphabet="abc-.:/0123456789", max_size=12), min_size=3, max_size=3),
+                max_size=6))
+def test_format_table_columns_start_at_the_same_offset(rows):
+    lines = output.format_table(("NAME", "X", "LAST"), rows).splitlines()
+    assert len(lines) == len(rows) + 1
+    starts = [lines[0].index("X"), lines[0].index("LAST")]
+    for line, row in zip(lines[1:], rows):
+        cells = [cell or "-" for cell in row]
+        assert line.startswith(cells[0])
+        assert line[starts[0]:].startswith(cells[1]) and line[starts[1]:] == cells[2]
+
+
+def test_lists_are_sorted_the_same_in_every_format(client):
+    for name in ("zeta", "alpha", "mid"):
+        client.services[name] = make_service(web_spec(name=name))
+    assert [s["name"] for s in json.loads(run(client, "-o", "json", "service", "list").stdout)] == \
+        ["alpha", "mid", "zeta"]
+    assert [line.split()[0] for line in run(client, "service", "list").stdout.splitlines()[1:]] == \
+        ["alpha", "mid", "zeta"]
+
+
+def test_status_line_redraws_on_a_terminal_and_logs_milestones_elsewhere():
+    terminal, log = io.StringIO(), io.StringIO()
+    for stream, interactive in ((terminal, True), (log, False)):
+        with StatusLine(stream, interactive=interactive) as status:
+            bar = ByteProgress(status, "uploading")
+            bar(50, 100)
+            status.finish("uploaded")
+            status.update("web: 0/1 running", milestone=True)
+            status.update("web: 1/1 running", milestone=True)
+    assert terminal.getvalue().count("\r") == 4 and terminal.getvalue().endswith("web: 1/1 running\n")
+    assert log.getvalue() == "uploaded\nweb: 0/1 running\nweb: 1/1 running\n"

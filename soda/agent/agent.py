@@ -1,0 +1,270 @@
+"""The Agent's session with the Master and the threads that run an Agent.
+
+Owns registration, the assignment watch, heartbeats and status reports, and
+the life of the Agent's threads:
+
+  session    register, then follow WatchAssignments into the Reconciler; on
+             any SodaError (Master down, stream cut) wait a capped backoff
+             (0.2 s doubling to 5 s), register again and watch again, until
+             the Agent stops
+  heartbeat  the complete inventory every heartbeat_seconds (the Master's
+             answer sets the period); a Master that has forgotten this node
+             gets a new registration
+  reporter   phase changes as they happen (ReportStatus); a failed report
+             is dropped, since the next heartbeat carries everything
+  reconcile  Reconciler.run
+
+Guests never depend on the Master: while it is away nothing is started or
+stopped for lack of news, and stopping the Agent leaves them running. It
+talks to the Master only through the client it is given (a MasterClient, or
+a fake in tests) and imports no grpc.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Callable, Iterable
+
+from soda.errors import NotFound, SodaError
+from soda.model import Node, Resources, VirtualNodeStatus
+
+log = logging.getLogger(__name__)
+
+# Until the Master answers a heartbeat with its own period.
+DEFAULT_HEARTBEAT_SECONDS = 2.0
+
+
+class Backoff:
+    """Capped exponential delays with jitter, so that a restarted Master is
+    not hit by every Agent in the same instant."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0, factor: float = 2.0,
+                 jitter: float = 0.2, rng: Callable[[], float] = random.random):
+        self.first, self.cap, self.factor, self.jitter = first, cap, factor, jitter
+        self._rng = rng
+        self._current = first
+
+    def next(self) -> float:
+        delay = self._current
+        self._current = min(self.cap, self._current * self.factor)
+        return min(self.cap, delay * (1 - self.jitter + 2 * self.jitter * self._rng()))
+
+    def reset(self) -> None:
+        self._current = self.first
+
+
+class _Outage:
+    """Says once that the Master cannot be reached, and once that it can
+    again, instead of logging every failed attempt."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.down = False
+
+    def failed(self, exc: SodaError) -> None:
+        if not self.down:
+            log.warning("%s failed: %s", self.what, exc)
+            self.down = True
+        else:
+            log.debug("%s failed: %s", self.what, exc)
+
+    def worked(self) -> None:
+        if self.down:
+            log.info("%s works again", self.what)
+            self.down = False
+
+
+class StatusReporter:
+    """Queues phase changes from the Reconciler and sends them from its own
+    thread, so that a slow or absent Master never blocks a boot."""
+
+    def __init__(self, client, node_name: str):
+        self._client = client
+        self._node = node_name
+        self._lock = threading.Lock()
+        self._pending: dict[str, VirtualNodeStatus] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self._outage = _Outage("reporting status to the Master")
+
+    def report(self, statuses: Iterable[VirtualNodeStatus]) -> None:
+        with self._lock:
+            for status in statuses:
+                # Only the latest phase of a virtual node matters.
+                self._pending[status.name] = status
+        self._wake.set()
+
+    def run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                if self._closed:
+                    return
+                batch = [self._pending[name] for name in sorted(self._pending)]
+                self._pending.clear()
+            if not batch:
+                continue
+            try:
+                self._client.report_status(self._node, batch)
+            except SodaError as exc:
+                # Tolerated by design: the next heartbeat carries everything.
+                self._outage.failed(exc)
+            else:
+                self._outage.worked()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._wake.set()
+
+
+class Agent:
+    def __init__(self, client, reconciler, reporter: StatusReporter, name: str, address: str,
+                 capacity: Resources, hypervisors: Iterable[str],
+                 stop: threading.Event | None = None, backoff: Backoff | None = None,
+                 heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS):
+        self._client = client
+        self._reconciler = reconciler
+        self._reporter = reporter
+        self.name = name
+        self.address = address
+        self.capacity = capacity
+        self.hypervisors = tuple(hypervisors)
+        # Shared with main(): a signal sets it to stop the Agent, and a fatal
+        # error in any thread sets it so that main() stops everything else.
+        self._stop = stop or threading.Event()
+        self._backoff = backoff or Backoff()
+        self._heartbeat_seconds = heartbeat_seconds
+        self._heartbeat_now = threading.Event()
+        self._registered = threading.Event()
+        self._register_lock = threading.Lock()
+        self._threads: dict[str, threading.Thread] = {}
+        self.node: Node | None = None
+        self.registrations = 0
+        self.failure: BaseException | None = None
+
+    # ---- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        for name, target in (("reconcile", lambda: self._reconciler.run(self._stop)),
+                             ("reporter", self._reporter.run),
+                             ("heartbeat", self._heartbeats),
+                             ("session", self._session)):
+            thread = threading.Thread(target=self._guarded, args=(name, target),
+                                      name=f"soda-agent-{name}", daemon=True)
+            self._threads[name] = thread
+            thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop talking to the Master and stop reconciling; guests keep running."""
+        self._stop.set()
+        self._reconciler.close()
+        self._reporter.close()
+        self._heartbeat_now.set()
+        for name in ("reconcile", "reporter", "heartbeat"):
+            self._join(name, timeout)
+        # The session thread may sit in the assignment stream; closing the
+        # client cancels it. Only now: the other threads used the client too.
+        self._client.close()
+        self._join("session", timeout)
+
+    def wait_registered(self, timeout: float | None = None) -> bool:
+        return self._registered.wait(timeout)
+
+    @property
+    def stopped(self) -> threading.Event:
+        return self._stop
+
+    def _join(self, name: str, timeout: float) -> None:
+        thread = self._threads.get(name)
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("agent thread %s did not stop within %.0fs", name, timeout)
+
+    def _guarded(self, name: str, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as exc:
+            if self._stop.is_set() and self.failure is None:
+                # Shutting down: a call cut short by the closed client may
+                # raise whatever the transport raises.
+                log.debug("agent thread %s ended while stopping: %r", name, exc)
+                return
+            # A bug, not a Master outage (those are SodaErrors, handled where
+            # they happen): stop the whole Agent rather than run crippled.
+            # Guests keep running and a restarted Agent adopts them.
+            log.exception("agent thread %s failed; stopping the Agent", name)
+            self.failure = self.failure or exc
+            self._stop.set()
+
+    # ---- the session -----------------------------------------------------------
+    def _session(self) -> None:
+        outage = _Outage("the session with the Master")
+        while not self._stop.is_set():
+            try:
+                self._register()
+                for kind, items in self._client.watch_assignments(self.name):
+                    if self._stop.is_set():
+                        return
+                    self._apply(kind, items)
+                    outage.worked()
+                    self._backoff.reset()
+                if self._stop.is_set():
+                    return
+                log.info("the Master ended the assignment stream; reconnecting")
+            except SodaError as exc:
+                if self._stop.is_set():
+                    return
+                outage.failed(exc)
+            self._stop.wait(self._backoff.next())
+
+    def _apply(self, kind: str, items: list) -> None:
+        if kind == "SNAPSHOT":
+            log.info("desired set from the Master: %d virtual node(s)", len(items))
+            self._reconciler.replace_desired(items)
+        elif kind == "UPSERT":
+            self._reconciler.upsert_desired(items)
+        elif kind == "REMOVE":
+            self._reconciler.remove_desired(items)
+        else:
+            # A newer Master's event kind: nothing here knows how to act on it.
+            log.warning("ignoring assignment event of unknown kind %r", kind)
+
+    def _register(self) -> Node:
+        with self._register_lock:
+            node = self._client.register_node(self.name, self.address, self.capacity,
+                                              self.hypervisors)
+            self.node = node
+            self.registrations += 1
+        log.info("registered with the Master as %s (subnet %s, gateway %s)",
+                 node.name, node.subnet or "-", node.gateway or "-")
+        self._registered.set()
+        # The Master learns the whole inventory at once, not a period later.
+        self._heartbeat_now.set()
+        return node
+
+    # ---- heartbeats --------------------------------------------------------------
+    def _heartbeats(self) -> None:
+        outage = _Outage("heartbeat to the Master")
+        interval = self._heartbeat_seconds
+        while not self._stop.is_set():
+            self._heartbeat_now.clear()
+            if self._registered.is_set():
+                try:
+                    answer = self._client.heartbeat(self.name, self._reconciler.statuses())
+                    if answer and answer > 0:
+                        interval = answer
+                    outage.worked()
+                except NotFound as exc:
+                    # The Master has forgotten this node (its state was reset).
+                    log.warning("the Master does not know this node (%s); registering again", exc)
+                    try:
+                        self._register()
+                    except SodaError as again:
+                        outage.failed(again)
+                except SodaError as exc:
+                    outage.failed(exc)
+            self._heartbeat_now.wait(interval)

@@ -1,0 +1,153 @@
+"""soda-agent: the SODA Agent daemon's entry point.
+
+Owns the command line and the wiring: flags over the config file, then the
+MasterClient, hypervisor drivers, image cache, reconciler and Agent, run
+until SIGTERM/SIGINT. Stopping the Agent never stops guests. Domain logic
+lives in agent.py, reconciler.py and images.py; this is the only Agent
+module that reaches grpc (through MasterClient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import socket
+import sys
+
+from soda.agent.agent import Agent, StatusReporter
+from soda.agent.capacity import measure_capacity
+from soda.agent.images import ImageCache
+from soda.agent.reconciler import Reconciler
+from soda.config import AgentConfig, load, with_overrides
+from soda.errors import InvalidSpec
+from soda.hypervisors.base import drivers, make_driver
+from soda.model import NODE_NAME_MAX, check_dns_label
+from soda.rpc.client import MasterClient
+from soda.service import sd_notify, setup_logging, stop_event_on_signals
+
+log = logging.getLogger("soda.agent")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _hypervisor_names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a hypervisor driver name")
+    for name in names:
+        if name not in drivers():
+            raise argparse.ArgumentTypeError(
+                f"unknown hypervisor driver {name!r} (available: {', '.join(sorted(drivers()))})")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="soda-agent",
+        description="SODA Agent: runs this physical node's virtual nodes as the Master asks.")
+    parser.add_argument("--master", metavar="HOST:PORT", help="the SODA Master (default 127.0.0.1:7070)")
+    parser.add_argument("--name", help="this node's name (default: the host name)")
+    parser.add_argument("--address", metavar="ADDR", help="where the Switch and peers reach this node")
+    parser.add_argument("--state-dir", metavar="DIR", help="guest state and image cache")
+    parser.add_argument("--hypervisor", action="append", type=_hypervisor_names, metavar="NAME[,NAME]",
+                        help=f"hypervisor driver(s) to offer, repeatable "
+                             f"(choices: {', '.join(sorted(drivers()))})")
+    parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
+    return parser.parse_args(argv)
+
+
+def default_node_name() -> str:
+    return socket.gethostname().split(".")[0].lower()
+
+
+def build_config(args: argparse.Namespace) -> AgentConfig:
+    """The effective config: file, then flags; raises InvalidSpec."""
+    config = load(AgentConfig, args.config)
+    hypervisors = None
+    if args.hypervisor:
+        hypervisors = tuple(dict.fromkeys(n for names in args.hypervisor for n in names))
+    config = with_overrides(config, master=args.master, name=args.name, address=args.address,
+                            state_dir=args.state_dir, hypervisors=hypervisors,
+                            log_level=args.log_level)
+    return check_config(config)
+
+
+def check_config(config: AgentConfig) -> AgentConfig:
+    name = config.name or default_node_name()
+    check_dns_label("node", name, NODE_NAME_MAX)
+    if not config.master:
+        raise InvalidSpec("master: the Master's HOST:PORT is required")
+    if not config.state_dir:
+        raise InvalidSpec("state_dir is required")
+    if not config.hypervisors:
+        raise InvalidSpec("hypervisors: name at least one hypervisor driver")
+    for hypervisor in config.hypervisors:
+        if hypervisor not in drivers():
+            raise InvalidSpec(f"unknown hypervisor driver {hypervisor!r} "
+                              f"(available: {', '.join(sorted(drivers()))})")
+    if config.max_parallel_boots < 1:
+        raise InvalidSpec(f"max_parallel_boots must be at least 1, got {config.max_parallel_boots}")
+    if config.reconcile_seconds <= 0:
+        raise InvalidSpec(f"reconcile_seconds must be positive, got {config.reconcile_seconds:g}")
+    if config.log_level.upper() not in LOG_LEVELS:
+        raise InvalidSpec(f"log_level {config.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    return dataclasses.replace(config, name=name)
+
+
+def driver_options(config: AgentConfig, hypervisor: str) -> dict:
+    """The config section of one driver, as keyword arguments."""
+    sections = {"fake": config.fake}
+    section = sections.get(hypervisor)
+    return dataclasses.asdict(section) if section is not None else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)          # exits 2 on a usage error
+    try:
+        config = build_config(args)
+    except InvalidSpec as exc:
+        print(f"soda-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.log_level, "soda-agent")
+    stop = stop_event_on_signals()
+    client = MasterClient(config.master)
+    try:
+        os.makedirs(config.state_dir, exist_ok=True)
+        guest_drivers = {name: make_driver(name, config.state_dir, **driver_options(config, name))
+                         for name in config.hypervisors}
+        images = ImageCache(os.path.join(config.state_dir, "images"), client)
+        capacity = measure_capacity(config.capacity, config.state_dir)
+    except OSError as exc:
+        print(f"soda-agent: cannot use state dir {config.state_dir}: {exc.strerror or exc}",
+              file=sys.stderr)
+        client.close()
+        return EXIT_FAILURE
+    reporter = StatusReporter(client, config.name)
+    reconciler = Reconciler(guest_drivers, reporter, images,
+                            max_parallel_boots=config.max_parallel_boots,
+                            interval=config.reconcile_seconds)
+    agent = Agent(client, reconciler, reporter, config.name, config.address, capacity,
+                  config.hypervisors, stop=stop)
+    log.info("agent %s starting: master %s, hypervisors %s, capacity %s, state dir %s",
+             config.name, config.master, ",".join(config.hypervisors), capacity.as_dict(),
+             config.state_dir)
+    agent.start()
+    # Ready once the loops run: guests are adopted and looked after even
+    # while the Master is unreachable.
+    sd_notify("READY=1")
+    stop.wait()
+    sd_notify("STOPPING=1")
+    agent.stop()
+    if agent.failure is not None:
+        return EXIT_FAILURE
+    log.info("agent %s stopped; guests left running", config.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

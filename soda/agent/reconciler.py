@@ -1,0 +1,413 @@
+"""The Agent's reconciler: make this node's guests match its desired set.
+
+Owns the comparison of the desired virtual nodes (handed over by the
+Agent's session with the Master) with the guests the hypervisor drivers
+find, the actions that close the gap, and each virtual node's observed phase:
+
+    PENDING -> PULLING -> BOOTING -> RUNNING
+    FAILED with a reason (a failed start, a crash); retried after a backoff
+    STOPPING -> STOPPED, then forgotten once the Master no longer wants it
+
+Every phase change goes to the reporter at once; `statuses()` is the
+complete inventory that heartbeats carry. It never talks to the Master and
+imports no grpc.
+
+Restart safety: guests are found with `driver.list()`, never remembered, so
+a new Agent adopts running guests instead of starting them again. Until the
+first desired set arrives nothing is started or stopped, and closing the
+reconciler (Agent shutdown) leaves guests running: only the desired set
+decides what is stopped.
+
+Threads: one loop thread runs `reconcile_once` (woken by every change, and
+every `interval` seconds to notice crashes). Starts run in a pool of
+`max_parallel_boots` workers; each holds its slot from the pull until the
+guest is ready, so at most that many guests boot at once. Stops have their
+own pool so that slow boots never hold up a stop. A virtual node has at most
+one action in flight and the loop leaves it alone meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Protocol
+
+from soda.errors import SodaError, WrongState
+from soda.hypervisors.base import RUNNING as GUEST_RUNNING
+from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
+from soda.model import HYPERVISOR_PREFERENCE, Phase, VirtualNode, VirtualNodeStatus
+
+log = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    def report(self, statuses: list[VirtualNodeStatus]) -> None:
+        """Pass phase changes on. Called with the reconciler's lock held (so
+        that changes of one virtual node arrive in order): it must only
+        queue, never block."""
+
+
+class Images(Protocol):
+    def ensure(self, digest: str) -> str:
+        """Path of the verified image `digest`, pulled if need be."""
+
+
+@dataclass
+class _Retry:
+    failures: int = 0
+    retry_at: float = 0.0
+    action: str = "start"        # what failed: "start" or "stop"
+
+
+class Reconciler:
+    def __init__(self, drivers: Mapping[str, HypervisorDriver], reporter: Reporter, images: Images,
+                 clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 4,
+                 interval: float = 1.0, stop_timeout: float = 30.0, boot_timeout: float = 300.0,
+                 restart_backoff: float = 1.0, restart_backoff_max: float = 60.0,
+                 backoff_reset_seconds: float = 60.0, ready_poll: float = 0.05):
+        if not drivers:
+            raise ValueError("a reconciler needs at least one hypervisor driver")
+        if max_parallel_boots < 1:
+            raise ValueError("max_parallel_boots must be at least 1")
+        self._drivers = dict(drivers)
+        self._reporter = reporter
+        self._images = images
+        self._clock = clock
+        self._interval = interval
+        self._stop_timeout = stop_timeout
+        self._boot_timeout = boot_timeout
+        self._backoff = restart_backoff
+        self._backoff_max = restart_backoff_max
+        # A guest that stays up this long has recovered: its next crash is
+        # retried after the shortest backoff again.
+        self._backoff_reset = backoff_reset_seconds
+        self._ready_poll = ready_poll
+
+        # The condition's (re-entrant) lock guards every field below.
+        self._cond = threading.Condition()
+        self._desired: dict[str, VirtualNode] | None = None     # None: not heard yet
+        self._status: dict[str, VirtualNodeStatus] = {}
+        self._retry: dict[str, _Retry] = {}
+        self._running_since: dict[str, float] = {}
+        self._busy: set[str] = set()
+        self._fatal: BaseException | None = None
+        self._closing = threading.Event()
+        self._wake = threading.Event()
+        self._boots = ThreadPoolExecutor(max_parallel_boots, thread_name_prefix="soda-boot")
+        self._stops = ThreadPoolExecutor(max_parallel_boots, thread_name_prefix="soda-stop")
+
+    # ---- the desired set -------------------------------------------------
+    def replace_desired(self, vnodes: Iterable[VirtualNode]) -> None:
+        """The complete desired set (a SNAPSHOT from the Master)."""
+        with self._cond:
+            self._desired = {v.name: v for v in vnodes}
+        self.wake()
+
+    def upsert_desired(self, vnodes: Iterable[VirtualNode]) -> None:
+        with self._cond:
+            if self._desired is None:
+                # Without the snapshot, everything not upserted would look
+                # extra and be stopped.
+                raise WrongState("assignment update before the snapshot")
+            self._desired.update((v.name, v) for v in vnodes)
+        self.wake()
+
+    def remove_desired(self, names: Iterable[str]) -> None:
+        with self._cond:
+            if self._desired is None:
+                raise WrongState("assignment removal before the snapshot")
+            for name in names:
+                self._desired.pop(name, None)
+        self.wake()
+
+    # ---- what the Agent reads ---------------------------------------------
+    def statuses(self) -> list[VirtualNodeStatus]:
+        """Every virtual node this node knows of: the heartbeat's inventory."""
+        with self._cond:
+            return [self._status[name] for name in sorted(self._status)]
+
+    def status(self, name: str) -> VirtualNodeStatus | None:
+        with self._cond:
+            return self._status.get(name)
+
+    # ---- running -----------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """The loop thread: reconcile on every change and every `interval`."""
+        while not stop.is_set() and not self._closing.is_set():
+            self._wake.clear()
+            self.reconcile_once()
+            self._wake.wait(self._interval)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no start or stop is in flight (tests, shutdown)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._busy or self._fatal is not None, timeout)
+
+    def close(self) -> None:
+        """Stop acting; guests are left as they are. Boot workers stop
+        watching readiness, queued actions are dropped (a restarted Agent
+        redoes whatever is still needed)."""
+        with self._cond:
+            self._closing.set()
+        self._wake.set()
+        self._boots.shutdown(wait=False, cancel_futures=True)
+        self._stops.shutdown(wait=False, cancel_futures=True)
+
+    # ---- one pass ------------------------------------------------------------
+    def reconcile_once(self) -> None:
+        with self._cond:
+            self._raise_fatal()
+            # Taken before listing: an action that finishes while we list
+            # would otherwise look like a missing guest and be started twice.
+            busy_before = set(self._busy)
+        found = self._list_guests()
+        now = self._clock()
+        with self._cond:
+            if self._closing.is_set():
+                return
+            desired = self._desired
+            skip = busy_before | self._busy
+            guests, strays = self._resolve(found, desired)
+            for name, driver_name, info in strays:
+                if name not in skip:
+                    self._submit_stop(name, driver_name, info.generation)
+                    skip.add(name)
+            for name, (driver_name, info) in guests.items():
+                if name in skip:
+                    continue
+                want = None if desired is None else desired.get(name)
+                if desired is not None and (want is None or want.deleting
+                                            or not self._matches(want, driver_name, info)):
+                    if not self._waiting_for_retry(name, now, "stop"):
+                        self._submit_stop(name, driver_name, info.generation)
+                    continue
+                self._observe(name, info, want, now)
+            if desired is not None:
+                for name, want in desired.items():
+                    if name not in guests and name not in skip:
+                        self._missing(want, now)
+                for name in list(self._status):
+                    if name not in desired and name not in guests and name not in skip:
+                        self._forget(name)
+
+    def _list_guests(self) -> dict[str, list[tuple[str, GuestInfo]]]:
+        found: dict[str, list[tuple[str, GuestInfo]]] = {}
+        for driver_name, driver in self._drivers.items():
+            for name, info in driver.list().items():
+                found.setdefault(name, []).append((driver_name, info))
+        return found
+
+    def _resolve(self, found, desired):
+        """One guest per name; a same-named guest under another driver (left
+        from an interrupted move between hypervisors) is a stray to stop."""
+        guests: dict[str, tuple[str, GuestInfo]] = {}
+        strays: list[tuple[str, str, GuestInfo]] = []
+        for name, entries in found.items():
+            want = None if desired is None else desired.get(name)
+            wanted_driver = self._driver_for(want) if want else None
+            entries = sorted(entries, key=lambda e: e[0] != wanted_driver)
+            guests[name] = entries[0]
+            strays.extend((name, d, info) for d, info in entries[1:])
+        return guests, strays
+
+    def _observe(self, name: str, info: GuestInfo, want: VirtualNode | None, now: float) -> None:
+        """A guest that exists and should (or, before the first snapshot, may)."""
+        generation = want.generation if want else info.generation
+        current = self._status.get(name)
+        if info.state == GUEST_RUNNING:
+            if current is not None and current.phase == Phase.RUNNING:
+                since = self._running_since.get(name, now)
+                if name in self._retry and now - since >= self._backoff_reset:
+                    del self._retry[name]
+                self._record(name, Phase.RUNNING, "", generation)
+            elif info.ready:
+                # Adopted (or finished booting while nobody watched).
+                self._running_since[name] = now
+                self._record(name, Phase.RUNNING, "", generation)
+            else:
+                self._record(name, Phase.BOOTING, "", generation)
+            return
+        reason = f"guest exited: {info.exit_reason or 'unknown reason'}"
+        if want is None:
+            self._record(name, Phase.FAILED, reason, generation)
+        elif current is None or current.phase != Phase.FAILED:
+            self._failed(name, reason, generation, now)
+        elif not self._waiting_for_retry(name, now, "start"):
+            self._submit_start(want)
+
+    def _missing(self, want: VirtualNode, now: float) -> None:
+        """A desired virtual node with no guest."""
+        name = want.name
+        current = self._status.get(name)
+        if want.deleting:
+            self._record(name, Phase.STOPPED, "", want.generation)
+        elif self._driver_for(want) is None:
+            self._record(name, Phase.FAILED,
+                         f"hypervisor {want.hypervisor!r} is not available on this node "
+                         f"(available: {', '.join(sorted(self._drivers))})", want.generation)
+        elif current is not None and current.phase in (Phase.BOOTING, Phase.RUNNING) \
+                and current.generation == want.generation:
+            self._failed(name, "guest disappeared", want.generation, now)
+        elif not self._waiting_for_retry(name, now, "start"):
+            self._record(name, Phase.PENDING, "", want.generation)
+            self._submit_start(want)
+
+    # ---- actions -------------------------------------------------------------
+    def _submit_start(self, want: VirtualNode) -> None:
+        self._busy.add(want.name)
+        self._track(want.name, self._boots.submit(self._start, want))
+
+    def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
+        self._busy.add(name)
+        self._track(name, self._stops.submit(self._stop, name, driver_name, generation))
+
+    def _track(self, name: str, future: Future) -> None:
+        future.add_done_callback(lambda f: self._done(name, f))
+
+    def _done(self, name: str, future: Future) -> None:
+        with self._cond:
+            self._busy.discard(name)
+            if not future.cancelled() and future.exception() is not None:
+                # Not a SodaError or OSError (those become FAILED phases): a
+                # bug. The loop re-raises it so that the Agent stops loudly.
+                self._fatal = self._fatal or future.exception()
+            self._cond.notify_all()
+        self._wake.set()
+
+    def _start(self, want: VirtualNode) -> None:
+        name, generation = want.name, want.generation
+        driver_name = self._driver_for(want)
+        driver = self._drivers[driver_name]
+        if not self._still_wanted(want):
+            return
+        self._set(name, Phase.PULLING, "", generation)
+        try:
+            path = self._images.ensure(want.image_digest)
+        except (SodaError, OSError) as exc:
+            self._fail(name, f"pulling image {want.image_digest}: {exc}", generation)
+            return
+        if not self._still_wanted(want):
+            return
+        self._set(name, Phase.BOOTING, "", generation)
+        began = self._clock()
+        try:
+            driver.start(self._guest_spec(want, path, driver_name))
+        except (SodaError, OSError) as exc:
+            self._fail(name, f"starting: {exc}", generation)
+            return
+        try:
+            while not driver.is_ready(name):
+                info = driver.info(name)
+                if info is None or info.state != GUEST_RUNNING:
+                    why = info.exit_reason if info else "gone"
+                    raise SodaError(f"guest exited while booting: {why or 'unknown reason'}")
+                if self._clock() - began > self._boot_timeout:
+                    # Stopped so that the retry boots it afresh.
+                    driver.stop(name, self._stop_timeout)
+                    raise SodaError(f"guest not ready {self._boot_timeout:g}s after start")
+                if self._closing.wait(self._ready_poll) or not self._still_wanted(want):
+                    return      # the loop (or a restarted Agent) takes over from here
+        except (SodaError, OSError) as exc:
+            self._fail(name, f"booting: {exc}", generation)
+            return
+        with self._cond:
+            now = self._clock()
+            self._running_since[name] = now
+            self._record(name, Phase.RUNNING, "", generation, boot_seconds=now - began)
+        log.info("virtual node %s running (booted in %.2fs)", name, now - began)
+
+    def _stop(self, name: str, driver_name: str, generation: int) -> None:
+        self._set(name, Phase.STOPPING, "", generation)
+        try:
+            self._drivers[driver_name].stop(name, self._stop_timeout)
+        except (SodaError, OSError) as exc:
+            self._fail(name, f"stopping: {exc}", generation, action="stop")
+            return
+        self._set(name, Phase.STOPPED, "", generation)
+        log.info("virtual node %s stopped", name)
+
+    # ---- helpers (_observe, _missing, _record, _failed, _forget and the
+    # _submit_* ones run with the lock held) ------------------------------
+    def _driver_for(self, want: VirtualNode) -> str | None:
+        if want.hypervisor:
+            return want.hypervisor if want.hypervisor in self._drivers else None
+        for name in HYPERVISOR_PREFERENCE:
+            if name in self._drivers:
+                return name
+        return next(iter(self._drivers))
+
+    def _matches(self, want: VirtualNode, driver_name: str, info: GuestInfo) -> bool:
+        # Generation 0: a driver that cannot tell; trust the guest.
+        return (driver_name == self._driver_for(want)
+                and info.generation in (0, want.generation))
+
+    def _still_wanted(self, want: VirtualNode) -> bool:
+        with self._cond:
+            if self._closing.is_set() or self._desired is None:
+                return False
+            current = self._desired.get(want.name)
+            return (current is not None and not current.deleting
+                    and current.generation == want.generation
+                    and current.hypervisor == want.hypervisor)
+
+    def _waiting_for_retry(self, name: str, now: float, action: str) -> bool:
+        retry = self._retry.get(name)
+        current = self._status.get(name)
+        return (retry is not None and retry.action == action and now < retry.retry_at
+                and current is not None and current.phase == Phase.FAILED)
+
+    def _guest_spec(self, want: VirtualNode, image_path: str, driver_name: str) -> GuestSpec:
+        return GuestSpec(name=want.name, service=want.service, image_path=image_path,
+                         image_digest=want.image_digest, resources=want.resources,
+                         address=want.address, prefix_length=want.prefix_length,
+                         gateway=want.gateway, port=want.port, hypervisor=driver_name,
+                         generation=want.generation)
+
+    def _record(self, name: str, phase: Phase, reason: str, generation: int,
+                boot_seconds: float | None = None) -> None:
+        """Store a status and report it if it changed."""
+        old = self._status.get(name)
+        if boot_seconds is None:
+            keep = old is not None and old.phase == phase == Phase.RUNNING
+            boot_seconds = old.boot_seconds if keep else 0.0
+        new = VirtualNodeStatus(name=name, phase=phase, reason=reason,
+                                boot_seconds=boot_seconds, generation=generation)
+        if new == old:
+            return
+        self._status[name] = new
+        if phase == Phase.FAILED:
+            log.warning("virtual node %s failed: %s", name, reason)
+        self._reporter.report([new])
+
+    def _failed(self, name: str, reason: str, generation: int, now: float,
+                action: str = "start") -> None:
+        retry = self._retry.setdefault(name, _Retry())
+        retry.failures += 1
+        retry.action = action
+        delay = min(self._backoff_max, self._backoff * 2 ** (retry.failures - 1))
+        retry.retry_at = now + delay
+        self._running_since.pop(name, None)
+        self._record(name, Phase.FAILED, f"{reason} (retry in {delay:g}s)", generation)
+
+    def _forget(self, name: str) -> None:
+        self._status.pop(name, None)
+        self._retry.pop(name, None)
+        self._running_since.pop(name, None)
+
+    def _set(self, name: str, phase: Phase, reason: str, generation: int) -> None:
+        with self._cond:
+            self._record(name, phase, reason, generation)
+
+    def _fail(self, name: str, reason: str, generation: int, action: str = "start") -> None:
+        with self._cond:
+            self._failed(name, reason, generation, self._clock(), action)
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal

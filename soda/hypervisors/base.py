@@ -1,0 +1,162 @@
+"""The hypervisor driver interface and the registry of drivers.
+
+Owns what every driver promises the Agent: a pure `build_argv`, an
+idempotent `start` and `stop`, a `list` rebuilt from the driver's state dir
+(so a restarted Agent adopts the guests it finds instead of starting them
+again), and readiness. Also owns `DRIVERS`, the one explicit map from a
+hypervisor name to its class, and `make_driver`.
+
+A driver knows nothing about the Master, phases or images: the Agent's
+reconciler decides what to run and hands a driver a finished `GuestSpec`.
+Drivers must not import grpc.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from soda.errors import InvalidSpec
+from soda.model import NODE_NAME_MAX, Resources, check_dns_label
+
+Clock = Callable[[], float]
+
+RUNNING = "running"
+EXITED = "exited"
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything a driver needs to boot one virtual node."""
+    name: str
+    service: str
+    image_path: str              # verified, cached, read-only base image
+    image_digest: str
+    resources: Resources
+    address: str
+    prefix_length: int
+    gateway: str
+    port: int
+    hypervisor: str
+    # Persisted by the driver and echoed in GuestInfo so that a restarted
+    # Agent can tell whether an adopted guest still matches the desired spec.
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    """A guest as its driver finds it."""
+    name: str
+    state: str                   # RUNNING | EXITED
+    pid: int | None = None
+    started_at: float = 0.0      # wall-clock seconds (it must survive an Agent restart)
+    ready: bool = False
+    exit_reason: str = ""
+    generation: int = 0          # GuestSpec.generation it was started with; 0 = unknown
+
+
+class HypervisorDriver(abc.ABC):
+    """One way of running guests. Subclasses keep all their state under
+    `state_dir/<name>/` and find their guests again from it."""
+
+    name: str = ""
+
+    def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time):
+        self.state_dir = state_dir
+        self.runner = runner
+        self.clock = clock
+
+    @abc.abstractmethod
+    def build_argv(self, spec: GuestSpec) -> list[str]:
+        """The command line that boots `spec`; pure, so it can be golden-tested."""
+
+    @abc.abstractmethod
+    def start(self, spec: GuestSpec) -> GuestInfo:
+        """Boot a guest and return without waiting for readiness. Starting a
+        guest that is already running returns it untouched; starting one that
+        exited boots it again."""
+
+    @abc.abstractmethod
+    def stop(self, name: str, timeout: float) -> None:
+        """Ask the guest to halt, force it after `timeout` seconds, and forget
+        it. Stopping a guest that does not exist succeeds."""
+
+    @abc.abstractmethod
+    def list(self) -> dict[str, GuestInfo]:
+        """Every guest this driver knows of, running or exited, found from
+        the state dir (not from memory) so that it works after a restart."""
+
+    @abc.abstractmethod
+    def is_ready(self, name: str) -> bool:
+        """True once the guest has booted to its service."""
+
+    def info(self, name: str) -> GuestInfo | None:
+        """One guest; drivers may override this with something cheaper."""
+        return self.list().get(name)
+
+
+def check_guest_name(name: str) -> str:
+    # Guest names become file names under the state dir: a DNS label cannot
+    # climb out of it.
+    return check_dns_label("virtual node", name, NODE_NAME_MAX)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Replace `path` with `data` so that a reader (or a restarted Agent)
+    sees either the old file or the new one, never half of it."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def spec_as_dict(spec: GuestSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+_drivers: dict[str, type[HypervisorDriver]] | None = None
+
+
+def drivers() -> dict[str, type[HypervisorDriver]]:
+    """The registry (Ganeti's _HYPERVISOR_MAP): hypervisor name -> driver class."""
+    global _drivers
+    if _drivers is None:
+        # Imported on first use, not at import time: every driver module
+        # imports this one for HypervisorDriver, and importing a driver
+        # module first must work too. uml and qemu join when written.
+        from soda.hypervisors.fake import FakeDriver
+        _drivers = {
+            "fake": FakeDriver,
+        }
+    return _drivers
+
+
+def __getattr__(name: str) -> Any:
+    # `base.DRIVERS` reads like a plain module constant (PEP 562).
+    if name == "DRIVERS":
+        return drivers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_driver(name: str, state_dir: str, **options: Any) -> HypervisorDriver:
+    registry = drivers()
+    try:
+        cls = registry[name]
+    except KeyError:
+        raise InvalidSpec(f"unknown hypervisor driver {name!r} "
+                          f"(available: {', '.join(sorted(registry))})") from None
+    return cls(state_dir, **options)

@@ -1,0 +1,394 @@
+"""The reconciler against the fake driver, a recording reporter, a fake
+image cache and (where timing matters) a fake clock."""
+
+import threading
+import time
+
+import pytest
+
+from soda.agent.reconciler import Reconciler
+from soda.errors import Unavailable, WrongState
+from soda.hypervisors.base import EXITED, RUNNING
+from soda.hypervisors.fake import FakeDriver
+from soda.model import Phase, Resources, VirtualNode
+
+DIGEST = "sha256:" + "b" * 64
+P = Phase
+
+
+class FakeClock:
+    def __init__(self, now=100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class RecordingReporter:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reports = []
+
+    def report(self, statuses):
+        with self.lock:
+            self.reports.extend(statuses)
+
+    def phases(self, name):
+        with self.lock:
+            return [s.phase for s in self.reports if s.name == name]
+
+    def last(self, name):
+        with self.lock:
+            return [s for s in self.reports if s.name == name][-1]
+
+
+class FakeImages:
+    def __init__(self, path, fail=None):
+        self.path = path
+        self.fail = fail
+        self.pulled = []
+
+    def ensure(self, digest):
+        self.pulled.append(digest)
+        if self.fail:
+            raise self.fail
+        return self.path
+
+
+def vnode(name, generation=1, **kw):
+    kw.setdefault("image_digest", DIGEST)
+    kw.setdefault("hypervisor", "fake")
+    return VirtualNode(name=name, service=name.rsplit("-", 1)[0], index=int(name.rsplit("-", 1)[1]),
+                       resources=Resources(cpu=0.5, memory=64, bandwidth=10, disk=64),
+                       node="n1", address="10.233.1.2", prefix_length=24, gateway="10.233.1.1",
+                       generation=generation, **kw)
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "base.img"
+    path.write_bytes(b"rootfs")
+    return str(path)
+
+
+class Setup:
+    def __init__(self, tmp_path, image, clock=None, driver=None, images=None, **kw):
+        self.clock = clock or FakeClock()
+        self.driver = driver or FakeDriver(str(tmp_path / "state"), boot_seconds=0,
+                                           sleep=lambda s: None)
+        self.reporter = RecordingReporter()
+        self.images = images or FakeImages(image)
+        self.rec = Reconciler({"fake": self.driver}, self.reporter, self.images, clock=self.clock,
+                              ready_poll=0.01, **kw)
+
+    def converge(self):
+        self.rec.reconcile_once()
+        assert self.rec.wait_idle(5)
+
+    def phase(self, name):
+        status = self.rec.status(name)
+        return status.phase if status else None
+
+
+@pytest.fixture
+def setup(tmp_path, image):
+    s = Setup(tmp_path, image)
+    yield s
+    s.rec.close()
+
+
+def test_starts_what_is_missing_through_every_phase(setup):
+    setup.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    setup.converge()
+    for name in ("web-0", "web-1"):
+        assert setup.reporter.phases(name) == [P.PENDING, P.PULLING, P.BOOTING, P.RUNNING]
+        assert setup.phase(name) == P.RUNNING
+    assert set(setup.driver.list()) == {"web-0", "web-1"}
+    assert setup.images.pulled == [DIGEST, DIGEST]
+    assert [s.name for s in setup.rec.statuses()] == ["web-0", "web-1"]
+    assert setup.rec.status("web-0").generation == 1
+    # Converged: another pass changes nothing.
+    before = len(setup.reporter.reports)
+    setup.converge()
+    assert len(setup.reporter.reports) == before
+    assert setup.driver.start_counts() == {"web-0": 1, "web-1": 1}
+
+
+def test_stops_what_is_extra_then_forgets_it(setup):
+    setup.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    setup.converge()
+    setup.rec.remove_desired(["web-1"])
+    setup.converge()
+    assert setup.reporter.phases("web-1")[-2:] == [P.STOPPING, P.STOPPED]
+    assert set(setup.driver.list()) == {"web-0"}
+    setup.converge()
+    assert [s.name for s in setup.rec.statuses()] == ["web-0"]
+
+
+def test_a_deleting_vnode_is_stopped_and_stays_reported_stopped(setup):
+    setup.rec.replace_desired([vnode("web-0")])
+    setup.converge()
+    setup.rec.upsert_desired([vnode("web-0", deleting=True)])
+    setup.converge()
+    setup.converge()
+    assert setup.driver.list() == {}
+    assert setup.phase("web-0") == P.STOPPED
+
+
+def test_restarts_a_crashed_guest_after_a_backoff_reporting_failed_between(setup):
+    setup.rec.replace_desired([vnode("web-0")])
+    setup.converge()
+    setup.driver.crash("web-0")
+    setup.converge()
+    status = setup.rec.status("web-0")
+    assert status.phase == P.FAILED and "guest exited: crashed" in status.reason
+    setup.clock.now += 0.5                     # backoff (1 s) not over: left alone
+    setup.converge()
+    assert setup.driver.list()["web-0"].state == EXITED
+    setup.clock.now += 0.5
+    setup.converge()
+    assert setup.phase("web-0") == P.RUNNING
+    assert setup.driver.start_counts() == {"web-0": 2}
+    assert setup.reporter.phases("web-0")[-4:] == [P.FAILED, P.PULLING, P.BOOTING, P.RUNNING]
+
+
+def test_crash_marker_written_by_another_process_is_noticed(setup):
+    setup.rec.replace_desired([vnode("web-0")])
+    setup.converge()
+    open(setup.driver.marker_path("web-0"), "w").close()
+    setup.converge()
+    assert setup.phase("web-0") == P.FAILED
+
+
+def test_failed_start_is_reported_with_its_reason_and_retried_with_growing_backoff(tmp_path, image):
+    driver = FakeDriver(str(tmp_path / "state"), boot_seconds=0, fail_start=["web-0"])
+    s = Setup(tmp_path, image, driver=driver)
+    s.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    s.converge()
+    failed = s.rec.status("web-0")
+    assert failed.phase == P.FAILED
+    assert "starting: command fake-vmm exited 1" in failed.reason
+    assert "told to fail starting web-0" in failed.reason and "retry in 1s" in failed.reason
+    assert s.phase("web-1") == P.RUNNING
+    s.clock.now += 1
+    s.converge()
+    assert "retry in 2s" in s.rec.status("web-0").reason
+    driver.fail_start = ()
+    s.clock.now += 1                           # 2 s backoff not over yet
+    s.converge()
+    assert s.phase("web-0") == P.FAILED
+    s.clock.now += 1
+    s.converge()
+    assert s.phase("web-0") == P.RUNNING
+    s.rec.close()
+
+
+def test_failed_pull_is_reported_and_nothing_boots(tmp_path, image):
+    images = FakeImages(image, fail=Unavailable("cannot reach the SODA Master"))
+    s = Setup(tmp_path, image, images=images)
+    s.rec.replace_desired([vnode("web-0")])
+    s.converge()
+    status = s.rec.status("web-0")
+    assert status.phase == P.FAILED
+    assert status.reason.startswith(f"pulling image {DIGEST}: cannot reach the SODA Master")
+    assert s.driver.list() == {}
+    s.rec.close()
+
+
+def test_a_restarted_agent_adopts_running_guests_without_starting_them(tmp_path, image):
+    first = Setup(tmp_path, image)
+    first.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    first.converge()
+    first.rec.close()                          # the Agent stops: guests keep running
+    assert all(i.state == RUNNING for i in first.driver.list().values())
+
+    second = Setup(tmp_path, image, driver=FakeDriver(str(tmp_path / "state"), boot_seconds=0))
+    second.converge()                          # no desired set yet: observe only
+    assert second.phase("web-0") == P.RUNNING
+    second.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    second.converge()
+    assert second.reporter.phases("web-0") == [P.RUNNING]
+    assert second.driver.start_counts() == {"web-0": 1, "web-1": 1}
+    assert second.images.pulled == []
+    second.rec.close()
+
+
+def test_nothing_is_stopped_before_the_first_desired_set(setup):
+    setup.rec.replace_desired([vnode("web-0")])
+    setup.converge()
+    other = Reconciler({"fake": setup.driver}, RecordingReporter(), setup.images)
+    other.reconcile_once()
+    assert other.wait_idle(5)
+    assert set(setup.driver.list()) == {"web-0"}
+    with pytest.raises(WrongState):
+        other.upsert_desired([vnode("web-1")])
+    with pytest.raises(WrongState):
+        other.remove_desired(["web-0"])
+    other.close()
+
+
+def test_a_new_generation_restarts_the_guest(setup):
+    setup.rec.replace_desired([vnode("web-0")])
+    setup.converge()
+    setup.rec.upsert_desired([vnode("web-0", generation=2)])
+    setup.converge()
+    assert setup.reporter.phases("web-0")[-2:] == [P.STOPPING, P.STOPPED]
+    setup.converge()
+    assert setup.rec.status("web-0").phase == P.RUNNING
+    assert setup.rec.status("web-0").generation == 2
+    assert setup.driver.list()["web-0"].generation == 2
+    assert setup.driver.start_counts() == {"web-0": 2}
+
+
+def test_a_hypervisor_this_node_lacks_is_a_failure_with_a_reason(setup):
+    setup.rec.replace_desired([vnode("web-0", hypervisor="qemu")])
+    setup.converge()
+    status = setup.rec.status("web-0")
+    assert status.phase == P.FAILED
+    assert "hypervisor 'qemu' is not available on this node (available: fake)" in status.reason
+
+
+def test_a_guest_that_never_gets_ready_times_out_and_is_stopped(tmp_path, image):
+    clock = FakeClock()
+    driver = FakeDriver(str(tmp_path / "state"), clock=clock, boot_seconds=1000, sleep=lambda s: None)
+    s = Setup(tmp_path, image, clock=clock, driver=driver, boot_timeout=30)
+    s.rec.replace_desired([vnode("web-0")])
+    s.rec.reconcile_once()
+    wait_for(lambda: s.phase("web-0") == P.BOOTING)
+    clock.now += 31
+    assert s.rec.wait_idle(5)
+    assert s.phase("web-0") == P.FAILED
+    assert "not ready 30s after start" in s.rec.status("web-0").reason
+    assert driver.list() == {}
+    s.rec.close()
+
+
+class CountingDriver(FakeDriver):
+    """Counts guests between start() and readiness: the boots in flight."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.lock = threading.Lock()
+        self.booting = set()
+        self.most = 0
+
+    def start(self, spec):
+        with self.lock:
+            self.booting.add(spec.name)
+            self.most = max(self.most, len(self.booting))
+        return super().start(spec)
+
+    def is_ready(self, name):
+        ready = super().is_ready(name)
+        if ready:
+            with self.lock:
+                self.booting.discard(name)
+        return ready
+
+
+def test_boots_run_in_parallel_but_no_more_than_max_parallel_boots(tmp_path, image):
+    driver = CountingDriver(str(tmp_path / "state"), boot_seconds=0.1)
+    s = Setup(tmp_path, image, clock=time.monotonic, driver=driver, max_parallel_boots=2)
+    s.rec.replace_desired([vnode(f"web-{i}") for i in range(6)])
+    s.converge()
+    assert all(s.phase(f"web-{i}") == P.RUNNING for i in range(6))
+    assert driver.most == 2
+    s.rec.close()
+
+
+def test_a_vnode_removed_while_queued_is_never_started(tmp_path, image):
+    driver = CountingDriver(str(tmp_path / "state"), boot_seconds=0.2)
+    s = Setup(tmp_path, image, clock=time.monotonic, driver=driver, max_parallel_boots=1)
+    s.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    s.rec.reconcile_once()
+    s.rec.remove_desired(["web-1"])            # web-1 waits behind web-0's boot
+    assert s.rec.wait_idle(5)
+    s.converge()
+    assert driver.start_counts() == {"web-0": 1}
+    assert [st.name for st in s.rec.statuses()] == ["web-0"]
+    s.rec.close()
+
+
+def test_run_loop_converges_and_close_leaves_guests_running(setup):
+    stop = threading.Event()
+    loop = threading.Thread(target=setup.rec.run, args=(stop,))
+    loop.start()
+    setup.rec.replace_desired([vnode("web-0")])
+    wait_for(lambda: setup.phase("web-0") == P.RUNNING)
+    setup.rec.close()
+    loop.join(5)
+    assert not loop.is_alive()
+    assert setup.driver.list()["web-0"].state == RUNNING
+
+
+def test_a_bug_in_a_driver_is_raised_not_swallowed(tmp_path, image):
+    class BrokenDriver(FakeDriver):
+        def start(self, spec):
+            raise RuntimeError("driver bug")
+
+    s = Setup(tmp_path, image, driver=BrokenDriver(str(tmp_path / "state")))
+    s.rec.replace_desired([vnode("web-0")])
+    s.converge()
+    with pytest.raises(RuntimeError, match="driver bug"):
+        s.rec.reconcile_once()
+    s.rec.close()
+
+
+def test_picks_the_driver_a_vnode_names_or_the_preferred_one_and_moves_between_them(tmp_path, image):
+    # Two fake drivers stand in for two hypervisors (each keeps its own dir).
+    fake = FakeDriver(str(tmp_path / "a"), boot_seconds=0, sleep=lambda s: None)
+    other = FakeDriver(str(tmp_path / "b"), boot_seconds=0, sleep=lambda s: None)
+    reporter = RecordingReporter()
+    clock = FakeClock()
+    rec = Reconciler({"fake": fake, "uml": other}, reporter, FakeImages(image), clock=clock,
+                     ready_poll=0.01)
+    rec.replace_desired([vnode("web-0"), vnode("web-1", hypervisor="uml"),
+                         vnode("web-2", hypervisor="")])
+    rec.reconcile_once()
+    assert rec.wait_idle(5)
+    assert set(fake.list()) == {"web-0"}
+    assert set(other.list()) == {"web-1", "web-2"}     # "" prefers uml over fake
+    rec.upsert_desired([vnode("web-0", generation=2, hypervisor="uml")])
+    for _ in range(2):                                  # stop on fake, then start on uml
+        rec.reconcile_once()
+        assert rec.wait_idle(5)
+    assert set(fake.list()) == set()
+    assert set(other.list()) == {"web-0", "web-1", "web-2"}
+    assert rec.status("web-0").phase == P.RUNNING and rec.status("web-0").generation == 2
+    rec.close()
+
+
+def test_a_failed_stop_is_reported_and_retried_after_a_backoff(tmp_path, image):
+    from soda.errors import CommandError
+
+    class StubbornDriver(FakeDriver):
+        refusals = 1
+
+        def stop(self, name, timeout):
+            if self.refusals:
+                self.refusals -= 1
+                raise CommandError(["fake-vmm", "halt", name], 1, err="device busy")
+            super().stop(name, timeout)
+
+    s = Setup(tmp_path, image, driver=StubbornDriver(str(tmp_path / "state"), boot_seconds=0,
+                                                     sleep=lambda s: None))
+    s.rec.replace_desired([vnode("web-0")])
+    s.converge()
+    s.rec.remove_desired(["web-0"])
+    s.converge()
+    failed = s.rec.status("web-0")
+    assert failed.phase == P.FAILED and failed.reason.startswith("stopping: command fake-vmm exited 1")
+    s.converge()                                        # backoff not over: not hammered
+    assert s.driver.refusals == 0 and "web-0" in s.driver.list()
+    s.clock.now += 1
+    s.converge()
+    s.converge()
+    assert s.driver.list() == {} and s.rec.statuses() == []
+    s.rec.close()

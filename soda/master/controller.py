@@ -62,10 +62,10 @@ class Controller:
         spec = model.validate_spec(spec)
         image = self.store.resolve_image(spec.image)
         with self._lock:
-            existing = {s.name: s for s in self.store.list_services()}
-            if spec.name in existing:
+            existing = self.store.list_service_specs()
+            if any(other.name == spec.name for other in existing):
                 raise AlreadyExists(f"service {spec.name!r} already exists")
-            self._check_listen_free(spec, existing.values())
+            self._check_listen_free(spec, existing)
             names = [model.vnode_name(spec.name, i) for i in range(spec.nodes)]
             vnodes = self._place_new(spec, image.digest, list(range(spec.nodes)), spec.resources, names, {})
             service = model.Service(spec=spec, image_digest=image.digest, vnodes=tuple(vnodes),
@@ -76,11 +76,11 @@ class Controller:
         self._publish_service(spec.name, nodes={v.node for v in vnodes})
         return self.store.get_service(spec.name)
 
-    def _check_listen_free(self, spec: model.ServiceSpec, others: Iterable[model.Service]) -> None:
+    def _check_listen_free(self, spec: model.ServiceSpec, others: Iterable[model.ServiceSpec]) -> None:
         if not spec.switch.listen:
             return
         for other in others:
-            if other.name != spec.name and other.spec.switch.listen == spec.switch.listen:
+            if other.name != spec.name and other.switch.listen == spec.switch.listen:
                 raise AlreadyExists(f"switch address {spec.switch.listen} is already used by "
                                     f"service {other.name!r}")
 
@@ -171,7 +171,7 @@ class Controller:
                       for i in range(count)]
             spec = model.validate_spec(replace(service.spec, nodes=count, resources=tuple(wanted)))
             keep, drop = live[:count], live[count:]
-            changed = self._resize_in_place(keep, spec.resources[:len(keep)])
+            changed = self._resize_in_place(keep, spec.resources[:len(keep)], freed=drop)
             used_indexes = {v.index for v in service.vnodes}
             new_indexes, i = [], 0
             while len(new_indexes) < count - len(keep):
@@ -191,10 +191,14 @@ class Controller:
         self._publish_service(name, nodes=touched)
         return self.store.get_service(name)
 
-    def _resize_in_place(self, vnodes: Sequence[model.VirtualNode],
-                         wanted: Sequence[model.Resources]) -> list[model.VirtualNode]:
+    def _resize_in_place(self, vnodes: Sequence[model.VirtualNode], wanted: Sequence[model.Resources],
+                         freed: Sequence[model.VirtualNode] = ()) -> list[model.VirtualNode]:
+        """New resources for running virtual nodes, checked against their
+        node's room (counting what the virtual nodes being removed free)."""
         nodes = {n.name: n for n in self.store.list_nodes()}
         extra: dict[str, model.Resources] = {}
+        for v in freed:
+            extra[v.node] = extra.get(v.node, model.Resources()) - v.resources
         out = []
         for v, res in zip(vnodes, wanted):
             if res == v.resources:
@@ -208,8 +212,10 @@ class Controller:
                 for r in ("cpu", "memory", "bandwidth", "disk"):
                     if getattr(free, r) < -1e-9:
                         raise NoCapacity(f"not enough {r} on {v.node} to grow {v.name}", resource=r)
+            # The Agent applies a new generation by restarting the guest (until
+            # live limit changes land), so its phase starts over.
             out.append(replace(v, resources=res, weight=model.share_weight(res),
-                               generation=v.generation + 1))
+                               generation=v.generation + 1, phase=model.Phase.PENDING, reason=""))
         return out
 
     # ---- nodes --------------------------------------------------------
@@ -269,8 +275,11 @@ class Controller:
                     continue
                 if v.deleting and s.phase == model.Phase.STOPPED:
                     removed.append(v)
-                elif (v.phase, v.reason, v.boot_seconds) != (s.phase, s.reason, s.boot_seconds):
-                    changed.append(v.with_status(s.phase, s.reason, s.boot_seconds))
+                else:
+                    # An adopted guest reports no boot time: keep the one we have.
+                    boot = s.boot_seconds or v.boot_seconds
+                    if (v.phase, v.reason, v.boot_seconds) != (s.phase, s.reason, boot):
+                        changed.append(v.with_status(s.phase, s.reason, boot))
             if complete:
                 removed += [v for name, v in mine.items() if v.deleting and name not in reported]
             if not changed and not removed:
@@ -278,7 +287,8 @@ class Controller:
             self.store.put_vnodes(changed)
             self.store.delete_vnodes([v.name for v in removed])
             services = {v.service for v in changed + removed}
-            self._finish_deletions(services)
+            if removed:
+                self._finish_deletions({v.service for v in removed})
         for service in services:
             self._publish_service(service)
 

@@ -80,6 +80,9 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def list_services(self) -> list[model.Service]: ...
     @abc.abstractmethod
+    def list_service_specs(self) -> list[model.ServiceSpec]:
+        """Specs only, without virtual nodes: cheap for admission checks."""
+    @abc.abstractmethod
     def update_service(self, service: model.Service, removed: Iterable[str] = ()) -> None:
         """Replace the spec and upsert every vnode of `service`; drop `removed`."""
     @abc.abstractmethod
@@ -281,6 +284,9 @@ class SqliteStore(StateStore):
 
     def list_services(self) -> list[model.Service]:
         return self._services()
+
+    def list_service_specs(self) -> list[model.ServiceSpec]:
+        return [_spec_from_json(r[0]) for r in self._read("SELECT spec FROM services ORDER BY name")]
 
     def update_service(self, service: model.Service, removed: Iterable[str] = ()) -> None:
         with self._tx() as db:

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Control-plane throughput: how fast the Master drives virtual nodes to RUNNING.
+
+Starts a Master and N Agents (fake hypervisor driver) as separate processes
+on this machine, creates services totalling V virtual nodes, and prints the
+rate at which virtual nodes reach RUNNING (as the Master reports them), the
+create latency, the time until all are deleted again, and the Master's peak
+RSS (VmHWM). Everything is torn down at the end, also on failure.
+
+    python bench/control_plane.py [--agents 50] [--vnodes 1000] [--services 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from soda import model  # noqa: E402
+from soda.errors import SodaError  # noqa: E402
+from soda.rpc.client import MasterClient  # noqa: E402
+from tests.support import free_port, make_ext4_image  # noqa: E402
+
+AGENT_CONFIG = """\
+capacity: {cpu: 64, memory: 65536, bandwidth: 100000, disk: 10000000}
+fake: {boot_seconds: 0.2, stop_seconds: 0.01}
+max_parallel_boots: 8
+"""
+
+
+def vm_hwm_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def count_phase(client: MasterClient, phase: model.Phase) -> int:
+    return sum(1 for s in client.list_services() for v in s.vnodes if v.phase == phase)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=50)
+    p.add_argument("--vnodes", type=int, default=1000)
+    p.add_argument("--services", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=600)
+    args = p.parse_args()
+    per_service = args.vnodes // args.services
+
+    root = tempfile.mkdtemp(prefix="soda-bench-cp-")
+    procs: list[subprocess.Popen] = []
+    logs = []
+    addr = f"127.0.0.1:{free_port()}"
+
+    def spawn(name, argv):
+        log = open(os.path.join(root, f"{name}.log"), "wb")
+        logs.append(log)
+        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        return procs[-1]
+
+    try:
+        master = spawn("master", [sys.executable, "-m", "soda.master.main", "--listen", addr,
+                                  "--state-dir", os.path.join(root, "master"), "--log-level", "WARNING"])
+        client = MasterClient(addr, timeout=60)
+
+        def master_up():
+            try:
+                client.list_nodes()
+                return True
+            except SodaError:
+                return False
+        wait_for(master_up, 30, "the Master")
+        config = os.path.join(root, "agent.yaml")
+        with open(config, "w") as f:
+            f.write(AGENT_CONFIG)
+        t0 = time.monotonic()
+        for i in range(args.agents):
+            spawn(f"agent-{i}", [sys.executable, "-m", "soda.agent.main", "--master", addr, "--name", f"bench-{i}",
+                                 "--state-dir", os.path.join(root, f"agent-{i}"), "--hypervisor", "fake",
+                                 "--config", config, "--log-level", "WARNING"])
+        wait_for(lambda: sum(n.state == "READY" for n in client.list_nodes()) == args.agents, 120,
+                 "the Agents to register")
+        register_s = time.monotonic() - t0
+        client.push_image(make_ext4_image(os.path.join(root, "img")), name="bench")
+        rss_idle = vm_hwm_mib(master.pid)
+
+        create_latencies = []
+        t_start = time.monotonic()
+        for s in range(args.services):
+            spec = model.parse_spec({"name": f"svc-{s}", "image": "bench", "nodes": per_service,
+                                     "hypervisor": "fake", "resources": {"cpu": 0.1, "memory": 16, "disk": 16}})
+            t = time.monotonic()
+            client.create_service(spec)
+            create_latencies.append(time.monotonic() - t)
+        t_created = time.monotonic() - t_start
+        total = per_service * args.services
+        milestones = {}
+        while True:
+            running = count_phase(client, model.Phase.RUNNING)
+            now = time.monotonic() - t_start
+            for frac in (0.5, 0.9, 1.0):
+                if running >= frac * total and frac not in milestones:
+                    milestones[frac] = now
+            if running >= total:
+                break
+            if now > args.timeout:
+                raise SystemExit(f"only {running}/{total} RUNNING after {args.timeout:.0f} s")
+            time.sleep(0.1)
+        t_all = milestones[1.0]
+        t_del = time.monotonic()
+        for s in range(args.services):
+            client.delete_service(f"svc-{s}")
+        wait_for(lambda: not client.list_services(), args.timeout, "the services to be deleted")
+        delete_s = time.monotonic() - t_del
+        rss_peak = vm_hwm_mib(master.pid)
+        master_cpu = cpu_seconds(master.pid)
+        agents_cpu = sum(cpu_seconds(proc.pid) for proc in procs[1:])
+        wall = time.monotonic() - t0
+
+        print(f"control plane: {args.agents} Agents (fake driver, processes), {total} virtual nodes "
+              f"in {args.services} services")
+        print(f"  agents registered           {register_s:8.2f} s")
+        print(f"  create calls (all)          {t_created:8.2f} s   median {statistics.median(create_latencies)*1000:.1f} ms"
+              f"  max {max(create_latencies)*1000:.1f} ms per {per_service}-node service")
+        print(f"  50% RUNNING                 {milestones[0.5]:8.2f} s")
+        print(f"  90% RUNNING                 {milestones[0.9]:8.2f} s")
+        print(f"  100% RUNNING                {t_all:8.2f} s")
+        print(f"  virtual nodes RUNNING / s   {total / t_all:8.1f}")
+        print(f"  delete all (to gone)        {delete_s:8.2f} s   ({total / delete_s:.1f} vnodes/s)")
+        print(f"  CPU used over {wall:.1f} s      Master {master_cpu:.1f} s, all Agents {agents_cpu:.1f} s "
+              f"(this machine has {os.cpu_count()} cores)")
+        print(f"  Master peak RSS             {rss_peak:8.1f} MiB (idle with {args.agents} agents: {rss_idle:.1f} MiB)")
+        client.close()
+        return 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

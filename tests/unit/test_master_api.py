@@ -304,3 +304,18 @@ def test_resize_grows_shrinks_and_changes_resources(cluster):
     assert live[0].resources.cpu == 1.0 and live[0].weight == 1.0 and live[0].generation == 2
     with pytest.raises(NoCapacity):
         cluster.resize_service("web", resources=[model.Resources(100.0, 64, 100, 256)])
+
+
+def test_health_and_reflection(master):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    channel = grpc.insecure_channel(master[1])
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="soda.proto.v1.Master"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in next(responses).list_services_response.service}
+        assert "soda.proto.v1.Master" in names and "grpc.health.v1.Health" in names
+    finally:
+        channel.close()

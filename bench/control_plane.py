@@ -8,6 +8,12 @@ create latency, the time until all are deleted again, and the Master's peak
 RSS (VmHWM). Everything is torn down at the end, also on failure.
 
     python bench/control_plane.py [--agents 50] [--vnodes 1000] [--services 20]
+                                  [--agents-per-process 10]
+
+Agents are real soda-agent code talking gRPC to the Master process; several
+share one Python process (`--agents-per-process`) so that 50 interpreters do
+not starve the Master of this machine's CPU. With 1 every Agent is its own
+process, as in production.
 """
 
 from __future__ import annotations
@@ -26,21 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from soda import model  # noqa: E402
 from soda.errors import SodaError  # noqa: E402
 from soda.rpc.client import MasterClient  # noqa: E402
-from tests.support import free_port, make_ext4_image  # noqa: E402
+from tests.support import free_port, make_ext4_image, peak_rss_mib  # noqa: E402
 
 AGENT_CONFIG = """\
+log_level: WARNING
 capacity: {cpu: 64, memory: 65536, bandwidth: 100000, disk: 10000000}
 fake: {boot_seconds: 0.2, stop_seconds: 0.01}
 max_parallel_boots: 8
 """
-
-
-def vm_hwm_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -61,11 +60,39 @@ def count_phase(client: MasterClient, phase: model.Phase) -> int:
     return sum(1 for s in client.list_services() for v in s.vnodes if v.phase == phase)
 
 
+def agent_host(master: str, root: str, config_path: str, names: list[str]) -> int:
+    """Run several Agents in this process until SIGTERM."""
+    import dataclasses
+    import threading
+
+    from soda import config as soda_config
+    from soda.agent.main import build_agent
+    from soda.service import stop_event_on_signals
+
+    stop = stop_event_on_signals()
+    base = soda_config.load(soda_config.AgentConfig, config_path)
+    agents = []
+    for name in names:
+        cfg = dataclasses.replace(base, master=master, name=name, state_dir=os.path.join(root, name),
+                                  hypervisors=("fake",))
+        agent = build_agent(cfg, MasterClient(master), threading.Event())
+        agent.start()
+        agents.append(agent)
+    stop.wait()
+    for agent in agents:
+        agent.stop()
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--agent-host"]:
+        master, root, config_path, *names = sys.argv[2:]
+        return agent_host(master, root, config_path, names)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", type=int, default=50)
     p.add_argument("--vnodes", type=int, default=1000)
     p.add_argument("--services", type=int, default=20)
+    p.add_argument("--agents-per-process", type=int, default=10)
     p.add_argument("--timeout", type=float, default=600)
     args = p.parse_args()
     per_service = args.vnodes // args.services
@@ -97,15 +124,22 @@ def main() -> int:
         with open(config, "w") as f:
             f.write(AGENT_CONFIG)
         t0 = time.monotonic()
-        for i in range(args.agents):
-            spawn(f"agent-{i}", [sys.executable, "-m", "soda.agent.main", "--master", addr, "--name", f"bench-{i}",
-                                 "--state-dir", os.path.join(root, f"agent-{i}"), "--hypervisor", "fake",
-                                 "--config", config, "--log-level", "WARNING"])
+        names = [f"bench-{i}" for i in range(args.agents)]
+        per = max(1, args.agents_per_process)
+        for first in range(0, args.agents, per):
+            group = names[first:first + per]
+            if per == 1:
+                argv = [sys.executable, "-m", "soda.agent.main", "--master", addr, "--name", group[0],
+                        "--state-dir", os.path.join(root, group[0]), "--hypervisor", "fake",
+                        "--config", config, "--log-level", "WARNING"]
+            else:
+                argv = [sys.executable, os.path.abspath(__file__), "--agent-host", addr, root, config, *group]
+            spawn(f"agents-{first}", argv)
         wait_for(lambda: sum(n.state == "READY" for n in client.list_nodes()) == args.agents, 120,
                  "the Agents to register")
         register_s = time.monotonic() - t0
         client.push_image(make_ext4_image(os.path.join(root, "img")), name="bench")
-        rss_idle = vm_hwm_mib(master.pid)
+        rss_idle = peak_rss_mib(master.pid)
 
         create_latencies = []
         t_start = time.monotonic()
@@ -135,13 +169,13 @@ def main() -> int:
             client.delete_service(f"svc-{s}")
         wait_for(lambda: not client.list_services(), args.timeout, "the services to be deleted")
         delete_s = time.monotonic() - t_del
-        rss_peak = vm_hwm_mib(master.pid)
+        rss_peak = peak_rss_mib(master.pid)
         master_cpu = cpu_seconds(master.pid)
         agents_cpu = sum(cpu_seconds(proc.pid) for proc in procs[1:])
         wall = time.monotonic() - t0
 
-        print(f"control plane: {args.agents} Agents (fake driver, processes), {total} virtual nodes "
-              f"in {args.services} services")
+        print(f"control plane: {args.agents} Agents (fake driver, {per} per process), {total} virtual "
+              f"nodes in {args.services} services")
         print(f"  agents registered           {register_s:8.2f} s")
         print(f"  create calls (all)          {t_created:8.2f} s   median {statistics.median(create_latencies)*1000:.1f} ms"
               f"  max {max(create_latencies)*1000:.1f} ms per {per_service}-node service")

@@ -282,14 +282,18 @@ _SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "sw
 _SWITCH_FIELDS = {"listen", "policy"}
 
 
+def _check_fields(kind: str, data: Mapping, known: set[str]) -> None:
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise InvalidSpec(f"unknown {kind} field(s): {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(known))})")
+
+
 def parse_spec(data: Any) -> ServiceSpec:
     """Validate a spec dict (YAML document, flags, or decoded protobuf)."""
     if not isinstance(data, Mapping):
         raise InvalidSpec("a service spec must be a mapping of fields")
-    unknown = sorted(str(k) for k in set(data) - _SPEC_FIELDS)
-    if unknown:
-        raise InvalidSpec(f"unknown spec field(s): {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(_SPEC_FIELDS))})")
+    _check_fields("spec", data, _SPEC_FIELDS)
     name = check_dns_label("service", data.get("name"), SERVICE_NAME_MAX)
     image = check_image_ref(data.get("image"))
     nodes = data.get("nodes", 1)
@@ -311,10 +315,7 @@ def parse_spec(data: Any) -> ServiceSpec:
     switch = data.get("switch") or {}
     if not isinstance(switch, Mapping):
         raise InvalidSpec("switch must be a mapping like {listen: '127.0.0.1:8080'}")
-    unknown = sorted(str(k) for k in set(switch) - _SWITCH_FIELDS)
-    if unknown:
-        raise InvalidSpec(f"unknown switch field(s): {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(_SWITCH_FIELDS))})")
+    _check_fields("switch", switch, _SWITCH_FIELDS)
     policy = switch.get("policy") or DEFAULT_POLICY
     if policy not in POLICIES:
         raise InvalidSpec(f"unknown switch policy {policy!r} (known: {', '.join(POLICIES)})")

@@ -46,3 +46,12 @@ def start_master(state_dir: str, **overrides):
     server = MasterServer(master_config(state_dir, **overrides))
     server.start()
     return server, f"127.0.0.1:{server.port}"
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The kernel's high-water mark of a process's resident memory (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmHWM for pid {pid}")

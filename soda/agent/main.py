@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 
 from soda.agent.agent import Agent, StatusReporter
 from soda.agent.capacity import measure_capacity
@@ -106,6 +107,22 @@ def driver_options(config: AgentConfig, hypervisor: str) -> dict:
     return dataclasses.asdict(section) if section is not None else {}
 
 
+def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event) -> Agent:
+    """An Agent and its collaborators for `config`; raises OSError when the
+    state dir cannot be used."""
+    os.makedirs(config.state_dir, exist_ok=True)
+    guest_drivers = {name: make_driver(name, config.state_dir, **driver_options(config, name))
+                     for name in config.hypervisors}
+    images = ImageCache(os.path.join(config.state_dir, "images"), client)
+    capacity = measure_capacity(config.capacity, config.state_dir)
+    reporter = StatusReporter(client, config.name)
+    reconciler = Reconciler(guest_drivers, reporter, images,
+                            max_parallel_boots=config.max_parallel_boots,
+                            interval=config.reconcile_seconds)
+    return Agent(client, reconciler, reporter, config.name, config.address, capacity,
+                 config.hypervisors, stop=stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)          # exits 2 on a usage error
     try:
@@ -117,24 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_event_on_signals()
     client = MasterClient(config.master)
     try:
-        os.makedirs(config.state_dir, exist_ok=True)
-        guest_drivers = {name: make_driver(name, config.state_dir, **driver_options(config, name))
-                         for name in config.hypervisors}
-        images = ImageCache(os.path.join(config.state_dir, "images"), client)
-        capacity = measure_capacity(config.capacity, config.state_dir)
+        agent = build_agent(config, client, stop)
     except OSError as exc:
         print(f"soda-agent: cannot use state dir {config.state_dir}: {exc.strerror or exc}",
               file=sys.stderr)
         client.close()
         return EXIT_FAILURE
-    reporter = StatusReporter(client, config.name)
-    reconciler = Reconciler(guest_drivers, reporter, images,
-                            max_parallel_boots=config.max_parallel_boots,
-                            interval=config.reconcile_seconds)
-    agent = Agent(client, reconciler, reporter, config.name, config.address, capacity,
-                  config.hypervisors, stop=stop)
     log.info("agent %s starting: master %s, hypervisors %s, capacity %s, state dir %s",
-             config.name, config.master, ",".join(config.hypervisors), capacity.as_dict(),
+             config.name, config.master, ",".join(config.hypervisors), agent.capacity.as_dict(),
              config.state_dir)
     agent.start()
     # Ready once the loops run: guests are adopted and looked after even

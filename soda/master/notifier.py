@@ -11,30 +11,47 @@ import threading
 
 
 class Notifier:
+    """Each waiter sleeps on its own Event filed under its topic, so a
+    publish wakes only the watchers of the topics it names (one Condition
+    for all would wake every Agent's stream on every status report)."""
+
     def __init__(self):
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._revision = 0
         self._topics: dict[str, int] = {}
+        self._waiters: dict[str, set[threading.Event]] = {}
         self._closed = False
 
     def publish(self, *topics: str) -> None:
         if not topics:
             return
-        with self._cond:
+        with self._lock:
             self._revision += 1
             for topic in topics:
                 self._topics[topic] = self._revision
-            self._cond.notify_all()
+                for event in self._waiters.pop(topic, ()):
+                    event.set()
 
     def revision(self, topic: str) -> int:
-        with self._cond:
+        with self._lock:
             return self._topics.get(topic, 0)
 
     def wait(self, topic: str, seen: int, timeout: float) -> int:
         """Block until `topic` moves past `seen`, the timeout passes, or the
         notifier closes; return the topic's revision."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._closed or self._topics.get(topic, 0) > seen, timeout)
+        with self._lock:
+            revision = self._topics.get(topic, 0)
+            if revision > seen or self._closed:
+                return revision
+            event = threading.Event()
+            self._waiters.setdefault(topic, set()).add(event)
+        event.wait(timeout)
+        with self._lock:
+            waiters = self._waiters.get(topic)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[topic]
             return self._topics.get(topic, 0)
 
     @property
@@ -42,6 +59,9 @@ class Notifier:
         return self._closed
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            for waiters in self._waiters.values():
+                for event in waiters:
+                    event.set()
+            self._waiters.clear()

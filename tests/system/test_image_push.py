@@ -4,17 +4,9 @@ holding it in memory."""
 import os
 
 from soda.rpc.client import MasterClient
-from tests.support import make_ext4_image
+from tests.support import make_ext4_image, peak_rss_mib
 
 MIB = 1 << 20
-
-
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM in /proc status")
 
 
 def test_big_push_keeps_master_memory_bounded(cluster, tmp_path):

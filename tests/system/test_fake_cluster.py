@@ -110,3 +110,36 @@ def test_master_kill_9_and_restart_loses_nothing_and_starts_nothing_twice(three_
     c.ctl("service", "create", "after", "--image", "img", "--nodes", "3", "--cpu", "0.1", "--wait", timeout=60)
     counts = start_counts(c)
     assert len(counts) == 9 and set(counts.values()) == {1}, f"a virtual node was started twice: {counts}"
+
+
+def test_agent_kill_9_and_restart_adopts_its_guests(three_nodes):
+    c = three_nodes
+    c.ctl("service", "create", "web", "--image", "img", "--nodes", "3", "--cpu", "0.5", "--wait", timeout=60)
+    before = running_guests(c, "node-a")
+    assert before
+    c.kill("node-a", signal.SIGKILL)
+    c.start_agent("node-a")
+    # The restarted Agent reports its guests RUNNING again without starting them.
+    wait_until(lambda: all(v["phase"] == "RUNNING" for v in c.json("service", "get", "web")["vnodes"]), 30,
+               what="phases after the Agent restart")
+    assert running_guests(c, "node-a") == before
+    assert set(start_counts(c).values()) == {1}
+
+
+def test_lost_node_virtual_nodes_move(cluster, tmp_path):
+    cluster.start_master("--node-lost-seconds", "2")
+    for name in NODES:
+        cluster.start_agent(name)
+    wait_until(lambda: len(cluster.ready_nodes()) == 3, 30, what="3 Agents to register")
+    cluster.ctl("image", "push", make_ext4_image(str(tmp_path / "img")), "--name", "img")
+    cluster.ctl("service", "create", "web", "--image", "img", "--nodes", "3", "--cpu", "0.5", "--wait", timeout=60)
+    cluster.kill("node-c", signal.SIGKILL)
+    wait_until(lambda: "node-c" not in cluster.ready_nodes(), 30, what="node-c to be marked LOST")
+
+    def moved_and_running():
+        vnodes = cluster.json("service", "get", "web")["vnodes"]
+        return all(v["node"] in ("node-a", "node-b") and v["phase"] == "RUNNING" for v in vnodes)
+    wait_until(moved_and_running, 30, what="virtual nodes of node-c to run elsewhere")
+    assert {n["name"]: n["state"] for n in cluster.json("node", "list")}["node-c"] == "LOST"
+    placed = running_guests(cluster, "node-a") | running_guests(cluster, "node-b")
+    assert placed == {"web-0", "web-1", "web-2"}

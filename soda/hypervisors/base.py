@@ -47,6 +47,11 @@ class GuestSpec:
     # Persisted by the driver and echoed in GuestInfo so that a restarted
     # Agent can tell whether an adopted guest still matches the desired spec.
     generation: int = 0
+    # Set by the Agent for real guests (the fake driver ignores them):
+    tap: str = ""                    # TAP device, already created and on the bridge
+    netns: str = ""                  # network namespace the TAP lives in ("" = the host's)
+    cgroups: tuple[str, ...] = ()    # cgroup directories (one per controller) made by the Daemon
+    init: str = "/sbin/init"         # the image's init program
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol
 
+from soda.agent.plumbing import GuestPlumbing
 from soda.errors import SodaError, WrongState
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
@@ -67,7 +68,8 @@ class Reconciler:
                  clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 4,
                  interval: float = 1.0, stop_timeout: float = 30.0, boot_timeout: float = 300.0,
                  restart_backoff: float = 1.0, restart_backoff_max: float = 60.0,
-                 backoff_reset_seconds: float = 60.0, ready_poll: float = 0.05):
+                 backoff_reset_seconds: float = 60.0, ready_poll: float = 0.05,
+                 plumbing: GuestPlumbing | None = None):
         if not drivers:
             raise ValueError("a reconciler needs at least one hypervisor driver")
         if max_parallel_boots < 1:
@@ -75,6 +77,7 @@ class Reconciler:
         self._drivers = dict(drivers)
         self._reporter = reporter
         self._images = images
+        self._plumbing = plumbing or GuestPlumbing()
         self._clock = clock
         self._interval = interval
         self._stop_timeout = stop_timeout
@@ -297,8 +300,15 @@ class Reconciler:
         self._set(name, Phase.BOOTING, "", generation)
         began = self._clock()
         try:
-            driver.start(self._guest_spec(want, path, driver_name))
+            if driver.info(name) is not None:
+                # A guest that died: clear what is left of it (stray helper
+                # processes, its fence) so that it boots afresh.
+                driver.stop(name, self._stop_timeout)
+                self._plumbing.release(name, driver_name)
+            extras = self._plumbing.prepare(want, driver_name)
+            driver.start(self._guest_spec(want, path, driver_name, **extras))
         except (SodaError, OSError) as exc:
+            self._release(name, driver_name)
             self._fail(name, f"starting: {exc}", generation)
             return
         try:
@@ -310,6 +320,7 @@ class Reconciler:
                 if self._clock() - began > self._boot_timeout:
                     # Stopped so that the retry boots it afresh.
                     driver.stop(name, self._stop_timeout)
+                    self._release(name, driver_name)
                     raise SodaError(f"guest not ready {self._boot_timeout:g}s after start")
                 if self._closing.wait(self._ready_poll) or not self._still_wanted(want):
                     return      # the loop (or a restarted Agent) takes over from here
@@ -326,6 +337,7 @@ class Reconciler:
         self._set(name, Phase.STOPPING, "", generation)
         try:
             self._drivers[driver_name].stop(name, self._stop_timeout)
+            self._plumbing.release(name, driver_name)
         except (SodaError, OSError) as exc:
             self._fail(name, f"stopping: {exc}", generation, action="stop")
             return
@@ -362,12 +374,21 @@ class Reconciler:
         return (retry is not None and retry.action == action and now < retry.retry_at
                 and current is not None and current.phase == Phase.FAILED)
 
-    def _guest_spec(self, want: VirtualNode, image_path: str, driver_name: str) -> GuestSpec:
+    def _guest_spec(self, want: VirtualNode, image_path: str, driver_name: str,
+                    **plumbing) -> GuestSpec:
         return GuestSpec(name=want.name, service=want.service, image_path=image_path,
                          image_digest=want.image_digest, resources=want.resources,
                          address=want.address, prefix_length=want.prefix_length,
                          gateway=want.gateway, port=want.port, hypervisor=driver_name,
-                         generation=want.generation)
+                         generation=want.generation, **plumbing)
+
+    def _release(self, name: str, driver_name: str) -> None:
+        """Undo the plumbing of a guest that did not come up; a failure here
+        is logged, since the start failure is what gets reported."""
+        try:
+            self._plumbing.release(name, driver_name)
+        except (SodaError, OSError) as exc:
+            log.warning("releasing %s after a failed start: %s", name, exc)
 
     def _record(self, name: str, phase: Phase, reason: str, generation: int,
                 boot_seconds: float | None = None) -> None:

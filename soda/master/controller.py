@@ -107,7 +107,9 @@ class Controller:
                 taken[target] = {v.address for v in self.store.list_vnodes(node=target)}
                 taken[target].add(nodes[target].gateway)
             network = ipaddress.ip_network(nodes[target].subnet)
-            for host in network.hosts():
+            hosts = list(network.hosts())
+            # The last address belongs to the node's uplink (see soda.agent.network).
+            for host in hosts[:-1]:
                 if str(host) not in taken[target]:
                     taken[target].add(str(host))
                     out.append(str(host))

@@ -392,3 +392,51 @@ def test_a_failed_stop_is_reported_and_retried_after_a_backoff(tmp_path, image):
     s.converge()
     assert s.driver.list() == {} and s.rec.statuses() == []
     s.rec.close()
+
+
+class RecordingPlumbing:
+    """Prepares like NodePlumbing would for any hypervisor, and records calls."""
+
+    def __init__(self, fail_prepare=None):
+        self.calls = []
+        self.fail_prepare = fail_prepare
+
+    def prepare(self, want, hypervisor):
+        self.calls.append(("prepare", want.name))
+        if self.fail_prepare:
+            raise self.fail_prepare
+        return {"tap": f"st-{want.name}", "netns": "ns1", "cgroups": (f"/cg/{want.name}",)}
+
+    def release(self, name, hypervisor):
+        self.calls.append(("release", name))
+
+
+def test_plumbing_wraps_the_guest_lifecycle(tmp_path, image):
+    driver = FakeDriver(str(tmp_path / "state"), boot_seconds=0)
+    plumbing = RecordingPlumbing()
+    rec = Reconciler({"fake": driver}, RecordingReporter(), FakeImages(image), plumbing=plumbing)
+    rec.replace_desired([vnode("web-0")])
+    rec.reconcile_once()
+    wait_for(lambda: driver.is_ready("web-0"))
+    spec = driver._load("web-0")["spec"]
+    assert (spec["tap"], spec["netns"], spec["cgroups"]) == ("st-web-0", "ns1", ["/cg/web-0"])
+    rec.remove_desired(["web-0"])
+    rec.reconcile_once()
+    wait_for(lambda: ("release", "web-0") in plumbing.calls)
+    assert plumbing.calls == [("prepare", "web-0"), ("release", "web-0")]
+    rec.close()
+
+
+def test_failed_plumbing_is_undone_and_reported(tmp_path, image):
+    from soda.errors import SodaError
+    driver = FakeDriver(str(tmp_path / "state"), boot_seconds=0)
+    plumbing = RecordingPlumbing(fail_prepare=SodaError("no such bridge"))
+    reporter = RecordingReporter()
+    rec = Reconciler({"fake": driver}, reporter, FakeImages(image), plumbing=plumbing)
+    rec.replace_desired([vnode("web-0")])
+    rec.reconcile_once()
+    wait_for(lambda: P.FAILED in reporter.phases("web-0"))
+    assert "no such bridge" in reporter.last("web-0").reason
+    assert plumbing.calls == [("prepare", "web-0"), ("release", "web-0")]
+    assert driver.list() == {}
+    rec.close()

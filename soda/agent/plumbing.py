@@ -1,0 +1,67 @@
+"""What a real guest needs around its hypervisor process: a TAP on the node
+bridge and the Daemon's fence (cgroups, tc). Prepared before a guest starts,
+released after it stops, so that nothing outlives a virtual node.
+
+The reconciler calls `prepare` and `release`; this module owns the order
+(TAP first, since the Daemon shapes it; release in reverse) and the undo of
+a half-done prepare. The fake driver gets no plumbing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from soda.agent.network import NodeNetwork
+from soda.errors import SodaError
+from soda.model import VirtualNode
+
+log = logging.getLogger(__name__)
+
+# Hypervisors whose guests are real processes with a network device.
+REAL_HYPERVISORS = ("uml", "qemu")
+
+
+class Fence(Protocol):
+    """The Daemon as the Agent sees it (soda.rpc.daemon_client.DaemonClient)."""
+    def apply_limits(self, name: str, resources, hypervisor: str, tap: str) -> list[str]: ...
+    def release_limits(self, name: str) -> None: ...
+
+
+class GuestPlumbing:
+    """No plumbing at all: what the fake driver gets, and unit tests."""
+
+    def prepare(self, want: VirtualNode, hypervisor: str) -> dict:
+        return {}
+
+    def release(self, name: str, hypervisor: str) -> None:
+        return None
+
+
+class NodePlumbing(GuestPlumbing):
+    def __init__(self, network: NodeNetwork, fence: Fence | None):
+        self.network = network
+        self.fence = fence
+
+    def prepare(self, want: VirtualNode, hypervisor: str) -> dict:
+        """TAP, then limits; returns the GuestSpec fields they fill in.
+        Idempotent: preparing an adopted guest again changes nothing."""
+        if hypervisor not in REAL_HYPERVISORS:
+            return {}
+        try:
+            tap = self.network.ensure_tap(want.name)
+            cgroups = (self.fence.apply_limits(want.name, want.resources, hypervisor, tap)
+                       if self.fence is not None else [])
+        except SodaError:
+            self.release(want.name, hypervisor)
+            raise
+        return {"tap": tap, "netns": self.network.netns, "cgroups": tuple(cgroups)}
+
+    def release(self, name: str, hypervisor: str) -> None:
+        if hypervisor not in REAL_HYPERVISORS:
+            return
+        # Limits first: the Daemon kills what is left in the cgroups and
+        # removes the qdiscs that sit on the TAP.
+        if self.fence is not None:
+            self.fence.release_limits(name)
+        self.network.remove_tap(name)

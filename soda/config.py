@@ -49,6 +49,11 @@ class FakeDriverConfig:
 
 
 @dataclass(frozen=True)
+class UmlDriverConfig:
+    kernel: str = "/usr/bin/linux.uml"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     master: str = "127.0.0.1:7070"
     name: str = ""                     # default: the host name
@@ -57,6 +62,13 @@ class AgentConfig:
     hypervisors: tuple[str, ...] = ("fake",)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     fake: FakeDriverConfig = field(default_factory=FakeDriverConfig)
+    uml: UmlDriverConfig = field(default_factory=UmlDriverConfig)
+    # Guest networking: the bridge, and the namespace that holds it ("" =
+    # the host's own; tests and the demo give each node its own).
+    bridge: str = "soda0"
+    netns: str = ""
+    # The local SODA Daemon that fences real guests ("" = none: only for fake).
+    daemon_socket: str = "/run/soda/daemon.sock"
     max_parallel_boots: int = 4
     reconcile_seconds: float = 1.0
     log_level: str = "INFO"

@@ -125,7 +125,8 @@ class Agent:
     def __init__(self, client, reconciler, reporter: StatusReporter, name: str, address: str,
                  capacity: Resources, hypervisors: Iterable[str],
                  stop: threading.Event | None = None, backoff: Backoff | None = None,
-                 heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS):
+                 heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
+                 on_registered: Callable[[Node], None] | None = None):
         self._client = client
         self._reconciler = reconciler
         self._reporter = reporter
@@ -138,6 +139,9 @@ class Agent:
         self._stop = stop or threading.Event()
         self._backoff = backoff or Backoff()
         self._heartbeat_seconds = heartbeat_seconds
+        # Node set-up that needs what the Master hands out (the subnet):
+        # runs after every registration, before any assignment is applied.
+        self._on_registered = on_registered
         self._heartbeat_now = threading.Event()
         self._registered = threading.Event()
         self._register_lock = threading.Lock()
@@ -237,6 +241,8 @@ class Agent:
         with self._register_lock:
             node = self._client.register_node(self.name, self.address, self.capacity,
                                               self.hypervisors)
+            if self._on_registered is not None:
+                self._on_registered(node)
             self.node = node
             self.registrations += 1
         log.info("registered with the Master as %s (subnet %s, gateway %s)",

@@ -20,9 +20,11 @@ import threading
 from soda.agent.agent import Agent, StatusReporter
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
+from soda.agent.network import NodeNetwork
+from soda.agent.plumbing import REAL_HYPERVISORS, GuestPlumbing, NodePlumbing
 from soda.agent.reconciler import Reconciler
 from soda.config import AgentConfig, load, with_overrides
-from soda.errors import InvalidSpec
+from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import drivers, make_driver
 from soda.model import NODE_NAME_MAX, check_dns_label
 from soda.rpc.client import MasterClient
@@ -57,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hypervisor", action="append", type=_hypervisor_names, metavar="NAME[,NAME]",
                         help=f"hypervisor driver(s) to offer, repeatable "
                              f"(choices: {', '.join(sorted(drivers()))})")
+    parser.add_argument("--netns", metavar="NAME",
+                        help="network namespace for the bridge and TAPs (made if missing)")
+    parser.add_argument("--daemon-socket", metavar="PATH",
+                        help="Unix socket of the local soda-daemon ('' = no limits)")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
     return parser.parse_args(argv)
@@ -74,6 +80,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         hypervisors = tuple(dict.fromkeys(n for names in args.hypervisor for n in names))
     config = with_overrides(config, master=args.master, name=args.name, address=args.address,
                             state_dir=args.state_dir, hypervisors=hypervisors,
+                            netns=args.netns, daemon_socket=args.daemon_socket,
                             log_level=args.log_level)
     return check_config(config)
 
@@ -102,12 +109,33 @@ def check_config(config: AgentConfig) -> AgentConfig:
 
 def driver_options(config: AgentConfig, hypervisor: str) -> dict:
     """The config section of one driver, as keyword arguments."""
-    sections = {"fake": config.fake}
+    sections = {"fake": config.fake, "uml": config.uml}
     section = sections.get(hypervisor)
     return dataclasses.asdict(section) if section is not None else {}
 
 
-def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event) -> Agent:
+def build_network(config: AgentConfig) -> NodeNetwork | None:
+    """Guest networking, for nodes that run real guests. Made before any
+    gRPC channel: pyroute2 forks to enter a network namespace."""
+    if not any(h in REAL_HYPERVISORS for h in config.hypervisors):
+        return None
+    return NodeNetwork(netns=config.netns, bridge=config.bridge)
+
+
+def build_plumbing(config: AgentConfig, network: NodeNetwork | None) -> GuestPlumbing:
+    if network is None:
+        return GuestPlumbing()
+    fence = None
+    if config.daemon_socket:
+        from soda.rpc.daemon_client import DaemonClient
+        fence = DaemonClient(config.daemon_socket)
+    else:
+        log.warning("no daemon_socket configured: real guests run without limits")
+    return NodePlumbing(network, fence)
+
+
+def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event,
+                network: NodeNetwork | None = None) -> Agent:
     """An Agent and its collaborators for `config`; raises OSError when the
     state dir cannot be used."""
     os.makedirs(config.state_dir, exist_ok=True)
@@ -118,9 +146,11 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
     reporter = StatusReporter(client, config.name)
     reconciler = Reconciler(guest_drivers, reporter, images,
                             max_parallel_boots=config.max_parallel_boots,
-                            interval=config.reconcile_seconds)
+                            interval=config.reconcile_seconds,
+                            plumbing=build_plumbing(config, network))
+    on_registered = (lambda node: network.configure(node.subnet, node.gateway)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity,
-                 config.hypervisors, stop=stop)
+                 config.hypervisors, stop=stop, on_registered=on_registered)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     setup_logging(config.log_level, "soda-agent")
     stop = stop_event_on_signals()
+    try:
+        network = build_network(config)
+    except (SodaError, OSError) as exc:
+        print(f"soda-agent: cannot set up guest networking: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     client = MasterClient(config.master)
     try:
-        agent = build_agent(config, client, stop)
+        agent = build_agent(config, client, stop, network)
     except OSError as exc:
         print(f"soda-agent: cannot use state dir {config.state_dir}: {exc.strerror or exc}",
               file=sys.stderr)

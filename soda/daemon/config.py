@@ -1,0 +1,40 @@
+"""The SODA Daemon's configuration: one frozen dataclass with its defaults.
+
+Loaded from YAML in `soda.daemon.main` with soda.config's `load` and
+`with_overrides` (unknown keys are an error). Nothing here reads files or
+touches the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class HeadroomConfig:
+    """MiB added above the guest's memory for the hypervisor process itself:
+    UML's kernel threads and page tables, QEMU's device model and TCG cache."""
+    uml: int = 32
+    qemu: int = 160
+    fake: int = 0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str = "/run/soda/daemon.sock"
+    # Every virtual node's cgroup is <cgroup_root>/<controller>/<cgroup_parent>/<vnode>
+    # (v1); a Daemon finds its virtual nodes again by listing cgroup_parent.
+    cgroup_parent: str = "soda"
+    cgroup_root: str = "/sys/fs/cgroup"
+    # Network namespace the TAPs live in; "" = the Daemon's own.
+    netns: str = ""
+    headroom: HeadroomConfig = field(default_factory=HeadroomConfig)
+    pids_max: int = 512
+    cpu_period_us: int = 100_000
+    # HTB burst: this much time at the shaped rate, and at least burst_min_bytes.
+    burst_ms: float = 10.0
+    burst_min_bytes: int = 32 * 1024
+    # How long ReleaseLimits keeps killing before it gives up.
+    kill_timeout_seconds: float = 10.0
+    max_workers: int = 8
+    log_level: str = "INFO"

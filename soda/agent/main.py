@@ -28,6 +28,7 @@ from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import drivers, make_driver
 from soda.model import NODE_NAME_MAX, check_dns_label
 from soda.rpc.client import MasterClient
+from soda.rpc.daemon_client import DaemonClient
 from soda.service import sd_notify, setup_logging, stop_event_on_signals
 
 log = logging.getLogger("soda.agent")
@@ -125,13 +126,12 @@ def build_network(config: AgentConfig) -> NodeNetwork | None:
 def build_plumbing(config: AgentConfig, network: NodeNetwork | None) -> GuestPlumbing:
     if network is None:
         return GuestPlumbing()
-    fence = None
+    daemon = None
     if config.daemon_socket:
-        from soda.rpc.daemon_client import DaemonClient
-        fence = DaemonClient(config.daemon_socket)
+        daemon = DaemonClient(config.daemon_socket)
     else:
         log.warning("no daemon_socket configured: real guests run without limits")
-    return NodePlumbing(network, fence)
+    return NodePlumbing(network, daemon)
 
 
 def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event,

@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 REAL_HYPERVISORS = ("uml", "qemu")
 
 
-class Fence(Protocol):
-    """The Daemon as the Agent sees it (soda.rpc.daemon_client.DaemonClient)."""
-    def apply_limits(self, name: str, resources, hypervisor: str, tap: str) -> list[str]: ...
-    def release_limits(self, name: str) -> None: ...
+class Daemon(Protocol):
+    """The Daemon as the Agent sees it (soda.rpc.daemon_client.DaemonClient):
+    apply_limits returns the fence, whose `cgroups` the guest must join."""
+    def apply_limits(self, name: str, resources, hypervisor: str, tap: str): ...
+    def release_limits(self, name: str): ...
 
 
 class GuestPlumbing:
@@ -39,9 +40,9 @@ class GuestPlumbing:
 
 
 class NodePlumbing(GuestPlumbing):
-    def __init__(self, network: NodeNetwork, fence: Fence | None):
+    def __init__(self, network: NodeNetwork, daemon: Daemon | None):
         self.network = network
-        self.fence = fence
+        self.daemon = daemon
 
     def prepare(self, want: VirtualNode, hypervisor: str) -> dict:
         """TAP, then limits; returns the GuestSpec fields they fill in.
@@ -50,8 +51,8 @@ class NodePlumbing(GuestPlumbing):
             return {}
         try:
             tap = self.network.ensure_tap(want.name)
-            cgroups = (self.fence.apply_limits(want.name, want.resources, hypervisor, tap)
-                       if self.fence is not None else [])
+            cgroups = (self.daemon.apply_limits(want.name, want.resources, hypervisor, tap).cgroups
+                       if self.daemon is not None else ())
         except SodaError:
             self.release(want.name, hypervisor)
             raise
@@ -62,6 +63,6 @@ class NodePlumbing(GuestPlumbing):
             return
         # Limits first: the Daemon kills what is left in the cgroups and
         # removes the qdiscs that sit on the TAP.
-        if self.fence is not None:
-            self.fence.release_limits(name)
+        if self.daemon is not None:
+            self.daemon.release_limits(name)
         self.network.remove_tap(name)

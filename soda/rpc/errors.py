@@ -47,14 +47,14 @@ def status_code(exc: errors.SodaError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def from_rpc_error(exc: grpc.RpcError, target: str = "") -> errors.SodaError:
+def from_rpc_error(exc: grpc.RpcError, target: str = "", peer: str = "SODA Master") -> errors.SodaError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
         where = f" at {target}" if target else ""
-        return errors.Unavailable(f"cannot reach the SODA Master{where}: {detail or 'unavailable'}")
+        return errors.Unavailable(f"cannot reach the {peer}{where}: {detail or 'unavailable'}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return errors.TemporaryError(f"the SODA Master did not answer in time{f' ({target})' if target else ''}")
+        return errors.TemporaryError(f"the {peer} did not answer in time{f' ({target})' if target else ''}")
     cls = _FROM_CODE.get(code, errors.SodaError)
     return cls(detail or code.name.lower())
 
@@ -71,7 +71,7 @@ def handle_errors(method):
     def unexpected(context, exc):
         log.exception("internal error in %s", method.__name__)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: "
-                      f"{type(exc).__name__} (see the Master's log)")
+                      f"{type(exc).__name__} (see the server's log)")
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)

@@ -8,7 +8,11 @@ from soda.errors import InvalidSpec
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("cls, name", [(config.MasterConfig, "master.yaml"), (config.AgentConfig, "agent.yaml")])
+from soda.daemon.config import DaemonConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("cls, name", [(config.MasterConfig, "master.yaml"), (config.AgentConfig, "agent.yaml"),
+                                       (DaemonConfig, "daemon.yaml")])
 def test_shipped_configs_hold_the_defaults(cls, name):
     assert config.load(cls, os.path.join(TOP, "etc", "soda", name)) == cls()
 

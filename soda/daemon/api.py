@@ -1,0 +1,56 @@
+"""The Daemon's gRPC servicer: decode, call the LimitManager, encode.
+
+No checks, values or kernel work here; SodaErrors become gRPC status codes
+through soda.rpc.errors.handle_errors.
+"""
+
+from __future__ import annotations
+
+from soda.daemon.limits import Fence, LimitManager
+from soda.proto.v1 import daemon_pb2 as pb
+from soda.proto.v1 import daemon_pb2_grpc as pb_grpc
+from soda.rpc import convert
+from soda.rpc.errors import handle_errors
+
+
+def fence_to_pb(f: Fence) -> pb.Fence:
+    lim = f.limits
+    return pb.Fence(
+        name=f.name, cgroups=list(f.cgroups), cgroup_version=f.cgroup_version, tap=f.tap,
+        ifb=f.ifb,
+        limits=pb.Limits(cpu_shares=lim.cpu_shares, cpu_quota_us=lim.cpu_quota_us,
+                         cpu_period_us=lim.cpu_period_us, memory_bytes=lim.memory_bytes,
+                         pids_max=lim.pids_max, rate_bit=lim.rate_bit,
+                         burst_bytes=lim.burst_bytes))
+
+
+class DaemonServicer(pb_grpc.DaemonServicer):
+    def __init__(self, manager: LimitManager):
+        self.manager = manager
+
+    @handle_errors
+    def ApplyLimits(self, request, context):
+        fence = self.manager.apply(request.name, convert.resources_from_pb(request.resources),
+                                   request.hypervisor, request.tap, request.cpu_cap)
+        return fence_to_pb(fence)
+
+    @handle_errors
+    def ReleaseLimits(self, request, context):
+        done = self.manager.release(request.name)
+        return pb.ReleaseLimitsResponse(name=done.name, existed=done.existed, killed=done.killed)
+
+    @handle_errors
+    def GetUsage(self, request, context):
+        u = self.manager.usage(request.name)
+        c, t = u.cgroup, u.traffic
+        return pb.Usage(
+            name=u.name, cpu_seconds=c.cpu_seconds, cpu_throttled_seconds=c.cpu_throttled_seconds,
+            memory_bytes=c.memory_bytes, memory_peak_bytes=c.memory_peak_bytes,
+            memory_limit_bytes=c.memory_limit_bytes, memory_failcnt=c.memory_failcnt,
+            oom_kills=c.oom_kills, pids=c.pids,
+            bytes_to_guest=t.bytes_to_guest, bytes_from_guest=t.bytes_from_guest,
+            drops_to_guest=t.drops_to_guest, drops_from_guest=t.drops_from_guest)
+
+    @handle_errors
+    def ListVnodes(self, request, context):
+        return pb.ListVnodesResponse(vnodes=[fence_to_pb(f) for f in self.manager.list()])

@@ -1,0 +1,84 @@
+"""The pure rule from a virtual node's resources to concrete kernel values.
+
+`plan(resources, hypervisor, cpu_cap, config)` returns the cpu.shares,
+CFS quota, memory limit, pids limit and HTB rate that fence one virtual node.
+It checks the request again (the Master already did; the node must not trust
+it blindly) and does no I/O: cgroups.py and tc.py write what it decides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from soda import model
+from soda.daemon.config import DaemonConfig
+from soda.errors import InvalidSpec
+
+MIB = 1 << 20
+# cpu.shares per core: the kernel's default weight of one task group.
+SHARES_PER_CORE = 1024
+# The kernel's bounds for cpu.shares (MIN_SHARES, MAX_SHARES) and the
+# smallest CFS quota it accepts (1 ms).
+MIN_SHARES = 2
+MAX_SHARES = 1 << 18
+MIN_QUOTA_US = 1000
+NO_QUOTA = -1
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_shares: int
+    cpu_quota_us: int        # NO_QUOTA = not capped
+    cpu_period_us: int
+    memory_bytes: int
+    pids_max: int            # 0 = unlimited
+    rate_bit: int            # bit/s each way; 0 = not shaped
+    burst_bytes: int         # 0 when not shaped
+
+
+def headroom_mib(hypervisor: str, cfg: DaemonConfig) -> int:
+    if hypervisor not in model.HYPERVISOR_NAMES:
+        raise InvalidSpec(f"unknown hypervisor {hypervisor!r} "
+                          f"(known: {', '.join(model.HYPERVISOR_NAMES)})")
+    return getattr(cfg.headroom, hypervisor)
+
+
+def _check(resources: model.Resources) -> None:
+    lo, hi = model.RESOURCE_BOUNDS["cpu"]
+    if not isinstance(resources.cpu, (int, float)) or not math.isfinite(resources.cpu) \
+            or not lo <= resources.cpu <= hi:
+        raise InvalidSpec(f"cpu must be between {lo} and {hi} cores, got {resources.cpu}")
+    lo, hi = model.RESOURCE_BOUNDS["memory"]
+    if not lo <= resources.memory <= hi:
+        raise InvalidSpec(f"memory must be between {lo} and {hi} MiB, got {resources.memory}")
+    lo, hi = model.RESOURCE_BOUNDS["bandwidth"]
+    if resources.bandwidth != 0 and not lo <= resources.bandwidth <= hi:
+        raise InvalidSpec(f"bandwidth must be 0 (not shaped) or between {lo} and {hi} Mbit/s, "
+                          f"got {resources.bandwidth}")
+
+
+def burst_bytes(rate_bit: int, cfg: DaemonConfig) -> int:
+    """Enough bytes for `burst_ms` at full rate: HTB refills tokens on timer
+    ticks, and a bucket smaller than one tick's worth caps the rate below
+    what was asked."""
+    if rate_bit <= 0:
+        return 0
+    return max(cfg.burst_min_bytes, int(rate_bit / 8 * cfg.burst_ms / 1000))
+
+
+def plan(resources: model.Resources, hypervisor: str, cpu_cap: bool, cfg: DaemonConfig) -> Limits:
+    _check(resources)
+    extra = headroom_mib(hypervisor, cfg)
+    shares = min(MAX_SHARES, max(MIN_SHARES, round(SHARES_PER_CORE * resources.cpu)))
+    quota = max(MIN_QUOTA_US, round(resources.cpu * cfg.cpu_period_us)) if cpu_cap else NO_QUOTA
+    rate = resources.bandwidth * 1_000_000
+    return Limits(
+        cpu_shares=shares,
+        cpu_quota_us=quota,
+        cpu_period_us=cfg.cpu_period_us,
+        memory_bytes=(resources.memory + extra) * MIB,
+        pids_max=cfg.pids_max,
+        rate_bit=rate,
+        burst_bytes=burst_bytes(rate, cfg),
+    )

@@ -1,0 +1,389 @@
+"""Traffic shaping of a virtual node's TAP, both ways, with pyroute2.
+
+Owns the qdiscs on a TAP and the IFB that carries its inbound traffic:
+
+    to the guest:   TAP egress   root HTB 1: (default 1:10), class 1:10
+    from the guest: TAP ingress  ffff: + u32 match-all -> mirred redirect
+                                 to the IFB; IFB egress root HTB 1:, class 1:10
+
+The IFB's name is derived from the virtual node (and the Daemon's scope, its
+cgroup parent), and its alias records the virtual node and its TAP, so a
+restarted Daemon finds and releases everything from the kernel alone.
+
+This is the only Daemon module that imports pyroute2. It must never delete
+the TAP (the Agent owns it). Netlink errors are matched by errno.
+
+pyroute2 keeps one netlink socket and asyncio loop per thread and forks to
+enter a network namespace, and a gRPC server must not fork once started: so
+every netlink call runs on one thread (`NetlinkThread`) whose socket is
+opened before the server starts.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pyroute2 import IPRoute, protocols
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import TC_H_INGRESS, TC_H_ROOT
+from pyroute2.netlink.rtnl.tcmsg.common import TIME_UNITS_PER_SEC, tick_in_usec
+
+from soda import errors
+
+log = logging.getLogger(__name__)
+
+IFNAMSIZ = 15                     # usable characters of a Linux link name
+IFB_PREFIX = "ifb-"
+ALIAS_TAG = "soda-daemon"
+HTB_ROOT = 0x10000                # 1:
+HTB_CLASS = 0x10010               # 1:10
+HTB_DEFAULT = 0x10                # unclassified traffic goes to 1:10
+INGRESS = 0xFFFF0000              # ffff:
+FILTER_PRIO = 10
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """What the kernel has for one virtual node."""
+    tap: str                      # "" if the TAP is gone
+    ifb: str
+    rate_bit: int = 0             # of the TAP's class 1:10 (or the IFB's if the TAP is gone)
+    burst_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TrafficCounters:
+    bytes_to_guest: int = 0
+    bytes_from_guest: int = 0
+    drops_to_guest: int = 0
+    drops_from_guest: int = 0
+
+
+def ifb_name(scope: str, vnode: str) -> str:
+    """A stable link name within IFNAMSIZ; the scope keeps two Daemons (or
+    a test's Daemon) with the same virtual node names apart."""
+    digest = hashlib.sha256(f"{scope}/{vnode}".encode()).hexdigest()
+    return IFB_PREFIX + digest[:IFNAMSIZ - len(IFB_PREFIX) - 1]
+
+
+def check_link_name(name: str) -> str:
+    if (not isinstance(name, str) or not name or len(name) > IFNAMSIZ or name in (".", "..")
+            or any(c in name for c in "/:") or any(c.isspace() for c in name)):
+        raise errors.InvalidSpec(f"invalid TAP name {name!r}: at most {IFNAMSIZ} characters, "
+                                 "no '/', ':' or spaces")
+    return name
+
+
+def netlink_error(exc: NetlinkError, what: str) -> errors.SodaError:
+    code = exc.code
+    detail = f"{what}: {errno.errorcode.get(code, code)} ({exc.args[1] if len(exc.args) > 1 else exc})"
+    if code in (errno.ENODEV, errno.ENOENT):
+        return errors.NotFound(detail)
+    if code in (errno.EINVAL, errno.ERANGE):
+        return errors.InvalidSpec(detail)
+    if code == errno.EEXIST:
+        return errors.AlreadyExists(detail)
+    if code in (errno.EPERM, errno.EACCES, errno.EBUSY, errno.EOPNOTSUPP):
+        return errors.WrongState(detail)
+    if code in (errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR):
+        return errors.TemporaryError(detail)
+    return errors.SodaError(detail)
+
+
+class Shaper(abc.ABC):
+    """Bandwidth limits of virtual nodes (an interface, so tests use a fake)."""
+
+    @abc.abstractmethod
+    def apply(self, vnode: str, tap: str, rate_bit: int, burst_bytes: int) -> str:
+        """Shape `tap` both ways at `rate_bit`, creating or changing in place;
+        returns the IFB's name."""
+
+    @abc.abstractmethod
+    def release(self, vnode: str) -> bool:
+        """Remove the qdiscs on the TAP and the IFB; True if there was any."""
+
+    @abc.abstractmethod
+    def read(self, vnode: str) -> Shaping | None:
+        """What the kernel has for `vnode`, None if it is not shaped."""
+
+    @abc.abstractmethod
+    def counters(self, vnode: str) -> TrafficCounters | None:
+        """Bytes and drops through its classes, None if it is not shaped."""
+
+    def close(self) -> None:
+        pass
+
+
+class NetlinkThread:
+    """One IPRoute (in `netns`, "" = ours) used from one thread only."""
+
+    def __init__(self, netns: str = ""):
+        self.netns = netns
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        try:
+            self._ipr = self._pool.submit(self._open).result()
+        except BaseException:
+            self._pool.shutdown()
+            raise
+
+    def _open(self) -> IPRoute:
+        if not self.netns:
+            return IPRoute()
+        try:
+            # flags=0: use the namespace, never create it (pyroute2's default does).
+            return IPRoute(netns=self.netns, flags=0)
+        except FileNotFoundError:
+            raise errors.NotFound(f"network namespace {self.netns} does not exist") from None
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._pool.submit(fn, self._ipr, *args).result()
+
+    def close(self) -> None:
+        try:
+            self._pool.submit(self._ipr.close).result()
+        finally:
+            self._pool.shutdown()
+
+
+class NetlinkShaper(Shaper):
+    def __init__(self, netlink: NetlinkThread, scope: str):
+        self.netlink = netlink
+        self.scope = scope
+
+    def close(self) -> None:
+        self.netlink.close()
+
+    # ---- the interface (each call is one job on the netlink thread) ----
+    def apply(self, vnode: str, tap: str, rate_bit: int, burst_bytes: int) -> str:
+        check_link_name(tap)
+        if rate_bit <= 0:
+            raise errors.InvalidSpec(f"rate must be positive, got {rate_bit}")
+        return self.netlink.run(self._apply, vnode, tap, rate_bit, burst_bytes)
+
+    def release(self, vnode: str) -> bool:
+        return self.netlink.run(self._release, vnode)
+
+    def read(self, vnode: str) -> Shaping | None:
+        return self.netlink.run(self._read, vnode)
+
+    def counters(self, vnode: str) -> TrafficCounters | None:
+        return self.netlink.run(self._counters, vnode)
+
+    # ---- on the netlink thread -----------------------------------------
+    def _where(self) -> str:
+        return f" in network namespace {self.netlink.netns}" if self.netlink.netns else ""
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NetlinkError as exc:
+            raise netlink_error(exc, what + self._where()) from None
+
+    @staticmethod
+    def _index(ipr: IPRoute, name: str) -> int | None:
+        found = ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def _alias(self, vnode: str, tap: str) -> str:
+        return f"{ALIAS_TAG} scope={self.scope} vnode={vnode} tap={tap}"
+
+    @staticmethod
+    def _parse_alias(alias: str | None) -> dict[str, str]:
+        words = (alias or "").split()
+        if not words or words[0] != ALIAS_TAG:
+            return {}
+        return dict(w.split("=", 1) for w in words[1:] if "=" in w)
+
+    def _ifb(self, ipr: IPRoute, vnode: str) -> tuple[str, int | None, dict[str, str]]:
+        """The IFB's name, index (None if absent) and alias fields."""
+        name = ifb_name(self.scope, vnode)
+        idx = self._index(ipr, name)
+        if idx is None:
+            return name, None, {}
+        links = self._call(f"cannot read link {name}", ipr.get_links, idx)
+        meta = self._parse_alias(links[0].get_attr("IFLA_IFALIAS") if links else None)
+        if meta.get("scope") != self.scope or meta.get("vnode") != vnode:
+            raise errors.AlreadyExists(f"link {name}{self._where()} exists and is not the IFB "
+                                       f"of virtual node {vnode}; remove it by hand")
+        return name, idx, meta
+
+    def _apply(self, ipr: IPRoute, vnode: str, tap: str, rate_bit: int, burst_bytes: int) -> str:
+        tap_idx = self._index(ipr, tap)
+        if tap_idx is None:
+            raise errors.NotFound(f"TAP {tap} of virtual node {vnode} does not exist{self._where()}")
+        name, ifb_idx, meta = self._ifb(ipr, vnode)
+        old_tap = meta.get("tap")
+        if ifb_idx is not None and old_tap and old_tap != tap:
+            # The virtual node moved to another TAP: leave nothing behind on the old one.
+            old_idx = self._index(ipr, old_tap)
+            if old_idx is not None:
+                self._clear_tap(ipr, old_idx, old_tap)
+        if ifb_idx is None:
+            # Created (with its alias) before any qdisc refers to it, so a
+            # half-done apply is still found and released through the IFB.
+            self._call(f"cannot create IFB {name}", ipr.link, "add", ifname=name, kind="ifb",
+                       ifalias=self._alias(vnode, tap))
+            ifb_idx = self._index(ipr, name)
+            if ifb_idx is None:
+                raise errors.TemporaryError(f"IFB {name} vanished right after it was created")
+        self._call(f"cannot bring up IFB {name}", ipr.link, "set", index=ifb_idx, state="up",
+                   ifalias=self._alias(vnode, tap))
+        self._ensure_htb(ipr, tap_idx, tap, rate_bit, burst_bytes)
+        self._ensure_htb(ipr, ifb_idx, name, rate_bit, burst_bytes)
+        self._ensure_redirect(ipr, tap_idx, tap, ifb_idx)
+        return name
+
+    def _root(self, ipr: IPRoute, idx: int, dev: str):
+        for q in self._call(f"cannot list qdiscs of {dev}", ipr.get_qdiscs, idx):
+            if q.get("parent") == TC_H_ROOT:
+                return q
+        return None
+
+    def _has_ingress(self, ipr: IPRoute, idx: int, dev: str) -> bool:
+        return any(q.get("parent") == TC_H_INGRESS and q.get_attr("TCA_KIND") == "ingress"
+                   for q in self._call(f"cannot list qdiscs of {dev}", ipr.get_qdiscs, idx))
+
+    def _ensure_htb(self, ipr: IPRoute, idx: int, dev: str, rate_bit: int, burst: int) -> None:
+        root = self._root(ipr, idx, dev)
+        if root is None or root.get("handle") != HTB_ROOT or root.get_attr("TCA_KIND") != "htb":
+            if root is not None and root.get("handle"):
+                # Someone else's root: "replace" cannot change the kind of a
+                # qdisc with the same handle, so remove it first (kind None:
+                # pyroute2 would demand the old kind's parameters).
+                self._call(f"cannot remove root qdisc of {dev}", ipr.tc, "del", None, idx,
+                           root.get("handle"), parent=TC_H_ROOT)
+            # "replace" swaps the device's default root qdisc (handle 0).
+            self._call(f"cannot add HTB to {dev}", ipr.tc, "replace", "htb", idx, HTB_ROOT,
+                       default=HTB_DEFAULT)
+        params = dict(parent=HTB_ROOT, rate=f"{rate_bit}bit", ceil=f"{rate_bit}bit",
+                      burst=burst, cburst=burst)
+        exists = any(c.get("handle") == HTB_CLASS
+                     for c in self._call(f"cannot list classes of {dev}", ipr.get_classes, idx))
+        command = "change-class" if exists else "add-class"
+        self._call(f"cannot set rate {rate_bit} bit/s on {dev}", ipr.tc, command, "htb", idx,
+                   HTB_CLASS, **params)
+
+    def _ensure_redirect(self, ipr: IPRoute, tap_idx: int, tap: str, ifb_idx: int) -> None:
+        if self._has_ingress(ipr, tap_idx, tap):
+            filters = self._call(f"cannot list filters of {tap}", ipr.get_filters, tap_idx,
+                                 parent=INGRESS)
+            if _mirred_targets(filters) == [ifb_idx]:
+                return
+            # Wrong or missing redirect: rebuild (deleting ingress drops its filters).
+            self._call(f"cannot remove ingress of {tap}", ipr.tc, "del", "ingress", tap_idx, INGRESS)
+        self._call(f"cannot add ingress to {tap}", ipr.tc, "add", "ingress", tap_idx, INGRESS)
+        self._call(f"cannot redirect {tap} to its IFB", ipr.tc, "add-filter", "u32", tap_idx,
+                   parent=INGRESS, prio=FILTER_PRIO, protocol=protocols.ETH_P_ALL,
+                   target=0x1, keys=["0x0/0x0+0"],
+                   action=dict(kind="mirred", direction="egress", action="redirect",
+                               ifindex=ifb_idx))
+
+    def _clear_tap(self, ipr: IPRoute, idx: int, tap: str) -> None:
+        root = self._root(ipr, idx, tap)
+        if root is not None and root.get("handle") == HTB_ROOT and root.get_attr("TCA_KIND") == "htb":
+            self._delete_qdisc(ipr, "htb", idx, HTB_ROOT, tap)
+        if self._has_ingress(ipr, idx, tap):
+            self._delete_qdisc(ipr, "ingress", idx, INGRESS, tap)
+
+    def _delete_qdisc(self, ipr: IPRoute, kind: str, idx: int, handle: int, dev: str) -> None:
+        try:
+            ipr.tc("del", kind, idx, handle)
+        except NetlinkError as exc:
+            # Gone meanwhile (the TAP went away, or another release won).
+            if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL) and \
+                    self._index(ipr, dev) is None:
+                return
+            raise netlink_error(exc, f"cannot remove {kind} qdisc of {dev}{self._where()}") from None
+
+    def _release(self, ipr: IPRoute, vnode: str) -> bool:
+        name, ifb_idx, meta = self._ifb(ipr, vnode)
+        if ifb_idx is None:
+            return False
+        tap = meta.get("tap", "")
+        tap_idx = self._index(ipr, tap) if tap else None
+        if tap_idx is not None:
+            self._clear_tap(ipr, tap_idx, tap)
+        try:
+            ipr.link("del", index=ifb_idx)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT):
+                raise netlink_error(exc, f"cannot delete IFB {name}{self._where()}") from None
+        log.info("released traffic shaping of %s (TAP %s, IFB %s)", vnode, tap or "-", name)
+        return True
+
+    def _class(self, ipr: IPRoute, idx: int | None, dev: str):
+        if idx is None:
+            return None
+        for c in self._call(f"cannot list classes of {dev}", ipr.get_classes, idx):
+            if c.get("handle") == HTB_CLASS:
+                return c
+        return None
+
+    def _read(self, ipr: IPRoute, vnode: str) -> Shaping | None:
+        name, ifb_idx, meta = self._ifb(ipr, vnode)
+        if ifb_idx is None:
+            return None
+        tap = meta.get("tap", "")
+        tap_idx = self._index(ipr, tap) if tap else None
+        cls = self._class(ipr, tap_idx, tap) or self._class(ipr, ifb_idx, name)
+        rate, burst = _htb_rate(cls) if cls is not None else (0, 0)
+        return Shaping(tap=tap if tap_idx is not None else "", ifb=name, rate_bit=rate,
+                       burst_bytes=burst)
+
+    def _counters(self, ipr: IPRoute, vnode: str) -> TrafficCounters | None:
+        name, ifb_idx, meta = self._ifb(ipr, vnode)
+        if ifb_idx is None:
+            return None
+        tap = meta.get("tap", "")
+        to_guest = _class_stats(self._class(ipr, self._index(ipr, tap) if tap else None, tap))
+        from_guest = _class_stats(self._class(ipr, ifb_idx, name))
+        return TrafficCounters(bytes_to_guest=to_guest[0], drops_to_guest=to_guest[1],
+                               bytes_from_guest=from_guest[0], drops_from_guest=from_guest[1])
+
+
+def _htb_rate(cls) -> tuple[int, int]:
+    """(rate in bit/s, burst in bytes) of an HTB class message."""
+    opts = cls.get_attr("TCA_OPTIONS")
+    parms = opts.get_attr("TCA_HTB_PARMS") if opts is not None else None
+    if not parms:
+        return 0, 0
+    rate = opts.get_attr("TCA_HTB_RATE64") or parms["rate"]       # bytes/s
+    # The kernel keeps the burst as a transmit time in ticks at `rate`.
+    burst = round(parms["buffer"] / tick_in_usec / TIME_UNITS_PER_SEC * rate)
+    return rate * 8, burst
+
+
+def _class_stats(cls) -> tuple[int, int]:
+    if cls is None:
+        return 0, 0
+    stats = cls.get_attr("TCA_STATS2")
+    if stats is not None:
+        basic = stats.get_attr("TCA_STATS_BASIC") or {}
+        queue = stats.get_attr("TCA_STATS_QUEUE") or {}
+        return basic.get("bytes", 0), queue.get("drops", 0)
+    legacy = cls.get_attr("TCA_STATS") or {}
+    return legacy.get("bytes", 0), legacy.get("drop", 0)
+
+
+def _mirred_targets(filters) -> list[int]:
+    """ifindexes that the u32 filters redirect to, in order."""
+    targets = []
+    for f in filters:
+        opts = f.get_attr("TCA_OPTIONS")
+        acts = opts.get_attr("TCA_U32_ACT") if opts is not None else None
+        if acts is None:
+            continue
+        for attr in acts.get("attrs", []):
+            if not attr[0].startswith("TCA_ACT_PRIO"):
+                continue
+            act_opts = attr[1].get_attr("TCA_ACT_OPTIONS")
+            parms = act_opts.get_attr("TCA_MIRRED_PARMS") if act_opts is not None else None
+            if parms:
+                targets.append(parms["ifindex"])
+    return targets

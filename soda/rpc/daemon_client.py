@@ -1,0 +1,136 @@
+"""DaemonClient: how an Agent talks to the SODA Daemon on its own node.
+
+Over a Unix socket. It speaks soda.model.Resources and the small frozen
+dataclasses below, not protobuf, and raises SodaError subclasses, not
+grpc.RpcError, so the Agent never imports grpc or the Daemon's package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import grpc
+
+from soda import errors, model
+from soda.proto.v1 import daemon_pb2 as pb
+from soda.proto.v1 import daemon_pb2_grpc as pb_grpc
+from soda.rpc import convert
+from soda.rpc.errors import from_rpc_error
+
+DEFAULT_SOCKET = "/run/soda/daemon.sock"
+UNARY_TIMEOUT = 30.0          # a release may spend seconds killing a guest's processes
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_shares: int = 0
+    cpu_quota_us: int = -1     # -1 = no cap
+    cpu_period_us: int = 0
+    memory_bytes: int = 0
+    pids_max: int = 0          # 0 = unlimited
+    rate_bit: int = 0          # 0 = not shaped
+    burst_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A fenced virtual node: the guest process joins every dir in `cgroups`
+    (writes its pid to <dir>/cgroup.procs) before it execs the hypervisor."""
+    name: str
+    cgroups: tuple[str, ...]
+    cgroup_version: str
+    limits: Limits
+    tap: str = ""
+    ifb: str = ""
+
+
+@dataclass(frozen=True)
+class Released:
+    name: str
+    existed: bool
+    killed: int = 0
+
+
+@dataclass(frozen=True)
+class VnodeUsage:
+    name: str
+    cpu_seconds: float = 0.0
+    cpu_throttled_seconds: float = 0.0
+    memory_bytes: int = 0
+    memory_peak_bytes: int = 0
+    memory_limit_bytes: int = 0
+    memory_failcnt: int = 0
+    oom_kills: int = 0
+    pids: int = 0
+    bytes_to_guest: int = 0
+    bytes_from_guest: int = 0
+    drops_to_guest: int = 0
+    drops_from_guest: int = 0
+
+
+def _fence_from_pb(m: pb.Fence) -> Fence:
+    lim = m.limits
+    return Fence(name=m.name, cgroups=tuple(m.cgroups), cgroup_version=m.cgroup_version,
+                 tap=m.tap, ifb=m.ifb,
+                 limits=Limits(cpu_shares=lim.cpu_shares, cpu_quota_us=lim.cpu_quota_us,
+                               cpu_period_us=lim.cpu_period_us, memory_bytes=lim.memory_bytes,
+                               pids_max=lim.pids_max, rate_bit=lim.rate_bit,
+                               burst_bytes=lim.burst_bytes))
+
+
+def _usage_from_pb(m: pb.Usage) -> VnodeUsage:
+    return VnodeUsage(**{f: getattr(m, f) for f in VnodeUsage.__dataclass_fields__})
+
+
+class DaemonClient:
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = UNARY_TIMEOUT):
+        path = socket_path[len("unix:"):] if socket_path.startswith("unix:") else socket_path
+        self.socket_path = os.path.abspath(path)
+        self.target = f"unix:{self.socket_path}"
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.target)
+        self._stub = pb_grpc.DaemonStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "DaemonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.socket_path, peer="SODA Daemon") from None
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the Daemon accepts calls (e.g. right after it was started)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise errors.Unavailable(f"the SODA Daemon at {self.socket_path} is not serving "
+                                     f"after {timeout:g}s") from None
+
+    def apply_limits(self, name: str, resources: model.Resources, hypervisor: str,
+                     tap: str = "", cpu_cap: bool = False) -> Fence:
+        """Fence (or re-fence, live) one virtual node; returns the cgroup
+        directories its guest must join. `tap` empty = no traffic shaping."""
+        req = pb.ApplyLimitsRequest(name=name, resources=convert.resources_to_pb(resources),
+                                    hypervisor=hypervisor, tap=tap, cpu_cap=cpu_cap)
+        return _fence_from_pb(self._call("ApplyLimits", req))
+
+    def release_limits(self, name: str) -> Released:
+        """Kill what is left in its cgroups, remove them, its qdiscs and IFB
+        (not the TAP). Succeeds for an unknown virtual node."""
+        reply = self._call("ReleaseLimits", pb.ReleaseLimitsRequest(name=name))
+        return Released(name=reply.name, existed=reply.existed, killed=reply.killed)
+
+    def usage(self, name: str) -> VnodeUsage:
+        return _usage_from_pb(self._call("GetUsage", pb.GetUsageRequest(name=name)))
+
+    def list(self) -> list[Fence]:
+        return [_fence_from_pb(f) for f in self._call("ListVnodes", pb.ListVnodesRequest()).vnodes]

@@ -394,11 +394,11 @@ def test_capacity_is_measured_unless_configured(tmp_path):
 # ---- soda-agent main ------------------------------------------------------------
 
 def test_usage_errors_exit_2(capsys):
-    for argv in (["--hypervisor", "uml"], ["--log-level", "LOUD"], ["--bogus"]):
+    for argv in (["--hypervisor", "xen"], ["--log-level", "LOUD"], ["--bogus"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
-    assert "unknown hypervisor driver 'uml' (available: fake)" in capsys.readouterr().err
+    assert "unknown hypervisor driver 'xen' (available: fake, uml)" in capsys.readouterr().err
 
 
 def test_bad_config_is_one_clear_line_and_exit_2(tmp_path, capsys):

@@ -1,0 +1,145 @@
+"""The guest launcher: put this process where a guest belongs, then become the VMM.
+
+    python -m soda.hypervisors.launch [--netns NAME] [--cgroup DIR]...
+        [--no-aslr] [--log FILE] -- ARGV...
+
+In this order it joins each cgroup directory (writing its own pid to
+`DIR/cgroup.procs`), enters the network namespace `/run/netns/NAME`, turns
+off address-space randomisation (UML at small `mem=` starves without it:
+PLATFORM.md), sends stdout and stderr to FILE (appending) and stdin to
+/dev/null, and execs ARGV. The pid never changes, so the driver that
+spawned it records the VMM's pid and the VMM is fenced from its first
+instruction. Joining the cgroups first means everything after, the VMM's
+memory included, is charged to the guest.
+
+Anything that fails before the exec ends it with one line on stderr and
+status 1 (127 if ARGV cannot be executed). It owns nothing else: no logging
+setup, no SODA imports, so that it starts fast.
+"""
+
+import os
+import sys
+
+CLONE_NEWNET = 0x40000000
+ADDR_NO_RANDOMIZE = 0x0040000
+PERSONALITY_QUERY = 0xFFFFFFFF
+NETNS_DIR = "/run/netns"
+USAGE = ("usage: python -m soda.hypervisors.launch [--netns NAME] [--cgroup DIR]... "
+         "[--no-aslr] [--log FILE] -- ARGV...")
+
+
+class LaunchError(Exception):
+    pass
+
+
+def parse(args: list[str]) -> dict:
+    opts = {"netns": "", "cgroups": [], "no_aslr": False, "log": "", "argv": []}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            opts["argv"] = args[i + 1:]
+            break
+        if arg == "--no-aslr":
+            opts["no_aslr"] = True
+            i += 1
+            continue
+        key, eq, value = arg.partition("=")
+        if key not in ("--netns", "--cgroup", "--log"):
+            raise LaunchError(f"unknown argument {arg!r}\n{USAGE}")
+        if not eq:
+            if i + 1 >= len(args):
+                raise LaunchError(f"{arg} needs a value\n{USAGE}")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if key == "--cgroup":
+            opts["cgroups"].append(value)
+        else:
+            opts[key[2:]] = value
+    if not opts["argv"]:
+        raise LaunchError(f"nothing to run after --\n{USAGE}")
+    if opts["netns"] and ("/" in opts["netns"] or opts["netns"] in (".", "..")):
+        raise LaunchError(f"bad network namespace name {opts['netns']!r}")
+    return opts
+
+
+def _libc():
+    import ctypes
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def join_cgroup(directory: str) -> None:
+    try:
+        # A bare open().write() can swallow EINVAL (PLATFORM.md): use `with`.
+        with open(os.path.join(directory, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:
+        raise LaunchError(f"cannot join cgroup {directory}: {e.strerror or e}") from None
+
+
+def enter_netns(name: str) -> None:
+    path = os.path.join(NETNS_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LaunchError(f"cannot open network namespace {path}: {e.strerror or e}") from None
+    try:
+        ctypes, libc = _libc()
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise LaunchError(f"cannot enter network namespace {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def disable_aslr() -> None:
+    ctypes, libc = _libc()
+    libc.personality.argtypes = [ctypes.c_ulong]
+    libc.personality.restype = ctypes.c_int
+    old = libc.personality(PERSONALITY_QUERY)
+    if old == -1 or libc.personality(old | ADDR_NO_RANDOMIZE) == -1:
+        raise LaunchError(f"cannot turn off address-space randomisation: "
+                          f"{os.strerror(ctypes.get_errno())}")
+
+
+def redirect(log: str) -> None:
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640) if log else None
+    except OSError as e:
+        raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
+    os.dup2(null, 0)
+    os.close(null)
+    if out is not None:
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+
+
+def main(args: list[str]) -> int:
+    try:
+        opts = parse(args)
+        for directory in opts["cgroups"]:
+            join_cgroup(directory)
+        if opts["netns"]:
+            enter_netns(opts["netns"])
+        if opts["no_aslr"]:
+            disable_aslr()
+        redirect(opts["log"])
+    except LaunchError as e:
+        print(f"soda-launch: {e}", file=sys.stderr, flush=True)
+        return 2 if str(e).endswith(USAGE) else 1
+    argv = opts["argv"]
+    sys.stdout.flush()
+    try:
+        os.execv(argv[0], argv)
+    except OSError as e:
+        # stderr may be the log by now: that is where the driver looks.
+        print(f"soda-launch: cannot execute {argv[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        return 127
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,674 @@
+"""The User-Mode Linux driver: each virtual node is a `linux.uml` process.
+
+Owns `<state_dir>/uml/`: per guest a directory `<name>/` holding its record
+(`guest.json`: pid, the process's start time, argv, spec, generation), its
+copy-on-write layer (`cow.img`, over the read-only cached base image), its
+console log (`console.log`) and UML's own control dir (`<name>/mconsole`,
+`<name>/pid`, made by UML under `uml_dir=`), plus a lock file `<name>.lock`
+beside it. When that control socket's path would not fit a Unix socket
+address (108 bytes), UML's dir moves to `/run/soda-uml/<hash>/` and the
+record says so.
+
+A guest is spawned through `soda.hypervisors.launch`, which joins the
+guest's cgroups, enters its network namespace, turns off address-space
+randomisation and execs the kernel: the pid the driver records is the VMM's
+from the first instruction. The VMM runs in a session of its own, so it
+outlives the Agent; a restarted Agent (a new driver on the same dir) finds
+it again from the record, and only a process whose start time and command
+line still match the record counts as the guest.
+
+Readiness is a TCP connect to the guest's address and port from inside its
+network namespace. Stop asks the guest kernel to halt over the mconsole
+socket, then sends SIGTERM and SIGKILL to the recorded pid only (through a
+pidfd, after checking it is still ours), then kills the helper processes UML
+left in the guest's session, then removes every file of the guest.
+
+It does not create TAPs, namespaces or cgroups (the Agent and the Daemon
+do), and it never signals a process it cannot prove it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError
+from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
+                                   check_guest_name, spec_as_dict, write_json_atomic)
+
+log = logging.getLogger(__name__)
+
+RECORD = "guest.json"
+COW = "cow.img"
+CONSOLE = "console.log"
+LAUNCHER = "soda.hypervisors.launch"
+# Debian's UML kernel panics at mem=24M and below in practice (PLATFORM.md):
+# refuse what cannot boot instead of reporting a crash loop.
+DEFAULT_MIN_MEMORY = 24
+DEFAULT_SHORT_DIR = "/run/soda-uml"
+NETNS_DIR = "/run/netns"
+SUN_PATH_MAX = 107                   # sockaddr_un.sun_path is 108 bytes with its NUL
+MCONSOLE_MAGIC = 0xCAFEBABE
+MCONSOLE_VERSION = 2
+MCONSOLE_MAX_DATA = 512
+MCONSOLE_CLIENT_MAX = 24            # "mc-<pid>-<tid>" beside the guest's socket dir
+PROBE_TIMEOUT = 0.2
+TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
+KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
+LOG_TAIL = 16 * 1024
+CLONE_NEWNET = 0x40000000
+# Console lines that explain why a guest died, most telling first.
+EXIT_MARKERS = ("soda-launch:", "Kernel panic", "Cannot open root device", "Out of memory",
+                "out of memory", "Killed process")
+
+_libc_handle = None
+
+
+def _libc():
+    global _libc_handle
+    if _libc_handle is None:
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
+
+
+# Children this process spawned, shared by every driver instance in it (a
+# fresh instance adopting the guests must be able to reap them too). Only
+# for reaping: whether a guest runs is read from /proc, never from here.
+_children: dict[int, subprocess.Popen] = {}
+_children_lock = threading.Lock()
+
+
+class UmlDriver(HypervisorDriver):
+    name = "uml"
+
+    def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
+                 kernel: str = "/usr/bin/linux.uml", min_memory: int = DEFAULT_MIN_MEMORY,
+                 python: str | None = None, short_dir: str = DEFAULT_SHORT_DIR,
+                 boot_options: tuple[str, ...] | list[str] = (),
+                 probe_timeout: float = PROBE_TIMEOUT, term_grace: float = TERM_GRACE,
+                 sleep=time.sleep):
+        super().__init__(state_dir, runner, clock)
+        self.kernel = kernel
+        self.min_memory = int(min_memory)
+        # The launcher must run with the Agent's interpreter (its venv).
+        self.python = python or sys.executable
+        self.short_dir = short_dir
+        self.boot_options = tuple(boot_options)
+        self.probe_timeout = probe_timeout
+        self.term_grace = term_grace
+        self._sleep = sleep
+        # Absolute: the paths go on a command line and into records.
+        self.dir = os.path.join(os.path.abspath(state_dir), "uml")
+        # Guests seen serving once, by (pid, start time): readiness latches,
+        # so list() does not probe every running guest on every call.
+        self._ready: set[tuple[int, int]] = set()
+
+    # ---- paths -----------------------------------------------------------
+    def guest_dir(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def cow_path(self, name: str) -> str:
+        return os.path.join(self.guest_dir(name), COW)
+
+    def console_path(self, name: str) -> str:
+        return os.path.join(self.guest_dir(name), CONSOLE)
+
+    def uml_dir(self, name: str) -> str:
+        """Where UML makes `<name>/mconsole`: the guest's own dir, or a short
+        one under `short_dir` when that socket path would be too long."""
+        own = self.guest_dir(name) + "/"
+        if _socket_paths_fit(own, name):
+            return own
+        digest = hashlib.sha256(os.path.abspath(self.guest_dir(name)).encode()).hexdigest()[:16]
+        short = os.path.join(self.short_dir, digest) + "/"
+        if not _socket_paths_fit(short, name):
+            raise InvalidSpec(f"UML control socket path for {name} is too long even under "
+                              f"{self.short_dir}")
+        return short
+
+    def mconsole_path(self, name: str, uml_dir: str | None = None) -> str:
+        return os.path.join(uml_dir or self.uml_dir(name), name, "mconsole")
+
+    def _record_path(self, name: str) -> str:
+        return os.path.join(self.guest_dir(name), RECORD)
+
+    def _lock_path(self, name: str) -> str:
+        # A DNS label has no ".": "<name>.lock" never clashes with a guest dir.
+        return os.path.join(self.dir, f"{name}.lock")
+
+    # ---- the driver interface ------------------------------------------
+    def build_argv(self, spec: GuestSpec) -> list[str]:
+        check_guest_name(spec.name)
+        self._check_spec(spec)
+        argv = [self.python, "-m", LAUNCHER]
+        if spec.netns:
+            argv += ["--netns", spec.netns]
+        for directory in spec.cgroups:
+            argv += ["--cgroup", directory]
+        argv += ["--no-aslr", "--log", self.console_path(spec.name), "--"]
+        argv += [self.kernel,
+                 f"ubd0={self.cow_path(spec.name)},{spec.image_path}",
+                 f"mem={spec.resources.memory}M",
+                 "root=/dev/ubda", "rw",
+                 f"init={spec.init}",
+                 f"umid={spec.name}",
+                 f"uml_dir={self.uml_dir(spec.name)}"]
+        if spec.tap:
+            argv.append(f"eth0=tuntap,{spec.tap}")
+        # No console but con0, and con0 writes to fd 1, the launcher's log:
+        # a console on a closed stdin would lose the guest's output.
+        argv += ["con=null", "con0=null,fd:1"]
+        argv += list(self.boot_options)
+        argv += [f"soda.ip={spec.address}/{spec.prefix_length}",
+                 f"soda.gw={spec.gateway}",
+                 f"soda.name={spec.name}",
+                 f"soda.service={spec.service}"]
+        return argv
+
+    def start(self, spec: GuestSpec) -> GuestInfo:
+        check_guest_name(spec.name)
+        argv = self.build_argv(spec)
+        name = spec.name
+        with self._locked(name):
+            record = self._load(name)
+            if record is not None and self._alive(record):
+                return self._info(record, probe=False)
+            self._check_host(spec)
+            # A guest that died (or a start that was interrupted) leaves a
+            # session and files behind: clear them, then boot afresh.
+            self._teardown(name, record, timeout=0.0)
+            directory = self.guest_dir(name)
+            os.makedirs(directory, exist_ok=True)
+            uml_dir = self.uml_dir(name)
+            os.makedirs(uml_dir, exist_ok=True)
+            with open(self.console_path(name), "ab") as console:
+                console.write(f"soda: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+                              .encode())
+                console.flush()
+                try:
+                    # Launcher errors before its exec land in the console log
+                    # too, where list() finds the reason.
+                    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                                             stderr=console, close_fds=True,
+                                             start_new_session=True)
+                except OSError as e:
+                    raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
+            with _children_lock:
+                _children[child.pid] = child
+            started_at = self.clock()
+            try:
+                starttime = _proc_starttime(child.pid)
+            except OSError:
+                starttime = None
+            if starttime is None:
+                # Cannot happen for an unreaped child; refuse to record a
+                # process we could not recognise later.
+                child.kill()
+                child.wait()
+                raise CommandError(argv, -1, err="the launcher vanished before it was recorded")
+            record = {"name": name, "pid": child.pid, "starttime": starttime,
+                      "started_at": started_at, "argv": argv, "kernel_argv": _kernel_argv(argv),
+                      "generation": spec.generation, "uml_dir": uml_dir,
+                      "spec": spec_as_dict(spec)}
+            try:
+                write_json_atomic(self._record_path(name), record)
+            except BaseException:
+                # An unrecorded guest could never be found or stopped again.
+                child.kill()
+                child.wait()
+                raise
+        log.info("uml guest %s started: pid %d", name, child.pid)
+        return self._info(record, probe=False)
+
+    def stop(self, name: str, timeout: float) -> None:
+        check_guest_name(name)
+        with self._locked(name, remove=True):
+            record = self._load(name)
+            self._teardown(name, record, timeout)
+
+    def list(self) -> dict[str, GuestInfo]:
+        _reap()
+        try:
+            entries = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return {}
+        records = []
+        for entry in entries:
+            if entry.startswith((".", "_")) or "." in entry:
+                continue
+            record = self._load(entry)
+            if record is not None:
+                records.append(record)
+        # Probe the guests not yet seen ready in parallel: each probe may
+        # wait its whole timeout for a guest that is still booting.
+        results: dict[str, GuestInfo] = {}
+        threads = []
+        for record in records:
+            if self._alive(record) and _key(record) not in self._ready:
+                t = threading.Thread(target=lambda r=record: results.__setitem__(
+                    r["name"], self._info(r, probe=True)), daemon=True)
+                t.start()
+                threads.append(t)
+            else:
+                results[record["name"]] = self._info(record, probe=False)
+        for t in threads:
+            t.join()
+        return {r["name"]: results[r["name"]] for r in records if r["name"] in results}
+
+    def is_ready(self, name: str) -> bool:
+        check_guest_name(name)
+        _reap()
+        record = self._load(name)
+        if record is None or not self._alive(record):
+            return False
+        return self._probe_ready(record)
+
+    def info(self, name: str) -> GuestInfo | None:
+        check_guest_name(name)
+        _reap()
+        record = self._load(name)
+        return None if record is None else self._info(record, probe=False)
+
+    # ---- checks ----------------------------------------------------------
+    def _check_spec(self, spec: GuestSpec) -> None:
+        memory = spec.resources.memory
+        if memory < self.min_memory:
+            raise InvalidSpec(f"virtual node {spec.name}: memory {memory} MiB is below the "
+                              f"{self.min_memory} MiB this UML kernel needs to boot")
+        # Commas split UML's ubd0=COW,BASE; blanks would split the kernel
+        # command line itself.
+        for what, value in (("image path", spec.image_path), ("state dir", self.state_dir),
+                            ("kernel", self.kernel)):
+            if not value or any(c in value for c in ", \t\n\"'"):
+                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} cannot go on a "
+                                  f"UML command line (empty, or has a comma, quote or blank)")
+        for what, value in (("init", spec.init), ("TAP", spec.tap), ("service", spec.service),
+                            ("address", spec.address), ("gateway", spec.gateway)):
+            if any(c in value for c in ", \t\n\"'"):
+                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} has a comma, "
+                                  f"quote or blank")
+        if not spec.init.startswith("/"):
+            raise InvalidSpec(f"virtual node {spec.name}: init {spec.init!r} is not an absolute path")
+        if spec.netns and ("/" in spec.netns or spec.netns in (".", "..")):
+            raise InvalidSpec(f"virtual node {spec.name}: bad network namespace {spec.netns!r}")
+
+    def _check_host(self, spec: GuestSpec) -> None:
+        """Cheap checks that turn a certain boot failure into a clear error."""
+        if not os.access(self.kernel, os.X_OK):
+            raise NotFound(f"UML kernel {self.kernel} is missing or not executable")
+        if not os.path.isfile(spec.image_path):
+            raise NotFound(f"image {spec.image_path} for {spec.name} does not exist")
+        if spec.netns and not os.path.exists(os.path.join(NETNS_DIR, spec.netns)):
+            raise NotFound(f"network namespace {spec.netns} for {spec.name} does not exist")
+        for directory in spec.cgroups:
+            if not os.path.isfile(os.path.join(directory, "cgroup.procs")):
+                raise NotFound(f"cgroup {directory} for {spec.name} does not exist")
+
+    # ---- records and processes --------------------------------------------
+    def _load(self, name: str) -> dict | None:
+        try:
+            with open(self._record_path(name)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("unreadable record for uml guest %s: %s", name, e)
+            return None
+
+    def _alive(self, record: dict) -> bool:
+        return _is_ours(record["pid"], record)
+
+    def _info(self, record: dict, probe: bool) -> GuestInfo:
+        running = self._alive(record)
+        ready = False
+        if running:
+            ready = _key(record) in self._ready or (probe and self._probe_ready(record))
+        return GuestInfo(name=record["name"], state=RUNNING if running else EXITED,
+                         pid=record["pid"], started_at=record.get("started_at", 0.0),
+                         ready=ready, exit_reason="" if running else self._exit_reason(record),
+                         generation=record.get("generation", 0))
+
+    def _probe_ready(self, record: dict) -> bool:
+        if _key(record) in self._ready:
+            return True
+        spec = record["spec"]
+        if probe_tcp(spec["address"], spec["port"], spec.get("netns", ""), self.probe_timeout):
+            self._ready.add(_key(record))
+            return True
+        return False
+
+    def _exit_reason(self, record: dict) -> str:
+        pid = record["pid"]
+        status = None
+        with _children_lock:
+            child = _children.get(pid) or _exited.get(pid)
+        if child is not None and child.returncode is not None:
+            status = child.returncode
+        line = _console_reason(self.console_path(record["name"]))
+        if status is not None:
+            how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            return f"{how}: {line}" if line else how
+        if line:
+            return line
+        if os.path.exists(f"/proc/{pid}"):
+            return "the VMM process is gone (its pid now belongs to another process)"
+        return "the VMM process is gone"
+
+    def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
+        """Halt, then force, then sweep helpers, then remove every file (lock held)."""
+        if record is not None:
+            pid = record["pid"]
+            if self._alive(record):
+                self._halt(record, timeout)
+            if self._alive(record):
+                log.info("uml guest %s (pid %d) did not halt within %.1fs: SIGTERM", name, pid,
+                         timeout)
+                _signal_if_ours(pid, record, signal.SIGTERM)
+                self._wait_gone(record, self.term_grace)
+            if self._alive(record):
+                log.warning("uml guest %s (pid %d) ignored SIGTERM: SIGKILL", name, pid)
+                _signal_if_ours(pid, record, signal.SIGKILL)
+                self._wait_gone(record, KILL_WAIT)
+            if self._alive(record):
+                raise TemporaryError(f"uml guest {name} (pid {pid}) survived SIGKILL")
+            # UML's helpers (I/O threads, traced guest processes) can outlive
+            # a killed main process, spinning and holding memory.
+            helpers = _session_members(record)
+            for helper in helpers:
+                _signal_if_ours(helper, record, signal.SIGKILL)
+            deadline = time.monotonic() + KILL_WAIT
+            while helpers and time.monotonic() < deadline:
+                _reap()
+                helpers = [p for p in helpers if _is_ours(p, record, helper=True)]
+                if helpers:
+                    self._sleep(0.01)
+            if helpers:
+                raise TemporaryError(f"uml guest {name}: helper processes {helpers} survived "
+                                     f"SIGKILL")
+            _reap()
+            uml_dir = record.get("uml_dir", "")
+            if uml_dir and os.path.abspath(uml_dir).startswith(os.path.abspath(self.short_dir) + "/"):
+                shutil.rmtree(uml_dir, ignore_errors=True)
+        else:
+            # No record: a start interrupted before it wrote one may still
+            # have left a short UML dir.
+            with contextlib.suppress(InvalidSpec):
+                short = self.uml_dir(name)
+                if short.startswith(self.short_dir.rstrip("/") + "/"):
+                    shutil.rmtree(short, ignore_errors=True)
+        # The record goes last, so a stop that fails above can be retried.
+        directory = self.guest_dir(name)
+        if os.path.isdir(directory):
+            for entry in os.listdir(directory):
+                if entry != RECORD:
+                    path = os.path.join(directory, entry)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, RECORD))
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(directory)
+
+    def _halt(self, record: dict, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        deadline = time.monotonic() + timeout
+        name = record["name"]
+        uml_dir = record.get("uml_dir") or self.uml_dir(name)
+        try:
+            mconsole(self.mconsole_path(name, uml_dir), "halt", client_dir=uml_dir,
+                     timeout=min(timeout, 1.0))
+        except OSError as e:
+            # No socket (not booted that far, or wedged) or no answer: if
+            # the guest did not get the request, waiting is pointless.
+            log.info("uml guest %s: halt over mconsole failed: %s", name, e)
+            if not isinstance(e, TimeoutError):
+                return
+        self._wait_gone(record, max(0.0, deadline - time.monotonic()))
+
+    def _wait_gone(self, record: dict, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            _reap()
+            if not self._alive(record) or time.monotonic() >= deadline:
+                return
+            self._sleep(0.01)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, remove: bool = False) -> Iterator[None]:
+        """A per-guest flock (another Agent thread or driver instance may act
+        on the same guest). With `remove`, the lock file goes on release."""
+        import fcntl
+        os.makedirs(self.dir, exist_ok=True)
+        path = self._lock_path(name)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Someone may have removed the file while we waited for it:
+                # then our lock guards nothing; take the new file's.
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield
+            if remove and not os.path.exists(self._record_path(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        finally:
+            os.close(fd)
+
+
+# ---- helpers (module level, so tests and other drivers can use them) -------
+
+def _socket_paths_fit(uml_dir: str, name: str) -> bool:
+    return (len(os.path.join(uml_dir, name, "mconsole")) <= SUN_PATH_MAX
+            and len(uml_dir) + MCONSOLE_CLIENT_MAX <= SUN_PATH_MAX)
+
+
+def _kernel_argv(argv: list[str]) -> list[str]:
+    return argv[argv.index("--") + 1:]
+
+
+def _key(record: dict) -> tuple[int, int]:
+    return record["pid"], record["starttime"]
+
+
+def _reap() -> None:
+    """Collect exited children so that none lingers as a zombie."""
+    with _children_lock:
+        for pid, child in list(_children.items()):
+            if child.poll() is not None:
+                del _children[pid]
+                # Keep its status where _exit_reason can still find it.
+                _exited[pid] = child
+        while len(_exited) > 256:
+            _exited.pop(next(iter(_exited)))
+
+
+_exited: dict[int, subprocess.Popen] = {}
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3 first)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def _proc_starttime(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[19])      # field 22
+
+
+def _proc_cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return [a.decode(errors="surrogateescape") for a in data.split(b"\0")[:-1]]
+
+
+def _is_ours(pid: int, record: dict, helper: bool = False) -> bool:
+    """Whether `pid` is a live process of the guest in `record`: the VMM
+    itself (same start time; the launcher's or the kernel's command line),
+    or with `helper`, one of UML's helpers (in the VMM's session, started
+    after it, same kernel command line)."""
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X", "x"):
+        return False
+    starttime = int(fields[19])
+    if helper:
+        if int(fields[3]) != record["pid"] or starttime < record["starttime"]:
+            return False
+    elif starttime != record["starttime"]:
+        return False
+    cmdline = _proc_cmdline(pid)
+    if cmdline == record["kernel_argv"]:
+        return True
+    if helper:
+        return False
+    # The launcher before its exec; or the exec itself, during which the
+    # kernel shows an empty command line (the pid and its start time, to
+    # the clock tick, already say it is the same process).
+    return cmdline == record["argv"] or cmdline == []
+
+
+def _session_members(record: dict) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != record["pid"] and _is_ours(int(entry), record,
+                                                                          helper=True):
+            members.append(int(entry))
+    return members
+
+
+def _signal_if_ours(pid: int, record: dict, sig: int) -> bool:
+    """Signal `pid` only if it is still the guest's process. A pidfd pins
+    the process between the check and the signal, so a recycled pid is
+    never hit."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        helper = pid != record["pid"]
+        if not _is_ours(pid, record, helper=helper):
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _console_reason(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for marker in EXIT_MARKERS:
+        for line in reversed(lines):
+            if marker in line:
+                return line.strip()[:300]
+    return ""
+
+
+def mconsole(socket_path: str, command: str, client_dir: str, timeout: float = 1.0) -> tuple[int, str]:
+    """Send one command to a UML management console; returns (error, reply).
+
+    The protocol (arch/um/include/shared/mconsole.h): a datagram
+    `struct mc_request { u32 magic, version, len; char data[512]; }` in host
+    byte order, answered by `struct mc_reply { u32 err, more, len; char
+    data[512]; }` sent back to the client's address. The client binds a
+    path, not an abstract address: abstract Unix addresses belong to a
+    network namespace, and the guest's VMM may live in another one.
+    """
+    data = command.encode()
+    if len(data) >= MCONSOLE_MAX_DATA:
+        raise ValueError(f"mconsole command too long: {command[:40]!r}...")
+    client = os.path.join(client_dir, f"mc-{os.getpid()}-{threading.get_native_id() % 1000000}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(client)
+        sock.bind(client)
+        sock.settimeout(timeout)
+        sock.sendto(struct.pack("=III512s", MCONSOLE_MAGIC, MCONSOLE_VERSION, len(data), data),
+                    socket_path)
+        reply = sock.recv(12 + MCONSOLE_MAX_DATA)
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(client)
+    if len(reply) < 12:
+        raise OSError(errno.EPROTO, f"short mconsole reply ({len(reply)} bytes)")
+    err, _more, length = struct.unpack_from("=III", reply)
+    return err, reply[12:12 + length].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def probe_tcp(address: str, port: int, netns: str = "", timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connect to address:port succeeds, from inside network
+    namespace `netns` when given. setns() moves only the calling thread, so
+    the probe runs in a short-lived thread of its own."""
+    if not netns:
+        return _connect(address, port, timeout)
+    result = [False]
+
+    def run() -> None:
+        try:
+            fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if _libc().setns(fd, CLONE_NEWNET) != 0:
+                log.debug("setns(%s): %s", netns, os.strerror(ctypes.get_errno()))
+                return
+        finally:
+            os.close(fd)
+        result[0] = _connect(address, port, timeout)
+
+    thread = threading.Thread(target=run, name=f"probe-{netns}", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return result[0]
+
+
+def _connect(address: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,7 @@
+"""The Service Switch: one listener per service, connections spread over the
+service's ready virtual nodes in proportion to their shares.
+
+balancer.py (pure policies), proxy.py (asyncio data path), endpoints.py
+(endpoint lists from the Master), main.py (`soda-switch`). It shares only
+soda.model, soda.errors, soda.config and soda.rpc with the other parts.
+"""

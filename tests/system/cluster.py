@@ -54,6 +54,25 @@ class Cluster:
                                   "--name", name, "--state-dir", self.agent_dir(name),
                                   "--hypervisor", "fake", *extra])
 
+    def start_daemon(self, name: str, netns: str, cgroup_parent: str) -> str:
+        """A soda-daemon for node `name`; returns its socket path."""
+        socket_path = os.path.join(self.root, f"{name}-daemon.sock")
+        proc = self._spawn(f"{name}-daemon", [
+            sys.executable, "-m", "soda.daemon.main", "--socket", socket_path, "--netns", netns,
+            "--cgroup-parent", cgroup_parent])
+        wait_until(lambda: os.path.exists(socket_path) or proc.poll() is not None, 20,
+                   what="the Daemon's socket")
+        assert proc.poll() is None, self.log(f"{name}-daemon")
+        return socket_path
+
+    def start_real_agent(self, name: str, netns: str, daemon_socket: str, *extra: str) -> subprocess.Popen:
+        return self._spawn(name, [sys.executable, "-m", "soda.agent.main", "--master", self.master_addr,
+                                  "--name", name, "--state-dir", self.agent_dir(name), "--hypervisor", "uml",
+                                  "--netns", netns, "--daemon-socket", daemon_socket, *extra])
+
+    def start_switch(self) -> subprocess.Popen:
+        return self._spawn("switch", [sys.executable, "-m", "soda.switch.main", "--master", self.master_addr])
+
     def agent_dir(self, name: str) -> str:
         return os.path.join(self.root, "agents", name)
 

@@ -9,10 +9,11 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 from soda.daemon.config import DaemonConfig  # noqa: E402
+from soda.switch.main import SwitchConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("cls, name", [(config.MasterConfig, "master.yaml"), (config.AgentConfig, "agent.yaml"),
-                                       (DaemonConfig, "daemon.yaml")])
+                                       (DaemonConfig, "daemon.yaml"), (SwitchConfig, "switch.yaml")])
 def test_shipped_configs_hold_the_defaults(cls, name):
     assert config.load(cls, os.path.join(TOP, "etc", "soda", name)) == cls()
 

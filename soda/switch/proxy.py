@@ -1,0 +1,428 @@
+"""The Switch's userspace data path: an asyncio TCP proxy, one listener per service.
+
+Owns the listening sockets and the relayed connections. For each client
+connection it asks the service's Balancer for a ready virtual node, connects
+to it (on failure: marks it failed and tries one other virtual node before
+giving up on the client), then relays bytes both ways with flow control and
+correct half-close until both sides are done.
+
+`Proxy.apply(EndpointSet)` is the only way in: it creates, updates, rebinds or
+removes a service's listener live. Removing a service or a virtual node
+drains: the listener closes (or the node gets no new connections) and the
+connections already relayed run to their end. A listen address that cannot
+be bound is logged for that service alone and retried.
+
+Runs on one event loop (uvloop when main.py installs it); it knows nothing
+of the Master or grpc. Relays are asyncio Protocols rather than streams:
+no task or coroutine per chunk, which is what keeps a Python relay near
+half of direct throughput (PLATFORM.md, "Load balancing throughput").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Collection
+
+from soda.errors import InvalidSpec
+from soda.model import DEFAULT_POLICY, Endpoint, EndpointSet
+from soda.switch.balancer import Balancer
+
+log = logging.getLogger("soda.switch.proxy")
+
+CONNECT_TIMEOUT = 2.0
+# Passive health: a virtual node that refused or timed out a connect gets no
+# new connections for this long (unless it is the only one left).
+FAIL_TIMEOUT = 5.0
+BIND_RETRY_SECONDS = 5.0
+LISTEN_BACKLOG = 1024
+# Tries per client connection: the chosen virtual node and, if its connect
+# fails, one other (passive failover).
+CONNECT_ATTEMPTS = 2
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """"HOST:PORT" (IPv6 as "[::1]:80") -> (host, port); raises InvalidSpec."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InvalidSpec(f"listen address {listen!r}: expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+@dataclass
+class ServiceStats:
+    accepted: int = 0           # client connections taken
+    relayed: int = 0            # ... that reached a virtual node
+    failovers: int = 0          # ... that reached one after a failed connect
+    refused: int = 0            # ... closed at once: no virtual node reachable
+    connect_failures: int = 0   # failed connects to virtual nodes
+    per_endpoint: dict[str, int] = field(default_factory=dict)   # vnode -> relayed
+
+
+class _Half(asyncio.Protocol):
+    """One socket of a relayed connection; forwards what it reads to its peer."""
+
+    def __init__(self, relay: "_Relay", held: list[bytes] | None = None):
+        self.relay = relay
+        self.peer: _Half | None = None
+        self.transport: asyncio.Transport | None = None
+        # Not None while what we read must wait (the client's bytes until the
+        # upstream is connected); kept in order and sent first.
+        self.held = held
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.relay.made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is None:
+            self.peer.transport.write(data)
+        else:
+            # uvloop starts reading after connection_made whatever it asked for.
+            self.held.append(data)
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.relay.half_eof(self)
+        return True             # keep our write side open: half-close
+
+    # Our outgoing buffer is full: stop reading from the peer until it drains.
+    def pause_writing(self) -> None:
+        peer = self.peer.transport if self.peer else None
+        if peer is not None and not peer.is_closing():
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer.transport if self.peer else None
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self.relay.half_lost(self)
+
+
+class _Relay:
+    """One client connection: picks and connects the upstream, then relays.
+
+    `upstream` is the half of the current connect attempt as soon as the
+    attempt starts, so bytes and EOF that a virtual node sends before the
+    connecting task resumes are relayed, not lost. Halves of failed attempts
+    are detached and ignored."""
+
+    def __init__(self, proxy: "Proxy", service: "_Service"):
+        self.proxy = proxy
+        self.service = service
+        self.client = _Half(self, held=[])
+        self.upstream: _Half | None = None
+        self.endpoint: Endpoint | None = None      # the virtual node holding our active count
+        self.connecting = True
+        self.done = False
+
+    def made(self, half: _Half) -> None:
+        if half is self.client:
+            # Read nothing until there is somewhere to send it.
+            half.transport.pause_reading()
+            self.proxy._relays.add(self)
+            self.service.relays.add(self)
+            self.service.stats.accepted += 1
+            self.proxy._spawn(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            await self._try_endpoints()
+        finally:
+            self.connecting = False
+            self._maybe_finish()
+
+    async def _try_endpoints(self) -> None:
+        service, balancer, proxy = self.service, self.service.balancer, self.proxy
+        tried: list[str] = []
+        while len(tried) < CONNECT_ATTEMPTS and not self.client.lost:
+            endpoint = balancer.pick(exclude=tried, now=proxy.clock())
+            if endpoint is None:
+                break
+            tried.append(endpoint.vnode)
+            upstream = _Half(self)
+            upstream.peer, self.client.peer = self.client, upstream
+            self.upstream, self.endpoint = upstream, endpoint
+            balancer.acquire(endpoint.vnode)
+            try:
+                # asyncio.timeout, not wait_for: no extra task per connection.
+                async with asyncio.timeout(proxy.connect_timeout):
+                    await proxy._loop.create_connection(lambda: upstream, endpoint.address, endpoint.port)
+            except (OSError, TimeoutError) as exc:
+                self._detach(upstream)
+                balancer.mark_failed(endpoint.vnode, proxy.clock() + proxy.fail_timeout)
+                service.stats.connect_failures += 1
+                log.warning("service %s: cannot connect to %s at %s:%d: %s", service.name, endpoint.vnode,
+                            endpoint.address, endpoint.port, _describe(exc, proxy.connect_timeout))
+                continue
+            balancer.mark_ok(endpoint.vnode)
+            service.stats.relayed += 1
+            service.stats.failovers += len(tried) > 1
+            service.stats.per_endpoint[endpoint.vnode] = service.stats.per_endpoint.get(endpoint.vnode, 0) + 1
+            if self.client.lost:
+                upstream.transport.close()
+            elif not upstream.lost:
+                held, self.client.held = self.client.held, None
+                if held:
+                    upstream.transport.write(b"".join(held))
+                if self.client.eof:
+                    self.half_eof(self.client)
+                else:
+                    self.client.transport.resume_reading()
+            return
+        service.stats.refused += 1
+        if not tried:
+            service.note_no_endpoint()
+        self.client.peer = None
+        if not self.client.lost:
+            self.client.transport.close()
+
+    def _detach(self, upstream: _Half) -> None:
+        upstream.peer, upstream.held = None, []
+        if upstream.transport is not None:
+            # Made just as the timeout struck: it must not touch the client.
+            upstream.transport.abort()
+        self.service.balancer.release(self.endpoint.vnode)
+        self.upstream = self.endpoint = None
+        self.client.peer = None
+
+    def half_eof(self, half: _Half) -> None:
+        if half is not self.client and half is not self.upstream:
+            return
+        other = half.peer
+        if other is None or other.transport is None or other.transport.is_closing():
+            return
+        if half.eof and other.eof:
+            # Both directions ended: close() still flushes what is buffered.
+            half.transport.close()
+            other.transport.close()
+        elif other.transport.can_write_eof():
+            other.transport.write_eof()
+        else:
+            other.transport.close()
+
+    def half_lost(self, half: _Half) -> None:
+        if half is not self.client and half is not self.upstream:
+            return
+        other = half.peer
+        if other is not None and other.transport is not None and not other.transport.is_closing():
+            other.transport.close()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.done or self.connecting:
+            return
+        if not self.client.lost and self.upstream is not None and self.upstream.lost:
+            # The virtual node hung up before we relayed: hang up on the client.
+            if not self.client.transport.is_closing():
+                self.client.transport.close()
+            return
+        if self.client.lost and (self.upstream is None or self.upstream.lost):
+            self.done = True
+            if self.endpoint is not None:
+                self.service.balancer.release(self.endpoint.vnode)
+            self.service.relays.discard(self)
+            self.proxy._relay_finished(self)
+
+    def abort(self) -> None:
+        for half in (self.client, self.upstream):
+            if half is not None and half.transport is not None:
+                half.transport.abort()
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, OSError):
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return str(exc)
+
+
+class _Service:
+    """One service's listener, balancer, live connections and counters."""
+
+    def __init__(self, name: str, policy: str):
+        self.name = name
+        self.listen = ""
+        self.balancer = Balancer(policy)
+        self.server: asyncio.AbstractServer | None = None
+        self.bind_error = ""
+        self.retry: asyncio.TimerHandle | None = None
+        self.relays: set[_Relay] = set()
+        self.stats = ServiceStats()
+        self._warned_empty = False
+
+    def note_no_endpoint(self) -> None:
+        if not self._warned_empty:
+            self._warned_empty = True
+            log.warning("service %s: no ready virtual node; closing client connections until one is ready",
+                        self.name)
+
+    def endpoints_changed(self) -> None:
+        if self.balancer.endpoints:
+            self._warned_empty = False
+
+
+class Proxy:
+    """All services' listeners and relays on one event loop."""
+
+    def __init__(self, *, connect_timeout: float = CONNECT_TIMEOUT, fail_timeout: float = FAIL_TIMEOUT,
+                 listen_hosts: Collection[str] = (), bind_retry_seconds: float = BIND_RETRY_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.connect_timeout = connect_timeout
+        self.fail_timeout = fail_timeout
+        # Empty: any host. Otherwise a service may only listen on these hosts,
+        # so that a spec cannot make the Switch bind an address it should not.
+        self.listen_hosts = frozenset(listen_hosts)
+        self.bind_retry_seconds = bind_retry_seconds
+        self.clock = clock
+        self._services: dict[str, _Service] = {}
+        self._relays: set[_Relay] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._idle: asyncio.Event | None = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- the control side -------------------------------------------------
+    async def apply(self, es: EndpointSet) -> None:
+        """Make service `es.service` look like `es`: deleted or without a listen
+        address -> no listener; otherwise listen there and route to its ready
+        virtual nodes by its policy."""
+        self._loop = asyncio.get_running_loop()
+        if self._closed:
+            return
+        if es.deleted or not es.listen:
+            await self.remove(es.service)
+            return
+        svc = self._services.get(es.service)
+        policy = es.policy or DEFAULT_POLICY
+        if svc is None:
+            svc = self._services[es.service] = _Service(es.service, DEFAULT_POLICY)
+        try:
+            svc.balancer.set_policy(policy)
+        except InvalidSpec:
+            log.warning("service %s: unknown policy %r, using %s", es.service, policy, svc.balancer.policy)
+        svc.balancer.update(es.endpoints)
+        svc.endpoints_changed()
+        log.info("service %s: listen %s, policy %s, routing to %s", es.service, es.listen,
+                 svc.balancer.policy, _describe_endpoints(svc.balancer.endpoints) or "nothing (no ready node)")
+        if es.listen != svc.listen or svc.server is None:
+            await self._bind(svc, es.listen)
+
+    async def remove(self, name: str) -> None:
+        svc = self._services.pop(name, None)
+        if svc is None:
+            return
+        self._unbind(svc)
+        log.info("service %s removed: listener closed, %d connection(s) left to finish",
+                 name, len(svc.relays))
+
+    async def _bind(self, svc: _Service, listen: str) -> None:
+        self._unbind(svc)
+        svc.listen = listen
+        try:
+            host, port = split_listen(listen)
+            if self.listen_hosts and host not in self.listen_hosts:
+                raise InvalidSpec(f"host {host} is not in this Switch's listen_hosts "
+                                  f"({', '.join(sorted(self.listen_hosts))})")
+            svc.server = await self._loop.create_server(
+                lambda: _Relay(self, svc).client, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
+        except InvalidSpec as exc:
+            # A spec problem does not fix itself: wait for the next update.
+            svc.bind_error = str(exc)
+            log.error("service %s: not listening on %s: %s", svc.name, listen, exc)
+            return
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+            level = logging.DEBUG if error == svc.bind_error else logging.ERROR
+            log.log(level, "service %s: cannot listen on %s: %s (retrying every %g s)",
+                    svc.name, listen, error, self.bind_retry_seconds)
+            svc.bind_error = error
+            svc.retry = self._loop.call_later(self.bind_retry_seconds, self._retry_bind, svc)
+            return
+        if svc.bind_error:
+            log.info("service %s: now listening on %s", svc.name, listen)
+        else:
+            log.debug("service %s: listening on %s", svc.name, listen)
+        svc.bind_error = ""
+
+    def _retry_bind(self, svc: _Service) -> None:
+        svc.retry = None
+        if self._services.get(svc.name) is svc and svc.server is None and not self._closed:
+            self._spawn(self._bind(svc, svc.listen))
+
+    def _unbind(self, svc: _Service) -> None:
+        if svc.retry is not None:
+            svc.retry.cancel()
+            svc.retry = None
+        if svc.server is not None:
+            # Stops accepting; relays already running are not touched.
+            svc.server.close()
+            svc.server = None
+
+    async def close(self, drain_seconds: float = 5.0) -> None:
+        """Stop listening everywhere, give open connections `drain_seconds`
+        to finish, then cut the rest."""
+        self._closed = True
+        for svc in list(self._services.values()):
+            self._unbind(svc)
+        self._services.clear()
+        if self._relays and drain_seconds > 0:
+            log.info("waiting up to %g s for %d connection(s) to finish", drain_seconds, len(self._relays))
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_seconds)
+            except asyncio.TimeoutError:
+                pass
+        if self._relays:
+            log.info("closing %d connection(s) still open", len(self._relays))
+        for relay in list(self._relays):
+            relay.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        # Let the transports deliver connection_lost.
+        await asyncio.sleep(0)
+
+    # ---- introspection -----------------------------------------------------
+    def services(self) -> dict[str, dict]:
+        """What each service looks like now (for logs and tests)."""
+        return {name: {"listen": svc.listen, "listening": svc.server is not None,
+                       "bind_error": svc.bind_error, "policy": svc.balancer.policy,
+                       "endpoints": [e.vnode for e in svc.balancer.endpoints],
+                       "active": {e.vnode: svc.balancer.active(e.vnode) for e in svc.balancer.endpoints},
+                       "connections": len(svc.relays), "stats": svc.stats}
+                for name, svc in self._services.items()}
+
+    def active_connections(self) -> int:
+        return len(self._relays)
+
+    # ---- internals ---------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("switch task failed", exc_info=task.exception())
+
+    def _relay_finished(self, relay: _Relay) -> None:
+        self._relays.discard(relay)
+        if self._idle is not None and not self._relays:
+            self._idle.set()
+
+
+def _describe_endpoints(endpoints: tuple[Endpoint, ...]) -> str:
+    return ", ".join(f"{e.vnode}={e.address}:{e.port} (weight {e.weight:g})" for e in endpoints)

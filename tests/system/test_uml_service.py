@@ -1,0 +1,212 @@
+"""Real User-Mode Linux guests end to end: Master, Daemon, Agent and Switch as
+processes, one physical node whose guest network lives in a namespace this
+test creates. Results are checked outside the code under test: HTTP answers
+through the Switch, cgroup files, `tc -j`, /proc and `ip link`."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import urllib.request
+import uuid
+
+import pytest
+
+from soda.agent.network import short_name
+from tests.support import free_port
+from tests.system.cluster import wait_until
+
+pytestmark = [pytest.mark.root, pytest.mark.guest]
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CGROUP = "/sys/fs/cgroup"
+
+if os.geteuid() != 0:
+    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
+if not os.path.exists("/dev/net/tun"):
+    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+
+
+def htb_rates(netns, dev):
+    """The HTB class rates tc reports for `dev` (this iproute2 prints HTB
+    classes as text even with -j)."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "tc", "class", "show", "dev", dev],
+                         capture_output=True, text=True, check=True).stdout
+    return re.findall(r"class htb \S+ .*?rate (\S+)", out)
+
+
+def ns_links(netns):
+    out = subprocess.run(["ip", "-j", "-n", netns, "link", "show"], capture_output=True, text=True, check=True)
+    return {link["ifname"] for link in json.loads(out.stdout)}
+
+
+def read(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def guest_records(cluster, agent):
+    """pid and argv of every guest the Agent's UML driver recorded."""
+    root = os.path.join(cluster.agent_dir(agent), "uml")
+    found = {}
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            path = os.path.join(root, name, "guest.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    found[name] = json.load(f)
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def fetch(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("image") / "rootfs.img")
+    subprocess.run([os.path.join(TOP, "scripts", "build-rootfs"), out], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture
+def uml_node(cluster, rootfs):
+    tag = uuid.uuid4().hex[:6]
+    netns, parent = f"sodas-{tag}", f"soda-test-{tag}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    pids_seen = set()
+    try:
+        cluster.start_master()
+        socket_path = cluster.start_daemon("node-a", netns, parent)
+        cluster.start_real_agent("node-a", netns, socket_path)
+        cluster.start_switch()
+        wait_until(lambda: cluster.ready_nodes() == ["node-a"], 30, what="the Agent to register")
+        cluster.ctl("image", "push", rootfs, "--name", "busybox-httpd")
+        cluster.netns, cluster.cgroup_parent = netns, parent
+        cluster.guest_pids = pids_seen
+        yield cluster
+    finally:
+        try:
+            for svc in cluster.json("service", "list"):
+                cluster.ctl("service", "delete", svc["name"], "--wait", "--timeout", "60", check=False)
+        except Exception:  # noqa: BLE001 - teardown goes on whatever happened
+            pass
+        for record in guest_records(cluster, "node-a").values():
+            pids_seen.add(record["pid"])
+        cluster.close()
+        # Only pids this test's Agent recorded; then the cgroups and namespace it made.
+        for pid in pids_seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for controller in os.listdir(CGROUP):
+            path = os.path.join(CGROUP, controller, parent)
+            if os.path.isdir(path):
+                for child in os.listdir(path):
+                    if os.path.isdir(os.path.join(path, child)):
+                        for pid in read(os.path.join(path, child, "cgroup.procs")).split():
+                            os.kill(int(pid), signal.SIGKILL)
+                        wait_until(lambda: not read(os.path.join(path, child, "cgroup.procs")), 10,
+                                   what="the cgroup to empty")
+                        os.rmdir(os.path.join(path, child))
+                os.rmdir(path)
+        subprocess.run(["ip", "link", "del", short_name("su", netns)], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_two_guests_serve_1_to_2_fenced_and_leave_nothing(uml_node):
+    c = uml_node
+    port = free_port()
+    c.ctl("service", "create", "web", "--image", "busybox-httpd", "--hypervisor", "uml", "--nodes", "2",
+          "--cpu", "0.5,1.0", "--memory", "64", "--bandwidth", "10", "--switch", f"127.0.0.1:{port}",
+          "--wait", "--timeout", "120", timeout=180)
+    svc = c.json("service", "get", "web")
+    assert [v["phase"] for v in svc["vnodes"]] == ["RUNNING", "RUNNING"]
+    records = guest_records(c, "node-a")
+    assert set(records) == {"web-0", "web-1"}
+    c.guest_pids.update(r["pid"] for r in records.values())
+
+    # 60 requests through the Switch split about 1:2 by CPU share.
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: _answers(url), 30, what="the Switch to serve web")
+    counts = {"web-0": 0, "web-1": 0}
+    for _ in range(60):
+        page = fetch(url)
+        counts["web-0" if "web-0" in page else "web-1"] += 1
+    assert 15 <= counts["web-0"] <= 25 and 35 <= counts["web-1"] <= 45, counts
+
+    # The fence, read from the kernel.
+    for vnode, shares in (("web-0", 512), ("web-1", 1024)):
+        cpu = os.path.join(CGROUP, "cpu", c.cgroup_parent, vnode)
+        assert int(read(os.path.join(cpu, "cpu.shares"))) == shares
+        assert int(read(os.path.join(cpu, "cpu.cfs_quota_us"))) == -1          # no hard cap asked
+        memory = os.path.join(CGROUP, "memory", c.cgroup_parent, vnode)
+        limit = int(read(os.path.join(memory, "memory.limit_in_bytes")))
+        assert 64 << 20 < limit <= (64 + 64) << 20
+        pid = records[vnode]["pid"]
+        assert str(pid) in read(os.path.join(cpu, "cgroup.procs")).split()
+        assert str(pid) in read(os.path.join(memory, "cgroup.procs")).split()
+    taps = {link for link in ns_links(c.netns) if link.startswith("st")}
+    ifbs = {link for link in ns_links(c.netns) if link.startswith("ifb-")}
+    assert len(taps) == 2 and len(ifbs) == 2
+    for dev in taps | ifbs:              # to the guest on the TAP, from it on the IFB
+        assert htb_rates(c.netns, dev) == ["10Mbit"], (dev, htb_rates(c.netns, dev))
+
+    c.ctl("service", "delete", "web", "--wait", "--timeout", "60", timeout=90)
+    assert c.json("service", "list") == []
+    for record in records.values():
+        assert not alive(record["pid"])
+    assert guest_records(c, "node-a") == {}
+    leftovers = [n for n in ns_links(c.netns) if n.startswith(("st", "ifb", "sf"))]
+    assert leftovers == []
+    for controller in ("cpu", "cpuacct", "memory", "pids"):
+        path = os.path.join(CGROUP, controller, c.cgroup_parent)
+        assert not os.path.isdir(path) or not [d for d in os.listdir(path)
+                                                if os.path.isdir(os.path.join(path, d))]
+    cow = [f for f in _files(c.agent_dir("node-a")) if f.endswith(".cow")]
+    assert cow == []
+
+
+def test_agent_kill_9_adopts_running_guests(uml_node):
+    c = uml_node
+    port = free_port()
+    c.ctl("service", "create", "web", "--image", "busybox-httpd", "--hypervisor", "uml", "--nodes", "2",
+          "--cpu", "0.5", "--memory", "64", "--switch", f"127.0.0.1:{port}", "--wait", "--timeout", "120",
+          timeout=180)
+    before = {name: r["pid"] for name, r in guest_records(c, "node-a").items()}
+    c.guest_pids.update(before.values())
+    c.kill("node-a", signal.SIGKILL)
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: _answers(url), 30, what="the guests to serve without their Agent")
+    c.start_real_agent("node-a", c.netns, os.path.join(c.root, "node-a-daemon.sock"))
+    wait_until(lambda: "node-a" in c.log("node-a") and _phases(c) == ["RUNNING", "RUNNING"], 30,
+               what="the restarted Agent to report its guests")
+    after = {name: r["pid"] for name, r in guest_records(c, "node-a").items()}
+    assert after == before and all(alive(p) for p in after.values())
+    assert "SODA virtual node" in fetch(url)
+
+
+def _phases(c):
+    return [v["phase"] for v in c.json("service", "get", "web")["vnodes"]]
+
+
+def _answers(url):
+    try:
+        return "SODA virtual node" in fetch(url, timeout=2)
+    except OSError:
+        return False
+
+
+def _files(root):
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            yield os.path.join(dirpath, name)
+

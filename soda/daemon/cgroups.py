@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from soda import errors
-from soda.daemon.plan import Limits
+from soda.model import Limits
 from soda.model import NODE_NAME_MAX, check_dns_label
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")

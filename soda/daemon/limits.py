@@ -19,30 +19,13 @@ from typing import Callable
 from soda import errors, model
 from soda.daemon.cgroups import CgroupBackend, CgroupUsage
 from soda.daemon.config import DaemonConfig
-from soda.daemon.plan import Limits, plan
+from soda.daemon.plan import plan
+from soda.model import Fence, Released
 from soda.daemon.tc import Shaper, TrafficCounters, check_link_name
 
 log = logging.getLogger(__name__)
 
 KILL_POLL_SECONDS = 0.02
-
-
-@dataclass(frozen=True)
-class Fence:
-    """One fenced virtual node as the kernel has it."""
-    name: str
-    cgroups: tuple[str, ...]
-    cgroup_version: str
-    limits: Limits
-    tap: str = ""
-    ifb: str = ""
-
-
-@dataclass(frozen=True)
-class Released:
-    name: str
-    existed: bool
-    killed: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ it blindly) and does no I/O: cgroups.py and tc.py write what it decides.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
 
 from soda import model
 from soda.daemon.config import DaemonConfig
 from soda.errors import InvalidSpec
+from soda.model import Limits
 
 MIB = 1 << 20
 # cpu.shares per core: the kernel's default weight of one task group.
@@ -24,17 +25,6 @@ MIN_SHARES = 2
 MAX_SHARES = 1 << 18
 MIN_QUOTA_US = 1000
 NO_QUOTA = -1
-
-
-@dataclass(frozen=True)
-class Limits:
-    cpu_shares: int
-    cpu_quota_us: int        # NO_QUOTA = not capped
-    cpu_period_us: int
-    memory_bytes: int
-    pids_max: int            # 0 = unlimited
-    rate_bit: int            # bit/s each way; 0 = not shaped
-    burst_bytes: int         # 0 when not shaped
 
 
 def headroom_mib(hypervisor: str, cfg: DaemonConfig) -> int:

@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 from concurrent import futures
 
 import grpc

@@ -49,28 +49,40 @@ def sha256_file(path: str, progress: ProgressFn | None = None) -> str:
     return "sha256:" + h.hexdigest()
 
 
-class MasterClient:
-    def __init__(self, target: str = DEFAULT_MASTER, timeout: float = UNARY_TIMEOUT):
+class StubClient:
+    """A channel, a stub, and unary calls that raise SodaError: what every
+    SODA client shares. `peer` and `where` name the server in errors."""
+
+    peer = "SODA Master"
+
+    def __init__(self, target: str, stub_class, timeout: float = UNARY_TIMEOUT, where: str = ""):
         self.target = target
         self.timeout = timeout
+        self.where = where or target
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.MasterStub(self._channel)
+        self._stub = stub_class(self._channel)
 
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "MasterClient":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- plumbing -----------------------------------------------------
     def _call(self, method: str, request, timeout: float | None = None):
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from None
+            raise from_rpc_error(exc, self.where, peer=self.peer) from None
+
+
+class MasterClient(StubClient):
+    def __init__(self, target: str = DEFAULT_MASTER, timeout: float = UNARY_TIMEOUT):
+        super().__init__(target, pb_grpc.MasterStub, timeout)
+
+    # ---- plumbing -----------------------------------------------------
 
     def _stream(self, method: str, request) -> Iterator:
         call = getattr(self._stub, method)(request)

@@ -16,40 +16,11 @@ from soda import errors, model
 from soda.proto.v1 import daemon_pb2 as pb
 from soda.proto.v1 import daemon_pb2_grpc as pb_grpc
 from soda.rpc import convert
-from soda.rpc.errors import from_rpc_error
+from soda.rpc.client import StubClient
+from soda.model import Fence, Limits, Released
 
 DEFAULT_SOCKET = "/run/soda/daemon.sock"
 UNARY_TIMEOUT = 30.0          # a release may spend seconds killing a guest's processes
-
-
-@dataclass(frozen=True)
-class Limits:
-    cpu_shares: int = 0
-    cpu_quota_us: int = -1     # -1 = no cap
-    cpu_period_us: int = 0
-    memory_bytes: int = 0
-    pids_max: int = 0          # 0 = unlimited
-    rate_bit: int = 0          # 0 = not shaped
-    burst_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class Fence:
-    """A fenced virtual node: the guest process joins every dir in `cgroups`
-    (writes its pid to <dir>/cgroup.procs) before it execs the hypervisor."""
-    name: str
-    cgroups: tuple[str, ...]
-    cgroup_version: str
-    limits: Limits
-    tap: str = ""
-    ifb: str = ""
-
-
-@dataclass(frozen=True)
-class Released:
-    name: str
-    existed: bool
-    killed: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,29 +54,13 @@ def _usage_from_pb(m: pb.Usage) -> VnodeUsage:
     return VnodeUsage(**{f: getattr(m, f) for f in VnodeUsage.__dataclass_fields__})
 
 
-class DaemonClient:
+class DaemonClient(StubClient):
+    peer = "SODA Daemon"
+
     def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = UNARY_TIMEOUT):
         path = socket_path[len("unix:"):] if socket_path.startswith("unix:") else socket_path
         self.socket_path = os.path.abspath(path)
-        self.target = f"unix:{self.socket_path}"
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target)
-        self._stub = pb_grpc.DaemonStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> "DaemonClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _call(self, method: str, request, timeout: float | None = None):
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.socket_path, peer="SODA Daemon") from None
+        super().__init__(f"unix:{self.socket_path}", pb_grpc.DaemonStub, timeout, where=self.socket_path)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the Daemon accepts calls (e.g. right after it was started)."""

@@ -4,7 +4,7 @@ import pytest
 
 from soda import model
 from soda.errors import AlreadyExists, NotFound
-from soda.master.store import SCHEMA_VERSION, SqliteStore, open_store
+from soda.master.store import SCHEMA_VERSION, open_store
 
 
 def make_service(name="web", n=2):

@@ -35,6 +35,10 @@ class GuestPlumbing:
     def prepare(self, want: VirtualNode, hypervisor: str) -> dict:
         return {}
 
+    def update(self, want: VirtualNode, hypervisor: str) -> None:
+        """Apply changed limits to a running guest, live."""
+        return None
+
     def release(self, name: str, hypervisor: str) -> None:
         return None
 
@@ -57,6 +61,13 @@ class NodePlumbing(GuestPlumbing):
             self.release(want.name, hypervisor)
             raise
         return {"tap": tap, "netns": self.network.netns, "cgroups": tuple(cgroups)}
+
+    def update(self, want: VirtualNode, hypervisor: str) -> None:
+        # ApplyLimits is idempotent and changes cgroup values and HTB rates
+        # in place: the guest keeps running.
+        if hypervisor in REAL_HYPERVISORS and self.daemon is not None:
+            self.daemon.apply_limits(want.name, want.resources, hypervisor,
+                                     self.network.ensure_tap(want.name))
 
     def release(self, name: str, hypervisor: str) -> None:
         if hypervisor not in REAL_HYPERVISORS:

@@ -39,7 +39,7 @@ from soda.agent.plumbing import GuestPlumbing
 from soda.errors import SodaError, WrongState
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
-from soda.model import HYPERVISOR_PREFERENCE, Phase, VirtualNode, VirtualNodeStatus
+from soda.model import HYPERVISOR_PREFERENCE, Phase, Resources, VirtualNode, VirtualNodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ class Reconciler:
         self._status: dict[str, VirtualNodeStatus] = {}
         self._retry: dict[str, _Retry] = {}
         self._running_since: dict[str, float] = {}
+        # Resources whose limits are in force per guest. Empty after a
+        # restart, so adopted guests get their limits applied again (the
+        # Daemon's apply is idempotent).
+        self._applied: dict[str, Resources] = {}
         self._busy: set[str] = set()
         self._fatal: BaseException | None = None
         self._closing = threading.Event()
@@ -224,6 +228,9 @@ class Reconciler:
         generation = want.generation if want else info.generation
         current = self._status.get(name)
         if info.state == GUEST_RUNNING:
+            if want is not None and info.ready and self._applied.get(name) != want.resources \
+                    and name not in self._busy:
+                self._submit_update(want, info)
             if current is not None and current.phase == Phase.RUNNING:
                 since = self._running_since.get(name, now)
                 if name in self._retry and now - since >= self._backoff_reset:
@@ -266,6 +273,10 @@ class Reconciler:
         self._busy.add(want.name)
         self._track(want.name, self._boots.submit(self._start, want))
 
+    def _submit_update(self, want: VirtualNode, info: GuestInfo) -> None:
+        self._busy.add(want.name)
+        self._track(want.name, self._stops.submit(self._update_limits, want))
+
     def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
         self._busy.add(name)
         self._track(name, self._stops.submit(self._stop, name, driver_name, generation))
@@ -306,6 +317,8 @@ class Reconciler:
                 driver.stop(name, self._stop_timeout)
                 self._plumbing.release(name, driver_name)
             extras = self._plumbing.prepare(want, driver_name)
+            with self._cond:
+                self._applied[name] = want.resources
             driver.start(self._guest_spec(want, path, driver_name, **extras))
         except (SodaError, OSError) as exc:
             self._release(name, driver_name)
@@ -332,6 +345,20 @@ class Reconciler:
             self._running_since[name] = now
             self._record(name, Phase.RUNNING, "", generation, boot_seconds=now - began)
         log.info("virtual node %s running (booted in %.2fs)", name, now - began)
+
+    def _update_limits(self, want: VirtualNode) -> None:
+        """New CPU or bandwidth for a running guest, applied without a restart
+        (the Master bumps the generation, and so restarts, only for changes
+        that need a new boot: memory, disk, image, hypervisor)."""
+        driver_name = self._driver_for(want)
+        try:
+            self._plumbing.update(want, driver_name)
+        except (SodaError, OSError) as exc:
+            log.warning("applying new limits to %s failed, retrying: %s", want.name, exc)
+            return
+        with self._cond:
+            self._applied[want.name] = want.resources
+        log.info("limits of %s now %s", want.name, want.resources.as_dict())
 
     def _stop(self, name: str, driver_name: str, generation: int) -> None:
         self._set(name, Phase.STOPPING, "", generation)
@@ -417,6 +444,7 @@ class Reconciler:
         self._record(name, Phase.FAILED, f"{reason} (retry in {delay:g}s)", generation)
 
     def _forget(self, name: str) -> None:
+        self._applied.pop(name, None)
         self._status.pop(name, None)
         self._retry.pop(name, None)
         self._running_since.pop(name, None)

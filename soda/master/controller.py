@@ -214,10 +214,15 @@ class Controller:
                 for r in ("cpu", "memory", "bandwidth", "disk"):
                     if getattr(free, r) < -1e-9:
                         raise NoCapacity(f"not enough {r} on {v.node} to grow {v.name}", resource=r)
-            # The Agent applies a new generation by restarting the guest (until
-            # live limit changes land), so its phase starts over.
-            out.append(replace(v, resources=res, weight=model.share_weight(res),
-                               generation=v.generation + 1, phase=model.Phase.PENDING, reason=""))
+            if (res.memory, res.disk) == (v.resources.memory, v.resources.disk):
+                # CPU and bandwidth change live (the Daemon rewrites cgroup
+                # values and HTB rates): same generation, the guest runs on.
+                out.append(replace(v, resources=res, weight=model.share_weight(res)))
+            else:
+                # Memory and disk are fixed at boot: a new generation makes
+                # the Agent boot the guest again, so its phase starts over.
+                out.append(replace(v, resources=res, weight=model.share_weight(res),
+                                   generation=v.generation + 1, phase=model.Phase.PENDING, reason=""))
         return out
 
     # ---- nodes --------------------------------------------------------

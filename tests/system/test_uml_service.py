@@ -193,6 +193,18 @@ def test_agent_kill_9_adopts_running_guests(uml_node):
     assert after == before and all(alive(p) for p in after.values())
     assert "SODA virtual node" in fetch(url)
 
+    # CPU and bandwidth change live: new cgroup values and HTB rates, same guests.
+    c.ctl("service", "resize", "web", "--cpu", "0.25,1.0", "--bandwidth", "20", "--wait", timeout=60)
+
+    def applied():
+        shares = [int(read(os.path.join(CGROUP, "cpu", c.cgroup_parent, v, "cpu.shares")))
+                  for v in ("web-0", "web-1")]
+        rates = {tuple(htb_rates(c.netns, dev)) for dev in ns_links(c.netns) if dev.startswith(("st", "ifb-"))}
+        return shares == [256, 1024] and rates == {("20Mbit",)}
+    wait_until(applied, 20, what="the new limits in the kernel")
+    assert {name: r["pid"] for name, r in guest_records(c, "node-a").items()} == before
+    assert "SODA virtual node" in fetch(url)
+
 
 def _phases(c):
     return [v["phase"] for v in c.json("service", "get", "web")["vnodes"]]

@@ -440,3 +440,25 @@ def test_failed_plumbing_is_undone_and_reported(tmp_path, image):
     assert plumbing.calls == [("prepare", "web-0"), ("release", "web-0")]
     assert driver.list() == {}
     rec.close()
+
+
+def test_changed_cpu_is_applied_live_without_a_restart(tmp_path, image):
+    driver = FakeDriver(str(tmp_path / "state"), boot_seconds=0)
+    plumbing = RecordingPlumbing()
+    updates = []
+    plumbing.update = lambda want, hypervisor: updates.append((want.name, want.resources.cpu))
+    rec = Reconciler({"fake": driver}, RecordingReporter(), FakeImages(image), plumbing=plumbing)
+    rec.replace_desired([vnode("web-0")])
+    rec.reconcile_once()
+    wait_for(lambda: driver.is_ready("web-0"))
+    rec.reconcile_once()
+    assert updates == []                                   # limits already in force
+    from dataclasses import replace
+    grown = replace(vnode("web-0"), resources=Resources(cpu=1.0, memory=64, bandwidth=10, disk=64))
+    rec.upsert_desired([grown])
+    rec.reconcile_once()
+    wait_for(lambda: updates == [("web-0", 1.0)])
+    rec.reconcile_once()
+    assert updates == [("web-0", 1.0)]
+    assert driver._read_counters()["starts"]["web-0"] == 1   # never restarted
+    rec.close()

@@ -44,3 +44,15 @@ def stop_event_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def serve_until_stopped(server, stop: threading.Event) -> int:
+    """Start `server` (anything with start() and stop()), tell systemd we
+    are ready, wait for SIGTERM/SIGINT, stop gracefully. The exit status."""
+    server.start()
+    sd_notify("READY=1")
+    stop.wait()
+    sd_notify("STOPPING=1")
+    server.stop()
+    logging.getLogger("soda").info("stopped")
+    return 0

@@ -30,7 +30,7 @@ from soda.daemon.limits import LimitManager
 from soda.daemon.tc import NetlinkShaper, NetlinkThread
 from soda.errors import InvalidSpec, SodaError, WrongState
 from soda.proto.v1 import daemon_pb2, daemon_pb2_grpc
-from soda.service import sd_notify, setup_logging, stop_event_on_signals
+from soda.service import serve_until_stopped, setup_logging, stop_event_on_signals
 
 log = logging.getLogger("soda.daemon")
 
@@ -161,13 +161,7 @@ def main(argv=None) -> int:
     except (SodaError, OSError) as exc:
         print(f"soda-daemon: error: {exc}", file=sys.stderr)
         return 1
-    server.start()
-    sd_notify("READY=1")
-    stop.wait()
-    sd_notify("STOPPING=1")
-    server.stop()
-    log.info("stopped")
-    return 0
+    return serve_until_stopped(server, stop)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from soda.master.membership import MembershipLoop
 from soda.master.notifier import Notifier
 from soda.master.store import open_store
 from soda.proto.v1 import master_pb2, master_pb2_grpc
-from soda.service import sd_notify, setup_logging, stop_event_on_signals
+from soda.service import serve_until_stopped, setup_logging, stop_event_on_signals
 
 log = logging.getLogger("soda.master")
 
@@ -104,19 +104,10 @@ def main(argv=None) -> int:
         setup_logging(cfg.log_level, "soda-master")
         stop = stop_event_on_signals()
         server = MasterServer(cfg)
-    except SodaError as exc:
+    except (SodaError, OSError) as exc:
         print(f"soda-master: error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"soda-master: error: {exc}", file=sys.stderr)
-        return 1
-    server.start()
-    sd_notify("READY=1")
-    stop.wait()
-    sd_notify("STOPPING=1")
-    server.stop()
-    log.info("stopped")
-    return 0
+    return serve_until_stopped(server, stop)
 
 
 if __name__ == "__main__":

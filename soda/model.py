@@ -92,11 +92,13 @@ class ServiceSpec:
     hypervisor: str = ""
     port: int = DEFAULT_PORT
     switch: SwitchSpec = field(default_factory=SwitchSpec)
+    # CPU as a hard cap (CFS quota) on top of the proportional share.
+    cpu_cap: bool = False
 
     def as_dict(self) -> dict:
         return {
             "name": self.name, "image": self.image, "hypervisor": self.hypervisor,
-            "nodes": self.nodes, "port": self.port,
+            "nodes": self.nodes, "port": self.port, "cpu_cap": self.cpu_cap,
             "resources": resource_columns(self.resources),
             "switch": {"listen": self.switch.listen, "policy": self.switch.policy},
         }
@@ -130,6 +132,7 @@ class VirtualNode:
     boot_seconds: float = 0.0
     deleting: bool = False
     generation: int = 1
+    cpu_cap: bool = False
 
     def with_status(self, phase: Phase, reason: str = "", boot_seconds: float | None = None) -> "VirtualNode":
         return replace(self, phase=phase, reason=reason,
@@ -278,7 +281,7 @@ def check_listen(listen: Any) -> str:
     return listen
 
 
-_SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "switch"}
+_SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap"}
 _SWITCH_FIELDS = {"listen", "policy"}
 
 
@@ -319,8 +322,13 @@ def parse_spec(data: Any) -> ServiceSpec:
     policy = switch.get("policy") or DEFAULT_POLICY
     if policy not in POLICIES:
         raise InvalidSpec(f"unknown switch policy {policy!r} (known: {', '.join(POLICIES)})")
+    cpu_cap = data.get("cpu_cap", False)
+    if cpu_cap is None:
+        cpu_cap = False
+    if not isinstance(cpu_cap, bool):
+        raise InvalidSpec(f"cpu_cap must be true or false, got {cpu_cap!r}")
     return ServiceSpec(
-        name=name, image=image, nodes=nodes, hypervisor=hypervisor, port=port,
+        name=name, image=image, nodes=nodes, hypervisor=hypervisor, port=port, cpu_cap=cpu_cap,
         resources=expand_resources(nodes, resources),
         switch=SwitchSpec(listen=check_listen(switch.get("listen")), policy=policy))
 
@@ -332,7 +340,7 @@ def validate_spec(spec: ServiceSpec) -> ServiceSpec:
                           "nodes; give one per virtual node")
     return parse_spec({
         "name": spec.name, "image": spec.image, "hypervisor": spec.hypervisor,
-        "nodes": spec.nodes, "port": spec.port,
+        "nodes": spec.nodes, "port": spec.port, "cpu_cap": spec.cpu_cap,
         "resources": {key: [getattr(r, key) for r in spec.resources] for key in RESOURCE_BOUNDS},
         "switch": {"listen": spec.switch.listen, "policy": spec.switch.policy},
     })

@@ -25,7 +25,7 @@ REAL_HYPERVISORS = ("uml", "qemu")
 class Daemon(Protocol):
     """The Daemon as the Agent sees it (soda.rpc.daemon_client.DaemonClient):
     apply_limits returns the fence, whose `cgroups` the guest must join."""
-    def apply_limits(self, name: str, resources, hypervisor: str, tap: str): ...
+    def apply_limits(self, name: str, resources, hypervisor: str, tap: str, cpu_cap: bool = False): ...
     def release_limits(self, name: str): ...
 
 
@@ -55,7 +55,8 @@ class NodePlumbing(GuestPlumbing):
             return {}
         try:
             tap = self.network.ensure_tap(want.name)
-            cgroups = (self.daemon.apply_limits(want.name, want.resources, hypervisor, tap).cgroups
+            cgroups = (self.daemon.apply_limits(want.name, want.resources, hypervisor, tap,
+                                                cpu_cap=want.cpu_cap).cgroups
                        if self.daemon is not None else ())
         except SodaError:
             self.release(want.name, hypervisor)
@@ -67,7 +68,7 @@ class NodePlumbing(GuestPlumbing):
         # in place: the guest keeps running.
         if hypervisor in REAL_HYPERVISORS and self.daemon is not None:
             self.daemon.apply_limits(want.name, want.resources, hypervisor,
-                                     self.network.ensure_tap(want.name))
+                                     self.network.ensure_tap(want.name), cpu_cap=want.cpu_cap)
 
     def release(self, name: str, hypervisor: str) -> None:
         if hypervisor not in REAL_HYPERVISORS:

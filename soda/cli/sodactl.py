@@ -259,13 +259,16 @@ def service() -> None:
               help="Address where the Service Switch listens for this service's clients.")
 @click.option("--policy", type=click.Choice(model.POLICIES),
               help=f"How the Switch spreads connections (default {model.DEFAULT_POLICY}).")
+@click.option("--cpu-cap/--no-cpu-cap", "cpu_cap", default=None,
+              help="Also cap each virtual node's CPU at its cores (a hard limit); by default "
+                   "CPU is a proportional share that may use idle cycles.")
 @wait_options("every virtual node is running")
 @output_option
 @click.pass_obj
 def service_create(session: Session, name: str | None, spec_file: str | None, image: str | None,
                    nodes: int | None, cpu: str | None, memory: str | None, bandwidth: str | None,
                    disk: str | None, port: int | None, hypervisor: str | None, listen: str | None,
-                   policy: str | None, wait: bool, timeout: float) -> None:
+                   policy: str | None, cpu_cap: bool | None, wait: bool, timeout: float) -> None:
     """Create service NAME from flags, or from a YAML spec with -f.
 
     \b
@@ -281,7 +284,7 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
         data = specs.load_spec_file(spec_file, sys.stdin)
     data = specs.apply_overrides(
         data, name=name, image=image, nodes=nodes, port=port, hypervisor=hypervisor,
-        listen=listen, policy=policy,
+        listen=listen, policy=policy, cpu_cap=cpu_cap,
         resources=resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk))
     try:
         spec = model.parse_spec(data)

@@ -79,11 +79,12 @@ def describe_yaml_error(exc: yaml.YAMLError) -> str:
 def apply_overrides(spec: Mapping[str, Any], *, name: str | None = None, image: str | None = None,
                     nodes: int | None = None, port: int | None = None, hypervisor: str | None = None,
                     listen: str | None = None, policy: str | None = None,
-                    resources: Mapping[str, PerNodeValue] | None = None) -> dict:
+                    resources: Mapping[str, PerNodeValue] | None = None,
+                    cpu_cap: bool | None = None) -> dict:
     """A copy of `spec` with every given flag (not None) replacing its field."""
     merged = dict(spec)
     for key, value in (("name", name), ("image", image), ("nodes", nodes), ("port", port),
-                       ("hypervisor", hypervisor)):
+                       ("hypervisor", hypervisor), ("cpu_cap", cpu_cap)):
         if value is not None:
             merged[key] = value
     merged["resources"] = _overlay(merged.get("resources"), resources or {})

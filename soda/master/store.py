@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS vnodes (
     cpu REAL NOT NULL, memory INTEGER NOT NULL, bandwidth INTEGER NOT NULL, disk INTEGER NOT NULL,
     weight REAL NOT NULL, image_digest TEXT NOT NULL, hypervisor TEXT NOT NULL, port INTEGER NOT NULL,
     phase INTEGER NOT NULL, reason TEXT NOT NULL, boot_seconds REAL NOT NULL,
-    deleting INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL);
+    deleting INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL,
+    cpu_cap INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS vnodes_by_node ON vnodes(node);
 CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 """
@@ -111,25 +112,26 @@ def _spec_from_json(text: str) -> model.ServiceSpec:
 
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
-                  "generation")
+                  "generation, cpu_cap")
 
 
 def _vnode_row(v: model.VirtualNode) -> tuple:
     r = v.resources
     return (v.name, v.service, v.index, v.node, v.address, v.prefix_length, v.gateway, r.cpu,
             r.memory, r.bandwidth, r.disk, v.weight, v.image_digest, v.hypervisor, v.port,
-            int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation)
+            int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation, int(v.cpu_cap))
 
 
 def _vnode_from_row(row) -> model.VirtualNode:
     (name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, disk, weight,
-     image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation) = row
+     image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap) = row
     return model.VirtualNode(
         name=name, service=service, index=idx, node=node, address=address,
         prefix_length=prefix_length, gateway=gateway,
         resources=model.Resources(cpu, memory, bandwidth, disk), weight=weight,
         image_digest=image_digest, hypervisor=hypervisor, port=port, phase=model.Phase(phase),
-        reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation)
+        reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation,
+        cpu_cap=bool(cpu_cap))
 
 
 class SqliteStore(StateStore):
@@ -259,7 +261,7 @@ class SqliteStore(StateStore):
                             int(service.deleting), service.created_at))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"service {service.name!r} already exists") from None
-            db.executemany(f"INSERT INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 20)})",
+            db.executemany(f"INSERT INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 21)})",
                            [_vnode_row(v) for v in service.vnodes])
 
     def _services(self, where: str = "", args: tuple = ()) -> list[model.Service]:
@@ -295,7 +297,7 @@ class SqliteStore(StateStore):
             if n == 0:
                 raise NotFound(f"no service named {service.name!r}")
             db.executemany("DELETE FROM vnodes WHERE name = ?", [(name,) for name in removed])
-            db.executemany(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 20)})",
+            db.executemany(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 21)})",
                            [_vnode_row(v) for v in service.vnodes])
 
     def mark_service_deleting(self, name: str) -> model.Service:
@@ -323,7 +325,7 @@ class SqliteStore(StateStore):
 
     def put_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None:
         with self._tx() as db:
-            db.executemany(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 20)})",
+            db.executemany(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 21)})",
                            [_vnode_row(v) for v in vnodes])
 
     def delete_vnodes(self, names: Iterable[str]) -> None:

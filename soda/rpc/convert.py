@@ -20,7 +20,7 @@ def resources_from_pb(m: pb.Resources) -> model.Resources:
 def spec_to_pb(s: model.ServiceSpec) -> pb.ServiceSpec:
     return pb.ServiceSpec(
         name=s.name, image=s.image, hypervisor=s.hypervisor, nodes=s.nodes, port=s.port,
-        resources=[resources_to_pb(r) for r in s.resources],
+        cpu_cap=s.cpu_cap, resources=[resources_to_pb(r) for r in s.resources],
         switch=pb.SwitchSpec(listen=s.switch.listen, policy=s.switch.policy))
 
 
@@ -28,7 +28,7 @@ def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
     """Structural decoding only; the Master validates with model.validate_spec."""
     return model.ServiceSpec(
         name=m.name, image=m.image, hypervisor=m.hypervisor, nodes=m.nodes, port=m.port,
-        resources=tuple(resources_from_pb(r) for r in m.resources),
+        cpu_cap=m.cpu_cap, resources=tuple(resources_from_pb(r) for r in m.resources),
         switch=model.SwitchSpec(listen=m.switch.listen, policy=m.switch.policy or model.DEFAULT_POLICY))
 
 
@@ -38,7 +38,7 @@ def vnode_to_pb(v: model.VirtualNode) -> pb.VirtualNode:
         prefix_length=v.prefix_length, gateway=v.gateway, resources=resources_to_pb(v.resources),
         weight=v.weight, image_digest=v.image_digest, hypervisor=v.hypervisor, port=v.port,
         phase=int(v.phase), reason=v.reason, boot_seconds=v.boot_seconds,
-        deleting=v.deleting, generation=v.generation)
+        deleting=v.deleting, generation=v.generation, cpu_cap=v.cpu_cap)
 
 
 def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
@@ -47,7 +47,7 @@ def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
         prefix_length=m.prefix_length, gateway=m.gateway, resources=resources_from_pb(m.resources),
         weight=m.weight, image_digest=m.image_digest, hypervisor=m.hypervisor, port=m.port,
         phase=model.Phase(m.phase), reason=m.reason, boot_seconds=m.boot_seconds,
-        deleting=m.deleting, generation=m.generation)
+        deleting=m.deleting, generation=m.generation, cpu_cap=m.cpu_cap)
 
 
 def service_to_pb(s: model.Service) -> pb.Service:

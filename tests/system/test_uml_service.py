@@ -222,3 +222,15 @@ def _files(root):
         for name in names:
             yield os.path.join(dirpath, name)
 
+
+
+def test_cpu_cap_sets_a_cfs_quota(uml_node):
+    c = uml_node
+    c.ctl("service", "create", "capped", "--image", "busybox-httpd", "--hypervisor", "uml", "--nodes", "1",
+          "--cpu", "0.25", "--cpu-cap", "--wait", "--timeout", "120", timeout=180)
+    c.guest_pids.update(r["pid"] for r in guest_records(c, "node-a").values())
+    cpu = os.path.join(CGROUP, "cpu", c.cgroup_parent, "capped-0")
+    assert int(read(os.path.join(cpu, "cpu.cfs_period_us"))) == 100_000
+    assert int(read(os.path.join(cpu, "cpu.cfs_quota_us"))) == 25_000
+    assert int(read(os.path.join(cpu, "cpu.shares"))) == 256
+    assert c.json("service", "get", "capped")["cpu_cap"] is True

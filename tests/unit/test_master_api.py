@@ -324,3 +324,13 @@ def test_health_and_reflection(master):
         assert "soda.proto.v1.Master" in names and "grpc.health.v1.Health" in names
     finally:
         channel.close()
+
+
+def test_cpu_cap_reaches_the_virtual_nodes(cluster):
+    svc = cluster.create_service(model.parse_spec({"name": "capped", "image": "busybox", "nodes": 2,
+                                                   "cpu_cap": True, "resources": {"cpu": 0.25}}))
+    assert svc.spec.cpu_cap and all(v.cpu_cap for v in svc.vnodes)
+    stream = cluster.watch_assignments(svc.vnodes[0].node)
+    kind, vnodes = next(stream)
+    assert all(v.cpu_cap for v in vnodes)
+    stream.close()

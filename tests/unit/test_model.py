@@ -75,3 +75,11 @@ def test_validate_spec_catches_mismatched_resource_count():
     from dataclasses import replace
     with pytest.raises(InvalidSpec, match="one per virtual node"):
         model.validate_spec(replace(s, nodes=3))
+
+
+def test_cpu_cap_is_a_boolean_and_round_trips():
+    s = model.parse_spec(spec(cpu_cap=True))
+    assert s.cpu_cap is True and model.parse_spec(s.as_dict()) == s
+    assert model.parse_spec(spec()).cpu_cap is False
+    with pytest.raises(InvalidSpec, match="cpu_cap must be true or false"):
+        model.parse_spec(spec(cpu_cap="yes"))

@@ -320,7 +320,7 @@ def test_service_get_json_shape(client):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {
         "name": "web", "image": "busybox-httpd", "image_digest": DIGEST, "hypervisor": "",
-        "nodes": 2, "port": 80,
+        "nodes": 2, "port": 80, "cpu_cap": False,
         "switch": {"listen": "127.0.0.1:8080", "policy": "weighted-round-robin"},
         "state": "FAILED", "deleting": False, "created_at": "2023-11-14T22:13:20Z",
         "vnodes": [

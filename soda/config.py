@@ -50,7 +50,20 @@ class FakeDriverConfig:
 
 @dataclass(frozen=True)
 class UmlDriverConfig:
-    kernel: str = "/usr/bin/linux.uml"
+    # "auto": SODA's own kernel (scripts/build-guest-kernel) when built, else
+    # Debian's /usr/bin/linux.uml; or a kernel's path.
+    kernel: str = "auto"
+
+
+@dataclass(frozen=True)
+class QemuDriverConfig:
+    # "auto": the newest /boot/vmlinuz-* (linux-image-amd64); or a path.
+    kernel: str = "auto"
+    # "auto": built for that kernel by scripts/build-initramfs into the
+    # state dir on first use; or a path.
+    initramfs: str = "auto"
+    # "auto": KVM if a bounded probe boots a kernel with it, else TCG.
+    accel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class AgentConfig:
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     fake: FakeDriverConfig = field(default_factory=FakeDriverConfig)
     uml: UmlDriverConfig = field(default_factory=UmlDriverConfig)
+    qemu: QemuDriverConfig = field(default_factory=QemuDriverConfig)
     # Guest networking: the bridge, and the namespace that holds it ("" =
     # the host's own; tests and the demo give each node its own).
     bridge: str = "soda0"

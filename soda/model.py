@@ -12,7 +12,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from soda.errors import InvalidSpec
 
@@ -114,6 +114,39 @@ def resource_columns(resources: tuple[Resources, ...]) -> dict:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What a virtual node has used, as its node's Daemon measured it:
+    cumulative counters (CPU, traffic, throttling, OOM kills) and memory now
+    and at its peak. `bytes_in` is traffic to the guest, `bytes_out` from it.
+    Summing gives a physical node's totals."""
+    cpu_seconds: float = 0.0
+    memory_bytes: int = 0
+    memory_peak_bytes: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    throttled_seconds: float = 0.0
+    oom_kills: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(**{f: getattr(self, f) + getattr(other, f) for f in USAGE_FIELDS})
+
+    @staticmethod
+    def total(usages: Iterable["Usage | None"]) -> "Usage | None":
+        """The sum of those that are known; None when none is."""
+        known = [u for u in usages if u is not None]
+        if not known:
+            return None
+        out = Usage()
+        for u in known:
+            out = out + u
+        return out
+
+
+USAGE_FIELDS = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", "bytes_out",
+                "throttled_seconds", "oom_kills")
+
+
+@dataclass(frozen=True)
 class VirtualNode:
     name: str
     service: str
@@ -133,6 +166,7 @@ class VirtualNode:
     deleting: bool = False
     generation: int = 1
     cpu_cap: bool = False
+    usage: Usage | None = None      # observed, kept by the Master in memory only
 
     def with_status(self, phase: Phase, reason: str = "", boot_seconds: float | None = None) -> "VirtualNode":
         return replace(self, phase=phase, reason=reason,
@@ -164,6 +198,7 @@ class Node:
     allocated: Resources = Resources()
     vnodes: int = 0
     last_heartbeat: float = 0.0
+    usage: Usage | None = None      # sum over its virtual nodes that reported usage
 
 
 @dataclass(frozen=True)
@@ -183,6 +218,7 @@ class VirtualNodeStatus:
     reason: str = ""
     boot_seconds: float = 0.0
     generation: int = 0
+    usage: Usage | None = None      # real guests only: what the Daemon measured
 
 
 def vnode_name(service: str, index: int) -> str:

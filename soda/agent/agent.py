@@ -260,7 +260,7 @@ class Agent:
             self._heartbeat_now.clear()
             if self._registered.is_set():
                 try:
-                    answer = self._client.heartbeat(self.name, self._reconciler.statuses())
+                    answer = self._client.heartbeat(self.name, self._reconciler.statuses_with_usage())
                     if answer and answer > 0:
                         interval = answer
                     outage.worked()

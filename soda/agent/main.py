@@ -110,7 +110,7 @@ def check_config(config: AgentConfig) -> AgentConfig:
 
 def driver_options(config: AgentConfig, hypervisor: str) -> dict:
     """The config section of one driver, as keyword arguments."""
-    sections = {"fake": config.fake, "uml": config.uml}
+    sections = {"fake": config.fake, "uml": config.uml, "qemu": config.qemu}
     section = sections.get(hypervisor)
     return dataclasses.asdict(section) if section is not None else {}
 

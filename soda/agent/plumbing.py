@@ -13,8 +13,8 @@ import logging
 from typing import Protocol
 
 from soda.agent.network import NodeNetwork
-from soda.errors import SodaError
-from soda.model import VirtualNode
+from soda.errors import NotFound, SodaError
+from soda.model import Usage, VirtualNode
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class Daemon(Protocol):
     apply_limits returns the fence, whose `cgroups` the guest must join."""
     def apply_limits(self, name: str, resources, hypervisor: str, tap: str, cpu_cap: bool = False): ...
     def release_limits(self, name: str): ...
+    def usage(self, name: str): ...
 
 
 class GuestPlumbing:
@@ -40,6 +41,10 @@ class GuestPlumbing:
         return None
 
     def release(self, name: str, hypervisor: str) -> None:
+        return None
+
+    def usage(self, name: str, hypervisor: str) -> Usage | None:
+        """What the guest has used so far; None when nothing measures it."""
         return None
 
 
@@ -69,6 +74,22 @@ class NodePlumbing(GuestPlumbing):
         if hypervisor in REAL_HYPERVISORS and self.daemon is not None:
             self.daemon.apply_limits(want.name, want.resources, hypervisor,
                                      self.network.ensure_tap(want.name), cpu_cap=want.cpu_cap)
+
+    def usage(self, name: str, hypervisor: str) -> Usage | None:
+        if hypervisor not in REAL_HYPERVISORS or self.daemon is None:
+            return None
+        try:
+            u = self.daemon.usage(name)
+        except NotFound:
+            return None           # not fenced (yet, or any more)
+        except SodaError as exc:
+            # Usage is a report, not a duty: the heartbeat goes out without it.
+            log.debug("no usage for %s from the Daemon: %s", name, exc)
+            return None
+        return Usage(cpu_seconds=u.cpu_seconds, memory_bytes=u.memory_bytes,
+                     memory_peak_bytes=u.memory_peak_bytes, bytes_in=u.bytes_to_guest,
+                     bytes_out=u.bytes_from_guest, throttled_seconds=u.cpu_throttled_seconds,
+                     oom_kills=u.oom_kills)
 
     def release(self, name: str, hypervisor: str) -> None:
         if hypervisor not in REAL_HYPERVISORS:

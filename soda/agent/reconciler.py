@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol
 
 from soda.agent.plumbing import GuestPlumbing
@@ -135,6 +135,23 @@ class Reconciler:
         """Every virtual node this node knows of: the heartbeat's inventory."""
         with self._cond:
             return [self._status[name] for name in sorted(self._status)]
+
+    def statuses_with_usage(self) -> list[VirtualNodeStatus]:
+        """The inventory with what the Daemon measured for each guest that
+        is booting or running. The Daemon is asked outside the lock, so a
+        slow Daemon never holds up reconciling; a guest it cannot measure
+        is reported without usage."""
+        with self._cond:
+            statuses = [self._status[name] for name in sorted(self._status)]
+            drivers = {name: self._driver_for(v) for name, v in (self._desired or {}).items()}
+        out = []
+        for status in statuses:
+            driver = drivers.get(status.name)
+            usage = None
+            if driver and status.phase in (Phase.BOOTING, Phase.RUNNING):
+                usage = self._plumbing.usage(status.name, driver)
+            out.append(replace(status, usage=usage) if usage is not None else status)
+        return out
 
     def status(self, name: str) -> VirtualNodeStatus | None:
         with self._cond:

@@ -32,6 +32,14 @@ def timestamp(seconds: float) -> str | None:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def usage_to_dict(usage: model.Usage | None) -> dict | None:
+    """Measured usage, None when nothing was reported (fake guests, a Master
+    that restarted and has not heard a heartbeat yet)."""
+    if usage is None:
+        return None
+    return {field: getattr(usage, field) for field in model.USAGE_FIELDS}
+
+
 def vnode_to_dict(vnode: model.VirtualNode) -> dict:
     return {
         "name": vnode.name,
@@ -44,6 +52,7 @@ def vnode_to_dict(vnode: model.VirtualNode) -> dict:
         "reason": vnode.reason,
         "hypervisor": vnode.hypervisor,
         "deleting": vnode.deleting,
+        "usage": usage_to_dict(vnode.usage),
     }
 
 
@@ -76,6 +85,7 @@ def node_to_dict(node: model.Node) -> dict:
         "capacity": node.capacity.as_dict(),
         "allocated": node.allocated.as_dict(),
         "vnodes": node.vnodes,
+        "usage": usage_to_dict(node.usage),
         # No last_heartbeat: it changes every few seconds, and scripts compare
         # node lists to see whether anything changed. `state` says LOST.
     }
@@ -127,6 +137,30 @@ def format_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
+def format_size(count: int | None) -> str:
+    """A compact size for usage columns: 12.3Mi, 512Ki, 80B."""
+    if count is None:
+        return ""
+    size = float(count)
+    for unit in ("B", "Ki", "Mi", "Gi"):
+        if size < 1024 or unit == "Gi":
+            return f"{count}B" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def usage_cells(usage: model.Usage | None) -> tuple[str, ...]:
+    """CPU-S, MEM, MEM-PEAK, IN, OUT: empty (shown '-') when unknown."""
+    if usage is None:
+        return ("",) * len(USAGE_HEADERS)
+    return (f"{usage.cpu_seconds:.1f}", format_size(usage.memory_bytes),
+            format_size(usage.memory_peak_bytes), format_size(usage.bytes_in),
+            format_size(usage.bytes_out))
+
+
+USAGE_HEADERS = ("CPU-S", "MEM", "MEM-PEAK", "IN", "OUT")
+
+
 def short_digest(digest: str) -> str:
     algorithm, _, hex_digits = digest.partition(":")
     return f"{algorithm}:{hex_digits[:SHORT_DIGEST_HEX]}" if hex_digits else digest
@@ -150,11 +184,12 @@ def service_table(service: model.Service) -> str:
         ("Created", timestamp(service.created_at)),
     ])
     vnodes = format_table(
-        ("NAME", "NODE", "ADDRESS", "PHASE", "CPU", "MEMORY", "BANDWIDTH", "DISK", "WEIGHT", "BOOT", "REASON"),
+        ("NAME", "NODE", "ADDRESS", "PHASE", "CPU", "MEMORY", "BANDWIDTH", "DISK", "WEIGHT", "BOOT")
+        + USAGE_HEADERS + ("REASON",),
         [(v.name, v.node, v.address, v.phase.name + (" (deleting)" if v.deleting else ""),
           f"{v.resources.cpu:g}", f"{v.resources.memory}Mi", f"{v.resources.bandwidth}Mbit",
-          f"{v.resources.disk}Mi", f"{v.weight:g}", f"{v.boot_seconds:.1f}s" if v.boot_seconds else "",
-          v.reason) for v in _by_index(service.vnodes)])
+          f"{v.resources.disk}Mi", f"{v.weight:g}", f"{v.boot_seconds:.1f}s" if v.boot_seconds else "")
+         + usage_cells(v.usage) + (v.reason,) for v in _by_index(service.vnodes)])
     return f"{summary}\n\n{vnodes}"
 
 
@@ -176,10 +211,10 @@ def nodes_table(nodes: Iterable[model.Node]) -> str:
              used(n.allocated.memory, n.capacity.memory, "Mi"),
              used(n.allocated.bandwidth, n.capacity.bandwidth, "Mbit"),
              used(n.allocated.disk, n.capacity.disk, "Mi"),
-             n.vnodes, ",".join(n.hypervisors))
+             n.vnodes, ",".join(n.hypervisors)) + usage_cells(n.usage)
             for n in nodes]
     return format_table(("NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH", "DISK",
-                         "VNODES", "HYPERVISORS"), rows)
+                         "VNODES", "HYPERVISORS") + USAGE_HEADERS, rows)
 
 
 def images_table(images: Iterable[model.Image]) -> str:

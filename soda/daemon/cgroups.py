@@ -1,9 +1,11 @@
 """cgroup backends: where a virtual node's CPU, memory and pids limits live.
 
-Owns one interface, `CgroupBackend`, and its v1 implementation (separate
-hierarchies per controller under <root>/<controller>/). A v2 backend (one
-unified tree, cpu.weight / cpu.max / memory.max) slots in behind the same
-interface; `open_backend` picks by probing the mounted tree.
+Owns one interface, `CgroupBackend`, and its two implementations: v1
+(separate hierarchies per controller under <root>/<controller>/) and v2 (one
+unified tree: cpu.weight, cpu.max, memory.max, pids.max, cgroup.kill);
+`open_backend` picks by probing the mounted tree. Under systemd
+(`delegated`), the parent lies below the Daemon's own delegated cgroup, read
+from /proc/self/cgroup (`delegated_base`).
 
 Every virtual node's directories are named <parent>/<vnode>, so a restarted
 Daemon finds its virtual nodes by listing <parent>: no state is kept in
@@ -32,6 +34,22 @@ V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 V1_PROBE_FILES = ("cpu/cpu.shares", "cpuacct/cpuacct.usage", "memory/memory.limit_in_bytes",
                   "pids/cgroup.procs")
 V2_NEEDED = ("cpu", "memory", "pids")
+# cgroup v2's default cpu.weight is 100 where v1's default cpu.shares is
+# 1024: map linearly, so that ratios of shares stay ratios of weights.
+V2_WEIGHT_MIN, V2_WEIGHT_MAX = 1, 10_000
+V1_DEFAULT_SHARES, V2_DEFAULT_WEIGHT = 1024, 100
+# Under a delegated v2 cgroup the Daemon's own process moves to this leaf:
+# v2 lets a cgroup with processes enable no controllers for its children.
+V2_DAEMON_LEAF = "daemon"
+
+
+def shares_to_weight(shares: int) -> int:
+    weight = round(shares * V2_DEFAULT_WEIGHT / V1_DEFAULT_SHARES)
+    return max(V2_WEIGHT_MIN, min(V2_WEIGHT_MAX, weight))
+
+
+def weight_to_shares(weight: int) -> int:
+    return round(weight * V1_DEFAULT_SHARES / V2_DEFAULT_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -204,8 +222,13 @@ class CgroupV1(CgroupBackend):
     def __init__(self, root: str = "/sys/fs/cgroup", parent: str = "soda",
                  proc_root: str = "/proc", controllers: tuple[str, ...] = V1_CONTROLLERS,
                  sleep: Callable[[float], None] = time.sleep,
-                 rmdir: Callable[[str], None] = os.rmdir):
+                 rmdir: Callable[[str], None] = os.rmdir, cpuset: str = ""):
         super().__init__(root, parent, proc_root)
+        # With a cpuset every guest also joins the cpuset hierarchy, confined
+        # to those CPUs (and to the memory nodes the root allows).
+        self.cpuset = cpuset
+        if cpuset and "cpuset" not in controllers:
+            controllers = tuple(controllers) + ("cpuset",)
         self.controllers = controllers
         self.sleep = sleep
         # Injected for tests: a fake tree's directories hold real files,
@@ -229,7 +252,33 @@ class CgroupV1(CgroupBackend):
                 os.makedirs(path, exist_ok=True)
             except OSError as exc:
                 raise os_error(exc, f"cannot create cgroup {path}") from None
+        if self.cpuset:
+            self._fill_cpusets(name)
         return paths
+
+    def _fill_cpusets(self, name: str) -> None:
+        """A v1 cpuset cgroup takes no process until cpuset.cpus and
+        cpuset.mems are set, and a child's CPUs must be its parent's: set
+        every level from the root's child down to the virtual node."""
+        top = os.path.join(self.root, "cpuset")
+        mems = read_file(os.path.join(top, "cpuset.mems")).strip() or "0"
+        level = top
+        for part in self.parent.split("/") + [name]:
+            level = os.path.join(level, part)
+            cpus_file = os.path.join(level, "cpuset.cpus")
+            try:
+                current = read_file(cpus_file).strip()
+            except errors.NotFound:
+                current = ""
+            if current != self.cpuset:
+                write_file(cpus_file, self.cpuset)
+            mems_file = os.path.join(level, "cpuset.mems")
+            try:
+                has_mems = bool(read_file(mems_file).strip())
+            except errors.NotFound:
+                has_mems = False
+            if not has_mems:
+                write_file(mems_file, mems)
 
     def set_limits(self, name: str, limits: Limits) -> None:
         self.create(name)
@@ -335,6 +384,214 @@ class CgroupV1(CgroupBackend):
         )
 
 
+class CgroupV2(CgroupBackend):
+    """cgroup v2: one unified tree at <root>; a guest joins one directory,
+    <root>/<parent>/<vnode>. The controllers a guest needs are enabled in
+    cgroup.subtree_control of every level from `base` (the root, or the
+    Daemon's delegated cgroup, whose own parent enabled them) down to the
+    parent. Releasing uses cgroup.kill when the kernel has it."""
+
+    version = "v2"
+
+    def __init__(self, root: str = "/sys/fs/cgroup", parent: str = "soda",
+                 proc_root: str = "/proc", base: str = "",
+                 sleep: Callable[[float], None] = time.sleep,
+                 rmdir: Callable[[str], None] = os.rmdir):
+        full = f"{base}/{parent}" if base else parent
+        super().__init__(root, full, proc_root)
+        self.base = base
+        self.sleep = sleep
+        self.rmdir = rmdir
+
+    def _dir(self, name: str) -> str:
+        check_dns_label("virtual node", name, NODE_NAME_MAX)
+        return os.path.join(self.root, self.parent, name)
+
+    def _file(self, name: str, filename: str) -> str:
+        return os.path.join(self._dir(name), filename)
+
+    def paths(self, name: str) -> tuple[str, ...]:
+        return (self._dir(name),)
+
+    def _enable_controllers(self) -> None:
+        """+cpu +memory +pids in subtree_control from base down to the parent."""
+        levels = [self.base] if self.base else [""]
+        rel = self.base
+        for part in self.parent[len(self.base):].strip("/").split("/"):
+            rel = f"{rel}/{part}" if rel else part
+            levels.append(rel)
+        for level in levels[:-1] + [self.parent]:
+            directory = os.path.join(self.root, level) if level else self.root
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise os_error(exc, f"cannot create cgroup {directory}") from None
+            control = os.path.join(directory, "cgroup.subtree_control")
+            try:
+                enabled = {c.lstrip("+") for c in read_file(control).split()}
+            except errors.NotFound:
+                enabled = set()
+            missing = [c for c in V2_NEEDED if c not in enabled]
+            if missing:
+                write_file(control, " ".join(f"+{c}" for c in missing))
+
+    def create(self, name: str) -> tuple[str, ...]:
+        self._enable_controllers()
+        path = self._dir(name)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, f"cannot create cgroup {path}") from None
+        return (path,)
+
+    def set_limits(self, name: str, limits: Limits) -> None:
+        self.create(name)
+        write_file(self._file(name, "cpu.weight"), shares_to_weight(limits.cpu_shares))
+        quota = limits.cpu_quota_us if limits.cpu_quota_us > 0 else "max"
+        write_file(self._file(name, "cpu.max"), f"{quota} {limits.cpu_period_us}")
+        try:
+            write_file(self._file(name, "memory.max"), limits.memory_bytes or "max")
+        except errors.WrongState as exc:
+            raise errors.WrongState(f"cannot lower the memory limit of {name} to "
+                                    f"{limits.memory_bytes >> 20} MiB, it uses more now "
+                                    f"({exc.message})") from None
+        write_file(self._file(name, "pids.max"), limits.pids_max or "max")
+
+    def read_limits(self, name: str) -> Limits:
+        quota, _, period = read_file(self._file(name, "cpu.max")).strip().partition(" ")
+        try:
+            quota_us = -1 if quota == "max" else int(quota)
+            period_us = int(period)
+        except ValueError:
+            raise errors.SodaError(f"unexpected content {quota} {period!r} in "
+                                   f"{self._file(name, 'cpu.max')}") from None
+        return Limits(
+            cpu_shares=weight_to_shares(read_int(self._file(name, "cpu.weight"))),
+            cpu_quota_us=quota_us, cpu_period_us=period_us,
+            memory_bytes=read_int(self._file(name, "memory.max")),
+            pids_max=read_int(self._file(name, "pids.max")),
+            rate_bit=0, burst_bytes=0)
+
+    def names(self) -> list[str]:
+        base = os.path.join(self.root, self.parent)
+        try:
+            entries = os.scandir(base)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise os_error(exc, f"cannot list {base}") from None
+        with entries:
+            return sorted(e.name for e in entries
+                          if e.is_dir(follow_symlinks=False) and _is_vnode_name(e.name))
+
+    def pids(self, name: str) -> set[int]:
+        try:
+            text = read_file(self._file(name, "cgroup.procs"))
+        except errors.NotFound:
+            return set()
+        return {int(p) for p in text.split()}
+
+    def contains(self, name: str, pid: int) -> bool:
+        try:
+            text = read_file(os.path.join(self.proc_root, str(pid), "cgroup"))
+        except errors.NotFound:
+            return False
+        ours = f"/{self.parent}/{name}"
+        for line in text.splitlines():
+            if line.startswith("0::"):
+                path = line[3:]
+                return path == ours or path.startswith(ours + "/")
+        return False
+
+    def kill_all(self, name: str) -> bool:
+        """Kill every process in the cgroup at once through cgroup.kill
+        (Linux 5.14+); False when the kernel has no cgroup.kill."""
+        path = self._file(name, "cgroup.kill")
+        if not os.path.exists(path):
+            return False
+        write_file(path, 1)
+        return True
+
+    def remove(self, name: str) -> bool:
+        path = self._dir(name)
+        for attempt in range(50):
+            try:
+                self.rmdir(path)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                if exc.errno == errno.EBUSY and attempt < 49:
+                    self.sleep(0.02)
+                    continue
+                raise os_error(exc, f"cannot remove cgroup {path}") from None
+        return False
+
+    def usage(self, name: str) -> CgroupUsage:
+        if not self.exists(name):
+            raise errors.NotFound(f"virtual node {name} has no cgroup here")
+        cpu_stat = read_keyed(self._file(name, "cpu.stat"))
+        events = read_keyed(self._file(name, "memory.events"))
+        current = read_int(self._file(name, "memory.current"), 0)
+        return CgroupUsage(
+            cpu_seconds=cpu_stat.get("usage_usec", 0) / 1e6,
+            cpu_throttled_seconds=cpu_stat.get("throttled_usec", 0) / 1e6,
+            memory_bytes=current,
+            # memory.peak appeared in Linux 5.19; before it, now is all we know.
+            memory_peak_bytes=read_int(self._file(name, "memory.peak"), 0) or current,
+            memory_limit_bytes=read_int(self._file(name, "memory.max"), 0),
+            memory_failcnt=events.get("max", 0),
+            oom_kills=events.get("oom_kill", 0),
+            pids=read_int(self._file(name, "pids.current"), 0),
+        )
+
+    def evacuate(self, pid: int) -> str:
+        """Move `pid` (the Daemon) from the delegated cgroup into a leaf of
+        its own, so that the delegated cgroup may enable controllers for its
+        children. Returns the leaf's directory."""
+        if not self.base:
+            raise errors.WrongState("only a Daemon in a delegated cgroup moves itself")
+        leaf = os.path.join(self.root, self.base, V2_DAEMON_LEAF)
+        try:
+            os.makedirs(leaf, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, f"cannot create cgroup {leaf}") from None
+        write_file(os.path.join(leaf, "cgroup.procs"), pid)
+        return leaf
+
+
+def delegated_base(version: str, controllers: tuple[str, ...] = V1_CONTROLLERS,
+                   proc_self_cgroup: str = "/proc/self/cgroup") -> str:
+    """The cgroup systemd delegated to this process's unit, relative to the
+    cgroup root, from /proc/self/cgroup ("0::/system.slice/x.service" on v2,
+    "N:cpu,cpuacct:/system.slice/x.service" per hierarchy on v1). A Daemon
+    already moved into its v2 leaf ("…/x.service/daemon") gets the unit's
+    cgroup, not the leaf."""
+    text = read_file(proc_self_cgroup)
+    paths = set()
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, ctrls, path = parts
+        if version == "v2":
+            if hid == "0" and ctrls == "":
+                paths.add(path)
+        elif set(ctrls.split(",")) & set(controllers):
+            paths.add(path)
+    if not paths:
+        raise errors.WrongState(f"{proc_self_cgroup} names no {version} cgroup for this process")
+    if len(paths) > 1:
+        raise errors.WrongState(f"{proc_self_cgroup} puts this process in different cgroups "
+                                f"per controller ({', '.join(sorted(paths))}): not a delegated unit")
+    path = paths.pop().strip("/")
+    if version == "v2" and path.rsplit("/", 1)[-1] == V2_DAEMON_LEAF:
+        path = path.rsplit("/", 1)[0] if "/" in path else ""
+    if not path:
+        raise errors.WrongState("this process sits in the root cgroup: nothing was delegated to it")
+    return path
+
+
 def _is_vnode_name(name: str) -> bool:
     try:
         check_dns_label("virtual node", name, NODE_NAME_MAX)
@@ -363,10 +620,18 @@ def probe(root: str = "/sys/fs/cgroup") -> str:
         f"(need cpu, cpuacct, memory and pids)")
 
 
-def open_backend(root: str, parent: str, version: str | None = None) -> CgroupBackend:
-    """The backend for the mounted tree (probed unless `version` is given)."""
+def open_backend(root: str, parent: str, version: str | None = None, delegated: bool = False,
+                 proc_self_cgroup: str = "/proc/self/cgroup", cpuset: str = "") -> CgroupBackend:
+    """The backend for the mounted tree (probed unless `version` is given).
+    `delegated`: `parent` is relative to this process's own cgroup (a
+    systemd unit with Delegate=yes) instead of the root."""
     version = version or probe(root)
+    check_parent(parent)
+    base = delegated_base(version, proc_self_cgroup=proc_self_cgroup) if delegated else ""
     if version == "v1":
-        return CgroupV1(root, parent)
-    raise errors.WrongState(f"cgroup {version} found under {root}, but this Daemon has only "
-                            "the cgroup v1 backend so far")
+        return CgroupV1(root, f"{base}/{parent}" if base else parent, cpuset=cpuset)
+    if cpuset:
+        raise errors.InvalidSpec("a cpuset is supported with cgroup v1 only so far")
+    if version == "v2":
+        return CgroupV2(root, parent, base=base)
+    raise errors.WrongState(f"unknown cgroup version {version!r}")

@@ -26,6 +26,12 @@ class DaemonConfig:
     # (v1); a Daemon finds its virtual nodes again by listing cgroup_parent.
     cgroup_parent: str = "soda"
     cgroup_root: str = "/sys/fs/cgroup"
+    # Under systemd (a unit with Delegate=yes): cgroup_parent lies below the
+    # Daemon's own cgroup, read from /proc/self/cgroup, not below the root.
+    delegated: bool = False
+    # CPUs (cpuset syntax, e.g. "0" or "0-1") every guest is confined to;
+    # "" = no cpuset. v1 only: the cpuset hierarchy joins the guest's cgroups.
+    cpuset: str = ""
     # Network namespace the TAPs live in; "" = the Daemon's own.
     netns: str = ""
     headroom: HeadroomConfig = field(default_factory=HeadroomConfig)

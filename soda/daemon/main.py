@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from soda import config as soda_config
 from soda.daemon.api import DaemonServicer
-from soda.daemon.cgroups import open_backend
+from soda.daemon.cgroups import CgroupV2, open_backend
 from soda.daemon.config import DaemonConfig
 from soda.daemon.limits import LimitManager
 from soda.daemon.tc import NetlinkShaper, NetlinkThread
@@ -42,7 +42,11 @@ SOCKET_MODE = 0o600           # the Agent runs as root; nobody else may fence
 
 def build_manager(cfg: DaemonConfig) -> LimitManager:
     """The real LimitManager: probed cgroup backend, netlink in cfg.netns."""
-    cgroups = open_backend(cfg.cgroup_root, cfg.cgroup_parent)
+    cgroups = open_backend(cfg.cgroup_root, cfg.cgroup_parent, delegated=cfg.delegated,
+                           cpuset=cfg.cpuset)
+    if cfg.delegated and isinstance(cgroups, CgroupV2):
+        # v2 lets only a cgroup without processes hand controllers down.
+        log.info("moved the Daemon into %s", cgroups.evacuate(os.getpid()))
     netlink = NetlinkThread(cfg.netns)
     return LimitManager(cgroups, NetlinkShaper(netlink, scope=cfg.cgroup_parent), cfg)
 

@@ -142,12 +142,14 @@ def drivers() -> dict[str, type[HypervisorDriver]]:
     if _drivers is None:
         # Imported on first use, not at import time: every driver module
         # imports this one for HypervisorDriver, and importing a driver
-        # module first must work too. qemu joins when written.
+        # module first must work too.
         from soda.hypervisors.fake import FakeDriver
+        from soda.hypervisors.qemu import QemuDriver
         from soda.hypervisors.uml import UmlDriver
         _drivers = {
             "fake": FakeDriver,
             "uml": UmlDriver,
+            "qemu": QemuDriver,
         }
     return _drivers
 

@@ -1,7 +1,8 @@
 """The User-Mode Linux driver: each virtual node is a `linux.uml` process.
 
 Owns `<state_dir>/uml/`: per guest a directory `<name>/` holding its record
-(`guest.json`: pid, the process's start time, argv, spec, generation), its
+(`guest.json`: pid, the process's start time, argv, spec, generation, the
+kernel it booted: path and kind, see `soda.hypervisors.kernels`), its
 copy-on-write layer (`cow.img`, over the read-only cached base image), its
 console log (`console.log`) and UML's own control dir (`<name>/mconsole`,
 `<name>/pid`, made by UML under `uml_dir=`), plus a lock file `<name>.lock`
@@ -49,6 +50,7 @@ from typing import Any, Iterator
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict, write_json_atomic)
+from soda.hypervisors.kernels import AUTO, find_uml_kernel
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,6 @@ RECORD = "guest.json"
 COW = "cow.img"
 CONSOLE = "console.log"
 LAUNCHER = "soda.hypervisors.launch"
-# Debian's UML kernel panics at mem=24M and below in practice (PLATFORM.md):
-# refuse what cannot boot instead of reporting a crash loop.
-DEFAULT_MIN_MEMORY = 24
 DEFAULT_SHORT_DIR = "/run/soda-uml"
 NETNS_DIR = "/run/netns"
 SUN_PATH_MAX = 107                   # sockaddr_un.sun_path is 108 bytes with its NUL
@@ -96,14 +95,22 @@ class UmlDriver(HypervisorDriver):
     name = "uml"
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
-                 kernel: str = "/usr/bin/linux.uml", min_memory: int = DEFAULT_MIN_MEMORY,
+                 kernel: str = AUTO, min_memory: int | None = None,
                  python: str | None = None, short_dir: str = DEFAULT_SHORT_DIR,
                  boot_options: tuple[str, ...] | list[str] = (),
                  probe_timeout: float = PROBE_TIMEOUT, term_grace: float = TERM_GRACE,
                  sleep=time.sleep):
         super().__init__(state_dir, runner, clock)
-        self.kernel = kernel
-        self.min_memory = int(min_memory)
+        # "auto": SODA's own kernel when one is built, else Debian's
+        # (soda.hypervisors.kernels). Resolved once: every guest of this
+        # driver boots the same kernel, and its record says which.
+        found = find_uml_kernel(kernel)
+        self.kernel = found.path
+        self.kernel_kind = found.kind
+        # Refuse what cannot boot instead of reporting a crash loop.
+        self.min_memory = found.min_memory if min_memory is None else int(min_memory)
+        log.info("uml guests boot %s (%s kernel, at least %d MiB)", self.kernel, self.kernel_kind,
+                 self.min_memory)
         # The launcher must run with the Agent's interpreter (its venv).
         self.python = python or sys.executable
         self.short_dir = short_dir
@@ -223,6 +230,7 @@ class UmlDriver(HypervisorDriver):
             record = {"name": name, "pid": child.pid, "starttime": starttime,
                       "started_at": started_at, "argv": argv, "kernel_argv": _kernel_argv(argv),
                       "generation": spec.generation, "uml_dir": uml_dir,
+                      "kernel": {"path": self.kernel, "kind": self.kernel_kind},
                       "spec": spec_as_dict(spec)}
             try:
                 write_json_atomic(self._record_path(name), record)

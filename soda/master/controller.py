@@ -52,6 +52,7 @@ class Controller:
         self.clock = clock
         self.monotonic = monotonic
         self._lock = threading.RLock()
+        self._usage: dict[str, model.Usage] = {}     # vnode name -> latest reported
         # Heartbeats are kept in memory only: after a Master restart every
         # known node gets a full grace period to reconnect before it is LOST.
         started = monotonic()
@@ -120,10 +121,40 @@ class Controller:
         return out
 
     def get_service(self, name: str) -> model.Service:
-        return self.store.get_service(name)
+        return self._with_usage(self.store.get_service(name))
 
     def list_services(self) -> list[model.Service]:
-        return self.store.list_services()
+        return [self._with_usage(s) for s in self.store.list_services()]
+
+    # Usage is observed, changes with every heartbeat and is worthless after
+    # a restart (the next heartbeat brings it back): kept in memory, never
+    # in the store, and never a reason to publish a service event.
+    def _with_usage(self, service: model.Service) -> model.Service:
+        with self._lock:
+            usage = dict(self._usage)
+        if not any(v.name in usage for v in service.vnodes):
+            return service
+        return replace(service, vnodes=tuple(replace(v, usage=usage.get(v.name))
+                                             for v in service.vnodes))
+
+    def _record_usage(self, mine: dict, statuses: Sequence[model.VirtualNodeStatus],
+                      complete: bool) -> None:
+        """Called with the lock held."""
+        for s in statuses:
+            if s.name not in mine:
+                continue
+            if s.usage is None:
+                # A phase report carries no usage; a heartbeat without it
+                # means the guest is no longer measured.
+                if complete:
+                    self._usage.pop(s.name, None)
+            else:
+                self._usage[s.name] = s.usage
+        if complete:
+            reported = {s.name for s in statuses}
+            for name in mine:
+                if name not in reported:
+                    self._usage.pop(name, None)
 
     def delete_service(self, name: str) -> model.Service:
         with self._lock:
@@ -260,8 +291,18 @@ class Controller:
 
     def list_nodes(self) -> list[model.Node]:
         now, wall = self.monotonic(), self.clock()
-        return [replace(n, last_heartbeat=wall - (now - self._last_seen[n.name]))
-                if n.name in self._last_seen else n for n in self.store.list_nodes()]
+        with self._lock:
+            usage = dict(self._usage)
+        by_node: dict[str, list[model.Usage]] = {}
+        for v in self.store.list_vnodes():
+            if v.name in usage and v.node:
+                by_node.setdefault(v.node, []).append(usage[v.name])
+        out = []
+        for n in self.store.list_nodes():
+            if n.name in self._last_seen:
+                n = replace(n, last_heartbeat=wall - (now - self._last_seen[n.name]))
+            out.append(replace(n, usage=model.Usage.total(by_node.get(n.name, ()))))
+        return out
 
     def report_status(self, node: str, statuses: Sequence[model.VirtualNodeStatus],
                       complete: bool) -> None:
@@ -274,6 +315,7 @@ class Controller:
                 self.store.set_node_state(node, READY)
                 log.info("node %s is back", node)
             mine = {v.name: v for v in self.store.list_vnodes(node=node)}
+            self._record_usage(mine, statuses, complete)
             reported = {s.name: s for s in statuses}
             changed, removed = [], []
             for s in statuses:
@@ -293,6 +335,8 @@ class Controller:
                 return
             self.store.put_vnodes(changed)
             self.store.delete_vnodes([v.name for v in removed])
+            for v in removed:
+                self._usage.pop(v.name, None)
             services = {v.service for v in changed + removed}
             if removed:
                 self._finish_deletions({v.service for v in removed})

@@ -32,13 +32,28 @@ def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
         switch=model.SwitchSpec(listen=m.switch.listen, policy=m.switch.policy or model.DEFAULT_POLICY))
 
 
+def usage_to_pb(u: model.Usage | None) -> pb.VnodeUsage | None:
+    if u is None:
+        return None
+    return pb.VnodeUsage(**{f: getattr(u, f) for f in model.USAGE_FIELDS})
+
+
+def usage_from_pb(m, field: str = "usage") -> model.Usage | None:
+    """The usage held in `m.<field>`, None when that field is unset."""
+    if not m.HasField(field):
+        return None
+    u = getattr(m, field)
+    return model.Usage(**{f: getattr(u, f) for f in model.USAGE_FIELDS})
+
+
 def vnode_to_pb(v: model.VirtualNode) -> pb.VirtualNode:
     return pb.VirtualNode(
         name=v.name, service=v.service, index=v.index, node=v.node, address=v.address,
         prefix_length=v.prefix_length, gateway=v.gateway, resources=resources_to_pb(v.resources),
         weight=v.weight, image_digest=v.image_digest, hypervisor=v.hypervisor, port=v.port,
         phase=int(v.phase), reason=v.reason, boot_seconds=v.boot_seconds,
-        deleting=v.deleting, generation=v.generation, cpu_cap=v.cpu_cap)
+        deleting=v.deleting, generation=v.generation, cpu_cap=v.cpu_cap,
+        usage=usage_to_pb(v.usage))
 
 
 def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
@@ -47,7 +62,8 @@ def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
         prefix_length=m.prefix_length, gateway=m.gateway, resources=resources_from_pb(m.resources),
         weight=m.weight, image_digest=m.image_digest, hypervisor=m.hypervisor, port=m.port,
         phase=model.Phase(m.phase), reason=m.reason, boot_seconds=m.boot_seconds,
-        deleting=m.deleting, generation=m.generation, cpu_cap=m.cpu_cap)
+        deleting=m.deleting, generation=m.generation, cpu_cap=m.cpu_cap,
+        usage=usage_from_pb(m))
 
 
 def service_to_pb(s: model.Service) -> pb.Service:
@@ -66,14 +82,14 @@ def node_to_pb(n: model.Node) -> pb.Node:
     return pb.Node(name=n.name, address=n.address, capacity=resources_to_pb(n.capacity),
                    allocated=resources_to_pb(n.allocated), hypervisors=list(n.hypervisors),
                    subnet=n.subnet, gateway=n.gateway, state=n.state, vnodes=n.vnodes,
-                   last_heartbeat=n.last_heartbeat)
+                   last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage))
 
 
 def node_from_pb(m: pb.Node) -> model.Node:
     return model.Node(name=m.name, address=m.address, capacity=resources_from_pb(m.capacity),
                       allocated=resources_from_pb(m.allocated), hypervisors=tuple(m.hypervisors),
                       subnet=m.subnet, gateway=m.gateway, state=m.state, vnodes=m.vnodes,
-                      last_heartbeat=m.last_heartbeat)
+                      last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m))
 
 
 def image_to_pb(i: model.Image) -> pb.Image:
@@ -88,12 +104,14 @@ def image_from_pb(m: pb.Image) -> model.Image:
 
 def status_to_pb(s: model.VirtualNodeStatus) -> pb.VirtualNodeStatus:
     return pb.VirtualNodeStatus(name=s.name, phase=int(s.phase), reason=s.reason,
-                                boot_seconds=s.boot_seconds, generation=s.generation)
+                                boot_seconds=s.boot_seconds, generation=s.generation,
+                                usage=usage_to_pb(s.usage))
 
 
 def status_from_pb(m: pb.VirtualNodeStatus) -> model.VirtualNodeStatus:
     return model.VirtualNodeStatus(name=m.name, phase=model.Phase(m.phase), reason=m.reason,
-                                   boot_seconds=m.boot_seconds, generation=m.generation)
+                                   boot_seconds=m.boot_seconds, generation=m.generation,
+                                   usage=usage_from_pb(m))
 
 
 def endpoints_to_pb(e: model.EndpointSet) -> pb.EndpointSet:

@@ -54,12 +54,13 @@ class Cluster:
                                   "--name", name, "--state-dir", self.agent_dir(name),
                                   "--hypervisor", "fake", *extra])
 
-    def start_daemon(self, name: str, netns: str, cgroup_parent: str) -> str:
-        """A soda-daemon for node `name`; returns its socket path."""
+    def start_daemon(self, name: str, netns: str, cgroup_parent: str, *extra: str) -> str:
+        """A soda-daemon for node `name`; returns its socket path. A Daemon
+        started again for the same node replaces the old one's socket."""
         socket_path = os.path.join(self.root, f"{name}-daemon.sock")
         proc = self._spawn(f"{name}-daemon", [
             sys.executable, "-m", "soda.daemon.main", "--socket", socket_path, "--netns", netns,
-            "--cgroup-parent", cgroup_parent])
+            "--cgroup-parent", cgroup_parent, *extra])
         wait_until(lambda: os.path.exists(socket_path) or proc.poll() is not None, 20,
                    what="the Daemon's socket")
         assert proc.poll() is None, self.log(f"{name}-daemon")

@@ -398,7 +398,7 @@ def test_usage_errors_exit_2(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
-    assert "unknown hypervisor driver 'xen' (available: fake, uml)" in capsys.readouterr().err
+    assert "unknown hypervisor driver 'xen' (available: fake, qemu, uml)" in capsys.readouterr().err
 
 
 def test_bad_config_is_one_clear_line_and_exit_2(tmp_path, capsys):
@@ -458,3 +458,24 @@ def test_soda_agent_runs_without_a_master_tells_systemd_and_stops_on_sigterm(tmp
     assert "agent n1 starting" in err and "received SIGTERM" in err
     assert "cannot reach the SODA Master" in err
     assert FakeDriver(str(state)).list()["old-0"].state == RUNNING
+
+
+def test_heartbeats_carry_what_the_daemon_measured(tmp_path):
+    from soda.agent.plumbing import GuestPlumbing
+    from soda.model import Usage
+
+    class MeasuredPlumbing(GuestPlumbing):
+        def usage(self, name, hypervisor):
+            return Usage(cpu_seconds=7.0, bytes_in=5)
+
+    master = FakeMaster([vnode("web-0")])
+    h = Harness(tmp_path, master)
+    h.reconciler = Reconciler({"fake": h.driver}, h.reporter, h.images, interval=0.05,
+                              ready_poll=0.01, plumbing=MeasuredPlumbing())
+    h.agent = Agent(master, h.reconciler, h.reporter, NODE, "127.0.0.1",
+                    Resources(cpu=2, memory=1024, bandwidth=1000, disk=4096), ["fake"],
+                    backoff=Backoff(0.01, 0.05), heartbeat_seconds=0.05)
+    with h:
+        wait_for(lambda: master.last_heartbeat().get("web-0") is not None
+                 and master.last_heartbeat()["web-0"].usage == Usage(cpu_seconds=7.0, bytes_in=5),
+                 what="usage in a heartbeat")

@@ -1,6 +1,7 @@
 """The cgroup v1 backend against a fake directory tree (same file names), no root."""
 
 import os
+from dataclasses import replace
 import shutil
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from soda import errors
 from soda.daemon import cgroups
-from soda.daemon.cgroups import CgroupV1, check_parent, open_backend, os_error, probe
+from soda.daemon.cgroups import CgroupV1, CgroupV2, check_parent, open_backend, os_error, probe
 from soda.model import Limits
 
 LIMITS = Limits(cpu_shares=512, cpu_quota_us=50_000, cpu_period_us=100_000,
@@ -236,11 +237,169 @@ def test_probe_finds_v1(tmp_path):
     assert open_backend(str(tmp_path / "cg"), "soda").version == "v1"
 
 
-def test_probe_sees_v2_but_there_is_no_v2_backend_yet(tmp_path):
+def test_probe_sees_v2_and_opens_the_v2_backend(tmp_path):
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     assert probe(str(tmp_path)) == "v2"
-    with pytest.raises(errors.WrongState, match="only the cgroup v1 backend"):
-        open_backend(str(tmp_path), "soda")
+    backend = open_backend(str(tmp_path), "soda")
+    assert isinstance(backend, CgroupV2) and backend.version == "v2"
+    with pytest.raises(errors.InvalidSpec, match="v1 only"):
+        open_backend(str(tmp_path), "soda", cpuset="0")
+
+
+# ---- cgroup v2 against a fake unified tree ------------------------------------------
+
+def make_v2_tree(root):
+    os.makedirs(root, exist_ok=True)
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("\n")
+    return str(root)
+
+
+def v2_backend(root, parent="soda", base="", proc_root="/proc"):
+    return CgroupV2(make_v2_tree(root), parent, proc_root=proc_root, base=base,
+                    rmdir=shutil.rmtree, sleep=lambda s: None)
+
+
+def test_v2_shares_map_to_weights_proportionally_and_back():
+    assert cgroups.shares_to_weight(1024) == 100          # v1 default -> v2 default
+    assert [cgroups.shares_to_weight(s) for s in (512, 2048, 256)] == [50, 200, 25]
+    assert cgroups.shares_to_weight(2) == 1 and cgroups.shares_to_weight(10 ** 7) == 10_000
+    assert all(cgroups.weight_to_shares(cgroups.shares_to_weight(s)) == s for s in (256, 512, 1024, 3072))
+
+
+def test_v2_create_enables_controllers_down_to_the_parent(tmp_path):
+    b = v2_backend(tmp_path / "cg", parent="soda/guests")
+    assert b.create("web-0") == (str(tmp_path / "cg" / "soda" / "guests" / "web-0"),)
+    for level in ("", "soda", "soda/guests"):
+        assert read(tmp_path / "cg" / level / "cgroup.subtree_control").split() == ["+cpu", "+memory", "+pids"]
+    assert not (tmp_path / "cg/soda/guests/web-0/cgroup.subtree_control").exists()
+    # Already enabled (the kernel lists them without '+'): nothing is written.
+    (tmp_path / "cg" / "soda" / "cgroup.subtree_control").write_text("cpu io memory pids\n")
+    b.create("web-1")
+    assert read(tmp_path / "cg" / "soda" / "cgroup.subtree_control") == "cpu io memory pids"
+
+
+def test_v2_set_limits_writes_v2_files_and_reads_them_back(tmp_path):
+    b = v2_backend(tmp_path / "cg")
+    b.set_limits("web-0", LIMITS)
+    d = tmp_path / "cg" / "soda" / "web-0"
+    assert read(d / "cpu.weight") == "50"
+    assert read(d / "cpu.max") == "50000 100000"
+    assert read(d / "memory.max") == str(96 << 20)
+    assert read(d / "pids.max") == "512"
+    assert b.read_limits("web-0") == LIMITS
+    uncapped = replace(LIMITS, cpu_quota_us=-1, cpu_shares=2048)
+    b.set_limits("web-0", uncapped)
+    assert read(d / "cpu.max") == "max 100000" and read(d / "cpu.weight") == "200"
+    assert b.read_limits("web-0") == uncapped
+
+
+def test_v2_usage_reads_cpu_stat_memory_events_and_peak(tmp_path):
+    b = v2_backend(tmp_path / "cg")
+    b.set_limits("web-0", LIMITS)
+    d = tmp_path / "cg" / "soda" / "web-0"
+    (d / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"
+                                "nr_periods 10\nnr_throttled 3\nthrottled_usec 750000\n")
+    (d / "memory.current").write_text(f"{20 << 20}\n")
+    (d / "memory.peak").write_text(f"{30 << 20}\n")
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 1\noom_group_kill 0\n")
+    (d / "pids.current").write_text("6\n")
+    u = b.usage("web-0")
+    assert u == cgroups.CgroupUsage(cpu_seconds=2.5, cpu_throttled_seconds=0.75,
+                                    memory_bytes=20 << 20, memory_peak_bytes=30 << 20,
+                                    memory_limit_bytes=96 << 20, memory_failcnt=4, oom_kills=1, pids=6)
+    (d / "memory.peak").unlink()                          # before Linux 5.19
+    assert b.usage("web-0").memory_peak_bytes == 20 << 20
+    with pytest.raises(errors.NotFound):
+        b.usage("web-9")
+
+
+def test_v2_names_pids_contains_kill_and_remove(tmp_path):
+    proc = tmp_path / "proc"
+    b = v2_backend(tmp_path / "cg", proc_root=str(proc))
+    b.create("web-0")
+    b.create("web-1")
+    os.makedirs(tmp_path / "cg" / "soda" / "not_a_vnode")
+    assert b.names() == ["web-0", "web-1"]
+    d = tmp_path / "cg" / "soda" / "web-0"
+    (d / "cgroup.procs").write_text("11\n12\n")
+    assert b.pids("web-0") == {11, 12} and b.pids("web-1") == set()
+    for pid, path in ((11, "/soda/web-0"), (12, "/soda/web-00"), (13, "/soda/web-0/inner")):
+        os.makedirs(proc / str(pid))
+        (proc / str(pid) / "cgroup").write_text(f"0::{path}\n")
+    assert b.contains("web-0", 11) and not b.contains("web-0", 12) and b.contains("web-0", 13)
+    assert not b.contains("web-0", 99)
+    assert b.kill_all("web-0") is False                    # no cgroup.kill: an old kernel
+    (d / "cgroup.kill").write_text("0")
+    assert b.kill_all("web-0") is True and read(d / "cgroup.kill") == "1"
+    assert b.remove("web-0") is True and b.remove("web-0") is False
+    assert b.names() == ["web-1"]
+
+
+# ---- delegation under systemd ------------------------------------------------------
+
+def write_proc_self(tmp_path, text):
+    path = tmp_path / "self-cgroup"
+    path.write_text(text)
+    return str(path)
+
+
+def test_delegated_base_v2_is_the_units_cgroup(tmp_path):
+    path = write_proc_self(tmp_path, "0::/system.slice/soda-daemon.service\n")
+    assert cgroups.delegated_base("v2", proc_self_cgroup=path) == "system.slice/soda-daemon.service"
+    # After the Daemon moved itself into its leaf, the base is still the unit.
+    moved = write_proc_self(tmp_path, "0::/system.slice/soda-daemon.service/daemon\n")
+    assert cgroups.delegated_base("v2", proc_self_cgroup=moved) == "system.slice/soda-daemon.service"
+
+
+def test_delegated_base_v1_needs_one_cgroup_for_every_controller(tmp_path):
+    same = write_proc_self(tmp_path, "12:pids:/system.slice/soda-daemon.service\n"
+                           "5:cpu,cpuacct:/system.slice/soda-daemon.service\n"
+                           "4:memory:/system.slice/soda-daemon.service\n"
+                           "3:cpuset:/\n1:name=systemd:/system.slice/soda-daemon.service\n"
+                           "0::/system.slice/soda-daemon.service\n")
+    assert cgroups.delegated_base("v1", proc_self_cgroup=same) == "system.slice/soda-daemon.service"
+    split = write_proc_self(tmp_path, "5:cpu,cpuacct:/a.service\n4:memory:/b.service\n")
+    with pytest.raises(errors.WrongState, match="different cgroups"):
+        cgroups.delegated_base("v1", proc_self_cgroup=split)
+    root = write_proc_self(tmp_path, "0::/\n")
+    with pytest.raises(errors.WrongState, match="root cgroup"):
+        cgroups.delegated_base("v2", proc_self_cgroup=root)
+
+
+def test_open_backend_delegated_puts_the_parent_below_the_unit(tmp_path):
+    root = make_v2_tree(tmp_path / "cg")
+    me = write_proc_self(tmp_path, "0::/system.slice/soda-daemon.service\n")
+    b = open_backend(root, "guests", version="v2", delegated=True, proc_self_cgroup=me)
+    assert b.parent == "system.slice/soda-daemon.service/guests"
+    assert b.paths("web-0") == (f"{root}/system.slice/soda-daemon.service/guests/web-0",)
+    b.rmdir = shutil.rmtree
+    b.create("web-0")
+    # Controllers are enabled from the unit's cgroup down, never above it
+    # (systemd owns those levels).
+    assert read(tmp_path / "cg" / "cgroup.subtree_control") == ""
+    assert not (tmp_path / "cg/system.slice/cgroup.subtree_control").exists()
+    unit = tmp_path / "cg/system.slice/soda-daemon.service"
+    assert read(unit / "cgroup.subtree_control").split() == ["+cpu", "+memory", "+pids"]
+    assert b.evacuate(4242) == str(unit / "daemon") and read(unit / "daemon/cgroup.procs") == "4242"
+    v1 = open_backend(make_v1_tree(tmp_path / "v1"), "guests", version="v1", delegated=True,
+                      proc_self_cgroup=write_proc_self(tmp_path, "5:cpu,cpuacct:/soda.service\n"
+                                                       "4:memory:/soda.service\n3:pids:/soda.service\n"))
+    assert v1.paths("web-0")[0] == str(tmp_path / "v1" / "cpu" / "soda.service" / "guests" / "web-0")
+
+
+def test_v1_cpuset_joins_the_cpuset_hierarchy_and_fills_each_level(tmp_path):
+    root = make_v1_tree(tmp_path / "cg")
+    os.makedirs(tmp_path / "cg" / "cpuset")
+    (tmp_path / "cg" / "cpuset" / "cpuset.mems").write_text("0\n")
+    b = CgroupV1(root, "soda/test", cpuset="0", rmdir=shutil.rmtree, sleep=lambda s: None)
+    paths = b.create("web-0")
+    assert paths[-1] == str(tmp_path / "cg" / "cpuset" / "soda" / "test" / "web-0")
+    for level in ("soda", "soda/test", "soda/test/web-0"):
+        assert read(tmp_path / "cg" / "cpuset" / level / "cpuset.cpus") == "0"
+        assert read(tmp_path / "cg" / "cpuset" / level / "cpuset.mems") == "0"
+    assert b.names() == ["web-0"]
+    assert b.remove("web-0") and not b.exists("web-0")
 
 
 def test_probe_says_what_is_missing(tmp_path):

@@ -334,3 +334,17 @@ def test_cpu_cap_reaches_the_virtual_nodes(cluster):
     kind, vnodes = next(stream)
     assert all(v.cpu_cap for v in vnodes)
     stream.close()
+
+
+def test_heartbeat_usage_reaches_get_service_and_node_list(cluster):
+    svc = cluster.create_service(spec(nodes=1))
+    v = svc.vnodes[0]
+    usage = model.Usage(cpu_seconds=4.5, memory_bytes=21 << 20, memory_peak_bytes=25 << 20,
+                        bytes_in=123, bytes_out=456, throttled_seconds=1.0, oom_kills=1)
+    cluster.heartbeat(v.node, [model.VirtualNodeStatus(v.name, model.Phase.RUNNING,
+                                                       generation=v.generation, usage=usage)])
+    assert cluster.get_service("web").vnodes[0].usage == usage
+    assert cluster.list_services()[0].vnodes[0].usage == usage
+    nodes = {n.name: n for n in cluster.list_nodes()}
+    assert nodes[v.node].usage == usage
+    assert all(n.usage is None for name, n in nodes.items() if name != v.node)

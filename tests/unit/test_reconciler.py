@@ -462,3 +462,28 @@ def test_changed_cpu_is_applied_live_without_a_restart(tmp_path, image):
     assert updates == [("web-0", 1.0)]
     assert driver._read_counters()["starts"]["web-0"] == 1   # never restarted
     rec.close()
+
+
+def test_statuses_with_usage_ask_the_plumbing_for_running_guests_only(tmp_path, image):
+    from soda.model import Usage
+    driver = FakeDriver(str(tmp_path / "state"), boot_seconds=0)
+    plumbing = RecordingPlumbing()
+    asked = []
+
+    def usage(name, hypervisor):
+        asked.append((name, hypervisor))
+        return Usage(cpu_seconds=2.5, memory_bytes=1 << 20) if name == "web-0" else None
+    plumbing.usage = usage
+    rec = Reconciler({"fake": driver}, RecordingReporter(), FakeImages(image), plumbing=plumbing)
+    rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    rec.reconcile_once()
+    wait_for(lambda: driver.is_ready("web-0") and driver.is_ready("web-1"))
+    rec.reconcile_once()
+    wait_for(lambda: all(s.phase == P.RUNNING for s in rec.statuses()) and len(rec.statuses()) == 2)
+    got = {s.name: s for s in rec.statuses_with_usage()}
+    assert got["web-0"].usage == Usage(cpu_seconds=2.5, memory_bytes=1 << 20)
+    assert got["web-1"].usage is None
+    assert sorted(asked) == [("web-0", "fake"), ("web-1", "fake")]
+    # The plain inventory (phase reports) never carries usage.
+    assert all(s.usage is None for s in rec.statuses())
+    rec.close()

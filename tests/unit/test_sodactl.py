@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import threading
+from dataclasses import replace
 
 import click
 import pytest
@@ -327,11 +328,11 @@ def test_service_get_json_shape(client):
             {"name": "web-0", "node": "node-0", "address": "10.0.0.2", "phase": "RUNNING",
              "resources": {"cpu": 0.5, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 0.5, "boot_seconds": 1.5, "reason": "", "hypervisor": "fake",
-             "deleting": False},
+             "deleting": False, "usage": None},
             {"name": "web-1", "node": "node-1", "address": "10.0.1.2", "phase": "FAILED",
              "resources": {"cpu": 1.0, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 1.0, "boot_seconds": 0.0, "reason": "kernel panic", "hypervisor": "fake",
-             "deleting": False},
+             "deleting": False, "usage": None},
         ],
     }
 
@@ -353,10 +354,44 @@ def test_service_get_table(client):
     assert "PENDING (1/2 running)" in result.stdout
     header = next(line for line in lines if line.startswith("NAME"))
     assert header.split() == ["NAME", "NODE", "ADDRESS", "PHASE", "CPU", "MEMORY", "BANDWIDTH",
-                              "DISK", "WEIGHT", "BOOT", "REASON"]
+                              "DISK", "WEIGHT", "BOOT", "CPU-S", "MEM", "MEM-PEAK", "IN", "OUT",
+                              "REASON"]
     row = next(line for line in lines if line.startswith("web-0"))
     assert row.split() == ["web-0", "node-0", "10.0.0.2", "RUNNING", "0.5", "64Mi", "10Mbit",
-                           "64Mi", "0.5", "1.5s", "-"]
+                           "64Mi", "0.5", "1.5s", "-", "-", "-", "-", "-", "-"]
+
+
+USAGE = model.Usage(cpu_seconds=12.34, memory_bytes=20 * 1024 * 1024,
+                    memory_peak_bytes=31 * 1024 * 1024 + 512 * 1024, bytes_in=1536,
+                    bytes_out=300, throttled_seconds=0.5, oom_kills=1)
+
+
+def test_service_get_shows_usage_in_table_json_and_yaml(client):
+    service = make_service(web_spec(), phases=[model.Phase.RUNNING, model.Phase.RUNNING])
+    client.services["web"] = replace(service, vnodes=(replace(service.vnodes[0], usage=USAGE),
+                                                      service.vnodes[1]))
+    lines = run(client, "service", "get", "web").stdout.splitlines()
+    row = next(line for line in lines if line.startswith("web-0"))
+    assert row.split()[10:15] == ["12.3", "20.0Mi", "31.5Mi", "1.5Ki", "300B"]
+    other = next(line for line in lines if line.startswith("web-1"))
+    assert other.split()[10:15] == ["-"] * 5
+    as_json = json.loads(run(client, "-o", "json", "service", "get", "web").stdout)
+    assert as_json["vnodes"][0]["usage"] == {
+        "cpu_seconds": 12.34, "memory_bytes": 20971520, "memory_peak_bytes": 33030144,
+        "bytes_in": 1536, "bytes_out": 300, "throttled_seconds": 0.5, "oom_kills": 1}
+    assert as_json["vnodes"][1]["usage"] is None
+    as_yaml = yaml.safe_load(run(client, "-o", "yaml", "service", "get", "web").stdout)
+    assert as_yaml == as_json
+
+
+def test_node_list_shows_usage_sums(client):
+    client.nodes = [model.Node(name="node-a", address="192.0.2.10", capacity=model.Resources(4, 4096, 1000, 10240),
+                               hypervisors=("uml",), vnodes=2, usage=USAGE + USAGE)]
+    table = run(client, "node", "list").stdout.splitlines()
+    assert table[0].split()[-5:] == ["CPU-S", "MEM", "MEM-PEAK", "IN", "OUT"]
+    assert table[1].split()[-5:] == ["24.7", "40.0Mi", "63.0Mi", "3.0Ki", "600B"]
+    [listed] = json.loads(run(client, "-o", "json", "node", "list").stdout)
+    assert listed["usage"]["cpu_seconds"] == 24.68 and listed["usage"]["oom_kills"] == 2
 
 
 def test_service_list_table_and_json(client):
@@ -375,9 +410,10 @@ def test_node_list(client):
                                hypervisors=("uml", "qemu"), vnodes=2)]
     table = run(client, "node", "list").stdout.splitlines()
     assert table[0].split() == ["NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH",
-                                "DISK", "VNODES", "HYPERVISORS"]
+                                "DISK", "VNODES", "HYPERVISORS", "CPU-S", "MEM", "MEM-PEAK", "IN", "OUT"]
     assert table[1].split() == ["node-a", "192.0.2.10", "READY", "10.0.1.0/24", "1.5/4",
-                                "128/4096Mi", "20/1000Mbit", "128/10240Mi", "2", "uml,qemu"]
+                                "128/4096Mi", "20/1000Mbit", "128/10240Mi", "2", "uml,qemu",
+                                "-", "-", "-", "-", "-"]
     [listed] = json.loads(run(client, "-o", "json", "node", "list").stdout)
     assert listed["capacity"] == {"cpu": 4, "memory": 4096, "bandwidth": 1000, "disk": 10240}
     assert listed["hypervisors"] == ["uml", "qemu"]

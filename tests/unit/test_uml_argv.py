@@ -37,6 +37,8 @@ def spec(name="web-0", memory=64, image="/var/lib/soda/agent/images/sha256-ab12/
 
 def golden_driver(state_dir="/var/lib/soda/agent", **kw):
     kw.setdefault("python", "/opt/soda/venv/bin/python")
+    # Explicit: "auto" would pick whatever kernel this machine has built.
+    kw.setdefault("kernel", "/usr/bin/linux.uml")
     return UmlDriver(state_dir, **kw)
 
 
@@ -93,9 +95,10 @@ def test_boot_options_go_before_the_contract():
 
 # ---- refusals --------------------------------------------------------------------
 
-@pytest.mark.parametrize("memory", [0, 16, 23])
+@pytest.mark.parametrize("memory", [0, 16, 31])
 def test_too_little_memory_is_refused(memory):
-    with pytest.raises(InvalidSpec, match="below the 24 MiB"):
+    # Debian's kernel panics at mem=24M (PLATFORM.md); SODA's needs 16: tests/unit/test_kernels.py.
+    with pytest.raises(InvalidSpec, match="below the 32 MiB"):
         golden_driver().build_argv(spec(memory=memory))
 
 

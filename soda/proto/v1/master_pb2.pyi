@@ -67,7 +67,7 @@ class ServiceSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
-    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap")
+    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class VirtualNode(_message.Message):
     DELETING_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CPU_CAP_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     index: int
@@ -104,7 +105,26 @@ class VirtualNode(_message.Message):
     deleting: bool
     generation: int
     cpu_cap: bool
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ...) -> None: ...
+    usage: VnodeUsage
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ...) -> None: ...
+
+class VnodeUsage(_message.Message):
+    __slots__ = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", "bytes_out", "throttled_seconds", "oom_kills")
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    THROTTLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    bytes_in: int
+    bytes_out: int
+    throttled_seconds: float
+    oom_kills: int
+    def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., throttled_seconds: _Optional[float] = ..., oom_kills: _Optional[int] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("spec", "image_digest", "vnodes", "deleting", "created_at")
@@ -121,7 +141,7 @@ class Service(_message.Message):
     def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat")
+    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +152,7 @@ class Node(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
@@ -142,7 +163,8 @@ class Node(_message.Message):
     state: str
     vnodes: int
     last_heartbeat: float
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ...) -> None: ...
+    usage: VnodeUsage
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("digest", "names", "size", "created_at", "init")
@@ -231,18 +253,20 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VirtualNodeStatus(_message.Message):
-    __slots__ = ("name", "phase", "reason", "boot_seconds", "generation")
+    __slots__ = ("name", "phase", "reason", "boot_seconds", "generation", "usage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BOOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     phase: Phase
     reason: str
     boot_seconds: float
     generation: int
-    def __init__(self, name: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., generation: _Optional[int] = ...) -> None: ...
+    usage: VnodeUsage
+    def __init__(self, name: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., generation: _Optional[int] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node", "vnodes", "complete")

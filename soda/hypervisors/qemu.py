@@ -1,0 +1,756 @@
+"""The QEMU driver: each virtual node is a `qemu-system-x86_64` process.
+
+Owns `<state_dir>/qemu/`: per guest a directory `<name>/` holding its record
+(`guest.json`: pid, the process's start time, argv, spec, generation, the
+kernel, initramfs and accelerator it booted with), its disk (`overlay.qcow2`,
+a qcow2 layer whose backing file is the read-only cached base image), its
+console log (`console.log`: the serial console and the launcher's and
+QEMU's own messages) and its QMP socket (`qmp.sock`), plus a lock file
+`<name>.lock` beside it. When the socket's path would not fit a Unix socket
+address it moves to `/run/soda-qemu/<hash>.sock` and the record says so.
+`_initramfs/` caches the initramfs built by scripts/build-initramfs for the
+kernel in use (when the driver is told to find it itself).
+
+Guests boot Debian's kernel directly (`-kernel`, `-initrd`, `-append`): the
+initramfs loads the virtio and ext4 modules and switch_roots into the
+image's init, which reads the soda.* contract from /proc/cmdline. TCG is the
+accelerator unless a bounded probe shows KVM really runs a kernel here.
+
+A guest is spawned through `soda.hypervisors.launch` (cgroups, network
+namespace, then exec): the recorded pid is QEMU's from its first
+instruction, in a session of its own, so it outlives the Agent. A new
+driver on the same dir adopts it from the record; only a process whose start
+time and command line match the record counts, and QMP `query-status` must
+agree that the VM has not ended.
+
+Readiness is a TCP connect to the guest's service port from inside its
+network namespace (soda.hypervisors.probe). Stop asks over QMP
+(`system_powerdown`; the reference guest ignores ACPI, so after a short
+wait `quit`), then SIGTERM and SIGKILL to the recorded pid only (through a
+pidfd, after checking it is still ours), then removes every file of the
+guest. `freeze`/`thaw` pause and resume the VM (QMP `stop`/`cont`).
+
+It does not create TAPs, namespaces or cgroups (the Agent and the Daemon
+do), and it never signals a process it cannot prove it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
+from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
+                                   check_guest_name, spec_as_dict, write_json_atomic)
+from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT, probe_tcp
+from soda.hypervisors.qmp import qmp
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+RECORD = "guest.json"
+OVERLAY = "overlay.qcow2"
+CONSOLE = "console.log"
+QMP_SOCKET = "qmp.sock"
+INITRAMFS_DIR = "_initramfs"          # "_" is not allowed in a guest name: no clash
+LAUNCHER = "soda.hypervisors.launch"
+QEMU = "qemu-system-x86_64"
+QEMU_IMG = "qemu-img"
+DEFAULT_SHORT_DIR = "/run/soda-qemu"
+SUN_PATH_MAX = 107
+MIN_MEMORY = 96                       # MiB: at 64 Debian's kernel resets before its first line
+QMP_TIMEOUT = 2.0
+POWERDOWN_GRACE = 1.0                 # after system_powerdown, before quit
+TERM_GRACE = 2.0                      # after SIGTERM, before SIGKILL
+KILL_WAIT = 5.0
+KVM_PROBE_SECONDS = 2.0
+LOG_TAIL = 16 * 1024
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD_INITRAMFS = os.path.join(TOP, "scripts", "build-initramfs")
+# Console lines that explain why a guest died, most telling first.
+EXIT_MARKERS = ("soda-launch:", "soda-initramfs:", "qemu-system-x86_64:", "Kernel panic",
+                "Out of memory", "out of memory", "Killed process")
+# QMP run states after which the VM will not run its guest again.
+ENDED_STATES = ("shutdown", "guest-panicked", "internal-error", "io-error")
+
+_children: dict[int, subprocess.Popen] = {}
+_exited: dict[int, subprocess.Popen] = {}
+_children_lock = threading.Lock()
+_kvm_verdicts: dict[tuple[str, str], bool] = {}
+
+
+class QemuDriver(HypervisorDriver):
+    name = "qemu"
+
+    def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
+                 qemu: str = QEMU, qemu_img: str = QEMU_IMG, kernel: str = AUTO,
+                 initramfs: str = AUTO, accel: str = AUTO, machine: str = "pc",
+                 min_memory: int = MIN_MEMORY, python: str | None = None,
+                 short_dir: str = DEFAULT_SHORT_DIR, boot_options: tuple[str, ...] | list[str] = (),
+                 probe_timeout: float = PROBE_TIMEOUT, powerdown_grace: float = POWERDOWN_GRACE,
+                 term_grace: float = TERM_GRACE, sleep=time.sleep):
+        super().__init__(state_dir, runner, clock)
+        self.qemu = shutil.which(qemu) or qemu
+        self.qemu_img = shutil.which(qemu_img) or qemu_img
+        self.kernel = find_kernel() if kernel == AUTO else kernel
+        self.kernel_version = _kernel_version(self.kernel)
+        self.dir = os.path.join(os.path.abspath(state_dir), "qemu")
+        if initramfs == AUTO:
+            if not self.kernel_version and kernel != AUTO:
+                raise InvalidSpec(f"QEMU kernel {self.kernel}: its version is not in its name "
+                                  f"(vmlinuz-VERSION): name the initramfs explicitly")
+            # No kernel installed: start() says so (NotFound), so that a node
+            # without one still runs its other drivers.
+            self.initramfs = os.path.join(self.dir, INITRAMFS_DIR,
+                                          f"initramfs-{self.kernel_version or 'none'}.img")
+            self._build_initramfs = True
+        else:
+            self.initramfs = os.path.abspath(initramfs)
+            self._build_initramfs = False
+        if accel == AUTO:
+            accel = "kvm" if kvm_works(self.qemu, self.kernel) else "tcg"
+        if accel not in ("tcg", "kvm"):
+            raise InvalidSpec(f"QEMU accelerator {accel!r}: use auto, tcg or kvm")
+        self.accel = accel
+        self.machine = machine
+        self.min_memory = int(min_memory)
+        self.python = python or sys.executable
+        self.short_dir = short_dir
+        self.boot_options = tuple(boot_options)
+        self.probe_timeout = probe_timeout
+        self.powerdown_grace = powerdown_grace
+        self.term_grace = term_grace
+        self._sleep = sleep
+        self._ready: set[tuple[int, int]] = set()
+        # Guests whose VM QMP has confirmed, by (pid, start time).
+        self._verified: set[tuple[int, int]] = set()
+        self._initramfs_lock = threading.Lock()
+        self._initramfs_checked = False
+
+    # ---- paths -----------------------------------------------------------
+    def guest_dir(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def overlay_path(self, name: str) -> str:
+        return os.path.join(self.guest_dir(name), OVERLAY)
+
+    def console_path(self, name: str) -> str:
+        return os.path.join(self.guest_dir(name), CONSOLE)
+
+    def qmp_path(self, name: str) -> str:
+        own = os.path.join(self.guest_dir(name), QMP_SOCKET)
+        if len(own) <= SUN_PATH_MAX:
+            return own
+        digest = hashlib.sha256(self.guest_dir(name).encode()).hexdigest()[:16]
+        short = os.path.join(self.short_dir, f"{digest}.sock")
+        if len(short) > SUN_PATH_MAX:
+            raise InvalidSpec(f"QMP socket path for {name} is too long even under {self.short_dir}")
+        return short
+
+    def _record_path(self, name: str) -> str:
+        return os.path.join(self.guest_dir(name), RECORD)
+
+    def _lock_path(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.lock")
+
+    # ---- the driver interface ------------------------------------------
+    def build_argv(self, spec: GuestSpec) -> list[str]:
+        check_guest_name(spec.name)
+        self._check_spec(spec)
+        name = spec.name
+        argv = [self.python, "-m", LAUNCHER]
+        if spec.netns:
+            argv += ["--netns", spec.netns]
+        for directory in spec.cgroups:
+            argv += ["--cgroup", directory]
+        argv += ["--log", self.console_path(name), "--"]
+        append = ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", f"init={spec.init}"]
+        append += list(self.boot_options)
+        append += [f"soda.ip={spec.address}/{spec.prefix_length}", f"soda.gw={spec.gateway}",
+                   f"soda.name={name}", f"soda.service={spec.service}"]
+        argv += [self.qemu,
+                 "-name", f"soda-{name}",
+                 "-machine", self.machine, "-accel", self.accel,
+                 "-m", f"{spec.resources.memory}M", "-smp", "1",
+                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                 "-kernel", self.kernel, "-initrd", self.initramfs,
+                 "-append", " ".join(append),
+                 "-chardev", f"file,id=console,path={self.console_path(name)},append=on",
+                 "-serial", "chardev:console",
+                 "-qmp", f"unix:{self.qmp_path(name)},server=on,wait=off",
+                 "-drive", f"file={self.overlay_path(name)},format=qcow2,if=virtio,"
+                           f"cache=writeback,discard=unmap"]
+        if spec.tap:
+            argv += ["-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
+                     "-device", f"virtio-net-pci,netdev=n0,mac={guest_mac(name)}"]
+        else:
+            argv += ["-nic", "none"]
+        return argv
+
+    def start(self, spec: GuestSpec) -> GuestInfo:
+        check_guest_name(spec.name)
+        argv = self.build_argv(spec)
+        name = spec.name
+        with self._locked(name, remove=True):
+            record = self._load(name)
+            if record is not None and self._alive(record):
+                return self._info(record, probe=False)
+            self._check_host(spec)
+            self._ensure_initramfs()
+            # A guest that died (or an interrupted start) leaves files
+            # behind: clear them, then boot afresh from a new overlay.
+            self._teardown(name, record, timeout=0.0)
+            directory = self.guest_dir(name)
+            os.makedirs(directory, exist_ok=True)
+            qmp_path = self.qmp_path(name)
+            if os.path.dirname(qmp_path) != directory:
+                os.makedirs(os.path.dirname(qmp_path), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(qmp_path)
+            self._create_overlay(spec)
+            with open(self.console_path(name), "ab") as console:
+                console.write(f"soda: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                              f"(accel {self.accel})\n".encode())
+                console.flush()
+                try:
+                    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                                             stderr=console, close_fds=True,
+                                             start_new_session=True)
+                except OSError as e:
+                    raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
+            with _children_lock:
+                _children[child.pid] = child
+            started_at = self.clock()
+            try:
+                starttime = _proc_starttime(child.pid)
+            except OSError:
+                starttime = None
+            if starttime is None:
+                child.kill()
+                child.wait()
+                raise CommandError(argv, -1, err="the launcher vanished before it was recorded")
+            record = {"name": name, "pid": child.pid, "starttime": starttime,
+                      "started_at": started_at, "argv": argv, "vmm_argv": _vmm_argv(argv),
+                      "generation": spec.generation, "qmp": qmp_path,
+                      "kernel": self.kernel, "initramfs": self.initramfs, "accel": self.accel,
+                      "spec": spec_as_dict(spec)}
+            try:
+                write_json_atomic(self._record_path(name), record)
+            except BaseException:
+                child.kill()
+                child.wait()
+                raise
+        log.info("qemu guest %s started: pid %d (%s)", name, child.pid, self.accel)
+        return self._info(record, probe=False)
+
+    def stop(self, name: str, timeout: float) -> None:
+        check_guest_name(name)
+        with self._locked(name, remove=True):
+            record = self._load(name)
+            self._teardown(name, record, timeout)
+
+    def list(self) -> dict[str, GuestInfo]:
+        _reap()
+        try:
+            entries = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return {}
+        records = []
+        for entry in entries:
+            if entry.startswith((".", "_")) or "." in entry:
+                continue
+            record = self._load(entry)
+            if record is not None:
+                records.append(record)
+        results: dict[str, GuestInfo] = {}
+        threads = []
+        for record in records:
+            if self._alive(record) and _key(record) not in self._ready:
+                t = threading.Thread(target=lambda r=record: results.__setitem__(
+                    r["name"], self._info(r, probe=True)), daemon=True)
+                t.start()
+                threads.append(t)
+            else:
+                results[record["name"]] = self._info(record, probe=False)
+        for t in threads:
+            t.join()
+        return {r["name"]: results[r["name"]] for r in records if r["name"] in results}
+
+    def is_ready(self, name: str) -> bool:
+        check_guest_name(name)
+        _reap()
+        record = self._load(name)
+        if record is None or not self._alive(record):
+            return False
+        return self._probe_ready(record)
+
+    def info(self, name: str) -> GuestInfo | None:
+        check_guest_name(name)
+        _reap()
+        record = self._load(name)
+        return None if record is None else self._info(record, probe=False)
+
+    # ---- beyond the interface ----------------------------------------------
+    def status(self, name: str) -> str:
+        """The VM's run state as QMP reports it ("running", "paused", ...)."""
+        record = self._running_record(name)
+        return qmp(record["qmp"], "query-status", timeout=QMP_TIMEOUT)["status"]
+
+    def freeze(self, name: str) -> None:
+        """Pause the guest's virtual CPUs (QMP `stop`); its memory stays."""
+        record = self._running_record(name)
+        qmp(record["qmp"], "stop", timeout=QMP_TIMEOUT)
+
+    def thaw(self, name: str) -> None:
+        """Resume a frozen guest (QMP `cont`)."""
+        record = self._running_record(name)
+        qmp(record["qmp"], "cont", timeout=QMP_TIMEOUT)
+
+    def _running_record(self, name: str) -> dict:
+        check_guest_name(name)
+        _reap()
+        record = self._load(name)
+        if record is None:
+            raise NotFound(f"no qemu guest {name}")
+        if not self._alive(record):
+            raise WrongState(f"qemu guest {name} is not running")
+        return record
+
+    # ---- checks ----------------------------------------------------------
+    def _check_spec(self, spec: GuestSpec) -> None:
+        memory = spec.resources.memory
+        if memory < self.min_memory:
+            raise InvalidSpec(f"virtual node {spec.name}: memory {memory} MiB is below the "
+                              f"{self.min_memory} MiB a QEMU guest needs to boot")
+        # Commas split QEMU's option values; blanks would split the kernel
+        # command line.
+        for what, value in (("image path", spec.image_path), ("state dir", self.dir),
+                            ("kernel", self.kernel), ("initramfs", self.initramfs)):
+            if not value or any(c in value for c in ", \t\n\"'"):
+                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} cannot go on a "
+                                  f"QEMU command line (empty, or has a comma, quote or blank)")
+        for what, value in (("init", spec.init), ("TAP", spec.tap), ("service", spec.service),
+                            ("address", spec.address), ("gateway", spec.gateway)):
+            if any(c in value for c in ", \t\n\"'"):
+                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} has a comma, "
+                                  f"quote or blank")
+        if not spec.init.startswith("/"):
+            raise InvalidSpec(f"virtual node {spec.name}: init {spec.init!r} is not an absolute path")
+        if spec.netns and ("/" in spec.netns or spec.netns in (".", "..")):
+            raise InvalidSpec(f"virtual node {spec.name}: bad network namespace {spec.netns!r}")
+
+    def _check_host(self, spec: GuestSpec) -> None:
+        if not os.access(self.qemu, os.X_OK):
+            raise NotFound(f"QEMU {self.qemu} is missing (Debian package qemu-system-x86)")
+        if not os.path.isfile(self.kernel):
+            raise NotFound(f"QEMU guest kernel {self.kernel} is missing (linux-image-amd64)")
+        if not self._build_initramfs and not os.path.isfile(self.initramfs):
+            raise NotFound(f"initramfs {self.initramfs} is missing (scripts/build-initramfs)")
+        if not os.path.isfile(spec.image_path):
+            raise NotFound(f"image {spec.image_path} for {spec.name} does not exist")
+        if spec.netns and not os.path.exists(os.path.join(NETNS_DIR, spec.netns)):
+            raise NotFound(f"network namespace {spec.netns} for {spec.name} does not exist")
+        for directory in spec.cgroups:
+            if not os.path.isfile(os.path.join(directory, "cgroup.procs")):
+                raise NotFound(f"cgroup {directory} for {spec.name} does not exist")
+
+    def _ensure_initramfs(self) -> None:
+        if not self._build_initramfs:
+            return
+        with self._initramfs_lock:
+            # Once per driver: the script keeps its own cache key (kernel,
+            # busybox, itself), so a run over a current image is a no-op.
+            if self._initramfs_checked:
+                return
+            argv = [BUILD_INITRAMFS, self.initramfs, "--kernel-version", self.kernel_version]
+            if not os.access(BUILD_INITRAMFS, os.X_OK):
+                raise NotFound(f"initramfs {self.initramfs} is missing and {BUILD_INITRAMFS} "
+                               f"is not there to build it")
+            log.info("checking the QEMU initramfs for kernel %s", self.kernel_version)
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                   stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                raise CommandError(argv, -1, err="timed out") from None
+            if r.returncode != 0:
+                raise CommandError(argv, r.returncode, r.stdout, r.stderr)
+            self._initramfs_checked = True
+
+    def _create_overlay(self, spec: GuestSpec) -> None:
+        path = self.overlay_path(spec.name)
+        argv = [self.qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw",
+                "-b", os.path.abspath(spec.image_path), path]
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                               stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise NotFound(f"{self.qemu_img} is missing (Debian package qemu-utils)") from None
+        except subprocess.TimeoutExpired:
+            raise CommandError(argv, -1, err="timed out") from None
+        if r.returncode != 0:
+            raise CommandError(argv, r.returncode, r.stdout, r.stderr)
+
+    # ---- records and processes --------------------------------------------
+    def _load(self, name: str) -> dict | None:
+        try:
+            with open(self._record_path(name)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("unreadable record for qemu guest %s: %s", name, e)
+            return None
+
+    def _alive(self, record: dict) -> bool:
+        return _is_ours(record["pid"], record)
+
+    def _vm_ended(self, record: dict) -> str:
+        """"" while the VM may still run its guest, else why not. Asked over
+        QMP once per process and driver (adoption); a VM that does not
+        answer yet (still starting) is given the benefit of the doubt."""
+        if _key(record) in self._verified:
+            return ""
+        try:
+            status = qmp(record["qmp"], "query-status", timeout=QMP_TIMEOUT)["status"]
+        except (OSError, KeyError, TypeError) as e:
+            log.debug("qemu guest %s: query-status: %s", record["name"], e)
+            return ""
+        if status in ENDED_STATES:
+            return f"QEMU reports the VM {status}"
+        self._verified.add(_key(record))
+        return ""
+
+    def _info(self, record: dict, probe: bool) -> GuestInfo:
+        running = self._alive(record)
+        reason = ""
+        if running:
+            reason = self._vm_ended(record)
+            running = not reason
+        ready = False
+        if running:
+            ready = _key(record) in self._ready or (probe and self._probe_ready(record))
+        if not running and not reason:
+            reason = self._exit_reason(record)
+        return GuestInfo(name=record["name"], state=RUNNING if running else EXITED,
+                         pid=record["pid"], started_at=record.get("started_at", 0.0),
+                         ready=ready, exit_reason=reason, generation=record.get("generation", 0))
+
+    def _probe_ready(self, record: dict) -> bool:
+        if _key(record) in self._ready:
+            return True
+        spec = record["spec"]
+        if probe_tcp(spec["address"], spec["port"], spec.get("netns", ""), self.probe_timeout):
+            self._ready.add(_key(record))
+            return True
+        return False
+
+    def _exit_reason(self, record: dict) -> str:
+        pid = record["pid"]
+        status = None
+        with _children_lock:
+            child = _children.get(pid) or _exited.get(pid)
+            # Poll now: the child may have died after the last reap, and an
+            # unreaped zombie would look like a recycled pid below.
+            if child is not None:
+                status = child.poll()
+        line = _console_reason(self.console_path(record["name"]))
+        if status is not None:
+            how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            return f"{how}: {line}" if line else how
+        if line:
+            return line
+        if os.path.exists(f"/proc/{pid}"):
+            return "the VMM process is gone (its pid now belongs to another process)"
+        return "the VMM process is gone"
+
+    def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
+        """Power down, quit, then force, then remove every file (lock held)."""
+        if record is not None:
+            pid = record["pid"]
+            if self._alive(record):
+                self._halt(record, timeout)
+            if self._alive(record):
+                log.info("qemu guest %s (pid %d) did not quit within %.1fs: SIGTERM", name, pid,
+                         timeout)
+                _signal_if_ours(pid, record, signal.SIGTERM)
+                self._wait_gone(record, self.term_grace)
+            if self._alive(record):
+                log.warning("qemu guest %s (pid %d) ignored SIGTERM: SIGKILL", name, pid)
+                _signal_if_ours(pid, record, signal.SIGKILL)
+                self._wait_gone(record, KILL_WAIT)
+            if self._alive(record):
+                raise TemporaryError(f"qemu guest {name} (pid {pid}) survived SIGKILL")
+            _reap()
+            sock = record.get("qmp", "")
+            if sock and os.path.dirname(sock) != self.guest_dir(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock)
+        else:
+            with contextlib.suppress(InvalidSpec, FileNotFoundError):
+                sock = self.qmp_path(name)
+                if os.path.dirname(sock) != self.guest_dir(name):
+                    os.unlink(sock)
+        directory = self.guest_dir(name)
+        if os.path.isdir(directory):
+            for entry in os.listdir(directory):
+                if entry != RECORD:
+                    path = os.path.join(directory, entry)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, RECORD))
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(directory)
+
+    def _halt(self, record: dict, timeout: float) -> None:
+        """system_powerdown, a short wait for the guest to power off, then
+        quit (QEMU exits at once; the overlay is thrown away anyway)."""
+        if timeout <= 0:
+            return
+        deadline = time.monotonic() + timeout
+        name = record["name"]
+        sock = record["qmp"]
+        try:
+            qmp(sock, "system_powerdown", timeout=min(timeout, QMP_TIMEOUT))
+        except OSError as e:
+            log.info("qemu guest %s: system_powerdown failed: %s", name, e)
+        else:
+            self._wait_gone(record, min(self.powerdown_grace, max(0.0, deadline - time.monotonic())))
+        if not self._alive(record):
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            qmp(sock, "quit", timeout=min(left, QMP_TIMEOUT))
+        except OSError as e:
+            # QEMU may close the socket as it quits before answering.
+            log.debug("qemu guest %s: quit: %s", name, e)
+        self._wait_gone(record, max(0.0, deadline - time.monotonic()))
+
+    def _wait_gone(self, record: dict, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            _reap()
+            if not self._alive(record) or time.monotonic() >= deadline:
+                return
+            self._sleep(0.01)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, remove: bool = False) -> Iterator[None]:
+        """A per-guest flock (another Agent thread or driver instance may act
+        on the same guest). With `remove`, the lock file goes on release if
+        the guest has no record."""
+        import fcntl
+        os.makedirs(self.dir, exist_ok=True)
+        path = self._lock_path(name)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield
+        finally:
+            # Gone with the guest, or with a start that failed before it
+            # recorded one: nothing of an absent guest stays behind.
+            if remove and not os.path.exists(self._record_path(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            os.close(fd)
+
+
+# ---- host discovery -------------------------------------------------------------
+
+def find_kernel() -> str:
+    """The newest installed Debian kernel (/boot/vmlinuz-VERSION)."""
+    found = sorted(glob.glob("/boot/vmlinuz-*"), key=_version_key)
+    if not found:
+        # Reported on start (NotFound), so a node without it can still run UML.
+        return "/boot/vmlinuz"
+    return found[-1]
+
+
+def _version_key(path: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+
+
+def _kernel_version(kernel: str) -> str:
+    base = os.path.basename(kernel)
+    return base[len("vmlinuz-"):] if base.startswith("vmlinuz-") else ""
+
+
+def guest_mac(name: str) -> str:
+    """A stable, locally administered MAC for a guest (QEMU's 52:54:00 prefix)."""
+    h = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+
+
+def kvm_works(qemu: str = QEMU, kernel: str | None = None,
+              seconds: float = KVM_PROBE_SECONDS) -> bool:
+    """Whether KVM really runs a guest here: boot the guest kernel under
+    `-accel kvm` and wait (bounded) for its first console line. A VMM that
+    merely opens /dev/kvm proves nothing: on a PVM backend QEMU starts, then
+    the guest hangs without printing a byte (PLATFORM.md)."""
+    qemu = shutil.which(qemu) or qemu
+    kernel = kernel or find_kernel()
+    cache_key = (qemu, kernel)
+    if cache_key in _kvm_verdicts:
+        return _kvm_verdicts[cache_key]
+    verdict = os.access("/dev/kvm", os.R_OK | os.W_OK) and accel_boots(qemu, kernel, "kvm",
+                                                                       seconds)
+    log.info("KVM %s here: QEMU guests use %s", "works" if verdict else "does not work",
+             "kvm" if verdict else "tcg")
+    _kvm_verdicts[cache_key] = verdict
+    return verdict
+
+
+def accel_boots(qemu: str, kernel: str, accel: str, seconds: float) -> bool:
+    """Whether `kernel` under `-accel ACCEL` prints its first console line
+    within `seconds` (the VMM is killed either way)."""
+    verdict = False
+    if os.access(qemu, os.X_OK) and os.path.isfile(kernel):
+        # 128 MiB: at 64 Debian's kernel resets before printing anything.
+        argv = [qemu, "-accel", accel, "-machine", "pc", "-m", "128", "-nodefaults",
+                "-no-user-config", "-display", "none", "-no-reboot", "-kernel", kernel,
+                "-append", "earlyprintk=ttyS0 console=ttyS0 panic=-1", "-serial", "stdio"]
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, close_fds=True)
+        except OSError:
+            child = None
+        if child is not None:
+            out = b""
+            deadline = time.monotonic() + seconds
+            try:
+                while b"Linux version" not in out:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    r, _, _ = select.select([child.stdout], [], [], left)
+                    if not r:
+                        break
+                    chunk = os.read(child.stdout.fileno(), 4096)
+                    if not chunk:
+                        break
+                    out += chunk
+                verdict = b"Linux version" in out
+            finally:
+                child.kill()
+                child.wait()
+                child.stdout.close()
+    return verdict
+
+
+# ---- processes (the same rules as the UML driver's) -------------------------------
+
+def _vmm_argv(argv: list[str]) -> list[str]:
+    return argv[argv.index("--") + 1:]
+
+
+def _key(record: dict) -> tuple[int, int]:
+    return record["pid"], record["starttime"]
+
+
+def _reap() -> None:
+    with _children_lock:
+        for pid, child in list(_children.items()):
+            if child.poll() is not None:
+                del _children[pid]
+                _exited[pid] = child
+        while len(_exited) > 256:
+            _exited.pop(next(iter(_exited)))
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def _proc_starttime(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[19])
+
+
+def _proc_cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return [a.decode(errors="surrogateescape") for a in data.split(b"\0")[:-1]]
+
+
+def _is_ours(pid: int, record: dict) -> bool:
+    """Whether `pid` is still the guest's VMM: same start time, and QEMU's
+    command line (or the launcher's before its exec, or the empty one the
+    kernel shows during the exec)."""
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X", "x"):
+        return False
+    if int(fields[19]) != record["starttime"]:
+        return False
+    cmdline = _proc_cmdline(pid)
+    return cmdline in (record["vmm_argv"], record["argv"], [])
+
+
+def _signal_if_ours(pid: int, record: dict, sig: int) -> bool:
+    """Signal `pid` only if it is still the guest's (pinned by a pidfd
+    between the check and the signal)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not _is_ours(pid, record):
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _console_reason(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for marker in EXIT_MARKERS:
+        for line in reversed(lines):
+            if marker in line:
+                return line.strip()[:300]
+    return ""

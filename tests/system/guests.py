@@ -1,0 +1,159 @@
+"""One physical node with real User-Mode Linux guests, for system tests:
+Master, Daemon, Agent and Switch as processes, the guest network in a
+namespace the test creates, and a teardown that removes everything it made
+(guest pids the Agent recorded, the cgroups below the test's own parent in
+every hierarchy, the namespace and its uplink), even when the test failed.
+Also the small readers tests use to check results outside the code under
+test: cgroup files, `tc`, links, and HTTP from inside the namespace."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import urllib.request
+import uuid
+
+from soda.agent.network import short_name
+from tests.system.cluster import wait_until
+
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CGROUP = "/sys/fs/cgroup"
+NODE = "node-a"
+
+
+def build_rootfs(directory: str) -> str:
+    out = os.path.join(directory, "rootfs.img")
+    subprocess.run([os.path.join(TOP, "scripts", "build-rootfs"), out], check=True, capture_output=True)
+    return out
+
+
+def read(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def htb_rates(netns, dev):
+    """The HTB class rates tc reports for `dev` (this iproute2 prints HTB
+    classes as text even with -j)."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "tc", "class", "show", "dev", dev],
+                         capture_output=True, text=True, check=True).stdout
+    return re.findall(r"class htb \S+ .*?rate (\S+)", out)
+
+
+def qdiscs(netns):
+    """(device, kind, handle) of every qdisc in the namespace, from `tc -j`."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "tc", "-j", "qdisc", "show"],
+                         capture_output=True, text=True, check=True).stdout
+    return [(q["dev"], q["kind"], q["handle"]) for q in json.loads(out or "[]")]
+
+
+def ns_links(netns):
+    out = subprocess.run(["ip", "-j", "-n", netns, "link", "show"], capture_output=True, text=True, check=True)
+    return {link["ifname"] for link in json.loads(out.stdout)}
+
+
+def guest_records(cluster, agent=NODE):
+    """pid and argv of every guest the Agent's UML driver recorded."""
+    root = os.path.join(cluster.agent_dir(agent), "uml")
+    found = {}
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            path = os.path.join(root, name, "guest.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    found[name] = json.load(f)
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def fetch(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def in_netns(netns, argv, timeout=120, check=True) -> subprocess.CompletedProcess:
+    """Run `argv` inside the test's namespace (traffic to guests stays there)."""
+    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True,
+                          timeout=timeout, check=check)
+
+
+def curl(netns, url, *extra, timeout=120) -> str:
+    return in_netns(netns, ["curl", "-sS", "--max-time", str(timeout), *extra, url],
+                    timeout=timeout + 10).stdout
+
+
+def cgroup_file(cluster, controller, vnode, filename):
+    return os.path.join(CGROUP, controller, cluster.cgroup_parent, vnode, filename)
+
+
+def _sweep_cgroups(parent):
+    """Kill what is left below `parent` in every hierarchy, then remove it,
+    deepest first."""
+    for controller in os.listdir(CGROUP):
+        top = os.path.join(CGROUP, controller, parent.split("/")[0])
+        if not os.path.isdir(top):
+            continue
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+            procs = os.path.join(dirpath, "cgroup.procs")
+            if os.path.exists(procs):
+                for pid in read(procs).split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                wait_until(lambda: not read(procs), 10, what=f"{dirpath} to empty")
+            os.rmdir(dirpath)
+
+
+@contextlib.contextmanager
+def uml_node(cluster, rootfs, daemon_config: str = ""):
+    """The running cluster, with .netns, .cgroup_parent, .guest_pids (add
+    the pid of every guest you see) and .restart_daemon(). `daemon_config`:
+    extra YAML for the Daemon (e.g. 'cpuset: "0"')."""
+    tag = uuid.uuid4().hex[:6]
+    netns, parent = f"sodas-{tag}", f"soda-test-{tag}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    pids_seen: set[int] = set()
+    daemon_args: list[str] = []
+    if daemon_config:
+        path = os.path.join(cluster.root, "daemon.yaml")
+        with open(path, "w") as f:
+            f.write(daemon_config + "\n")
+        daemon_args = ["--config", path]
+    try:
+        cluster.start_master()
+        socket_path = cluster.start_daemon(NODE, netns, parent, *daemon_args)
+        cluster.start_real_agent(NODE, netns, socket_path)
+        cluster.start_switch()
+        wait_until(lambda: cluster.ready_nodes() == [NODE], 30, what="the Agent to register")
+        cluster.ctl("image", "push", rootfs, "--name", "busybox-httpd")
+        cluster.netns, cluster.cgroup_parent = netns, parent
+        cluster.guest_pids = pids_seen
+        cluster.daemon_socket = socket_path
+        cluster.restart_daemon = lambda: cluster.start_daemon(NODE, netns, parent, *daemon_args)
+        yield cluster
+    finally:
+        try:
+            for svc in cluster.json("service", "list"):
+                cluster.ctl("service", "delete", svc["name"], "--wait", "--timeout", "60", check=False)
+        except Exception:  # noqa: BLE001 - teardown goes on whatever happened
+            pass
+        for record in guest_records(cluster).values():
+            pids_seen.add(record["pid"])
+        cluster.close()
+        # Only pids this test's Agent recorded; then the cgroups and namespace it made.
+        for pid in pids_seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        _sweep_cgroups(parent)
+        subprocess.run(["ip", "link", "del", short_name("su", netns)], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)

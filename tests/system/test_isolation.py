@@ -1,0 +1,238 @@
+"""Isolation measured on real User-Mode Linux guests: CPU split and cap,
+bandwidth both ways (and changed live), memory containment, and a Daemon
+restart that leaves the fence in force. Load goes only to guests inside the
+namespace this test creates; every figure is read outside the code under
+test (cpuacct, memory cgroup files, `tc -j`, the test's own clock)."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.system.cluster import wait_until
+from tests.system.guests import (alive, build_rootfs, cgroup_file, curl, guest_records, htb_rates,
+                                 in_netns, ns_links, qdiscs, read)
+from tests.system.guests import uml_node as _uml_node
+
+pytestmark = [pytest.mark.root, pytest.mark.guest]
+
+if os.geteuid() != 0:
+    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
+if not os.path.exists("/dev/net/tun"):
+    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+
+TRANSFER = 3_000_000          # bytes per bandwidth measurement: 2.4 s at 10 Mbit/s
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory):
+    return build_rootfs(str(tmp_path_factory.mktemp("image")))
+
+
+@pytest.fixture
+def one_core_node(cluster, rootfs):
+    """Every guest confined to CPU 0, so that CPU-hungry guests compete."""
+    with _uml_node(cluster, rootfs, daemon_config='cpuset: "0"') as c:
+        yield c
+
+
+@pytest.fixture
+def uml_node(cluster, rootfs):
+    with _uml_node(cluster, rootfs) as c:
+        yield c
+
+
+def create(c, name, *args):
+    c.ctl("service", "create", name, "--image", "busybox-httpd", "--hypervisor", "uml", *args,
+          "--wait", "--timeout", "120", timeout=180)
+    svc = c.json("service", "get", name)
+    c.guest_pids.update(r["pid"] for r in guest_records(c).values())
+    return {v["name"]: v["address"] for v in svc["vnodes"]}
+
+
+def cpu_ns(c, vnode):
+    return int(read(cgroup_file(c, "cpuacct", vnode, "cpuacct.usage")))
+
+
+def burn(c, address, seconds):
+    """Start a burn in the guest; the returned thread ends with the answer."""
+    thread = threading.Thread(target=curl, args=(c.netns, f"http://{address}/cgi-bin/burn?seconds={seconds}"),
+                              kwargs={"timeout": seconds + 60}, daemon=True)
+    thread.start()
+    return thread
+
+
+def cpu_shares_of_a_core(c, vnodes, warmup=2.0, window=5.0):
+    """Each virtual node's share of the CPU used by all of them over
+    `window` seconds, after a warm-up, from cpuacct."""
+    time.sleep(warmup)
+    before = {v: cpu_ns(c, v) for v in vnodes}
+    t0 = time.monotonic()
+    time.sleep(window)
+    used = {v: cpu_ns(c, v) - before[v] for v in vnodes}
+    wall = time.monotonic() - t0
+    return used, wall
+
+
+def test_cpu_shares_split_one_core_1_to_2(one_core_node):
+    c = one_core_node
+    addresses = create(c, "cpu", "--nodes", "2", "--cpu", "0.5,1.0", "--memory", "48")
+    assert read(cgroup_file(c, "cpuset", "cpu-0", "cpuset.cpus")) == "0"
+    threads = [burn(c, addresses[v], 14) for v in ("cpu-0", "cpu-1")]
+    splits = []
+    for _ in range(2):
+        used, _ = cpu_shares_of_a_core(c, ("cpu-0", "cpu-1"), warmup=1.5, window=4.0)
+        splits.append(100 * used["cpu-0"] / (used["cpu-0"] + used["cpu-1"]))
+    for t in threads:
+        t.join(90)
+    print(f"cpu split 0.5:1.0 on one core: {splits} % for cpu-0 (ideal 33.3)")
+    assert all(28.3 <= s <= 38.3 for s in splits), splits
+
+
+def test_cpu_cap_holds_a_burning_guest_at_its_quarter(uml_node):
+    c = uml_node
+    addresses = create(c, "capped", "--nodes", "1", "--cpu", "0.25", "--cpu-cap", "--memory", "48")
+    thread = burn(c, addresses["capped-0"], 12)
+    used, wall = cpu_shares_of_a_core(c, ("capped-0",), warmup=2.0, window=6.0)
+    share = used["capped-0"] / 1e9 / wall
+    thread.join(90)
+    print(f"capped guest: {100 * share:.1f} % of a core (cap 25 %)")
+    assert 0.15 <= share <= 0.27, share
+
+
+def _rate(c, address, direction):
+    """Mbit/s of one transfer of TRANSFER bytes timed from inside the netns."""
+    url = f"http://{address}/cgi-bin/"
+    if direction == "to_guest":
+        blob = os.path.join(c.root, "blob")
+        if not os.path.exists(blob):
+            with open(blob, "wb") as f:
+                f.write(os.urandom(TRANSFER))
+        # No "Expect: 100-continue": busybox httpd never answers it, and
+        # curl would wait a second before sending the body.
+        out = curl(c.netns, url + "recv", "--data-binary", f"@{blob}", "-H", "Expect:",
+                   "-H", "Content-Type: application/octet-stream",
+                   "-w", "\n%{size_upload} %{time_pretransfer} %{time_total}")
+        assert f"received {TRANSFER}" in out, out
+        size, start, total = out.strip().splitlines()[-1].split()
+    else:
+        out = curl(c.netns, url + f"send?bytes={TRANSFER}", "-o", "/dev/null",
+                   "-w", "%{size_download} %{time_starttransfer} %{time_total}")
+        size, start, total = out.split()
+    assert int(size) == TRANSFER
+    # From the first byte of the body on the wire to the last one: not the
+    # connection set-up, nor the guest starting its CGI for a download.
+    return int(size) * 8 / (float(total) - float(start)) / 1e6
+
+
+def test_bandwidth_both_ways_and_changed_live(uml_node):
+    c = uml_node
+    addresses = create(c, "net", "--nodes", "1", "--bandwidth", "10", "--memory", "48")
+    address = addresses["net-0"]
+    pid = guest_records(c)["net-0"]["pid"]
+    _rate(c, address, "from_guest")           # warm-up
+    rates = {d: sorted(_rate(c, address, d) for _ in range(3)) for d in ("to_guest", "from_guest")}
+    print(f"--bandwidth 10: {rates}")
+    assert 9.0 <= rates["to_guest"][1] <= 11.0, rates
+    assert 9.0 <= rates["from_guest"][1] <= 11.0, rates
+
+    c.ctl("service", "resize", "net", "--bandwidth", "20", timeout=60)
+    t0 = time.monotonic()
+    taps = [d for d in ns_links(c.netns) if d.startswith(("st", "ifb-"))]
+    wait_until(lambda: all(htb_rates(c.netns, d) == ["20Mbit"] for d in taps), 10, interval=0.05,
+               what="20 Mbit/s in tc")
+    applied = time.monotonic() - t0
+    rates = {d: sorted(_rate(c, address, d) for _ in range(3)) for d in ("to_guest", "from_guest")}
+    print(f"--bandwidth 20 (applied after {applied:.2f} s): {rates}")
+    assert applied <= 2.0
+    assert 18.0 <= rates["to_guest"][1] <= 22.0, rates
+    assert 18.0 <= rates["from_guest"][1] <= 22.0, rates
+    assert guest_records(c)["net-0"]["pid"] == pid and alive(pid)
+
+
+def test_memory_hog_is_contained_and_neighbours_untouched(uml_node):
+    c = uml_node
+    addresses = create(c, "mem", "--nodes", "2", "--memory", "48")
+    before = {name: r["pid"] for name, r in guest_records(c).items()}
+    limit = int(read(cgroup_file(c, "memory", "mem-0", "memory.limit_in_bytes")))
+    # alloc really commits memory: the guest's cgroup grows while it holds it.
+    usage = cgroup_file(c, "memory", "mem-0", "memory.usage_in_bytes")
+    idle = int(read(usage))
+    holder = threading.Thread(target=try_alloc, args=(c, addresses["mem-0"], 16, 4), daemon=True)
+    holder.start()
+    grown = wait_until(lambda: int(read(usage)) - idle >= 12 << 20 and int(read(usage)), 30,
+                       interval=0.1, what="the guest to commit 16 MiB")
+    holder.join(60)
+    print(f"alloc 16 MiB: cgroup {idle >> 20} -> {grown >> 20} MiB")
+    # Allocate past the guest's RAM: its own kernel kills the allocator
+    # (or, failing that, the memory cgroup kills the guest and the Agent
+    # boots it again). Either way the request fails or answers short.
+    out = try_alloc(c, addresses["mem-0"], 80)
+    print(f"alloc 80 MiB in a 48 MiB guest: {out!r}")
+    peak = int(read(cgroup_file(c, "memory", "mem-0", "memory.max_usage_in_bytes")))
+    assert peak <= limit, (peak, limit)
+    # The neighbour: same process, still serving.
+    assert "mem-1" in curl(c.netns, f"http://{addresses['mem-1']}/cgi-bin/info")
+    assert guest_records(c)["mem-1"]["pid"] == before["mem-1"] and alive(before["mem-1"])
+    # The hog's guest serves again (same guest, or a new boot by the Agent).
+    wait_until(lambda: _serves(c, addresses["mem-0"]), 60, interval=0.5, what="mem-0 to serve again")
+    c.guest_pids.update(r["pid"] for r in guest_records(c).values())
+
+
+def try_alloc(c, address, mib, hold=0):
+    result = in_netns(
+        c.netns, ["curl", "-sS", "--max-time", "60", f"http://{address}/cgi-bin/alloc?mib={mib}&hold={hold}"],
+        timeout=70, check=False)
+    return (result.returncode, result.stdout.strip()[:80])
+
+
+def _serves(c, address):
+    try:
+        return "SODA_NAME" in curl(c.netns, f"http://{address}/cgi-bin/info", timeout=3)
+    except Exception:  # noqa: BLE001 - not serving yet
+        return False
+
+
+def test_daemon_kill_9_and_restart_keeps_the_fence(uml_node):
+    c = uml_node
+    create(c, "web", "--nodes", "2", "--cpu", "0.5,1.0", "--bandwidth", "10", "--memory", "48")
+    files = [("cpu", "cpu.shares"), ("memory", "memory.limit_in_bytes"), ("pids", "pids.max")]
+    before = {(v, f): read(cgroup_file(c, ctl, v, f)) for v in ("web-0", "web-1") for ctl, f in files}
+    pids = {name: r["pid"] for name, r in guest_records(c).items()}
+    shaped_before = sorted(qdiscs(c.netns))
+    c.kill("node-a-daemon", signal.SIGKILL)
+    c.restart_daemon()
+    # The Agent re-applies limits through the new Daemon (same values) and
+    # the restarted Daemon must not stack a second tree on any TAP.
+    c.ctl("service", "resize", "web", "--bandwidth", "12", "--wait", timeout=60)
+    taps = [d for d in ns_links(c.netns) if d.startswith(("st", "ifb-"))]
+    wait_until(lambda: all(htb_rates(c.netns, d) == ["12Mbit"] for d in taps), 20, what="12 Mbit/s in tc")
+    after = {(v, f): read(cgroup_file(c, ctl, v, f)) for v in ("web-0", "web-1") for ctl, f in files}
+    assert after == before
+    roots = [(dev, kind) for dev, kind, handle in qdiscs(c.netns) if kind in ("htb", "ingress")]
+    assert len(roots) == len(set(roots)), roots                  # one tree per device
+    assert sorted((d, k) for d, k, _ in qdiscs(c.netns)) == sorted((d, k) for d, k, _ in shaped_before)
+    assert len(taps) == 4                                         # 2 TAPs + 2 IFBs, nothing stale
+    assert {name: r["pid"] for name, r in guest_records(c).items()} == pids
+    assert all(alive(p) for p in pids.values())
+
+
+def test_usage_reaches_sodactl(uml_node):
+    c = uml_node
+    addresses = create(c, "acct", "--nodes", "1", "--memory", "48")
+    curl(c.netns, f"http://{addresses['acct-0']}/cgi-bin/send?bytes=200000", "-o", "/dev/null")
+
+    def reported():
+        [v] = c.json("service", "get", "acct")["vnodes"]
+        u = v["usage"]
+        return u if u and u["cpu_seconds"] > 0 and u["memory_bytes"] > 0 and u["bytes_out"] >= 200_000 else None
+    usage = wait_until(reported, 30, interval=0.5, what="usage in sodactl service get")
+    cgroup_mem = int(read(cgroup_file(c, "memory", "acct-0", "memory.usage_in_bytes")))
+    assert 0.5 * cgroup_mem <= usage["memory_bytes"] <= 2 * cgroup_mem
+    assert usage["memory_peak_bytes"] >= usage["memory_bytes"]
+    [node] = c.json("node", "list")
+    assert node["usage"]["cpu_seconds"] >= usage["cpu_seconds"] * 0.5
+    table = c.ctl("service", "get", "acct").stdout
+    assert "CPU-S" in table and "MEM-PEAK" in table

@@ -466,6 +466,13 @@ class QemuDriver(HypervisorDriver):
             # unreaped zombie would look like a recycled pid below.
             if child is not None:
                 status = child.poll()
+        if child is not None and status is None:
+            # poll() answers None while another thread waits on the same
+            # child; the VMM is dead here, so a short blocking wait reaps it.
+            try:
+                status = child.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
         line = _console_reason(self.console_path(record["name"]))
         if status is not None:
             how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"

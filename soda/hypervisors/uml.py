@@ -364,8 +364,14 @@ class UmlDriver(HypervisorDriver):
         status = None
         with _children_lock:
             child = _children.get(pid) or _exited.get(pid)
-        if child is not None and child.returncode is not None:
-            status = child.returncode
+        if child is not None:
+            # The guest is dead here: reap it now rather than read a zombie
+            # as a recycled pid (poll() can answer None while another thread
+            # waits on the same child).
+            try:
+                status = child.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
         line = _console_reason(self.console_path(record["name"]))
         if status is not None:
             how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"

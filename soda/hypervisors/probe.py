@@ -3,10 +3,6 @@
 Owns one thing: whether a TCP connect to a guest's service port succeeds,
 made from inside the network namespace that holds the guest's TAP. It does
 not know guests, records or drivers.
-
-The UML driver still carries its own copy of `probe_tcp` (it predates this
-module and is being edited elsewhere); the two behave the same and should
-become one when uml.py next changes.
 """
 
 from __future__ import annotations

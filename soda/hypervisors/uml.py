@@ -31,7 +31,6 @@ do), and it never signals a process it cannot prove it started.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
@@ -51,6 +50,7 @@ from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict, write_json_atomic)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
+from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT, probe_tcp
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +59,17 @@ COW = "cow.img"
 CONSOLE = "console.log"
 LAUNCHER = "soda.hypervisors.launch"
 DEFAULT_SHORT_DIR = "/run/soda-uml"
-NETNS_DIR = "/run/netns"
 SUN_PATH_MAX = 107                   # sockaddr_un.sun_path is 108 bytes with its NUL
 MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
 MCONSOLE_CLIENT_MAX = 24            # "mc-<pid>-<tid>" beside the guest's socket dir
-PROBE_TIMEOUT = 0.2
 TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
 LOG_TAIL = 16 * 1024
-CLONE_NEWNET = 0x40000000
 # Console lines that explain why a guest died, most telling first.
 EXIT_MARKERS = ("soda-launch:", "Kernel panic", "Cannot open root device", "Out of memory",
                 "out of memory", "Killed process")
-
-_libc_handle = None
-
-
-def _libc():
-    global _libc_handle
-    if _libc_handle is None:
-        _libc_handle = ctypes.CDLL(None, use_errno=True)
-    return _libc_handle
 
 
 # Children this process spawned, shared by every driver instance in it (a
@@ -651,38 +639,3 @@ def mconsole(socket_path: str, command: str, client_dir: str, timeout: float = 1
         raise OSError(errno.EPROTO, f"short mconsole reply ({len(reply)} bytes)")
     err, _more, length = struct.unpack_from("=III", reply)
     return err, reply[12:12 + length].split(b"\0", 1)[0].decode(errors="replace")
-
-
-def probe_tcp(address: str, port: int, netns: str = "", timeout: float = PROBE_TIMEOUT) -> bool:
-    """Whether a TCP connect to address:port succeeds, from inside network
-    namespace `netns` when given. setns() moves only the calling thread, so
-    the probe runs in a short-lived thread of its own."""
-    if not netns:
-        return _connect(address, port, timeout)
-    result = [False]
-
-    def run() -> None:
-        try:
-            fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
-                log.debug("setns(%s): %s", netns, os.strerror(ctypes.get_errno()))
-                return
-        finally:
-            os.close(fd)
-        result[0] = _connect(address, port, timeout)
-
-    thread = threading.Thread(target=run, name=f"probe-{netns}", daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return result[0]
-
-
-def _connect(address: str, port: int, timeout: float) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False

@@ -23,6 +23,11 @@ HYPERVISOR_NAMES = ("uml", "qemu", "fake")
 HYPERVISOR_PREFERENCE = ("uml", "qemu", "fake")
 POLICIES = ("weighted-round-robin", "weighted-least-connections")
 DEFAULT_POLICY = "weighted-round-robin"
+# How the Switch forwards a service: its userspace proxy, or the kernel (nftables DNAT).
+SWITCH_MODES = ("proxy", "l4")
+DEFAULT_SWITCH_MODE = "proxy"
+# Active health checks: a TCP connect, an HTTP GET of a path, or none.
+HEALTH_KINDS = ("tcp", "http", "none")
 DEFAULT_PORT = 80
 
 # A DNS label; services leave room for the "-NNN" virtual node suffix.
@@ -78,9 +83,49 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """How the Switch checks a virtual node: `rise` passes in a row make it
+    healthy, `fall` failures in a row make it unhealthy."""
+    kind: str = "tcp"
+    path: str = ""              # http only: the path to GET
+    expect_status: int = 200    # http only
+    interval: float = 1.0       # seconds between checks
+    timeout: float = 1.0        # seconds one check may take
+    rise: int = 2
+    fall: int = 2
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "expect_status": self.expect_status,
+                "interval": self.interval, "timeout": self.timeout, "rise": self.rise,
+                "fall": self.fall}
+
+
+@dataclass(frozen=True)
 class SwitchSpec:
     listen: str = ""
     policy: str = DEFAULT_POLICY
+    mode: str = DEFAULT_SWITCH_MODE
+    health: HealthCheck = field(default_factory=HealthCheck)
+    # A leaving endpoint gets no new connections; open ones get this long to finish.
+    drain_seconds: float = 30.0
+
+    def as_dict(self) -> dict:
+        return {"listen": self.listen, "policy": self.policy, "mode": self.mode,
+                "health": self.health.as_dict(), "drain_seconds": self.drain_seconds}
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    """Deploy on first request (Dynasoar): the Switch holds a connection that
+    arrives while no node is ready and asks the Master for one; after
+    `idle_seconds` without connections the service goes back to zero."""
+    max_nodes: int
+    idle_seconds: float
+    resources: Resources        # of each virtual node deployed on demand
+
+    def as_dict(self) -> dict:
+        return {"max_nodes": self.max_nodes, "idle_seconds": self.idle_seconds,
+                "resources": self.resources.as_dict()}
 
 
 @dataclass(frozen=True)
@@ -94,14 +139,18 @@ class ServiceSpec:
     switch: SwitchSpec = field(default_factory=SwitchSpec)
     # CPU as a hard cap (CFS quota) on top of the proportional share.
     cpu_cap: bool = False
+    on_demand: OnDemand | None = None
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "name": self.name, "image": self.image, "hypervisor": self.hypervisor,
             "nodes": self.nodes, "port": self.port, "cpu_cap": self.cpu_cap,
             "resources": resource_columns(self.resources),
-            "switch": {"listen": self.switch.listen, "policy": self.switch.policy},
+            "switch": self.switch.as_dict(),
         }
+        if self.on_demand is not None:
+            out["on_demand"] = self.on_demand.as_dict()
+        return out
 
 
 def resource_columns(resources: tuple[Resources, ...]) -> dict:
@@ -187,6 +236,15 @@ class Service:
 
 
 @dataclass(frozen=True)
+class HypervisorLimit:
+    """The smallest guest a node boots under one hypervisor, set by the
+    kernel it boots (SODA's UML kernel: 16 MiB, Debian's: 32)."""
+    hypervisor: str
+    min_memory: int                 # MiB
+    kernel: str = ""                # which kernel, as the node names it
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     address: str
@@ -199,6 +257,10 @@ class Node:
     vnodes: int = 0
     last_heartbeat: float = 0.0
     usage: Usage | None = None      # sum over its virtual nodes that reported usage
+    limits: tuple[HypervisorLimit, ...] = ()
+
+    def limit(self, hypervisor: str) -> HypervisorLimit | None:
+        return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)
 
 
 @dataclass(frozen=True)
@@ -317,8 +379,100 @@ def check_listen(listen: Any) -> str:
     return listen
 
 
-_SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap"}
-_SWITCH_FIELDS = {"listen", "policy"}
+_SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap",
+                "on_demand"}
+_SWITCH_FIELDS = {"listen", "policy", "mode", "health", "drain_seconds"}
+_HEALTH_FIELDS = set(HealthCheck.__dataclass_fields__)
+_ON_DEMAND_FIELDS = {"max_nodes", "idle_seconds", "resources"}
+_HTTP_PATH = re.compile(r"^/[\x21-\x7e]*$")     # absolute, printable, no spaces
+
+
+def _bounded(what: str, value: Any, low: float, high: float, *, integer: bool = False,
+             default: Any = None) -> Any:
+    """`value` (or `default` when absent) checked to lie in [low, high]."""
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or not low <= value <= high:
+        kind = "a whole number" if integer else "a number"
+        raise InvalidSpec(f"{what} must be {kind} from {low:g} to {high:g}, got {value!r}")
+    return value if integer else float(value)
+
+
+def parse_health(data: Any) -> HealthCheck:
+    if data is None:
+        return HealthCheck()
+    if not isinstance(data, Mapping):
+        raise InvalidSpec("switch.health must be a mapping like {kind: http, path: /healthz}")
+    _check_fields("switch.health", data, _HEALTH_FIELDS)
+    kind = data.get("kind") or ("http" if data.get("path") else "tcp")
+    if kind not in HEALTH_KINDS:
+        raise InvalidSpec(f"unknown health check kind {kind!r} (known: {', '.join(HEALTH_KINDS)})")
+    path = data.get("path") or ""
+    if kind == "http":
+        path = path or "/"
+        if not isinstance(path, str) or not _HTTP_PATH.match(path):
+            raise InvalidSpec(f"switch.health.path {path!r} is not an HTTP path "
+                              "(it must start with '/' and hold no spaces)")
+    elif path:
+        raise InvalidSpec(f"switch.health.path is only for kind http, not {kind}")
+    defaults = HealthCheck()
+    interval = _bounded("switch.health.interval", data.get("interval"), 0.05, 3600,
+                        default=defaults.interval)
+    timeout = _bounded("switch.health.timeout", data.get("timeout"), 0.01, 3600,
+                       default=min(defaults.timeout, interval))
+    return HealthCheck(
+        kind=kind, path=path, interval=interval, timeout=timeout,
+        expect_status=_bounded("switch.health.expect_status", data.get("expect_status"), 100, 599,
+                               integer=True, default=defaults.expect_status),
+        rise=_bounded("switch.health.rise", data.get("rise"), 1, 100, integer=True,
+                      default=defaults.rise),
+        fall=_bounded("switch.health.fall", data.get("fall"), 1, 100, integer=True,
+                      default=defaults.fall))
+
+
+def parse_on_demand(data: Any, nodes: int, resources: Mapping | None) -> OnDemand | None:
+    """`on_demand: {max_nodes: N, idle_seconds: S}`; each node it deploys gets
+    the spec's resources (the last entry where they are given per node)."""
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise InvalidSpec("on_demand must be a mapping like {max_nodes: 2, idle_seconds: 300}")
+    _check_fields("on_demand", data, _ON_DEMAND_FIELDS)
+    if data.get("max_nodes") is None:
+        raise InvalidSpec("on_demand.max_nodes is required (the most virtual nodes to deploy)")
+    max_nodes = _bounded("on_demand.max_nodes", data.get("max_nodes"), 1, MAX_VNODES_PER_SERVICE,
+                         integer=True)
+    if nodes > max_nodes:
+        raise InvalidSpec(f"nodes ({nodes}) is more than on_demand.max_nodes ({max_nodes})")
+    idle = _bounded("on_demand.idle_seconds", data.get("idle_seconds"), 1, 30 * 86400,
+                    default=300.0)
+    template = data.get("resources")
+    if template is None:
+        template = {key: (value[-1] if isinstance(value, (list, tuple)) and value else value)
+                    for key, value in (resources or {}).items()}
+    elif not isinstance(template, Mapping):
+        raise InvalidSpec("on_demand.resources must be a mapping like {cpu: 0.5, memory: 64}")
+    return OnDemand(max_nodes=max_nodes, idle_seconds=idle,
+                    resources=expand_resources(1, template)[0])
+
+
+def parse_switch(data: Any) -> SwitchSpec:
+    switch = data or {}
+    if not isinstance(switch, Mapping):
+        raise InvalidSpec("switch must be a mapping like {listen: '127.0.0.1:8080'}")
+    _check_fields("switch", switch, _SWITCH_FIELDS)
+    policy = switch.get("policy") or DEFAULT_POLICY
+    if policy not in POLICIES:
+        raise InvalidSpec(f"unknown switch policy {policy!r} (known: {', '.join(POLICIES)})")
+    mode = switch.get("mode") or DEFAULT_SWITCH_MODE
+    if mode not in SWITCH_MODES:
+        raise InvalidSpec(f"unknown switch mode {mode!r} (known: {', '.join(SWITCH_MODES)})")
+    return SwitchSpec(listen=check_listen(switch.get("listen")), policy=policy, mode=mode,
+                      health=parse_health(switch.get("health")),
+                      drain_seconds=_bounded("switch.drain_seconds", switch.get("drain_seconds"),
+                                             0, 3600, default=SwitchSpec.drain_seconds))
 
 
 def _check_fields(kind: str, data: Mapping, known: set[str]) -> None:
@@ -351,13 +505,8 @@ def parse_spec(data: Any) -> ServiceSpec:
     resources = data.get("resources")
     if resources is not None and not isinstance(resources, Mapping):
         raise InvalidSpec("resources must be a mapping like {cpu: 0.5, memory: 64}")
-    switch = data.get("switch") or {}
-    if not isinstance(switch, Mapping):
-        raise InvalidSpec("switch must be a mapping like {listen: '127.0.0.1:8080'}")
-    _check_fields("switch", switch, _SWITCH_FIELDS)
-    policy = switch.get("policy") or DEFAULT_POLICY
-    if policy not in POLICIES:
-        raise InvalidSpec(f"unknown switch policy {policy!r} (known: {', '.join(POLICIES)})")
+    switch = parse_switch(data.get("switch"))
+    on_demand = parse_on_demand(data.get("on_demand"), nodes, resources)
     cpu_cap = data.get("cpu_cap", False)
     if cpu_cap is None:
         cpu_cap = False
@@ -365,8 +514,7 @@ def parse_spec(data: Any) -> ServiceSpec:
         raise InvalidSpec(f"cpu_cap must be true or false, got {cpu_cap!r}")
     return ServiceSpec(
         name=name, image=image, nodes=nodes, hypervisor=hypervisor, port=port, cpu_cap=cpu_cap,
-        resources=expand_resources(nodes, resources),
-        switch=SwitchSpec(listen=check_listen(switch.get("listen")), policy=policy))
+        resources=expand_resources(nodes, resources), switch=switch, on_demand=on_demand)
 
 
 def validate_spec(spec: ServiceSpec) -> ServiceSpec:
@@ -374,12 +522,15 @@ def validate_spec(spec: ServiceSpec) -> ServiceSpec:
     if len(spec.resources) != spec.nodes:
         raise InvalidSpec(f"{len(spec.resources)} resource entries given for {spec.nodes} virtual "
                           "nodes; give one per virtual node")
-    return parse_spec({
+    data = {
         "name": spec.name, "image": spec.image, "hypervisor": spec.hypervisor,
         "nodes": spec.nodes, "port": spec.port, "cpu_cap": spec.cpu_cap,
         "resources": {key: [getattr(r, key) for r in spec.resources] for key in RESOURCE_BOUNDS},
-        "switch": {"listen": spec.switch.listen, "policy": spec.switch.policy},
-    })
+        "switch": spec.switch.as_dict(),
+    }
+    if spec.on_demand is not None:
+        data["on_demand"] = spec.on_demand.as_dict()
+    return parse_spec(data)
 
 
 def share_weight(resources: Resources) -> float:
@@ -399,11 +550,20 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class EndpointSet:
+    """What the Switch needs of one service: how to serve it and where to."""
     service: str
-    listen: str
-    policy: str
+    switch: SwitchSpec = field(default_factory=SwitchSpec)
     endpoints: tuple[Endpoint, ...] = ()
     deleted: bool = False
+    on_demand: OnDemand | None = None
+
+    @property
+    def listen(self) -> str:
+        return self.switch.listen
+
+    @property
+    def policy(self) -> str:
+        return self.switch.policy
 
 
 # ---- the Daemon's fence (shared by the Daemon and its clients) ----------

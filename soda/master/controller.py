@@ -423,7 +423,7 @@ class Controller:
 
 def endpoint_set(service: model.Service) -> model.EndpointSet:
     return model.EndpointSet(
-        service=service.name, listen=service.spec.switch.listen, policy=service.spec.switch.policy,
+        service=service.name, switch=service.spec.switch, on_demand=service.spec.on_demand,
         endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
                                        ready=v.phase == model.Phase.RUNNING)
                         for v in service.vnodes if not v.deleting and v.address))

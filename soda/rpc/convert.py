@@ -17,11 +17,55 @@ def resources_from_pb(m: pb.Resources) -> model.Resources:
     return model.Resources(cpu=m.cpu, memory=m.memory_mib, bandwidth=m.bandwidth_mbit, disk=m.disk_mib)
 
 
+def health_to_pb(h: model.HealthCheck) -> pb.HealthCheck:
+    return pb.HealthCheck(kind=h.kind, path=h.path, expect_status=h.expect_status,
+                          interval=h.interval, timeout=h.timeout, rise=h.rise, fall=h.fall)
+
+
+def health_from_pb(m: pb.HealthCheck) -> model.HealthCheck:
+    """Zero fields (an old or minimal client) take the defaults."""
+    d = model.HealthCheck()
+    return model.HealthCheck(kind=m.kind or d.kind, path=m.path,
+                             expect_status=m.expect_status or d.expect_status,
+                             interval=m.interval or d.interval, timeout=m.timeout or d.timeout,
+                             rise=m.rise or d.rise, fall=m.fall or d.fall)
+
+
+def switch_to_pb(s: model.SwitchSpec) -> pb.SwitchSpec:
+    return pb.SwitchSpec(listen=s.listen, policy=s.policy, mode=s.mode,
+                         health=health_to_pb(s.health), drain_seconds=s.drain_seconds)
+
+
+def switch_from_pb(m: pb.SwitchSpec) -> model.SwitchSpec:
+    return model.SwitchSpec(
+        listen=m.listen, policy=m.policy or model.DEFAULT_POLICY,
+        mode=m.mode or model.DEFAULT_SWITCH_MODE,
+        health=health_from_pb(m.health) if m.HasField("health") else model.HealthCheck(),
+        # 0 is a legal drain time: only an unset field means "the default".
+        drain_seconds=(m.drain_seconds if m.HasField("drain_seconds")
+                       else model.SwitchSpec.drain_seconds))
+
+
+def on_demand_to_pb(o: model.OnDemand | None) -> pb.OnDemand | None:
+    if o is None:
+        return None
+    return pb.OnDemand(max_nodes=o.max_nodes, idle_seconds=o.idle_seconds,
+                       resources=resources_to_pb(o.resources))
+
+
+def on_demand_from_pb(m, field: str = "on_demand") -> model.OnDemand | None:
+    if not m.HasField(field):
+        return None
+    o = getattr(m, field)
+    return model.OnDemand(max_nodes=o.max_nodes, idle_seconds=o.idle_seconds,
+                          resources=resources_from_pb(o.resources))
+
+
 def spec_to_pb(s: model.ServiceSpec) -> pb.ServiceSpec:
     return pb.ServiceSpec(
         name=s.name, image=s.image, hypervisor=s.hypervisor, nodes=s.nodes, port=s.port,
         cpu_cap=s.cpu_cap, resources=[resources_to_pb(r) for r in s.resources],
-        switch=pb.SwitchSpec(listen=s.switch.listen, policy=s.switch.policy))
+        switch=switch_to_pb(s.switch), on_demand=on_demand_to_pb(s.on_demand))
 
 
 def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
@@ -29,7 +73,7 @@ def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
     return model.ServiceSpec(
         name=m.name, image=m.image, hypervisor=m.hypervisor, nodes=m.nodes, port=m.port,
         cpu_cap=m.cpu_cap, resources=tuple(resources_from_pb(r) for r in m.resources),
-        switch=model.SwitchSpec(listen=m.switch.listen, policy=m.switch.policy or model.DEFAULT_POLICY))
+        switch=switch_from_pb(m.switch), on_demand=on_demand_from_pb(m))
 
 
 def usage_to_pb(u: model.Usage | None) -> pb.VnodeUsage | None:
@@ -115,12 +159,14 @@ def status_from_pb(m: pb.VirtualNodeStatus) -> model.VirtualNodeStatus:
 
 
 def endpoints_to_pb(e: model.EndpointSet) -> pb.EndpointSet:
-    return pb.EndpointSet(service=e.service, listen=e.listen, policy=e.policy, deleted=e.deleted,
+    return pb.EndpointSet(service=e.service, switch=switch_to_pb(e.switch), deleted=e.deleted,
+                          on_demand=on_demand_to_pb(e.on_demand),
                           endpoints=[pb.Endpoint(vnode=x.vnode, address=x.address, port=x.port,
                                                  weight=x.weight, ready=x.ready) for x in e.endpoints])
 
 
 def endpoints_from_pb(m: pb.EndpointSet) -> model.EndpointSet:
-    return model.EndpointSet(service=m.service, listen=m.listen, policy=m.policy, deleted=m.deleted,
+    return model.EndpointSet(service=m.service, switch=switch_from_pb(m.switch), deleted=m.deleted,
+                             on_demand=on_demand_from_pb(m),
                              endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready)
                                              for x in m.endpoints))

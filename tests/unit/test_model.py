@@ -51,6 +51,23 @@ def test_list_resources_give_one_value_per_vnode():
     ({"switch": {"listen": "nohost"}}, "HOST:PORT"),
     ({"switch": {"listen": "127.0.0.1:0"}}, "port from 1 to 65535"),
     ({"switch": {"tls": True}}, "unknown switch field"),
+    ({"switch": {"mode": "l7"}}, "unknown switch mode"),
+    ({"switch": {"health": {"kind": "icmp"}}}, "unknown health check kind"),
+    ({"switch": {"health": {"kind": "http", "path": "healthz"}}}, "is not an HTTP path"),
+    ({"switch": {"health": {"path": "/a b"}}}, "is not an HTTP path"),
+    ({"switch": {"health": {"kind": "tcp", "path": "/x"}}}, "only for kind http"),
+    ({"switch": {"health": {"rise": 0}}}, "rise must be a whole number from 1"),
+    ({"switch": {"health": {"interval": -1}}}, "interval must be a number"),
+    ({"switch": {"health": {"expect_status": 99}}}, "expect_status must be"),
+    ({"switch": {"health": {"retries": 3}}}, "unknown switch.health field"),
+    ({"switch": {"health": "/healthz"}}, "switch.health must be a mapping"),
+    ({"switch": {"drain_seconds": -1}}, "drain_seconds must be"),
+    ({"on_demand": {"idle_seconds": 60}}, "on_demand.max_nodes is required"),
+    ({"on_demand": {"max_nodes": 1}}, "more than on_demand.max_nodes"),
+    ({"on_demand": {"max_nodes": 0}}, "max_nodes must be a whole number from 1"),
+    ({"on_demand": {"max_nodes": 2, "idle_seconds": 0}}, "idle_seconds must be"),
+    ({"on_demand": {"max_nodes": 2, "burst": 1}}, "unknown on_demand field"),
+    ({"on_demand": 3}, "on_demand must be a mapping"),
 ])
 def test_bad_specs_are_refused_with_a_clear_message(bad, words):
     with pytest.raises(InvalidSpec) as info:
@@ -83,3 +100,28 @@ def test_cpu_cap_is_a_boolean_and_round_trips():
     assert model.parse_spec(spec()).cpu_cap is False
     with pytest.raises(InvalidSpec, match="cpu_cap must be true or false"):
         model.parse_spec(spec(cpu_cap="yes"))
+
+
+def test_switch_defaults_and_health_round_trip():
+    s = model.parse_spec(spec())
+    assert s.switch.mode == "proxy" and s.switch.health == model.HealthCheck()
+    assert s.switch.health.kind == "tcp" and s.switch.drain_seconds == 30.0
+    s = model.parse_spec(spec(switch={"mode": "l4", "drain_seconds": 0,
+                                      "health": {"path": "/healthz", "fall": 3, "interval": 0.5}}))
+    assert s.switch.mode == "l4" and s.switch.drain_seconds == 0.0
+    assert s.switch.health == model.HealthCheck(kind="http", path="/healthz", fall=3, interval=0.5,
+                                                timeout=0.5)
+    assert model.parse_spec(s.as_dict()) == s and model.validate_spec(s) == s
+
+
+def test_on_demand_service_at_zero_keeps_its_node_template():
+    s = model.parse_spec(spec(nodes=0, resources={"cpu": 0.5, "memory": 32},
+                              on_demand={"max_nodes": 3, "idle_seconds": 20}))
+    assert s.nodes == 0 and s.resources == ()
+    assert s.on_demand == model.OnDemand(max_nodes=3, idle_seconds=20.0,
+                                         resources=model.parse_spec(spec(
+                                             nodes=1, resources={"cpu": 0.5, "memory": 32})).resources[0])
+    assert model.parse_spec(s.as_dict()) == s and model.validate_spec(s) == s
+    # Per-node lists: nodes deployed on demand take the last entry.
+    s = model.parse_spec(spec(resources={"cpu": [0.5, 1.0]}, on_demand={"max_nodes": 4}))
+    assert s.on_demand.resources.cpu == 1.0 and s.on_demand.idle_seconds == 300.0

@@ -20,3 +20,17 @@ def test_generated_code_is_up_to_date(tmp_path):
     assert names, "gen-protos produced nothing"
     match, mismatch, errors = filecmp.cmpfiles(str(generated), committed, names, shallow=False)
     assert not mismatch and not errors, f"stale generated code, run scripts/gen-protos: {mismatch + errors}"
+
+
+def test_switch_and_on_demand_fields_survive_the_wire():
+    from soda import model
+    from soda.rpc import convert
+    s = model.parse_spec({"name": "web", "image": "busybox", "nodes": 0,
+                          "switch": {"listen": "127.0.0.1:9", "mode": "l4", "drain_seconds": 0,
+                                     "health": {"kind": "http", "path": "/ok", "rise": 3}},
+                          "on_demand": {"max_nodes": 2, "idle_seconds": 5}})
+    assert convert.spec_from_pb(convert.spec_to_pb(s)) == s
+    es = model.EndpointSet(service="web", switch=s.switch, on_demand=s.on_demand)
+    assert convert.endpoints_from_pb(convert.endpoints_to_pb(es)) == es
+    plain = model.parse_spec({"name": "web", "image": "busybox"})
+    assert convert.spec_from_pb(convert.spec_to_pb(plain)) == plain

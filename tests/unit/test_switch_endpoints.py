@@ -22,7 +22,7 @@ TIMEOUT = 10.0
 
 
 def es(name, listen="127.0.0.1:1", deleted=False):
-    return model.EndpointSet(service=name, listen=listen, policy="weighted-round-robin", deleted=deleted)
+    return model.EndpointSet(service=name, switch=model.SwitchSpec(listen=listen), deleted=deleted)
 
 
 class FakeTarget:

@@ -90,7 +90,8 @@ class Backend:
 
 
 def eset(listen_port, *endpoints, policy="weighted-round-robin", service="web"):
-    return model.EndpointSet(service=service, listen=f"127.0.0.1:{listen_port}", policy=policy,
+    return model.EndpointSet(service=service,
+                             switch=model.SwitchSpec(listen=f"127.0.0.1:{listen_port}", policy=policy),
                              endpoints=tuple(endpoints))
 
 
@@ -264,7 +265,7 @@ def test_deleting_a_service_closes_its_listener_and_drains(run):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"before")
         await asyncio.sleep(0.05)
-        await proxy.apply(model.EndpointSet(service="web", listen="", policy="", deleted=True))
+        await proxy.apply(model.EndpointSet(service="web", deleted=True))
         assert "web" not in proxy.services()
         with pytest.raises(ConnectionRefusedError):
             await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), REQUEST_TIMEOUT)
@@ -284,7 +285,7 @@ def test_service_without_listen_address_gets_no_listener(run):
         port = free_port()
         proxy = Proxy()
         await proxy.apply(eset(port, a.endpoint()))
-        await proxy.apply(model.EndpointSet(service="web", listen="", policy="weighted-round-robin",
+        await proxy.apply(model.EndpointSet(service="web", switch=model.SwitchSpec(listen=""),
                                             endpoints=(a.endpoint(),)))
         assert proxy.services() == {}
         with pytest.raises(ConnectionRefusedError):
@@ -343,7 +344,8 @@ def test_listen_hosts_allowlist(run, caplog):
             await proxy.apply(eset(port, a.endpoint()))
         assert "not in this Switch's listen_hosts" in caplog.text
         assert not proxy.services()["web"]["listening"]
-        await proxy.apply(model.EndpointSet("web", f"127.0.0.2:{port}", "weighted-round-robin", (a.endpoint(),)))
+        await proxy.apply(model.EndpointSet("web", model.SwitchSpec(listen=f"127.0.0.2:{port}"),
+                                            (a.endpoint(),)))
         assert proxy.services()["web"]["listening"]
         await proxy.close()
     run(main())

@@ -38,16 +38,50 @@ class Resources(_message.Message):
     disk_mib: int
     def __init__(self, cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., bandwidth_mbit: _Optional[int] = ..., disk_mib: _Optional[int] = ...) -> None: ...
 
+class HealthCheck(_message.Message):
+    __slots__ = ("kind", "path", "expect_status", "interval", "timeout", "rise", "fall")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RISE_FIELD_NUMBER: _ClassVar[int]
+    FALL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    path: str
+    expect_status: int
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., expect_status: _Optional[int] = ..., interval: _Optional[float] = ..., timeout: _Optional[float] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ...) -> None: ...
+
 class SwitchSpec(_message.Message):
-    __slots__ = ("listen", "policy")
+    __slots__ = ("listen", "policy", "mode", "health", "drain_seconds")
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     listen: str
     policy: str
-    def __init__(self, listen: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    mode: str
+    health: HealthCheck
+    drain_seconds: float
+    def __init__(self, listen: _Optional[str] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., drain_seconds: _Optional[float] = ...) -> None: ...
+
+class OnDemand(_message.Message):
+    __slots__ = ("max_nodes", "idle_seconds", "resources")
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    max_nodes: int
+    idle_seconds: float
+    resources: Resources
+    def __init__(self, max_nodes: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
 
 class ServiceSpec(_message.Message):
-    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap")
+    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +90,7 @@ class ServiceSpec(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     SWITCH_FIELD_NUMBER: _ClassVar[int]
     CPU_CAP_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     hypervisor: str
@@ -64,7 +99,8 @@ class ServiceSpec(_message.Message):
     resources: _containers.RepeatedCompositeFieldContainer[Resources]
     switch: SwitchSpec
     cpu_cap: bool
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ...) -> None: ...
+    on_demand: OnDemand
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
     __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage")
@@ -141,7 +177,7 @@ class Service(_message.Message):
     def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage")
+    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +189,7 @@ class Node(_message.Message):
     VNODES_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
@@ -164,7 +201,18 @@ class Node(_message.Message):
     vnodes: int
     last_heartbeat: float
     usage: VnodeUsage
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[HypervisorLimit]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ...) -> None: ...
+
+class HypervisorLimit(_message.Message):
+    __slots__ = ("hypervisor", "min_memory_mib", "kernel")
+    HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    hypervisor: str
+    min_memory_mib: int
+    kernel: str
+    def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("digest", "names", "size", "created_at", "init")
@@ -241,16 +289,18 @@ class ServiceEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[ServiceEvent.Kind, str]] = ..., service: _Optional[_Union[Service, _Mapping]] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("name", "address", "capacity", "hypervisors")
+    __slots__ = ("name", "address", "capacity", "hypervisors", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     HYPERVISORS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
     hypervisors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[HypervisorLimit]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ...) -> None: ...
 
 class VirtualNodeStatus(_message.Message):
     __slots__ = ("name", "phase", "reason", "boot_seconds", "generation", "usage")
@@ -383,18 +433,18 @@ class Endpoint(_message.Message):
     def __init__(self, vnode: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[float] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class EndpointSet(_message.Message):
-    __slots__ = ("service", "listen", "policy", "endpoints", "deleted")
+    __slots__ = ("service", "endpoints", "deleted", "switch", "on_demand")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
-    LISTEN_FIELD_NUMBER: _ClassVar[int]
-    POLICY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     service: str
-    listen: str
-    policy: str
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     deleted: bool
-    def __init__(self, service: _Optional[str] = ..., listen: _Optional[str] = ..., policy: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., deleted: _Optional[bool] = ...) -> None: ...
+    switch: SwitchSpec
+    on_demand: OnDemand
+    def __init__(self, service: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., deleted: _Optional[bool] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ...) -> None: ...
 
 class WatchEndpointsRequest(_message.Message):
     __slots__ = ("service",)

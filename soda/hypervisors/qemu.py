@@ -53,6 +53,7 @@ import time
 from typing import Any, Iterator
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
+from soda.hypervisors import process
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict, write_json_atomic)
 from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT, probe_tcp
@@ -71,13 +72,18 @@ QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
 DEFAULT_SHORT_DIR = "/run/soda-qemu"
 SUN_PATH_MAX = 107
-MIN_MEMORY = 96                       # MiB: at 64 Debian's kernel resets before its first line
+# The smallest -m (MiB) a QEMU guest may have, enforced by build_argv/start
+# (InvalidSpec) and exposed as QemuDriver.min_memory for admission. Measured
+# with Debian's 6.1 kernel, scripts/build-initramfs and the reference image
+# (TCG, pc): 64 resets before the first console line, 80 and 84 panic
+# unpacking the initramfs ("System is deadlocked on memory"), 88 and 92 boot
+# to the service; 96 keeps headroom above that edge.
+MIN_MEMORY = 96
 QMP_TIMEOUT = 2.0
 POWERDOWN_GRACE = 1.0                 # after system_powerdown, before quit
 TERM_GRACE = 2.0                      # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0
 KVM_PROBE_SECONDS = 2.0
-LOG_TAIL = 16 * 1024
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD_INITRAMFS = os.path.join(TOP, "scripts", "build-initramfs")
 # Console lines that explain why a guest died, most telling first.
@@ -86,9 +92,11 @@ EXIT_MARKERS = ("soda-launch:", "soda-initramfs:", "qemu-system-x86_64:", "Kerne
 # QMP run states after which the VM will not run its guest again.
 ENDED_STATES = ("shutdown", "guest-panicked", "internal-error", "io-error")
 
-_children: dict[int, subprocess.Popen] = {}
-_exited: dict[int, subprocess.Popen] = {}
-_children_lock = threading.Lock()
+# Recognising, signalling and reaping the VMM (soda.hypervisors.process; this
+# driver's records keep QEMU's own argv under "vmm_argv").
+_identity = process.Identity("vmm_argv")
+_is_ours, _signal_if_ours = _identity.is_ours, _identity.signal_if_ours
+_key, _reap, _proc_starttime = process.key, process.reap, process.proc_starttime
 _kvm_verdicts: dict[tuple[str, str], bool] = {}
 
 
@@ -231,8 +239,7 @@ class QemuDriver(HypervisorDriver):
                                              start_new_session=True)
                 except OSError as e:
                     raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
-            with _children_lock:
-                _children[child.pid] = child
+            process.track(child)
             started_at = self.clock()
             try:
                 starttime = _proc_starttime(child.pid)
@@ -458,30 +465,7 @@ class QemuDriver(HypervisorDriver):
         return False
 
     def _exit_reason(self, record: dict) -> str:
-        pid = record["pid"]
-        status = None
-        with _children_lock:
-            child = _children.get(pid) or _exited.get(pid)
-            # Poll now: the child may have died after the last reap, and an
-            # unreaped zombie would look like a recycled pid below.
-            if child is not None:
-                status = child.poll()
-        if child is not None and status is None:
-            # poll() answers None while another thread waits on the same
-            # child; the VMM is dead here, so a short blocking wait reaps it.
-            try:
-                status = child.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-        line = _console_reason(self.console_path(record["name"]))
-        if status is not None:
-            how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
-            return f"{how}: {line}" if line else how
-        if line:
-            return line
-        if os.path.exists(f"/proc/{pid}"):
-            return "the VMM process is gone (its pid now belongs to another process)"
-        return "the VMM process is gone"
+        return process.exit_reason(record["pid"], self.console_path(record["name"]), EXIT_MARKERS)
 
     def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
         """Power down, quit, then force, then remove every file (lock held)."""
@@ -674,90 +658,5 @@ def accel_boots(qemu: str, kernel: str, accel: str, seconds: float) -> bool:
     return verdict
 
 
-# ---- processes (the same rules as the UML driver's) -------------------------------
-
 def _vmm_argv(argv: list[str]) -> list[str]:
     return argv[argv.index("--") + 1:]
-
-
-def _key(record: dict) -> tuple[int, int]:
-    return record["pid"], record["starttime"]
-
-
-def _reap() -> None:
-    with _children_lock:
-        for pid, child in list(_children.items()):
-            if child.poll() is not None:
-                del _children[pid]
-                _exited[pid] = child
-        while len(_exited) > 256:
-            _exited.pop(next(iter(_exited)))
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return data[data.rindex(b")") + 2:].decode().split()
-
-
-def _proc_starttime(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return None if fields is None else int(fields[19])
-
-
-def _proc_cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return [a.decode(errors="surrogateescape") for a in data.split(b"\0")[:-1]]
-
-
-def _is_ours(pid: int, record: dict) -> bool:
-    """Whether `pid` is still the guest's VMM: same start time, and QEMU's
-    command line (or the launcher's before its exec, or the empty one the
-    kernel shows during the exec)."""
-    fields = _proc_stat(pid)
-    if fields is None or fields[0] in ("Z", "X", "x"):
-        return False
-    if int(fields[19]) != record["starttime"]:
-        return False
-    cmdline = _proc_cmdline(pid)
-    return cmdline in (record["vmm_argv"], record["argv"], [])
-
-
-def _signal_if_ours(pid: int, record: dict, sig: int) -> bool:
-    """Signal `pid` only if it is still the guest's (pinned by a pidfd
-    between the check and the signal)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    try:
-        if not _is_ours(pid, record):
-            return False
-        signal.pidfd_send_signal(pidfd, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    finally:
-        os.close(pidfd)
-
-
-def _console_reason(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - LOG_TAIL))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for marker in EXIT_MARKERS:
-        for line in reversed(lines):
-            if marker in line:
-                return line.strip()[:300]
-    return ""

@@ -46,7 +46,8 @@ import threading
 import time
 from typing import Any, Iterator
 
-from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError
+from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
+from soda.hypervisors import process
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict, write_json_atomic)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
@@ -64,19 +65,20 @@ MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
 MCONSOLE_CLIENT_MAX = 24            # "mc-<pid>-<tid>" beside the guest's socket dir
+MCONSOLE_TIMEOUT = 5.0               # a memory change or a /proc read answers in ms
 TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
-LOG_TAIL = 16 * 1024
 # Console lines that explain why a guest died, most telling first.
 EXIT_MARKERS = ("soda-launch:", "Kernel panic", "Cannot open root device", "Out of memory",
                 "out of memory", "Killed process")
 
 
-# Children this process spawned, shared by every driver instance in it (a
-# fresh instance adopting the guests must be able to reap them too). Only
-# for reaping: whether a guest runs is read from /proc, never from here.
-_children: dict[int, subprocess.Popen] = {}
-_children_lock = threading.Lock()
+# Recognising, signalling and reaping the VMM's processes (soda.hypervisors.process;
+# this driver's records keep the VMM's argv under "kernel_argv").
+_identity = process.Identity("kernel_argv")
+_is_ours, _signal_if_ours = _identity.is_ours, _identity.signal_if_ours
+_session_members = _identity.session_members
+_key, _reap, _proc_starttime = process.key, process.reap, process.proc_starttime
 
 
 class UmlDriver(HypervisorDriver):
@@ -202,8 +204,7 @@ class UmlDriver(HypervisorDriver):
                                              start_new_session=True)
                 except OSError as e:
                     raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
-            with _children_lock:
-                _children[child.pid] = child
+            process.track(child)
             started_at = self.clock()
             try:
                 starttime = _proc_starttime(child.pid)
@@ -279,6 +280,93 @@ class UmlDriver(HypervisorDriver):
         record = self._load(name)
         return None if record is None else self._info(record, probe=False)
 
+    # ---- memory, live ------------------------------------------------------
+    def set_memory(self, name: str, memory_mib: int) -> bool:
+        """Leave the guest `memory_mib` MiB of its RAM, without a restart.
+
+        UML's memory hot-unplug (mconsole `config mem=-NM`,
+        arch/um/drivers/mconsole_kern.c) takes N MiB of free pages from the
+        guest kernel and hands them back to the host (MADV_REMOVE on the
+        guest's memory file); `mem=+NM` returns them. So a guest can shrink
+        and grow again up to the `mem=` it booted with, never past it. Its
+        MemTotal stays what it booted with; MemFree, what it can still use,
+        drops by what was taken. The record keeps how much is taken, so the
+        request is a target and repeating it changes nothing.
+
+        The kernel takes the pages with GFP_ATOMIC, reserves included:
+        asking for more than the guest has free starves it (seen: a guest
+        that stops answering). So the guest's MemFree is read first (mconsole
+        `proc meminfo`) and a shrink that would leave it less than
+        `_spare_mib` is refused (WrongState). Growth past the boot size
+        answers False: that takes a new boot.
+        """
+        check_guest_name(name)
+        with self._locked(name):
+            record = self._load(name)
+            if record is None or not self._alive(record):
+                raise NotFound(f"uml guest {name} is not running")
+            booted = record["spec"]["resources"]["memory"]
+            if memory_mib > booted:
+                return False
+            taken = record.get("unplugged_mib", 0)
+            delta = booted - memory_mib - taken       # > 0: take more; < 0: give back
+            if delta == 0:
+                return True
+            uml_dir = record.get("uml_dir") or self.uml_dir(name)
+            socket_path = self.mconsole_path(name, uml_dir)
+            if delta > 0:
+                free = self._guest_free_mib(name, socket_path, uml_dir)
+                if free - delta < _spare_mib(booted):
+                    raise WrongState(
+                        f"uml guest {name} has {free} MiB free: it cannot give back {delta} MiB "
+                        f"and keep {_spare_mib(booted)} MiB to run on (it can shrink to "
+                        f"{max(0, booted - taken - max(0, free - _spare_mib(booted)))} MiB now)")
+            command = f"config mem={'-' if delta > 0 else '+'}{abs(delta)}M"
+            try:
+                err, reply = mconsole(socket_path, command, client_dir=uml_dir,
+                                      timeout=MCONSOLE_TIMEOUT)
+            except OSError as e:
+                raise TemporaryError(f"uml guest {name}: mconsole {command!r}: {e}") from None
+            if err:
+                raise TemporaryError(f"uml guest {name}: mconsole {command!r}: {reply}")
+            record["unplugged_mib"] = booted - memory_mib
+            write_json_atomic(self._record_path(name), record)
+        log.info("uml guest %s: memory now %d of the %d MiB it booted with", name, memory_mib,
+                 booted)
+        return True
+
+    def guest_oom_kills(self, name: str) -> int | None:
+        """The guest kernel's oom_kill counter, read over mconsole `proc
+        vmstat` (ms; None when the guest is down or does not answer)."""
+        check_guest_name(name)
+        record = self._load(name)
+        if record is None or not self._alive(record):
+            return None
+        uml_dir = record.get("uml_dir") or self.uml_dir(name)
+        try:
+            # A report, asked with every heartbeat: a guest that does not
+            # answer at once is skipped, not waited for.
+            err, text = mconsole(self.mconsole_path(name, uml_dir), "proc vmstat",
+                                 client_dir=uml_dir, timeout=1.0)
+        except OSError:
+            return None
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit() and not err:
+                return int(value)
+        return None
+
+    def _guest_free_mib(self, name: str, socket_path: str, uml_dir: str) -> int:
+        try:
+            err, text = mconsole(socket_path, "proc meminfo", client_dir=uml_dir,
+                                 timeout=MCONSOLE_TIMEOUT)
+        except OSError as e:
+            raise TemporaryError(f"uml guest {name}: cannot read its meminfo: {e}") from None
+        free = parse_meminfo(text).get("MemFree")
+        if err or free is None:
+            raise TemporaryError(f"uml guest {name}: no MemFree in its meminfo ({text[:80]!r})")
+        return free >> 20
+
     # ---- checks ----------------------------------------------------------
     def _check_spec(self, spec: GuestSpec) -> None:
         memory = spec.resources.memory
@@ -348,27 +436,7 @@ class UmlDriver(HypervisorDriver):
         return False
 
     def _exit_reason(self, record: dict) -> str:
-        pid = record["pid"]
-        status = None
-        with _children_lock:
-            child = _children.get(pid) or _exited.get(pid)
-        if child is not None:
-            # The guest is dead here: reap it now rather than read a zombie
-            # as a recycled pid (poll() can answer None while another thread
-            # waits on the same child).
-            try:
-                status = child.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-        line = _console_reason(self.console_path(record["name"]))
-        if status is not None:
-            how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
-            return f"{how}: {line}" if line else how
-        if line:
-            return line
-        if os.path.exists(f"/proc/{pid}"):
-            return "the VMM process is gone (its pid now belongs to another process)"
-        return "the VMM process is gone"
+        return process.exit_reason(record["pid"], self.console_path(record["name"]), EXIT_MARKERS)
 
     def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
         """Halt, then force, then sweep helpers, then remove every file (lock held)."""
@@ -496,118 +564,6 @@ def _kernel_argv(argv: list[str]) -> list[str]:
     return argv[argv.index("--") + 1:]
 
 
-def _key(record: dict) -> tuple[int, int]:
-    return record["pid"], record["starttime"]
-
-
-def _reap() -> None:
-    """Collect exited children so that none lingers as a zombie."""
-    with _children_lock:
-        for pid, child in list(_children.items()):
-            if child.poll() is not None:
-                del _children[pid]
-                # Keep its status where _exit_reason can still find it.
-                _exited[pid] = child
-        while len(_exited) > 256:
-            _exited.pop(next(iter(_exited)))
-
-
-_exited: dict[int, subprocess.Popen] = {}
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (field 3 first)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return data[data.rindex(b")") + 2:].decode().split()
-
-
-def _proc_starttime(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return None if fields is None else int(fields[19])      # field 22
-
-
-def _proc_cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return [a.decode(errors="surrogateescape") for a in data.split(b"\0")[:-1]]
-
-
-def _is_ours(pid: int, record: dict, helper: bool = False) -> bool:
-    """Whether `pid` is a live process of the guest in `record`: the VMM
-    itself (same start time; the launcher's or the kernel's command line),
-    or with `helper`, one of UML's helpers (in the VMM's session, started
-    after it, same kernel command line)."""
-    fields = _proc_stat(pid)
-    if fields is None or fields[0] in ("Z", "X", "x"):
-        return False
-    starttime = int(fields[19])
-    if helper:
-        if int(fields[3]) != record["pid"] or starttime < record["starttime"]:
-            return False
-    elif starttime != record["starttime"]:
-        return False
-    cmdline = _proc_cmdline(pid)
-    if cmdline == record["kernel_argv"]:
-        return True
-    if helper:
-        return False
-    # The launcher before its exec; or the exec itself, during which the
-    # kernel shows an empty command line (the pid and its start time, to
-    # the clock tick, already say it is the same process).
-    return cmdline == record["argv"] or cmdline == []
-
-
-def _session_members(record: dict) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != record["pid"] and _is_ours(int(entry), record,
-                                                                          helper=True):
-            members.append(int(entry))
-    return members
-
-
-def _signal_if_ours(pid: int, record: dict, sig: int) -> bool:
-    """Signal `pid` only if it is still the guest's process. A pidfd pins
-    the process between the check and the signal, so a recycled pid is
-    never hit."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    try:
-        helper = pid != record["pid"]
-        if not _is_ours(pid, record, helper=helper):
-            return False
-        signal.pidfd_send_signal(pidfd, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    finally:
-        os.close(pidfd)
-
-
-def _console_reason(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - LOG_TAIL))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for marker in EXIT_MARKERS:
-        for line in reversed(lines):
-            if marker in line:
-                return line.strip()[:300]
-    return ""
-
-
 def mconsole(socket_path: str, command: str, client_dir: str, timeout: float = 1.0) -> tuple[int, str]:
     """Send one command to a UML management console; returns (error, reply).
 
@@ -630,12 +586,36 @@ def mconsole(socket_path: str, command: str, client_dir: str, timeout: float = 1
         sock.settimeout(timeout)
         sock.sendto(struct.pack("=III512s", MCONSOLE_MAGIC, MCONSOLE_VERSION, len(data), data),
                     socket_path)
-        reply = sock.recv(12 + MCONSOLE_MAX_DATA)
+        # A long answer (`proc FILE`) comes as several replies, each but
+        # the last with `more` set.
+        err, parts = 0, []
+        while True:
+            reply = sock.recv(12 + MCONSOLE_MAX_DATA)
+            if len(reply) < 12:
+                raise OSError(errno.EPROTO, f"short mconsole reply ({len(reply)} bytes)")
+            err, more, length = struct.unpack_from("=III", reply)
+            parts.append(reply[12:12 + length].split(b"\0", 1)[0])
+            if not more:
+                break
     finally:
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(client)
-    if len(reply) < 12:
-        raise OSError(errno.EPROTO, f"short mconsole reply ({len(reply)} bytes)")
-    err, _more, length = struct.unpack_from("=III", reply)
-    return err, reply[12:12 + length].split(b"\0", 1)[0].decode(errors="replace")
+    return err, b"".join(parts).decode(errors="replace")
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as {field: bytes}."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields = value.split()
+        if fields and fields[0].isdigit():
+            out[key.strip()] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    return out
+
+
+def _spare_mib(booted_mib: int) -> int:
+    """Free memory a shrunk guest keeps, so that it still runs: an eighth
+    of its boot size, at least 8 MiB."""
+    return max(8, booted_mib // 8)

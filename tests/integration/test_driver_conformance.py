@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from soda.errors import NotFound
+from soda.errors import InvalidSpec, NotFound
 from soda.hypervisors.base import EXITED, RUNNING, GuestSpec
 from soda.model import Resources
 from tests.integration.conftest import run
@@ -103,12 +103,13 @@ class Harness:
         self.made.append(d)
         return d
 
-    def spec(self, name="web-0", image=None):
+    def spec(self, name="web-0", image=None, memory=None):
         real = self.kind != "fake"
+        if memory is None:
+            memory = 128 if self.kind == "qemu" else 64
         return GuestSpec(name=name, service="web", image_path=image or self.image,
                          image_digest="sha256:" + "0" * 64,
-                         resources=Resources(cpu=1.0, memory=128 if self.kind == "qemu" else 64,
-                                             bandwidth=10, disk=64),
+                         resources=Resources(cpu=1.0, memory=memory, bandwidth=10, disk=64),
                          address=ADDRESS, prefix_length=24, gateway=GATEWAY, port=80,
                          hypervisor=self.kind, generation=5, tap="tap0" if real else "",
                          netns=self.netns if real else "")
@@ -296,6 +297,23 @@ def test_a_missing_image_is_a_clear_error(harness, tmp_path):
     missing = str(tmp_path / "no-such-image.img")
     with pytest.raises(NotFound, match="no-such-image.img"):
         driver.start(harness.spec(image=missing))
+    assert driver.list() == {} and harness.leftovers(driver) == []
+
+
+def test_memory_below_the_drivers_minimum_is_refused(harness):
+    driver = harness.driver()
+    floor = getattr(driver, "min_memory", 0)
+    if not floor:
+        pytest.skip("the fake driver boots guests of any size")
+    # The floor is what the Agent registers for admission at the Master.
+    assert harness.kind != "qemu" or floor >= 96, "QEMU guests below 88 MiB do not boot"
+    small = harness.spec(memory=floor - 1)
+    for attempt in (driver.build_argv, driver.start):
+        with pytest.raises(InvalidSpec, match=f"below the {floor} MiB"):
+            attempt(small)
+    assert driver.list() == {} and harness.leftovers(driver) == []
+    assert driver.start(harness.spec(memory=floor)).state == RUNNING
+    driver.stop("web-0", timeout=0)
     assert driver.list() == {} and harness.leftovers(driver) == []
 
 

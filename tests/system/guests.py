@@ -56,9 +56,9 @@ def ns_links(netns):
     return {link["ifname"] for link in json.loads(out.stdout)}
 
 
-def guest_records(cluster, agent=NODE):
-    """pid and argv of every guest the Agent's UML driver recorded."""
-    root = os.path.join(cluster.agent_dir(agent), "uml")
+def guest_records(cluster, agent=NODE, hypervisor="uml"):
+    """pid and argv of every guest the Agent's driver (UML by default) recorded."""
+    root = os.path.join(cluster.agent_dir(agent), hypervisor)
     found = {}
     if os.path.isdir(root):
         for name in os.listdir(root):
@@ -97,6 +97,14 @@ def cgroup_file(cluster, controller, vnode, filename):
     return os.path.join(CGROUP, controller, cluster.cgroup_parent, vnode, filename)
 
 
+def vnode_cgroups(cluster, controller="cpu"):
+    """Names of the cgroup directories below the test's parent (one per
+    fenced virtual node) in `controller`'s hierarchy."""
+    top = os.path.join(CGROUP, controller, cluster.cgroup_parent)
+    return sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))) \
+        if os.path.isdir(top) else []
+
+
 def _sweep_cgroups(parent):
     """Kill what is left below `parent` in every hierarchy, then remove it,
     deepest first."""
@@ -115,10 +123,13 @@ def _sweep_cgroups(parent):
 
 
 @contextlib.contextmanager
-def uml_node(cluster, rootfs, daemon_config: str = ""):
+def uml_node(cluster, rootfs, daemon_config: str = "", hypervisors: str = "uml",
+             agent_config: str = ""):
     """The running cluster, with .netns, .cgroup_parent, .guest_pids (add
-    the pid of every guest you see) and .restart_daemon(). `daemon_config`:
-    extra YAML for the Daemon (e.g. 'cpuset: "0"')."""
+    the pid of every guest you see), .restart_daemon() and .restart_agent().
+    `daemon_config`: extra YAML for the Daemon (e.g. 'cpuset: "0"');
+    `hypervisors`: the drivers the Agent offers besides uml (e.g. "qemu");
+    `agent_config`: YAML for the Agent (e.g. 'uml: {kernel: /usr/bin/linux.uml}')."""
     tag = uuid.uuid4().hex[:6]
     netns, parent = f"sodas-{tag}", f"soda-test-{tag}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
@@ -130,9 +141,18 @@ def uml_node(cluster, rootfs, daemon_config: str = ""):
             f.write(daemon_config + "\n")
         daemon_args = ["--config", path]
     try:
-        cluster.start_master()
+        # A range of its own: the node's uplink routes its /24 on the host,
+        # and two clusters with the same range (concurrent runs) would steal
+        # each other's guest traffic.
+        cluster.start_master("--cluster-cidr", f"10.{100 + int(tag, 16) % 100}.0.0/16")
         socket_path = cluster.start_daemon(NODE, netns, parent, *daemon_args)
-        cluster.start_real_agent(NODE, netns, socket_path)
+        agent_args = ["--hypervisor", hypervisors]
+        if agent_config:
+            path = os.path.join(cluster.root, "agent.yaml")
+            with open(path, "w") as f:
+                f.write(agent_config + "\n")
+            agent_args += ["--config", path]
+        cluster.start_real_agent(NODE, netns, socket_path, *agent_args)
         cluster.start_switch()
         wait_until(lambda: cluster.ready_nodes() == [NODE], 30, what="the Agent to register")
         cluster.ctl("image", "push", rootfs, "--name", "busybox-httpd")
@@ -140,6 +160,7 @@ def uml_node(cluster, rootfs, daemon_config: str = ""):
         cluster.guest_pids = pids_seen
         cluster.daemon_socket = socket_path
         cluster.restart_daemon = lambda: cluster.start_daemon(NODE, netns, parent, *daemon_args)
+        cluster.restart_agent = lambda: cluster.start_real_agent(NODE, netns, socket_path, *agent_args)
         yield cluster
     finally:
         try:
@@ -147,8 +168,9 @@ def uml_node(cluster, rootfs, daemon_config: str = ""):
                 cluster.ctl("service", "delete", svc["name"], "--wait", "--timeout", "60", check=False)
         except Exception:  # noqa: BLE001 - teardown goes on whatever happened
             pass
-        for record in guest_records(cluster).values():
-            pids_seen.add(record["pid"])
+        for hypervisor in ("uml", "qemu"):
+            for record in guest_records(cluster, hypervisor=hypervisor).values():
+                pids_seen.add(record["pid"])
         cluster.close()
         # Only pids this test's Agent recorded; then the cgroups and namespace it made.
         for pid in pids_seen:

@@ -5,23 +5,54 @@ by a rename after its content was verified, so a file that is there is a
 verified, complete image and is reused as is. Cached images are read-only:
 guests write to their own copy-on-write layer, never here.
 
+Also owns each virtual node's root disk base (`sha256-<hex>.disk-<N>M`):
+the image grown to the virtual node's disk size, shared read-only by every
+guest of that image and size, under which the hypervisor puts the guest's
+copy-on-write layer (UML `ubd0=cow,base`, a QEMU qcow2 overlay). Why:
+
+- The virtual node's `disk` (MiB) is the size of the disk its guest sees,
+  as a cloud flavor's root disk is: `--disk 256` over a 16 MiB image gives
+  a 256 MiB root filesystem (an ext4 image, as the image contract says, is
+  grown offline with resize2fs; any other content gets the bigger device
+  only). A disk smaller than the image cannot hold it and is refused with
+  a clear error (the Master refuses it at admission already).
+- The bound is the VMM's, not ours: a COW layer can hold no more than its
+  device, and the device is exactly `disk` MiB, so the guest's writes stop
+  with ENOSPC (or EIO past the filesystem) inside the guest, and the layer's
+  allocated size on the host stays within `disk` plus the format's own
+  metadata (UML's COW bitmap is one bit per 512-byte sector; qcow2 adds its
+  L2 and refcount tables). A UML COW layer is always the size of its base
+  (ubd checks the base's size against the COW header), which is why the
+  base itself is grown rather than the layer.
+- Grown bases are made once per (image, size) and never modified, like the
+  images; the copy is sparse (reflinked where the filesystem can), so one
+  costs what the image's data does, not `disk`.
+
 It must not talk gRPC itself; pulling goes through the MasterClient it is
 given (anything with `pull_image(digest, fileobj) -> Image`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import subprocess
 import tempfile
 import threading
+from typing import Iterator
 
-from soda.errors import DataLoss, InvalidSpec, SodaError
-from soda.model import DIGEST_RE
+from soda.errors import CommandError, DataLoss, InvalidSpec, NotFound, SodaError
+from soda.model import DIGEST_RE, Image, check_disk_holds_image
 
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".pull-"
+MiB = 1 << 20
+EXT4_MAGIC_OFFSET = 1024 + 0x38      # s_magic in the superblock at byte 1024
+EXT4_MAGIC = b"\x53\xef"
+GROW_TIMEOUT = 300.0                 # seconds for one copy, fsck or resize
 
 
 class ImageCache:
@@ -38,18 +69,47 @@ class ImageCache:
             raise InvalidSpec(f"invalid image digest {digest!r}: expected sha256:<64 hex digits>")
         return os.path.join(self.dir, digest.replace(":", "-", 1))
 
-    def ensure(self, digest: str) -> str:
-        """The local path of the image `digest`, pulled first if need be."""
+    def ensure(self, digest: str, disk_mib: int = 0) -> str:
+        """The local path of the image `digest`, pulled first if need be;
+        with `disk_mib`, of its root disk base of that size (module doc)."""
         path = self.path(digest)
+        if not os.path.exists(path):
+            # One lock per digest: ten virtual nodes of one service booting
+            # at once pull their image once, the others wait for it.
+            with self._lock_for(digest):
+                if not os.path.exists(path):
+                    self._pull(digest, path)
+        if not disk_mib:
+            return path
+        return self._sized(digest, path, disk_mib)
+
+    def _sized(self, digest: str, image: str, disk_mib: int) -> str:
+        size = os.stat(image).st_size
+        check_disk_holds_image(disk_mib, Image(digest=digest, size=size))
+        if disk_mib * MiB == size:
+            return image
+        path = f"{image}.disk-{disk_mib}M"
         if os.path.exists(path):
             return path
-        # One lock per digest: ten virtual nodes of one service booting at
-        # once pull their image once, the others wait for it.
-        with self._lock_for(digest):
-            if os.path.exists(path):
-                return path
-            self._pull(digest, path)
+        with self._lock_for(path):
+            if not os.path.exists(path):
+                self._grow(image, path, disk_mib)
         return path
+
+    def _grow(self, image: str, path: str, disk_mib: int) -> None:
+        log.info("making a %d MiB root disk base from %s", disk_mib, image)
+        with self._building(path, f"a {disk_mib} MiB root disk from {image}") as (fd, tmp):
+            os.close(fd)
+            _run(["cp", "--sparse=always", "--reflink=auto", image, tmp])
+            os.truncate(tmp, disk_mib * MiB)
+            if _is_ext4(tmp):
+                # resize2fs insists on a freshly checked filesystem; -p only
+                # fixes what is safe, and exit 1 means "fixed something".
+                _run(["e2fsck", "-f", "-p", tmp], ok=(0, 1))
+                _run(["resize2fs", tmp, f"{disk_mib}M"])
+            else:
+                log.warning("%s holds no ext4 filesystem: its guests get a %d MiB disk but the "
+                            "filesystem on it keeps its size", image, disk_mib)
 
     def _lock_for(self, digest: str) -> threading.Lock:
         with self._guard:
@@ -57,11 +117,7 @@ class ImageCache:
 
     def _pull(self, digest: str, path: str) -> None:
         log.info("pulling image %s", digest)
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=TEMP_PREFIX)
-        except OSError as exc:
-            raise SodaError(f"cannot write to the image cache {self.dir}: {exc.strerror}") from None
-        try:
+        with self._building(path, f"image {digest}") as (fd, _):
             with os.fdopen(fd, "wb") as out:
                 image = self._client.pull_image(digest, out)
                 out.flush()
@@ -73,22 +129,54 @@ class ImageCache:
                 raise DataLoss(f"asked the Master for image {digest}, got {image.digest}")
             if size != image.size:
                 raise DataLoss(f"image {digest} arrived with {size} of {image.size} bytes")
+        log.info("image %s cached (%d bytes)", digest, image.size)
+
+    @contextlib.contextmanager
+    def _building(self, path: str, what: str) -> Iterator[tuple[int, str]]:
+        """A temporary file in the cache (its fd and path) that becomes the
+        read-only `path` if the block succeeds, and is gone if it fails."""
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=TEMP_PREFIX)
+        except OSError as exc:
+            raise SodaError(f"cannot write to the image cache {self.dir}: {exc.strerror}") from None
+        try:
+            yield fd, tmp
             os.chmod(tmp, 0o444)
             os.replace(tmp, path)
         except OSError as exc:
             _discard(tmp)
-            raise SodaError(f"cannot write image {digest} to the image cache {self.dir}: "
+            raise SodaError(f"cannot write {what} to the image cache {self.dir}: "
                             f"{exc.strerror or exc}") from None
         except BaseException:
             _discard(tmp)
             raise
-        log.info("image %s cached (%d bytes)", digest, image.size)
 
     def _sweep_temp_files(self) -> None:
         # Leftovers of pulls cut short by an Agent crash; nobody else writes here.
         for entry in os.listdir(self.dir):
             if entry.startswith(TEMP_PREFIX):
                 _discard(os.path.join(self.dir, entry))
+
+
+def _is_ext4(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(EXT4_MAGIC_OFFSET)
+        return f.read(2) == EXT4_MAGIC
+
+
+def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
+    # e2fsprogs live in /sbin, which a service's PATH may lack.
+    found = shutil.which(argv[0]) or shutil.which(argv[0], path="/usr/sbin:/sbin")
+    argv = [found or argv[0]] + argv[1:]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=GROW_TIMEOUT,
+                           stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise NotFound(f"{argv[0]} is missing (Debian packages coreutils, e2fsprogs)") from None
+    except subprocess.TimeoutExpired:
+        raise CommandError(argv, -1, err=f"timed out after {GROW_TIMEOUT:g}s") from None
+    if r.returncode not in ok:
+        raise CommandError(argv, r.returncode, r.stdout, r.stderr)
 
 
 def _discard(path: str) -> None:

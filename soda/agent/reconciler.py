@@ -39,7 +39,8 @@ from soda.agent.plumbing import GuestPlumbing
 from soda.errors import SodaError, WrongState
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
-from soda.model import HYPERVISOR_PREFERENCE, Phase, Resources, VirtualNode, VirtualNodeStatus
+from soda.model import (HYPERVISOR_PREFERENCE, MEMORY_CHANGES_LIVE, Phase, Resources, VirtualNode,
+                        VirtualNodeStatus)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ class Reporter(Protocol):
 
 
 class Images(Protocol):
-    def ensure(self, digest: str) -> str:
-        """Path of the verified image `digest`, pulled if need be."""
+    def ensure(self, digest: str, disk_mib: int = 0) -> str:
+        """Path of the verified image `digest`, pulled if need be; with
+        `disk_mib`, of the root disk base of that size the guest's
+        copy-on-write layer goes over."""
 
 
 @dataclass
@@ -99,6 +102,13 @@ class Reconciler:
         # restart, so adopted guests get their limits applied again (the
         # Daemon's apply is idempotent).
         self._applied: dict[str, Resources] = {}
+        # Why the last live change of a guest's limits failed (until one works).
+        self._limits_error: dict[str, str] = {}
+        # OOM kills of each guest's earlier lives, and the guest kernel's own
+        # count last read in this one (usage reports add them up). Kept in
+        # memory: an Agent restart starts them over.
+        self._oom_before: dict[str, int] = {}
+        self._oom_guest: dict[str, int] = {}
         self._busy: set[str] = set()
         self._fatal: BaseException | None = None
         self._closing = threading.Event()
@@ -148,10 +158,35 @@ class Reconciler:
         for status in statuses:
             driver = drivers.get(status.name)
             usage = None
-            if driver and status.phase in (Phase.BOOTING, Phase.RUNNING):
+            # FAILED too: a guest the memory cgroup killed keeps its fence,
+            # and so its OOM count, until it boots again.
+            if driver and status.phase in (Phase.BOOTING, Phase.RUNNING, Phase.FAILED):
                 usage = self._plumbing.usage(status.name, driver)
+                if usage is not None:
+                    usage = replace(usage, oom_kills=self._oom_kills(status.name, driver,
+                                                                     usage.oom_kills))
             out.append(replace(status, usage=usage) if usage is not None else status)
         return out
+
+    def _oom_kills(self, name: str, driver_name: str, fence_kills: int) -> int:
+        """OOM kills of a virtual node: by the host's memory cgroup (its
+        fence) and by the guest's own kernel, in this life of the guest and
+        in the earlier ones this Agent saw end."""
+        guest = self._drivers[driver_name].guest_oom_kills(name)
+        with self._cond:
+            if guest is None:
+                guest = self._oom_guest.get(name, 0)      # down now: what it last said
+            self._oom_guest[name] = guest
+            return self._oom_before.get(name, 0) + fence_kills + guest
+
+    def _retire_oom_kills(self, name: str, driver_name: str) -> None:
+        """Before a guest's fence goes and it boots again: keep the OOM
+        kills of the life that ended, the fence's and the guest kernel's."""
+        usage = self._plumbing.usage(name, driver_name)
+        with self._cond:
+            ended = (usage.oom_kills if usage is not None else 0) + self._oom_guest.pop(name, 0)
+            if ended:
+                self._oom_before[name] = self._oom_before.get(name, 0) + ended
 
     def status(self, name: str) -> VirtualNodeStatus | None:
         with self._cond:
@@ -252,11 +287,11 @@ class Reconciler:
                 since = self._running_since.get(name, now)
                 if name in self._retry and now - since >= self._backoff_reset:
                     del self._retry[name]
-                self._record(name, Phase.RUNNING, "", generation)
+                self._record(name, Phase.RUNNING, self._limits_error.get(name, ""), generation)
             elif info.ready:
                 # Adopted (or finished booting while nobody watched).
                 self._running_since[name] = now
-                self._record(name, Phase.RUNNING, "", generation)
+                self._record(name, Phase.RUNNING, self._limits_error.get(name, ""), generation)
             else:
                 self._record(name, Phase.BOOTING, "", generation)
             return
@@ -319,7 +354,8 @@ class Reconciler:
             return
         self._set(name, Phase.PULLING, "", generation)
         try:
-            path = self._images.ensure(want.image_digest)
+            path = self._images.ensure(want.image_digest,
+                                       want.resources.disk if driver.uses_disk else 0)
         except (SodaError, OSError) as exc:
             self._fail(name, f"pulling image {want.image_digest}: {exc}", generation)
             return
@@ -331,11 +367,13 @@ class Reconciler:
             if driver.info(name) is not None:
                 # A guest that died: clear what is left of it (stray helper
                 # processes, its fence) so that it boots afresh.
+                self._retire_oom_kills(name, driver_name)
                 driver.stop(name, self._stop_timeout)
                 self._plumbing.release(name, driver_name)
             extras = self._plumbing.prepare(want, driver_name)
             with self._cond:
                 self._applied[name] = want.resources
+                self._limits_error.pop(name, None)
             driver.start(self._guest_spec(want, path, driver_name, **extras))
         except (SodaError, OSError) as exc:
             self._release(name, driver_name)
@@ -364,18 +402,51 @@ class Reconciler:
         log.info("virtual node %s running (booted in %.2fs)", name, now - began)
 
     def _update_limits(self, want: VirtualNode) -> None:
-        """New CPU or bandwidth for a running guest, applied without a restart
-        (the Master bumps the generation, and so restarts, only for changes
-        that need a new boot: memory, disk, image, hypervisor)."""
+        """New CPU, bandwidth or memory for a running guest, applied without
+        a restart where the guest allows it (the Master bumps the generation,
+        and so restarts, for what never can: a disk, image or hypervisor
+        change, memory on a hypervisor not in MEMORY_CHANGES_LIVE).
+
+        Memory changes in the guest and in its fence: shrinking, the guest
+        gives its RAM back before the cgroup limit drops under it; growing,
+        the limit rises first. A guest can grow live only back up to the
+        memory it booted with, which only its driver knows: past that it is
+        booted again here, and its status says why while it boots."""
+        name = want.name
         driver_name = self._driver_for(want)
+        driver = self._drivers[driver_name]
+        memory = want.resources.memory
+        with self._cond:
+            old = self._applied.get(name)
+        # After an Agent restart nothing is known to be applied; the
+        # driver's set_memory takes a target, so asking again is harmless.
+        change_memory = (old.memory != memory if old is not None
+                         else driver_name in MEMORY_CHANGES_LIVE)
+        grows = old is not None and memory > old.memory
+        live = True
         try:
-            self._plumbing.update(want, driver_name)
+            if change_memory and not grows:
+                live = driver.set_memory(name, memory)
+            if live:
+                self._plumbing.update(want, driver_name)
+                if change_memory and grows:
+                    live = driver.set_memory(name, memory)
         except (SodaError, OSError) as exc:
-            log.warning("applying new limits to %s failed, retrying: %s", want.name, exc)
+            log.warning("applying new limits to %s failed, retrying: %s", name, exc)
+            with self._cond:
+                # The guest runs on with its old limits: say so in its status.
+                self._limits_error[name] = f"new limits not applied yet: {exc}"
+            return
+        if not live:
+            why = f"restarting: {memory} MiB of memory is more than it booted with"
+            log.info("virtual node %s %s", name, why)
+            self._set(name, Phase.BOOTING, why, want.generation)
+            self._start(want)
             return
         with self._cond:
-            self._applied[want.name] = want.resources
-        log.info("limits of %s now %s", want.name, want.resources.as_dict())
+            self._applied[name] = want.resources
+            self._limits_error.pop(name, None)
+        log.info("limits of %s now %s", name, want.resources.as_dict())
 
     def _stop(self, name: str, driver_name: str, generation: int) -> None:
         self._set(name, Phase.STOPPING, "", generation)
@@ -462,6 +533,9 @@ class Reconciler:
 
     def _forget(self, name: str) -> None:
         self._applied.pop(name, None)
+        self._limits_error.pop(name, None)
+        self._oom_before.pop(name, None)
+        self._oom_guest.pop(name, None)
         self._status.pop(name, None)
         self._retry.pop(name, None)
         self._running_since.pop(name, None)

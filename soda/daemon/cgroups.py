@@ -212,6 +212,11 @@ class CgroupBackend(abc.ABC):
         """Send `sig` to `pid` if it is in this virtual node's cgroups."""
         return pidfd_signal(pid, sig, lambda: self.contains(name, pid))
 
+    def kill_all(self, name: str) -> bool:
+        """SIGKILL every process in the virtual node's cgroups at once, the
+        kernel's way; False when this layout has no such way (v1)."""
+        return False
+
 
 class CgroupV1(CgroupBackend):
     """cgroup v1: cpu, cpuacct, memory and pids are separate hierarchies,
@@ -446,6 +451,17 @@ class CgroupV2(CgroupBackend):
 
     def set_limits(self, name: str, limits: Limits) -> None:
         self.create(name)
+        # v1 answers EBUSY to a limit below what the group uses; v2 takes it
+        # and OOM-kills the group (the guest's VMM) when reclaim falls short.
+        # A live change must never kill the guest: refuse it like v1 does
+        # when the working set (what reclaim cannot easily drop: all but the
+        # inactive page cache, as kubelet counts it) is above the new limit.
+        in_use = (read_int(self._file(name, "memory.current"), default=0)
+                  - read_keyed(self._file(name, "memory.stat")).get("inactive_file", 0))
+        if limits.memory_bytes and in_use > limits.memory_bytes:
+            raise errors.WrongState(f"cannot lower the memory limit of {name} to "
+                                    f"{limits.memory_bytes >> 20} MiB, it uses more now "
+                                    f"({in_use >> 20} MiB)")
         write_file(self._file(name, "cpu.weight"), shares_to_weight(limits.cpu_shares))
         quota = limits.cpu_quota_us if limits.cpu_quota_us > 0 else "max"
         write_file(self._file(name, "cpu.max"), f"{quota} {limits.cpu_period_us}")

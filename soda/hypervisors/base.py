@@ -105,6 +105,26 @@ class HypervisorDriver(abc.ABC):
         """One guest; drivers may override this with something cheaper."""
         return self.list().get(name)
 
+    # Whether guests boot from a root disk over the image (soda.agent.images
+    # sizes one to the virtual node's disk); the fake driver never reads it.
+    uses_disk = True
+
+    def guest_oom_kills(self, name: str) -> int | None:
+        """How many processes the guest's own kernel killed for want of
+        memory since it booted (its /proc/vmstat oom_kill), or None when the
+        driver cannot tell or the guest is not running. The host's memory
+        cgroup never sees these: the guest ran out of its RAM, not the
+        VMM out of its limit."""
+        return None
+
+    def set_memory(self, name: str, memory_mib: int) -> bool:
+        """Give a running guest `memory_mib` MiB of RAM without restarting
+        it. False when that takes a new boot (more than the guest booted
+        with, or a driver that cannot: this default; the Master gives such
+        hypervisors a new generation instead, `soda.model.MEMORY_CHANGES_LIVE`);
+        raises when the guest cannot give the memory back now."""
+        return False
+
 
 def check_guest_name(name: str) -> str:
     # Guest names become file names under the state dir: a DNS label cannot

@@ -38,6 +38,7 @@ FAKE_PID_BASE = 100_000
 
 class FakeDriver(HypervisorDriver):
     name = "fake"
+    uses_disk = False             # its guests never read their image
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  boot_seconds: float = 0.2, stop_seconds: float = 0.05,
@@ -119,6 +120,40 @@ class FakeDriver(HypervisorDriver):
         with self._locked():
             record = self._load(name)
         return None if record is None else self._info(record)
+
+    def set_memory(self, name: str, memory_mib: int) -> bool:
+        """Like UML's: live within the memory the guest booted with."""
+        check_guest_name(name)
+        with self._locked():
+            record = self._load(name)
+            if record is None or record["state"] != RUNNING:
+                raise NotFound(f"fake guest {name} is not running")
+            booted = record["spec"]["resources"]["memory"]
+            if memory_mib > booted:
+                return False
+            record["memory_mib"] = memory_mib
+            write_json_atomic(self._record_path(name), record)
+        return True
+
+    def guest_oom_kills(self, name: str) -> int | None:
+        with self._locked():
+            record = self._load(name)
+        if record is None or record["state"] != RUNNING:
+            return None
+        return record.get("oom_kills", 0)
+
+    def oom_kill(self, name: str) -> None:
+        """The guest's kernel kills one of its processes for memory (a test control)."""
+        with self._locked():
+            record = self._load(name)
+            record["oom_kills"] = record.get("oom_kills", 0) + 1
+            write_json_atomic(self._record_path(name), record)
+
+    def memory(self, name: str) -> int:
+        """The guest's memory now (a test control, like crash)."""
+        with self._locked():
+            record = self._load(name)
+        return record.get("memory_mib", record["spec"]["resources"]["memory"])
 
     # ---- test controls ---------------------------------------------------
     def crash(self, name: str, reason: str = CRASHED) -> None:

@@ -48,7 +48,7 @@ class FakeImages:
         self.fail = fail
         self.pulled = []
 
-    def ensure(self, digest):
+    def ensure(self, digest, disk_mib=0):
         self.pulled.append(digest)
         if self.fail:
             raise self.fail

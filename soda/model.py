@@ -21,6 +21,13 @@ from soda.errors import InvalidSpec
 HYPERVISOR_NAMES = ("uml", "qemu", "fake")
 # When a spec names no hypervisor, a node's drivers are preferred in this order.
 HYPERVISOR_PREFERENCE = ("uml", "qemu", "fake")
+# Hypervisors whose guests change memory while they run (UML's memory
+# hot-unplug, soda.hypervisors.uml): a memory change keeps the virtual node's
+# generation, and its Agent applies it live within the memory the guest
+# booted with (it boots the guest again past that). Elsewhere a memory
+# change is a new generation, a new boot: QEMU guests boot a Debian kernel
+# whose virtio-balloon module their initramfs does not load.
+MEMORY_CHANGES_LIVE = ("uml", "fake")
 POLICIES = ("weighted-round-robin", "weighted-least-connections")
 DEFAULT_POLICY = "weighted-round-robin"
 # How the Switch forwards a service: its userspace proxy, or the kernel (nftables DNAT).
@@ -216,6 +223,7 @@ class VirtualNode:
     generation: int = 1
     cpu_cap: bool = False
     usage: Usage | None = None      # observed, kept by the Master in memory only
+    switch_stats: "SwitchVnodeStats | None" = None   # what the Switch measured; Master memory only
 
     def with_status(self, phase: Phase, reason: str = "", boot_seconds: float | None = None) -> "VirtualNode":
         return replace(self, phase=phase, reason=reason,
@@ -270,6 +278,15 @@ class Image:
     names: tuple[str, ...] = ()
     created_at: float = 0.0
     init: str = "/sbin/init"
+
+
+def check_disk_holds_image(disk_mib: int, image: Image) -> None:
+    """A virtual node's disk is the disk its guest sees, and the image is
+    laid on it (soda.agent.images): a disk smaller than the image is refused."""
+    if disk_mib * (1 << 20) < image.size:
+        raise InvalidSpec(f"disk {disk_mib} MiB cannot hold image {image.digest[:19]} "
+                          f"({image.size} bytes): give at least "
+                          f"{math.ceil(image.size / (1 << 20))} MiB (--disk)")
 
 
 @dataclass(frozen=True)
@@ -546,6 +563,43 @@ class Endpoint:
     port: int
     weight: float
     ready: bool
+
+
+@dataclass(frozen=True)
+class SwitchVnodeStats:
+    """One virtual node as a Switch sees it (soda.switch.metrics). "in" is
+    traffic towards the node; times in seconds."""
+    vnode: str
+    routable: bool = False      # listed ready by the Master: may get new connections
+    healthy: bool = False       # passes the service's health checks
+    open: int = 0
+    total: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    connect_failures: int = 0
+    ttfb_p50: float = 0.0
+    ttfb_mean: float = 0.0
+    ttfb_last: float = 0.0
+
+
+@dataclass(frozen=True)
+class SwitchServiceStats:
+    service: str
+    listen: str = ""
+    listening: bool = False
+    bind_error: str = ""
+    vnodes: tuple[SwitchVnodeStats, ...] = ()
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """What a Switch tells the Master every few seconds: the hosts it may
+    listen on (empty: any), the TCP addresses something else listens on at
+    its host, and per service its listener and virtual nodes."""
+    switch: str
+    listen_hosts: tuple[str, ...] = ()
+    busy: tuple[str, ...] = ()
+    services: tuple[SwitchServiceStats, ...] = ()
 
 
 @dataclass(frozen=True)

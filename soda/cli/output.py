@@ -7,6 +7,7 @@ command uses. Pure functions of soda.model objects; no I/O, no client.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
@@ -53,6 +54,8 @@ def vnode_to_dict(vnode: model.VirtualNode) -> dict:
         "hypervisor": vnode.hypervisor,
         "deleting": vnode.deleting,
         "usage": usage_to_dict(vnode.usage),
+        # What the Switch(es) measured: None when no Switch reported it.
+        "switch": dataclasses.asdict(vnode.switch_stats) if vnode.switch_stats is not None else None,
     }
 
 
@@ -66,7 +69,8 @@ def service_to_dict(service: model.Service) -> dict:
         "nodes": spec.nodes,
         "port": spec.port,
         "cpu_cap": spec.cpu_cap,
-        "switch": {"listen": spec.switch.listen, "policy": spec.switch.policy},
+        "switch": spec.switch.as_dict(),
+        "on_demand": spec.on_demand.as_dict() if spec.on_demand is not None else None,
         "state": Rollout.of(service).state,
         "deleting": service.deleting,
         "created_at": timestamp(service.created_at),
@@ -86,6 +90,9 @@ def node_to_dict(node: model.Node) -> dict:
         "allocated": node.allocated.as_dict(),
         "vnodes": node.vnodes,
         "usage": usage_to_dict(node.usage),
+        # The smallest guest each hypervisor boots there, and the kernel that says so.
+        "min_memory": {lim.hypervisor: {"mib": lim.min_memory, "kernel": lim.kernel}
+                       for lim in node.limits},
         # No last_heartbeat: it changes every few seconds, and scripts compare
         # node lists to see whether anything changed. `state` says LOST.
     }
@@ -166,6 +173,22 @@ def short_digest(digest: str) -> str:
     return f"{algorithm}:{hex_digits[:SHORT_DIGEST_HEX]}" if hex_digits else digest
 
 
+def on_demand_text(on_demand: model.OnDemand | None) -> str:
+    if on_demand is None:
+        return "no"
+    r = on_demand.resources
+    return (f"up to {on_demand.max_nodes} node(s) of cpu {r.cpu:g}, {r.memory}Mi, {r.bandwidth}Mbit, "
+            f"disk {r.disk}Mi; back to zero after {on_demand.idle_seconds:g} s idle")
+
+
+def health_text(h: model.HealthCheck) -> str:
+    if h.kind == "none":
+        return "no health checks"
+    what = f"GET {h.path} = {h.expect_status}" if h.kind == "http" else "tcp connect"
+    return (f"health {what} every {h.interval:g} s (timeout {h.timeout:g} s, "
+            f"rise {h.rise}, fall {h.fall})")
+
+
 def service_table(service: model.Service) -> str:
     spec = service.spec
     rollout = Rollout.of(service)
@@ -173,6 +196,7 @@ def service_table(service: model.Service) -> str:
         else f"{spec.image} ({short_digest(service.image_digest)})"
     switch = f"{spec.switch.listen} {spec.switch.policy}" if spec.switch.listen \
         else f"(no listener) {spec.switch.policy}"
+    switch += f", mode {spec.switch.mode}, {health_text(spec.switch.health)}, drain {spec.switch.drain_seconds:g} s"
     summary = format_fields([
         ("Name", spec.name),
         ("Image", image),
@@ -180,6 +204,7 @@ def service_table(service: model.Service) -> str:
         ("Port", spec.port),
         ("CPU", "capped at its cores" if spec.cpu_cap else "proportional share"),
         ("Switch", switch),
+        ("On demand", on_demand_text(spec.on_demand)),
         ("State", f"{rollout.state} ({len(rollout.running)}/{rollout.wanted} running)"),
         ("Created", timestamp(service.created_at)),
     ])
@@ -190,7 +215,24 @@ def service_table(service: model.Service) -> str:
           f"{v.resources.cpu:g}", f"{v.resources.memory}Mi", f"{v.resources.bandwidth}Mbit",
           f"{v.resources.disk}Mi", f"{v.weight:g}", f"{v.boot_seconds:.1f}s" if v.boot_seconds else "")
          + usage_cells(v.usage) + (v.reason,) for v in _by_index(service.vnodes)])
-    return f"{summary}\n\n{vnodes}"
+    switched = [v for v in _by_index(service.vnodes) if v.switch_stats is not None]
+    if not switched:
+        return f"{summary}\n\n{vnodes}"
+    return f"{summary}\n\n{vnodes}\n\nThrough the Switch:\n{switch_table(switched)}"
+
+
+def switch_table(vnodes: Sequence[model.VirtualNode]) -> str:
+    """Per virtual node what the Switch measured (IN: towards the node)."""
+    def state(s: model.SwitchVnodeStats) -> str:
+        return ("healthy" if s.healthy else "unhealthy") if s.routable else ("draining" if s.open else "out")
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000:.1f}ms" if seconds else ""
+    return format_table(
+        ("NAME", "STATE", "OPEN", "CONNS", "IN", "OUT", "FAILED", "TTFB-P50", "TTFB-MEAN", "TTFB-LAST"),
+        [(v.name, state(s), s.open, s.total, format_size(s.bytes_in), format_size(s.bytes_out),
+          s.connect_failures, ms(s.ttfb_p50), ms(s.ttfb_mean), ms(s.ttfb_last))
+         for v in vnodes for s in (v.switch_stats,)])
 
 
 def services_table(services: Iterable[model.Service]) -> str:

@@ -39,7 +39,7 @@ RESOURCE_FLAGS = {
     "cpu": ("CORES", "CPU cores (also the share of traffic)"),
     "memory": ("MiB", "Memory in MiB"),
     "bandwidth": ("MBIT", "Network bandwidth in Mbit/s, each way"),
-    "disk": ("MiB", "Disk (copy-on-write layer) in MiB"),
+    "disk": ("MiB", "Disk the guest sees in MiB, at least the image's size"),
 }
 
 
@@ -259,21 +259,37 @@ def service() -> None:
               help="Address where the Service Switch listens for this service's clients.")
 @click.option("--policy", type=click.Choice(model.POLICIES),
               help=f"How the Switch spreads connections (default {model.DEFAULT_POLICY}).")
+@click.option("--mode", type=click.Choice(model.SWITCH_MODES),
+              help="How the Switch forwards: its userspace proxy (default), or l4, the kernel "
+                   "path (nftables DNAT).")
+@click.option("--health", metavar="tcp|none|/PATH",
+              help="The Switch's health check of each virtual node: a TCP connect (default), "
+                   "none, or an HTTP GET of /PATH that must answer 200.")
 @click.option("--cpu-cap/--no-cpu-cap", "cpu_cap", default=None,
               help="Also cap each virtual node's CPU at its cores (a hard limit); by default "
                    "CPU is a proportional share that may use idle cycles.")
+@click.option("--on-demand", "on_demand", type=int, metavar="MAX_NODES",
+              help="Deploy on first request: start with no virtual node (unless --nodes), let the "
+                   "Switch ask for one when a client connects, up to MAX_NODES.")
+@click.option("--idle-seconds", type=float, metavar="S",
+              help="With --on-demand: back to zero virtual nodes after S seconds without a "
+                   "connection (default 300).")
 @wait_options("every virtual node is running")
 @output_option
 @click.pass_obj
 def service_create(session: Session, name: str | None, spec_file: str | None, image: str | None,
                    nodes: int | None, cpu: str | None, memory: str | None, bandwidth: str | None,
                    disk: str | None, port: int | None, hypervisor: str | None, listen: str | None,
-                   policy: str | None, cpu_cap: bool | None, wait: bool, timeout: float) -> None:
+                   policy: str | None, mode: str | None, health: str | None,
+                   cpu_cap: bool | None, on_demand: int | None,
+                   idle_seconds: float | None, wait: bool, timeout: float) -> None:
     """Create service NAME from flags, or from a YAML spec with -f.
 
     \b
     sodactl service create web --image busybox-httpd --nodes 2 --cpu 0.5,1.0
-    sodactl service create -f web.yaml --nodes 3 --wait"""
+    sodactl service create -f web.yaml --nodes 3 --wait
+    sodactl service create api --image busybox-httpd --on-demand 1 --idle-seconds 60 \\
+        --switch 127.0.0.1:8081"""
     if spec_file is None:
         if not name:
             raise click.UsageError("give the service NAME, or a spec file with -f FILE")
@@ -284,7 +300,8 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
         data = specs.load_spec_file(spec_file, sys.stdin)
     data = specs.apply_overrides(
         data, name=name, image=image, nodes=nodes, port=port, hypervisor=hypervisor,
-        listen=listen, policy=policy, cpu_cap=cpu_cap,
+        listen=listen, policy=policy, mode=mode, health=specs.health_flag(health),
+        cpu_cap=cpu_cap, on_demand=on_demand, idle_seconds=idle_seconds,
         resources=resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk))
     try:
         spec = model.parse_spec(data)
@@ -358,8 +375,24 @@ def service_resize(session: Session, name: str, nodes: int | None, cpu: str | No
     client = session.client
     # The current spec is read so the request is checked by the same rules
     # as a new service before it is sent.
-    wanted = specs.resized_spec(client.get_service(name).spec, nodes, overrides)
+    current = client.get_service(name)
+    wanted = specs.resized_spec(current.spec, nodes, overrides)
     resized = client.resize_service(name, nodes=nodes, resources=wanted.resources if overrides else ())
+    # Say which guests boot again: the rest of a resize applies live, and a
+    # restart should never come as a surprise. A new generation is a new
+    # boot; memory that grows on a live-resizing hypervisor is live only up
+    # to what the guest booted with, which only its Agent knows.
+    before = {v.name: v for v in current.vnodes}
+    for v in resized.vnodes:
+        old = before.get(v.name)
+        if old is None or v.deleting:
+            continue
+        if v.generation != old.generation:
+            click.echo(f"virtual node {v.name} restarts: its new memory or disk needs a new boot",
+                       err=True)
+        elif v.resources.memory > old.resources.memory:
+            click.echo(f"virtual node {v.name}: memory grows live up to what it booted with, and "
+                       f"restarts to go past that (see its phase in `sodactl service get`)", err=True)
     if wait:
         with StatusLine() as status:
             resized = wait_until_running(client, name, status, timeout)

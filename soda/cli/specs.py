@@ -79,21 +79,42 @@ def describe_yaml_error(exc: yaml.YAMLError) -> str:
 def apply_overrides(spec: Mapping[str, Any], *, name: str | None = None, image: str | None = None,
                     nodes: int | None = None, port: int | None = None, hypervisor: str | None = None,
                     listen: str | None = None, policy: str | None = None,
+                    mode: str | None = None, health: Mapping[str, Any] | None = None,
                     resources: Mapping[str, PerNodeValue] | None = None,
-                    cpu_cap: bool | None = None) -> dict:
-    """A copy of `spec` with every given flag (not None) replacing its field."""
+                    cpu_cap: bool | None = None, on_demand: int | None = None,
+                    idle_seconds: float | None = None) -> dict:
+    """A copy of `spec` with every given flag (not None) replacing its field.
+    A service deployed on demand starts at zero nodes unless told otherwise."""
     merged = dict(spec)
+    if on_demand is not None and nodes is None and "nodes" not in merged:
+        nodes = 0
     for key, value in (("name", name), ("image", image), ("nodes", nodes), ("port", port),
                        ("hypervisor", hypervisor), ("cpu_cap", cpu_cap)):
         if value is not None:
             merged[key] = value
     merged["resources"] = _overlay(merged.get("resources"), resources or {})
-    merged["switch"] = _overlay(merged.get("switch"), {"listen": listen, "policy": policy})
+    merged["switch"] = _overlay(merged.get("switch"), {"listen": listen, "policy": policy,
+                                                       "mode": mode, "health": health})
+    merged["on_demand"] = _overlay(merged.get("on_demand"), {"max_nodes": on_demand,
+                                                             "idle_seconds": idle_seconds})
+    if merged["on_demand"] is None:
+        del merged["on_demand"]
     if merged["resources"] is None:
         del merged["resources"]
     if merged["switch"] is None:
         del merged["switch"]
     return merged
+
+
+def health_flag(value: str | None) -> dict | None:
+    """`--health tcp|none|/PATH` as the spec's switch.health mapping."""
+    if value is None:
+        return None
+    if value in ("tcp", "none"):
+        return {"kind": value}
+    if value.startswith("/"):
+        return {"kind": "http", "path": value}
+    raise errors.InvalidSpec(f"--health {value!r}: give tcp, none, or an HTTP path such as /healthz")
 
 
 def _overlay(section: Any, values: Mapping[str, Any]) -> Any:

@@ -66,6 +66,14 @@ class MasterServicer(pb_grpc.MasterServicer):
         return convert.service_to_pb(self.controller.resize_service(request.name, nodes, resources))
 
     @handle_errors
+    def EnsureNodes(self, request, context):
+        return convert.service_to_pb(self.controller.ensure_nodes(request.name, request.at_least or 1))
+
+    @handle_errors
+    def ReleaseNodes(self, request, context):
+        return convert.service_to_pb(self.controller.release_nodes(request.name))
+
+    @handle_errors
     def WatchServices(self, request, context):
         if request.name:
             self.controller.get_service(request.name)     # NOT_FOUND before streaming
@@ -96,7 +104,8 @@ class MasterServicer(pb_grpc.MasterServicer):
     def RegisterNode(self, request, context):
         node = self.controller.register_node(request.name, request.address,
                                              convert.resources_from_pb(request.capacity),
-                                             list(request.hypervisors))
+                                             list(request.hypervisors),
+                                             convert.limits_from_pb(request.limits))
         return convert.node_to_pb(node)
 
     @handle_errors
@@ -166,6 +175,11 @@ class MasterServicer(pb_grpc.MasterServicer):
                 yield pb.PullImageResponse(chunk=part)
 
     # ---- endpoints ----------------------------------------------------
+    @handle_errors
+    def ReportSwitchStats(self, request, context):
+        self.controller.report_switch(convert.switch_report_from_pb(request))
+        return pb.Empty()
+
     @handle_errors
     def WatchEndpoints(self, request, context):
         if request.service:

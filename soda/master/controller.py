@@ -24,6 +24,7 @@ from soda.master import scheduler
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
 from soda.master.store import StateStore
+from soda.master.switches import SwitchRegistry
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Controller:
         self.monotonic = monotonic
         self._lock = threading.RLock()
         self._usage: dict[str, model.Usage] = {}     # vnode name -> latest reported
+        self.switches = SwitchRegistry()        # Switch reports: figures, listen checks, draining
         # Heartbeats are kept in memory only: after a Master restart every
         # known node gets a full grace period to reconnect before it is LOST.
         started = monotonic()
@@ -62,11 +64,17 @@ class Controller:
     def create_service(self, spec: model.ServiceSpec) -> model.Service:
         spec = model.validate_spec(spec)
         image = self.store.resolve_image(spec.image)
+        for res in spec.resources:
+            model.check_disk_holds_image(res.disk, image)
+        if spec.on_demand is not None:      # refused now, not at the first request
+            model.check_disk_holds_image(spec.on_demand.resources.disk, image)
         with self._lock:
             existing = self.store.list_service_specs()
             if any(other.name == spec.name for other in existing):
                 raise AlreadyExists(f"service {spec.name!r} already exists")
             self._check_listen_free(spec, existing)
+            if spec.switch.listen:
+                self.switches.check_listen(spec.switch.listen, self.monotonic())
             names = [model.vnode_name(spec.name, i) for i in range(spec.nodes)]
             vnodes = self._place_new(spec, image.digest, list(range(spec.nodes)), spec.resources, names, {})
             service = model.Service(spec=spec, image_digest=image.digest, vnodes=tuple(vnodes),
@@ -132,9 +140,11 @@ class Controller:
     def _with_usage(self, service: model.Service) -> model.Service:
         with self._lock:
             usage = dict(self._usage)
-        if not any(v.name in usage for v in service.vnodes):
+            switched = self.switches.vnode_stats(self.monotonic())
+        if not any(v.name in usage or v.name in switched for v in service.vnodes):
             return service
-        return replace(service, vnodes=tuple(replace(v, usage=usage.get(v.name))
+        return replace(service, vnodes=tuple(replace(v, usage=usage.get(v.name),
+                                                     switch_stats=switched.get(v.name))
                                              for v in service.vnodes))
 
     def _record_usage(self, mine: dict, statuses: Sequence[model.VirtualNodeStatus],
@@ -160,6 +170,8 @@ class Controller:
         with self._lock:
             before = self.store.get_service(name)
             service = self.store.mark_service_deleting(name)
+            self.switches.leaving([v for v in before.vnodes if not v.deleting],
+                                  before.spec.switch.drain_seconds, self.monotonic())
             # Virtual nodes nobody runs (unplaced, or on a lost node) go at once.
             nodes = {n.name: n for n in self.store.list_nodes()}
             orphans = [v.name for v in service.vnodes
@@ -200,9 +212,12 @@ class Controller:
                                   "give one, or one per virtual node")
             wanted = [(resources[0] if len(resources) == 1 else resources[i]) if resources
                       else (live[i].resources if i < len(live) else
-                            (live[-1].resources if live else model.Resources(**model.RESOURCE_DEFAULTS)))
+                            (live[-1].resources if live else _template(service.spec)))
                       for i in range(count)]
             spec = model.validate_spec(replace(service.spec, nodes=count, resources=tuple(wanted)))
+            image = self.store.resolve_image(service.image_digest)
+            for res in spec.resources:
+                model.check_disk_holds_image(res.disk, image)
             keep, drop = live[:count], live[count:]
             changed = self._resize_in_place(keep, spec.resources[:len(keep)], freed=drop)
             used_indexes = {v.index for v in service.vnodes}
@@ -217,6 +232,7 @@ class Controller:
             added = self._place_new(spec, service.image_digest, new_indexes, spec.resources[len(keep):],
                                     [model.vnode_name(name, j) for j in new_indexes], counts)
             dropped = [replace(v, deleting=True) for v in drop]
+            self.switches.leaving(dropped, spec.switch.drain_seconds, self.monotonic())
             updated = replace(service, spec=spec, vnodes=tuple(changed + added + dropped))
             self.store.update_service(updated)
         touched = {v.node for v in changed + added + dropped if v.node}
@@ -241,24 +257,63 @@ class Controller:
             extra[v.node] = extra.get(v.node, model.Resources()) + delta
             node = nodes.get(v.node)
             if node is not None:
+                if res.memory != v.resources.memory:
+                    scheduler.check_min_memory(node, v.hypervisor, res.memory, v.name)
                 free = node.capacity - node.allocated - extra[v.node]
                 for r in ("cpu", "memory", "bandwidth", "disk"):
                     if getattr(free, r) < -1e-9:
                         raise NoCapacity(f"not enough {r} on {v.node} to grow {v.name}", resource=r)
-            if (res.memory, res.disk) == (v.resources.memory, v.resources.disk):
+            live_memory = v.hypervisor in model.MEMORY_CHANGES_LIVE
+            if res.disk == v.resources.disk and (res.memory == v.resources.memory or live_memory):
                 # CPU and bandwidth change live (the Daemon rewrites cgroup
-                # values and HTB rates): same generation, the guest runs on.
+                # values and HTB rates), and so does memory where the guest
+                # can give it back and take it again (its Agent boots it
+                # again if it must grow past its boot size): same
+                # generation, the guest runs on.
                 out.append(replace(v, resources=res, weight=model.share_weight(res)))
             else:
-                # Memory and disk are fixed at boot: a new generation makes
-                # the Agent boot the guest again, so its phase starts over.
+                # A disk change, or memory elsewhere, needs a new boot: a
+                # new generation makes the Agent boot the guest again, so
+                # its phase starts over (sodactl says so).
                 out.append(replace(v, resources=res, weight=model.share_weight(res),
                                    generation=v.generation + 1, phase=model.Phase.PENDING, reason=""))
         return out
 
+    # ---- deploy on first request (Dynasoar) ------------------------------
+    # The Switch knows the connections, so it decides when: it asks for a
+    # node when a connection finds none ready, and for zero once the service
+    # has been idle for on_demand.idle_seconds. Both calls are idempotent and
+    # decided under the lock, so concurrent asks give one node and an ensure
+    # that follows a release always gets a fresh node.
+    def ensure_nodes(self, name: str, at_least: int = 1) -> model.Service:
+        """At least `at_least` live virtual nodes (new ones get on_demand.resources)."""
+        with self._lock:
+            service = self.store.get_service(name)
+            on_demand = _on_demand(service, "start virtual nodes on demand for")
+            if not 1 <= at_least <= on_demand.max_nodes:
+                raise InvalidSpec(f"service {name!r}: at_least must be from 1 to on_demand.max_nodes "
+                                  f"({on_demand.max_nodes}), got {at_least}")
+            live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
+            if len(live) >= at_least:
+                return self.get_service(name)
+            log.info("service %s: %d virtual node(s) asked on demand", name, at_least - len(live))
+            return self.resize_service(name, at_least, [v.resources for v in live]
+                                       + [on_demand.resources] * (at_least - len(live)))
+
+    def release_nodes(self, name: str) -> model.Service:
+        """Back to zero virtual nodes; a service already at zero is left as it is."""
+        with self._lock:
+            service = self.store.get_service(name)
+            _on_demand(service, "release the on-demand virtual nodes of")
+            if not any(not v.deleting for v in service.vnodes):
+                return self.get_service(name)
+            log.info("service %s: idle, back to zero virtual nodes", name)
+            return self.resize_service(name, 0, [])
+
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
-                      hypervisors: Sequence[str]) -> model.Node:
+                      hypervisors: Sequence[str],
+                      limits: Sequence[model.HypervisorLimit] = ()) -> model.Node:
         model.check_dns_label("node", name, model.NODE_NAME_MAX)
         for field in ("cpu", "memory", "bandwidth", "disk"):
             if getattr(capacity, field) <= 0:
@@ -267,6 +322,7 @@ class Controller:
         if not hypervisors or unknown:
             raise InvalidSpec(f"node {name}: hypervisors must be some of "
                               f"{', '.join(model.HYPERVISOR_NAMES)}, got {', '.join(hypervisors) or 'none'}")
+        _check_limits(name, hypervisors, limits)
         with self._lock:
             try:
                 old = self.store.get_node(name)
@@ -275,7 +331,7 @@ class Controller:
                 subnet, gateway = self._allocate_subnet()
             node = self.store.upsert_node(model.Node(
                 name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
-                subnet=subnet, gateway=gateway, state=READY))
+                subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits)))
             self._last_seen[name] = self.monotonic()
         log.info("node %s registered from %s (subnet %s)", name, address, subnet)
         self.notifier.publish(SERVICES_TOPIC)
@@ -344,13 +400,36 @@ class Controller:
             self._publish_service(service)
 
     def assignments(self, node: str) -> dict[str, model.VirtualNode]:
-        """The desired set of a physical node: what its Agent must run."""
-        return {v.name: v for v in self.store.list_vnodes(node=node) if not v.deleting}
+        """The desired set of a physical node: what its Agent must run. A
+        deleting virtual node a Switch is still draining keeps running."""
+        with self._lock:
+            now = self.monotonic()
+            return {v.name: replace(v, deleting=False) if v.deleting else v
+                    for v in self.store.list_vnodes(node=node)
+                    if not v.deleting or self.switches.holds(v.name, now)}
+
+    # ---- Switches -------------------------------------------------------
+    def report_switch(self, report: model.SwitchReport) -> None:
+        """A Switch's periodic report; kept in memory only."""
+        with self._lock:
+            self.switches.record(report, self.monotonic())
+        self._release_drained()
+
+    def _release_drained(self) -> None:
+        """Tell the Agents of leaving virtual nodes no Switch holds any more."""
+        with self._lock:
+            released = set(self.switches.expired(self.monotonic()))
+            if not released:
+                return
+            nodes = {v.node for v in self.store.list_vnodes() if v.name in released and v.node}
+        if nodes:
+            self.notifier.publish(*(node_topic(n) for n in nodes))
 
     def check_membership(self) -> list[str]:
         """Mark nodes whose heartbeats stopped LOST and place their virtual
         nodes again; retry virtual nodes that could not be placed. Returns
         the nodes newly lost."""
+        self._release_drained()
         now = self.monotonic()
         lost = []
         with self._lock:
@@ -384,7 +463,8 @@ class Controller:
                 self.store.put_vnodes([replace(moved, generation=v.generation + 1)])
                 log.info("virtual node %s placed again on %s", v.name, moved.node)
                 self.notifier.publish(node_topic(moved.node))
-            except NoCapacity as exc:
+            except (NoCapacity, InvalidSpec) as exc:
+                # InvalidSpec: no node left boots a guest that small.
                 reason = f"waiting for room: {exc.message}"
                 if v.node or v.reason != reason:
                     self.store.put_vnodes([replace(v, node="", address="", phase=model.Phase.FAILED,
@@ -419,6 +499,34 @@ class Controller:
     def _publish_service(self, service: str, nodes: Iterable[str] = ()) -> None:
         self.notifier.publish(SERVICES_TOPIC, service_topic(service), ENDPOINTS_TOPIC,
                               *(node_topic(n) for n in nodes if n))
+
+
+def _check_limits(node: str, hypervisors: Sequence[str], limits: Sequence[model.HypervisorLimit]) -> None:
+    seen = set()
+    for limit in limits:
+        if limit.hypervisor not in hypervisors or limit.hypervisor in seen:
+            raise InvalidSpec(f"node {node}: limits name hypervisor {limit.hypervisor!r} "
+                              f"{'twice' if limit.hypervisor in seen else 'which it does not offer'}")
+        if limit.min_memory < 0:
+            raise InvalidSpec(f"node {node}: minimum memory for {limit.hypervisor} must not be "
+                              f"negative, got {limit.min_memory}")
+        seen.add(limit.hypervisor)
+
+
+def _on_demand(service: model.Service, action: str) -> model.OnDemand:
+    if service.spec.on_demand is None:
+        raise WrongState(f"cannot {action} service {service.name!r}: it has no on_demand section "
+                         "(resize it instead)")
+    if service.deleting:
+        raise WrongState(f"service {service.name!r} is being deleted")
+    return service.spec.on_demand
+
+
+def _template(spec: model.ServiceSpec) -> model.Resources:
+    """Resources of a node added to a service that has none left."""
+    if spec.on_demand is not None:
+        return spec.on_demand.resources
+    return model.Resources(**model.RESOURCE_DEFAULTS)
 
 
 def endpoint_set(service: model.Service) -> model.EndpointSet:

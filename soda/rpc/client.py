@@ -116,6 +116,15 @@ class MasterClient(StubClient):
                                       resources=[convert.resources_to_pb(r) for r in resources])
         return convert.service_from_pb(self._call("ResizeService", req))
 
+    def ensure_nodes(self, name: str, at_least: int = 1) -> model.Service:
+        """Deploy on first request: at least `at_least` virtual nodes (on_demand services)."""
+        return convert.service_from_pb(self._call("EnsureNodes",
+                                                  pb.EnsureNodesRequest(name=name, at_least=at_least)))
+
+    def release_nodes(self, name: str) -> model.Service:
+        """An idle on_demand service back to zero virtual nodes."""
+        return convert.service_from_pb(self._call("ReleaseNodes", pb.ReleaseNodesRequest(name=name)))
+
     def watch_services(self, name: str = "") -> Iterator[tuple[str, model.Service | str]]:
         """Yields ("UPSERT", Service) and ("DELETED", name); first the current state."""
         for ev in self._stream("WatchServices", pb.WatchServicesRequest(name=name)):
@@ -126,10 +135,12 @@ class MasterClient(StubClient):
 
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
-                      hypervisors: Iterable[str]) -> model.Node:
+                      hypervisors: Iterable[str],
+                      limits: Iterable[model.HypervisorLimit] = ()) -> model.Node:
         req = pb.RegisterNodeRequest(name=name, address=address,
                                      capacity=convert.resources_to_pb(capacity),
-                                     hypervisors=list(hypervisors))
+                                     hypervisors=list(hypervisors),
+                                     limits=convert.limits_to_pb(limits))
         return convert.node_from_pb(self._call("RegisterNode", req))
 
     def heartbeat(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> int:
@@ -212,3 +223,6 @@ class MasterClient(StubClient):
     def watch_endpoints(self, service: str = "") -> Iterator[model.EndpointSet]:
         for ev in self._stream("WatchEndpoints", pb.WatchEndpointsRequest(service=service)):
             yield convert.endpoints_from_pb(ev)
+
+    def report_switch_stats(self, report: model.SwitchReport) -> None:
+        self._call("ReportSwitchStats", convert.switch_report_to_pb(report))

@@ -5,6 +5,8 @@ Nothing else builds or reads protobuf messages field by field.
 
 from __future__ import annotations
 
+import dataclasses
+
 from soda import model
 from soda.proto.v1 import master_pb2 as pb
 
@@ -97,7 +99,7 @@ def vnode_to_pb(v: model.VirtualNode) -> pb.VirtualNode:
         weight=v.weight, image_digest=v.image_digest, hypervisor=v.hypervisor, port=v.port,
         phase=int(v.phase), reason=v.reason, boot_seconds=v.boot_seconds,
         deleting=v.deleting, generation=v.generation, cpu_cap=v.cpu_cap,
-        usage=usage_to_pb(v.usage))
+        usage=usage_to_pb(v.usage), switch_stats=switch_vnode_stats_to_pb(v.switch_stats))
 
 
 def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
@@ -107,7 +109,8 @@ def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
         weight=m.weight, image_digest=m.image_digest, hypervisor=m.hypervisor, port=m.port,
         phase=model.Phase(m.phase), reason=m.reason, boot_seconds=m.boot_seconds,
         deleting=m.deleting, generation=m.generation, cpu_cap=m.cpu_cap,
-        usage=usage_from_pb(m))
+        usage=usage_from_pb(m),
+        switch_stats=switch_vnode_stats_from_pb(m.switch_stats) if m.HasField("switch_stats") else None)
 
 
 def service_to_pb(s: model.Service) -> pb.Service:
@@ -122,18 +125,30 @@ def service_from_pb(m: pb.Service) -> model.Service:
                          deleting=m.deleting, created_at=m.created_at)
 
 
+def limits_to_pb(limits) -> list[pb.HypervisorLimit]:
+    return [pb.HypervisorLimit(hypervisor=lim.hypervisor, min_memory_mib=lim.min_memory,
+                               kernel=lim.kernel) for lim in limits]
+
+
+def limits_from_pb(limits) -> tuple[model.HypervisorLimit, ...]:
+    return tuple(model.HypervisorLimit(hypervisor=lim.hypervisor, min_memory=lim.min_memory_mib,
+                                       kernel=lim.kernel) for lim in limits)
+
+
 def node_to_pb(n: model.Node) -> pb.Node:
     return pb.Node(name=n.name, address=n.address, capacity=resources_to_pb(n.capacity),
                    allocated=resources_to_pb(n.allocated), hypervisors=list(n.hypervisors),
                    subnet=n.subnet, gateway=n.gateway, state=n.state, vnodes=n.vnodes,
-                   last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage))
+                   last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage),
+                   limits=limits_to_pb(n.limits))
 
 
 def node_from_pb(m: pb.Node) -> model.Node:
     return model.Node(name=m.name, address=m.address, capacity=resources_from_pb(m.capacity),
                       allocated=resources_from_pb(m.allocated), hypervisors=tuple(m.hypervisors),
                       subnet=m.subnet, gateway=m.gateway, state=m.state, vnodes=m.vnodes,
-                      last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m))
+                      last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m),
+                      limits=limits_from_pb(m.limits))
 
 
 def image_to_pb(i: model.Image) -> pb.Image:
@@ -170,3 +185,30 @@ def endpoints_from_pb(m: pb.EndpointSet) -> model.EndpointSet:
                              on_demand=on_demand_from_pb(m),
                              endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready)
                                              for x in m.endpoints))
+
+
+# ---- Switch reports (soda.switch.metrics -> Master) ---------------------
+_SWITCH_VNODE_FIELDS = tuple(f.name for f in dataclasses.fields(model.SwitchVnodeStats))
+
+
+def switch_vnode_stats_to_pb(v: model.SwitchVnodeStats | None) -> pb.SwitchVnodeStats | None:
+    return None if v is None else pb.SwitchVnodeStats(**{f: getattr(v, f) for f in _SWITCH_VNODE_FIELDS})
+
+
+def switch_vnode_stats_from_pb(m: pb.SwitchVnodeStats) -> model.SwitchVnodeStats:
+    return model.SwitchVnodeStats(**{f: getattr(m, f) for f in _SWITCH_VNODE_FIELDS})
+
+
+def switch_report_to_pb(r: model.SwitchReport) -> pb.SwitchReport:
+    return pb.SwitchReport(switch=r.switch, listen_hosts=list(r.listen_hosts), busy=list(r.busy), services=[
+        pb.SwitchServiceStats(service=s.service, listen=s.listen, listening=s.listening, bind_error=s.bind_error,
+                              vnodes=[switch_vnode_stats_to_pb(v) for v in s.vnodes])
+        for s in r.services])
+
+
+def switch_report_from_pb(m: pb.SwitchReport) -> model.SwitchReport:
+    return model.SwitchReport(switch=m.switch, listen_hosts=tuple(m.listen_hosts), busy=tuple(m.busy), services=tuple(
+        model.SwitchServiceStats(service=s.service, listen=s.listen, listening=s.listening,
+                                 bind_error=s.bind_error,
+                                 vnodes=tuple(switch_vnode_stats_from_pb(v) for v in s.vnodes))
+        for s in m.services))

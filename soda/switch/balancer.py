@@ -40,6 +40,7 @@ class Peer:
     weight: int                 # milli-units, > 0
     current: int = 0            # smooth round-robin counter
     failed_until: float = 0.0   # passive health: skip until this time
+    healthy: bool = True        # active health (soda.switch.health)
 
     @property
     def vnode(self) -> str:
@@ -154,6 +155,7 @@ class Balancer:
                 # A virtual node that moved is a different socket: forget its failures.
                 if (prev.endpoint.address, prev.endpoint.port) == (ep.address, ep.port):
                     peer.failed_until = prev.failed_until
+                    peer.healthy = prev.healthy
             peers.append(peer)
         self._peers = peers
 
@@ -166,20 +168,33 @@ class Balancer:
         """The endpoint for the next connection, or None when there is none.
 
         `exclude` names virtual nodes already tried for this connection.
-        Peers marked failed (until a time after `now`) are skipped while
-        another candidate exists; when all are marked, they are tried anyway
-        rather than turning every client away."""
+        Peers that failed their health checks or were marked failed (until a
+        time after `now`) are skipped while another candidate exists; when
+        all are, the healthy ones are tried first, then any, rather than
+        turning every client away."""
         candidates = [p for p in self._peers if p.vnode not in exclude]
         if not candidates:
             return None
-        healthy = [p for p in candidates if p.failed_until <= now]
-        return self._policy.choose(healthy or candidates, self._active).endpoint
+        good = [p for p in candidates if p.healthy and p.failed_until <= now]
+        if not good:
+            good = ([p for p in candidates if p.healthy] or [p for p in candidates if p.failed_until <= now]
+                    or candidates)
+        return self._policy.choose(good, self._active).endpoint
 
     def mark_failed(self, vnode: str, until: float) -> None:
         """Passive health: a connect to `vnode` failed; avoid it until `until`."""
         for peer in self._peers:
             if peer.vnode == vnode:
                 peer.failed_until = max(peer.failed_until, until)
+
+    def has_healthy_other(self, vnode: str) -> bool:
+        """Whether a healthy peer other than `vnode` could take a connection."""
+        return any(p.healthy and p.vnode != vnode for p in self._peers)
+
+    def set_healthy(self, healthy: Collection[str]) -> None:
+        """Active health: exactly the peers named in `healthy` pass their checks."""
+        for peer in self._peers:
+            peer.healthy = peer.vnode in healthy
 
     def mark_ok(self, vnode: str) -> None:
         for peer in self._peers:

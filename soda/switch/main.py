@@ -3,7 +3,11 @@
 Owns the command line, the config (`SwitchConfig`) and the wiring: one
 event loop (uvloop when it is installed) runs the Proxy and the
 EndpointSync; one thread (EndpointWatcher) follows the Master's endpoint
-lists through MasterClient and hands them to the loop. SIGTERM/SIGINT close
+lists through MasterClient and hands them to the loop. Every
+`report_seconds` the Switch sends the Master a report (per virtual node
+counters and health, the hosts it may listen on, the TCP addresses other
+processes listen on here: see soda.master.switches); the same counters are
+served as Prometheus text at http://<metrics_listen>/metrics. SIGTERM/SIGINT close
 every listener, give open connections `drain_seconds` to finish, and exit 0.
 The balancing and relaying live in balancer.py and proxy.py; this is the
 only Switch module that reaches grpc (through MasterClient).
@@ -15,15 +19,19 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 
 from soda.config import load, with_overrides
-from soda.errors import InvalidSpec
+from soda.errors import InvalidSpec, SodaError
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
 from soda.service import sd_notify, setup_logging
+from soda.switch import ondemand
 from soda.switch.endpoints import EndpointSync, EndpointWatcher
-from soda.switch.proxy import Proxy
+from soda.switch.nft import DEFAULT_TABLE, KernelPath, ModeDispatch, check_table_name
+from soda.switch.metrics import MetricsServer, tcp_listeners, to_report
+from soda.switch.proxy import Proxy, split_listen
 
 log = logging.getLogger("soda.switch")
 
@@ -45,6 +53,18 @@ class SwitchConfig:
     fail_timeout: float = 5.0           # a node that failed a connect gets nothing this long
     drain_seconds: float = 5.0          # on SIGTERM, time left to open connections
     reconnect_max_seconds: float = 30.0  # cap of the Master reconnect backoff
+    hold_seconds: float = 30.0          # a connection waits this long for a node deployed on demand
+    # The nftables table of the kernel path (mode l4): one per Switch on a host.
+    nft_table: str = DEFAULT_TABLE
+    # Masquerade every connection the kernel path forwards (the virtual nodes'
+    # replies then need no route back through this host); False: only those
+    # from loopback clients.
+    nft_masquerade_all: bool = True
+    # Prometheus text at GET /metrics; "" = not served. Loopback by default:
+    # the figures name every service and virtual node.
+    metrics_listen: str = "127.0.0.1:9470"
+    report_seconds: float = 2.0         # how often the Master gets this Switch's report
+    name: str = ""                      # this Switch's name at the Master; "" = the host name
     log_level: str = "INFO"
 
 
@@ -55,20 +75,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "ready virtual nodes in proportion to their shares.")
     parser.add_argument("--master", metavar="HOST:PORT", help=f"the SODA Master (default {DEFAULT_MASTER})")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="where to serve /metrics (\"\" = nowhere)")
+    parser.add_argument("--name", help="this Switch's name at the Master (default: the host name)")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
     return parser.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> SwitchConfig:
     """The effective config: file, then flags; raises InvalidSpec."""
-    config = with_overrides(load(SwitchConfig, args.config), master=args.master, log_level=args.log_level)
+    config = with_overrides(load(SwitchConfig, args.config), master=args.master, log_level=args.log_level,
+                            metrics_listen=args.metrics_listen, name=args.name)
     return check_config(config)
 
 
 def check_config(config: SwitchConfig) -> SwitchConfig:
     if not config.master:
         raise InvalidSpec("master: the Master's HOST:PORT is required")
-    for name in ("connect_timeout", "fail_timeout", "reconnect_max_seconds"):
+    for name in ("connect_timeout", "fail_timeout", "reconnect_max_seconds", "hold_seconds",
+                 "report_seconds"):
         if getattr(config, name) <= 0:
             raise InvalidSpec(f"{name} must be positive, got {getattr(config, name):g}")
     if config.drain_seconds < 0:
@@ -76,8 +100,11 @@ def check_config(config: SwitchConfig) -> SwitchConfig:
     for host in config.listen_hosts:
         if not isinstance(host, str) or not host:
             raise InvalidSpec(f"listen_hosts: {host!r} is not a host address")
+    if config.metrics_listen:
+        split_listen(config.metrics_listen)
     if config.log_level.upper() not in LOG_LEVELS:
         raise InvalidSpec(f"log_level {config.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    check_table_name(config.nft_table)
     return config
 
 
@@ -100,26 +127,73 @@ class Switch:
         self.client = client or MasterClient(config.master)
         self.proxy = Proxy(connect_timeout=config.connect_timeout, fail_timeout=config.fail_timeout,
                            listen_hosts=config.listen_hosts)
-        self.sync = EndpointSync(self.proxy)
+        self.ondemand = ondemand.attach(self.proxy, self.client, hold_seconds=config.hold_seconds)
+        self.kernel = KernelPath(table=config.nft_table, masquerade_all=config.nft_masquerade_all,
+                                 listen_hosts=config.listen_hosts, health=self.proxy.health)
+        self.sync = EndpointSync(ModeDispatch(self.ondemand, self.kernel))
+        self.name = config.name or socket.gethostname()
+        self.metrics = MetricsServer(self.proxy.views)
         self._sync_task: asyncio.Task | None = None
+        self._report_task: asyncio.Task | None = None
         self._watcher: EndpointWatcher | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await self.kernel.start()
         self._sync_task = asyncio.create_task(self.sync.run(), name="endpoint-sync")
+        self.ondemand.start()
         self._watcher = EndpointWatcher(self.client, loop, self.sync.handle, probe=self.client.list_services,
                                         backoff_max=self.config.reconnect_max_seconds)
         self._watcher.start()
+        if self.config.metrics_listen:
+            try:
+                await self.metrics.start(*split_listen(self.config.metrics_listen))
+                log.info("metrics at http://%s/metrics", self.config.metrics_listen)
+            except OSError as exc:
+                # Counters still reach the Master; a busy port must not stop routing.
+                log.warning("cannot serve metrics on %s: %s", self.config.metrics_listen, exc.strerror or exc)
+        self._report_task = asyncio.create_task(self._report_loop(), name="switch-report")
+
+    def report(self):
+        """This Switch's report for the Master, as of now."""
+        views = self.proxy.views()
+        own = {split_listen(v.listen) for v in views if v.listening}
+        if self.metrics.server is not None:
+            own.update(sock.getsockname()[:2] for sock in self.metrics.server.sockets)
+        busy = sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in tcp_listeners() - own)
+        return to_report(self.name, self.config.listen_hosts, tuple(busy), views)
+
+    async def _report_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        failing = False
+        while True:
+            try:
+                await loop.run_in_executor(None, self.client.report_switch_stats, self.report())
+                if failing:
+                    log.info("reporting to the Master again")
+                failing = False
+            except SodaError as exc:
+                if not failing:
+                    log.warning("cannot report to the Master: %s (retrying every %g s)", exc,
+                                self.config.report_seconds)
+                failing = True
+            except Exception:       # a report bug must not stop routing
+                log.exception("switch report failed")
+            await asyncio.sleep(self.config.report_seconds)
 
     async def stop(self) -> None:
         """Stop following the Master (closes the client), then close the proxy:
         listeners at once, connections after `drain_seconds`."""
         if self._watcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._watcher.stop)
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            await asyncio.gather(self._sync_task, return_exceptions=True)
-        await self.proxy.close(self.config.drain_seconds)
+        for task in (self._sync_task, self._report_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.metrics.close()
+        await self.ondemand.stop()
+        await asyncio.gather(self.proxy.close(self.config.drain_seconds),
+                             self.kernel.close(self.config.drain_seconds))
 
 
 async def serve(config: SwitchConfig, client=None, stop: asyncio.Event | None = None) -> int:

@@ -71,8 +71,9 @@ class Cluster:
                                   "--name", name, "--state-dir", self.agent_dir(name), "--hypervisor", "uml",
                                   "--netns", netns, "--daemon-socket", daemon_socket, *extra])
 
-    def start_switch(self) -> subprocess.Popen:
-        return self._spawn("switch", [sys.executable, "-m", "soda.switch.main", "--master", self.master_addr])
+    def start_switch(self, *extra: str) -> subprocess.Popen:
+        return self._spawn("switch", [sys.executable, "-m", "soda.switch.main", "--master", self.master_addr,
+                                      *extra])
 
     def agent_dir(self, name: str) -> str:
         return os.path.join(self.root, "agents", name)

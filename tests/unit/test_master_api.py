@@ -305,7 +305,11 @@ def test_resize_grows_shrinks_and_changes_resources(cluster):
     assert live[0].resources.cpu == 1.0 and live[0].weight == 1.0 and live[0].generation == 1
     svc = cluster.resize_service("web", resources=[model.Resources(1.0, 128, 100, 256)])
     live = [v for v in svc.vnodes if not v.deleting]
-    # Memory is fixed at boot: a new generation, booted again.
+    # Memory changes live on a hypervisor that can (model.MEMORY_CHANGES_LIVE).
+    assert live[0].resources.memory == 128 and live[0].generation == 1
+    svc = cluster.resize_service("web", resources=[model.Resources(1.0, 128, 100, 512)])
+    live = [v for v in svc.vnodes if not v.deleting]
+    # The disk is fixed at boot: a new generation, booted again.
     assert live[0].generation == 2 and live[0].phase == model.Phase.PENDING
     with pytest.raises(NoCapacity):
         cluster.resize_service("web", resources=[model.Resources(100.0, 64, 100, 256)])

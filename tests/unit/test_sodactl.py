@@ -322,17 +322,18 @@ def test_service_get_json_shape(client):
     assert json.loads(result.stdout) == {
         "name": "web", "image": "busybox-httpd", "image_digest": DIGEST, "hypervisor": "",
         "nodes": 2, "port": 80, "cpu_cap": False,
-        "switch": {"listen": "127.0.0.1:8080", "policy": "weighted-round-robin"},
+        "switch": model.SwitchSpec(listen="127.0.0.1:8080").as_dict(),
+        "on_demand": None,
         "state": "FAILED", "deleting": False, "created_at": "2023-11-14T22:13:20Z",
         "vnodes": [
             {"name": "web-0", "node": "node-0", "address": "10.0.0.2", "phase": "RUNNING",
              "resources": {"cpu": 0.5, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 0.5, "boot_seconds": 1.5, "reason": "", "hypervisor": "fake",
-             "deleting": False, "usage": None},
+             "deleting": False, "usage": None, "switch": None},
             {"name": "web-1", "node": "node-1", "address": "10.0.1.2", "phase": "FAILED",
              "resources": {"cpu": 1.0, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 1.0, "boot_seconds": 0.0, "reason": "kernel panic", "hypervisor": "fake",
-             "deleting": False, "usage": None},
+             "deleting": False, "usage": None, "switch": None},
         ],
     }
 
@@ -674,3 +675,22 @@ def test_status_line_redraws_on_a_terminal_and_logs_milestones_elsewhere():
             status.update("web: 1/1 running", milestone=True)
     assert terminal.getvalue().count("\r") == 4 and terminal.getvalue().endswith("web: 1/1 running\n")
     assert log.getvalue() == "uploaded\nweb: 0/1 running\nweb: 1/1 running\n"
+
+
+def test_create_with_mode_and_health_flags(client):
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd",
+                 "--mode", "l4", "--health", "/healthz")
+    assert result.exit_code == 0, result.output
+    [(spec,), _] = client.called("create_service")[0]
+    assert spec.switch.mode == "l4"
+    assert spec.switch.health == model.HealthCheck(kind="http", path="/healthz")
+    result = run(client, "service", "create", "web2", "--image", "busybox-httpd", "--health", "none")
+    assert result.exit_code == 0, result.output
+    assert client.called("create_service")[1][0][0].switch.health.kind == "none"
+
+
+def test_bad_health_flag_is_one_line_exit_1(client):
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd",
+                 "--health", "healthz")
+    assert_one_line_error(result, 1, "--health 'healthz'", "/healthz")
+    assert client.calls == []

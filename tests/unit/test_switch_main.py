@@ -1,10 +1,12 @@
 """soda-switch's command line and config, and its lifecycle in-process."""
 
 import asyncio
+import socket
 import time
 
 import pytest
 
+from soda import model
 from soda.errors import InvalidSpec
 from soda.switch import main as switch_main
 from soda.switch.main import SwitchConfig, build_config, check_config, parse_args, serve
@@ -57,3 +59,62 @@ def test_serve_without_a_master_keeps_running_and_stops_cleanly():
         assert await asyncio.wait_for(task, 10) == 0
         return time.monotonic() - started
     assert asyncio.run(main()) < 5
+
+
+class ReportingClient:
+    """A Master that answers nothing but takes reports."""
+
+    def __init__(self):
+        self.reports = []
+
+    def watch_endpoints(self):
+        return iter(())
+
+    def list_services(self):
+        return []
+
+    def report_switch_stats(self, report):
+        self.reports.append(report)
+
+    def close(self):
+        pass
+
+
+def test_reports_reach_the_master_with_busy_addresses_but_not_its_own(tmp_path):
+    metrics_port, listen_port = free_port(), free_port()
+    config = SwitchConfig(master="127.0.0.1:1", report_seconds=0.05, name="sw-test",
+                          listen_hosts=("127.0.0.1",), metrics_listen=f"127.0.0.1:{metrics_port}",
+                          drain_seconds=0)
+    client = ReportingClient()
+
+    async def main():
+        switch = switch_main.Switch(config, client)
+        await switch.start()
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            await switch.proxy.apply(model.EndpointSet(
+                service="web", switch=model.SwitchSpec(listen=f"127.0.0.1:{listen_port}"),
+                endpoints=(model.Endpoint("web-0", "127.0.0.1", free_port(), 1.0, True),)))
+            client.reports.clear()
+            for _ in range(100):
+                if client.reports:
+                    break
+                await asyncio.sleep(0.05)
+            report = client.reports[-1]
+            assert f"127.0.0.1:{other.getsockname()[1]}" in report.busy
+        await switch.stop()
+        return report
+    report = asyncio.run(main())
+    assert report.switch == "sw-test" and report.listen_hosts == ("127.0.0.1",)
+    # Its own listeners are not "busy": the service's and the metrics one.
+    assert f"127.0.0.1:{listen_port}" not in report.busy and f"127.0.0.1:{metrics_port}" not in report.busy
+    (svc,) = report.services
+    assert (svc.service, svc.listen, svc.listening) == ("web", f"127.0.0.1:{listen_port}", True)
+    assert [(v.vnode, v.routable, v.healthy) for v in svc.vnodes] == [("web-0", True, True)]
+
+
+def test_metrics_listen_must_be_host_port():
+    with pytest.raises(InvalidSpec, match="HOST:PORT"):
+        check_config(SwitchConfig(metrics_listen="9470"))
+    check_config(SwitchConfig(metrics_listen=""))       # off

@@ -89,9 +89,13 @@ class Backend:
         await self.server.wait_closed()
 
 
-def eset(listen_port, *endpoints, policy="weighted-round-robin", service="web"):
+def eset(listen_port, *endpoints, policy="weighted-round-robin", service="web",
+         health=model.HealthCheck(kind="none"), drain_seconds=30.0):
+    """No active checks by default: they would connect to the backends these
+    tests count connections on (tests/unit/test_switch_health.py has them)."""
     return model.EndpointSet(service=service,
-                             switch=model.SwitchSpec(listen=f"127.0.0.1:{listen_port}", policy=policy),
+                             switch=model.SwitchSpec(listen=f"127.0.0.1:{listen_port}", policy=policy,
+                                                     health=health, drain_seconds=drain_seconds),
                              endpoints=tuple(endpoints))
 
 

@@ -103,7 +103,7 @@ class ServiceSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
-    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage")
+    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class VirtualNode(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CPU_CAP_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_STATS_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     index: int
@@ -142,7 +143,8 @@ class VirtualNode(_message.Message):
     generation: int
     cpu_cap: bool
     usage: VnodeUsage
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ...) -> None: ...
+    switch_stats: SwitchVnodeStats
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., switch_stats: _Optional[_Union[SwitchVnodeStats, _Mapping]] = ...) -> None: ...
 
 class VnodeUsage(_message.Message):
     __slots__ = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", "bytes_out", "throttled_seconds", "oom_kills")
@@ -267,6 +269,20 @@ class ResizeServiceRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., nodes: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ...) -> None: ...
 
 class WatchServicesRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class EnsureNodesRequest(_message.Message):
+    __slots__ = ("name", "at_least")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AT_LEAST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    at_least: int
+    def __init__(self, name: _Optional[str] = ..., at_least: _Optional[int] = ...) -> None: ...
+
+class ReleaseNodesRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -451,6 +467,58 @@ class WatchEndpointsRequest(_message.Message):
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     service: str
     def __init__(self, service: _Optional[str] = ...) -> None: ...
+
+class SwitchVnodeStats(_message.Message):
+    __slots__ = ("vnode", "routable", "healthy", "open", "total", "bytes_in", "bytes_out", "connect_failures", "ttfb_p50", "ttfb_mean", "ttfb_last")
+    VNODE_FIELD_NUMBER: _ClassVar[int]
+    ROUTABLE_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    TTFB_P50_FIELD_NUMBER: _ClassVar[int]
+    TTFB_MEAN_FIELD_NUMBER: _ClassVar[int]
+    TTFB_LAST_FIELD_NUMBER: _ClassVar[int]
+    vnode: str
+    routable: bool
+    healthy: bool
+    open: int
+    total: int
+    bytes_in: int
+    bytes_out: int
+    connect_failures: int
+    ttfb_p50: float
+    ttfb_mean: float
+    ttfb_last: float
+    def __init__(self, vnode: _Optional[str] = ..., routable: _Optional[bool] = ..., healthy: _Optional[bool] = ..., open: _Optional[int] = ..., total: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., connect_failures: _Optional[int] = ..., ttfb_p50: _Optional[float] = ..., ttfb_mean: _Optional[float] = ..., ttfb_last: _Optional[float] = ...) -> None: ...
+
+class SwitchServiceStats(_message.Message):
+    __slots__ = ("service", "listen", "listening", "bind_error", "vnodes")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    LISTENING_FIELD_NUMBER: _ClassVar[int]
+    BIND_ERROR_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    listen: str
+    listening: bool
+    bind_error: str
+    vnodes: _containers.RepeatedCompositeFieldContainer[SwitchVnodeStats]
+    def __init__(self, service: _Optional[str] = ..., listen: _Optional[str] = ..., listening: _Optional[bool] = ..., bind_error: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[SwitchVnodeStats, _Mapping]]] = ...) -> None: ...
+
+class SwitchReport(_message.Message):
+    __slots__ = ("switch", "listen_hosts", "busy", "services")
+    SWITCH_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    switch: str
+    listen_hosts: _containers.RepeatedScalarFieldContainer[str]
+    busy: _containers.RepeatedScalarFieldContainer[str]
+    services: _containers.RepeatedCompositeFieldContainer[SwitchServiceStats]
+    def __init__(self, switch: _Optional[str] = ..., listen_hosts: _Optional[_Iterable[str]] = ..., busy: _Optional[_Iterable[str]] = ..., services: _Optional[_Iterable[_Union[SwitchServiceStats, _Mapping]]] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

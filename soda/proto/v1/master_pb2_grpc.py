@@ -64,6 +64,16 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchServicesRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ServiceEvent.FromString,
                 _registered_method=True)
+        self.EnsureNodes = channel.unary_unary(
+                '/soda.proto.v1.Master/EnsureNodes',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.EnsureNodesRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
+                _registered_method=True)
+        self.ReleaseNodes = channel.unary_unary(
+                '/soda.proto.v1.Master/ReleaseNodes',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ReleaseNodesRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
+                _registered_method=True)
         self.RegisterNode = channel.unary_unary(
                 '/soda.proto.v1.Master/RegisterNode',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.RegisterNodeRequest.SerializeToString,
@@ -114,6 +124,11 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchEndpointsRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.EndpointSet.FromString,
                 _registered_method=True)
+        self.ReportSwitchStats = channel.unary_unary(
+                '/soda.proto.v1.Master/ReportSwitchStats',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -150,6 +165,18 @@ class MasterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnsureNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseNodes(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +242,12 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportSwitchStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +280,16 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.WatchServices,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchServicesRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ServiceEvent.SerializeToString,
+            ),
+            'EnsureNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnsureNodes,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.EnsureNodesRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.SerializeToString,
+            ),
+            'ReleaseNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseNodes,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ReleaseNodesRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.SerializeToString,
             ),
             'RegisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterNode,
@@ -297,6 +340,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.WatchEndpoints,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchEndpointsRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.EndpointSet.SerializeToString,
+            ),
+            'ReportSwitchStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportSwitchStats,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -461,6 +509,60 @@ class Master:
             '/soda.proto.v1.Master/WatchServices',
             soda_dot_proto_dot_v1_dot_master__pb2.WatchServicesRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.ServiceEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnsureNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/EnsureNodes',
+            soda_dot_proto_dot_v1_dot_master__pb2.EnsureNodesRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/ReleaseNodes',
+            soda_dot_proto_dot_v1_dot_master__pb2.ReleaseNodesRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
             options,
             channel_credentials,
             insecure,
@@ -731,6 +833,33 @@ class Master:
             '/soda.proto.v1.Master/WatchEndpoints',
             soda_dot_proto_dot_v1_dot_master__pb2.WatchEndpointsRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.EndpointSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportSwitchStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/ReportSwitchStats',
+            soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,15 +25,31 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from soda.errors import NotFound, SodaError
-from soda.model import Node, Resources, VirtualNodeStatus
+from soda.model import HypervisorLimit, Node, Resources, VirtualNodeStatus
 
 log = logging.getLogger(__name__)
 
 # Until the Master answers a heartbeat with its own period.
 DEFAULT_HEARTBEAT_SECONDS = 2.0
+
+
+def hypervisor_limits(drivers: Mapping[str, Any]) -> tuple[HypervisorLimit, ...]:
+    """What the Agent registers about its drivers: the smallest guest each
+    boots and the kernel that sets it (a UML driver's kernel kind and path,
+    a QEMU driver's kernel). A driver without `min_memory` (fake) has none."""
+    limits = []
+    for name in sorted(drivers):
+        driver = drivers[name]
+        floor = getattr(driver, "min_memory", 0)
+        if not floor:
+            continue
+        path, kind = getattr(driver, "kernel", ""), getattr(driver, "kernel_kind", "")
+        kernel = f"{path} ({kind})" if path and kind else path
+        limits.append(HypervisorLimit(hypervisor=name, min_memory=int(floor), kernel=kernel))
+    return tuple(limits)
 
 
 class Backoff:
@@ -126,7 +142,8 @@ class Agent:
                  capacity: Resources, hypervisors: Iterable[str],
                  stop: threading.Event | None = None, backoff: Backoff | None = None,
                  heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
-                 on_registered: Callable[[Node], None] | None = None):
+                 on_registered: Callable[[Node], None] | None = None,
+                 limits: Iterable[HypervisorLimit] = ()):
         self._client = client
         self._reconciler = reconciler
         self._reporter = reporter
@@ -134,6 +151,8 @@ class Agent:
         self.address = address
         self.capacity = capacity
         self.hypervisors = tuple(hypervisors)
+        # The smallest guest each driver boots: the Master refuses smaller ones.
+        self.limits = tuple(limits)
         # Shared with main(): a signal sets it to stop the Agent, and a fatal
         # error in any thread sets it so that main() stops everything else.
         self._stop = stop or threading.Event()
@@ -240,7 +259,7 @@ class Agent:
     def _register(self) -> Node:
         with self._register_lock:
             node = self._client.register_node(self.name, self.address, self.capacity,
-                                              self.hypervisors)
+                                              self.hypervisors, self.limits)
             if self._on_registered is not None:
                 self._on_registered(node)
             self.node = node

@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 
-from soda.agent.agent import Agent, StatusReporter
+from soda.agent.agent import Agent, StatusReporter, hypervisor_limits
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
@@ -150,7 +150,8 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
                             plumbing=build_plumbing(config, network))
     on_registered = (lambda node: network.configure(node.subnet, node.gateway)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity,
-                 config.hypervisors, stop=stop, on_registered=on_registered)
+                 config.hypervisors, stop=stop, on_registered=on_registered,
+                 limits=hypervisor_limits(guest_drivers))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,3 +189,19 @@ def make_driver(name: str, state_dir: str, **options: Any) -> HypervisorDriver:
         raise InvalidSpec(f"unknown hypervisor driver {name!r} "
                           f"(available: {', '.join(sorted(registry))})") from None
     return cls(state_dir, **options)
+
+
+def guest_mac(address: str) -> str:
+    """The guest's MAC, made from its IPv4 address (locally administered,
+    02:50:a:b:c:d). Without it UML picks a random MAC on every boot, and a
+    new guest at a reused address stays unreachable from peers that still
+    hold the old guest's MAC (the host's neighbour entry on the node's
+    uplink, so the Switch) until their entry fails: 5 to 60 s of "no
+    route to host" after create --wait said RUNNING (issue 7). Every driver uses it."""
+    try:
+        octets = [int(part) for part in address.split(".")]
+    except ValueError:
+        octets = []
+    if len(octets) != 4 or not all(0 <= o <= 255 for o in octets):
+        raise InvalidSpec(f"guest address {address!r} is not an IPv4 address")
+    return "02:50:" + ":".join(f"{o:02x}" for o in octets)

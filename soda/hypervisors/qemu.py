@@ -54,8 +54,8 @@ from typing import Any, Iterator
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
-                                   check_guest_name, spec_as_dict, write_json_atomic)
+from soda.hypervisors.base import (EXITED, RUNNING, check_guest_name, Clock, guest_mac, GuestInfo,
+                                  GuestSpec, HypervisorDriver, spec_as_dict, write_json_atomic)
 from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT, probe_tcp
 from soda.hypervisors.qmp import qmp
 
@@ -203,7 +203,7 @@ class QemuDriver(HypervisorDriver):
                            f"cache=writeback,discard=unmap"]
         if spec.tap:
             argv += ["-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
-                     "-device", f"virtio-net-pci,netdev=n0,mac={guest_mac(name)}"]
+                     "-device", f"virtio-net-pci,netdev=n0,mac={guest_mac(spec.address)}"]
         else:
             argv += ["-nic", "none"]
         return argv
@@ -594,12 +594,6 @@ def _version_key(path: str) -> list:
 def _kernel_version(kernel: str) -> str:
     base = os.path.basename(kernel)
     return base[len("vmlinuz-"):] if base.startswith("vmlinuz-") else ""
-
-
-def guest_mac(name: str) -> str:
-    """A stable, locally administered MAC for a guest (QEMU's 52:54:00 prefix)."""
-    h = hashlib.sha256(name.encode()).digest()
-    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
 
 
 def kvm_works(qemu: str = QEMU, kernel: str | None = None,

@@ -48,8 +48,8 @@ from typing import Any, Iterator
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
-                                   check_guest_name, spec_as_dict, write_json_atomic)
+from soda.hypervisors.base import (EXITED, RUNNING, check_guest_name, Clock, guest_mac, GuestInfo,
+                                  GuestSpec, HypervisorDriver, spec_as_dict, write_json_atomic)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
 from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT, probe_tcp
 
@@ -165,7 +165,7 @@ class UmlDriver(HypervisorDriver):
                  f"umid={spec.name}",
                  f"uml_dir={self.uml_dir(spec.name)}"]
         if spec.tap:
-            argv.append(f"eth0=tuntap,{spec.tap}")
+            argv.append(f"eth0=tuntap,{spec.tap},{guest_mac(spec.address)}")
         # No console but con0, and con0 writes to fd 1, the launcher's log:
         # a console on a closed stdin would lose the guest's output.
         argv += ["con=null", "con0=null,fd:1"]

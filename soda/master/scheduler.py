@@ -4,6 +4,15 @@
 NoCapacity naming the resource that is short. It is all-or-nothing: it
 never returns a partial answer. No store, no clock, no I/O.
 
+A node boots guests no smaller than the minimum it registered for each
+hypervisor (the kernel sets it: SODA's UML kernel 16 MiB, Debian's 32,
+QEMU's 96). A request that no ready node offering the hypervisor could boot
+is refused with InvalidSpec (INVALID_ARGUMENT), before any capacity check:
+unlike a shortage it does not go away when guests stop or the caller
+retries; only a request with more memory (or a node with a smaller kernel)
+helps, and sodactl must not report it as "no room" (exit 3), which scripts
+treat as "retry later".
+
 Policy: spread a service's virtual nodes over physical nodes (fewest of
 this service first), then least-loaded first (the lowest of the largest
 fraction of any resource in use after placing), then name, for determinism.
@@ -15,7 +24,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from soda import model
-from soda.errors import NoCapacity
+from soda.errors import InvalidSpec, NoCapacity
 
 _EPSILON = 1e-9
 _RESOURCES = ("cpu", "memory", "bandwidth", "disk")
@@ -39,13 +48,49 @@ def _load_after(node: model.Node, used: model.Resources, want: model.Resources) 
     return max(fractions)
 
 
-def pick_hypervisor(node: model.Node, wanted: str) -> str:
-    if wanted:
-        return wanted if wanted in node.hypervisors else ""
-    for name in model.HYPERVISOR_PREFERENCE:
-        if name in node.hypervisors:
+def min_memory(node: model.Node, hypervisor: str) -> int:
+    """The smallest guest (MiB) `node` boots under `hypervisor`; 0 when it
+    registered no minimum (the spec's own bounds still apply)."""
+    limit = node.limit(hypervisor)
+    return limit.min_memory if limit is not None else 0
+
+
+def pick_hypervisor(node: model.Node, wanted: str, memory: int | None = None) -> str:
+    """The hypervisor `node` would boot a guest of `memory` MiB with (any
+    size when None): the wanted one, else the first preferred one it
+    offers that boots that small; "" when none does."""
+    for name in (wanted,) if wanted else model.HYPERVISOR_PREFERENCE:
+        if name in node.hypervisors and (memory is None or memory >= min_memory(node, name)):
             return name
     return ""
+
+
+def check_min_memory(node: model.Node, hypervisor: str, memory: int, label: str) -> None:
+    """Raise InvalidSpec when `node` cannot boot `label` at `memory` MiB."""
+    floor = min_memory(node, hypervisor)
+    if memory < floor:
+        raise _too_small(label, memory, hypervisor, node)
+
+
+def _too_small(label: str, memory: int, hypervisor: str, node: model.Node) -> InvalidSpec:
+    limit = node.limit(hypervisor)
+    kernel = f" with kernel {limit.kernel}" if limit is not None and limit.kernel else ""
+    return InvalidSpec(f"{label} asks for {memory} MiB of memory, below the minimum of "
+                       f"{min_memory(node, hypervisor)} MiB for {hypervisor} guests{kernel} "
+                       f"on {node.name}: ask for at least {min_memory(node, hypervisor)} MiB")
+
+
+def _check_boots_somewhere(candidates: Sequence[model.Node], hypervisor: str,
+                           want: model.Resources, label: str) -> None:
+    """InvalidSpec unless some candidate boots `want`'s memory; the error
+    names the most lenient node (the smallest minimum on offer)."""
+    if any(pick_hypervisor(n, hypervisor, want.memory) for n in candidates):
+        return
+    floors = [(min_memory(n, name), n.name, name, n) for n in candidates
+              for name in ((hypervisor,) if hypervisor else model.HYPERVISOR_PREFERENCE)
+              if name in n.hypervisors]
+    _, _, name, node = min(floors, key=lambda f: f[:3])
+    raise _too_small(label, int(want.memory), name, node)
 
 
 def _fmt(resource: str, value: float) -> str:
@@ -90,6 +135,10 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
     candidates = [n for n in ready if pick_hypervisor(n, hypervisor)]
     if not candidates:
         raise NoCapacity(f"no ready physical node offers hypervisor {hypervisor!r}", resource="hypervisor")
+    # Too small to boot anywhere is the caller's mistake, reported before
+    # any shortage (which a retry might outlast).
+    for i, want in enumerate(requests):
+        _check_boots_somewhere(candidates, hypervisor, want, labels[i])
     used = {n.name: n.allocated for n in candidates}
     counts = {n.name: (service_counts or {}).get(n.name, 0) for n in candidates}
     # Larger requests first: they are the hard ones to fit, and placing them
@@ -99,8 +148,9 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
     result: dict[int, Placement] = {}
     for i in order:
         want = requests[i]
+        bootable = [n for n in candidates if pick_hypervisor(n, hypervisor, want.memory)]
         best = None
-        for node in candidates:
+        for node in bootable:
             free = node.capacity - used[node.name]
             if not _fits(free, want):
                 continue
@@ -108,9 +158,9 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
             if best is None or key < best[0]:
                 best = (key, node)
         if best is None:
-            raise _shortage(candidates, used, want, labels[i])
+            raise _shortage(bootable, used, want, labels[i])
         node = best[1]
         used[node.name] = used[node.name] + want
         counts[node.name] += 1
-        result[i] = Placement(node=node.name, hypervisor=pick_hypervisor(node, hypervisor))
+        result[i] = Placement(node=node.name, hypervisor=pick_hypervisor(node, hypervisor, want.memory))
     return [result[i] for i in range(len(requests))]

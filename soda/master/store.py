@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 from soda import model
 from soda.errors import AlreadyExists, NotFound, SodaError
 
-SCHEMA_VERSION = 1
+# Version 2: nodes.limits, the smallest guest each hypervisor of a node boots.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,7 +28,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, address TEXT NOT NULL,
     cpu REAL NOT NULL, memory INTEGER NOT NULL, bandwidth INTEGER NOT NULL, disk INTEGER NOT NULL,
     hypervisors TEXT NOT NULL, subnet TEXT NOT NULL UNIQUE, gateway TEXT NOT NULL,
-    state TEXT NOT NULL, registered_at REAL NOT NULL);
+    state TEXT NOT NULL, registered_at REAL NOT NULL, limits TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS image_names (
@@ -48,6 +49,14 @@ CREATE TABLE IF NOT EXISTS vnodes (
 CREATE INDEX IF NOT EXISTS vnodes_by_node ON vnodes(node);
 CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 """
+
+# What brings a store of version N up to N + 1, applied in order inside the
+# transaction that opens it. A store older than version 1 has no meta table
+# and is created afresh by _SCHEMA; one newer than SCHEMA_VERSION is refused.
+_MIGRATIONS = {
+    # Nodes registered before limits existed have none until they register again.
+    1: ("ALTER TABLE nodes ADD COLUMN limits TEXT NOT NULL DEFAULT '[]'",),
+}
 
 
 class StateStore(abc.ABC):
@@ -110,6 +119,15 @@ def _spec_from_json(text: str) -> model.ServiceSpec:
     return model.parse_spec(json.loads(text))
 
 
+def _limits_to_json(limits: Iterable[model.HypervisorLimit]) -> str:
+    return json.dumps([{"hypervisor": lim.hypervisor, "min_memory": lim.min_memory, "kernel": lim.kernel}
+                       for lim in limits])
+
+
+def _limits_from_json(text: str) -> tuple[model.HypervisorLimit, ...]:
+    return tuple(model.HypervisorLimit(**item) for item in json.loads(text))
+
+
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
                   "generation, cpu_cap")
@@ -153,9 +171,18 @@ class SqliteStore(StateStore):
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise SodaError(f"state store {path} has schema version {row[0]}, this Master "
-                                f"understands {SCHEMA_VERSION}")
+            else:
+                self._migrate(db, int(row[0]))
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise SodaError(f"state store {self.path} has schema version {version}, newer than the "
+                            f"{SCHEMA_VERSION} this Master understands: run a newer soda-master")
+        for step in range(version, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[step]:
+                db.execute(statement)
+        if version != SCHEMA_VERSION:
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -184,24 +211,28 @@ class SqliteStore(StateStore):
         c = node.capacity
         with self._tx() as db:
             db.execute(
-                "INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,strftime('%s','now')) "
+                "INSERT INTO nodes (name, address, cpu, memory, bandwidth, disk, hypervisors, subnet, "
+                "gateway, state, registered_at, limits) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,strftime('%s','now'),?) "
                 "ON CONFLICT(name) DO UPDATE SET address=excluded.address, cpu=excluded.cpu, "
                 "memory=excluded.memory, bandwidth=excluded.bandwidth, disk=excluded.disk, "
-                "hypervisors=excluded.hypervisors, state=excluded.state",
+                "hypervisors=excluded.hypervisors, state=excluded.state, limits=excluded.limits",
                 (node.name, node.address, c.cpu, c.memory, c.bandwidth, c.disk,
-                 json.dumps(list(node.hypervisors)), node.subnet, node.gateway, node.state))
+                 json.dumps(list(node.hypervisors)), node.subnet, node.gateway, node.state,
+                 _limits_to_json(node.limits)))
         return self.get_node(node.name)
 
     def _nodes(self, where: str = "", args: tuple = ()) -> list[model.Node]:
         rows = self._read(
             "SELECT n.name, n.address, n.cpu, n.memory, n.bandwidth, n.disk, n.hypervisors, n.subnet, "
             "n.gateway, n.state, COALESCE(SUM(v.cpu),0), COALESCE(SUM(v.memory),0), "
-            "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name) "
+            "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits "
             "FROM nodes n LEFT JOIN vnodes v ON v.node = n.name " + where +
             " GROUP BY n.name ORDER BY n.name", args)
         return [model.Node(name=r[0], address=r[1], capacity=model.Resources(r[2], r[3], r[4], r[5]),
                            hypervisors=tuple(json.loads(r[6])), subnet=r[7], gateway=r[8], state=r[9],
-                           allocated=model.Resources(r[10], r[11], r[12], r[13]), vnodes=r[14])
+                           allocated=model.Resources(r[10], r[11], r[12], r[13]), vnodes=r[14],
+                           limits=_limits_from_json(r[15]))
                 for r in rows]
 
     def get_node(self, name: str) -> model.Node:

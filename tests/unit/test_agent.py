@@ -67,10 +67,11 @@ class FakeMaster:
         if not self.up:
             raise Unavailable("cannot reach the SODA Master at fake: connection refused")
 
-    def register_node(self, name, address, capacity, hypervisors):
+    def register_node(self, name, address, capacity, hypervisors, limits=()):
         self._check()
         with self.lock:
             self.registrations.append((name, address, capacity, tuple(hypervisors)))
+            self.limits = tuple(limits)
             self.known = True
         return Node(name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
                     subnet="10.233.1.0/24", gateway="10.233.1.1")

@@ -59,7 +59,7 @@ def test_the_cache_is_in_var_cache_unless_the_environment_says_otherwise():
 
 
 def test_auto_without_a_built_kernel_is_debians(cache):
-    assert find_uml_kernel() == UmlKernel("/usr/bin/linux.uml", "debian", 32)
+    assert find_uml_kernel() == UmlKernel("/usr/bin/linux.uml", "debian", DEBIAN_MIN_MEMORY)
     assert find_uml_kernel("") == find_uml_kernel("auto") == (DEBIAN_KERNEL, DEBIAN, DEBIAN_MIN_MEMORY)
 
 
@@ -115,8 +115,8 @@ def test_an_explicit_path_is_used_as_given(cache, tmp_path):
     assert find_uml_kernel(linux) == (linux, SODA, 18)
     # Anything outside the cache is a stock kernel, with Debian's minimum,
     # whether or not it exists (the driver refuses to start a missing one).
-    assert find_uml_kernel("/usr/bin/linux.uml") == ("/usr/bin/linux.uml", DEBIAN, 32)
-    assert find_uml_kernel("/opt/uml/linux") == ("/opt/uml/linux", DEBIAN, 32)
+    assert find_uml_kernel("/usr/bin/linux.uml") == ("/usr/bin/linux.uml", DEBIAN, DEBIAN_MIN_MEMORY)
+    assert find_uml_kernel("/opt/uml/linux") == ("/opt/uml/linux", DEBIAN, DEBIAN_MIN_MEMORY)
     assert find_uml_kernel(str(tmp_path / "guest-kernel-other" / "linux")).kind == DEBIAN
     # A link from outside into the cache is still SODA's kernel.
     os.symlink(linux, tmp_path / "linux")
@@ -138,12 +138,12 @@ def test_the_driver_boots_the_soda_kernel_when_built(cache, tmp_path):
 
 def test_the_driver_falls_back_to_debians_kernel_and_minimum(cache, tmp_path):
     d = UmlDriver(str(tmp_path / "state"))
-    assert (d.kernel, d.kernel_kind, d.min_memory) == (DEBIAN_KERNEL, DEBIAN, 32)
-    d.build_argv(spec(memory=32))
-    with pytest.raises(InvalidSpec, match="below the 32 MiB"):
-        d.build_argv(spec(memory=31))
+    assert (d.kernel, d.kernel_kind, d.min_memory) == (DEBIAN_KERNEL, DEBIAN, DEBIAN_MIN_MEMORY)
+    d.build_argv(spec(memory=DEBIAN_MIN_MEMORY))
+    with pytest.raises(InvalidSpec, match=f"below the {DEBIAN_MIN_MEMORY} MiB"):
+        d.build_argv(spec(memory=DEBIAN_MIN_MEMORY - 1))
     explicit = UmlDriver(str(tmp_path / "state"), kernel="/usr/bin/linux.uml")
-    assert (explicit.kernel, explicit.kernel_kind, explicit.min_memory) == (DEBIAN_KERNEL, DEBIAN, 32)
+    assert (explicit.kernel, explicit.kernel_kind, explicit.min_memory) == (DEBIAN_KERNEL, DEBIAN, DEBIAN_MIN_MEMORY)
 
 
 def test_an_explicit_minimum_wins(cache, tmp_path):

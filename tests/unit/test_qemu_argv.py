@@ -94,16 +94,16 @@ def test_argv_is_pure_and_boots_the_contract():
     assert "file=/srv/state/qemu/web-0/overlay.qcow2,format=qcow2,if=virtio" in \
         vmm[vmm.index("-drive") + 1]
     assert "tap,id=n0,ifname=tap7,script=no,downscript=no" in vmm
-    assert f"virtio-net-pci,netdev=n0,mac={guest_mac('web-0')}" in vmm
+    assert f"virtio-net-pci,netdev=n0,mac={guest_mac('10.233.1.2')}" in vmm
     assert "-no-reboot" in vmm and "-nodefaults" in vmm
     assert "--no-aslr" not in argv
     assert not os.path.exists("/srv/state/qemu"), "build_argv must not touch the disk"
 
 
-def test_macs_are_stable_and_distinct():
-    assert guest_mac("web-0") == guest_mac("web-0")
-    assert guest_mac("web-0") != guest_mac("web-1")
-    assert guest_mac("web-0").startswith("52:54:00:")
+def test_mac_follows_the_address_like_uml():
+    # A new guest at a reused address must get the MAC its peers cached.
+    from soda.hypervisors import uml
+    assert guest_mac is uml.guest_mac
 
 
 # ---- refusals --------------------------------------------------------------------

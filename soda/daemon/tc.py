@@ -46,6 +46,10 @@ HTB_CLASS = 0x10010               # 1:10
 HTB_DEFAULT = 0x10                # unclassified traffic goes to 1:10
 INGRESS = 0xFFFF0000              # ffff:
 FILTER_PRIO = 10
+# An IFB comes with a 32-packet queue, and the HTB leaf under it inherits
+# that limit: a guest's TCP burst overflows it and the drops cost ~9 % of
+# the rate (8.8 instead of 9.6 Mbit/s at 10). A TAP has 1000; so does this.
+IFB_QUEUE_PACKETS = 1000
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,7 @@ class NetlinkShaper(Shaper):
             if ifb_idx is None:
                 raise errors.TemporaryError(f"IFB {name} vanished right after it was created")
         self._call(f"cannot bring up IFB {name}", ipr.link, "set", index=ifb_idx, state="up",
-                   ifalias=self._alias(vnode, tap))
+                   ifalias=self._alias(vnode, tap), txqlen=IFB_QUEUE_PACKETS)
         self._ensure_htb(ipr, tap_idx, tap, rate_bit, burst_bytes)
         self._ensure_htb(ipr, ifb_idx, name, rate_bit, burst_bytes)
         self._ensure_redirect(ipr, tap_idx, tap, ifb_idx)

@@ -114,6 +114,7 @@ def test_apply_writes_cgroups_and_shapes_both_ways(manager, netns, cgroup_parent
     assert ingress_redirect(netns, tap) == [ifb]
     link = json.loads(run(["ip", "-n", netns, "-j", "link", "show", ifb]).stdout)[0]
     assert "UP" in link["flags"]
+    assert link["txqlen"] >= 1000, "a 32-packet IFB queue drops a guest's TCP bursts"
     assert "vnode=web-0" in link.get("ifalias", "") and f"tap={tap}" in link["ifalias"]
 
 

@@ -1,6 +1,12 @@
+"""Fixtures of the system tier: a cluster of real processes, the reference
+image (built once a session: it is only read), and one physical node with
+real UML guests (tests.system.guests.uml_node)."""
+
 import pytest
 
 from tests.system.cluster import Cluster
+from tests.system.guests import build_rootfs
+from tests.system.guests import uml_node as _uml_node
 
 
 @pytest.fixture
@@ -8,3 +14,14 @@ def cluster(tmp_path):
     c = Cluster(str(tmp_path))
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory):
+    return build_rootfs(str(tmp_path_factory.mktemp("image")))
+
+
+@pytest.fixture
+def uml_node(cluster, rootfs):
+    with _uml_node(cluster, rootfs) as c:
+        yield c

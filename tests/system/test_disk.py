@@ -12,16 +12,13 @@ import subprocess
 
 import pytest
 
+from tests.system.guests import require_guest_support
 from tests.system.guests import alive, curl, guest_records
-from tests.system.test_isolation import rootfs, uml_node  # noqa: F401 - fixtures
 from tests.system.guests import NODE, TOP
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+require_guest_support()
 
 MiB = 1 << 20
 DISK = 64                    # MiB: four times the 16 MiB reference image

@@ -12,35 +12,22 @@ import time
 import pytest
 
 from tests.system.cluster import wait_until
-from tests.system.guests import (alive, build_rootfs, cgroup_file, curl, guest_records, htb_rates,
+from tests.system.guests import require_guest_support
+from tests.system.guests import (alive, cgroup_file, curl, guest_records, htb_rates,
                                  in_netns, ns_links, qdiscs, read)
 from tests.system.guests import uml_node as _uml_node
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+require_guest_support()
 
 TRANSFER = 3_000_000          # bytes per bandwidth measurement: 2.4 s at 10 Mbit/s
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory):
-    return build_rootfs(str(tmp_path_factory.mktemp("image")))
 
 
 @pytest.fixture
 def one_core_node(cluster, rootfs):
     """Every guest confined to CPU 0, so that CPU-hungry guests compete."""
     with _uml_node(cluster, rootfs, daemon_config='cpuset: "0"') as c:
-        yield c
-
-
-@pytest.fixture
-def uml_node(cluster, rootfs):
-    with _uml_node(cluster, rootfs) as c:
         yield c
 
 

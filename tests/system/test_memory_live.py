@@ -5,22 +5,18 @@ so. Measured outside the code under test: the memory cgroup's
 limit_in_bytes, the guest kernel's /proc/meminfo (through the image's
 meminfo CGI), the VMM's pid."""
 
-import os
 import re
 import time
 
 import pytest
 
 from tests.system.cluster import wait_until
+from tests.system.guests import require_guest_support
 from tests.system.guests import alive, cgroup_file, curl, guest_records, in_netns, read
-from tests.system.test_isolation import rootfs, uml_node  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+require_guest_support()
 
 MiB = 1 << 20
 

@@ -11,22 +11,15 @@ import os
 import pytest
 
 from soda.hypervisors.kernels import DEBIAN_KERNEL, DEBIAN_MIN_MEMORY
-from tests.system.guests import CGROUP, build_rootfs, curl, guest_records
+from tests.system.guests import require_guest_support
+from tests.system.guests import CGROUP, curl, guest_records
 from tests.system.guests import uml_node as _uml_node
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+require_guest_support()
 if not os.access(DEBIAN_KERNEL, os.X_OK):
     pytest.skip(f"{DEBIAN_KERNEL} is missing (user-mode-linux)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory):
-    return build_rootfs(str(tmp_path_factory.mktemp("image")))
 
 
 @pytest.fixture

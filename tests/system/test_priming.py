@@ -12,7 +12,6 @@ Every guest is checked outside the code under test: its record names the
 SODA kernel and mem=32M, and it answers HTTP from inside the namespace.
 """
 
-import os
 import time
 import urllib.request
 
@@ -20,8 +19,8 @@ import pytest
 
 from soda.hypervisors.kernels import SODA, find_uml_kernel
 from tests.support import free_port
-from tests.system.guests import build_rootfs, curl, guest_records
-from tests.system.guests import uml_node as _uml_node
+from tests.system.guests import require_guest_support
+from tests.system.guests import curl, guest_records
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
@@ -30,23 +29,9 @@ MEMORY = 32
 WIDE_GOAL, WIDE_BOUND = 2.5, 10.0
 ANSWER_GOAL, ANSWER_BOUND = 1.0, 5.0
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+require_guest_support()
 if find_uml_kernel().kind != SODA:
     pytest.skip("SODA's guest kernel is not built (scripts/build-guest-kernel)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory):
-    return build_rootfs(str(tmp_path_factory.mktemp("image")))
-
-
-@pytest.fixture
-def uml_node(cluster, rootfs):
-    with _uml_node(cluster, rootfs) as c:
-        yield c
 
 
 def test_ten_guests_running_soon_after_the_request(uml_node):

@@ -32,25 +32,17 @@ from soda.hypervisors.qemu import MIN_MEMORY as QEMU_MIN_MEMORY, QemuDriver
 from soda.hypervisors.qmp import qmp
 from tests.support import free_port
 from tests.system.cluster import Cluster, wait_until
-from tests.system.guests import (CGROUP, NODE, alive, build_rootfs, fetch, guest_records,
+from tests.system.guests import require_guest_support
+from tests.system.guests import (CGROUP, NODE, alive, fetch, guest_records,
                                  in_netns, ns_links, read, uml_node)
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 VNODES = ("webq-0", "webq-1")
 WINDOW = 2.0                  # s of CPU time measured, running and frozen
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: guests cannot have a network",
-                allow_module_level=True)
+require_guest_support()
 if not shutil.which("qemu-system-x86_64") or not glob.glob("/boot/vmlinuz-*"):
     pytest.skip("needs qemu-system-x86 and linux-image-amd64", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory):
-    return build_rootfs(str(tmp_path_factory.mktemp("image")))
 
 
 @pytest.fixture

@@ -21,16 +21,14 @@ import yaml
 
 from tests.support import free_port
 from tests.system.cluster import wait_until
-from tests.system.guests import alive, build_rootfs, fetch, guest_records
+from tests.system.guests import require_guest_support
+from tests.system.guests import alive, fetch, guest_records
 from tests.system.guests import uml_node as _uml_node
 from tests.system.test_switch_core_input import series as parse_series
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
+require_guest_support()
 
 # Checks every 0.5 s, out after 2 failures: the "check window" is about
 # 2 s. The timeout is generous: a guest busy burning CPU on a loaded
@@ -38,11 +36,6 @@ if not os.path.exists("/dev/net/tun"):
 HEALTH = {"kind": "http", "path": "/", "expect_status": 200, "interval": 0.5, "timeout": 1.0,
           "rise": 2, "fall": 2}
 CHECK_WINDOW = HEALTH["interval"] * HEALTH["fall"] + HEALTH["timeout"]
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory):
-    return build_rootfs(str(tmp_path_factory.mktemp("image")))
 
 
 @pytest.fixture

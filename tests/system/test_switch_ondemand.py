@@ -13,11 +13,10 @@ import pytest
 
 from tests.support import free_port
 from tests.system.cluster import wait_until
-from tests.system.guests import alive, fetch, guest_records, vnode_cgroups
-# The same fixtures (and the same skips without root or /dev/net/tun).
-from tests.system.test_uml_service import rootfs, uml_node  # noqa: F401
-
+from tests.system.guests import alive, fetch, guest_records, require_guest_support, vnode_cgroups
 pytestmark = [pytest.mark.root, pytest.mark.guest]
+
+require_guest_support()
 
 IDLE_SECONDS = 3
 CLIENTS = 10

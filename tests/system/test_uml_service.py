@@ -10,27 +10,13 @@ import pytest
 
 from tests.support import free_port
 from tests.system.cluster import wait_until
-from tests.system.guests import (CGROUP, alive, build_rootfs, fetch, guest_records, htb_rates,
+from tests.system.guests import require_guest_support
+from tests.system.guests import (CGROUP, alive, fetch, guest_records, htb_rates,
                                  ns_links, read)
-from tests.system.guests import uml_node as _uml_node
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
-if os.geteuid() != 0:
-    pytest.skip("real guests need root (TAPs, namespaces, cgroups)", allow_module_level=True)
-if not os.path.exists("/dev/net/tun"):
-    pytest.skip("this kernel has no /dev/net/tun: UML guests cannot have a network", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory):
-    return build_rootfs(str(tmp_path_factory.mktemp("image")))
-
-
-@pytest.fixture
-def uml_node(cluster, rootfs):
-    with _uml_node(cluster, rootfs) as c:
-        yield c
+require_guest_support()
 
 
 def test_two_guests_serve_1_to_2_fenced_and_leave_nothing(uml_node):

@@ -83,7 +83,7 @@ class AgentConfig:
     netns: str = ""
     # The local SODA Daemon that fences real guests ("" = none: only for fake).
     daemon_socket: str = "/run/soda/daemon.sock"
-    max_parallel_boots: int = 4
+    max_parallel_boots: int = 8
     reconcile_seconds: float = 1.0
     log_level: str = "INFO"
 

@@ -104,6 +104,11 @@ class StatusReporter:
         self._wake = threading.Event()
         self._closed = False
         self._outage = _Outage("reporting status to the Master")
+        # One message about phases in flight at a time, heartbeats included:
+        # a heartbeat's snapshot taken before a phase change but sent after
+        # its report would set the Master back (a guest RUNNING here shown
+        # BOOTING there until the next heartbeat, seconds later).
+        self.sending = threading.Lock()
 
     def report(self, statuses: Iterable[VirtualNodeStatus]) -> None:
         with self._lock:
@@ -116,20 +121,21 @@ class StatusReporter:
         while True:
             self._wake.wait()
             self._wake.clear()
-            with self._lock:
-                if self._closed:
-                    return
-                batch = [self._pending[name] for name in sorted(self._pending)]
-                self._pending.clear()
-            if not batch:
-                continue
-            try:
-                self._client.report_status(self._node, batch)
-            except SodaError as exc:
-                # Tolerated by design: the next heartbeat carries everything.
-                self._outage.failed(exc)
-            else:
-                self._outage.worked()
+            with self.sending:
+                with self._lock:
+                    if self._closed:
+                        return
+                    batch = [self._pending[name] for name in sorted(self._pending)]
+                    self._pending.clear()
+                if not batch:
+                    continue
+                try:
+                    self._client.report_status(self._node, batch)
+                except SodaError as exc:
+                    # Tolerated by design: the next heartbeat carries everything.
+                    self._outage.failed(exc)
+                else:
+                    self._outage.worked()
 
     def close(self) -> None:
         with self._lock:
@@ -279,7 +285,9 @@ class Agent:
             self._heartbeat_now.clear()
             if self._registered.is_set():
                 try:
-                    answer = self._client.heartbeat(self.name, self._reconciler.statuses_with_usage())
+                    with self._reporter.sending:
+                        answer = self._client.heartbeat(self.name,
+                                                         self._reconciler.statuses_with_usage())
                     if answer and answer > 0:
                         interval = answer
                     outage.worked()

@@ -68,7 +68,7 @@ class _Retry:
 
 class Reconciler:
     def __init__(self, drivers: Mapping[str, HypervisorDriver], reporter: Reporter, images: Images,
-                 clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 4,
+                 clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 8,
                  interval: float = 1.0, stop_timeout: float = 30.0, boot_timeout: float = 300.0,
                  restart_backoff: float = 1.0, restart_backoff_max: float = 60.0,
                  backoff_reset_seconds: float = 60.0, ready_poll: float = 0.05,

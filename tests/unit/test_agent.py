@@ -22,7 +22,7 @@ from soda.config import CapacityConfig
 from soda.errors import DataLoss, InvalidSpec, NotFound, Unavailable
 from soda.hypervisors.base import RUNNING
 from soda.hypervisors.fake import FakeDriver
-from soda.model import Image, Node, Phase, Resources, VirtualNode
+from soda.model import Image, Node, Phase, Resources, VirtualNode, VirtualNodeStatus
 from tests.support import free_port
 
 IMAGE = b"a tiny root filesystem" * 100
@@ -480,3 +480,27 @@ def test_heartbeats_carry_what_the_daemon_measured(tmp_path):
         wait_for(lambda: master.last_heartbeat().get("web-0") is not None
                  and master.last_heartbeat()["web-0"].usage == Usage(cpu_seconds=7.0, bytes_in=5),
                  what="usage in a heartbeat")
+
+
+def test_a_status_report_waits_for_a_heartbeat_in_flight():
+    """A heartbeat's snapshot may predate a phase change: the report of that
+    change must reach the Master after it, never before (or the Master would
+    keep the older phase until the next heartbeat)."""
+    sent = []
+
+    class Client:
+        def report_status(self, node, batch):
+            sent.append([s.phase for s in batch])
+
+    reporter = StatusReporter(Client(), NODE)
+    thread = threading.Thread(target=reporter.run, daemon=True)
+    thread.start()
+    try:
+        with reporter.sending:          # what a heartbeat holds while it sends
+            reporter.report([VirtualNodeStatus("web-0", Phase.RUNNING, "", 0.1, 1)])
+            time.sleep(0.2)
+            assert sent == []
+        wait_for(lambda: sent == [[Phase.RUNNING]])
+    finally:
+        reporter.close()
+        thread.join(5)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import json
 import logging
 import os
 import re
@@ -54,9 +53,10 @@ from typing import Any, Iterator
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (EXITED, RUNNING, check_guest_name, Clock, guest_mac, GuestInfo,
-                                  GuestSpec, HypervisorDriver, spec_as_dict, write_json_atomic)
-from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT, probe_tcp
+from soda.hypervisors.base import (check_guest_name, Clock, guest_mac, GuestInfo,
+                                  GuestSpec, spec_as_dict, write_json_atomic)
+from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT
+from soda.hypervisors.recorded import RecordedGuestDriver
 from soda.hypervisors.qmp import qmp
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ _key, _reap, _proc_starttime = process.key, process.reap, process.proc_starttime
 _kvm_verdicts: dict[tuple[str, str], bool] = {}
 
 
-class QemuDriver(HypervisorDriver):
+class QemuDriver(RecordedGuestDriver):
+    identity = _identity
+    exit_markers = EXIT_MARKERS
     name = "qemu"
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
@@ -263,53 +265,6 @@ class QemuDriver(HypervisorDriver):
         log.info("qemu guest %s started: pid %d (%s)", name, child.pid, self.accel)
         return self._info(record, probe=False)
 
-    def stop(self, name: str, timeout: float) -> None:
-        check_guest_name(name)
-        with self._locked(name, remove=True):
-            record = self._load(name)
-            self._teardown(name, record, timeout)
-
-    def list(self) -> dict[str, GuestInfo]:
-        _reap()
-        try:
-            entries = sorted(os.listdir(self.dir))
-        except FileNotFoundError:
-            return {}
-        records = []
-        for entry in entries:
-            if entry.startswith((".", "_")) or "." in entry:
-                continue
-            record = self._load(entry)
-            if record is not None:
-                records.append(record)
-        results: dict[str, GuestInfo] = {}
-        threads = []
-        for record in records:
-            if self._alive(record) and _key(record) not in self._ready:
-                t = threading.Thread(target=lambda r=record: results.__setitem__(
-                    r["name"], self._info(r, probe=True)), daemon=True)
-                t.start()
-                threads.append(t)
-            else:
-                results[record["name"]] = self._info(record, probe=False)
-        for t in threads:
-            t.join()
-        return {r["name"]: results[r["name"]] for r in records if r["name"] in results}
-
-    def is_ready(self, name: str) -> bool:
-        check_guest_name(name)
-        _reap()
-        record = self._load(name)
-        if record is None or not self._alive(record):
-            return False
-        return self._probe_ready(record)
-
-    def info(self, name: str) -> GuestInfo | None:
-        check_guest_name(name)
-        _reap()
-        record = self._load(name)
-        return None if record is None else self._info(record, probe=False)
-
     # ---- beyond the interface ----------------------------------------------
     def status(self, name: str) -> str:
         """The VM's run state as QMP reports it ("running", "paused", ...)."""
@@ -411,19 +366,6 @@ class QemuDriver(HypervisorDriver):
             raise CommandError(argv, r.returncode, r.stdout, r.stderr)
 
     # ---- records and processes --------------------------------------------
-    def _load(self, name: str) -> dict | None:
-        try:
-            with open(self._record_path(name)) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("unreadable record for qemu guest %s: %s", name, e)
-            return None
-
-    def _alive(self, record: dict) -> bool:
-        return _is_ours(record["pid"], record)
-
     def _vm_ended(self, record: dict) -> str:
         """"" while the VM may still run its guest, else why not. Asked over
         QMP once per process and driver (adoption); a VM that does not
@@ -439,33 +381,6 @@ class QemuDriver(HypervisorDriver):
             return f"QEMU reports the VM {status}"
         self._verified.add(_key(record))
         return ""
-
-    def _info(self, record: dict, probe: bool) -> GuestInfo:
-        running = self._alive(record)
-        reason = ""
-        if running:
-            reason = self._vm_ended(record)
-            running = not reason
-        ready = False
-        if running:
-            ready = _key(record) in self._ready or (probe and self._probe_ready(record))
-        if not running and not reason:
-            reason = self._exit_reason(record)
-        return GuestInfo(name=record["name"], state=RUNNING if running else EXITED,
-                         pid=record["pid"], started_at=record.get("started_at", 0.0),
-                         ready=ready, exit_reason=reason, generation=record.get("generation", 0))
-
-    def _probe_ready(self, record: dict) -> bool:
-        if _key(record) in self._ready:
-            return True
-        spec = record["spec"]
-        if probe_tcp(spec["address"], spec["port"], spec.get("netns", ""), self.probe_timeout):
-            self._ready.add(_key(record))
-            return True
-        return False
-
-    def _exit_reason(self, record: dict) -> str:
-        return process.exit_reason(record["pid"], self.console_path(record["name"]), EXIT_MARKERS)
 
     def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
         """Power down, quit, then force, then remove every file (lock held)."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -48,10 +47,11 @@ from typing import Any, Iterator
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (EXITED, RUNNING, check_guest_name, Clock, guest_mac, GuestInfo,
-                                  GuestSpec, HypervisorDriver, spec_as_dict, write_json_atomic)
+from soda.hypervisors.base import (check_guest_name, Clock, guest_mac, GuestInfo,
+                                  GuestSpec, spec_as_dict, write_json_atomic)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
-from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT, probe_tcp
+from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT
+from soda.hypervisors.recorded import RecordedGuestDriver
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ _session_members = _identity.session_members
 _key, _reap, _proc_starttime = process.key, process.reap, process.proc_starttime
 
 
-class UmlDriver(HypervisorDriver):
+class UmlDriver(RecordedGuestDriver):
+    identity = _identity
+    exit_markers = EXIT_MARKERS
     name = "uml"
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
@@ -231,55 +233,6 @@ class UmlDriver(HypervisorDriver):
         log.info("uml guest %s started: pid %d", name, child.pid)
         return self._info(record, probe=False)
 
-    def stop(self, name: str, timeout: float) -> None:
-        check_guest_name(name)
-        with self._locked(name, remove=True):
-            record = self._load(name)
-            self._teardown(name, record, timeout)
-
-    def list(self) -> dict[str, GuestInfo]:
-        _reap()
-        try:
-            entries = sorted(os.listdir(self.dir))
-        except FileNotFoundError:
-            return {}
-        records = []
-        for entry in entries:
-            if entry.startswith((".", "_")) or "." in entry:
-                continue
-            record = self._load(entry)
-            if record is not None:
-                records.append(record)
-        # Probe the guests not yet seen ready in parallel: each probe may
-        # wait its whole timeout for a guest that is still booting.
-        results: dict[str, GuestInfo] = {}
-        threads = []
-        for record in records:
-            if self._alive(record) and _key(record) not in self._ready:
-                t = threading.Thread(target=lambda r=record: results.__setitem__(
-                    r["name"], self._info(r, probe=True)), daemon=True)
-                t.start()
-                threads.append(t)
-            else:
-                results[record["name"]] = self._info(record, probe=False)
-        for t in threads:
-            t.join()
-        return {r["name"]: results[r["name"]] for r in records if r["name"] in results}
-
-    def is_ready(self, name: str) -> bool:
-        check_guest_name(name)
-        _reap()
-        record = self._load(name)
-        if record is None or not self._alive(record):
-            return False
-        return self._probe_ready(record)
-
-    def info(self, name: str) -> GuestInfo | None:
-        check_guest_name(name)
-        _reap()
-        record = self._load(name)
-        return None if record is None else self._info(record, probe=False)
-
     # ---- memory, live ------------------------------------------------------
     def set_memory(self, name: str, memory_mib: int) -> bool:
         """Leave the guest `memory_mib` MiB of its RAM, without a restart.
@@ -403,41 +356,6 @@ class UmlDriver(HypervisorDriver):
                 raise NotFound(f"cgroup {directory} for {spec.name} does not exist")
 
     # ---- records and processes --------------------------------------------
-    def _load(self, name: str) -> dict | None:
-        try:
-            with open(self._record_path(name)) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("unreadable record for uml guest %s: %s", name, e)
-            return None
-
-    def _alive(self, record: dict) -> bool:
-        return _is_ours(record["pid"], record)
-
-    def _info(self, record: dict, probe: bool) -> GuestInfo:
-        running = self._alive(record)
-        ready = False
-        if running:
-            ready = _key(record) in self._ready or (probe and self._probe_ready(record))
-        return GuestInfo(name=record["name"], state=RUNNING if running else EXITED,
-                         pid=record["pid"], started_at=record.get("started_at", 0.0),
-                         ready=ready, exit_reason="" if running else self._exit_reason(record),
-                         generation=record.get("generation", 0))
-
-    def _probe_ready(self, record: dict) -> bool:
-        if _key(record) in self._ready:
-            return True
-        spec = record["spec"]
-        if probe_tcp(spec["address"], spec["port"], spec.get("netns", ""), self.probe_timeout):
-            self._ready.add(_key(record))
-            return True
-        return False
-
-    def _exit_reason(self, record: dict) -> str:
-        return process.exit_reason(record["pid"], self.console_path(record["name"]), EXIT_MARKERS)
-
     def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
         """Halt, then force, then sweep helpers, then remove every file (lock held)."""
         if record is not None:

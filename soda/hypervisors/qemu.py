@@ -49,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
@@ -62,7 +62,6 @@ from soda.hypervisors.qmp import qmp
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-RECORD = "guest.json"
 OVERLAY = "overlay.qcow2"
 CONSOLE = "console.log"
 QMP_SOCKET = "qmp.sock"
@@ -151,9 +150,6 @@ class QemuDriver(RecordedGuestDriver):
         self._initramfs_checked = False
 
     # ---- paths -----------------------------------------------------------
-    def guest_dir(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
     def overlay_path(self, name: str) -> str:
         return os.path.join(self.guest_dir(name), OVERLAY)
 
@@ -170,11 +166,6 @@ class QemuDriver(RecordedGuestDriver):
             raise InvalidSpec(f"QMP socket path for {name} is too long even under {self.short_dir}")
         return short
 
-    def _record_path(self, name: str) -> str:
-        return os.path.join(self.guest_dir(name), RECORD)
-
-    def _lock_path(self, name: str) -> str:
-        return os.path.join(self.dir, f"{name}.lock")
 
     # ---- the driver interface ------------------------------------------
     def build_argv(self, spec: GuestSpec) -> list[str]:
@@ -409,20 +400,7 @@ class QemuDriver(RecordedGuestDriver):
                 sock = self.qmp_path(name)
                 if os.path.dirname(sock) != self.guest_dir(name):
                     os.unlink(sock)
-        directory = self.guest_dir(name)
-        if os.path.isdir(directory):
-            for entry in os.listdir(directory):
-                if entry != RECORD:
-                    path = os.path.join(directory, entry)
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, RECORD))
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(directory)
+        self._remove_guest_dir(name)
 
     def _halt(self, record: dict, timeout: float) -> None:
         """system_powerdown, a short wait for the guest to power off, then
@@ -458,37 +436,6 @@ class QemuDriver(RecordedGuestDriver):
                 return
             self._sleep(0.01)
 
-    @contextlib.contextmanager
-    def _locked(self, name: str, remove: bool = False) -> Iterator[None]:
-        """A per-guest flock (another Agent thread or driver instance may act
-        on the same guest). With `remove`, the lock file goes on release if
-        the guest has no record."""
-        import fcntl
-        os.makedirs(self.dir, exist_ok=True)
-        path = self._lock_path(name)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-            except BaseException:
-                os.close(fd)
-                raise
-            if same:
-                break
-            os.close(fd)
-        try:
-            yield
-        finally:
-            # Gone with the guest, or with a start that failed before it
-            # recorded one: nothing of an absent guest stays behind.
-            if remove and not os.path.exists(self._record_path(name)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            os.close(fd)
 
 
 # ---- host discovery -------------------------------------------------------------

@@ -4,22 +4,30 @@ described by a JSON record under the driver's state dir.
 Owns reading those records and answering from them — `stop`, `list`,
 `is_ready`, `info` — with the process identity of soda.hypervisors.process
 and the readiness probe of soda.hypervisors.probe. A driver adds its VMM:
-`identity`, `exit_markers`, `_record_path`, `console_path`, `_locked`,
+`identity`, `exit_markers`, `dir` (its state dir), `console_path`,
 `_teardown`, and optionally `_vm_ended` (a VMM that outlives its guest).
+Each guest lives in `dir/<name>/` with its record `guest.json`, and
+`dir/<name>.lock` serialises what acts on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
+from typing import Iterator
 
 from soda.hypervisors import process
 from soda.hypervisors.base import EXITED, RUNNING, GuestInfo, HypervisorDriver, check_guest_name
 from soda.hypervisors.probe import probe_tcp
 
 log = logging.getLogger(__name__)
+
+RECORD = "guest.json"
 
 
 class RecordedGuestDriver(HypervisorDriver):
@@ -80,6 +88,68 @@ class RecordedGuestDriver(HypervisorDriver):
         return None if record is None else self._info(record, probe=False)
 
     # ---- records --------------------------------------------------------------
+    def guest_dir(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def _record_path(self, name: str) -> str:
+        return os.path.join(self.guest_dir(name), RECORD)
+
+    def _lock_path(self, name: str) -> str:
+        # A DNS label has no ".": "<name>.lock" never clashes with a guest dir.
+        return os.path.join(self.dir, f"{name}.lock")
+
+    def _remove_guest_dir(self, name: str) -> None:
+        """Everything in the guest's dir, its record last: a removal that
+        fails half way leaves the record, so the stop can be retried."""
+        directory = self.guest_dir(name)
+        if not os.path.isdir(directory):
+            return
+        for entry in os.listdir(directory):
+            if entry != RECORD:
+                path = os.path.join(directory, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, RECORD))
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(directory)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, remove: bool = False) -> Iterator[None]:
+        """A per-guest flock (another Agent thread or driver instance may act
+        on the same guest). With `remove`, the lock file goes on release if
+        the guest has no record."""
+        os.makedirs(self.dir, exist_ok=True)
+        path = self._lock_path(name)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Someone may have removed the file while we waited for it:
+                # then our lock guards nothing; take the new file's.
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield
+        finally:
+            # Gone with the guest, or with a start that failed before it
+            # recorded one: nothing of an absent guest stays behind.
+            if remove and not os.path.exists(self._record_path(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            os.close(fd)
+
     def _load(self, name: str) -> dict | None:
         try:
             with open(self._record_path(name)) as f:

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
@@ -55,7 +55,6 @@ from soda.hypervisors.recorded import RecordedGuestDriver
 
 log = logging.getLogger(__name__)
 
-RECORD = "guest.json"
 COW = "cow.img"
 CONSOLE = "console.log"
 LAUNCHER = "soda.hypervisors.launch"
@@ -117,9 +116,6 @@ class UmlDriver(RecordedGuestDriver):
         self._ready: set[tuple[int, int]] = set()
 
     # ---- paths -----------------------------------------------------------
-    def guest_dir(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
     def cow_path(self, name: str) -> str:
         return os.path.join(self.guest_dir(name), COW)
 
@@ -142,12 +138,6 @@ class UmlDriver(RecordedGuestDriver):
     def mconsole_path(self, name: str, uml_dir: str | None = None) -> str:
         return os.path.join(uml_dir or self.uml_dir(name), name, "mconsole")
 
-    def _record_path(self, name: str) -> str:
-        return os.path.join(self.guest_dir(name), RECORD)
-
-    def _lock_path(self, name: str) -> str:
-        # A DNS label has no ".": "<name>.lock" never clashes with a guest dir.
-        return os.path.join(self.dir, f"{name}.lock")
 
     # ---- the driver interface ------------------------------------------
     def build_argv(self, spec: GuestSpec) -> list[str]:
@@ -399,20 +389,7 @@ class UmlDriver(RecordedGuestDriver):
                 if short.startswith(self.short_dir.rstrip("/") + "/"):
                     shutil.rmtree(short, ignore_errors=True)
         # The record goes last, so a stop that fails above can be retried.
-        directory = self.guest_dir(name)
-        if os.path.isdir(directory):
-            for entry in os.listdir(directory):
-                if entry != RECORD:
-                    path = os.path.join(directory, entry)
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, RECORD))
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(directory)
+        self._remove_guest_dir(name)
 
     def _halt(self, record: dict, timeout: float) -> None:
         if timeout <= 0:
@@ -439,36 +416,6 @@ class UmlDriver(RecordedGuestDriver):
                 return
             self._sleep(0.01)
 
-    @contextlib.contextmanager
-    def _locked(self, name: str, remove: bool = False) -> Iterator[None]:
-        """A per-guest flock (another Agent thread or driver instance may act
-        on the same guest). With `remove`, the lock file goes on release."""
-        import fcntl
-        os.makedirs(self.dir, exist_ok=True)
-        path = self._lock_path(name)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                # Someone may have removed the file while we waited for it:
-                # then our lock guards nothing; take the new file's.
-                try:
-                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-            except BaseException:
-                os.close(fd)
-                raise
-            if same:
-                break
-            os.close(fd)
-        try:
-            yield
-            if remove and not os.path.exists(self._record_path(name)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-        finally:
-            os.close(fd)
 
 
 # ---- helpers (module level, so tests and other drivers can use them) -------

@@ -13,7 +13,9 @@ signal).
 Also owns the table of children this Python process spawned, shared by
 every driver instance in it (a fresh instance that adopts the guests must be
 able to reap them too). It serves reaping and exit statuses only: whether a
-guest runs is always read from /proc, never from this table.
+guest runs is always read from /proc, never from this table. Children are
+known by (pid, start time) there too: a dead child's status must never be
+reported for a later process that got the same pid.
 """
 
 from __future__ import annotations
@@ -26,40 +28,42 @@ import threading
 LOG_TAIL = 16 * 1024
 EXITED_KEPT = 256
 
-_children: dict[int, subprocess.Popen] = {}
-_exited: dict[int, subprocess.Popen] = {}
+_children: dict[tuple[int, int | None], subprocess.Popen] = {}
+_exited: dict[tuple[int, int | None], subprocess.Popen] = {}
 _children_lock = threading.Lock()
 
 
 # ---- children of this process --------------------------------------------------
 
 def track(child: subprocess.Popen) -> None:
-    """Remember a spawned VMM so that it is reaped and its status kept."""
+    """Remember a spawned VMM so that it is reaped and its status kept. Its
+    start time is read now: until we reap it, its pid cannot be reused."""
     with _children_lock:
-        _children[child.pid] = child
+        _children[(child.pid, proc_starttime(child.pid))] = child
 
 
 def reap() -> None:
     """Collect exited children so that none lingers as a zombie (a zombie's
     pid would still look taken)."""
     with _children_lock:
-        for pid, child in list(_children.items()):
+        for known, child in list(_children.items()):
             if child.poll() is not None:
-                del _children[pid]
+                del _children[known]
                 # Keep its status where exit_status() can still find it.
-                _exited[pid] = child
+                _exited[known] = child
         while len(_exited) > EXITED_KEPT:
             _exited.pop(next(iter(_exited)))
 
 
-def exit_status(pid: int, wait: float = 1.0) -> int | None:
-    """The exit status of a VMM this process spawned and that has died
-    (negative: killed by that signal); None if it is not our child. The
+def exit_status(pid: int, starttime: int, wait: float = 1.0) -> int | None:
+    """The exit status of the VMM (`pid`, `starttime`) this process spawned
+    and that has died (negative: killed by that signal); None if it is not
+    our child. The
     caller knows it is dead, so a short blocking wait reaps it now rather
     than leave a zombie (poll() answers None while another thread waits on
     the same child)."""
     with _children_lock:
-        child = _children.get(pid) or _exited.get(pid)
+        child = _children.get((pid, starttime)) or _exited.get((pid, starttime))
     if child is None:
         return None
     try:
@@ -175,10 +179,11 @@ def console_reason(path: str, markers: tuple[str, ...]) -> str:
     return ""
 
 
-def exit_reason(pid: int, console: str, markers: tuple[str, ...]) -> str:
-    """Why the dead VMM `pid` ended: its exit status when this process
+def exit_reason(record: dict, console: str, markers: tuple[str, ...]) -> str:
+    """Why the dead VMM of `record` ended: its exit status when this process
     spawned it, and the telling line of its console log."""
-    status = exit_status(pid)
+    pid = record["pid"]
+    status = exit_status(*key(record))
     line = console_reason(console, markers)
     if status is not None:
         how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"

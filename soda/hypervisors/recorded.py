@@ -192,5 +192,5 @@ class RecordedGuestDriver(HypervisorDriver):
         return False
 
     def _exit_reason(self, record: dict) -> str:
-        return process.exit_reason(record["pid"], self.console_path(record["name"]),
+        return process.exit_reason(record, self.console_path(record["name"]),
                                    self.exit_markers)

@@ -62,8 +62,13 @@ def test_a_dead_child_is_reaped_and_its_end_named(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     process.reap()
-    assert process.exit_status(child.pid) == -signal.SIGKILL
-    reason = process.exit_reason(child.pid, str(console), ("soda-launch:", "Kernel panic"))
+    assert process.exit_status(*process.key(record)) == -signal.SIGKILL
+    reason = process.exit_reason(record, str(console), ("soda-launch:", "Kernel panic"))
     assert reason == "killed by signal 9: Kernel panic - not syncing: VFS"
-    assert process.exit_status(999_999_999) is None
+    assert process.exit_status(999_999_999, 1) is None
+    # A later process with the same pid but another start time is not that
+    # child: its status is not reported for it (pids are reused).
+    assert process.exit_status(child.pid, record["starttime"] + 1) is None
+    later = {**record, "starttime": record["starttime"] + 1}
+    assert process.exit_reason(later, str(console), ("x",)) == "the VMM process is gone"
     assert process.console_reason(str(tmp_path / "none.log"), ("x",)) == ""

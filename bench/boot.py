@@ -16,7 +16,7 @@ port open, and create → first answer through the Switch, in one run.
    it returns with all 10 RUNNING (issue 7: ≤ 1.0 s and ≤ 2.5 s). Both are
    measured from just before sodactl starts, so they include its start-up.
 
-    python bench/boot.py [--repeats 5] [--memory-uml 32] [--memory-debian 48] [--memory-qemu 128]
+    python bench/boot.py [--repeats 5] [--memory-uml 32] [--memory-debian 32] [--memory-qemu 128]
                          [--no-qemu] [--create-repeats 5] [--wide 10]
 
 Needs root (namespaces, TAPs, cgroups). Everything it creates goes at the
@@ -39,7 +39,7 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soda.hypervisors.base import GuestSpec  # noqa: E402
-from soda.hypervisors.kernels import DEBIAN_KERNEL, SODA, find_uml_kernel  # noqa: E402
+from soda.hypervisors.kernels import DEBIAN_KERNEL, DEBIAN_MIN_MEMORY, SODA, find_uml_kernel  # noqa: E402
 from soda.hypervisors.probe import probe_tcp  # noqa: E402
 from soda.hypervisors.qemu import QemuDriver  # noqa: E402
 from soda.hypervisors.uml import UmlDriver  # noqa: E402
@@ -242,7 +242,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-uml", type=int, default=32, help="SODA kernel guests, MiB")
-    p.add_argument("--memory-debian", type=int, default=48,
+    p.add_argument("--memory-debian", type=int, default=DEBIAN_MIN_MEMORY,
                    help="Debian kernel guests, MiB (its minimum: soda.hypervisors.kernels)")
     p.add_argument("--memory-qemu", type=int, default=128)
     p.add_argument("--no-qemu", action="store_true", help="skip QEMU (7-9 s a boot under TCG)")

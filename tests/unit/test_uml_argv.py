@@ -96,10 +96,10 @@ def test_boot_options_go_before_the_contract():
 
 # ---- refusals --------------------------------------------------------------------
 
-@pytest.mark.parametrize("memory", [0, 16, 47])
+@pytest.mark.parametrize("memory", [0, 16, 31])
 def test_too_little_memory_is_refused(memory):
-    # Debian's kernel needs 48 (soda.hypervisors.kernels); SODA's 16: tests/unit/test_kernels.py.
-    with pytest.raises(InvalidSpec, match="below the 48 MiB"):
+    # Debian's kernel needs 32 (soda.hypervisors.kernels); SODA's 16: tests/unit/test_kernels.py.
+    with pytest.raises(InvalidSpec, match="below the 32 MiB"):
         golden_driver().build_argv(spec(memory=memory))
 
 

@@ -80,9 +80,8 @@ def drivers(tmp_path):
                 logging.getLogger(__name__).warning("cleanup of %s: %s", name, e)
 
 
-# 64 MiB like a default service: Debian's UML kernel at 32 MiB now and then
-# panics at boot ("System is deadlocked on memory"); the SODA kernel (issue 7)
-# is the one meant to run that small.
+# 64 MiB like a default service (either kernel boots at 32 MiB:
+# tests/system/test_boot_reliability.py).
 def guest_spec(image, name="web-0", address="192.168.250.2", tap="tap0", netns="", memory=64,
                cgroups=()):
     return GuestSpec(name=name, service="web", image_path=image, image_digest="sha256:" + "0" * 64,

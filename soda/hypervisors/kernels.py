@@ -8,9 +8,9 @@ Owns the choice between SODA's own guest kernel, built by
 reliably: SODA's boots with as little as `mem=13M` (its build records the
 minimum it is given, 16 MiB, in `metadata.json`; 150 of 150 boots at 16).
 Debian's boots at 32 MiB (it panics at 22-24) with the command line the
-UML driver gives every guest: without `ssl=none pty.legacy_count=0
-con=none`, 1-3 % of its boots at 32 died "System is deadlocked on memory",
-because each of its ~700 tty devices ran the /sbin/hotplug uevent helper
+UML driver gives every guest: without `ssl=none pty.legacy_count=0`, 1-3 %
+of its boots at 32 died "System is deadlocked on memory", because each of
+its ~660 serial and legacy pty devices ran the /sbin/hotplug uevent helper
 and up to 166 helper threads (5 MiB) were alive at once when a 4 MiB
 watermark boost struck (tests/system/test_boot_reliability.py).
 

@@ -158,15 +158,16 @@ class UmlDriver(RecordedGuestDriver):
                  f"uml_dir={self.uml_dir(spec.name)}"]
         if spec.tap:
             argv.append(f"eth0=tuntap,{spec.tap},{guest_mac(spec.address)}")
-        # No console but con0, and con0 writes to fd 1, the launcher's log:
-        # a console on a closed stdin would lose the guest's output.
-        argv += ["con=none", "con0=null,fd:1"]
-        # No serial lines and no legacy ptys either. Every tty device is a
-        # uevent, and Debian's kernel runs /sbin/hotplug for each uevent
-        # (CONFIG_UEVENT_HELPER_PATH): at boot its 700 tty devices had up to
-        # 166 helper threads alive at once (5 MiB), which at mem=32M met a
-        # 4 MiB watermark boost and panicked "System is deadlocked on
-        # memory" in 1-3 % of boots.
+        # con0 writes to fd 1, the launcher's log (a console on a closed
+        # stdin would lose the guest's output); the other consoles exist,
+        # on null channels, for images that run a getty or shell on tty1-6.
+        argv += ["con=null", "con0=null,fd:1"]
+        # No serial lines and no legacy ptys. Every tty device is a uevent,
+        # and Debian's kernel runs /sbin/hotplug for each uevent
+        # (CONFIG_UEVENT_HELPER_PATH): at boot its ~660 serial and legacy
+        # pty devices had up to 166 helper threads alive at once (5 MiB),
+        # which at mem=32M met a 4 MiB watermark boost and panicked "System
+        # is deadlocked on memory" in 1-3 % of boots.
         argv += ["ssl=none", "pty.legacy_count=0"]
         argv += list(self.boot_options)
         argv += [f"soda.ip={spec.address}/{spec.prefix_length}",

@@ -3,7 +3,7 @@ boot, for SODA's own guest kernel (also at its minimum, 16 MiB) and for
 Debian's `linux.uml` (whose minimum is 32 MiB).
 
 Debian's kernel held to zero only once the UML driver stopped giving it
-tty devices it never uses (`ssl=none pty.legacy_count=0 con=none`,
+tty devices it never uses (`ssl=none pty.legacy_count=0`,
 soda.hypervisors.uml). Each registered device is a uevent, and its kernel
 runs /sbin/hotplug for each one (CONFIG_UEVENT_HELPER_PATH): during the
 initcalls up to 166 helper threads (5 MiB of stacks and task structs) were
@@ -11,8 +11,9 @@ alive at once. With only 21 MiB managed at 32M, a fragmentation event that
 boosts the min watermark by UML's 4 MiB pageblock then left nothing to
 allocate from: "System is deadlocked on memory" in 1-3 % of boots (6 of
 182 sequential boots, 7 of 500 three at a time). Without those devices a
-boot creates ~110 tasks instead of ~450, and 300 sequential boots plus
-500 three at a time all served.
+boot creates ~120 tasks instead of ~450, and 1,400 boots at 32M
+(sequential and three at a time) and 500 at 64M all served; at 64M, 1 in
+~150 used to fail "VFS: Unable to mount root fs" during the same flood.
 
 Each boot is a real UML guest of the reference image started by the UML
 driver on a TAP in a network namespace this test creates; it counts as

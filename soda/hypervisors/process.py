@@ -58,10 +58,9 @@ def reap() -> None:
 def exit_status(pid: int, starttime: int, wait: float = 1.0) -> int | None:
     """The exit status of the VMM (`pid`, `starttime`) this process spawned
     and that has died (negative: killed by that signal); None if it is not
-    our child. The
-    caller knows it is dead, so a short blocking wait reaps it now rather
-    than leave a zombie (poll() answers None while another thread waits on
-    the same child)."""
+    our child. The caller knows it is dead, so a short blocking wait reaps
+    it now rather than leave a zombie (poll() answers None while another
+    thread waits on the same child)."""
     with _children_lock:
         child = _children.get((pid, starttime)) or _exited.get((pid, starttime))
     if child is None:

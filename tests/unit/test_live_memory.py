@@ -1,18 +1,14 @@
 """Memory changes of a running guest: the reconciler applies them live
 through the driver (fake driver here) and the fence, in the right order,
 boots the guest again past its boot size and says why, and shows a refused
-change in the guest's status. Plus the UML driver's mconsole pieces
-(multi-part replies, /proc/meminfo) and OOM kills counted across lives."""
+change in the guest's status. Plus OOM kills counted across lives (the
+mconsole client and /proc/meminfo parsing: tests/unit/test_uml_argv.py)."""
 
-import socket
-import struct
-import threading
 from dataclasses import replace
 
 from soda.agent.reconciler import Reconciler
 from soda.errors import WrongState
 from soda.hypervisors.fake import FakeDriver
-from soda.hypervisors.uml import mconsole, parse_meminfo
 from soda.model import Phase, Usage
 
 from tests.unit.test_reconciler import FakeImages, RecordingReporter, vnode, wait_for
@@ -137,24 +133,3 @@ def test_oom_kills_add_the_fence_and_the_guest_kernel_and_survive_a_reboot(tmp_p
     [status] = rec.statuses_with_usage()
     assert status.usage.oom_kills == 4                    # 2 + 2 from the first life, none since
     rec.close()
-
-
-def test_mconsole_joins_a_reply_in_several_parts(tmp_path):
-    server_path = str(tmp_path / "mconsole")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    server.bind(server_path)
-
-    def answer():
-        _, peer = server.recvfrom(1024)
-        parts = [b"\n", b"MemTotal:  58688 kB\n", b"MemFree:   52964 kB\n", b""]
-        for i, part in enumerate(parts):
-            more = int(i < len(parts) - 1)
-            server.sendto(struct.pack("=III512s", 0, more, len(part), part), peer)
-
-    t = threading.Thread(target=answer)
-    t.start()
-    err, text = mconsole(server_path, "proc meminfo", client_dir=str(tmp_path))
-    t.join()
-    server.close()
-    assert err == 0
-    assert parse_meminfo(text) == {"MemTotal": 58688 * 1024, "MemFree": 52964 * 1024}

@@ -1,6 +1,7 @@
 """The UML driver without root and without booting: golden command lines,
 spec refusals, the launcher, and how records, identity checks, adoption and
-stop behave against ordinary processes standing in for a VMM."""
+stop behave against ordinary processes standing in for a VMM; the mconsole
+client against a socket that speaks UML's side of the protocol."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,7 +22,7 @@ from soda.errors import InvalidSpec, NotFound
 from soda.hypervisors import launch
 from soda.hypervisors.base import (DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict,
                                    write_json_atomic)
-from soda.hypervisors.uml import UmlDriver, _proc_starttime, mconsole
+from soda.hypervisors.uml import UmlDriver, _proc_starttime, mconsole, parse_meminfo
 from soda.model import Resources
 from tests.support import free_port
 
@@ -342,23 +345,43 @@ def test_readiness_is_a_tcp_connect(tmp_path, stand_ins):
     assert not d.is_ready("web-1")
 
 
-def test_mconsole_speaks_the_uml_protocol(tmp_path):
-    server_path = str(tmp_path / "mconsole")
+def serve_mconsole_once(path: str, reply) -> threading.Thread:
+    """A UML mconsole socket at `path` that takes one request and answers
+    with the parts `reply(request_text)` returns (all but the last marked
+    "more", as UML splits a long reply); the socket is gone afterwards."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    server.bind(server_path)
-    import struct
-    import threading
+    server.bind(path)
 
     def answer():
-        data, peer = server.recvfrom(1024)
-        magic, version, length = struct.unpack_from("=III", data)
-        assert (magic, version, len(data)) == (0xCAFEBABE, 2, 12 + 512)
-        text = data[12:12 + length]
-        server.sendto(struct.pack("=III512s", 0, 0, 3 + len(text), b"ok " + text), peer)
+        try:
+            data, peer = server.recvfrom(1024)
+            magic, version, length = struct.unpack_from("=III", data)
+            assert (magic, version, len(data)) == (0xCAFEBABE, 2, 12 + 512)
+            parts = reply(data[12:12 + length])
+            for i, part in enumerate(parts):
+                more = int(i < len(parts) - 1)
+                server.sendto(struct.pack("=III512s", 0, more, len(part), part), peer)
+        finally:
+            server.close()
 
     t = threading.Thread(target=answer)
     t.start()
+    return t
+
+
+def test_mconsole_speaks_the_uml_protocol(tmp_path):
+    server_path = str(tmp_path / "mconsole")
+    t = serve_mconsole_once(server_path, lambda text: [b"ok " + text])
     assert mconsole(server_path, "version", client_dir=str(tmp_path)) == (0, "ok version")
     t.join()
-    server.close()
     assert sorted(os.listdir(tmp_path)) == ["mconsole"]      # the client socket is gone
+
+
+def test_mconsole_joins_a_reply_in_several_parts(tmp_path):
+    server_path = str(tmp_path / "mconsole")
+    parts = [b"\n", b"MemTotal:  58688 kB\n", b"MemFree:   52964 kB\n", b""]
+    t = serve_mconsole_once(server_path, lambda text: parts)
+    err, text = mconsole(server_path, "proc meminfo", client_dir=str(tmp_path))
+    t.join()
+    assert err == 0
+    assert parse_meminfo(text) == {"MemTotal": 58688 * 1024, "MemFree": 52964 * 1024}

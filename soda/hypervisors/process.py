@@ -8,7 +8,8 @@ VMM's own argv (the launcher execs it under the same pid) under a key the
 driver names. A process is the guest's only while its pid, start time and
 command line all still match: a recycled pid is never taken for a guest,
 and never signalled (a pidfd pins the process between the check and the
-signal).
+signal). The /proc readers and the pinned signal are soda.procid's, used
+here and re-exported under their old names.
 
 Also owns the table of children this Python process spawned, shared by
 every driver instance in it (a fresh instance that adopts the guests must be
@@ -21,9 +22,13 @@ reported for a later process that got the same pid.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
+
+from soda.procid import DEAD_STATES, proc_cmdline, proc_starttime, proc_stat, signal_pinned
+
+__all__ = ["track", "reap", "exit_status", "proc_stat", "proc_starttime", "proc_cmdline", "key",
+           "Identity", "console_reason", "exit_reason"]
 
 LOG_TAIL = 16 * 1024
 EXITED_KEPT = 256
@@ -73,31 +78,6 @@ def exit_status(pid: int, starttime: int, wait: float = 1.0) -> int | None:
 
 # ---- /proc ------------------------------------------------------------------
 
-def _read_proc(pid: int, name: str) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (field 3 first)."""
-    data = _read_proc(pid, "stat")
-    return None if data is None else data[data.rindex(b")") + 2:].decode().split()
-
-
-def proc_starttime(pid: int) -> int | None:
-    fields = proc_stat(pid)
-    return None if fields is None else int(fields[19])      # field 22
-
-
-def proc_cmdline(pid: int) -> list[str] | None:
-    data = _read_proc(pid, "cmdline")
-    return None if data is None else [a.decode(errors="surrogateescape")
-                                      for a in data.split(b"\0")[:-1]]
-
-
 def key(record: dict) -> tuple[int, int]:
     """What names one VMM process for good: (pid, start time)."""
     return record["pid"], record["starttime"]
@@ -120,7 +100,7 @@ class Identity:
         same process), or with `helper`, a helper the VMM forked (in its
         session, started after it, the VMM's command line)."""
         fields = proc_stat(pid)
-        if fields is None or fields[0] in ("Z", "X", "x"):
+        if fields is None or fields[0] in DEAD_STATES:
             return False
         starttime = int(fields[19])
         if helper:
@@ -145,19 +125,7 @@ class Identity:
     def signal_if_ours(self, pid: int, record: dict, sig: int) -> bool:
         """Signal `pid` only if it is still the guest's process (the VMM, or
         one of its helpers)."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False
-        try:
-            if not self.is_ours(pid, record, helper=pid != record["pid"]):
-                return False
-            signal.pidfd_send_signal(pidfd, sig)
-            return True
-        except ProcessLookupError:
-            return False
-        finally:
-            os.close(pidfd)
+        return signal_pinned(pid, lambda p: self.is_ours(p, record, helper=p != record["pid"]), sig)
 
 
 # ---- why a guest died --------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Daemon lifecycle shared by soda-master, soda-agent, soda-daemon, soda-switch:
-logging to stderr, systemd readiness (sd_notify), graceful stop on SIGTERM.
+logging to stderr, systemd readiness (sd_notify), graceful stop on SIGTERM,
+and the ban on forking once gRPC threads may be alive (`forbid_fork`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Callable
 
 
 def setup_logging(level: str = "INFO", name: str = "soda") -> None:
@@ -56,3 +58,28 @@ def serve_until_stopped(server, stop: threading.Event) -> int:
     server.stop()
     logging.getLogger("soda").info("stopped")
     return 0
+
+
+class ForkForbidden(RuntimeError):
+    """A fork was attempted after the process declared it must not fork."""
+
+
+_real_fork = os.fork
+
+
+def forbid_fork(why: str) -> Callable[[], None]:
+    """From now on os.fork() raises ForkForbidden (naming `why`) instead of
+    forking. A fork that runs Python code in the child (pyroute2 entering a
+    namespace, multiprocessing) is what aborts a process with live gRPC
+    threads; spawning a program (subprocess forks and execs in C, without
+    os.fork) is not affected. Returns a function that lifts the ban (tests)."""
+
+    def refuse() -> int:
+        raise ForkForbidden(f"fork() refused: {why}")
+
+    os.fork = refuse
+
+    def allow() -> None:
+        os.fork = _real_fork
+
+    return allow

@@ -29,7 +29,7 @@ from soda.hypervisors.base import drivers, make_driver
 from soda.model import NODE_NAME_MAX, check_dns_label
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
-from soda.service import sd_notify, setup_logging, stop_event_on_signals
+from soda.service import forbid_fork, sd_notify, setup_logging, stop_event_on_signals
 
 log = logging.getLogger("soda.agent")
 
@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SodaError, OSError) as exc:
         print(f"soda-agent: cannot set up guest networking: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    # From here on gRPC threads may be alive: a fork (pyroute2 entering a
+    # namespace from a new thread did this) could abort the child and the Agent.
+    forbid_fork("soda-agent talks gRPC; netlink runs on its own threads (soda.netlink)")
     client = MasterClient(config.master)
     try:
         agent = build_agent(config, client, stop, network)

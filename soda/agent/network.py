@@ -4,7 +4,14 @@ Owns, through pyroute2 (never shell strings):
 - the node bridge (`soda0` by default) holding the node's gateway address
   from the subnet the Master handed out;
 - one TAP per virtual node, attached to the bridge, named deterministically
-  from the virtual node so that a restarted Agent finds it again;
+  from the virtual node so that a restarted Agent finds it again; its alias
+  records the guest's address, so that unplugging needs nothing but the
+  kernel's state;
+- a permanent neighbour entry (address -> the guest's MAC) for each guest
+  on the bridge and, when namespaced, on the host end of the uplink: the
+  platform knows both before the guest boots, so the first packet towards a
+  guest never waits for an ARP retry (about a second) and no guest has to
+  announce itself;
 - optionally, a network namespace that holds all of the above (tests and
   the demo run nodes that way, so that guest traffic stays inside a
   namespace they created), joined to the host by a veth "uplink": its
@@ -12,7 +19,10 @@ Owns, through pyroute2 (never shell strings):
   node's subnet, so the host (the Switch) reaches guests directly, without
   forwarding.
 
-It knows nothing of the Master, the Daemon or hypervisors.
+It knows nothing of the Master, the Daemon or hypervisors. Every netlink
+call runs on a netlink thread per namespace (soda.netlink): pyroute2 would
+otherwise fork to reach the node's namespace, from whichever pool thread
+asked, in a process whose gRPC threads are live.
 """
 
 from __future__ import annotations
@@ -24,12 +34,16 @@ import logging
 import os
 
 from pyroute2 import IPRoute, NetlinkError, netns as pr_netns
+from pyroute2.netlink.rtnl.ndmsg import states as neigh_states
 
 from soda.errors import SodaError
+from soda.netlink import NetlinkThread
 
 log = logging.getLogger(__name__)
 
 IFNAMSIZ = 15
+NUD_PERMANENT = neigh_states["permanent"]
+TAP_ALIAS_TAG = "soda-tap"
 
 
 def short_name(prefix: str, key: str) -> str:
@@ -39,6 +53,15 @@ def short_name(prefix: str, key: str) -> str:
 
 def tap_name(vnode: str) -> str:
     return short_name("st", vnode)
+
+
+def bridge_mac(gateway: str) -> str:
+    """The bridge's MAC, fixed and made from the gateway address (02:51:...;
+    guests' MACs are 02:50:...). A bridge that picks its own MAC takes the
+    lowest of its ports' and changes it as TAPs come and go; every change
+    flushes the bridge's neighbour entries (the permanent ones too) and
+    leaves guests holding a stale MAC for their gateway."""
+    return "02:51:" + ":".join(f"{int(octet):02x}" for octet in gateway.split("."))
 
 
 def uplink_address(subnet: str) -> str:
@@ -58,21 +81,21 @@ class NodeNetwork:
         self.uplink_host = short_name("su", netns) if netns else ""
         self.uplink_node = "uplink0"
         self._created_netns = False
-        # Netlink handles are opened here, in the Agent's main() before any
-        # gRPC channel exists: pyroute2 forks to enter a namespace.
+        # Made in the Agent's main() before any gRPC channel exists: creating
+        # a namespace is the one thing here that forks.
         if netns and netns not in pr_netns.listnetns():
             pr_netns.create(netns)
             self._created_netns = True
             log.info("created network namespace %s", netns)
-        self.host = IPRoute()
-        self.node = IPRoute(netns=netns) if netns else self.host
+        self.host = NetlinkThread()
+        self.node = NetlinkThread(netns) if netns else self.host
 
     def close(self) -> None:
         if self.node is not self.host:
             self.node.close()
         self.host.close()
 
-    # ---- helpers -------------------------------------------------------
+    # ---- helpers (run on a netlink thread) -----------------------------
     @staticmethod
     def _index(ipr: IPRoute, name: str) -> int | None:
         found = ipr.link_lookup(ifname=name)
@@ -86,82 +109,134 @@ class NodeNetwork:
             if exc.code != errno.EEXIST:
                 raise NetworkError(f"cannot add {address}/{prefix}: {os.strerror(exc.code)}") from None
 
+    @staticmethod
+    def _set_neighbour(ipr: IPRoute, link: str, address: str, mac: str) -> None:
+        index = NodeNetwork._index(ipr, link)
+        if index is None:
+            raise NetworkError(f"{link} does not exist: the node is not configured")
+        ipr.neigh("replace", dst=address, lladdr=mac, ifindex=index, state=NUD_PERMANENT)
+
+    @staticmethod
+    def _del_neighbour(ipr: IPRoute, link: str, address: str) -> None:
+        index = NodeNetwork._index(ipr, link)
+        if index is None:
+            return
+        try:
+            ipr.neigh("del", dst=address, ifindex=index)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
     # ---- the node ------------------------------------------------------
     def configure(self, subnet: str, gateway: str) -> None:
         """Bridge with the gateway address (and the uplink when namespaced).
         Idempotent: run after every registration."""
-        prefix = ipaddress.ip_network(subnet).prefixlen
         try:
-            if self.netns:
-                lo = self._index(self.node, "lo")
-                self.node.link("set", index=lo, state="up")
-            index = self._index(self.node, self.bridge)
-            if index is None:
-                self.node.link("add", ifname=self.bridge, kind="bridge")
-                index = self._index(self.node, self.bridge)
-                log.info("created bridge %s", self.bridge)
-            self._ensure_addr(self.node, index, gateway, prefix)
-            self.node.link("set", index=index, state="up")
+            index = self.node.run(self._configure_bridge, subnet, gateway)
             if self.netns:
                 self._configure_uplink(subnet, index)
         except NetlinkError as exc:
             raise NetworkError(f"cannot set up bridge {self.bridge}: {os.strerror(exc.code)}") from None
 
-    def _configure_uplink(self, subnet: str, bridge_index: int) -> None:
-        host_index = self._index(self.host, self.uplink_host)
-        if host_index is None:
-            self.host.link("add", ifname=self.uplink_host, kind="veth",
-                           peer={"ifname": self.uplink_node, "net_ns_fd": self.netns})
-            host_index = self._index(self.host, self.uplink_host)
-        node_index = self._index(self.node, self.uplink_node)
-        self.node.link("set", index=node_index, master=bridge_index, state="up")
+    def _configure_bridge(self, ipr: IPRoute, subnet: str, gateway: str) -> int:
         prefix = ipaddress.ip_network(subnet).prefixlen
-        self._ensure_addr(self.host, host_index, uplink_address(subnet), prefix)
-        self.host.link("set", index=host_index, state="up")
+        if self.netns:
+            ipr.link("set", index=self._index(ipr, "lo"), state="up")
+        index = self._index(ipr, self.bridge)
+        if index is None:
+            ipr.link("add", ifname=self.bridge, kind="bridge")
+            index = self._index(ipr, self.bridge)
+            log.info("created bridge %s", self.bridge)
+        self._ensure_addr(ipr, index, gateway, prefix)
+        ipr.link("set", index=index, address=bridge_mac(gateway), state="up")
+        return index
+
+    def _configure_uplink(self, subnet: str, bridge_index: int) -> None:
+        def host_end(ipr: IPRoute) -> None:
+            if self._index(ipr, self.uplink_host) is None:
+                ipr.link("add", ifname=self.uplink_host, kind="veth",
+                         peer={"ifname": self.uplink_node, "net_ns_fd": self.netns})
+
+        def node_end(ipr: IPRoute) -> None:
+            ipr.link("set", index=self._index(ipr, self.uplink_node), master=bridge_index, state="up")
+
+        def host_address(ipr: IPRoute) -> None:
+            index = self._index(ipr, self.uplink_host)
+            self._ensure_addr(ipr, index, uplink_address(subnet), ipaddress.ip_network(subnet).prefixlen)
+            ipr.link("set", index=index, state="up")
+
+        self.host.run(host_end)
+        self.node.run(node_end)
+        self.host.run(host_address)
 
     def teardown(self) -> None:
         """Remove the uplink, the bridge and (if this object made it) the
         namespace. TAPs go with their virtual nodes."""
-        index = self._index(self.host, self.uplink_host) if self.uplink_host else None
-        if index is not None:
-            self.host.link("del", index=index)
-        index = self._index(self.node, self.bridge)
-        if index is not None:
-            self.node.link("del", index=index)
+        def remove(ipr: IPRoute, name: str) -> None:
+            index = self._index(ipr, name)
+            if index is not None:
+                ipr.link("del", index=index)
+
+        if self.uplink_host:
+            self.host.run(remove, self.uplink_host)
+        self.node.run(remove, self.bridge)
 
     def remove_netns(self) -> None:
         if self.netns and self.netns in pr_netns.listnetns():
             self.close()
             pr_netns.remove(self.netns)
 
-    # ---- TAPs ----------------------------------------------------------
-    def ensure_tap(self, vnode: str) -> str:
-        """The virtual node's TAP, on the bridge and up; created if missing."""
+    # ---- guests --------------------------------------------------------
+    def plug(self, vnode: str, address: str, mac: str) -> str:
+        """The virtual node's TAP, on the bridge and up (created if missing),
+        and the neighbour entries that make `address` reachable at `mac` at
+        once. Idempotent. Returns the TAP's name."""
         name = tap_name(vnode)
         try:
-            index = self._index(self.node, name)
-            if index is None:
-                self.node.link("add", ifname=name, kind="tuntap", mode="tap")
-                index = self._index(self.node, name)
-            bridge = self._index(self.node, self.bridge)
-            if bridge is None:
-                raise NetworkError(f"bridge {self.bridge} does not exist: the node is not configured")
-            self.node.link("set", index=index, master=bridge, state="up")
+            self.node.run(self._plug, name, vnode, address, mac)
+            if self.netns:
+                self.host.run(self._set_neighbour, self.uplink_host, address, mac)
         except NetlinkError as exc:
-            raise NetworkError(f"cannot set up TAP {name} for {vnode}: {os.strerror(exc.code)}") from None
+            raise NetworkError(f"cannot plug {vnode} in (TAP {name}): {os.strerror(exc.code)}") from None
         return name
 
-    def remove_tap(self, vnode: str) -> None:
-        name = tap_name(vnode)
-        index = self._index(self.node, name)
+    def _plug(self, ipr: IPRoute, name: str, vnode: str, address: str, mac: str) -> None:
+        index = self._index(ipr, name)
         if index is None:
-            return
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            index = self._index(ipr, name)
+        bridge = self._index(ipr, self.bridge)
+        if bridge is None:
+            raise NetworkError(f"bridge {self.bridge} does not exist: the node is not configured")
+        ipr.link("set", index=index, master=bridge, state="up",
+                 ifalias=f"{TAP_ALIAS_TAG} vnode={vnode} address={address}")
+        self._set_neighbour(ipr, self.bridge, address, mac)
+
+    def unplug(self, vnode: str) -> None:
+        """Remove the virtual node's neighbour entries and TAP; nothing to
+        remove is fine."""
+        name = tap_name(vnode)
         try:
-            self.node.link("del", index=index)
+            address = self.node.run(self._unplug, name)
+            if address and self.netns:
+                self.host.run(self._del_neighbour, self.uplink_host, address)
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
-                raise NetworkError(f"cannot remove TAP {name} of {vnode}: {os.strerror(exc.code)}") from None
+                raise NetworkError(f"cannot unplug {vnode} (TAP {name}): {os.strerror(exc.code)}") from None
+
+    def _unplug(self, ipr: IPRoute, name: str) -> str:
+        index = self._index(ipr, name)
+        if index is None:
+            return ""
+        alias = ipr.link("get", index=index)[0].get_attr("IFLA_IFALIAS") or ""
+        fields = dict(word.split("=", 1) for word in alias.split() if "=" in word)
+        address = fields.get("address", "")
+        if address:
+            self._del_neighbour(ipr, self.bridge, address)
+        ipr.link("del", index=index)
+        return address
 
     def taps(self) -> list[str]:
-        return [link.get_attr("IFLA_IFNAME") for link in self.node.get_links()
-                if (link.get_attr("IFLA_IFNAME") or "").startswith("st")]
+        def names(ipr: IPRoute) -> list[str]:
+            return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+        return [n for n in self.node.run(names) if (n or "").startswith("st")]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from soda.agent.network import NodeNetwork
+from soda.agent.network import NodeNetwork, tap_name
 from soda.errors import NotFound, SodaError
+from soda.hypervisors.base import guest_mac
 from soda.model import Usage, VirtualNode
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class NodePlumbing(GuestPlumbing):
         if hypervisor not in REAL_HYPERVISORS:
             return {}
         try:
-            tap = self.network.ensure_tap(want.name)
+            tap = self.network.plug(want.name, want.address, guest_mac(want.address))
             cgroups = (self.daemon.apply_limits(want.name, want.resources, hypervisor, tap,
                                                 cpu_cap=want.cpu_cap).cgroups
                        if self.daemon is not None else ())
@@ -73,7 +74,7 @@ class NodePlumbing(GuestPlumbing):
         # in place: the guest keeps running.
         if hypervisor in REAL_HYPERVISORS and self.daemon is not None:
             self.daemon.apply_limits(want.name, want.resources, hypervisor,
-                                     self.network.ensure_tap(want.name), cpu_cap=want.cpu_cap)
+                                     tap_name(want.name), cpu_cap=want.cpu_cap)
 
     def usage(self, name: str, hypervisor: str) -> Usage | None:
         if hypervisor not in REAL_HYPERVISORS or self.daemon is None:
@@ -98,4 +99,4 @@ class NodePlumbing(GuestPlumbing):
         # removes the qdiscs that sit on the TAP.
         if self.daemon is not None:
             self.daemon.release_limits(name)
-        self.network.remove_tap(name)
+        self.network.unplug(name)

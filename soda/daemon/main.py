@@ -30,7 +30,7 @@ from soda.daemon.limits import LimitManager
 from soda.daemon.tc import NetlinkShaper, NetlinkThread
 from soda.errors import InvalidSpec, SodaError, WrongState
 from soda.proto.v1 import daemon_pb2, daemon_pb2_grpc
-from soda.service import serve_until_stopped, setup_logging, stop_event_on_signals
+from soda.service import forbid_fork, serve_until_stopped, setup_logging, stop_event_on_signals
 
 log = logging.getLogger("soda.daemon")
 
@@ -83,7 +83,6 @@ class DaemonServer:
         self.cfg = cfg
         self.socket_path = os.path.abspath(cfg.socket)
         claim_socket_path(self.socket_path)
-        # Netlink (which may fork into cfg.netns) before the gRPC server exists.
         self.manager = manager if manager is not None else build_manager(cfg)
         self._socket_ino: int | None = None
         try:
@@ -165,6 +164,7 @@ def main(argv=None) -> int:
     except (SodaError, OSError) as exc:
         print(f"soda-daemon: error: {exc}", file=sys.stderr)
         return 1
+    forbid_fork("soda-daemon serves gRPC; netlink runs on its own thread (soda.netlink)")
     return serve_until_stopped(server, stop)
 
 

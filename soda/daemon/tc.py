@@ -13,10 +13,9 @@ restarted Daemon finds and releases everything from the kernel alone.
 This is the only Daemon module that imports pyroute2. It must never delete
 the TAP (the Agent owns it). Netlink errors are matched by errno.
 
-pyroute2 keeps one netlink socket and asyncio loop per thread and forks to
-enter a network namespace, and a gRPC server must not fork once started: so
-every netlink call runs on one thread (`NetlinkThread`) whose socket is
-opened before the server starts.
+Every netlink call runs on one thread (soda.netlink.NetlinkThread), which
+enters the TAPs' namespace without forking: a started gRPC server must not
+fork.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import abc
 import errno
 import hashlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,6 +33,7 @@ from pyroute2.netlink.rtnl import TC_H_INGRESS, TC_H_ROOT
 from pyroute2.netlink.rtnl.tcmsg.common import TIME_UNITS_PER_SEC, tick_in_usec
 
 from soda import errors
+from soda.netlink import NetlinkThread
 
 log = logging.getLogger(__name__)
 
@@ -122,37 +121,6 @@ class Shaper(abc.ABC):
 
     def close(self) -> None:
         pass
-
-
-class NetlinkThread:
-    """One IPRoute (in `netns`, "" = ours) used from one thread only."""
-
-    def __init__(self, netns: str = ""):
-        self.netns = netns
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
-        try:
-            self._ipr = self._pool.submit(self._open).result()
-        except BaseException:
-            self._pool.shutdown()
-            raise
-
-    def _open(self) -> IPRoute:
-        if not self.netns:
-            return IPRoute()
-        try:
-            # flags=0: use the namespace, never create it (pyroute2's default does).
-            return IPRoute(netns=self.netns, flags=0)
-        except FileNotFoundError:
-            raise errors.NotFound(f"network namespace {self.netns} does not exist") from None
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._pool.submit(fn, self._ipr, *args).result()
-
-    def close(self) -> None:
-        try:
-            self._pool.submit(self._ipr.close).result()
-        finally:
-            self._pool.shutdown()
 
 
 class NetlinkShaper(Shaper):

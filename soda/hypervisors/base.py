@@ -197,7 +197,7 @@ def guest_mac(address: str) -> str:
     new guest at a reused address stays unreachable from peers that still
     hold the old guest's MAC (the host's neighbour entry on the node's
     uplink, so the Switch) until their entry fails: 5 to 60 s of "no
-    route to host" after create --wait said RUNNING (issue 7). Every driver uses it."""
+    route to host" after create --wait said RUNNING. Every driver uses it."""
     try:
         octets = [int(part) for part in address.split(".")]
     except ValueError:

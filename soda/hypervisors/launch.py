@@ -14,16 +14,14 @@ memory included, is charged to the guest.
 
 Anything that fails before the exec ends it with one line on stderr and
 status 1 (127 if ARGV cannot be executed). It owns nothing else: no logging
-setup, no SODA imports, so that it starts fast.
+setup and no SODA imports beyond soda.netns, so that it starts fast.
 """
 
 import os
 import sys
 
-CLONE_NEWNET = 0x40000000
 ADDR_NO_RANDOMIZE = 0x0040000
 PERSONALITY_QUERY = 0xFFFFFFFF
-NETNS_DIR = "/run/netns"
 USAGE = ("usage: python -m soda.hypervisors.launch [--netns NAME] [--cgroup DIR]... "
          "[--no-aslr] [--log FILE] -- ARGV...")
 
@@ -79,18 +77,13 @@ def join_cgroup(directory: str) -> None:
 
 
 def enter_netns(name: str) -> None:
-    path = os.path.join(NETNS_DIR, name)
+    # soda.netns and soda.errors import nothing heavy: start-up stays fast.
+    from soda.errors import SodaError
+    from soda.netns import enter_netns as setns
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise LaunchError(f"cannot open network namespace {path}: {e.strerror or e}") from None
-    try:
-        ctypes, libc = _libc()
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise LaunchError(f"cannot enter network namespace {name}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+        setns(name)
+    except (SodaError, OSError) as e:
+        raise LaunchError(f"cannot enter network namespace {name}: {e}") from None
 
 
 def disable_aslr() -> None:

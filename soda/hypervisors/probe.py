@@ -7,26 +7,16 @@ not know guests, records or drivers.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import socket
 import threading
 
+from soda.errors import SodaError
+from soda.netns import enter_netns
+
 log = logging.getLogger(__name__)
 
-NETNS_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
 PROBE_TIMEOUT = 0.2
-
-_libc_handle = None
-
-
-def _libc():
-    global _libc_handle
-    if _libc_handle is None:
-        _libc_handle = ctypes.CDLL(None, use_errno=True)
-    return _libc_handle
 
 
 def probe_tcp(address: str, port: int, netns: str = "", timeout: float = PROBE_TIMEOUT) -> bool:
@@ -39,15 +29,10 @@ def probe_tcp(address: str, port: int, netns: str = "", timeout: float = PROBE_T
 
     def run() -> None:
         try:
-            fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            enter_netns(netns)
+        except (SodaError, OSError) as exc:
+            log.debug("probe cannot enter %s: %s", netns, exc)
             return
-        try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
-                log.debug("setns(%s): %s", netns, os.strerror(ctypes.get_errno()))
-                return
-        finally:
-            os.close(fd)
         result[0] = _connect(address, port, timeout)
 
     thread = threading.Thread(target=run, name=f"probe-{netns}", daemon=True)

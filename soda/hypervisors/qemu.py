@@ -55,7 +55,8 @@ from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, Wro
 from soda.hypervisors import process
 from soda.hypervisors.base import (check_guest_name, Clock, guest_mac, GuestInfo,
                                   GuestSpec, spec_as_dict, write_json_atomic)
-from soda.hypervisors.probe import NETNS_DIR, PROBE_TIMEOUT
+from soda.hypervisors.probe import PROBE_TIMEOUT
+from soda.netns import NETNS_DIR
 from soda.hypervisors.recorded import RecordedGuestDriver
 from soda.hypervisors.qmp import qmp
 

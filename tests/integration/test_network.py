@@ -12,6 +12,8 @@ if os.geteuid() != 0:
     pytest.skip("node networking needs root (netns, bridges, TAPs)", allow_module_level=True)
 
 from soda.agent.network import NodeNetwork, tap_name, uplink_address  # noqa: E402
+from soda.hypervisors.base import guest_mac  # noqa: E402
+from soda.service import forbid_fork  # noqa: E402
 
 
 def links(netns=None):
@@ -23,6 +25,13 @@ def addrs(netns, dev):
     argv = ["ip", "-j"] + (["-n", netns] if netns else []) + ["addr", "show", "dev", dev]
     out = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
     return {(a["local"], a["prefixlen"]) for a in out[0]["addr_info"] if a["family"] == "inet"}
+
+
+def neighbours(netns, dev):
+    """{address: (lladdr, states)} of the IPv4 neighbour entries on `dev`."""
+    argv = ["ip", "-j", "-4"] + (["-n", netns] if netns else []) + ["neigh", "show", "dev", dev]
+    out = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout or "[]")
+    return {n["dst"]: (n.get("lladdr"), n.get("state")) for n in out}
 
 
 @pytest.fixture
@@ -44,20 +53,61 @@ def test_bridge_uplink_and_taps(net):
     inside = links(net.netns)
     assert "soda0" in inside and "UP" in inside["soda0"]["flags"]
     assert addrs(net.netns, "soda0") == {("10.233.7.1", 24)}
+    assert inside["soda0"]["address"] == "02:51:0a:e9:07:01"
     assert inside["uplink0"]["master"] == "soda0"
     assert addrs(None, net.uplink_host) == {(uplink_address(subnet), 24)}
     assert uplink_address(subnet) == "10.233.7.254"
 
-    tap = net.ensure_tap("web-0")
+    mac = guest_mac("10.233.7.2")
+    tap = net.plug("web-0", "10.233.7.2", mac)
     assert tap == tap_name("web-0") and len(tap) <= 15
-    assert net.ensure_tap("web-0") == tap                # idempotent
+    assert net.plug("web-0", "10.233.7.2", mac) == tap        # idempotent
     inside = links(net.netns)
     assert inside[tap]["master"] == "soda0"
     assert tap not in links(None)                        # stays in the namespace
-    net.remove_tap("web-0")
-    net.remove_tap("web-0")
+    # The guest is reachable at its MAC before it ever speaks: on the bridge
+    # and where the host's route to it leads (the uplink's host end).
+    assert neighbours(net.netns, "soda0") == {"10.233.7.2": (mac, ["PERMANENT"])}
+    assert neighbours(None, net.uplink_host) == {"10.233.7.2": (mac, ["PERMANENT"])}
+    net.unplug("web-0")
+    net.unplug("web-0")
     assert tap not in links(net.netns)
+    assert neighbours(net.netns, "soda0") == {}
+    assert neighbours(None, net.uplink_host) == {}
 
     net.teardown()
     assert "soda0" not in links(net.netns)
     assert net.uplink_host not in links(None)
+
+
+def test_plugging_from_fresh_threads_never_forks_with_grpc_alive(net):
+    """Start and stop pools grow threads on demand; pyroute2 used to fork
+    (to enter the namespace) from every new thread, and a fork with gRPC
+    threads alive aborted the child and then the Agent. With forks banned as
+    the Agent bans them, ten concurrent plugs and unplugs from fresh threads,
+    twenty times over, must all work."""
+    import grpc
+    from concurrent.futures import ThreadPoolExecutor
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    net.configure("10.233.8.0/24", "10.233.8.1")
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    allow_fork = forbid_fork("test: gRPC is serving")
+    try:
+        vnodes = {f"svc-{i}": f"10.233.8.{10 + i}" for i in range(10)}
+        for _ in range(20):
+            with ThreadPoolExecutor(max_workers=10) as pool:      # fresh threads each round
+                list(pool.map(lambda kv: net.plug(kv[0], kv[1], guest_mac(kv[1])), vnodes.items()))
+            assert {tap_name(v) for v in vnodes} <= set(links(net.netns))
+            assert set(neighbours(net.netns, "soda0")) == set(vnodes.values())
+            with ThreadPoolExecutor(max_workers=10) as pool:
+                list(pool.map(net.unplug, vnodes))
+            assert not {tap_name(v) for v in vnodes} & set(links(net.netns))
+            assert neighbours(net.netns, "soda0") == {}
+            assert neighbours(None, net.uplink_host) == {}
+    finally:
+        allow_fork()
+        server.stop(grace=0)

@@ -179,8 +179,8 @@ def test_launcher_fails_in_one_line(tmp_path):
                         "sodau-does-not-exist", "--", "/bin/true"], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        "soda-launch: cannot open network namespace /run/netns/sodau-does-not-exist: "
-        "No such file or directory"]
+        "soda-launch: cannot enter network namespace sodau-does-not-exist: "
+        "network namespace sodau-does-not-exist does not exist"]
     marker = tmp_path / "ran"
     r = subprocess.run([sys.executable, "-m", "soda.hypervisors.launch", "--cgroup",
                         str(tmp_path / "no-such-cgroup"), "--", "/bin/touch", str(marker)],

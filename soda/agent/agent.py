@@ -13,6 +13,13 @@ the life of the Agent's threads:
   reporter   phase changes as they happen (ReportStatus); a failed report
              is dropped, since the next heartbeat carries everything
   reconcile  Reconciler.run
+  health     every few seconds, whether the Agent can still work at all
+             (its state dir writable); if not, it stops with that reason
+
+A thread that raises something nobody foresaw is logged with its traceback
+and started again after a capped backoff: one bug in one code path must not
+take the node off the platform. Only `AgentBroken` (the Agent cannot work
+here at all) stops the Agent, with a one-line reason.
 
 Guests never depend on the Master: while it is away nothing is started or
 stopped for lack of news, and stopping the Agent leaves them running. It
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import threading
 from typing import Any, Callable, Iterable, Mapping
 
@@ -34,6 +42,21 @@ log = logging.getLogger(__name__)
 
 # Until the Master answers a heartbeat with its own period.
 DEFAULT_HEARTBEAT_SECONDS = 2.0
+HEALTH_CHECK_SECONDS = 5.0
+
+
+class AgentBroken(SodaError):
+    """The Agent cannot work on this node at all (not one guest's problem)."""
+
+
+def state_dir_problem(path: str) -> str:
+    """Why the Agent cannot keep its records in `path`, or "" when it can."""
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".soda-health-"):
+            pass
+    except OSError as exc:
+        return f"state dir {path} is not writable: {exc.strerror or exc}"
+    return ""
 
 
 def hypervisor_limits(drivers: Mapping[str, Any]) -> tuple[HypervisorLimit, ...]:
@@ -149,7 +172,9 @@ class Agent:
                  stop: threading.Event | None = None, backoff: Backoff | None = None,
                  heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
                  on_registered: Callable[[Node], None] | None = None,
-                 limits: Iterable[HypervisorLimit] = ()):
+                 limits: Iterable[HypervisorLimit] = (),
+                 health_check: Callable[[], str] | None = None,
+                 thread_backoff: Backoff | None = None):
         self._client = client
         self._reconciler = reconciler
         self._reporter = reporter
@@ -167,12 +192,16 @@ class Agent:
         # Node set-up that needs what the Master hands out (the subnet):
         # runs after every registration, before any assignment is applied.
         self._on_registered = on_registered
+        # Returns why the Agent cannot work at all ("" while it can).
+        self._health_check = health_check
+        self._thread_backoff = thread_backoff or Backoff(first=0.5, cap=30.0)
         self._heartbeat_now = threading.Event()
         self._registered = threading.Event()
         self._register_lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self.node: Node | None = None
         self.registrations = 0
+        self.thread_failures = 0
         self.failure: BaseException | None = None
 
     # ---- lifecycle ---------------------------------------------------------
@@ -180,7 +209,8 @@ class Agent:
         for name, target in (("reconcile", lambda: self._reconciler.run(self._stop)),
                              ("reporter", self._reporter.run),
                              ("heartbeat", self._heartbeats),
-                             ("session", self._session)):
+                             ("session", self._session),
+                             ("health", self._check_health)):
             thread = threading.Thread(target=self._guarded, args=(name, target),
                                       name=f"soda-agent-{name}", daemon=True)
             self._threads[name] = thread
@@ -192,7 +222,7 @@ class Agent:
         self._reconciler.close()
         self._reporter.close()
         self._heartbeat_now.set()
-        for name in ("reconcile", "reporter", "heartbeat"):
+        for name in ("reconcile", "reporter", "heartbeat", "health"):
             self._join(name, timeout)
         # The session thread may sit in the assignment stream; closing the
         # client cancels it. Only now: the other threads used the client too.
@@ -214,20 +244,36 @@ class Agent:
                 log.warning("agent thread %s did not stop within %.0fs", name, timeout)
 
     def _guarded(self, name: str, target: Callable[[], None]) -> None:
-        try:
-            target()
-        except BaseException as exc:
-            if self._stop.is_set() and self.failure is None:
-                # Shutting down: a call cut short by the closed client may
-                # raise whatever the transport raises.
-                log.debug("agent thread %s ended while stopping: %r", name, exc)
+        backoff = Backoff(self._thread_backoff.first, self._thread_backoff.cap)
+        while not self._stop.is_set():
+            try:
+                target()
                 return
-            # A bug, not a Master outage (those are SodaErrors, handled where
-            # they happen): stop the whole Agent rather than run crippled.
-            # Guests keep running and a restarted Agent adopts them.
-            log.exception("agent thread %s failed; stopping the Agent", name)
-            self.failure = self.failure or exc
-            self._stop.set()
+            except AgentBroken as exc:
+                log.error("stopping the Agent: %s", exc)
+                self.failure = self.failure or exc
+                self._stop.set()
+                return
+            except Exception as exc:
+                if self._stop.is_set():
+                    # Shutting down: a call cut short by the closed client
+                    # may raise whatever the transport raises.
+                    log.debug("agent thread %s ended while stopping: %r", name, exc)
+                    return
+                # A bug, not a Master outage (those are SodaErrors, handled
+                # where they happen). Guests keep running either way; the
+                # thread starts over, so the node stays on the platform.
+                delay = backoff.next()
+                log.exception("agent thread %s failed; starting it again in %.1fs", name, delay)
+                self.thread_failures += 1
+                self._stop.wait(delay)
+
+    def _check_health(self) -> None:
+        while self._health_check is not None and not self._stop.is_set():
+            problem = self._health_check()
+            if problem:
+                raise AgentBroken(problem)
+            self._stop.wait(HEALTH_CHECK_SECONDS)
 
     # ---- the session -----------------------------------------------------------
     def _session(self) -> None:

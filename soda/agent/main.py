@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 
-from soda.agent.agent import Agent, StatusReporter, hypervisor_limits
+from soda.agent.agent import Agent, StatusReporter, hypervisor_limits, state_dir_problem
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
@@ -151,7 +151,8 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
     on_registered = (lambda node: network.configure(node.subnet, node.gateway)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity,
                  config.hypervisors, stop=stop, on_registered=on_registered,
-                 limits=hypervisor_limits(guest_drivers))
+                 limits=hypervisor_limits(guest_drivers),
+                 health_check=lambda: state_dir_problem(config.state_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     sd_notify("STOPPING=1")
     agent.stop()
     if agent.failure is not None:
+        print(f"soda-agent: stopped: {agent.failure}", file=sys.stderr)
         return EXIT_FAILURE
     log.info("agent %s stopped; guests left running", config.name)
     return 0

@@ -8,6 +8,11 @@ find, the actions that close the gap, and each virtual node's observed phase:
     FAILED with a reason (a failed start, a crash); retried after a backoff
     STOPPING -> STOPPED, then forgotten once the Master no longer wants it
 
+Whatever one virtual node's start, stop or limit change raises — a
+SodaError, an OSError or a bug — fails that virtual node alone: it is
+FAILED with the reason and retried with backoff, and every other virtual
+node is reconciled as before.
+
 Every phase change goes to the reporter at once; `statuses()` is the
 complete inventory that heartbeats carry. It never talks to the Master and
 imports no grpc.
@@ -63,7 +68,7 @@ class Images(Protocol):
 class _Retry:
     failures: int = 0
     retry_at: float = 0.0
-    action: str = "start"        # what failed: "start" or "stop"
+    action: str = "start"        # what failed: "start", "stop" or "update"
 
 
 class Reconciler:
@@ -110,7 +115,6 @@ class Reconciler:
         self._oom_before: dict[str, int] = {}
         self._oom_guest: dict[str, int] = {}
         self._busy: set[str] = set()
-        self._fatal: BaseException | None = None
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._boots = ThreadPoolExecutor(max_parallel_boots, thread_name_prefix="soda-boot")
@@ -206,7 +210,7 @@ class Reconciler:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no start or stop is in flight (tests, shutdown)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._busy or self._fatal is not None, timeout)
+            return self._cond.wait_for(lambda: not self._busy, timeout)
 
     def close(self) -> None:
         """Stop acting; guests are left as they are. Boot workers stop
@@ -221,7 +225,6 @@ class Reconciler:
     # ---- one pass ------------------------------------------------------------
     def reconcile_once(self) -> None:
         with self._cond:
-            self._raise_fatal()
             # Taken before listing: an action that finishes while we list
             # would otherwise look like a missing guest and be started twice.
             busy_before = set(self._busy)
@@ -281,7 +284,7 @@ class Reconciler:
         current = self._status.get(name)
         if info.state == GUEST_RUNNING:
             if want is not None and info.ready and self._applied.get(name) != want.resources \
-                    and name not in self._busy:
+                    and name not in self._busy and not self._update_held(name, now):
                 self._submit_update(want, info)
             if current is not None and current.phase == Phase.RUNNING:
                 since = self._running_since.get(name, now)
@@ -323,28 +326,44 @@ class Reconciler:
     # ---- actions -------------------------------------------------------------
     def _submit_start(self, want: VirtualNode) -> None:
         self._busy.add(want.name)
-        self._track(want.name, self._boots.submit(self._start, want))
+        self._track(want.name, "start", want.generation, self._boots.submit(self._start, want))
 
     def _submit_update(self, want: VirtualNode, info: GuestInfo) -> None:
         self._busy.add(want.name)
-        self._track(want.name, self._stops.submit(self._update_limits, want))
+        self._track(want.name, "update", want.generation, self._stops.submit(self._update_limits, want))
 
     def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
         self._busy.add(name)
-        self._track(name, self._stops.submit(self._stop, name, driver_name, generation))
+        self._track(name, "stop", generation, self._stops.submit(self._stop, name, driver_name, generation))
 
-    def _track(self, name: str, future: Future) -> None:
-        future.add_done_callback(lambda f: self._done(name, f))
+    def _track(self, name: str, action: str, generation: int, future: Future) -> None:
+        future.add_done_callback(lambda f: self._done(name, action, generation, f))
 
-    def _done(self, name: str, future: Future) -> None:
+    def _done(self, name: str, action: str, generation: int, future: Future) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            # Not a SodaError or OSError (the actions turn those into phases
+            # themselves): a bug, or a library failing in a way nobody
+            # foresaw. It is this virtual node's problem only.
+            log.error("%s of virtual node %s failed unexpectedly", action, name, exc_info=exc)
         with self._cond:
             self._busy.discard(name)
-            if not future.cancelled() and future.exception() is not None:
-                # Not a SodaError or OSError (those become FAILED phases): a
-                # bug. The loop re-raises it so that the Agent stops loudly.
-                self._fatal = self._fatal or future.exception()
+            if exc is not None:
+                self._action_failed(name, action, f"unexpected error: {exc!r}", generation)
             self._cond.notify_all()
         self._wake.set()
+
+    def _action_failed(self, name: str, action: str, why: str, generation: int) -> None:
+        """Record that `action` of `name` failed and schedule its retry.
+        A failed limit change leaves the guest running on its old limits."""
+        if action == "update":
+            delay = self._schedule_retry(name, action, self._clock())
+            self._limits_error[name] = f"new limits not applied yet: {why} (retry in {delay:g}s)"
+            current = self._status.get(name)
+            if current is not None and current.phase == Phase.RUNNING:
+                self._record(name, Phase.RUNNING, self._limits_error[name], current.generation)
+        else:
+            self._failed(name, f"{action} failed: {why}", generation, self._clock(), action)
 
     def _start(self, want: VirtualNode) -> None:
         name, generation = want.name, want.generation
@@ -435,7 +454,7 @@ class Reconciler:
             log.warning("applying new limits to %s failed, retrying: %s", name, exc)
             with self._cond:
                 # The guest runs on with its old limits: say so in its status.
-                self._limits_error[name] = f"new limits not applied yet: {exc}"
+                self._action_failed(name, "update", str(exc), want.generation)
             return
         if not live:
             why = f"restarting: {memory} MiB of memory is more than it booted with"
@@ -446,6 +465,8 @@ class Reconciler:
         with self._cond:
             self._applied[name] = want.resources
             self._limits_error.pop(name, None)
+            if name in self._retry and self._retry[name].action == "update":
+                del self._retry[name]
         log.info("limits of %s now %s", name, want.resources.as_dict())
 
     def _stop(self, name: str, driver_name: str, generation: int) -> None:
@@ -482,6 +503,11 @@ class Reconciler:
             return (current is not None and not current.deleting
                     and current.generation == want.generation
                     and current.hypervisor == want.hypervisor)
+
+    def _update_held(self, name: str, now: float) -> bool:
+        """A limit change that failed is not tried again before its backoff."""
+        retry = self._retry.get(name)
+        return retry is not None and retry.action == "update" and now < retry.retry_at
 
     def _waiting_for_retry(self, name: str, now: float, action: str) -> bool:
         retry = self._retry.get(name)
@@ -521,13 +547,17 @@ class Reconciler:
             log.warning("virtual node %s failed: %s", name, reason)
         self._reporter.report([new])
 
-    def _failed(self, name: str, reason: str, generation: int, now: float,
-                action: str = "start") -> None:
+    def _schedule_retry(self, name: str, action: str, now: float) -> float:
         retry = self._retry.setdefault(name, _Retry())
         retry.failures += 1
         retry.action = action
         delay = min(self._backoff_max, self._backoff * 2 ** (retry.failures - 1))
         retry.retry_at = now + delay
+        return delay
+
+    def _failed(self, name: str, reason: str, generation: int, now: float,
+                action: str = "start") -> None:
+        delay = self._schedule_retry(name, action, now)
         self._running_since.pop(name, None)
         self._record(name, Phase.FAILED, f"{reason} (retry in {delay:g}s)", generation)
 
@@ -547,7 +577,3 @@ class Reconciler:
     def _fail(self, name: str, reason: str, generation: int, action: str = "start") -> None:
         with self._cond:
             self._failed(name, reason, generation, self._clock(), action)
-
-    def _raise_fatal(self) -> None:
-        if self._fatal is not None:
-            raise self._fatal

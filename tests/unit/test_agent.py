@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from soda.agent.agent import Agent, Backoff, StatusReporter
+from soda.agent.agent import Agent, Backoff, StatusReporter, state_dir_problem
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
 from soda.agent.main import build_config, main, parse_args
@@ -281,15 +281,60 @@ def test_a_master_that_forgot_the_node_gets_a_new_registration(tmp_path):
         wait_for(lambda: master.known and master.last_heartbeat().get("web-0") is not None)
 
 
-def test_a_bug_stops_the_agent_with_its_failure(tmp_path):
+def test_a_bug_in_one_vnode_leaves_the_agent_and_the_other_vnodes_going(tmp_path):
     class BrokenDriver(FakeDriver):
         def start(self, spec):
-            raise RuntimeError("driver bug")
+            if spec.name == "web-1":
+                raise RuntimeError("driver bug")
+            return super().start(spec)
 
+    master = FakeMaster([vnode("web-0"), vnode("web-1")])
+    with Harness(tmp_path, master, driver=BrokenDriver(str(tmp_path / "state"),
+                                                       boot_seconds=0, sleep=lambda s: None)) as h:
+        wait_for(h.running("web-0"))
+        wait_for(lambda: master.last_phase("web-1") == Phase.FAILED)
+        beats = len(master.heartbeats)
+        master.upsert(vnode("web-2"))
+        wait_for(h.running("web-2"))
+        wait_for(lambda: len(master.heartbeats) > beats + 2, what="heartbeats going on")
+        assert not h.agent.stopped.is_set() and h.agent.failure is None
+        assert "driver bug" in master.last_heartbeat()["web-1"].reason
+
+
+def test_a_thread_that_raises_is_started_again_and_the_agent_keeps_going(tmp_path):
     master = FakeMaster([vnode("web-0")])
-    with Harness(tmp_path, master, driver=BrokenDriver(str(tmp_path / "state"))) as h:
+    h = Harness(tmp_path, master)
+    real = h.reconciler.statuses_with_usage
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise ValueError("heartbeat bug")
+        return real()
+
+    h.reconciler.statuses_with_usage = flaky
+    h.agent._thread_backoff = Backoff(0.01, 0.05)
+    with h:
+        wait_for(h.running("web-0"))
+        wait_for(lambda: master.last_heartbeat().get("web-0") is not None, what="a heartbeat")
+        assert h.agent.thread_failures >= 2
+        assert not h.agent.stopped.is_set() and h.agent.failure is None
+
+
+def test_an_agent_that_cannot_work_here_stops_with_one_line(tmp_path):
+    master = FakeMaster([])
+    h = Harness(tmp_path, master)
+    h.agent._health_check = lambda: "state dir /x is not writable: Read-only file system"
+    with h:
         assert h.agent.stopped.wait(5)
-        assert isinstance(h.agent.failure, RuntimeError)
+        assert str(h.agent.failure) == "state dir /x is not writable: Read-only file system"
+
+
+def test_state_dir_problem_names_an_unwritable_dir(tmp_path):
+    assert state_dir_problem(str(tmp_path)) == ""
+    missing = str(tmp_path / "gone")
+    assert state_dir_problem(missing).startswith(f"state dir {missing} is not writable: ")
 
 
 def test_backoff_doubles_to_its_cap_and_resets():

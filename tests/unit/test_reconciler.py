@@ -1,6 +1,7 @@
 """The reconciler against the fake driver, a recording reporter, a fake
 image cache and (where timing matters) a fake clock."""
 
+import dataclasses
 import threading
 import time
 
@@ -328,16 +329,90 @@ def test_run_loop_converges_and_close_leaves_guests_running(setup):
     assert setup.driver.list()["web-0"].state == RUNNING
 
 
-def test_a_bug_in_a_driver_is_raised_not_swallowed(tmp_path, image):
+def test_a_bug_in_one_vnodes_start_fails_that_vnode_only_and_is_retried(tmp_path, image):
     class BrokenDriver(FakeDriver):
         def start(self, spec):
-            raise RuntimeError("driver bug")
+            if spec.name == "web-1":
+                raise RuntimeError("driver bug")
+            return super().start(spec)
 
-    s = Setup(tmp_path, image, driver=BrokenDriver(str(tmp_path / "state")))
+    clock = FakeClock()
+    s = Setup(tmp_path, image, clock=clock, driver=BrokenDriver(str(tmp_path / "state")))
+    s.rec.replace_desired([vnode("web-0"), vnode("web-1"), vnode("web-2")])
+    s.converge()
+    assert s.phase("web-0") == s.phase("web-2") == P.RUNNING
+    failed = s.rec.status("web-1")
+    assert failed.phase == P.FAILED
+    assert "driver bug" in failed.reason and "retry in 1s" in failed.reason
+    s.converge()                                   # reconciling goes on, nothing raises
+    assert s.phase("web-0") == s.phase("web-2") == P.RUNNING
+    clock.now += 1.0
+    s.converge()                                   # retried after the backoff, failing again
+    assert "retry in 2s" in s.rec.status("web-1").reason
+    s.rec.close()
+
+
+def test_a_bug_in_a_stop_fails_that_vnode_only_and_is_retried(tmp_path, image):
+    class BrokenStop(FakeDriver):
+        broken = True
+
+        def stop(self, name, timeout):
+            if name == "web-0" and self.broken:
+                raise KeyError("stop bug")
+            return super().stop(name, timeout)
+
+    clock = FakeClock()
+    driver = BrokenStop(str(tmp_path / "state"))
+    s = Setup(tmp_path, image, clock=clock, driver=driver)
+    s.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    s.converge()
+    s.rec.replace_desired([vnode("web-1"), vnode("web-2")])
+    s.converge()
+    assert s.phase("web-0") == P.FAILED and "stop bug" in s.rec.status("web-0").reason
+    assert s.phase("web-1") == s.phase("web-2") == P.RUNNING
+    driver.broken = False
+    clock.now += 1.0
+    s.converge()
+    s.converge()
+    assert "web-0" not in driver.list() and s.phase("web-0") is None
+    s.rec.close()
+
+
+def test_a_bug_in_a_limit_change_keeps_the_guest_running_and_backs_off(tmp_path, image):
+    calls = []
+
+    class BrokenPlumbing:
+        def prepare(self, want, hypervisor):
+            return {}
+
+        def update(self, want, hypervisor):
+            calls.append(want.name)
+            raise ZeroDivisionError("update bug")
+
+        def release(self, name, hypervisor):
+            pass
+
+        def usage(self, name, hypervisor):
+            return None
+
+    clock = FakeClock()
+    s = Setup(tmp_path, image, clock=clock, plumbing=BrokenPlumbing())
     s.rec.replace_desired([vnode("web-0")])
     s.converge()
-    with pytest.raises(RuntimeError, match="driver bug"):
-        s.rec.reconcile_once()
+    s.converge()                                    # adopted limits differ from nothing: no update yet
+    resized = dataclasses.replace(vnode("web-0"), resources=Resources(cpu=1.0, memory=64,
+                                                                      bandwidth=10, disk=64))
+    s.rec.replace_desired([resized])
+    s.converge()
+    status = s.rec.status("web-0")
+    assert status.phase == P.RUNNING and "update bug" in status.reason
+    tries = len(calls)
+    s.converge()
+    s.converge()
+    assert len(calls) == tries                      # held back until the backoff passes
+    clock.now += 1.0
+    s.converge()
+    assert len(calls) == tries + 1
     s.rec.close()
 
 

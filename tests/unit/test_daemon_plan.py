@@ -1,84 +1,201 @@
-"""plan(): resources -> cpu.shares, CFS quota, memory limit, pids, HTB rate."""
+"""plan(): resources -> cpu.shares, CFS quota, memory limit, pids, HTB rate.
+
+Checked as properties a fence must have (shares in the ratio of the cores
+asked, limits that only grow with the request, the kernel's bounds, the
+VMM's headroom, a cap that changes the quota and nothing else), plus the
+few values users read in the README, not by repeating plan()'s formulas."""
+
+import dataclasses
+import math
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from soda.daemon.config import DaemonConfig, HeadroomConfig
 from soda.daemon.plan import MIB, NO_QUOTA, burst_bytes, plan
 from soda.errors import InvalidSpec
-from soda.model import Resources
+from soda.model import RESOURCE_BOUNDS, Resources
 
 CFG = DaemonConfig()
+# What the kernel accepts (cpu.shares MIN/MAX_SHARES, the 1 ms CFS minimum):
+# written here, not imported, so a wrong bound in plan.py shows.
+KERNEL_MIN_SHARES, KERNEL_MAX_SHARES = 2, 1 << 18
+KERNEL_MIN_QUOTA_US = 1000
+
+cores = st.floats(*RESOURCE_BOUNDS["cpu"], allow_nan=False, allow_infinity=False)
+# Below 256 cores the shares are not clamped at the kernel's maximum.
+unclamped_cores = st.floats(RESOURCE_BOUNDS["cpu"][0], 256.0)
+mebibytes = st.integers(*RESOURCE_BOUNDS["memory"])
+megabits = st.integers(*RESOURCE_BOUNDS["bandwidth"])
+hypervisors = st.sampled_from(["uml", "qemu", "fake"])
+periods = st.integers(1000, 1_000_000)
 
 
-def test_half_a_core_uncapped_uml():
-    lim = plan(Resources(cpu=0.5, memory=64, bandwidth=10, disk=256), "uml", False, CFG)
-    assert lim.cpu_shares == 512
-    assert lim.cpu_quota_us == NO_QUOTA
-    assert lim.cpu_period_us == 100_000
-    assert lim.memory_bytes == (64 + 32) * MIB
-    assert lim.pids_max == 512
-    assert lim.rate_bit == 10_000_000
-    assert lim.burst_bytes == 32 * 1024      # 10 ms at 10 Mbit is less than the floor
+def limits(cpu=1.0, memory=64, bandwidth=0, hv="uml", cap=False, cfg=CFG):
+    return plan(Resources(cpu=cpu, memory=memory, bandwidth=bandwidth), hv, cap, cfg)
 
 
-def test_cap_is_cores_times_period():
-    lim = plan(Resources(cpu=1.5, memory=128), "qemu", True, CFG)
-    assert lim.cpu_shares == 1536
-    assert lim.cpu_quota_us == 150_000
-    assert lim.memory_bytes == (128 + 160) * MIB
+# ---- what users read ---------------------------------------------------------
+
+def test_the_papers_half_and_whole_core_get_shares_1_to_2():
+    half, whole = limits(cpu=0.5).cpu_shares, limits(cpu=1.0).cpu_shares
+    assert whole == 2 * half
+    # One core is the kernel's default weight, so a guest of one core
+    # competes evenly with any unfenced task group.
+    assert whole == 1024
 
 
-def test_fake_has_no_headroom_and_no_bandwidth_means_unshaped():
-    lim = plan(Resources(cpu=1, memory=64), "fake", False, CFG)
-    assert lim.memory_bytes == 64 * MIB
+def test_unshaped_means_no_rate_and_no_bucket():
+    lim = limits(bandwidth=0)
     assert lim.rate_bit == 0 and lim.burst_bytes == 0
 
 
-def test_config_changes_headroom_pids_and_period():
-    cfg = DaemonConfig(headroom=HeadroomConfig(uml=10), pids_max=64, cpu_period_us=50_000)
-    lim = plan(Resources(cpu=0.25, memory=32), "uml", True, cfg)
-    assert lim.memory_bytes == 42 * MIB
-    assert lim.pids_max == 64
-    assert (lim.cpu_period_us, lim.cpu_quota_us) == (50_000, 12_500)
+def test_bandwidth_is_in_si_megabits():
+    assert limits(bandwidth=10).rate_bit == 10_000_000      # tc's "10mbit", not 10 MiB
 
 
-def test_tiny_cap_respects_kernel_minimum_quota():
-    lim = plan(Resources(cpu=0.01, memory=32), "fake", True, DaemonConfig(cpu_period_us=10_000))
-    assert lim.cpu_quota_us == 1000
-    assert lim.cpu_shares == 10
+# ---- CPU ---------------------------------------------------------------------
+
+@given(cpu=unclamped_cores, k=st.integers(2, 8))
+def test_shares_follow_the_ratio_of_cores(cpu, k):
+    assume(cpu * k <= 256)
+    one, many = limits(cpu=cpu).cpu_shares, limits(cpu=cpu * k).cpu_shares
+    # Each side rounds to a whole share at most: k times the cores is k times
+    # the shares, give or take that rounding.
+    assert abs(many - k * one) <= (k + 1) / 2 + 1e-9, (cpu, k, one, many)
 
 
-def test_burst_grows_with_rate():
-    assert burst_bytes(1_000_000_000, CFG) == 1_250_000     # 10 ms at 1 Gbit/s
+@given(a=unclamped_cores, b=unclamped_cores)
+def test_two_guests_split_a_core_as_their_cores(a, b):
+    sa, sb = limits(cpu=a).cpu_shares, limits(cpu=b).cpu_shares
+    # A share of a core is off by at most half a share's worth on each side.
+    assert abs(sa / (sa + sb) - a / (a + b)) <= 1 / (sa + sb) + 1e-9, (a, b, sa, sb)
+
+
+@given(a=cores, b=cores, cap=st.booleans())
+def test_more_cores_never_get_fewer_shares_or_less_quota(a, b, cap):
+    lo, hi = sorted((a, b))
+    small, big = limits(cpu=lo, cap=cap), limits(cpu=hi, cap=cap)
+    assert small.cpu_shares <= big.cpu_shares
+    assert small.cpu_quota_us <= big.cpu_quota_us
+
+
+@given(cpu=cores, cap=st.booleans(), hv=hypervisors)
+def test_shares_stay_within_the_kernels_bounds(cpu, cap, hv):
+    lim = limits(cpu=cpu, cap=cap, hv=hv)
+    assert KERNEL_MIN_SHARES <= lim.cpu_shares <= KERNEL_MAX_SHARES
+
+
+def test_shares_saturate_at_the_kernels_maximum():
+    assert limits(cpu=RESOURCE_BOUNDS["cpu"][1]).cpu_shares == KERNEL_MAX_SHARES
+    assert limits(cpu=300).cpu_shares == limits(cpu=1000).cpu_shares == KERNEL_MAX_SHARES
+
+
+@given(cpu=cores, period=periods)
+def test_a_cap_grants_the_cores_asked_per_period(cpu, period):
+    lim = limits(cpu=cpu, cap=True, cfg=DaemonConfig(cpu_period_us=period))
+    assert lim.cpu_period_us == period
+    assert lim.cpu_quota_us >= KERNEL_MIN_QUOTA_US
+    if lim.cpu_quota_us > KERNEL_MIN_QUOTA_US:
+        # Quota / period is the fraction of one core: the cores asked, to a microsecond.
+        assert abs(lim.cpu_quota_us - cpu * period) <= 0.5 + 1e-6, (cpu, period, lim)
+    else:
+        assert cpu * period <= KERNEL_MIN_QUOTA_US + 0.5
+
+
+def test_a_tiny_cap_is_raised_to_the_kernels_minimum_quota():
+    lim = limits(cpu=0.01, cap=True, cfg=DaemonConfig(cpu_period_us=10_000))
+    assert lim.cpu_quota_us == KERNEL_MIN_QUOTA_US        # 0.01 x 10 ms = 100 us is refused by the kernel
+
+
+@given(cpu=cores, memory=mebibytes, bw=st.integers(0, 400_000), hv=hypervisors)
+def test_the_cap_changes_the_quota_and_nothing_else(cpu, memory, bw, hv):
+    free = limits(cpu=cpu, memory=memory, bandwidth=bw, hv=hv, cap=False)
+    capped = limits(cpu=cpu, memory=memory, bandwidth=bw, hv=hv, cap=True)
+    assert free.cpu_quota_us == NO_QUOTA
+    assert capped.cpu_quota_us > 0
+    assert dataclasses.replace(capped, cpu_quota_us=NO_QUOTA) == free
+
+
+# ---- memory --------------------------------------------------------------------
+
+@given(memory=mebibytes, hv=st.sampled_from(["uml", "qemu"]))
+def test_a_vmm_gets_headroom_above_its_guests_memory(memory, hv):
+    assert limits(memory=memory, hv=hv).memory_bytes > memory * MIB
+
+
+@given(memory=mebibytes)
+def test_a_fake_guest_is_limited_to_its_memory_exactly(memory):
+    assert limits(memory=memory, hv="fake").memory_bytes == memory * MIB
+
+
+@given(a=mebibytes, b=mebibytes, hv=hypervisors)
+def test_each_extra_mib_of_guest_raises_the_limit_by_one_mib(a, b, hv):
+    # The headroom is per VMM, not per MiB: the limit grows exactly with the guest.
+    la, lb = limits(memory=a, hv=hv).memory_bytes, limits(memory=b, hv=hv).memory_bytes
+    assert lb - la == (b - a) * MIB
+
+
+@given(memory=mebibytes, extra=st.integers(0, 4096))
+def test_configured_headroom_is_what_the_limit_adds(memory, extra):
+    base = limits(memory=memory, hv="uml", cfg=DaemonConfig(headroom=HeadroomConfig(uml=0)))
+    more = limits(memory=memory, hv="uml", cfg=DaemonConfig(headroom=HeadroomConfig(uml=extra)))
+    assert more.memory_bytes - base.memory_bytes == extra * MIB
+
+
+def test_pids_limit_comes_from_the_config():
+    assert limits(cfg=DaemonConfig(pids_max=64)).pids_max == 64
+    assert limits().pids_max > 0
+
+
+# ---- bandwidth -----------------------------------------------------------------
+
+@given(a=megabits, b=megabits)
+def test_more_bandwidth_never_gets_a_lower_rate_or_a_smaller_bucket(a, b):
+    lo, hi = sorted((a, b))
+    small, big = limits(bandwidth=lo), limits(bandwidth=hi)
+    assert small.rate_bit <= big.rate_bit
+    assert small.burst_bytes <= big.burst_bytes
+    assert (small.rate_bit < big.rate_bit) == (lo < hi)
+
+
+@given(a=megabits, b=megabits)
+def test_rates_add_up(a, b):
+    assume(a + b <= RESOURCE_BOUNDS["bandwidth"][1])
+    assert limits(bandwidth=a + b).rate_bit == limits(bandwidth=a).rate_bit + limits(bandwidth=b).rate_bit
+
+
+@given(bw=megabits, burst_ms=st.floats(0.1, 100), floor=st.integers(1, 1 << 20))
+def test_the_bucket_holds_a_tick_at_full_rate_and_never_less_than_the_floor(bw, burst_ms, floor):
+    cfg = DaemonConfig(burst_ms=burst_ms, burst_min_bytes=floor)
+    lim = limits(bandwidth=bw, cfg=cfg)
+    assert lim.burst_bytes >= floor
+    # A bucket smaller than burst_ms at the rate would cap the rate below what was asked.
+    assert lim.burst_bytes * 8 >= lim.rate_bit * burst_ms / 1000 - 8
+    # ... and not much more: a huge bucket lets bursts through unshaped.
+    assert lim.burst_bytes <= max(floor, math.ceil(lim.rate_bit * burst_ms / 1000 / 8))
+
+
+def test_burst_of_nothing_is_nothing():
     assert burst_bytes(0, CFG) == 0
 
+
+# ---- refused -------------------------------------------------------------------
 
 @pytest.mark.parametrize("res, hv", [
     (Resources(cpu=0, memory=64), "uml"),
     (Resources(cpu=-1, memory=64), "uml"),
     (Resources(cpu=float("nan"), memory=64), "uml"),
+    (Resources(cpu=float("inf"), memory=64), "uml"),
     (Resources(cpu=5000, memory=64), "uml"),
     (Resources(cpu=1, memory=0), "uml"),
+    (Resources(cpu=1, memory=8), "uml"),
     (Resources(cpu=1, memory=64, bandwidth=-5), "uml"),
+    (Resources(cpu=1, memory=64, bandwidth=10**9), "uml"),
     (Resources(cpu=1, memory=64), "xen"),
     (Resources(cpu=1, memory=64), ""),
 ])
 def test_bad_requests_are_invalid(res, hv):
     with pytest.raises(InvalidSpec):
         plan(res, hv, False, CFG)
-
-
-@given(cpu=st.floats(0.01, 256), memory=st.integers(16, 1 << 20), bw=st.integers(1, 400_000),
-       hv=st.sampled_from(["uml", "qemu", "fake"]), cap=st.booleans())
-def test_plan_properties(cpu, memory, bw, hv, cap):
-    lim = plan(Resources(cpu=cpu, memory=memory, bandwidth=bw), hv, cap, CFG)
-    assert lim.cpu_shares == round(1024 * cpu)
-    assert lim.memory_bytes == (memory + getattr(CFG.headroom, hv)) * MIB
-    assert lim.rate_bit == bw * 1_000_000
-    assert lim.burst_bytes >= CFG.burst_min_bytes
-    if cap:
-        assert lim.cpu_quota_us == max(1000, round(cpu * 100_000))
-    else:
-        assert lim.cpu_quota_us == NO_QUOTA

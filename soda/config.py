@@ -53,6 +53,9 @@ class UmlDriverConfig:
     # "auto": SODA's own kernel (scripts/build-guest-kernel) when built, else
     # Debian's /usr/bin/linux.uml; or a kernel's path.
     kernel: str = "auto"
+    # MiB each guest's UML process needs above its memory; 0 = the driver's
+    # own figure (32). Placement and the Daemon's memory limit both add it.
+    memory_overhead: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class QemuDriverConfig:
     initramfs: str = "auto"
     # "auto": KVM if a bounded probe boots a kernel with it, else TCG.
     accel: str = "auto"
+    # MiB each guest's QEMU process needs above its memory; 0 = the
+    # driver's own figure (160, TCG).
+    memory_overhead: int = 0
 
 
 @dataclass(frozen=True)

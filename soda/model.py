@@ -246,10 +246,13 @@ class Service:
 @dataclass(frozen=True)
 class HypervisorLimit:
     """The smallest guest a node boots under one hypervisor, set by the
-    kernel it boots (SODA's UML kernel: 16 MiB, Debian's: 32)."""
+    kernel it boots (SODA's UML kernel: 16 MiB, Debian's: 32), and what
+    each guest's hypervisor process costs the node beyond the guest's own
+    memory (the Daemon's memory limit adds it; placement counts it)."""
     hypervisor: str
     min_memory: int                 # MiB
     kernel: str = ""                # which kernel, as the node names it
+    memory_overhead: int = 0        # MiB per guest above its memory
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,11 @@ class Node:
 
     def limit(self, hypervisor: str) -> HypervisorLimit | None:
         return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)
+
+    def memory_overhead(self, hypervisor: str) -> int:
+        """MiB a guest under `hypervisor` costs this node beyond its memory."""
+        limit = self.limit(hypervisor)
+        return limit.memory_overhead if limit is not None else 0
 
 
 @dataclass(frozen=True)

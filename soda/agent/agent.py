@@ -62,16 +62,19 @@ def state_dir_problem(path: str) -> str:
 def hypervisor_limits(drivers: Mapping[str, Any]) -> tuple[HypervisorLimit, ...]:
     """What the Agent registers about its drivers: the smallest guest each
     boots and the kernel that sets it (a UML driver's kernel kind and path,
-    a QEMU driver's kernel). A driver without `min_memory` (fake) has none."""
+    a QEMU driver's kernel), and the memory each guest's hypervisor process
+    needs above the guest's. A driver with neither (fake) has no entry."""
     limits = []
     for name in sorted(drivers):
         driver = drivers[name]
         floor = getattr(driver, "min_memory", 0)
-        if not floor:
+        overhead = driver.memory_overhead
+        if not floor and not overhead:
             continue
         path, kind = getattr(driver, "kernel", ""), getattr(driver, "kernel_kind", "")
         kernel = f"{path} ({kind})" if path and kind else path
-        limits.append(HypervisorLimit(hypervisor=name, min_memory=int(floor), kernel=kernel))
+        limits.append(HypervisorLimit(hypervisor=name, min_memory=int(floor), kernel=kernel,
+                                      memory_overhead=int(overhead)))
     return tuple(limits)
 
 

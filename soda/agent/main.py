@@ -117,13 +117,14 @@ def driver_options(config: AgentConfig, hypervisor: str) -> dict:
 
 def build_network(config: AgentConfig) -> NodeNetwork | None:
     """Guest networking, for nodes that run real guests. Made before any
-    gRPC channel: pyroute2 forks to enter a network namespace."""
+    gRPC channel: creating the namespace forks."""
     if not any(h in REAL_HYPERVISORS for h in config.hypervisors):
         return None
     return NodeNetwork(netns=config.netns, bridge=config.bridge)
 
 
-def build_plumbing(config: AgentConfig, network: NodeNetwork | None) -> GuestPlumbing:
+def build_plumbing(config: AgentConfig, network: NodeNetwork | None,
+                   guest_drivers: dict) -> GuestPlumbing:
     if network is None:
         return GuestPlumbing()
     daemon = None
@@ -131,7 +132,8 @@ def build_plumbing(config: AgentConfig, network: NodeNetwork | None) -> GuestPlu
         daemon = DaemonClient(config.daemon_socket)
     else:
         log.warning("no daemon_socket configured: real guests run without limits")
-    return NodePlumbing(network, daemon)
+    return NodePlumbing(network, daemon,
+                        {name: d.memory_overhead for name, d in guest_drivers.items()})
 
 
 def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event,
@@ -147,7 +149,7 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
     reconciler = Reconciler(guest_drivers, reporter, images,
                             max_parallel_boots=config.max_parallel_boots,
                             interval=config.reconcile_seconds,
-                            plumbing=build_plumbing(config, network))
+                            plumbing=build_plumbing(config, network, guest_drivers))
     on_registered = (lambda node: network.configure(node.subnet, node.gateway)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity,
                  config.hypervisors, stop=stop, on_registered=on_registered,

@@ -10,7 +10,7 @@ a half-done prepare. The fake driver gets no plumbing.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from soda.agent.network import NodeNetwork, tap_name
 from soda.errors import NotFound, SodaError
@@ -26,7 +26,8 @@ REAL_HYPERVISORS = ("uml", "qemu")
 class Daemon(Protocol):
     """The Daemon as the Agent sees it (soda.rpc.daemon_client.DaemonClient):
     apply_limits returns the fence, whose `cgroups` the guest must join."""
-    def apply_limits(self, name: str, resources, hypervisor: str, tap: str, cpu_cap: bool = False): ...
+    def apply_limits(self, name: str, resources, hypervisor: str, tap: str, cpu_cap: bool = False,
+                     memory_overhead: int | None = None): ...
     def release_limits(self, name: str): ...
     def usage(self, name: str): ...
 
@@ -50,9 +51,13 @@ class GuestPlumbing:
 
 
 class NodePlumbing(GuestPlumbing):
-    def __init__(self, network: NodeNetwork, daemon: Daemon | None):
+    def __init__(self, network: NodeNetwork, daemon: Daemon | None,
+                 memory_overhead: Mapping[str, int] | None = None):
         self.network = network
         self.daemon = daemon
+        # Per hypervisor, MiB its process needs above the guest's memory (the
+        # drivers declare it): the Daemon's memory limit adds it.
+        self.memory_overhead = dict(memory_overhead or {})
 
     def prepare(self, want: VirtualNode, hypervisor: str) -> dict:
         """TAP, then limits; returns the GuestSpec fields they fill in.
@@ -61,8 +66,7 @@ class NodePlumbing(GuestPlumbing):
             return {}
         try:
             tap = self.network.plug(want.name, want.address, guest_mac(want.address))
-            cgroups = (self.daemon.apply_limits(want.name, want.resources, hypervisor, tap,
-                                                cpu_cap=want.cpu_cap).cgroups
+            cgroups = (self._fence(want, hypervisor, tap).cgroups
                        if self.daemon is not None else ())
         except SodaError:
             self.release(want.name, hypervisor)
@@ -73,8 +77,12 @@ class NodePlumbing(GuestPlumbing):
         # ApplyLimits is idempotent and changes cgroup values and HTB rates
         # in place: the guest keeps running.
         if hypervisor in REAL_HYPERVISORS and self.daemon is not None:
-            self.daemon.apply_limits(want.name, want.resources, hypervisor,
-                                     tap_name(want.name), cpu_cap=want.cpu_cap)
+            self._fence(want, hypervisor, tap_name(want.name))
+
+    def _fence(self, want: VirtualNode, hypervisor: str, tap: str):
+        return self.daemon.apply_limits(want.name, want.resources, hypervisor, tap,
+                                        cpu_cap=want.cpu_cap,
+                                        memory_overhead=self.memory_overhead.get(hypervisor))
 
     def usage(self, name: str, hypervisor: str) -> Usage | None:
         if hypervisor not in REAL_HYPERVISORS or self.daemon is None:

@@ -93,6 +93,9 @@ def node_to_dict(node: model.Node) -> dict:
         # The smallest guest each hypervisor boots there, and the kernel that says so.
         "min_memory": {lim.hypervisor: {"mib": lim.min_memory, "kernel": lim.kernel}
                        for lim in node.limits},
+        # MiB each guest's hypervisor process takes there beyond the guest's
+        # memory; "allocated" counts it.
+        "memory_overhead": {lim.hypervisor: lim.memory_overhead for lim in node.limits},
         # No last_heartbeat: it changes every few seconds, and scripts compare
         # node lists to see whether anything changed. `state` says LOST.
     }

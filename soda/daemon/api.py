@@ -31,8 +31,10 @@ class DaemonServicer(pb_grpc.DaemonServicer):
 
     @handle_errors
     def ApplyLimits(self, request, context):
+        overhead = (request.memory_overhead_mib if request.HasField("memory_overhead_mib")
+                    else None)
         fence = self.manager.apply(request.name, convert.resources_from_pb(request.resources),
-                                   request.hypervisor, request.tap, request.cpu_cap)
+                                   request.hypervisor, request.tap, request.cpu_cap, overhead)
         return fence_to_pb(fence)
 
     @handle_errors

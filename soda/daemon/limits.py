@@ -54,11 +54,11 @@ class LimitManager:
         return self.shaper
 
     def apply(self, name: str, resources: model.Resources, hypervisor: str, tap: str = "",
-              cpu_cap: bool = False) -> Fence:
+              cpu_cap: bool = False, memory_overhead: int | None = None) -> Fence:
         model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)
         if tap:
             check_link_name(tap)
-        limits = plan(resources, hypervisor, cpu_cap, self.config)
+        limits = plan(resources, hypervisor, cpu_cap, self.config, memory_overhead)
         with self._lock:
             paths = self.cgroups.create(name)
             self.cgroups.set_limits(name, limits)

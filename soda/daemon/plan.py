@@ -27,7 +27,19 @@ MIN_QUOTA_US = 1000
 NO_QUOTA = -1
 
 
-def headroom_mib(hypervisor: str, cfg: DaemonConfig) -> int:
+# The most a hypervisor process may claim above its guest's memory.
+MAX_MEMORY_OVERHEAD_MIB = 4096
+
+
+def headroom_mib(hypervisor: str, cfg: DaemonConfig, memory_overhead: int | None = None) -> int:
+    """MiB the memory limit adds above the guest's memory: what the Agent's
+    driver declared (`memory_overhead`), else this Daemon's configured
+    headroom for the hypervisor."""
+    if memory_overhead is not None:
+        if not 0 <= memory_overhead <= MAX_MEMORY_OVERHEAD_MIB:
+            raise InvalidSpec(f"memory overhead must be between 0 and {MAX_MEMORY_OVERHEAD_MIB} MiB, "
+                              f"got {memory_overhead}")
+        return memory_overhead
     if hypervisor not in model.HYPERVISOR_NAMES:
         raise InvalidSpec(f"unknown hypervisor {hypervisor!r} "
                           f"(known: {', '.join(model.HYPERVISOR_NAMES)})")
@@ -57,9 +69,10 @@ def burst_bytes(rate_bit: int, cfg: DaemonConfig) -> int:
     return max(cfg.burst_min_bytes, int(rate_bit / 8 * cfg.burst_ms / 1000))
 
 
-def plan(resources: model.Resources, hypervisor: str, cpu_cap: bool, cfg: DaemonConfig) -> Limits:
+def plan(resources: model.Resources, hypervisor: str, cpu_cap: bool, cfg: DaemonConfig,
+         memory_overhead: int | None = None) -> Limits:
     _check(resources)
-    extra = headroom_mib(hypervisor, cfg)
+    extra = headroom_mib(hypervisor, cfg, memory_overhead)
     shares = min(MAX_SHARES, max(MIN_SHARES, round(SHARES_PER_CORE * resources.cpu)))
     quota = max(MIN_QUOTA_US, round(resources.cpu * cfg.cpu_period_us)) if cpu_cap else NO_QUOTA
     rate = resources.bandwidth * 1_000_000

@@ -108,6 +108,10 @@ class HypervisorDriver(abc.ABC):
     # Whether guests boot from a root disk over the image (soda.agent.images
     # sizes one to the virtual node's disk); the fake driver never reads it.
     uses_disk = True
+    # MiB each guest's hypervisor process needs above the guest's memory.
+    # The Agent registers it with the Master (placement counts it) and hands
+    # it to the Daemon (the memory limit adds it).
+    memory_overhead = 0
 
     def guest_oom_kills(self, name: str) -> int | None:
         """How many processes the guest's own kernel killed for want of

@@ -79,6 +79,9 @@ SUN_PATH_MAX = 107
 # unpacking the initramfs ("System is deadlocked on memory"), 88 and 92 boot
 # to the service; 96 keeps headroom above that edge.
 MIN_MEMORY = 96
+# What a QEMU process needs above -m: its device model and, under TCG, the
+# translation cache (190-220 MiB RSS measured at -m 128M).
+MEMORY_OVERHEAD = 160
 QMP_TIMEOUT = 2.0
 POWERDOWN_GRACE = 1.0                 # after system_powerdown, before quit
 TERM_GRACE = 2.0                      # after SIGTERM, before SIGKILL
@@ -108,7 +111,7 @@ class QemuDriver(RecordedGuestDriver):
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  qemu: str = QEMU, qemu_img: str = QEMU_IMG, kernel: str = AUTO,
                  initramfs: str = AUTO, accel: str = AUTO, machine: str = "pc",
-                 min_memory: int = MIN_MEMORY, python: str | None = None,
+                 min_memory: int = MIN_MEMORY, memory_overhead: int = 0, python: str | None = None,
                  short_dir: str = DEFAULT_SHORT_DIR, boot_options: tuple[str, ...] | list[str] = (),
                  probe_timeout: float = PROBE_TIMEOUT, powerdown_grace: float = POWERDOWN_GRACE,
                  term_grace: float = TERM_GRACE, sleep=time.sleep):
@@ -137,6 +140,7 @@ class QemuDriver(RecordedGuestDriver):
         self.accel = accel
         self.machine = machine
         self.min_memory = int(min_memory)
+        self.memory_overhead = int(memory_overhead) or MEMORY_OVERHEAD
         self.python = python or sys.executable
         self.short_dir = short_dir
         self.boot_options = tuple(boot_options)

@@ -66,6 +66,11 @@ MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
 MCONSOLE_CLIENT_MAX = 24            # "mc-<pid>-<tid>" beside the guest's socket dir
 MCONSOLE_TIMEOUT = 5.0               # a memory change or a /proc read answers in ms
+# What a UML process needs above mem=: its kernel threads, page tables and
+# the traced processes' own stacks. Idle guests measure 6-30 MiB in their
+# memory cgroup in all; a memory cgroup that OOM-kills the main process can
+# leave a helper spinning, so the margin is generous.
+MEMORY_OVERHEAD = 32
 TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
 # Console lines that explain why a guest died, most telling first.
@@ -87,7 +92,7 @@ class UmlDriver(RecordedGuestDriver):
     name = "uml"
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
-                 kernel: str = AUTO, min_memory: int | None = None,
+                 kernel: str = AUTO, min_memory: int | None = None, memory_overhead: int = 0,
                  python: str | None = None, short_dir: str = DEFAULT_SHORT_DIR,
                  boot_options: tuple[str, ...] | list[str] = (),
                  probe_timeout: float = PROBE_TIMEOUT, term_grace: float = TERM_GRACE,
@@ -101,6 +106,7 @@ class UmlDriver(RecordedGuestDriver):
         self.kernel_kind = found.kind
         # Refuse what cannot boot instead of reporting a crash loop.
         self.min_memory = found.min_memory if min_memory is None else int(min_memory)
+        self.memory_overhead = int(memory_overhead) or MEMORY_OVERHEAD
         log.info("uml guests boot %s (%s kernel, at least %d MiB)", self.kernel, self.kernel_kind,
                  self.min_memory)
         # The launcher must run with the Agent's interpreter (its venv).

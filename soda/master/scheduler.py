@@ -13,6 +13,11 @@ retries; only a request with more memory (or a node with a smaller kernel)
 helps, and sodactl must not report it as "no room" (exit 3), which scripts
 treat as "retry later".
 
+A guest costs a node more memory than it asks for: its hypervisor process
+needs its own (UML's kernel threads and page tables, QEMU's device model),
+and the Daemon's memory limit adds it. Each node registers that overhead per
+hypervisor; placement counts guest memory plus overhead (`charged`).
+
 Policy: spread a service's virtual nodes over physical nodes (fewest of
 this service first), then least-loaded first (the lowest of the largest
 fraction of any resource in use after placing), then name, for determinism.
@@ -46,6 +51,11 @@ def _load_after(node: model.Node, used: model.Resources, want: model.Resources) 
         cap = getattr(node.capacity, r)
         fractions.append((getattr(used, r) + getattr(want, r)) / cap if cap > 0 else 1.0)
     return max(fractions)
+
+
+def charged(node: model.Node, hypervisor: str, want: model.Resources) -> model.Resources:
+    """What a guest of `want` under `hypervisor` takes from `node`."""
+    return want + model.Resources(memory=node.memory_overhead(hypervisor))
 
 
 def min_memory(node: model.Node, hypervisor: str) -> int:
@@ -99,18 +109,25 @@ def _fmt(resource: str, value: float) -> str:
 
 
 def _shortage(candidates: Sequence[model.Node], used: Mapping[str, model.Resources],
-              want: model.Resources, label: str) -> NoCapacity:
+              want: model.Resources, label: str, hypervisor: str) -> NoCapacity:
     """Explain why `want` fits nowhere: the first resource no node has enough of."""
     for r in _RESOURCES:
-        best_node, best_free = None, None
+        best = None          # (free, node, need) with the most room for `want`
         for node in candidates:
+            need = getattr(charged(node, pick_hypervisor(node, hypervisor, want.memory), want), r)
             free = getattr(node.capacity, r) - getattr(used[node.name], r)
-            if best_free is None or free > best_free:
-                best_node, best_free = node.name, free
-        if best_free is None or best_free + _EPSILON < getattr(want, r):
-            most = f"the most free on any node is {_fmt(r, max(best_free or 0, 0))} ({best_node})"
-            return NoCapacity(f"not enough {r}: {label} needs {_fmt(r, getattr(want, r))}, {most}",
-                              resource=r)
+            if best is None or free - need > best[0] - best[2]:
+                best = (free, node, need)
+        if best is None or best[0] + _EPSILON < best[2]:
+            free, node, need = best or (0, None, getattr(want, r))
+            needs = _fmt(r, getattr(want, r))
+            if need != getattr(want, r):
+                needs += (f" + {_fmt(r, need - getattr(want, r))} for its hypervisor process "
+                          f"on {node.name}")
+            most = f"the most free on any node is {_fmt(r, max(free, 0))}"
+            if node is not None:
+                most += f" ({node.name})"
+            return NoCapacity(f"not enough {r}: {label} needs {needs}, {most}", resource=r)
     wanted = ", ".join(_fmt(r, getattr(want, r)) for r in _RESOURCES)
     return NoCapacity(f"no single node has room for {label} ({wanted}) at once; "
                       "each resource is free somewhere, but not together", resource="combined")
@@ -151,16 +168,17 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
         bootable = [n for n in candidates if pick_hypervisor(n, hypervisor, want.memory)]
         best = None
         for node in bootable:
-            free = node.capacity - used[node.name]
-            if not _fits(free, want):
+            name = pick_hypervisor(node, hypervisor, want.memory)
+            need = charged(node, name, want)
+            if not _fits(node.capacity - used[node.name], need):
                 continue
-            key = (counts[node.name], _load_after(node, used[node.name], want), node.name)
+            key = (counts[node.name], _load_after(node, used[node.name], need), node.name)
             if best is None or key < best[0]:
-                best = (key, node)
+                best = (key, node, name, need)
         if best is None:
-            raise _shortage(bootable, used, want, labels[i])
-        node = best[1]
-        used[node.name] = used[node.name] + want
+            raise _shortage(bootable, used, want, labels[i], hypervisor)
+        _, node, name, need = best
+        used[node.name] = used[node.name] + need
         counts[node.name] += 1
-        result[i] = Placement(node=node.name, hypervisor=pick_hypervisor(node, hypervisor, want.memory))
+        result[i] = Placement(node=node.name, hypervisor=name)
     return [result[i] for i in range(len(requests))]

@@ -9,6 +9,7 @@ Nothing outside this module knows which backend is in use: callers get a
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import os
 import sqlite3
@@ -120,11 +121,11 @@ def _spec_from_json(text: str) -> model.ServiceSpec:
 
 
 def _limits_to_json(limits: Iterable[model.HypervisorLimit]) -> str:
-    return json.dumps([{"hypervisor": lim.hypervisor, "min_memory": lim.min_memory, "kernel": lim.kernel}
-                       for lim in limits])
+    return json.dumps([dataclasses.asdict(lim) for lim in limits])
 
 
 def _limits_from_json(text: str) -> tuple[model.HypervisorLimit, ...]:
+    # Limits stored before a field existed take its default.
     return tuple(model.HypervisorLimit(**item) for item in json.loads(text))
 
 
@@ -229,11 +230,23 @@ class SqliteStore(StateStore):
             "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits "
             "FROM nodes n LEFT JOIN vnodes v ON v.node = n.name " + where +
             " GROUP BY n.name ORDER BY n.name", args)
-        return [model.Node(name=r[0], address=r[1], capacity=model.Resources(r[2], r[3], r[4], r[5]),
-                           hypervisors=tuple(json.loads(r[6])), subnet=r[7], gateway=r[8], state=r[9],
-                           allocated=model.Resources(r[10], r[11], r[12], r[13]), vnodes=r[14],
-                           limits=_limits_from_json(r[15]))
-                for r in rows]
+        guests: dict[str, dict[str, int]] = {}
+        for node, hypervisor, count in self._read(
+                "SELECT node, hypervisor, COUNT(*) FROM vnodes GROUP BY node, hypervisor"):
+            guests.setdefault(node, {})[hypervisor] = count
+        nodes = []
+        for r in rows:
+            limits = _limits_from_json(r[15])
+            node = model.Node(name=r[0], address=r[1], capacity=model.Resources(r[2], r[3], r[4], r[5]),
+                              hypervisors=tuple(json.loads(r[6])), subnet=r[7], gateway=r[8],
+                              state=r[9], allocated=model.Resources(r[10], r[11], r[12], r[13]),
+                              vnodes=r[14], limits=limits)
+            # Each guest also costs its hypervisor process's own memory.
+            overhead = sum(count * node.memory_overhead(hv)
+                           for hv, count in guests.get(node.name, {}).items())
+            nodes.append(dataclasses.replace(
+                node, allocated=node.allocated + model.Resources(memory=overhead)))
+        return nodes
 
     def get_node(self, name: str) -> model.Node:
         nodes = self._nodes("WHERE n.name = ?", (name,))

@@ -127,12 +127,14 @@ def service_from_pb(m: pb.Service) -> model.Service:
 
 def limits_to_pb(limits) -> list[pb.HypervisorLimit]:
     return [pb.HypervisorLimit(hypervisor=lim.hypervisor, min_memory_mib=lim.min_memory,
-                               kernel=lim.kernel) for lim in limits]
+                               kernel=lim.kernel, memory_overhead_mib=lim.memory_overhead)
+            for lim in limits]
 
 
 def limits_from_pb(limits) -> tuple[model.HypervisorLimit, ...]:
     return tuple(model.HypervisorLimit(hypervisor=lim.hypervisor, min_memory=lim.min_memory_mib,
-                                       kernel=lim.kernel) for lim in limits)
+                                       kernel=lim.kernel, memory_overhead=lim.memory_overhead_mib)
+                 for lim in limits)
 
 
 def node_to_pb(n: model.Node) -> pb.Node:

@@ -71,11 +71,14 @@ class DaemonClient(StubClient):
                                      f"after {timeout:g}s") from None
 
     def apply_limits(self, name: str, resources: model.Resources, hypervisor: str,
-                     tap: str = "", cpu_cap: bool = False) -> Fence:
+                     tap: str = "", cpu_cap: bool = False,
+                     memory_overhead: int | None = None) -> Fence:
         """Fence (or re-fence, live) one virtual node; returns the cgroup
-        directories its guest must join. `tap` empty = no traffic shaping."""
+        directories its guest must join. `tap` empty = no traffic shaping;
+        `memory_overhead` None = the Daemon's configured headroom."""
         req = pb.ApplyLimitsRequest(name=name, resources=convert.resources_to_pb(resources),
-                                    hypervisor=hypervisor, tap=tap, cpu_cap=cpu_cap)
+                                    hypervisor=hypervisor, tap=tap, cpu_cap=cpu_cap,
+                                    memory_overhead_mib=memory_overhead)
         return _fence_from_pb(self._call("ApplyLimits", req))
 
     def release_limits(self, name: str) -> Released:

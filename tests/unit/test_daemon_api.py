@@ -63,6 +63,15 @@ def test_apply_returns_cgroup_dirs_and_limits(daemon, client):
     assert lim.burst_bytes > 0
 
 
+def test_the_memory_limit_adds_the_overhead_the_agents_driver_declares(daemon, client):
+    # WEB has 64 MiB; without a declared overhead the Daemon's headroom (uml: 32) applies.
+    assert client.apply_limits("web-0", WEB, "uml").limits.memory_bytes == 96 * MIB
+    assert client.apply_limits("web-0", WEB, "uml", memory_overhead=10).limits.memory_bytes == 74 * MIB
+    assert client.apply_limits("web-0", WEB, "uml", memory_overhead=0).limits.memory_bytes == 64 * MIB
+    with pytest.raises(errors.InvalidSpec, match="memory overhead"):
+        client.apply_limits("web-0", WEB, "uml", memory_overhead=-1)
+
+
 def test_live_change_list_usage_release(daemon, client):
     _, cgroups, shaper = daemon
     client.apply_limits("web-0", WEB, "uml", tap="tap-web0")

@@ -53,12 +53,19 @@ def with_memory(v, memory):
     return replace(v, resources=replace(v.resources, memory=memory))
 
 
-def running(tmp_path, image, refuse=None, oom_kills=0):
+class Clock:
+    now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def running(tmp_path, image, refuse=None, oom_kills=0, clock=None):
     log = []
     driver = LoggingDriver(str(tmp_path / "state"), boot_seconds=0, log=log, refuse=refuse)
     reporter = RecordingReporter()
     rec = Reconciler({"fake": driver}, reporter, FakeImages(image),
-                     plumbing=OrderedPlumbing(log, oom_kills))
+                     plumbing=OrderedPlumbing(log, oom_kills), **({"clock": clock} if clock else {}))
     rec.replace_desired([vnode("web-0")])
     rec.reconcile_once()
     wait_for(lambda: driver.is_ready("web-0") and rec.status("web-0").phase == Phase.RUNNING)
@@ -99,7 +106,9 @@ def test_growing_past_the_boot_size_boots_again_and_says_why(tmp_path, image):
 
 
 def test_a_refused_shrink_leaves_the_fence_and_shows_in_the_status(tmp_path, image):
-    rec, driver, reporter, log = running(tmp_path, image, refuse=WrongState("has 3 MiB free"))
+    clock = Clock()
+    rec, driver, reporter, log = running(tmp_path, image, refuse=WrongState("has 3 MiB free"),
+                                         clock=clock)
     rec.upsert_desired([with_memory(vnode("web-0"), 16)])
     rec.reconcile_once()
     rec.wait_idle(5)
@@ -108,6 +117,7 @@ def test_a_refused_shrink_leaves_the_fence_and_shows_in_the_status(tmp_path, ima
     status = rec.status("web-0")
     assert status.phase == Phase.RUNNING and "new limits not applied yet: has 3 MiB free" in status.reason
     driver.refuse = None
+    clock.now += 1.0                                      # its retry is due
     rec.reconcile_once()
     rec.wait_idle(5)
     rec.reconcile_once()

@@ -101,16 +101,18 @@ def test_agent_registers_the_minimum_of_the_kernel_its_uml_driver_boots(tmp_path
 
     class Qemu:
         min_memory = 96
+        memory_overhead = 160
         kernel = "/boot/vmlinuz-6.1.0-1-amd64"
 
     class Fake:
-        pass
+        memory_overhead = 0
 
     assert hypervisor_limits({"uml": soda, "qemu": Qemu(), "fake": Fake()}) == (
-        model.HypervisorLimit("qemu", 96, "/boot/vmlinuz-6.1.0-1-amd64"),
-        model.HypervisorLimit("uml", 16, f"{build / 'linux'} (soda)"))
+        model.HypervisorLimit("qemu", 96, "/boot/vmlinuz-6.1.0-1-amd64", memory_overhead=160),
+        model.HypervisorLimit("uml", 16, f"{build / 'linux'} (soda)", memory_overhead=32))
     assert hypervisor_limits({"uml": debian}) == (
-        model.HypervisorLimit("uml", kernels.DEBIAN_MIN_MEMORY, f"{kernels.DEBIAN_KERNEL} (debian)"),)
+        model.HypervisorLimit("uml", kernels.DEBIAN_MIN_MEMORY, f"{kernels.DEBIAN_KERNEL} (debian)",
+                              memory_overhead=32),)
 
 
 def test_limits_cross_the_wire_unchanged():

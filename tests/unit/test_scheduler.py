@@ -77,3 +77,28 @@ def test_is_pure():
     nodes = [node("a"), node("b")]
     assert place(nodes, [req()] * 3) == place(nodes, [req()] * 3)
     assert nodes[0].allocated == model.Resources()
+
+
+def with_overhead(name, memory, overhead, hypervisor="uml"):
+    return model.Node(name=name, address="127.0.0.1", capacity=model.Resources(64, memory, 100_000, 10**7),
+                      hypervisors=(hypervisor,),
+                      limits=(model.HypervisorLimit(hypervisor, 16, memory_overhead=overhead),))
+
+
+def test_placement_counts_each_guests_hypervisor_overhead():
+    # 1024 MiB: 16 guests of 32 MiB, each with 32 MiB for its UML process.
+    n = with_overhead("a", 1024, 32)
+    assert len(place([n], [model.Resources(0.1, 32, 1, 1)] * 16)) == 16
+    with pytest.raises(NoCapacity) as info:
+        place([n], [model.Resources(0.1, 32, 1, 1)] * 17, labels=[f"web-{i}" for i in range(17)])
+    assert info.value.resource == "memory"
+    assert "needs 32 MiB + 32 MiB for its hypervisor process on a" in str(info.value)
+
+
+def test_placement_prefers_a_node_where_the_guest_costs_less():
+    cheap, dear = with_overhead("cheap", 1000, 10), with_overhead("dear", 1000, 400)
+    # Both have room; after placing, "cheap" is the less loaded one.
+    assert [p.node for p in place([dear, cheap], [model.Resources(0.1, 300, 1, 1)])] == ["cheap"]
+    # 700 MiB fits "cheap" only: "dear" would need 1100.
+    got = place([dear, cheap], [model.Resources(0.1, 700, 1, 1)])
+    assert [p.node for p in got] == ["cheap"]

@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApplyLimitsRequest(_message.Message):
-    __slots__ = ("name", "resources", "hypervisor", "tap", "cpu_cap")
+    __slots__ = ("name", "resources", "hypervisor", "tap", "cpu_cap", "memory_overhead_mib")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
     TAP_FIELD_NUMBER: _ClassVar[int]
     CPU_CAP_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OVERHEAD_MIB_FIELD_NUMBER: _ClassVar[int]
     name: str
     resources: _master_pb2.Resources
     hypervisor: str
     tap: str
     cpu_cap: bool
-    def __init__(self, name: _Optional[str] = ..., resources: _Optional[_Union[_master_pb2.Resources, _Mapping]] = ..., hypervisor: _Optional[str] = ..., tap: _Optional[str] = ..., cpu_cap: _Optional[bool] = ...) -> None: ...
+    memory_overhead_mib: int
+    def __init__(self, name: _Optional[str] = ..., resources: _Optional[_Union[_master_pb2.Resources, _Mapping]] = ..., hypervisor: _Optional[str] = ..., tap: _Optional[str] = ..., cpu_cap: _Optional[bool] = ..., memory_overhead_mib: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("cpu_shares", "cpu_quota_us", "cpu_period_us", "memory_bytes", "pids_max", "rate_bit", "burst_bytes")

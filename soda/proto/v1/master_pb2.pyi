@@ -207,14 +207,16 @@ class Node(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ...) -> None: ...
 
 class HypervisorLimit(_message.Message):
-    __slots__ = ("hypervisor", "min_memory_mib", "kernel")
+    __slots__ = ("hypervisor", "min_memory_mib", "kernel", "memory_overhead_mib")
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
     MIN_MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OVERHEAD_MIB_FIELD_NUMBER: _ClassVar[int]
     hypervisor: str
     min_memory_mib: int
     kernel: str
-    def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ...) -> None: ...
+    memory_overhead_mib: int
+    def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ..., memory_overhead_mib: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("digest", "names", "size", "created_at", "init")

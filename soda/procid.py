@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import time
 from typing import Callable
 
 DEAD_STATES = ("Z", "X", "x")      # zombie or dead: gone, whatever /proc still shows
@@ -76,12 +77,28 @@ class ProcessId:
     argv: tuple[str, ...]
 
     @classmethod
-    def of_child(cls, pid: int, argv: list[str] | tuple[str, ...]) -> ProcessId | None:
-        """The identity of a child just spawned with `argv` (the exec has
-        happened once subprocess.Popen returns). Its start time is readable
-        even if it already died: until it is reaped it stays a zombie."""
-        starttime = proc_starttime(pid)
-        return None if starttime is None else cls(pid, starttime, tuple(argv))
+    def of_child(cls, pid: int, argv: list[str] | tuple[str, ...], timeout: float = 2.0) -> ProcessId | None:
+        """The identity of a child just spawned with `argv`. subprocess.Popen
+        returns once the exec has begun, but /proc shows an empty command
+        line until the kernel has laid out the new one: wait for it, so that
+        the identity matches from the moment it is recorded. A child that
+        already died keeps its start time until it is reaped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fields = proc_stat(pid)
+            if fields is None:
+                return None
+            if (fields[0] in DEAD_STATES or tuple(proc_cmdline(pid) or ()) == tuple(argv)
+                    or time.monotonic() > deadline):
+                return cls(pid, int(fields[19]), tuple(argv))
+            time.sleep(0.001)
+
+    @classmethod
+    def read(cls, pid: int) -> ProcessId | None:
+        """The identity /proc shows for `pid` now (for a process that records
+        itself; another process's pid may already be someone else's)."""
+        starttime, argv = proc_starttime(pid), proc_cmdline(pid)
+        return None if starttime is None or argv is None else cls(pid, starttime, tuple(argv))
 
     @classmethod
     def from_dict(cls, record: dict) -> ProcessId:

@@ -198,7 +198,7 @@ def test_missing_tap_is_not_found(manager):
         manager.apply("web-0", WEB, "uml", "tap-none")
 
 
-def test_usage_counts_cpu_memory_and_pids(manager, tap, sleeper):
+def test_usage_counts_cpu_memory_pids_and_traffic(manager, netns, tap, sleeper):
     fence = manager.apply("web-0", WEB, "uml", tap)
     # Burn CPU only once inside the cgroup: wait for a line on stdin first.
     busy = sleeper([sys.executable, "-c",
@@ -216,7 +216,12 @@ def test_usage_counts_cpu_memory_and_pids(manager, tap, sleeper):
     assert u.cgroup.memory_peak_bytes >= u.cgroup.memory_bytes
     assert u.cgroup.memory_limit_bytes == 96 * MIB
     assert u.cgroup.pids >= 1
-    assert u.traffic.bytes_to_guest >= 0
+
+    # Traffic both ways, unequal so that swapped counters show.
+    got = exchange(netns, tap, to_guest=TO_GUEST, from_guest=FROM_GUEST)
+    assert got >= TO_GUEST * DATAGRAM_ON_WIRE                      # the "guest" really got it
+    after = manager.usage("web-0").traffic
+    check_counted(u.traffic, after)
     assert manager.release("web-0").killed == 1
 
 
@@ -232,15 +237,15 @@ def test_a_missing_netns_is_not_found():
 TAP_PEER = r'''
 import fcntl, os, socket, struct, sys, time
 TUNSETIFF, IFF_TAP, IFF_NO_PI = 0x400454CA, 0x0002, 0x1000
-tap, count = sys.argv[1], int(sys.argv[2])
+tap, to_guest, from_guest = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 fd = os.open("/dev/net/tun", os.O_RDWR)
 fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.encode(), IFF_TAP | IFF_NO_PI))
 time.sleep(1.5)     # carrier on: let linkwatch activate the qdiscs
 frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + b"x" * 986
-for _ in range(count):
+for _ in range(from_guest):
     os.write(fd, frame)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for _ in range(count):
+for _ in range(to_guest):
     s.sendto(b"y" * 1000, ("10.99.0.2", 9))
 time.sleep(0.5)
 os.set_blocking(fd, False)
@@ -252,6 +257,32 @@ while True:
         break
 print(got)
 '''
+FRAME = 1000                         # bytes of each frame the "guest" sends
+DATAGRAM_ON_WIRE = 1000 + 8 + 20 + 14  # a 1000-byte UDP payload as an Ethernet frame
+TO_GUEST, FROM_GUEST = 60, 20
+# What else crosses a TAP that just came up (IPv6 DAD, MLD, router
+# solicitations): small, but counted too.
+CHATTER = 8 * 1024
+
+
+def exchange(netns: str, tap: str, to_guest: int, from_guest: int) -> int:
+    """Send `to_guest` UDP datagrams to a stand-in guest on `tap` and
+    `from_guest` frames from it, all inside `netns`; the bytes it got."""
+    run(["ip", "-n", netns, "addr", "replace", "10.99.0.1/24", "dev", tap])
+    run(["ip", "-n", netns, "neigh", "replace", "10.99.0.2", "lladdr", "02:00:00:00:00:02",
+         "dev", tap, "nud", "permanent"])
+    out = run(["ip", "netns", "exec", netns, sys.executable, "-c", TAP_PEER, tap, str(to_guest),
+               str(from_guest)], timeout=60).stdout
+    return int(out.strip())
+
+
+def check_counted(before, after) -> None:
+    """The Daemon's traffic counters grew by what was sent each way: at
+    least all of it, and not the other direction's."""
+    to_guest = after.bytes_to_guest - before.bytes_to_guest
+    from_guest = after.bytes_from_guest - before.bytes_from_guest
+    assert TO_GUEST * DATAGRAM_ON_WIRE <= to_guest <= TO_GUEST * DATAGRAM_ON_WIRE + CHATTER, to_guest
+    assert FROM_GUEST * FRAME <= from_guest <= FROM_GUEST * FRAME + CHATTER, from_guest
 
 
 def sent_bytes(netns: str, dev: str) -> int:
@@ -263,16 +294,13 @@ def sent_bytes(netns: str, dev: str) -> int:
 
 def test_traffic_both_ways_goes_through_the_classes(manager, netns, tap):
     fence = manager.apply("web-0", Resources(cpu=1, memory=64, bandwidth=100), "uml", tap)
-    run(["ip", "-n", netns, "addr", "add", "10.99.0.1/24", "dev", tap])
-    run(["ip", "-n", netns, "neigh", "add", "10.99.0.2", "lladdr", "02:00:00:00:00:02",
-         "dev", tap, "nud", "permanent"])
-    count = 20
-    out = run(["ip", "netns", "exec", netns, sys.executable, "-c", TAP_PEER, tap, str(count)],
-              timeout=60).stdout
-    assert int(out.strip()) >= count * 1000                       # the "guest" got our UDP
-    to_guest, from_guest = sent_bytes(netns, tap), sent_bytes(netns, fence.ifb)
-    assert to_guest >= count * 1000
-    assert from_guest >= count * 1000                             # redirected through the IFB
-    traffic = manager.usage("web-0").traffic
-    assert traffic.bytes_to_guest >= to_guest                     # counters only grow
-    assert traffic.bytes_from_guest >= from_guest
+    before = manager.usage("web-0").traffic
+    classes_before = sent_bytes(netns, tap), sent_bytes(netns, fence.ifb)
+    assert exchange(netns, tap, TO_GUEST, FROM_GUEST) >= TO_GUEST * DATAGRAM_ON_WIRE
+    # tc's own view: the HTB class on the TAP (to the guest) and the one on
+    # the IFB the TAP's ingress is redirected to (from the guest).
+    to_guest = sent_bytes(netns, tap) - classes_before[0]
+    from_guest = sent_bytes(netns, fence.ifb) - classes_before[1]
+    assert to_guest >= TO_GUEST * DATAGRAM_ON_WIRE
+    assert FROM_GUEST * FRAME <= from_guest < TO_GUEST * DATAGRAM_ON_WIRE
+    check_counted(before, manager.usage("web-0").traffic)

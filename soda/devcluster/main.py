@@ -10,7 +10,7 @@ command line, for people and for scripts/demo.
 Owns the command's words and exit statuses and the detached supervisor
 process (`supervise`, started by `up`, stopped by `down` with SIGTERM after
 checking its recorded identity). `status` exits 0 when every part and the
-supervisor run, 1 when something is down, 3 when no cluster is up.
+supervisor run, 1 when something is down, 3 when nothing of a cluster runs.
 """
 
 from __future__ import annotations
@@ -162,6 +162,9 @@ def status(args: argparse.Namespace) -> int:
         return NOT_UP
     lines, healthy = describe(state, state_dir)
     print("\n".join(lines))
+    if not is_live(state):
+        print("nothing of this cluster runs any more: `down` (or the next `up`) removes what it left")
+        return NOT_UP
     return 0 if healthy else 1
 
 

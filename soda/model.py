@@ -269,6 +269,8 @@ class Node:
     last_heartbeat: float = 0.0
     usage: Usage | None = None      # sum over its virtual nodes that reported usage
     limits: tuple[HypervisorLimit, ...] = ()
+    # Capacity fields the node could not measure and assumed a default for.
+    assumed: tuple[str, ...] = ()
 
     def limit(self, hypervisor: str) -> HypervisorLimit | None:
         return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)

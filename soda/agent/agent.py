@@ -177,6 +177,7 @@ class Agent:
                  on_registered: Callable[[Node], None] | None = None,
                  limits: Iterable[HypervisorLimit] = (),
                  health_check: Callable[[], str] | None = None,
+                 assumed: Iterable[str] = (),
                  thread_backoff: Backoff | None = None):
         self._client = client
         self._reconciler = reconciler
@@ -184,6 +185,8 @@ class Agent:
         self.name = name
         self.address = address
         self.capacity = capacity
+        # Capacity fields measured nowhere, taken from a default (node list says so).
+        self.assumed = tuple(assumed)
         self.hypervisors = tuple(hypervisors)
         # The smallest guest each driver boots: the Master refuses smaller ones.
         self.limits = tuple(limits)
@@ -314,7 +317,7 @@ class Agent:
     def _register(self) -> Node:
         with self._register_lock:
             node = self._client.register_node(self.name, self.address, self.capacity,
-                                              self.hypervisors, self.limits)
+                                              self.hypervisors, self.limits, self.assumed)
             if self._on_registered is not None:
                 self._on_registered(node)
             self.node = node

@@ -151,10 +151,11 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
                             interval=config.reconcile_seconds,
                             plumbing=build_plumbing(config, network, guest_drivers))
     on_registered = (lambda node: network.configure(node.subnet, node.gateway)) if network else None
-    return Agent(client, reconciler, reporter, config.name, config.address, capacity,
+    return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,
                  config.hypervisors, stop=stop, on_registered=on_registered,
                  limits=hypervisor_limits(guest_drivers),
-                 health_check=lambda: state_dir_problem(config.state_dir))
+                 health_check=lambda: state_dir_problem(config.state_dir),
+                 assumed=capacity.assumed)
 
 
 def main(argv: list[str] | None = None) -> int:

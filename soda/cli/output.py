@@ -88,6 +88,8 @@ def node_to_dict(node: model.Node) -> dict:
         "hypervisors": list(node.hypervisors),
         "capacity": node.capacity.as_dict(),
         "allocated": node.allocated.as_dict(),
+        # Capacity fields the node could not measure and took a default for.
+        "assumed": list(node.assumed),
         "vnodes": node.vnodes,
         "usage": usage_to_dict(node.usage),
         # The smallest guest each hypervisor boots there, and the kernel that says so.
@@ -248,14 +250,14 @@ def services_table(services: Iterable[model.Service]) -> str:
 
 
 def nodes_table(nodes: Iterable[model.Node]) -> str:
-    def used(allocated: float, capacity: float, unit: str = "") -> str:
-        return f"{allocated:g}/{capacity:g}{unit}"
+    def used(node: model.Node, resource: str, unit: str = "") -> str:
+        cell = f"{getattr(node.allocated, resource):g}/{getattr(node.capacity, resource):g}{unit}"
+        # A capacity the node could not measure: it took a default.
+        return cell + " (assumed)" if resource in node.assumed else cell
 
     rows = [(n.name, n.address, n.state, n.subnet,
-             used(n.allocated.cpu, n.capacity.cpu),
-             used(n.allocated.memory, n.capacity.memory, "Mi"),
-             used(n.allocated.bandwidth, n.capacity.bandwidth, "Mbit"),
-             used(n.allocated.disk, n.capacity.disk, "Mi"),
+             used(n, "cpu"), used(n, "memory", "Mi"), used(n, "bandwidth", "Mbit"),
+             used(n, "disk", "Mi"),
              n.vnodes, ",".join(n.hypervisors)) + usage_cells(n.usage)
             for n in nodes]
     return format_table(("NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH", "DISK",

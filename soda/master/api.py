@@ -105,7 +105,8 @@ class MasterServicer(pb_grpc.MasterServicer):
         node = self.controller.register_node(request.name, request.address,
                                              convert.resources_from_pb(request.capacity),
                                              list(request.hypervisors),
-                                             convert.limits_from_pb(request.limits))
+                                             convert.limits_from_pb(request.limits),
+                                             tuple(request.assumed))
         return convert.node_to_pb(node)
 
     @handle_errors

@@ -313,8 +313,12 @@ class Controller:
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
                       hypervisors: Sequence[str],
-                      limits: Sequence[model.HypervisorLimit] = ()) -> model.Node:
+                      limits: Sequence[model.HypervisorLimit] = (),
+                      assumed: Sequence[str] = ()) -> model.Node:
         model.check_dns_label("node", name, model.NODE_NAME_MAX)
+        odd = sorted(set(assumed) - set(model.RESOURCE_UNITS))
+        if odd:
+            raise InvalidSpec(f"node {name}: assumed capacity names unknown resources: {', '.join(odd)}")
         for field in ("cpu", "memory", "bandwidth", "disk"):
             if getattr(capacity, field) <= 0:
                 raise InvalidSpec(f"node {name}: capacity {field} must be positive")
@@ -331,7 +335,8 @@ class Controller:
                 subnet, gateway = self._allocate_subnet()
             node = self.store.upsert_node(model.Node(
                 name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
-                subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits)))
+                subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits),
+                assumed=tuple(sorted(set(assumed)))))
             self._last_seen[name] = self.monotonic()
         log.info("node %s registered from %s (subnet %s)", name, address, subnet)
         self.notifier.publish(SERVICES_TOPIC)

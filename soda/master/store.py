@@ -21,7 +21,8 @@ from soda import model
 from soda.errors import AlreadyExists, NotFound, SodaError
 
 # Version 2: nodes.limits, the smallest guest each hypervisor of a node boots.
-SCHEMA_VERSION = 2
+# Version 3: nodes.assumed, capacity fields the node took a default for.
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,7 +30,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, address TEXT NOT NULL,
     cpu REAL NOT NULL, memory INTEGER NOT NULL, bandwidth INTEGER NOT NULL, disk INTEGER NOT NULL,
     hypervisors TEXT NOT NULL, subnet TEXT NOT NULL UNIQUE, gateway TEXT NOT NULL,
-    state TEXT NOT NULL, registered_at REAL NOT NULL, limits TEXT NOT NULL DEFAULT '[]');
+    state TEXT NOT NULL, registered_at REAL NOT NULL, limits TEXT NOT NULL DEFAULT '[]',
+    assumed TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS image_names (
@@ -57,6 +59,7 @@ CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 _MIGRATIONS = {
     # Nodes registered before limits existed have none until they register again.
     1: ("ALTER TABLE nodes ADD COLUMN limits TEXT NOT NULL DEFAULT '[]'",),
+    2: ("ALTER TABLE nodes ADD COLUMN assumed TEXT NOT NULL DEFAULT '[]'",),
 }
 
 
@@ -213,21 +216,23 @@ class SqliteStore(StateStore):
         with self._tx() as db:
             db.execute(
                 "INSERT INTO nodes (name, address, cpu, memory, bandwidth, disk, hypervisors, subnet, "
-                "gateway, state, registered_at, limits) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,strftime('%s','now'),?) "
+                "gateway, state, registered_at, limits, assumed) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,strftime('%s','now'),?,?) "
                 "ON CONFLICT(name) DO UPDATE SET address=excluded.address, cpu=excluded.cpu, "
                 "memory=excluded.memory, bandwidth=excluded.bandwidth, disk=excluded.disk, "
-                "hypervisors=excluded.hypervisors, state=excluded.state, limits=excluded.limits",
+                "hypervisors=excluded.hypervisors, state=excluded.state, limits=excluded.limits, "
+                "assumed=excluded.assumed",
                 (node.name, node.address, c.cpu, c.memory, c.bandwidth, c.disk,
                  json.dumps(list(node.hypervisors)), node.subnet, node.gateway, node.state,
-                 _limits_to_json(node.limits)))
+                 _limits_to_json(node.limits), json.dumps(list(node.assumed))))
         return self.get_node(node.name)
 
     def _nodes(self, where: str = "", args: tuple = ()) -> list[model.Node]:
         rows = self._read(
             "SELECT n.name, n.address, n.cpu, n.memory, n.bandwidth, n.disk, n.hypervisors, n.subnet, "
             "n.gateway, n.state, COALESCE(SUM(v.cpu),0), COALESCE(SUM(v.memory),0), "
-            "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits "
+            "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits, "
+            "n.assumed "
             "FROM nodes n LEFT JOIN vnodes v ON v.node = n.name " + where +
             " GROUP BY n.name ORDER BY n.name", args)
         guests: dict[str, dict[str, int]] = {}
@@ -240,7 +245,7 @@ class SqliteStore(StateStore):
             node = model.Node(name=r[0], address=r[1], capacity=model.Resources(r[2], r[3], r[4], r[5]),
                               hypervisors=tuple(json.loads(r[6])), subnet=r[7], gateway=r[8],
                               state=r[9], allocated=model.Resources(r[10], r[11], r[12], r[13]),
-                              vnodes=r[14], limits=limits)
+                              vnodes=r[14], limits=limits, assumed=tuple(json.loads(r[16])))
             # Each guest also costs its hypervisor process's own memory.
             overhead = sum(count * node.memory_overhead(hv)
                            for hv, count in guests.get(node.name, {}).items())

@@ -136,11 +136,12 @@ class MasterClient(StubClient):
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
                       hypervisors: Iterable[str],
-                      limits: Iterable[model.HypervisorLimit] = ()) -> model.Node:
+                      limits: Iterable[model.HypervisorLimit] = (),
+                      assumed: Iterable[str] = ()) -> model.Node:
         req = pb.RegisterNodeRequest(name=name, address=address,
                                      capacity=convert.resources_to_pb(capacity),
                                      hypervisors=list(hypervisors),
-                                     limits=convert.limits_to_pb(limits))
+                                     limits=convert.limits_to_pb(limits), assumed=list(assumed))
         return convert.node_from_pb(self._call("RegisterNode", req))
 
     def heartbeat(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> int:

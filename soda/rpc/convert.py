@@ -142,7 +142,7 @@ def node_to_pb(n: model.Node) -> pb.Node:
                    allocated=resources_to_pb(n.allocated), hypervisors=list(n.hypervisors),
                    subnet=n.subnet, gateway=n.gateway, state=n.state, vnodes=n.vnodes,
                    last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage),
-                   limits=limits_to_pb(n.limits))
+                   limits=limits_to_pb(n.limits), assumed=list(n.assumed))
 
 
 def node_from_pb(m: pb.Node) -> model.Node:
@@ -150,7 +150,7 @@ def node_from_pb(m: pb.Node) -> model.Node:
                       allocated=resources_from_pb(m.allocated), hypervisors=tuple(m.hypervisors),
                       subnet=m.subnet, gateway=m.gateway, state=m.state, vnodes=m.vnodes,
                       last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m),
-                      limits=limits_from_pb(m.limits))
+                      limits=limits_from_pb(m.limits), assumed=tuple(m.assumed))
 
 
 def image_to_pb(i: model.Image) -> pb.Image:

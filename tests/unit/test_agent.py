@@ -14,7 +14,8 @@ import time
 import pytest
 
 from soda.agent.agent import Agent, Backoff, StatusReporter, state_dir_problem
-from soda.agent.capacity import measure_capacity
+from soda.agent.capacity import (DEFAULT_BANDWIDTH_MBIT, default_route_device, link_speed_mbit,
+                                 measure_capacity)
 from soda.agent.images import ImageCache
 from soda.agent.main import build_config, main, parse_args
 from soda.agent.reconciler import Reconciler
@@ -67,7 +68,7 @@ class FakeMaster:
         if not self.up:
             raise Unavailable("cannot reach the SODA Master at fake: connection refused")
 
-    def register_node(self, name, address, capacity, hypervisors, limits=()):
+    def register_node(self, name, address, capacity, hypervisors, limits=(), assumed=()):
         self._check()
         with self.lock:
             self.registrations.append((name, address, capacity, tuple(hypervisors)))
@@ -417,6 +418,9 @@ def test_image_cache_refuses_bad_digests_and_sweeps_leftovers(tmp_path):
 # ---- capacity -----------------------------------------------------------------
 
 class FakeProbe:
+    def __init__(self, speed=0):
+        self.speed = speed
+
     def cpu_count(self):
         return 8
 
@@ -426,15 +430,42 @@ class FakeProbe:
     def disk_free_mib(self, path):
         return 50000
 
+    def uplink_speed_mbit(self):
+        return self.speed
+
 
 def test_capacity_is_measured_unless_configured(tmp_path):
-    measured = measure_capacity(CapacityConfig(), str(tmp_path), FakeProbe())
-    assert measured == Resources(cpu=8.0, memory=16384 - 1638, bandwidth=1000, disk=50000)
+    measured = measure_capacity(CapacityConfig(), str(tmp_path), FakeProbe(speed=10000))
+    assert measured.resources == Resources(cpu=8.0, memory=16384 - 1638, bandwidth=10000, disk=50000)
+    assert measured.assumed == ()
     configured = measure_capacity(CapacityConfig(cpu=2, memory=512, bandwidth=100, disk=1000),
                                   str(tmp_path), FakeProbe())
-    assert configured == Resources(cpu=2, memory=512, bandwidth=100, disk=1000)
-    real = measure_capacity(CapacityConfig(), str(tmp_path))
-    assert real.cpu >= 1 and real.memory > 0 and real.disk > 0
+    assert configured.resources == Resources(cpu=2, memory=512, bandwidth=100, disk=1000)
+    assert configured.assumed == ()
+    real = measure_capacity(CapacityConfig(), str(tmp_path)).resources
+    assert real.cpu >= 1 and real.memory > 0 and real.disk > 0 and real.bandwidth > 0
+
+
+def test_an_uplink_without_a_speed_gives_the_default_bandwidth_marked_assumed(tmp_path):
+    got = measure_capacity(CapacityConfig(), str(tmp_path), FakeProbe(speed=0))
+    assert got.resources.bandwidth == DEFAULT_BANDWIDTH_MBIT and got.assumed == ("bandwidth",)
+
+
+def test_the_uplink_is_the_default_routes_interface_and_its_speed_comes_from_sysfs(tmp_path):
+    route = tmp_path / "route"
+    route.write_text("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+                     "eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+                     "eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n")
+    assert default_route_device(str(route)) == "eth0"
+    assert default_route_device(str(tmp_path / "none")) == ""
+    net = tmp_path / "net"
+    for dev, speed in (("eth0", "25000\n"), ("veth0", "-1\n")):
+        (net / dev).mkdir(parents=True)
+        (net / dev / "speed").write_text(speed)
+    (net / "tap0").mkdir()                        # reading fails: no speed file
+    assert link_speed_mbit("eth0", str(net)) == 25000
+    assert link_speed_mbit("veth0", str(net)) == 0
+    assert link_speed_mbit("tap0", str(net)) == 0
 
 
 # ---- soda-agent main ------------------------------------------------------------

@@ -293,6 +293,18 @@ def test_register_keeps_subnet_and_validates(client):
         client.register_node("n2", "127.0.0.1", CAP, ["vmware"])
 
 
+def test_capacity_a_node_assumed_is_kept_and_shown(client):
+    from soda.cli.output import nodes_table
+    node = client.register_node("n0", "127.0.0.1", CAP, ["fake"], assumed=["bandwidth"])
+    assert node.assumed == ("bandwidth",)
+    [listed] = client.list_nodes()
+    assert listed.assumed == ("bandwidth",)
+    assert f"0/{CAP.bandwidth:g}Mbit (assumed)" in nodes_table([listed])
+    assert client.register_node("n0", "127.0.0.1", CAP, ["fake"]).assumed == ()   # measured now
+    with pytest.raises(InvalidSpec, match="unknown resources: speed"):
+        client.register_node("n1", "127.0.0.1", CAP, ["fake"], assumed=["speed"])
+
+
 def test_resize_grows_shrinks_and_changes_resources(cluster):
     cluster.create_service(spec(nodes=2))
     svc = cluster.resize_service("web", nodes=3)

@@ -139,24 +139,25 @@ def test_store_keeps_limits_across_a_restart_and_replaces_them_on_registration(t
 
 
 def _downgrade_to_v1(path):
-    """The file as a version 1 Master left it: no nodes.limits column."""
+    """The file as a version 1 Master left it: no nodes.limits (nor later) column."""
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE nodes DROP COLUMN limits")
+    db.execute("ALTER TABLE nodes DROP COLUMN assumed")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
 
 
 def test_a_version_1_store_is_migrated_and_keeps_its_nodes(tmp_path):
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     s = open_store(str(tmp_path))
     s.upsert_node(_node_with_limits([DEBIAN_UML]))
     s.close()
     _downgrade_to_v1(str(tmp_path / "state.db"))
     s = open_store(str(tmp_path))
-    assert s.schema_version() == 2
+    assert s.schema_version() == 3
     migrated = s.get_node("a")
-    assert migrated.limits == () and migrated.subnet == "10.0.1.0/24"
+    assert migrated.limits == () and migrated.assumed == () and migrated.subnet == "10.0.1.0/24"
     s.close()
 
 
@@ -166,7 +167,7 @@ def test_a_newer_store_is_refused(tmp_path):
     db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(SodaError, match="schema version 99, newer than the 2"):
+    with pytest.raises(SodaError, match="schema version 99, newer than the 3"):
         open_store(str(tmp_path))
 
 

@@ -179,7 +179,7 @@ class Service(_message.Message):
     def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits")
+    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class Node(_message.Message):
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    ASSUMED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
@@ -204,7 +205,8 @@ class Node(_message.Message):
     last_heartbeat: float
     usage: VnodeUsage
     limits: _containers.RepeatedCompositeFieldContainer[HypervisorLimit]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ...) -> None: ...
+    assumed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HypervisorLimit(_message.Message):
     __slots__ = ("hypervisor", "min_memory_mib", "kernel", "memory_overhead_mib")
@@ -307,18 +309,20 @@ class ServiceEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[ServiceEvent.Kind, str]] = ..., service: _Optional[_Union[Service, _Mapping]] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("name", "address", "capacity", "hypervisors", "limits")
+    __slots__ = ("name", "address", "capacity", "hypervisors", "limits", "assumed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     HYPERVISORS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    ASSUMED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
     hypervisors: _containers.RepeatedScalarFieldContainer[str]
     limits: _containers.RepeatedCompositeFieldContainer[HypervisorLimit]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ...) -> None: ...
+    assumed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VirtualNodeStatus(_message.Message):
     __slots__ = ("name", "phase", "reason", "boot_seconds", "generation", "usage")

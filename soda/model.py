@@ -37,13 +37,15 @@ DEFAULT_SWITCH_MODE = "proxy"
 HEALTH_KINDS = ("tcp", "http", "none")
 DEFAULT_PORT = 80
 
+# Names are matched as whole strings: "\Z", not "$", which also matches
+# before a trailing newline ("web\n" would pass and its guest never start).
 # A DNS label; services leave room for the "-NNN" virtual node suffix.
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 SERVICE_NAME_MAX = 50
 NODE_NAME_MAX = 63
 MAX_VNODES_PER_SERVICE = 1000
-IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+IMAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}\Z")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 # Bounds that catch typos (64000 cores, negative memory) before scheduling;
 # a request inside them that no node can hold is NoCapacity, not InvalidSpec.
@@ -147,12 +149,18 @@ class ServiceSpec:
     # CPU as a hard cap (CFS quota) on top of the proportional share.
     cpu_cap: bool = False
     on_demand: OnDemand | None = None
+    # Resources of a virtual node added later when none is left to copy: the
+    # last node's (or the one value given for all). A service at zero nodes
+    # keeps what it was given here, so that growing it asks for that.
+    template: Resources = Resources(**RESOURCE_DEFAULTS)
 
     def as_dict(self) -> dict:
         out = {
             "name": self.name, "image": self.image, "hypervisor": self.hypervisor,
             "nodes": self.nodes, "port": self.port, "cpu_cap": self.cpu_cap,
-            "resources": resource_columns(self.resources),
+            # With no nodes, the resources it was given (its template).
+            "resources": (resource_columns(self.resources) if self.nodes
+                          else self.template.as_dict()),
             "switch": self.switch.as_dict(),
         }
         if self.on_demand is not None:
@@ -411,7 +419,7 @@ _SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "sw
 _SWITCH_FIELDS = {"listen", "policy", "mode", "health", "drain_seconds"}
 _HEALTH_FIELDS = set(HealthCheck.__dataclass_fields__)
 _ON_DEMAND_FIELDS = {"max_nodes", "idle_seconds", "resources"}
-_HTTP_PATH = re.compile(r"^/[\x21-\x7e]*$")     # absolute, printable, no spaces
+_HTTP_PATH = re.compile(r"/[\x21-\x7e]*\Z")     # absolute, printable, no spaces
 
 
 def _bounded(what: str, value: Any, low: float, high: float, *, integer: bool = False,
@@ -459,9 +467,17 @@ def parse_health(data: Any) -> HealthCheck:
                       default=defaults.fall))
 
 
-def parse_on_demand(data: Any, nodes: int, resources: Mapping | None) -> OnDemand | None:
+def last_entries(resources: Mapping[str, Any] | None) -> dict:
+    """`{cpu: [0.5, 1.0], memory: 64}` -> `{cpu: 1.0, memory: 64}`: what a
+    virtual node added later gets."""
+    return {key: (value[-1] if isinstance(value, (list, tuple)) and value else
+                  None if isinstance(value, (list, tuple)) else value)
+            for key, value in (resources or {}).items()}
+
+
+def parse_on_demand(data: Any, nodes: int, template: Resources) -> OnDemand | None:
     """`on_demand: {max_nodes: N, idle_seconds: S}`; each node it deploys gets
-    the spec's resources (the last entry where they are given per node)."""
+    its own `resources`, else the spec's template."""
     if data is None:
         return None
     if not isinstance(data, Mapping):
@@ -475,14 +491,11 @@ def parse_on_demand(data: Any, nodes: int, resources: Mapping | None) -> OnDeman
         raise InvalidSpec(f"nodes ({nodes}) is more than on_demand.max_nodes ({max_nodes})")
     idle = _bounded("on_demand.idle_seconds", data.get("idle_seconds"), 1, 30 * 86400,
                     default=300.0)
-    template = data.get("resources")
-    if template is None:
-        template = {key: (value[-1] if isinstance(value, (list, tuple)) and value else value)
-                    for key, value in (resources or {}).items()}
-    elif not isinstance(template, Mapping):
+    own = data.get("resources")
+    if own is not None and not isinstance(own, Mapping):
         raise InvalidSpec("on_demand.resources must be a mapping like {cpu: 0.5, memory: 64}")
     return OnDemand(max_nodes=max_nodes, idle_seconds=idle,
-                    resources=expand_resources(1, template)[0])
+                    resources=expand_resources(1, own)[0] if own is not None else template)
 
 
 def parse_switch(data: Any) -> SwitchSpec:
@@ -532,8 +545,12 @@ def parse_spec(data: Any) -> ServiceSpec:
     resources = data.get("resources")
     if resources is not None and not isinstance(resources, Mapping):
         raise InvalidSpec("resources must be a mapping like {cpu: 0.5, memory: 64}")
+    per_node = expand_resources(nodes, resources)
+    # Checked whatever the node count: a service created at zero nodes keeps
+    # these for the nodes it grows later.
+    template = expand_resources(1, last_entries(resources))[0]
     switch = parse_switch(data.get("switch"))
-    on_demand = parse_on_demand(data.get("on_demand"), nodes, resources)
+    on_demand = parse_on_demand(data.get("on_demand"), nodes, template)
     cpu_cap = data.get("cpu_cap", False)
     if cpu_cap is None:
         cpu_cap = False
@@ -541,7 +558,7 @@ def parse_spec(data: Any) -> ServiceSpec:
         raise InvalidSpec(f"cpu_cap must be true or false, got {cpu_cap!r}")
     return ServiceSpec(
         name=name, image=image, nodes=nodes, hypervisor=hypervisor, port=port, cpu_cap=cpu_cap,
-        resources=expand_resources(nodes, resources), switch=switch, on_demand=on_demand)
+        resources=per_node, switch=switch, on_demand=on_demand, template=template)
 
 
 def validate_spec(spec: ServiceSpec) -> ServiceSpec:
@@ -552,7 +569,8 @@ def validate_spec(spec: ServiceSpec) -> ServiceSpec:
     data = {
         "name": spec.name, "image": spec.image, "hypervisor": spec.hypervisor,
         "nodes": spec.nodes, "port": spec.port, "cpu_cap": spec.cpu_cap,
-        "resources": {key: [getattr(r, key) for r in spec.resources] for key in RESOURCE_BOUNDS},
+        "resources": ({key: [getattr(r, key) for r in spec.resources] for key in RESOURCE_BOUNDS}
+                      if spec.nodes else spec.template.as_dict()),
         "switch": spec.switch.as_dict(),
     }
     if spec.on_demand is not None:

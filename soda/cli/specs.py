@@ -133,9 +133,9 @@ def resized_resources(current: model.ServiceSpec, nodes: int | None,
                       overrides: Mapping[str, PerNodeValue]) -> tuple[model.Resources, ...]:
     """One Resources per virtual node after a resize: the given flags applied
     over what each node has now. New nodes start from the last node's
-    resources (the defaults if there is none)."""
+    resources (the service's template if there is none)."""
     count = current.nodes if nodes is None else nodes
-    template = current.resources[-1] if current.resources else model.Resources(**model.RESOURCE_DEFAULTS)
+    template = current.resources[-1] if current.resources else current.template
     base = [current.resources[i] if i < len(current.resources) else template for i in range(count)]
     columns = {key: overrides[key] if overrides.get(key) is not None else [getattr(r, key) for r in base]
                for key in RESOURCE_KEYS}
@@ -148,6 +148,13 @@ def resized_spec(current: model.ServiceSpec, nodes: int | None,
     count = current.nodes if nodes is None else nodes
     # Check the node count before building anything for that many nodes.
     model.parse_spec({**current.as_dict(), "nodes": count, "resources": None})
+    if not count:
+        # No node left to carry resources: the service keeps them as its
+        # template, with the flags given applied.
+        template = {key: getattr(current.template, key) for key in RESOURCE_KEYS}
+        template.update({key: value[-1] if isinstance(value, (list, tuple)) else value
+                         for key, value in overrides.items() if value is not None})
+        return model.parse_spec({**current.as_dict(), "nodes": 0, "resources": template})
     resources = resized_resources(current, count, overrides)
     return model.parse_spec({
         **current.as_dict(), "nodes": count,

@@ -531,7 +531,7 @@ def _template(spec: model.ServiceSpec) -> model.Resources:
     """Resources of a node added to a service that has none left."""
     if spec.on_demand is not None:
         return spec.on_demand.resources
-    return model.Resources(**model.RESOURCE_DEFAULTS)
+    return spec.template
 
 
 def endpoint_set(service: model.Service) -> model.EndpointSet:

@@ -67,7 +67,8 @@ def spec_to_pb(s: model.ServiceSpec) -> pb.ServiceSpec:
     return pb.ServiceSpec(
         name=s.name, image=s.image, hypervisor=s.hypervisor, nodes=s.nodes, port=s.port,
         cpu_cap=s.cpu_cap, resources=[resources_to_pb(r) for r in s.resources],
-        switch=switch_to_pb(s.switch), on_demand=on_demand_to_pb(s.on_demand))
+        switch=switch_to_pb(s.switch), on_demand=on_demand_to_pb(s.on_demand),
+        template=resources_to_pb(s.template))
 
 
 def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
@@ -75,7 +76,8 @@ def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
     return model.ServiceSpec(
         name=m.name, image=m.image, hypervisor=m.hypervisor, nodes=m.nodes, port=m.port,
         cpu_cap=m.cpu_cap, resources=tuple(resources_from_pb(r) for r in m.resources),
-        switch=switch_from_pb(m.switch), on_demand=on_demand_from_pb(m))
+        switch=switch_from_pb(m.switch), on_demand=on_demand_from_pb(m),
+        **({"template": resources_from_pb(m.template)} if m.HasField("template") else {}))
 
 
 def usage_to_pb(u: model.Usage | None) -> pb.VnodeUsage | None:

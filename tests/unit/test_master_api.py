@@ -46,6 +46,19 @@ def spec(**kw):
     return model.parse_spec(base)
 
 
+def test_a_service_created_at_zero_nodes_grows_with_the_resources_it_was_given(cluster):
+    svc = cluster.create_service(spec(name="z", nodes=0, resources={"cpu": 0.25, "memory": 48}))
+    assert svc.vnodes == ()
+    with pytest.raises(InvalidSpec):
+        cluster.create_service(spec(name="y", nodes=0, resources={"cpu": 0}))
+    grown = cluster.resize_service("z", nodes=2)
+    assert [v.resources for v in grown.vnodes] == [model.Resources(0.25, 48, 100, 256)] * 2
+    shrunk = cluster.resize_service("z", nodes=0)
+    again = cluster.resize_service("z", nodes=1)
+    assert shrunk.spec.template == model.Resources(0.25, 48, 100, 256)
+    assert [v.resources for v in again.vnodes if not v.deleting] == [model.Resources(0.25, 48, 100, 256)]
+
+
 def test_create_places_spreads_and_addresses(cluster):
     svc = cluster.create_service(spec())
     assert len(svc.vnodes) == 4

@@ -125,3 +125,34 @@ def test_on_demand_service_at_zero_keeps_its_node_template():
     # Per-node lists: nodes deployed on demand take the last entry.
     s = model.parse_spec(spec(resources={"cpu": [0.5, 1.0]}, on_demand={"max_nodes": 4}))
     assert s.on_demand.resources.cpu == 1.0 and s.on_demand.idle_seconds == 300.0
+
+
+@pytest.mark.parametrize("data", [
+    {"name": "web\n", "image": "busybox"},
+    {"name": "web", "image": "busybox\n"},
+    {"name": "web", "image": "sha256:" + "a" * 64 + "\n"},
+    {"name": "web", "image": "busybox", "switch": {"health": {"kind": "http", "path": "/\n"}}},
+])
+def test_a_trailing_newline_is_not_part_of_a_valid_name(data):
+    with pytest.raises(InvalidSpec):
+        model.parse_spec(data)
+    with pytest.raises(InvalidSpec):
+        model.check_image_name("img\n")
+
+
+def test_resources_of_a_service_at_zero_nodes_are_checked_and_kept():
+    with pytest.raises(InvalidSpec, match="cpu"):
+        model.parse_spec({"name": "z", "image": "busybox", "nodes": 0, "resources": {"cpu": 0}})
+    spec = model.parse_spec({"name": "z", "image": "busybox", "nodes": 0,
+                             "resources": {"cpu": 0.25, "memory": 48}})
+    assert spec.resources == () and spec.template == model.Resources(0.25, 48, 100, 256)
+    again = model.parse_spec(spec.as_dict())
+    assert again == spec and model.validate_spec(spec) == spec
+    from soda.rpc import convert
+    assert model.validate_spec(convert.spec_from_pb(convert.spec_to_pb(spec))) == spec
+
+
+def test_a_services_template_is_its_last_nodes_resources():
+    spec = model.parse_spec({"name": "z", "image": "busybox", "nodes": 2,
+                             "resources": {"cpu": [0.5, 2.0], "memory": 64}})
+    assert spec.template == model.Resources(2.0, 64, 100, 256)

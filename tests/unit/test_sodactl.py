@@ -175,7 +175,8 @@ def test_create_flags_with_comma_lists_become_the_spec(client):
     assert spec == model.ServiceSpec(
         name="web", image="busybox-httpd", nodes=2, hypervisor="uml", port=8000,
         resources=(model.Resources(0.5, 64, 10, 128), model.Resources(1.0, 64, 20, 128)),
-        switch=model.SwitchSpec("0.0.0.0:8080", "weighted-least-connections"))
+        switch=model.SwitchSpec("0.0.0.0:8080", "weighted-least-connections"),
+        template=model.Resources(1.0, 64, 20, 128))
     assert "web-1" in result.stdout        # the accepted service is shown
 
 

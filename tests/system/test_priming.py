@@ -1,4 +1,4 @@
-"""Sub-second service priming with SODA's own guest kernel (issue 7), end to
+"""Sub-second service priming with SODA's own guest kernel, end to
 end on a real cluster (Master, Daemon, Agent, Switch as processes):
 
 - `sodactl service create --nodes 10 --wait` returns with all 10 RUNNING

@@ -1,5 +1,4 @@
-"""The Switch in front of real User-Mode Linux guests (issue 6, acceptance
-1-3): share-weighted split that follows a live cpu resize, a guest killed
+"""The Switch in front of real User-Mode Linux guests: share-weighted split that follows a live cpu resize, a guest killed
 under a continuous request loop with no failed request, and a scale-down
 under load whose removed node finishes its in-flight requests.
 

@@ -1,4 +1,4 @@
-"""The smallest guest each node boots (issue 7): what an Agent registers,
+"""The smallest guest each node boots: what an Agent registers,
 how the Master stores it, and the admission check that refuses a smaller
 virtual node with INVALID_ARGUMENT before anything is created."""
 

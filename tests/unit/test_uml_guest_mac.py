@@ -1,4 +1,4 @@
-"""The UML guest's MAC follows its address (issue 7): a new guest at a reused
+"""The UML guest's MAC follows its address: a new guest at a reused
 address keeps the MAC its peers' neighbour entries already hold."""
 
 import pytest

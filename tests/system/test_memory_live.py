@@ -30,15 +30,24 @@ def limit(c, vnode):
     return int(read(cgroup_file(c, "memory", vnode, "memory.limit_in_bytes")))
 
 
+def host_oom_kills(c, vnode):
+    text = read(cgroup_file(c, "memory", vnode, "memory.oom_control"))
+    return int(re.search(r"^oom_kill (\d+)", text, re.M).group(1))
+
+
 def test_less_memory_applies_live_more_memory_reboots_visibly(uml_node):
     c = uml_node
     c.ctl("service", "create", "mem", "--image", "busybox-httpd", "--hypervisor", "uml",
           "--memory", "64", "--wait", "--timeout", "120", timeout=180)
     [vnode] = c.json("service", "get", "mem")["vnodes"]
-    address, generation = vnode["address"], vnode["generation"] if "generation" in vnode else None
+    # boot_seconds is measured once per boot: the same value means the same boot.
+    address, boot_seconds = vnode["address"], vnode["boot_seconds"]
+    assert boot_seconds > 0, vnode
     pid = guest_records(c)["mem-0"]["pid"]
     c.guest_pids.add(pid)
     limit_64 = limit(c, "mem-0")
+    headroom = limit_64 - 64 * MiB         # what the fence adds for the VMM itself
+    assert headroom > 0, limit_64
     before = meminfo_kib(c, address)
 
     # 64 -> 16 MiB: the guest has not 48 MiB free to give back and keep
@@ -65,15 +74,19 @@ def test_less_memory_applies_live_more_memory_reboots_visibly(uml_node):
     # The guest's own kernel lost the 24 MiB it gave back (give or take
     # what the guest itself did meanwhile).
     assert before["MemFree"] - after["MemFree"] >= 20 * 1024, (before, after)
+    # ... and it is the same kernel: a new boot at 40 MiB would show a
+    # MemTotal some 24 MiB smaller.
+    assert after["MemTotal"] == before["MemTotal"], (before, after)
     assert guest_records(c)["mem-0"]["pid"] == pid and alive(pid)
     assert "SODA_NAME=mem-0" in curl(c.netns, f"http://{address}/cgi-bin/info")
-    [vnode] = c.json("service", "get", "mem")["vnodes"]
-    assert vnode["resources"]["memory"] == 40 and vnode["phase"] == "RUNNING"
-    wait_until(lambda: not c.json("service", "get", "mem")["vnodes"][0]["reason"], 10, interval=0.2,
-               what="the reason to clear")
-    if generation is not None:
-        assert vnode["generation"] == generation
-    assert int(read(cgroup_file(c, "memory", "mem-0", "memory.usage_in_bytes"))) <= limit(c, "mem-0")
+    vnode = wait_until(lambda: (lambda v: v if (v["resources"]["memory"], v["phase"], v["reason"])
+                                == (40, "RUNNING", "") else None)(c.json("service", "get", "mem")["vnodes"][0]),
+                       10, interval=0.2, what="sodactl to show mem-0 running at 40 MiB with no reason")
+    assert vnode["boot_seconds"] == boot_seconds, vnode
+    # The fence is the guest's new memory plus the same headroom, and
+    # lowering it made the host kill nothing.
+    assert limit(c, "mem-0") == 40 * MiB + headroom
+    assert host_oom_kills(c, "mem-0") == 0
 
     # 40 -> 64 MiB: back up to its boot size, live too.
     out = c.ctl("service", "resize", "mem", "--memory", "64")
@@ -93,10 +106,13 @@ def test_less_memory_applies_live_more_memory_reboots_visibly(uml_node):
     c.guest_pids.add(new_pid)
     c.ctl("service", "resize", "mem", "--wait", "--timeout", "120", "--memory", "80", timeout=180)
     assert not alive(pid)
-    wait_until(lambda: limit(c, "mem-0") == limit_64 + 16 * MiB, 10, what="the 80 MiB limit")
+    wait_until(lambda: limit(c, "mem-0") == 80 * MiB + headroom, 10, what="the 80 MiB limit")
     grown = wait_until(lambda: _meminfo_or_none(c, address), 60, interval=0.5, what="mem-0 to serve")
     print(f"64 -> 80 MiB: new boot (pid {pid} -> {new_pid}), MemTotal {grown['MemTotal'] >> 10} MiB")
     assert grown["MemTotal"] > before["MemTotal"] + 12 * 1024
+    [vnode] = c.json("service", "get", "mem")["vnodes"]
+    assert (vnode["resources"]["memory"], vnode["phase"]) == (80, "RUNNING"), vnode
+    assert vnode["boot_seconds"] != boot_seconds, vnode          # sodactl shows the new boot too
 
 
 def _meminfo_or_none(c, address):

@@ -76,7 +76,7 @@ class Reconciler:
                  clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 8,
                  interval: float = 1.0, stop_timeout: float = 30.0, boot_timeout: float = 300.0,
                  restart_backoff: float = 1.0, restart_backoff_max: float = 60.0,
-                 backoff_reset_seconds: float = 60.0, ready_poll: float = 0.05,
+                 backoff_reset_seconds: float = 60.0, ready_poll: float = 0.02,
                  plumbing: GuestPlumbing | None = None):
         if not drivers:
             raise ValueError("a reconciler needs at least one hypervisor driver")

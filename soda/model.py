@@ -16,18 +16,10 @@ from typing import Any, Iterable, Mapping
 
 from soda.errors import InvalidSpec
 
-# Names of hypervisor drivers that may appear in a spec. The Agent's driver
-# registry (soda.hypervisors.base) decides which of them a node really has.
-HYPERVISOR_NAMES = ("uml", "qemu", "fake")
-# When a spec names no hypervisor, a node's drivers are preferred in this order.
-HYPERVISOR_PREFERENCE = ("uml", "qemu", "fake")
-# Hypervisors whose guests change memory while they run (UML's memory
-# hot-unplug, soda.hypervisors.uml): a memory change keeps the virtual node's
-# generation, and its Agent applies it live within the memory the guest
-# booted with (it boots the guest again past that). Elsewhere a memory
-# change is a new generation, a new boot: QEMU guests boot a Debian kernel
-# whose virtio-balloon module their initramfs does not load.
-MEMORY_CHANGES_LIVE = ("uml", "fake")
+# A hypervisor driver's name (uml, qemu, fake, or a plugin's): which drivers
+# exist is each node's business (its Agent's registry); the Master knows a
+# hypervisor only from the nodes that offer it and what they declare of it.
+_HYPERVISOR_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 POLICIES = ("weighted-round-robin", "weighted-least-connections")
 DEFAULT_POLICY = "weighted-round-robin"
 # How the Switch forwards a service: its userspace proxy, or the kernel (nftables DNAT).
@@ -252,15 +244,29 @@ class Service:
 
 
 @dataclass(frozen=True)
-class HypervisorLimit:
-    """The smallest guest a node boots under one hypervisor, set by the
-    kernel it boots (SODA's UML kernel: 16 MiB, Debian's: 32), and what
-    each guest's hypervisor process costs the node beyond the guest's own
-    memory (the Daemon's memory limit adds it; placement counts it)."""
+class DriverCapabilities:
+    """What one hypervisor driver of a node declares it can do, and what its
+    fingerprint found on that node. The Agent registers one per driver it
+    offers; the Master's admission and placement read these, never driver
+    names: a rule that depends on what a hypervisor can do is one field
+    here, set by the driver."""
     hypervisor: str
-    min_memory: int                 # MiB
+    min_memory: int = 0             # MiB: the smallest guest it boots (its kernel sets it)
     kernel: str = ""                # which kernel, as the node names it
-    memory_overhead: int = 0        # MiB per guest above its memory
+    memory_overhead: int = 0        # MiB per guest above its memory (placement, the Daemon's limit)
+    live_memory: bool = False       # memory changes while the guest runs (up to its boot size)
+    freeze: bool = False            # a guest can be paused and resumed in place
+    disk_bound: bool = False        # guests boot a root disk of the virtual node's size
+    plumbing: bool = False          # guests need a TAP on the node bridge and the Daemon's fence
+    migration: str = ""             # how a guest moves between nodes; "" = it cannot
+    attributes: Mapping[str, str] = field(default_factory=dict)   # the fingerprint's findings
+
+
+def check_hypervisor_name(name: Any) -> str:
+    if not isinstance(name, str) or not _HYPERVISOR_NAME.match(name):
+        raise InvalidSpec(f"invalid hypervisor name {name!r}: lowercase letters, digits, '-' and "
+                          "'_', starting with a letter, at most 32 characters")
+    return name
 
 
 @dataclass(frozen=True)
@@ -276,11 +282,11 @@ class Node:
     vnodes: int = 0
     last_heartbeat: float = 0.0
     usage: Usage | None = None      # sum over its virtual nodes that reported usage
-    limits: tuple[HypervisorLimit, ...] = ()
+    limits: tuple[DriverCapabilities, ...] = ()
     # Capacity fields the node could not measure and assumed a default for.
     assumed: tuple[str, ...] = ()
 
-    def limit(self, hypervisor: str) -> HypervisorLimit | None:
+    def limit(self, hypervisor: str) -> DriverCapabilities | None:
         return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)
 
     def memory_overhead(self, hypervisor: str) -> int:
@@ -535,8 +541,8 @@ def parse_spec(data: Any) -> ServiceSpec:
     if not 0 <= nodes <= MAX_VNODES_PER_SERVICE:
         raise InvalidSpec(f"nodes must be between 0 and {MAX_VNODES_PER_SERVICE}, got {nodes}")
     hypervisor = data.get("hypervisor") or ""
-    if hypervisor not in ("",) + HYPERVISOR_NAMES:
-        raise InvalidSpec(f"unknown hypervisor {hypervisor!r} (known: {', '.join(HYPERVISOR_NAMES)})")
+    if hypervisor:
+        check_hypervisor_name(hypervisor)
     port = data.get("port", DEFAULT_PORT)
     if port in (None, 0):
         port = DEFAULT_PORT

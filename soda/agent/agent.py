@@ -33,10 +33,10 @@ import logging
 import random
 import tempfile
 import threading
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 from soda.errors import NotFound, SodaError
-from soda.model import HypervisorLimit, Node, Resources, VirtualNodeStatus
+from soda.model import DriverCapabilities, Node, Resources, VirtualNodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +57,6 @@ def state_dir_problem(path: str) -> str:
     except OSError as exc:
         return f"state dir {path} is not writable: {exc.strerror or exc}"
     return ""
-
-
-def hypervisor_limits(drivers: Mapping[str, Any]) -> tuple[HypervisorLimit, ...]:
-    """What the Agent registers about its drivers: the smallest guest each
-    boots and the kernel that sets it (a UML driver's kernel kind and path,
-    a QEMU driver's kernel), and the memory each guest's hypervisor process
-    needs above the guest's. A driver with neither (fake) has no entry."""
-    limits = []
-    for name in sorted(drivers):
-        driver = drivers[name]
-        floor = getattr(driver, "min_memory", 0)
-        overhead = driver.memory_overhead
-        if not floor and not overhead:
-            continue
-        path, kind = getattr(driver, "kernel", ""), getattr(driver, "kernel_kind", "")
-        kernel = f"{path} ({kind})" if path and kind else path
-        limits.append(HypervisorLimit(hypervisor=name, min_memory=int(floor), kernel=kernel,
-                                      memory_overhead=int(overhead)))
-    return tuple(limits)
 
 
 class Backoff:
@@ -175,7 +156,7 @@ class Agent:
                  stop: threading.Event | None = None, backoff: Backoff | None = None,
                  heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
                  on_registered: Callable[[Node], None] | None = None,
-                 limits: Iterable[HypervisorLimit] = (),
+                 limits: Iterable[DriverCapabilities] = (),
                  health_check: Callable[[], str] | None = None,
                  assumed: Iterable[str] = (),
                  thread_backoff: Backoff | None = None):

@@ -17,16 +17,16 @@ import socket
 import sys
 import threading
 
-from soda.agent.agent import Agent, StatusReporter, hypervisor_limits, state_dir_problem
+from soda.agent.agent import Agent, StatusReporter, state_dir_problem
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
-from soda.agent.plumbing import REAL_HYPERVISORS, GuestPlumbing, NodePlumbing
+from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.agent.reconciler import Reconciler
 from soda.config import AgentConfig, load, with_overrides
 from soda.errors import InvalidSpec, SodaError
-from soda.hypervisors.base import drivers, make_driver
-from soda.model import NODE_NAME_MAX, check_dns_label
+from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
+from soda.model import NODE_NAME_MAX, DriverCapabilities, check_dns_label
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
 from soda.service import forbid_fork, sd_notify, setup_logging, stop_event_on_signals
@@ -115,16 +115,43 @@ def driver_options(config: AgentConfig, hypervisor: str) -> dict:
     return dataclasses.asdict(section) if section is not None else {}
 
 
-def build_network(config: AgentConfig) -> NodeNetwork | None:
-    """Guest networking, for nodes that run real guests. Made before any
+class DriverUnusable(SodaError):
+    """A configured hypervisor driver cannot run guests on this host."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Drivers:
+    """The configured drivers, in the configured order (a virtual node that
+    names no hypervisor gets the first), and what each declares, with its
+    fingerprint's findings: what the Agent registers."""
+    drivers: dict[str, HypervisorDriver]
+    capabilities: dict[str, DriverCapabilities]
+
+
+def build_drivers(config: AgentConfig) -> Drivers:
+    """Raises OSError when the state dir cannot be used, DriverUnusable when
+    a driver's fingerprint says it cannot work here."""
+    os.makedirs(config.state_dir, exist_ok=True)
+    made, capabilities = {}, {}
+    for name in config.hypervisors:
+        driver = make_driver(name, config.state_dir, **driver_options(config, name))
+        found = driver.fingerprint()
+        if not found.usable:
+            raise DriverUnusable(f"hypervisor {name} cannot run guests here: {found.reason}")
+        made[name], capabilities[name] = driver, driver.capabilities(found)
+    return Drivers(made, capabilities)
+
+
+def build_network(config: AgentConfig, drivers: Drivers) -> NodeNetwork | None:
+    """Guest networking, for nodes whose drivers need it. Made before any
     gRPC channel: creating the namespace forks."""
-    if not any(h in REAL_HYPERVISORS for h in config.hypervisors):
+    if not any(c.plumbing for c in drivers.capabilities.values()):
         return None
     return NodeNetwork(netns=config.netns, bridge=config.bridge)
 
 
 def build_plumbing(config: AgentConfig, network: NodeNetwork | None,
-                   guest_drivers: dict) -> GuestPlumbing:
+                   capabilities: dict[str, DriverCapabilities]) -> GuestPlumbing:
     if network is None:
         return GuestPlumbing()
     daemon = None
@@ -132,28 +159,25 @@ def build_plumbing(config: AgentConfig, network: NodeNetwork | None,
         daemon = DaemonClient(config.daemon_socket)
     else:
         log.warning("no daemon_socket configured: real guests run without limits")
-    return NodePlumbing(network, daemon,
-                        {name: d.memory_overhead for name, d in guest_drivers.items()})
+    return NodePlumbing(network, daemon, capabilities)
 
 
 def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event,
-                network: NodeNetwork | None = None) -> Agent:
+                network: NodeNetwork | None = None, drivers: Drivers | None = None) -> Agent:
     """An Agent and its collaborators for `config`; raises OSError when the
     state dir cannot be used."""
-    os.makedirs(config.state_dir, exist_ok=True)
-    guest_drivers = {name: make_driver(name, config.state_dir, **driver_options(config, name))
-                     for name in config.hypervisors}
+    drivers = drivers or build_drivers(config)
     images = ImageCache(os.path.join(config.state_dir, "images"), client)
     capacity = measure_capacity(config.capacity, config.state_dir)
     reporter = StatusReporter(client, config.name)
-    reconciler = Reconciler(guest_drivers, reporter, images,
+    reconciler = Reconciler(drivers.drivers, reporter, images,
                             max_parallel_boots=config.max_parallel_boots,
                             interval=config.reconcile_seconds,
-                            plumbing=build_plumbing(config, network, guest_drivers))
+                            plumbing=build_plumbing(config, network, drivers.capabilities))
     on_registered = (lambda node: network.configure(node.subnet, node.gateway)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,
                  config.hypervisors, stop=stop, on_registered=on_registered,
-                 limits=hypervisor_limits(guest_drivers),
+                 limits=tuple(drivers.capabilities.values()),
                  health_check=lambda: state_dir_problem(config.state_dir),
                  assumed=capacity.assumed)
 
@@ -168,7 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, "soda-agent")
     stop = stop_event_on_signals()
     try:
-        network = build_network(config)
+        drivers = build_drivers(config)
+    except DriverUnusable as exc:
+        print(f"soda-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (SodaError, OSError) as exc:
+        print(f"soda-agent: cannot set up hypervisor drivers: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        network = build_network(config, drivers)
     except (SodaError, OSError) as exc:
         print(f"soda-agent: cannot set up guest networking: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -177,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     forbid_fork("soda-agent talks gRPC; netlink runs on its own threads (soda.netlink)")
     client = MasterClient(config.master)
     try:
-        agent = build_agent(config, client, stop, network)
+        agent = build_agent(config, client, stop, network, drivers)
     except OSError as exc:
         print(f"soda-agent: cannot use state dir {config.state_dir}: {exc.strerror or exc}",
               file=sys.stderr)

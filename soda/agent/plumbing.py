@@ -4,7 +4,8 @@ released after it stops, so that nothing outlives a virtual node.
 
 The reconciler calls `prepare` and `release`; this module owns the order
 (TAP first, since the Daemon shapes it; release in reverse) and the undo of
-a half-done prepare. The fake driver gets no plumbing.
+a half-done prepare. Only guests of drivers that declare `plumbing` get
+any (the fake driver does not).
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ from typing import Mapping, Protocol
 from soda.agent.network import NodeNetwork, tap_name
 from soda.errors import NotFound, SodaError
 from soda.hypervisors.base import guest_mac
-from soda.model import Usage, VirtualNode
+from soda.model import DriverCapabilities, Usage, VirtualNode
 
 log = logging.getLogger(__name__)
-
-# Hypervisors whose guests are real processes with a network device.
-REAL_HYPERVISORS = ("uml", "qemu")
 
 
 class Daemon(Protocol):
@@ -52,17 +50,22 @@ class GuestPlumbing:
 
 class NodePlumbing(GuestPlumbing):
     def __init__(self, network: NodeNetwork, daemon: Daemon | None,
-                 memory_overhead: Mapping[str, int] | None = None):
+                 drivers: Mapping[str, DriverCapabilities]):
         self.network = network
         self.daemon = daemon
-        # Per hypervisor, MiB its process needs above the guest's memory (the
-        # drivers declare it): the Daemon's memory limit adds it.
-        self.memory_overhead = dict(memory_overhead or {})
+        # What each hypervisor's driver declares: whether its guests need
+        # plumbing, and the MiB its process needs above the guest's memory
+        # (the Daemon's memory limit adds it).
+        self.drivers = dict(drivers)
+
+    def _plumbed(self, hypervisor: str) -> bool:
+        caps = self.drivers.get(hypervisor)
+        return caps is not None and caps.plumbing
 
     def prepare(self, want: VirtualNode, hypervisor: str) -> dict:
         """TAP, then limits; returns the GuestSpec fields they fill in.
         Idempotent: preparing an adopted guest again changes nothing."""
-        if hypervisor not in REAL_HYPERVISORS:
+        if not self._plumbed(hypervisor):
             return {}
         try:
             tap = self.network.plug(want.name, want.address, guest_mac(want.address))
@@ -76,16 +79,16 @@ class NodePlumbing(GuestPlumbing):
     def update(self, want: VirtualNode, hypervisor: str) -> None:
         # ApplyLimits is idempotent and changes cgroup values and HTB rates
         # in place: the guest keeps running.
-        if hypervisor in REAL_HYPERVISORS and self.daemon is not None:
+        if self._plumbed(hypervisor) and self.daemon is not None:
             self._fence(want, hypervisor, tap_name(want.name))
 
     def _fence(self, want: VirtualNode, hypervisor: str, tap: str):
         return self.daemon.apply_limits(want.name, want.resources, hypervisor, tap,
                                         cpu_cap=want.cpu_cap,
-                                        memory_overhead=self.memory_overhead.get(hypervisor))
+                                        memory_overhead=self.drivers[hypervisor].memory_overhead)
 
     def usage(self, name: str, hypervisor: str) -> Usage | None:
-        if hypervisor not in REAL_HYPERVISORS or self.daemon is None:
+        if not self._plumbed(hypervisor) or self.daemon is None:
             return None
         try:
             u = self.daemon.usage(name)
@@ -101,7 +104,7 @@ class NodePlumbing(GuestPlumbing):
                      oom_kills=u.oom_kills)
 
     def release(self, name: str, hypervisor: str) -> None:
-        if hypervisor not in REAL_HYPERVISORS:
+        if not self._plumbed(hypervisor):
             return
         # Limits first: the Daemon kills what is left in the cgroups and
         # removes the qdiscs that sit on the TAP.

@@ -44,8 +44,7 @@ from soda.agent.plumbing import GuestPlumbing
 from soda.errors import SodaError, WrongState
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
-from soda.model import (HYPERVISOR_PREFERENCE, MEMORY_CHANGES_LIVE, Phase, Resources, VirtualNode,
-                        VirtualNodeStatus)
+from soda.model import Phase, Resources, VirtualNode, VirtualNodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +373,7 @@ class Reconciler:
         self._set(name, Phase.PULLING, "", generation)
         try:
             path = self._images.ensure(want.image_digest,
-                                       want.resources.disk if driver.uses_disk else 0)
+                                       want.resources.disk if driver.disk_bound else 0)
         except (SodaError, OSError) as exc:
             self._fail(name, f"pulling image {want.image_digest}: {exc}", generation)
             return
@@ -424,7 +423,7 @@ class Reconciler:
         """New CPU, bandwidth or memory for a running guest, applied without
         a restart where the guest allows it (the Master bumps the generation,
         and so restarts, for what never can: a disk, image or hypervisor
-        change, memory on a hypervisor not in MEMORY_CHANGES_LIVE).
+        change, memory on a hypervisor without live_memory).
 
         Memory changes in the guest and in its fence: shrinking, the guest
         gives its RAM back before the cgroup limit drops under it; growing,
@@ -440,7 +439,7 @@ class Reconciler:
         # After an Agent restart nothing is known to be applied; the
         # driver's set_memory takes a target, so asking again is harmless.
         change_memory = (old.memory != memory if old is not None
-                         else driver_name in MEMORY_CHANGES_LIVE)
+                         else driver.live_memory)
         grows = old is not None and memory > old.memory
         live = True
         try:
@@ -485,9 +484,7 @@ class Reconciler:
     def _driver_for(self, want: VirtualNode) -> str | None:
         if want.hypervisor:
             return want.hypervisor if want.hypervisor in self._drivers else None
-        for name in HYPERVISOR_PREFERENCE:
-            if name in self._drivers:
-                return name
+        # None named: the first this node offers (its configured order).
         return next(iter(self._drivers))
 
     def _matches(self, want: VirtualNode, driver_name: str, info: GuestInfo) -> bool:

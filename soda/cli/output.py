@@ -95,9 +95,13 @@ def node_to_dict(node: model.Node) -> dict:
         # The smallest guest each hypervisor boots there, and the kernel that says so.
         "min_memory": {lim.hypervisor: {"mib": lim.min_memory, "kernel": lim.kernel}
                        for lim in node.limits},
-        # MiB each guest's hypervisor process takes there beyond the guest's
-        # memory; "allocated" counts it.
-        "memory_overhead": {lim.hypervisor: lim.memory_overhead for lim in node.limits},
+        # What each driver there declares and found (the Master decides from
+        # these); "allocated" counts each guest's memory_overhead.
+        "drivers": {c.hypervisor: {"memory_overhead": c.memory_overhead, "live_memory": c.live_memory,
+                                   "freeze": c.freeze, "disk_bound": c.disk_bound,
+                                   "plumbing": c.plumbing, "migration": c.migration,
+                                   "attributes": dict(c.attributes)}
+                    for c in node.limits},
         # No last_heartbeat: it changes every few seconds, and scripts compare
         # node lists to see whether anything changed. `state` says LOST.
     }

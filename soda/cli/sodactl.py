@@ -253,8 +253,9 @@ def service() -> None:
 @click.option("--nodes", type=int, metavar="N", help="Number of virtual nodes (default 1).")
 @resource_options
 @click.option("--port", type=int, metavar="PORT", help=f"Port the guests serve on (default {model.DEFAULT_PORT}).")
-@click.option("--hypervisor", type=click.Choice(model.HYPERVISOR_NAMES),
-              help="Hypervisor to boot the guests with (default: whatever a node offers).")
+@click.option("--hypervisor", metavar="NAME",
+              help="Hypervisor to boot the guests with: uml, qemu, or another driver the nodes "
+                   "offer (sodactl node list); default: whatever a node offers first.")
 @click.option("--switch", "listen", metavar="HOST:PORT",
               help="Address where the Service Switch listens for this service's clients.")
 @click.option("--policy", type=click.Choice(model.POLICIES),

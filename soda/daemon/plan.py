@@ -8,6 +8,7 @@ it blindly) and does no I/O: cgroups.py and tc.py write what it decides.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 
@@ -40,9 +41,10 @@ def headroom_mib(hypervisor: str, cfg: DaemonConfig, memory_overhead: int | None
             raise InvalidSpec(f"memory overhead must be between 0 and {MAX_MEMORY_OVERHEAD_MIB} MiB, "
                               f"got {memory_overhead}")
         return memory_overhead
-    if hypervisor not in model.HYPERVISOR_NAMES:
-        raise InvalidSpec(f"unknown hypervisor {hypervisor!r} "
-                          f"(known: {', '.join(model.HYPERVISOR_NAMES)})")
+    known = [f.name for f in dataclasses.fields(cfg.headroom)]
+    if hypervisor not in known:
+        raise InvalidSpec(f"no memory overhead given for hypervisor {hypervisor!r}, and no "
+                          f"configured headroom for it (configured: {', '.join(known)})")
     return getattr(cfg.headroom, hypervisor)
 
 

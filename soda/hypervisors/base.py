@@ -3,8 +3,12 @@
 Owns what every driver promises the Agent: a pure `build_argv`, an
 idempotent `start` and `stop`, a `list` rebuilt from the driver's state dir
 (so a restarted Agent adopts the guests it finds instead of starting them
-again), and readiness. Also owns `DRIVERS`, the one explicit map from a
-hypervisor name to its class, and `make_driver`.
+again), readiness, what its guests can do (`capabilities`, declared by the
+driver and registered with the Master, which decides from them and never
+from driver names) and whether it works on this host at all
+(`fingerprint`, run at Agent start). Also owns the registry from a
+hypervisor name to its class: the built-in drivers, and any a separate
+distribution offers through the `soda.hypervisors` entry-point group.
 
 A driver knows nothing about the Master, phases or images: the Agent's
 reconciler decides what to run and hands a driver a finished `GuestSpec`.
@@ -15,15 +19,21 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib.metadata
 import json
+import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from soda.errors import InvalidSpec
-from soda.model import NODE_NAME_MAX, Resources, check_dns_label
+from soda.model import NODE_NAME_MAX, DriverCapabilities, Resources, check_dns_label, check_hypervisor_name
+
+log = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "soda.hypervisors"
+TUN_DEVICE = "/dev/net/tun"          # TAPs, for drivers whose guests have a network
 
 Clock = Callable[[], float]
 
@@ -55,6 +65,14 @@ class GuestSpec:
 
 
 @dataclass(frozen=True)
+class Fingerprint:
+    """Whether a driver works on this host, and what it found here."""
+    usable: bool
+    reason: str = ""                 # why not, when it is not usable
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class GuestInfo:
     """A guest as its driver finds it."""
     name: str
@@ -71,6 +89,20 @@ class HypervisorDriver(abc.ABC):
     `state_dir/<name>/` and find their guests again from it."""
 
     name: str = ""
+    # What this driver's guests can do. Every rule that depends on it reads
+    # these, here in the Agent and at the Master from what the node
+    # registered (`capabilities()`): a new rule is one edit in the driver.
+    live_memory = False     # set_memory works while the guest runs
+    can_freeze = False      # freeze(name)/thaw(name) pause a guest in place
+    disk_bound = True       # guests boot a root disk of the virtual node's size
+    plumbing = True         # guests need a TAP on the node bridge and the Daemon's fence
+    migration = ""          # how a guest moves to another node; "" = it cannot
+    # MiB each guest's hypervisor process needs above the guest's memory.
+    # The Agent registers it with the Master (placement counts it) and hands
+    # it to the Daemon (the memory limit adds it).
+    memory_overhead = 0
+    min_memory = 0          # MiB: the smallest guest it boots
+    kernel_label = ""       # which kernel its guests boot, as node list shows it
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time):
         self.state_dir = state_dir
@@ -105,13 +137,18 @@ class HypervisorDriver(abc.ABC):
         """One guest; drivers may override this with something cheaper."""
         return self.list().get(name)
 
-    # Whether guests boot from a root disk over the image (soda.agent.images
-    # sizes one to the virtual node's disk); the fake driver never reads it.
-    uses_disk = True
-    # MiB each guest's hypervisor process needs above the guest's memory.
-    # The Agent registers it with the Master (placement counts it) and hands
-    # it to the Daemon (the memory limit adds it).
-    memory_overhead = 0
+    def fingerprint(self) -> Fingerprint:
+        """Whether this driver can run guests on this host (its binary and
+        kernel are there, ...) and what it found. Run once at Agent start."""
+        return Fingerprint(usable=True)
+
+    def capabilities(self, fingerprint: Fingerprint | None = None) -> DriverCapabilities:
+        """What the Agent registers for this driver."""
+        return DriverCapabilities(
+            hypervisor=self.name, min_memory=int(self.min_memory), kernel=self.kernel_label,
+            memory_overhead=int(self.memory_overhead), live_memory=self.live_memory,
+            freeze=self.can_freeze, disk_bound=self.disk_bound, plumbing=self.plumbing,
+            migration=self.migration, attributes=dict(fingerprint.attributes if fingerprint else {}))
 
     def guest_oom_kills(self, name: str) -> int | None:
         """How many processes the guest's own kernel killed for want of
@@ -125,7 +162,7 @@ class HypervisorDriver(abc.ABC):
         """Give a running guest `memory_mib` MiB of RAM without restarting
         it. False when that takes a new boot (more than the guest booted
         with, or a driver that cannot: this default; the Master gives such
-        hypervisors a new generation instead, `soda.model.MEMORY_CHANGES_LIVE`);
+        hypervisors a new generation instead: their `live_memory` is False);
         raises when the guest cannot give the memory back now."""
         return False
 
@@ -170,11 +207,12 @@ def drivers() -> dict[str, type[HypervisorDriver]]:
         from soda.hypervisors.fake import FakeDriver
         from soda.hypervisors.qemu import QemuDriver
         from soda.hypervisors.uml import UmlDriver
-        _drivers = {
+        builtin: dict[str, type[HypervisorDriver]] = {
             "fake": FakeDriver,
             "uml": UmlDriver,
             "qemu": QemuDriver,
         }
+        _drivers = {**builtin, **_plugin_drivers(builtin)}
     return _drivers
 
 
@@ -193,6 +231,26 @@ def make_driver(name: str, state_dir: str, **options: Any) -> HypervisorDriver:
         raise InvalidSpec(f"unknown hypervisor driver {name!r} "
                           f"(available: {', '.join(sorted(registry))})") from None
     return cls(state_dir, **options)
+
+
+def _plugin_drivers(builtin: Mapping[str, type[HypervisorDriver]]) -> dict[str, type[HypervisorDriver]]:
+    """Drivers other distributions offer (entry points in ENTRY_POINT_GROUP,
+    `name = module:Class`). A plugin that cannot be loaded is left out with
+    a warning: one broken package must not stop a node's other drivers."""
+    found: dict[str, type[HypervisorDriver]] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            check_hypervisor_name(ep.name)
+            if ep.name in builtin:
+                raise InvalidSpec(f"{ep.name!r} is a built-in driver")
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, HypervisorDriver)):
+                raise InvalidSpec(f"{ep.value} is not a HypervisorDriver")
+        except Exception as exc:            # whatever a third-party import raises
+            log.warning("hypervisor driver plugin %s (%s) left out: %s", ep.name, ep.value, exc)
+            continue
+        found[ep.name] = cls
+    return found
 
 
 def guest_mac(address: str) -> str:

@@ -38,7 +38,9 @@ FAKE_PID_BASE = 100_000
 
 class FakeDriver(HypervisorDriver):
     name = "fake"
-    uses_disk = False             # its guests never read their image
+    disk_bound = False            # its guests never read their image
+    plumbing = False              # nor have a network or a fence
+    live_memory = True            # set_memory works on its pretend guests
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  boot_seconds: float = 0.2, stop_seconds: float = 0.05,
@@ -50,7 +52,7 @@ class FakeDriver(HypervisorDriver):
         # exits at once (bad image, no memory).
         self.fail_start = tuple(fail_start)
         self._sleep = sleep
-        self.dir = os.path.join(state_dir, "fake")
+        self.dir = os.path.join(state_dir, self.name)
         os.makedirs(self.dir, exist_ok=True)
 
     # ---- the driver interface ------------------------------------------

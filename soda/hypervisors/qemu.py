@@ -53,8 +53,8 @@ from typing import Any
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (check_guest_name, Clock, guest_mac, GuestInfo,
-                                  GuestSpec, spec_as_dict, write_json_atomic)
+from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestInfo,
+                                  GuestSpec, spec_as_dict, TUN_DEVICE, write_json_atomic)
 from soda.hypervisors.probe import PROBE_TIMEOUT
 from soda.netns import NETNS_DIR
 from soda.hypervisors.recorded import RecordedGuestDriver
@@ -107,6 +107,9 @@ class QemuDriver(RecordedGuestDriver):
     identity = _identity
     exit_markers = EXIT_MARKERS
     name = "qemu"
+    # Memory changes boot the guest again: its initramfs loads no
+    # virtio-balloon driver. QMP stop/cont pause it in place.
+    can_freeze = True
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  qemu: str = QEMU, qemu_img: str = QEMU_IMG, kernel: str = AUTO,
@@ -140,6 +143,7 @@ class QemuDriver(RecordedGuestDriver):
         self.accel = accel
         self.machine = machine
         self.min_memory = int(min_memory)
+        self.kernel_label = self.kernel
         self.memory_overhead = int(memory_overhead) or MEMORY_OVERHEAD
         self.python = python or sys.executable
         self.short_dir = short_dir
@@ -309,6 +313,18 @@ class QemuDriver(RecordedGuestDriver):
             raise InvalidSpec(f"virtual node {spec.name}: init {spec.init!r} is not an absolute path")
         if spec.netns and ("/" in spec.netns or spec.netns in (".", "..")):
             raise InvalidSpec(f"virtual node {spec.name}: bad network namespace {spec.netns!r}")
+
+    def fingerprint(self) -> Fingerprint:
+        if not os.access(self.qemu, os.X_OK):
+            return Fingerprint(False, f"QEMU {self.qemu} is missing (Debian package qemu-system-x86)")
+        if not os.access(self.qemu_img, os.X_OK):
+            return Fingerprint(False, f"{self.qemu_img} is missing (Debian package qemu-utils)")
+        if not os.path.isfile(self.kernel):
+            return Fingerprint(False, f"QEMU guest kernel {self.kernel} is missing (linux-image-amd64)")
+        if not os.path.exists(TUN_DEVICE):
+            return Fingerprint(False, f"no {TUN_DEVICE}: guests could have no network")
+        return Fingerprint(True, attributes={"accel": self.accel,
+                                             "kernel_version": self.kernel_version})
 
     def _check_host(self, spec: GuestSpec) -> None:
         if not os.access(self.qemu, os.X_OK):

@@ -47,8 +47,8 @@ from typing import Any
 
 from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (check_guest_name, Clock, guest_mac, GuestInfo,
-                                  GuestSpec, spec_as_dict, write_json_atomic)
+from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestInfo,
+                                  GuestSpec, spec_as_dict, TUN_DEVICE, write_json_atomic)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
 from soda.hypervisors.probe import PROBE_TIMEOUT
 from soda.netns import NETNS_DIR
@@ -90,6 +90,9 @@ class UmlDriver(RecordedGuestDriver):
     identity = _identity
     exit_markers = EXIT_MARKERS
     name = "uml"
+    # UML's memory hot-unplug gives RAM back and takes it again, up to
+    # what the guest booted with.
+    live_memory = True
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  kernel: str = AUTO, min_memory: int | None = None, memory_overhead: int = 0,
@@ -107,6 +110,7 @@ class UmlDriver(RecordedGuestDriver):
         # Refuse what cannot boot instead of reporting a crash loop.
         self.min_memory = found.min_memory if min_memory is None else int(min_memory)
         self.memory_overhead = int(memory_overhead) or MEMORY_OVERHEAD
+        self.kernel_label = f"{self.kernel} ({self.kernel_kind})"
         log.info("uml guests boot %s (%s kernel, at least %d MiB)", self.kernel, self.kernel_kind,
                  self.min_memory)
         # The launcher must run with the Agent's interpreter (its venv).
@@ -347,6 +351,14 @@ class UmlDriver(RecordedGuestDriver):
             raise InvalidSpec(f"virtual node {spec.name}: init {spec.init!r} is not an absolute path")
         if spec.netns and ("/" in spec.netns or spec.netns in (".", "..")):
             raise InvalidSpec(f"virtual node {spec.name}: bad network namespace {spec.netns!r}")
+
+    def fingerprint(self) -> Fingerprint:
+        if not os.access(self.kernel, os.X_OK):
+            return Fingerprint(False, f"UML kernel {self.kernel} is missing or not executable "
+                                      "(Debian package user-mode-linux, or scripts/build-guest-kernel)")
+        if not os.path.exists(TUN_DEVICE):
+            return Fingerprint(False, f"no {TUN_DEVICE}: guests could have no network")
+        return Fingerprint(True, attributes={"kernel_kind": self.kernel_kind})
 
     def _check_host(self, spec: GuestSpec) -> None:
         """Cheap checks that turn a certain boot failure into a clear error."""

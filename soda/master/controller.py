@@ -263,7 +263,8 @@ class Controller:
                 for r in ("cpu", "memory", "bandwidth", "disk"):
                     if getattr(free, r) < -1e-9:
                         raise NoCapacity(f"not enough {r} on {v.node} to grow {v.name}", resource=r)
-            live_memory = v.hypervisor in model.MEMORY_CHANGES_LIVE
+            caps = node.limit(v.hypervisor) if node is not None else None
+            live_memory = caps is not None and caps.live_memory
             if res.disk == v.resources.disk and (res.memory == v.resources.memory or live_memory):
                 # CPU and bandwidth change live (the Daemon rewrites cgroup
                 # values and HTB rates), and so does memory where the guest
@@ -313,7 +314,7 @@ class Controller:
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
                       hypervisors: Sequence[str],
-                      limits: Sequence[model.HypervisorLimit] = (),
+                      limits: Sequence[model.DriverCapabilities] = (),
                       assumed: Sequence[str] = ()) -> model.Node:
         model.check_dns_label("node", name, model.NODE_NAME_MAX)
         odd = sorted(set(assumed) - set(model.RESOURCE_UNITS))
@@ -322,10 +323,10 @@ class Controller:
         for field in ("cpu", "memory", "bandwidth", "disk"):
             if getattr(capacity, field) <= 0:
                 raise InvalidSpec(f"node {name}: capacity {field} must be positive")
-        unknown = sorted(set(hypervisors) - set(model.HYPERVISOR_NAMES))
-        if not hypervisors or unknown:
-            raise InvalidSpec(f"node {name}: hypervisors must be some of "
-                              f"{', '.join(model.HYPERVISOR_NAMES)}, got {', '.join(hypervisors) or 'none'}")
+        if not hypervisors:
+            raise InvalidSpec(f"node {name}: it must offer at least one hypervisor")
+        for hypervisor in hypervisors:
+            model.check_hypervisor_name(hypervisor)
         _check_limits(name, hypervisors, limits)
         with self._lock:
             try:
@@ -506,7 +507,7 @@ class Controller:
                               *(node_topic(n) for n in nodes if n))
 
 
-def _check_limits(node: str, hypervisors: Sequence[str], limits: Sequence[model.HypervisorLimit]) -> None:
+def _check_limits(node: str, hypervisors: Sequence[str], limits: Sequence[model.DriverCapabilities]) -> None:
     seen = set()
     for limit in limits:
         if limit.hypervisor not in hypervisors or limit.hypervisor in seen:

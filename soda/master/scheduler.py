@@ -69,7 +69,8 @@ def pick_hypervisor(node: model.Node, wanted: str, memory: int | None = None) ->
     """The hypervisor `node` would boot a guest of `memory` MiB with (any
     size when None): the wanted one, else the first preferred one it
     offers that boots that small; "" when none does."""
-    for name in (wanted,) if wanted else model.HYPERVISOR_PREFERENCE:
+    # None wanted: the node's own order of preference (its Agent's config).
+    for name in (wanted,) if wanted else node.hypervisors:
         if name in node.hypervisors and (memory is None or memory >= min_memory(node, name)):
             return name
     return ""
@@ -97,7 +98,7 @@ def _check_boots_somewhere(candidates: Sequence[model.Node], hypervisor: str,
     if any(pick_hypervisor(n, hypervisor, want.memory) for n in candidates):
         return
     floors = [(min_memory(n, name), n.name, name, n) for n in candidates
-              for name in ((hypervisor,) if hypervisor else model.HYPERVISOR_PREFERENCE)
+              for name in ((hypervisor,) if hypervisor else n.hypervisors)
               if name in n.hypervisors]
     _, _, name, node = min(floors, key=lambda f: f[:3])
     raise _too_small(label, int(want.memory), name, node)
@@ -151,6 +152,11 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
                          resource="nodes")
     candidates = [n for n in ready if pick_hypervisor(n, hypervisor)]
     if not candidates:
+        if not any(hypervisor in n.hypervisors for n in nodes):
+            # No node has it at all, ready or not: a mistake, not a shortage.
+            offered = sorted({h for n in nodes for h in n.hypervisors})
+            raise InvalidSpec(f"no physical node offers hypervisor {hypervisor!r} "
+                              f"(offered: {', '.join(offered) or 'none'})")
         raise NoCapacity(f"no ready physical node offers hypervisor {hypervisor!r}", resource="hypervisor")
     # Too small to boot anywhere is the caller's mistake, reported before
     # any shortage (which a retry might outlast).

@@ -123,13 +123,13 @@ def _spec_from_json(text: str) -> model.ServiceSpec:
     return model.parse_spec(json.loads(text))
 
 
-def _limits_to_json(limits: Iterable[model.HypervisorLimit]) -> str:
+def _limits_to_json(limits: Iterable[model.DriverCapabilities]) -> str:
     return json.dumps([dataclasses.asdict(lim) for lim in limits])
 
 
-def _limits_from_json(text: str) -> tuple[model.HypervisorLimit, ...]:
+def _limits_from_json(text: str) -> tuple[model.DriverCapabilities, ...]:
     # Limits stored before a field existed take its default.
-    return tuple(model.HypervisorLimit(**item) for item in json.loads(text))
+    return tuple(model.DriverCapabilities(**item) for item in json.loads(text))
 
 
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "

@@ -136,7 +136,7 @@ class MasterClient(StubClient):
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
                       hypervisors: Iterable[str],
-                      limits: Iterable[model.HypervisorLimit] = (),
+                      limits: Iterable[model.DriverCapabilities] = (),
                       assumed: Iterable[str] = ()) -> model.Node:
         req = pb.RegisterNodeRequest(name=name, address=address,
                                      capacity=convert.resources_to_pb(capacity),

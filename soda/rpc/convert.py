@@ -127,16 +127,20 @@ def service_from_pb(m: pb.Service) -> model.Service:
                          deleting=m.deleting, created_at=m.created_at)
 
 
-def limits_to_pb(limits) -> list[pb.HypervisorLimit]:
-    return [pb.HypervisorLimit(hypervisor=lim.hypervisor, min_memory_mib=lim.min_memory,
-                               kernel=lim.kernel, memory_overhead_mib=lim.memory_overhead)
-            for lim in limits]
+def limits_to_pb(limits) -> list[pb.DriverCapabilities]:
+    return [pb.DriverCapabilities(
+        hypervisor=c.hypervisor, min_memory_mib=c.min_memory, kernel=c.kernel,
+        memory_overhead_mib=c.memory_overhead, live_memory=c.live_memory, freeze=c.freeze,
+        disk_bound=c.disk_bound, plumbing=c.plumbing, migration=c.migration,
+        attributes=dict(c.attributes)) for c in limits]
 
 
-def limits_from_pb(limits) -> tuple[model.HypervisorLimit, ...]:
-    return tuple(model.HypervisorLimit(hypervisor=lim.hypervisor, min_memory=lim.min_memory_mib,
-                                       kernel=lim.kernel, memory_overhead=lim.memory_overhead_mib)
-                 for lim in limits)
+def limits_from_pb(limits) -> tuple[model.DriverCapabilities, ...]:
+    return tuple(model.DriverCapabilities(
+        hypervisor=c.hypervisor, min_memory=c.min_memory_mib, kernel=c.kernel,
+        memory_overhead=c.memory_overhead_mib, live_memory=c.live_memory, freeze=c.freeze,
+        disk_bound=c.disk_bound, plumbing=c.plumbing, migration=c.migration,
+        attributes=dict(c.attributes)) for c in limits)
 
 
 def node_to_pb(n: model.Node) -> pb.Node:

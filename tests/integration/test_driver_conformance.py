@@ -1,5 +1,7 @@
 """One set of behaviours every hypervisor driver promises the Agent
-(soda.hypervisors.base), checked the same way for `fake`, `uml` and `qemu`:
+(soda.hypervisors.base), checked the same way for `fake`, `uml`, `qemu` and
+`echo` (a driver in a distribution of its own, tests/plugins/, found only
+through its entry point):
 start, readiness, idempotent start, graceful and forced stop, idempotent
 stop, list, adoption by a new driver instance, crash detection, failure
 reasons, and nothing left behind.
@@ -26,7 +28,7 @@ import time
 import pytest
 
 from soda.errors import InvalidSpec, NotFound
-from soda.hypervisors.base import EXITED, RUNNING, GuestSpec
+from soda.hypervisors.base import EXITED, RUNNING, GuestSpec, drivers, make_driver
 from soda.model import Resources
 from tests.integration.conftest import run
 
@@ -46,13 +48,25 @@ def _missing(kind: str) -> str:
             return "QEMU is missing (qemu-system-x86, qemu-utils)"
         if not glob.glob("/boot/vmlinuz-*"):
             return "no /boot/vmlinuz-* (linux-image-amd64)"
-    if kind != "fake" and not os.path.exists("/dev/net/tun"):
+    if _real(kind) and not os.path.exists("/dev/net/tun"):
         return "no /dev/net/tun: guests cannot have a network"
     return ""
 
 
+def _real(kind: str) -> bool:
+    """Guests with a process, a network and a fence (the driver declares
+    `plumbing`); the others are pretend guests kept as records."""
+    registry = drivers()
+    if kind not in registry:
+        raise AssertionError(f"hypervisor driver {kind!r} is not registered (available: "
+                             f"{', '.join(sorted(registry))}); scripts/test installs "
+                             "tests/plugins/soda-driver-echo")
+    return registry[kind].plumbing
+
+
 REAL = [pytest.mark.root, pytest.mark.guest]
 KINDS = [pytest.param("fake", id="fake"),
+         pytest.param("echo", id="echo"),
          pytest.param("uml", id="uml", marks=REAL),
          pytest.param("qemu", id="qemu", marks=REAL)]
 
@@ -85,14 +99,14 @@ class Harness:
         self.image = image
         self.netns = netns
         self.initramfs = initramfs
+        self.pretend = not _real(kind)
         self.made = []
 
     def driver(self, **kw):
         state = str(self.tmp_path / "state")
-        if self.kind == "fake":
-            from soda.hypervisors.fake import FakeDriver
+        if self.pretend:
             kw.setdefault("boot_seconds", 0.3)
-            d = FakeDriver(state, **kw)
+            d = make_driver(self.kind, state, **kw)
         elif self.kind == "uml":
             from soda.hypervisors.uml import UmlDriver
             d = UmlDriver(state, kernel=UML_KERNEL, short_dir=str(self.tmp_path / "run"), **kw)
@@ -104,7 +118,7 @@ class Harness:
         return d
 
     def spec(self, name="web-0", image=None, memory=None):
-        real = self.kind != "fake"
+        real = not self.pretend
         if memory is None:
             memory = 128 if self.kind == "qemu" else 64
         return GuestSpec(name=name, service="web", image_path=image or self.image,
@@ -116,13 +130,13 @@ class Harness:
 
     def crash(self, driver, name):
         """The VMM dies under the driver (as when the OOM killer takes it)."""
-        if self.kind == "fake":
+        if self.pretend:
             driver.crash(name)
         else:
             os.kill(driver.info(name).pid, signal.SIGKILL)
 
     def serves(self, name):
-        if self.kind == "fake":
+        if self.pretend:
             return True
         code = ("import sys, urllib.request; "
                 "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
@@ -132,7 +146,7 @@ class Harness:
 
     def processes(self, pid):
         """Live processes of a guest: the VMM and its session (UML helpers)."""
-        if self.kind == "fake":
+        if self.pretend:
             return []
         found = []
         for entry in os.listdir("/proc"):
@@ -151,7 +165,7 @@ class Harness:
         """Files of guests still under the driver's state dir (and sockets
         moved out of it); the fake driver's own lock and counters are not."""
         entries = sorted(os.listdir(driver.dir)) if os.path.isdir(driver.dir) else []
-        if self.kind == "fake":
+        if self.pretend:
             entries = [e for e in entries if e not in ("_lock", "_starts.json")]
         if self.kind == "qemu":
             entries = [e for e in entries if e != "_initramfs"]
@@ -182,7 +196,7 @@ def harness(request, tmp_path, rootfs):
         pytest.skip(why)
     netns = ""
     initramfs = ""
-    if kind != "fake":
+    if _real(kind):
         netns = request.getfixturevalue("netns")
         run(["ip", "-n", netns, "link", "set", "lo", "up"])
         run(["ip", "-n", netns, "link", "add", "br0", "type", "bridge"])
@@ -227,7 +241,7 @@ def test_lifecycle_start_ready_adopt_and_graceful_stop(harness):
     assert harness.serves("web-0")
     pid = info.pid
     members = harness.processes(pid)
-    assert harness.kind == "fake" or pid in members
+    assert harness.pretend or pid in members
 
     # Starting a running guest returns it untouched.
     again = driver.start(spec)
@@ -235,8 +249,8 @@ def test_lifecycle_start_ready_adopt_and_graceful_stop(harness):
     listed = driver.list()
     assert list(listed) == ["web-0"] and listed["web-0"].ready and listed["web-0"].pid == pid
 
-    if harness.kind == "qemu":
-        # QEMU only: freeze/thaw pause the VM (QMP stop/cont) and keep it.
+    if driver.can_freeze:
+        # Drivers that declare it: freeze/thaw pause the guest and keep it.
         driver.freeze("web-0")
         assert driver.status("web-0") == "paused"
         driver.thaw("web-0")
@@ -249,7 +263,7 @@ def test_lifecycle_start_ready_adopt_and_graceful_stop(harness):
     assert adopted["web-0"].state == RUNNING and adopted["web-0"].pid == pid
     assert adopted["web-0"].ready and adopted["web-0"].generation == 5
     assert fresh.start(spec).pid == pid, "an adopted guest was booted again"
-    if harness.kind == "fake":
+    if harness.pretend:
         assert fresh.start_counts() == {"web-0": 1}
 
     began = time.monotonic()
@@ -266,7 +280,7 @@ def test_crash_is_detected_and_forced_stop_cleans_up(harness):
     driver = harness.driver()
     spec = harness.spec()
     pid = driver.start(spec).pid
-    if harness.kind != "fake":
+    if not harness.pretend:
         # Past the launcher: the VMM itself is what dies.
         wait_for(lambda: open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0]
                  != sys.executable.encode(), 10, "the VMM's exec")
@@ -274,7 +288,7 @@ def test_crash_is_detected_and_forced_stop_cleans_up(harness):
     wait_for(lambda: driver.info("web-0").state == EXITED, 10, "crash noticed")
     dead = driver.list()["web-0"]
     assert dead.state == EXITED and not dead.ready and dead.exit_reason
-    if harness.kind != "fake":
+    if not harness.pretend:
         assert "signal 9" in dead.exit_reason, dead.exit_reason
     assert not driver.is_ready("web-0")
     driver.stop("web-0", timeout=1)
@@ -304,7 +318,7 @@ def test_memory_below_the_drivers_minimum_is_refused(harness):
     driver = harness.driver()
     floor = getattr(driver, "min_memory", 0)
     if not floor:
-        pytest.skip("the fake driver boots guests of any size")
+        pytest.skip(f"{harness.kind} guests may be of any size")
     # The floor is what the Agent registers for admission at the Master.
     assert harness.kind != "qemu" or floor >= 96, "QEMU guests below 88 MiB do not boot"
     small = harness.spec(memory=floor - 1)
@@ -318,8 +332,8 @@ def test_memory_below_the_drivers_minimum_is_refused(harness):
 
 
 def test_an_unbootable_image_reports_why(harness, tmp_path):
-    if harness.kind == "fake":
-        pytest.skip("the fake driver does not read images")
+    if not drivers()[harness.kind].disk_bound:
+        pytest.skip(f"{harness.kind} guests do not read their image")
     garbage = tmp_path / "garbage.img"
     with open(garbage, "wb") as f:
         f.truncate(8 << 20)

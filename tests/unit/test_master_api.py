@@ -35,7 +35,8 @@ def stub(master):
 @pytest.fixture
 def cluster(client, image_file):
     for i in range(3):
-        client.register_node(f"n{i}", "127.0.0.1", CAP, ["fake"])
+        client.register_node(f"n{i}", "127.0.0.1", CAP, ["fake"],
+                             [model.DriverCapabilities("fake", live_memory=True)])
     client.push_image(image_file, name="busybox")
     return client
 
@@ -303,7 +304,7 @@ def test_register_keeps_subnet_and_validates(client):
     with pytest.raises(InvalidSpec):
         client.register_node("n2", "127.0.0.1", model.Resources(0, 1, 1, 1), ["fake"])
     with pytest.raises(InvalidSpec):
-        client.register_node("n2", "127.0.0.1", CAP, ["vmware"])
+        client.register_node("n2", "127.0.0.1", CAP, ["Not A Name"])
 
 
 def test_capacity_a_node_assumed_is_kept_and_shown(client):
@@ -330,7 +331,7 @@ def test_resize_grows_shrinks_and_changes_resources(cluster):
     assert live[0].resources.cpu == 1.0 and live[0].weight == 1.0 and live[0].generation == 1
     svc = cluster.resize_service("web", resources=[model.Resources(1.0, 128, 100, 256)])
     live = [v for v in svc.vnodes if not v.deleting]
-    # Memory changes live on a hypervisor that can (model.MEMORY_CHANGES_LIVE).
+    # Memory changes live on a hypervisor whose nodes say it can (live_memory).
     assert live[0].resources.memory == 128 and live[0].generation == 1
     svc = cluster.resize_service("web", resources=[model.Resources(1.0, 128, 100, 512)])
     live = [v for v in svc.vnodes if not v.deleting]

@@ -10,7 +10,6 @@ import grpc
 import pytest
 
 from soda import model
-from soda.agent.agent import hypervisor_limits
 from soda.errors import InvalidSpec, NoCapacity, SodaError
 from soda.hypervisors import kernels
 from soda.hypervisors.uml import UmlDriver
@@ -22,9 +21,9 @@ from soda.rpc import convert
 from soda.rpc.client import MasterClient
 
 CAP = model.Resources(2, 4096, 1000, 100_000)
-SODA_UML = model.HypervisorLimit("uml", 16, "/cache/k/linux (soda)")
-DEBIAN_UML = model.HypervisorLimit("uml", 32, "/usr/bin/linux.uml (debian)")
-QEMU = model.HypervisorLimit("qemu", 96, "/boot/vmlinuz-6.1.0-1-amd64")
+SODA_UML = model.DriverCapabilities("uml", 16, "/cache/k/linux (soda)")
+DEBIAN_UML = model.DriverCapabilities("uml", 32, "/usr/bin/linux.uml (debian)")
+QEMU = model.DriverCapabilities("qemu", 96, "/boot/vmlinuz-6.1.0-1-amd64")
 
 
 def node(name, limits=(), hypervisors=("uml", "qemu"), memory=4096):
@@ -63,11 +62,13 @@ def test_goes_to_the_node_whose_kernel_boots_that_small():
 def test_qemu_minimum_and_no_hypervisor_named():
     with pytest.raises(InvalidSpec, match="64 MiB.*minimum of 96 MiB for qemu guests"):
         place([node("a", [SODA_UML, QEMU])], [req(64)], hypervisor="qemu")
-    # Without a named hypervisor the preferred one that boots it is taken.
+    # Without a named hypervisor the node's first that boots it is taken.
     [p] = place([node("a", [SODA_UML, QEMU])], [req(16)])
     assert p.hypervisor == "uml"
     [p] = place([node("a", [SODA_UML, QEMU], hypervisors=("qemu", "uml"))], [req(128)])
-    assert p.hypervisor == "uml"
+    assert p.hypervisor == "qemu"
+    [p] = place([node("a", [SODA_UML, QEMU], hypervisors=("qemu", "uml"))], [req(64)])
+    assert p.hypervisor == "uml"                  # too small for qemu there
 
 
 def test_too_small_comes_before_a_shortage_and_shortage_counts_only_bootable_nodes():
@@ -98,21 +99,13 @@ def test_agent_registers_the_minimum_of_the_kernel_its_uml_driver_boots(tmp_path
     monkeypatch.setenv(kernels.CACHE_ENV, str(cache))
     soda = UmlDriver(str(tmp_path / "s1"))           # "auto": the SODA kernel in the cache
     debian = UmlDriver(str(tmp_path / "s2"), kernel=kernels.DEBIAN_KERNEL)
-
-    class Qemu:
-        min_memory = 96
-        memory_overhead = 160
-        kernel = "/boot/vmlinuz-6.1.0-1-amd64"
-
-    class Fake:
-        memory_overhead = 0
-
-    assert hypervisor_limits({"uml": soda, "qemu": Qemu(), "fake": Fake()}) == (
-        model.HypervisorLimit("qemu", 96, "/boot/vmlinuz-6.1.0-1-amd64", memory_overhead=160),
-        model.HypervisorLimit("uml", 16, f"{build / 'linux'} (soda)", memory_overhead=32))
-    assert hypervisor_limits({"uml": debian}) == (
-        model.HypervisorLimit("uml", kernels.DEBIAN_MIN_MEMORY, f"{kernels.DEBIAN_KERNEL} (debian)",
-                              memory_overhead=32),)
+    common = dict(memory_overhead=32, live_memory=True, disk_bound=True, plumbing=True)
+    assert soda.capabilities() == model.DriverCapabilities(
+        "uml", 16, f"{build / 'linux'} (soda)", **common)
+    assert debian.capabilities() == model.DriverCapabilities(
+        "uml", kernels.DEBIAN_MIN_MEMORY, f"{kernels.DEBIAN_KERNEL} (debian)", **common)
+    found = debian.fingerprint()
+    assert debian.capabilities(found).attributes == {"kernel_kind": "debian"}
 
 
 def test_limits_cross_the_wire_unchanged():

@@ -45,7 +45,7 @@ def test_list_resources_give_one_value_per_vnode():
     ({"resources": {"gpu": 1}}, "unknown resource field"),
     ({"resources": [1, 2]}, "resources must be a mapping"),
     ({"replicas": 3}, "unknown spec field"),
-    ({"hypervisor": "xen"}, "unknown hypervisor"),
+    ({"hypervisor": "Xen 4"}, "invalid hypervisor name"),
     ({"port": 70000}, "port must be"),
     ({"switch": {"policy": "random"}}, "unknown switch policy"),
     ({"switch": {"listen": "nohost"}}, "HOST:PORT"),

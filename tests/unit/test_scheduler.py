@@ -51,13 +51,22 @@ def test_combined_shortage_is_explained():
 
 
 def test_hypervisor_must_be_offered():
-    with pytest.raises(NoCapacity, match="hypervisor 'qemu'"):
+    from soda.errors import InvalidSpec
+    with pytest.raises(InvalidSpec, match="hypervisor 'qemu'"):
         place([node("a")], [req()], hypervisor="qemu")
 
 
-def test_any_hypervisor_prefers_uml():
-    got = place([node("a", hypervisors=("fake", "uml"))], [req()])
-    assert got[0].hypervisor == "uml"
+def test_any_hypervisor_is_the_nodes_first():
+    assert place([node("a", hypervisors=("fake", "uml"))], [req()])[0].hypervisor == "fake"
+    assert place([node("a", hypervisors=("uml", "fake"))], [req()])[0].hypervisor == "uml"
+
+
+def test_a_hypervisor_no_node_offers_is_a_mistake_not_a_shortage():
+    from soda.errors import InvalidSpec
+    with pytest.raises(InvalidSpec, match=r"no physical node offers hypervisor 'xen' \(offered: fake\)"):
+        place([node("a")], [req()], hypervisor="xen")
+    with pytest.raises(NoCapacity):
+        place([node("a", state="LOST")], [req()], hypervisor="fake")
 
 
 def test_lost_nodes_are_not_used():
@@ -82,7 +91,7 @@ def test_is_pure():
 def with_overhead(name, memory, overhead, hypervisor="uml"):
     return model.Node(name=name, address="127.0.0.1", capacity=model.Resources(64, memory, 100_000, 10**7),
                       hypervisors=(hypervisor,),
-                      limits=(model.HypervisorLimit(hypervisor, 16, memory_overhead=overhead),))
+                      limits=(model.DriverCapabilities(hypervisor, 16, memory_overhead=overhead),))
 
 
 def test_placement_counts_each_guests_hypervisor_overhead():

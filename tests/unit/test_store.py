@@ -94,7 +94,7 @@ def test_images_names_point_at_digests(store):
 def test_a_nodes_allocated_memory_counts_its_guests_hypervisor_overhead(store):
     store.upsert_node(model.Node(name="a", address="127.0.0.1", capacity=model.Resources(2, 1024, 100, 1000),
                                  hypervisors=("fake",), subnet="10.0.97.0/24", gateway="10.0.97.1",
-                                 limits=(model.HypervisorLimit("fake", 0, memory_overhead=24),)))
+                                 limits=(model.DriverCapabilities("fake", 0, memory_overhead=24),)))
     store.create_service(make_service(n=2))
     node = store.get_node("a")
     guests = sum(r.memory for r in make_service(n=2).spec.resources)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from soda import model
+from soda.model import DriverCapabilities
 from soda.agent.network import NodeNetwork
 from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.errors import NotFound, Unavailable
@@ -57,12 +58,15 @@ def test_node_plumbing_maps_the_daemons_usage():
         "gone": NotFound("no such virtual node"),
         "down": Unavailable("daemon down"),
     })
-    plumbing = NodePlumbing(NodeNetwork.__new__(NodeNetwork), daemon)
+    plumbing = NodePlumbing(NodeNetwork.__new__(NodeNetwork), daemon, {
+        "uml": DriverCapabilities("uml", plumbing=True), "qemu": DriverCapabilities("qemu", plumbing=True),
+        "fake": DriverCapabilities("fake")})
     assert plumbing.usage("web-0", "uml") == U1
     assert plumbing.usage("gone", "uml") is None
     assert plumbing.usage("down", "qemu") is None
     assert plumbing.usage("web-0", "fake") is None          # fake guests are not measured
-    assert NodePlumbing(NodeNetwork.__new__(NodeNetwork), None).usage("web-0", "uml") is None
+    assert NodePlumbing(NodeNetwork.__new__(NodeNetwork), None,
+                        {"uml": DriverCapabilities("uml", plumbing=True)}).usage("web-0", "uml") is None
     assert GuestPlumbing().usage("web-0", "uml") is None
 
 

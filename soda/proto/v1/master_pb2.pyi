@@ -206,21 +206,40 @@ class Node(_message.Message):
     vnodes: int
     last_heartbeat: float
     usage: VnodeUsage
-    limits: _containers.RepeatedCompositeFieldContainer[HypervisorLimit]
+    limits: _containers.RepeatedCompositeFieldContainer[DriverCapabilities]
     assumed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class HypervisorLimit(_message.Message):
-    __slots__ = ("hypervisor", "min_memory_mib", "kernel", "memory_overhead_mib")
+class DriverCapabilities(_message.Message):
+    __slots__ = ("hypervisor", "min_memory_mib", "kernel", "memory_overhead_mib", "live_memory", "freeze", "disk_bound", "plumbing", "migration", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
     MIN_MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     MEMORY_OVERHEAD_MIB_FIELD_NUMBER: _ClassVar[int]
+    LIVE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_FIELD_NUMBER: _ClassVar[int]
+    DISK_BOUND_FIELD_NUMBER: _ClassVar[int]
+    PLUMBING_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     hypervisor: str
     min_memory_mib: int
     kernel: str
     memory_overhead_mib: int
-    def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ..., memory_overhead_mib: _Optional[int] = ...) -> None: ...
+    live_memory: bool
+    freeze: bool
+    disk_bound: bool
+    plumbing: bool
+    migration: str
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ..., memory_overhead_mib: _Optional[int] = ..., live_memory: _Optional[bool] = ..., freeze: _Optional[bool] = ..., disk_bound: _Optional[bool] = ..., plumbing: _Optional[bool] = ..., migration: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("digest", "names", "size", "created_at", "init")
@@ -322,9 +341,9 @@ class RegisterNodeRequest(_message.Message):
     address: str
     capacity: Resources
     hypervisors: _containers.RepeatedScalarFieldContainer[str]
-    limits: _containers.RepeatedCompositeFieldContainer[HypervisorLimit]
+    limits: _containers.RepeatedCompositeFieldContainer[DriverCapabilities]
     assumed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., limits: _Optional[_Iterable[_Union[HypervisorLimit, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VirtualNodeStatus(_message.Message):
     __slots__ = ("name", "phase", "reason", "boot_seconds", "generation", "usage")

@@ -1,9 +1,13 @@
 """scripts/demo serves a sample service from two real guests through the
-Switch and stays up; `scripts/demo down` leaves nothing behind."""
+Switch, split 1:2 as their CPU (0.5 and 1.0), and stays up; `scripts/demo
+down` leaves nothing behind but the logs."""
 
+import collections
 import json
 import os
+import re
 import subprocess
+import urllib.request
 import uuid
 
 import pytest
@@ -17,16 +21,28 @@ if os.geteuid() != 0:
     pytest.skip("the demo boots real guests: it needs root", allow_module_level=True)
 
 
+ANSWER = re.compile(r"SODA virtual node (\S+) of service web\b")
+
+
+def who_answered(lines):
+    """How many answers each virtual node gave."""
+    return collections.Counter(m.group(1) for m in map(ANSWER.search, lines) if m)
+
+
 def root_links():
     out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
     return {link["ifname"] for link in json.loads(out)}
 
 
+# `up` may build the guest kernel first (minutes), then boots; pytest's
+# default timeout would kill the test mid-build and leave the build orphaned.
+@pytest.mark.timeout(1500)
 def test_demo_up_and_down(tmp_path):
     tag = uuid.uuid4().hex[:6]
     demo_dir = tmp_path / "demo"
+    switch = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "SODA_DEMO_DIR": str(demo_dir), "SODA_DEMO_MASTER": f"127.0.0.1:{free_port()}",
-           "SODA_DEMO_SWITCH": f"127.0.0.1:{free_port()}", "SODA_DEMO_NETNS": f"sodad-{tag}",
+           "SODA_DEMO_SWITCH": switch, "SODA_DEMO_NETNS": f"sodad-{tag}",
            "SODA_DEMO_CGROUP": f"soda-demo-{tag}"}
     demo = os.path.join(TOP, "scripts", "demo")
     links_before = root_links()
@@ -35,8 +51,19 @@ def test_demo_up_and_down(tmp_path):
         up = subprocess.run([demo], env=env, capture_output=True, text=True, timeout=900)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         answers = [line for line in up.stdout.splitlines() if "SODA virtual node" in line]
-        assert len(answers) == 6
-        assert any("web-0" in a for a in answers) and any("web-1" in a for a in answers)
+        assert len(answers) == 6, up.stdout[-3000:]
+        # The README's promise: one answer from web-0 (cpu 0.5) for every two
+        # from web-1 (cpu 1.0). Smooth weighted round robin makes it exact
+        # over any multiple of three requests, whatever came before.
+        assert who_answered(answers) == {"web-0": 2, "web-1": 4}, answers
+        more = []
+        for _ in range(30):
+            with urllib.request.urlopen(f"http://{switch}/", timeout=10) as r:
+                more.append(r.read().decode())
+        assert who_answered(more) == {"web-0": 10, "web-1": 20}, more
+        # ... and interleaved: every three in a row hold exactly one web-0.
+        order = [ANSWER.search(a).group(1) for a in more]
+        assert all(order[i:i + 3].count("web-0") == 1 for i in range(len(order) - 2)), order
         status = subprocess.run([demo, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.stdout.count("running (pid") == 4, status.stdout
         uml_dir = demo_dir / "agent" / "uml"
@@ -46,7 +73,8 @@ def test_demo_up_and_down(tmp_path):
     finally:
         down = subprocess.run([demo, "down"], env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert not demo_dir.exists()
+    # The demo keeps its logs until the next run, nothing else.
+    assert not demo_dir.exists() or os.listdir(demo_dir) == ["logs"], os.listdir(demo_dir)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"sodad-{tag}" not in netns
     assert root_links() - links_before == set()

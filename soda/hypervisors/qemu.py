@@ -44,20 +44,18 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
-from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
+from soda.errors import CommandError, InvalidSpec, NotFound, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestInfo,
-                                  GuestSpec, spec_as_dict, TUN_DEVICE, write_json_atomic)
+from soda.hypervisors.base import check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec, TUN_DEVICE
 from soda.hypervisors.probe import PROBE_TIMEOUT
 from soda.netns import NETNS_DIR
-from soda.hypervisors.recorded import RecordedGuestDriver
+from soda.hypervisors.recorded import TERM_GRACE, RecordedGuestDriver
 from soda.hypervisors.qmp import qmp
 
 log = logging.getLogger(__name__)
@@ -84,8 +82,6 @@ MIN_MEMORY = 96
 MEMORY_OVERHEAD = 160
 QMP_TIMEOUT = 2.0
 POWERDOWN_GRACE = 1.0                 # after system_powerdown, before quit
-TERM_GRACE = 2.0                      # after SIGTERM, before SIGKILL
-KILL_WAIT = 5.0
 KVM_PROBE_SECONDS = 2.0
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD_INITRAMFS = os.path.join(TOP, "scripts", "build-initramfs")
@@ -209,61 +205,6 @@ class QemuDriver(RecordedGuestDriver):
         else:
             argv += ["-nic", "none"]
         return argv
-
-    def start(self, spec: GuestSpec) -> GuestInfo:
-        check_guest_name(spec.name)
-        argv = self.build_argv(spec)
-        name = spec.name
-        with self._locked(name, remove=True):
-            record = self._load(name)
-            if record is not None and self._alive(record):
-                return self._info(record, probe=False)
-            self._check_host(spec)
-            self._ensure_initramfs()
-            # A guest that died (or an interrupted start) leaves files
-            # behind: clear them, then boot afresh from a new overlay.
-            self._teardown(name, record, timeout=0.0)
-            directory = self.guest_dir(name)
-            os.makedirs(directory, exist_ok=True)
-            qmp_path = self.qmp_path(name)
-            if os.path.dirname(qmp_path) != directory:
-                os.makedirs(os.path.dirname(qmp_path), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(qmp_path)
-            self._create_overlay(spec)
-            with open(self.console_path(name), "ab") as console:
-                console.write(f"soda: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} "
-                              f"(accel {self.accel})\n".encode())
-                console.flush()
-                try:
-                    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
-                                             stderr=console, close_fds=True,
-                                             start_new_session=True)
-                except OSError as e:
-                    raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
-            process.track(child)
-            started_at = self.clock()
-            try:
-                starttime = _proc_starttime(child.pid)
-            except OSError:
-                starttime = None
-            if starttime is None:
-                child.kill()
-                child.wait()
-                raise CommandError(argv, -1, err="the launcher vanished before it was recorded")
-            record = {"name": name, "pid": child.pid, "starttime": starttime,
-                      "started_at": started_at, "argv": argv, "vmm_argv": _vmm_argv(argv),
-                      "generation": spec.generation, "qmp": qmp_path,
-                      "kernel": self.kernel, "initramfs": self.initramfs, "accel": self.accel,
-                      "spec": spec_as_dict(spec)}
-            try:
-                write_json_atomic(self._record_path(name), record)
-            except BaseException:
-                child.kill()
-                child.wait()
-                raise
-        log.info("qemu guest %s started: pid %d (%s)", name, child.pid, self.accel)
-        return self._info(record, probe=False)
 
     # ---- beyond the interface ----------------------------------------------
     def status(self, name: str) -> str:
@@ -394,34 +335,35 @@ class QemuDriver(RecordedGuestDriver):
         self._verified.add(_key(record))
         return ""
 
-    def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
-        """Power down, quit, then force, then remove every file (lock held)."""
-        if record is not None:
-            pid = record["pid"]
-            if self._alive(record):
-                self._halt(record, timeout)
-            if self._alive(record):
-                log.info("qemu guest %s (pid %d) did not quit within %.1fs: SIGTERM", name, pid,
-                         timeout)
-                _signal_if_ours(pid, record, signal.SIGTERM)
-                self._wait_gone(record, self.term_grace)
-            if self._alive(record):
-                log.warning("qemu guest %s (pid %d) ignored SIGTERM: SIGKILL", name, pid)
-                _signal_if_ours(pid, record, signal.SIGKILL)
-                self._wait_gone(record, KILL_WAIT)
-            if self._alive(record):
-                raise TemporaryError(f"qemu guest {name} (pid {pid}) survived SIGKILL")
-            _reap()
-            sock = record.get("qmp", "")
-            if sock and os.path.dirname(sock) != self.guest_dir(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(sock)
-        else:
-            with contextlib.suppress(InvalidSpec, FileNotFoundError):
-                sock = self.qmp_path(name)
-                if os.path.dirname(sock) != self.guest_dir(name):
-                    os.unlink(sock)
-        self._remove_guest_dir(name)
+    def _prepare_files(self, spec: GuestSpec) -> dict:
+        self._ensure_initramfs()
+        qmp_path = self.qmp_path(spec.name)
+        if os.path.dirname(qmp_path) != self.guest_dir(spec.name):
+            os.makedirs(os.path.dirname(qmp_path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(qmp_path)
+        # A new overlay for every boot: the guest starts afresh.
+        self._create_overlay(spec)
+        return {"qmp": qmp_path}
+
+    def _record_fields(self, argv: list[str]) -> dict:
+        return {"vmm_argv": _vmm_argv(argv), "kernel": self.kernel, "initramfs": self.initramfs,
+                "accel": self.accel}
+
+    def _console_note(self) -> str:
+        return f" (accel {self.accel})"
+
+    def _after_kill(self, name: str, record: dict) -> None:
+        sock = record.get("qmp", "")
+        if sock and os.path.dirname(sock) != self.guest_dir(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
+
+    def _clean_unrecorded(self, name: str) -> None:
+        with contextlib.suppress(InvalidSpec, FileNotFoundError):
+            sock = self.qmp_path(name)
+            if os.path.dirname(sock) != self.guest_dir(name):
+                os.unlink(sock)
 
     def _halt(self, record: dict, timeout: float) -> None:
         """system_powerdown, a short wait for the guest to power off, then
@@ -448,16 +390,6 @@ class QemuDriver(RecordedGuestDriver):
             # QEMU may close the socket as it quits before answering.
             log.debug("qemu guest %s: quit: %s", name, e)
         self._wait_gone(record, max(0.0, deadline - time.monotonic()))
-
-    def _wait_gone(self, record: dict, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            _reap()
-            if not self._alive(record) or time.monotonic() >= deadline:
-                return
-            self._sleep(0.01)
-
-
 
 # ---- host discovery -------------------------------------------------------------
 

@@ -1,12 +1,23 @@
 """What the uml and qemu drivers share: guests that are host processes, each
 described by a JSON record under the driver's state dir.
 
-Owns reading those records and answering from them — `stop`, `list`,
-`is_ready`, `info` — with the process identity of soda.hypervisors.process
-and the readiness probe of soda.hypervisors.probe. A driver adds its VMM:
-`identity`, `exit_markers`, `dir` (its state dir), `console_path`,
-`_teardown`, and optionally `_vm_ended` (a VMM that outlives its guest).
-Each guest lives in `dir/<name>/` with its record `guest.json`, and
+Owns the two ladders every such driver climbs, and reading the records:
+
+  start  check, lock, adopt a live guest or clear a dead one, prepare its
+         files, launch the VMM with its console as output, record (pid,
+         start time, argv) before anything else can happen, and kill a VMM
+         that could not be recorded
+  stop   ask the guest to halt, SIGTERM, SIGKILL — each only to the recorded
+         pid after checking it is still ours — sweep what the VMM left,
+         remove every file, the record last
+
+and `list`, `is_ready`, `info` from the records, with the process identity
+of soda.hypervisors.process and the readiness probe of
+soda.hypervisors.probe. A driver adds what differs, as small hooks:
+`identity`, `exit_markers`, `dir`, `console_path`, `build_argv`,
+`_check_host`, `_prepare_files`, `_record_fields`, `_halt`, and optionally
+`_after_kill`, `_clean_unrecorded`, `_vm_ended` (a VMM that outlives its
+guest). Each guest lives in `dir/<name>/` with its record `guest.json`, and
 `dir/<name>.lock` serialises what acts on it.
 """
 
@@ -18,16 +29,23 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import threading
+import time
 from typing import Iterator
 
+from soda.errors import CommandError, TemporaryError
 from soda.hypervisors import process
-from soda.hypervisors.base import EXITED, RUNNING, GuestInfo, HypervisorDriver, check_guest_name
+from soda.hypervisors.base import (EXITED, RUNNING, GuestInfo, GuestSpec, HypervisorDriver,
+                                   check_guest_name, spec_as_dict, write_json_atomic)
 from soda.hypervisors.probe import probe_tcp
 
 log = logging.getLogger(__name__)
 
 RECORD = "guest.json"
+TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
+KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
 
 
 class RecordedGuestDriver(HypervisorDriver):
@@ -37,6 +55,120 @@ class RecordedGuestDriver(HypervisorDriver):
     # (pid, start time) of guests already seen ready (a guest stays ready).
     probe_timeout: float
     _ready: set[tuple[int, int]]
+    term_grace: float = TERM_GRACE
+    _sleep = staticmethod(time.sleep)
+
+    # ---- start: one ladder, hooks for what differs ----------------------------
+    def start(self, spec: GuestSpec) -> GuestInfo:
+        check_guest_name(spec.name)
+        argv = self.build_argv(spec)
+        name = spec.name
+        with self._locked(name, remove=True):
+            record = self._load(name)
+            if record is not None and self._alive(record):
+                return self._info(record, probe=False)
+            self._check_host(spec)
+            # A guest that died (or a start that was interrupted) leaves
+            # processes and files behind: clear them, then boot afresh.
+            self._teardown(name, record, timeout=0.0)
+            os.makedirs(self.guest_dir(name), exist_ok=True)
+            fields = self._prepare_files(spec)
+            with open(self.console_path(name), "ab") as console:
+                console.write(f"soda: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+                              f"{self._console_note()}\n".encode())
+                console.flush()
+                try:
+                    # Launcher errors before its exec land in the console log
+                    # too, where list() finds the reason.
+                    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                                             stderr=console, close_fds=True,
+                                             start_new_session=True)
+                except OSError as e:
+                    raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
+            process.track(child)
+            started_at = self.clock()
+            try:
+                starttime = process.proc_starttime(child.pid)
+            except OSError:
+                starttime = None
+            if starttime is None:
+                # Cannot happen for an unreaped child; refuse to record a
+                # process we could not recognise later.
+                child.kill()
+                child.wait()
+                raise CommandError(argv, -1, err="the launcher vanished before it was recorded")
+            record = {"name": name, "pid": child.pid, "starttime": starttime,
+                      "started_at": started_at, "argv": argv, "generation": spec.generation,
+                      **fields, **self._record_fields(argv), "spec": spec_as_dict(spec)}
+            try:
+                write_json_atomic(self._record_path(name), record)
+            except BaseException:
+                # An unrecorded guest could never be found or stopped again.
+                child.kill()
+                child.wait()
+                raise
+        log.info("%s guest %s started: pid %d%s", self.name, name, child.pid, self._console_note())
+        return self._info(record, probe=False)
+
+    def _check_host(self, spec: GuestSpec) -> None:
+        """Cheap checks that turn a certain boot failure into a clear error."""
+
+    def _prepare_files(self, spec: GuestSpec) -> dict:
+        """What the guest needs before its VMM starts (its dir exists);
+        returns fields for its record."""
+        return {}
+
+    def _record_fields(self, argv: list[str]) -> dict:
+        """Fields of the record that say which VMM this is (its identity's
+        argv key, its kernel)."""
+        return {}
+
+    def _console_note(self) -> str:
+        """Said after the start line in the console log and the Agent's."""
+        return ""
+
+    # ---- stop: one ladder, hooks for what differs -----------------------------
+    def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
+        """Halt, then force, then sweep, then remove every file (lock held)."""
+        if record is not None:
+            pid = record["pid"]
+            if self._alive(record):
+                self._halt(record, timeout)
+            if self._alive(record):
+                log.info("%s guest %s (pid %d) did not stop within %.1fs: SIGTERM", self.name,
+                         name, pid, timeout)
+                self.identity.signal_if_ours(pid, record, signal.SIGTERM)
+                self._wait_gone(record, self.term_grace)
+            if self._alive(record):
+                log.warning("%s guest %s (pid %d) ignored SIGTERM: SIGKILL", self.name, name, pid)
+                self.identity.signal_if_ours(pid, record, signal.SIGKILL)
+                self._wait_gone(record, KILL_WAIT)
+            if self._alive(record):
+                raise TemporaryError(f"{self.name} guest {name} (pid {pid}) survived SIGKILL")
+            self._after_kill(name, record)
+            process.reap()
+        else:
+            self._clean_unrecorded(name)
+        # The record goes last, so a stop that fails above can be retried.
+        self._remove_guest_dir(name)
+
+    def _halt(self, record: dict, timeout: float) -> None:
+        """Ask the guest to stop by itself within `timeout` (0: do not ask)."""
+
+    def _after_kill(self, name: str, record: dict) -> None:
+        """Sweep what the dead VMM left outside the guest's dir."""
+
+    def _clean_unrecorded(self, name: str) -> None:
+        """What a start interrupted before it wrote a record may have left
+        outside the guest's dir."""
+
+    def _wait_gone(self, record: dict, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            process.reap()
+            if not self._alive(record) or time.monotonic() >= deadline:
+                return
+            self._sleep(0.01)
 
     def stop(self, name: str, timeout: float) -> None:
         check_guest_name(name)

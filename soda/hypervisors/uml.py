@@ -39,20 +39,19 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
-from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
+from soda.errors import InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestInfo,
-                                  GuestSpec, spec_as_dict, TUN_DEVICE, write_json_atomic)
+from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec,
+                                  TUN_DEVICE, write_json_atomic)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
 from soda.hypervisors.probe import PROBE_TIMEOUT
 from soda.netns import NETNS_DIR
-from soda.hypervisors.recorded import RecordedGuestDriver
+from soda.hypervisors.recorded import KILL_WAIT, TERM_GRACE, RecordedGuestDriver
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,6 @@ MCONSOLE_TIMEOUT = 5.0               # a memory change or a /proc read answers i
 # memory cgroup in all; a memory cgroup that OOM-kills the main process can
 # leave a helper spinning, so the margin is generous.
 MEMORY_OVERHEAD = 32
-TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
-KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
 # Console lines that explain why a guest died, most telling first.
 EXIT_MARKERS = ("soda-launch:", "Kernel panic", "Cannot open root device", "Out of memory",
                 "out of memory", "Killed process")
@@ -186,61 +183,6 @@ class UmlDriver(RecordedGuestDriver):
                  f"soda.name={spec.name}",
                  f"soda.service={spec.service}"]
         return argv
-
-    def start(self, spec: GuestSpec) -> GuestInfo:
-        check_guest_name(spec.name)
-        argv = self.build_argv(spec)
-        name = spec.name
-        with self._locked(name):
-            record = self._load(name)
-            if record is not None and self._alive(record):
-                return self._info(record, probe=False)
-            self._check_host(spec)
-            # A guest that died (or a start that was interrupted) leaves a
-            # session and files behind: clear them, then boot afresh.
-            self._teardown(name, record, timeout=0.0)
-            directory = self.guest_dir(name)
-            os.makedirs(directory, exist_ok=True)
-            uml_dir = self.uml_dir(name)
-            os.makedirs(uml_dir, exist_ok=True)
-            with open(self.console_path(name), "ab") as console:
-                console.write(f"soda: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
-                              .encode())
-                console.flush()
-                try:
-                    # Launcher errors before its exec land in the console log
-                    # too, where list() finds the reason.
-                    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
-                                             stderr=console, close_fds=True,
-                                             start_new_session=True)
-                except OSError as e:
-                    raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
-            process.track(child)
-            started_at = self.clock()
-            try:
-                starttime = _proc_starttime(child.pid)
-            except OSError:
-                starttime = None
-            if starttime is None:
-                # Cannot happen for an unreaped child; refuse to record a
-                # process we could not recognise later.
-                child.kill()
-                child.wait()
-                raise CommandError(argv, -1, err="the launcher vanished before it was recorded")
-            record = {"name": name, "pid": child.pid, "starttime": starttime,
-                      "started_at": started_at, "argv": argv, "kernel_argv": _kernel_argv(argv),
-                      "generation": spec.generation, "uml_dir": uml_dir,
-                      "kernel": {"path": self.kernel, "kind": self.kernel_kind},
-                      "spec": spec_as_dict(spec)}
-            try:
-                write_json_atomic(self._record_path(name), record)
-            except BaseException:
-                # An unrecorded guest could never be found or stopped again.
-                child.kill()
-                child.wait()
-                raise
-        log.info("uml guest %s started: pid %d", name, child.pid)
-        return self._info(record, probe=False)
 
     # ---- memory, live ------------------------------------------------------
     def set_memory(self, name: str, memory_mib: int) -> bool:
@@ -373,50 +315,39 @@ class UmlDriver(RecordedGuestDriver):
                 raise NotFound(f"cgroup {directory} for {spec.name} does not exist")
 
     # ---- records and processes --------------------------------------------
-    def _teardown(self, name: str, record: dict | None, timeout: float) -> None:
-        """Halt, then force, then sweep helpers, then remove every file (lock held)."""
-        if record is not None:
-            pid = record["pid"]
-            if self._alive(record):
-                self._halt(record, timeout)
-            if self._alive(record):
-                log.info("uml guest %s (pid %d) did not halt within %.1fs: SIGTERM", name, pid,
-                         timeout)
-                _signal_if_ours(pid, record, signal.SIGTERM)
-                self._wait_gone(record, self.term_grace)
-            if self._alive(record):
-                log.warning("uml guest %s (pid %d) ignored SIGTERM: SIGKILL", name, pid)
-                _signal_if_ours(pid, record, signal.SIGKILL)
-                self._wait_gone(record, KILL_WAIT)
-            if self._alive(record):
-                raise TemporaryError(f"uml guest {name} (pid {pid}) survived SIGKILL")
-            # UML's helpers (I/O threads, traced guest processes) can outlive
-            # a killed main process, spinning and holding memory.
-            helpers = _session_members(record)
-            for helper in helpers:
-                _signal_if_ours(helper, record, signal.SIGKILL)
-            deadline = time.monotonic() + KILL_WAIT
-            while helpers and time.monotonic() < deadline:
-                _reap()
-                helpers = [p for p in helpers if _is_ours(p, record, helper=True)]
-                if helpers:
-                    self._sleep(0.01)
-            if helpers:
-                raise TemporaryError(f"uml guest {name}: helper processes {helpers} survived "
-                                     f"SIGKILL")
+    def _prepare_files(self, spec: GuestSpec) -> dict:
+        uml_dir = self.uml_dir(spec.name)
+        os.makedirs(uml_dir, exist_ok=True)
+        return {"uml_dir": uml_dir}
+
+    def _record_fields(self, argv: list[str]) -> dict:
+        return {"kernel_argv": _kernel_argv(argv),
+                "kernel": {"path": self.kernel, "kind": self.kernel_kind}}
+
+    def _after_kill(self, name: str, record: dict) -> None:
+        # UML's helpers (I/O threads, traced guest processes) can outlive a
+        # killed main process, spinning and holding memory.
+        helpers = _session_members(record)
+        for helper in helpers:
+            _signal_if_ours(helper, record, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_WAIT
+        while helpers and time.monotonic() < deadline:
             _reap()
-            uml_dir = record.get("uml_dir", "")
-            if uml_dir and os.path.abspath(uml_dir).startswith(os.path.abspath(self.short_dir) + "/"):
-                shutil.rmtree(uml_dir, ignore_errors=True)
-        else:
-            # No record: a start interrupted before it wrote one may still
-            # have left a short UML dir.
-            with contextlib.suppress(InvalidSpec):
-                short = self.uml_dir(name)
-                if short.startswith(self.short_dir.rstrip("/") + "/"):
-                    shutil.rmtree(short, ignore_errors=True)
-        # The record goes last, so a stop that fails above can be retried.
-        self._remove_guest_dir(name)
+            helpers = [p for p in helpers if _is_ours(p, record, helper=True)]
+            if helpers:
+                self._sleep(0.01)
+        if helpers:
+            raise TemporaryError(f"uml guest {name}: helper processes {helpers} survived SIGKILL")
+        uml_dir = record.get("uml_dir", "")
+        if uml_dir and os.path.abspath(uml_dir).startswith(os.path.abspath(self.short_dir) + "/"):
+            shutil.rmtree(uml_dir, ignore_errors=True)
+
+    def _clean_unrecorded(self, name: str) -> None:
+        # A start interrupted before it wrote a record may have left a short UML dir.
+        with contextlib.suppress(InvalidSpec):
+            short = self.uml_dir(name)
+            if short.startswith(self.short_dir.rstrip("/") + "/"):
+                shutil.rmtree(short, ignore_errors=True)
 
     def _halt(self, record: dict, timeout: float) -> None:
         if timeout <= 0:
@@ -434,16 +365,6 @@ class UmlDriver(RecordedGuestDriver):
             if not isinstance(e, TimeoutError):
                 return
         self._wait_gone(record, max(0.0, deadline - time.monotonic()))
-
-    def _wait_gone(self, record: dict, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            _reap()
-            if not self._alive(record) or time.monotonic() >= deadline:
-                return
-            self._sleep(0.01)
-
-
 
 # ---- helpers (module level, so tests and other drivers can use them) -------
 

@@ -169,11 +169,6 @@ class Harness:
             entries = [e for e in entries if e not in ("_lock", "_starts.json")]
         if self.kind == "qemu":
             entries = [e for e in entries if e != "_initramfs"]
-        if self.kind == "uml":
-            # Known: UmlDriver.start keeps "<name>.lock" after a start it
-            # refused (harmless, the next start or stop reuses it). To drop
-            # when uml.py removes it as the QEMU driver does.
-            entries = [e for e in entries if not e.endswith(".lock")]
         run_dir = self.tmp_path / "run"
         if run_dir.exists():
             entries += [f"run/{e}" for e in os.listdir(run_dir)]

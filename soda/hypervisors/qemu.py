@@ -234,26 +234,11 @@ class QemuDriver(RecordedGuestDriver):
 
     # ---- checks ----------------------------------------------------------
     def _check_spec(self, spec: GuestSpec) -> None:
-        memory = spec.resources.memory
-        if memory < self.min_memory:
-            raise InvalidSpec(f"virtual node {spec.name}: memory {memory} MiB is below the "
-                              f"{self.min_memory} MiB a QEMU guest needs to boot")
         # Commas split QEMU's option values; blanks would split the kernel
         # command line.
-        for what, value in (("image path", spec.image_path), ("state dir", self.dir),
-                            ("kernel", self.kernel), ("initramfs", self.initramfs)):
-            if not value or any(c in value for c in ", \t\n\"'"):
-                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} cannot go on a "
-                                  f"QEMU command line (empty, or has a comma, quote or blank)")
-        for what, value in (("init", spec.init), ("TAP", spec.tap), ("service", spec.service),
-                            ("address", spec.address), ("gateway", spec.gateway)):
-            if any(c in value for c in ", \t\n\"'"):
-                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} has a comma, "
-                                  f"quote or blank")
-        if not spec.init.startswith("/"):
-            raise InvalidSpec(f"virtual node {spec.name}: init {spec.init!r} is not an absolute path")
-        if spec.netns and ("/" in spec.netns or spec.netns in (".", "..")):
-            raise InvalidSpec(f"virtual node {spec.name}: bad network namespace {spec.netns!r}")
+        self._check_command_line(spec, "a QEMU guest needs to boot", "QEMU",
+                                 (("image path", spec.image_path), ("state dir", self.dir),
+                                  ("kernel", self.kernel), ("initramfs", self.initramfs)))
 
     def fingerprint(self) -> Fingerprint:
         if not os.access(self.qemu, os.X_OK):

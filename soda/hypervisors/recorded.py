@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Iterator
 
-from soda.errors import CommandError, TemporaryError
+from soda.errors import CommandError, InvalidSpec, TemporaryError
 from soda.hypervisors import process
 from soda.hypervisors.base import (EXITED, RUNNING, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict, write_json_atomic)
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 RECORD = "guest.json"
 TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
+UNSAYABLE = ", \t\n\"'"                 # split a VMM's option values or the kernel command line
 
 
 class RecordedGuestDriver(HypervisorDriver):
@@ -112,6 +113,30 @@ class RecordedGuestDriver(HypervisorDriver):
 
     def _check_host(self, spec: GuestSpec) -> None:
         """Cheap checks that turn a certain boot failure into a clear error."""
+
+    def _check_command_line(self, spec: GuestSpec, floor_why: str, vmm: str,
+                            paths: tuple[tuple[str, str], ...]) -> None:
+        """Refuse a spec that cannot boot or cannot be said on the VMM's
+        command line: memory below the floor, `paths` empty or holding a
+        comma, quote or blank, fields of the guest's kernel command line
+        with one, an init that is not absolute, a namespace name with '/'."""
+        memory = spec.resources.memory
+        if memory < self.min_memory:
+            raise InvalidSpec(f"virtual node {spec.name}: memory {memory} MiB is below the "
+                              f"{self.min_memory} MiB {floor_why}")
+        for what, value in paths:
+            if not value or any(c in value for c in UNSAYABLE):
+                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} cannot go on a "
+                                  f"{vmm} command line (empty, or has a comma, quote or blank)")
+        for what, value in (("init", spec.init), ("TAP", spec.tap), ("service", spec.service),
+                            ("address", spec.address), ("gateway", spec.gateway)):
+            if any(c in value for c in UNSAYABLE):
+                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} has a comma, "
+                                  f"quote or blank")
+        if not spec.init.startswith("/"):
+            raise InvalidSpec(f"virtual node {spec.name}: init {spec.init!r} is not an absolute path")
+        if spec.netns and ("/" in spec.netns or spec.netns in (".", "..")):
+            raise InvalidSpec(f"virtual node {spec.name}: bad network namespace {spec.netns!r}")
 
     def _prepare_files(self, spec: GuestSpec) -> dict:
         """What the guest needs before its VMM starts (its dir exists);

@@ -273,26 +273,11 @@ class UmlDriver(RecordedGuestDriver):
 
     # ---- checks ----------------------------------------------------------
     def _check_spec(self, spec: GuestSpec) -> None:
-        memory = spec.resources.memory
-        if memory < self.min_memory:
-            raise InvalidSpec(f"virtual node {spec.name}: memory {memory} MiB is below the "
-                              f"{self.min_memory} MiB this UML kernel needs to boot")
         # Commas split UML's ubd0=COW,BASE; blanks would split the kernel
         # command line itself.
-        for what, value in (("image path", spec.image_path), ("state dir", self.state_dir),
-                            ("kernel", self.kernel)):
-            if not value or any(c in value for c in ", \t\n\"'"):
-                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} cannot go on a "
-                                  f"UML command line (empty, or has a comma, quote or blank)")
-        for what, value in (("init", spec.init), ("TAP", spec.tap), ("service", spec.service),
-                            ("address", spec.address), ("gateway", spec.gateway)):
-            if any(c in value for c in ", \t\n\"'"):
-                raise InvalidSpec(f"virtual node {spec.name}: {what} {value!r} has a comma, "
-                                  f"quote or blank")
-        if not spec.init.startswith("/"):
-            raise InvalidSpec(f"virtual node {spec.name}: init {spec.init!r} is not an absolute path")
-        if spec.netns and ("/" in spec.netns or spec.netns in (".", "..")):
-            raise InvalidSpec(f"virtual node {spec.name}: bad network namespace {spec.netns!r}")
+        self._check_command_line(spec, "this UML kernel needs to boot", "UML",
+                                 (("image path", spec.image_path), ("state dir", self.state_dir),
+                                  ("kernel", self.kernel)))
 
     def fingerprint(self) -> Fingerprint:
         if not os.access(self.kernel, os.X_OK):

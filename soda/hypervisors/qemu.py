@@ -8,7 +8,7 @@ console log (`console.log`: the serial console and the launcher's and
 QEMU's own messages) and its QMP socket (`qmp.sock`), plus a lock file
 `<name>.lock` beside it. When the socket's path would not fit a Unix socket
 address it moves to `/run/soda-qemu/<hash>.sock` and the record says so.
-`_initramfs/` caches the initramfs built by scripts/build-initramfs for the
+`_initramfs/` caches the initramfs built by data/build-initramfs for the
 kernel in use (when the driver is told to find it itself).
 
 Guests boot Debian's kernel directly (`-kernel`, `-initrd`, `-append`): the
@@ -83,8 +83,9 @@ MEMORY_OVERHEAD = 160
 QMP_TIMEOUT = 2.0
 POWERDOWN_GRACE = 1.0                 # after system_powerdown, before quit
 KVM_PROBE_SECONDS = 2.0
-TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD_INITRAMFS = os.path.join(TOP, "scripts", "build-initramfs")
+# The initramfs builder ships inside the package (package data), so an
+# installed SODA builds it as a checkout does.
+BUILD_INITRAMFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "build-initramfs")
 # Console lines that explain why a guest died, most telling first.
 EXIT_MARKERS = ("soda-launch:", "soda-initramfs:", "qemu-system-x86_64:", "Kernel panic",
                 "Out of memory", "out of memory", "Killed process")
@@ -275,8 +276,8 @@ class QemuDriver(RecordedGuestDriver):
             # busybox, itself), so a run over a current image is a no-op.
             if self._initramfs_checked:
                 return
-            argv = [BUILD_INITRAMFS, self.initramfs, "--kernel-version", self.kernel_version]
-            if not os.access(BUILD_INITRAMFS, os.X_OK):
+            argv = ["bash", BUILD_INITRAMFS, self.initramfs, "--kernel-version", self.kernel_version]
+            if not os.path.isfile(BUILD_INITRAMFS):
                 raise NotFound(f"initramfs {self.initramfs} is missing and {BUILD_INITRAMFS} "
                                f"is not there to build it")
             log.info("checking the QEMU initramfs for kernel %s", self.kernel_version)

@@ -48,6 +48,9 @@ from soda.model import Phase, Resources, VirtualNode, VirtualNodeStatus
 
 log = logging.getLogger(__name__)
 
+# What a limit change returns when the guest must boot again to take it.
+BOOT_AGAIN = "boot again"
+
 
 class Reporter(Protocol):
     def report(self, statuses: list[VirtualNodeStatus]) -> None:
@@ -329,7 +332,24 @@ class Reconciler:
 
     def _submit_update(self, want: VirtualNode, info: GuestInfo) -> None:
         self._busy.add(want.name)
-        self._track(want.name, "update", want.generation, self._stops.submit(self._update_limits, want))
+        future = self._stops.submit(self._update_limits, want)
+        future.add_done_callback(lambda f: self._updated(want, f))
+
+    def _updated(self, want: VirtualNode, future: Future) -> None:
+        """A limit change that needs a new boot hands over to the boot pool,
+        so that it counts against max_parallel_boots like every boot; the
+        virtual node stays busy in between."""
+        if not future.cancelled() and future.exception() is None and future.result() is BOOT_AGAIN:
+            with self._cond:
+                if not self._closing.is_set():
+                    try:
+                        boot = self._boots.submit(self._start, want)
+                    except RuntimeError:        # the pool shut down meanwhile
+                        pass
+                    else:
+                        self._track(want.name, "start", want.generation, boot)
+                        return
+        self._done(want.name, "update", want.generation, future)
 
     def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
         self._busy.add(name)
@@ -419,7 +439,7 @@ class Reconciler:
             self._record(name, Phase.RUNNING, "", generation, boot_seconds=now - began)
         log.info("virtual node %s running (booted in %.2fs)", name, now - began)
 
-    def _update_limits(self, want: VirtualNode) -> None:
+    def _update_limits(self, want: VirtualNode) -> str | None:
         """New CPU, bandwidth or memory for a running guest, applied without
         a restart where the guest allows it (the Master bumps the generation,
         and so restarts, for what never can: a disk, image or hypervisor
@@ -459,8 +479,7 @@ class Reconciler:
             why = f"restarting: {memory} MiB of memory is more than it booted with"
             log.info("virtual node %s %s", name, why)
             self._set(name, Phase.BOOTING, why, want.generation)
-            self._start(want)
-            return
+            return BOOT_AGAIN
         with self._cond:
             self._applied[name] = want.resources
             self._limits_error.pop(name, None)

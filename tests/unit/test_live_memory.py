@@ -143,3 +143,47 @@ def test_oom_kills_add_the_fence_and_the_guest_kernel_and_survive_a_reboot(tmp_p
     [status] = rec.statuses_with_usage()
     assert status.usage.oom_kills == 4                    # 2 + 2 from the first life, none since
     rec.close()
+
+
+def test_a_reboot_for_more_memory_waits_for_a_boot_slot(tmp_path, image):
+    """Growing past the boot size boots the guest again, and that boot
+    counts against max_parallel_boots like any other."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    booting, most = set(), [0]
+
+    class CountingDriver(FakeDriver):
+        def start(self, spec):
+            with lock:
+                booting.add(spec.name)
+                most[0] = max(most[0], len(booting))
+            return super().start(spec)
+
+        def is_ready(self, name):
+            ready = super().is_ready(name)
+            if ready:
+                with lock:
+                    booting.discard(name)
+            return ready
+
+    driver = CountingDriver(str(tmp_path / "state"), boot_seconds=0.3)
+    rec = Reconciler({"fake": driver}, RecordingReporter(), FakeImages(image), max_parallel_boots=1)
+    rec.replace_desired([vnode("web-0")])
+    rec.reconcile_once()
+    wait_for(lambda: rec.status("web-0") is not None and rec.status("web-0").phase == Phase.RUNNING)
+    rec.wait_idle(5)
+    # A bigger web-0 and a new web-1 at once: two boots, one slot.
+    rec.replace_desired([with_memory(vnode("web-0"), 128), vnode("web-1")])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rec.reconcile_once()
+        if driver.start_counts().get("web-0") == 2 and all(
+                rec.status(n) is not None and rec.status(n).phase == Phase.RUNNING
+                for n in ("web-0", "web-1")):
+            break
+        time.sleep(0.05)
+    assert driver.start_counts() == {"web-0": 2, "web-1": 1}
+    assert most[0] == 1, "two guests booted at once with max_parallel_boots=1"
+    rec.close()

@@ -33,6 +33,11 @@ class WrongState(SodaError):
     """The object exists but cannot do that now (e.g. delete an image in use)."""
 
 
+class Conflict(SodaError):
+    """A change was based on a record that has changed since it was read
+    (a stale revision): nothing was written; read again and retry."""
+
+
 class NoCapacity(SodaError):
     """The platform has no room: names the resource that is short."""
 

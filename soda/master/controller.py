@@ -3,32 +3,45 @@ placement through the scheduler, addresses, and what each Agent and Switch
 must be told.
 
 A plain class over the state store, image store, notifier and clocks (all
-injected). It holds one lock around every read-modify-write so that
-admission is decided on the state it commits. No gRPC here: `api.py` is a
-thin translation layer on top.
+injected). Every change of durable state is one unit of work
+(`_unit_of_work`: one store transaction that reads what the decision
+depends on and writes all of it, run again on fresh state if another
+writer got in first), so admission is decided on the state it commits and
+a crash leaves each mutation whole or absent. Notifications and the
+in-memory record of usage follow a change once it has committed (a
+heartbeat is noted as it arrives, a drain hold taken before the commit: see
+`_seen` and `_hold_for_draining`). The lock guards that in-memory state
+only and is never held while a transaction opens. No gRPC here: `api.py`
+is a thin translation layer on top.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from soda import model
 from soda.config import MasterConfig
-from soda.errors import AlreadyExists, InvalidSpec, NoCapacity, NotFound, WrongState
+from soda.errors import AlreadyExists, Conflict, InvalidSpec, NoCapacity, NotFound, WrongState
 from soda.master import scheduler
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
-from soda.master.store import StateStore
+from soda.master.store import StateReader, StateStore, Transaction, update_of
 from soda.master.switches import SwitchRegistry
 
 log = logging.getLogger(__name__)
 
 READY, LOST = "READY", "LOST"
+# A unit of work that keeps meeting a Conflict is given up on after this many
+# attempts: the caller sees the Conflict (ABORTED) and may try again.
+CONFLICT_ATTEMPTS = 5
+
+T = TypeVar("T")
 
 
 def node_topic(node: str) -> str:
@@ -60,29 +73,48 @@ class Controller:
         started = monotonic()
         self._last_seen = {n.name: started for n in store.list_nodes()}
 
+    def _unit_of_work(self, work: Callable[[Transaction], T]) -> T:
+        """`work(tx)` in one transaction. A Conflict means another writer
+        changed what it read: it runs again from scratch on the new state
+        (its after-commit actions of the failed attempt are dropped with it)."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                with self.store.transaction() as tx:
+                    return work(tx)
+            except Conflict as exc:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                log.info("retrying after a conflicting write (attempt %d): %s", attempt, exc)
+        raise AssertionError("unreachable")
+
     # ---- services -----------------------------------------------------
     def create_service(self, spec: model.ServiceSpec) -> model.Service:
         spec = model.validate_spec(spec)
-        image = self.store.resolve_image(spec.image)
-        for res in spec.resources:
-            model.check_disk_holds_image(res.disk, image)
-        if spec.on_demand is not None:      # refused now, not at the first request
-            model.check_disk_holds_image(spec.on_demand.resources.disk, image)
-        with self._lock:
-            existing = self.store.list_service_specs()
+
+        def work(tx: Transaction) -> list[model.VirtualNode]:
+            image = tx.resolve_image(spec.image)
+            for res in spec.resources:
+                model.check_disk_holds_image(res.disk, image)
+            if spec.on_demand is not None:      # refused now, not at the first request
+                model.check_disk_holds_image(spec.on_demand.resources.disk, image)
+            existing = tx.list_service_specs()
             if any(other.name == spec.name for other in existing):
                 raise AlreadyExists(f"service {spec.name!r} already exists")
             self._check_listen_free(spec, existing)
             if spec.switch.listen:
-                self.switches.check_listen(spec.switch.listen, self.monotonic())
+                with self._lock:
+                    self.switches.check_listen(spec.switch.listen, self.monotonic())
             names = [model.vnode_name(spec.name, i) for i in range(spec.nodes)]
-            vnodes = self._place_new(spec, image.digest, list(range(spec.nodes)), spec.resources, names, {})
-            service = model.Service(spec=spec, image_digest=image.digest, vnodes=tuple(vnodes),
-                                    created_at=self.clock())
-            self.store.create_service(service)
+            vnodes = self._place_new(tx, spec, image.digest, list(range(spec.nodes)), spec.resources,
+                                     names, {})
+            tx.create_service(model.Service(spec=spec, image_digest=image.digest, vnodes=tuple(vnodes),
+                                            created_at=self.clock()))
+            tx.after_commit(functools.partial(self._publish_service, spec.name, {v.node for v in vnodes}))
+            return vnodes
+
+        vnodes = self._unit_of_work(work)
         log.info("service %s created: %d virtual node(s) on %s", spec.name, len(vnodes),
                  ", ".join(sorted({v.node for v in vnodes})) or "-")
-        self._publish_service(spec.name, nodes={v.node for v in vnodes})
         return self.store.get_service(spec.name)
 
     def _check_listen_free(self, spec: model.ServiceSpec, others: Iterable[model.ServiceSpec]) -> None:
@@ -93,14 +125,14 @@ class Controller:
                 raise AlreadyExists(f"switch address {spec.switch.listen} is already used by "
                                     f"service {other.name!r}")
 
-    def _place_new(self, spec: model.ServiceSpec, digest: str, indexes: Sequence[int],
+    def _place_new(self, tx: StateReader, spec: model.ServiceSpec, digest: str, indexes: Sequence[int],
                    resources: Sequence[model.Resources], names: Sequence[str],
                    service_counts: dict[str, int]) -> list[model.VirtualNode]:
-        nodes = self.store.list_nodes()
+        nodes = tx.list_nodes()
         placements = scheduler.place(nodes, resources, hypervisor=spec.hypervisor,
                                      service_counts=service_counts, labels=names)
         by_name = {n.name: n for n in nodes}
-        addresses = self._allocate_addresses(by_name, [p.node for p in placements])
+        addresses = self._allocate_addresses(tx, by_name, [p.node for p in placements])
         return [model.VirtualNode(
             name=name, service=spec.name, index=index, resources=res, node=p.node,
             address=address, prefix_length=ipaddress.ip_network(by_name[p.node].subnet).prefixlen,
@@ -108,12 +140,13 @@ class Controller:
             hypervisor=p.hypervisor, port=spec.port, phase=model.Phase.PENDING, cpu_cap=spec.cpu_cap)
             for name, index, res, p, address in zip(names, indexes, resources, placements, addresses)]
 
-    def _allocate_addresses(self, nodes: dict[str, model.Node], targets: Sequence[str]) -> list[str]:
+    def _allocate_addresses(self, tx: StateReader, nodes: dict[str, model.Node],
+                            targets: Sequence[str]) -> list[str]:
         taken: dict[str, set[str]] = {}
         out = []
         for target in targets:
             if target not in taken:
-                taken[target] = {v.address for v in self.store.list_vnodes(node=target)}
+                taken[target] = {v.address for v in tx.list_vnodes(node=target)}
                 taken[target].add(nodes[target].gateway)
             network = ipaddress.ip_network(nodes[target].subnet)
             hosts = list(network.hosts())
@@ -167,84 +200,105 @@ class Controller:
                     self._usage.pop(name, None)
 
     def delete_service(self, name: str) -> model.Service:
-        with self._lock:
-            before = self.store.get_service(name)
-            service = self.store.mark_service_deleting(name)
-            self.switches.leaving([v for v in before.vnodes if not v.deleting],
-                                  before.spec.switch.drain_seconds, self.monotonic())
-            # Virtual nodes nobody runs (unplaced, or on a lost node) go at once.
-            nodes = {n.name: n for n in self.store.list_nodes()}
-            orphans = [v.name for v in service.vnodes
+        def work(tx: Transaction) -> model.Service:
+            service = tx.get_service(name)
+            tx.put_service(replace(service, deleting=True))
+            # Virtual nodes nobody runs (unplaced, or on a lost node) go at
+            # once; the others stay, marked, until their Agent has stopped them.
+            nodes = {n.name: n for n in tx.list_nodes()}
+            orphans = [v for v in service.vnodes
                        if not v.node or nodes.get(v.node) is None or nodes[v.node].state != READY]
-            self.store.delete_vnodes(orphans)
-            self._finish_deletions({name})
-        log.info("service %s marked for deletion", name)
-        self._publish_service(name, nodes={v.node for v in before.vnodes if v.node})
+            leaving = [v for v in service.vnodes if not v.deleting]
+            gone = {v.name for v in orphans}
+            tx.delete_vnodes(orphans)
+            tx.put_vnodes(replace(v, deleting=True) for v in leaving if v.name not in gone)
+            self._finish_deletions(tx, {name})
+            self._hold_for_draining(leaving, service.spec.switch.drain_seconds)
+            tx.after_commit(functools.partial(log.info, "service %s marked for deletion", name))
+            tx.after_commit(functools.partial(self._publish_service, name,
+                                              {v.node for v in service.vnodes if v.node}))
+            return replace(service, deleting=True,
+                           vnodes=tuple(replace(v, deleting=True) for v in service.vnodes))
+
+        marked = self._unit_of_work(work)
         try:
             return self.store.get_service(name)
         except NotFound:
-            return service
+            return marked
 
-    def _finish_deletions(self, services: Iterable[str]) -> list[str]:
+    def _finish_deletions(self, tx: Transaction, services: Iterable[str]) -> list[str]:
         """Drop services marked deleting whose last virtual node is gone."""
         done = []
         for name in services:
             try:
-                service = self.store.get_service(name)
+                service = tx.get_service(name)
             except NotFound:
                 continue
             if service.deleting and not service.vnodes:
-                self.store.delete_service(name)
+                tx.delete_service(service)
                 done.append(name)
-                log.info("service %s deleted", name)
+                tx.after_commit(functools.partial(log.info, "service %s deleted", name))
         return done
 
     def resize_service(self, name: str, nodes: int | None,
                        resources: Sequence[model.Resources]) -> model.Service:
-        with self._lock:
-            service = self.store.get_service(name)
-            if service.deleting:
-                raise WrongState(f"service {name!r} is being deleted")
-            live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
-            count = len(live) if nodes is None or nodes < 0 else nodes
-            if resources and len(resources) not in (1, count):
-                raise InvalidSpec(f"{len(resources)} resource entries for {count} virtual nodes; "
-                                  "give one, or one per virtual node")
-            wanted = [(resources[0] if len(resources) == 1 else resources[i]) if resources
-                      else (live[i].resources if i < len(live) else
-                            (live[-1].resources if live else _template(service.spec)))
-                      for i in range(count)]
-            spec = model.validate_spec(replace(service.spec, nodes=count, resources=tuple(wanted)))
-            image = self.store.resolve_image(service.image_digest)
-            for res in spec.resources:
-                model.check_disk_holds_image(res.disk, image)
-            keep, drop = live[:count], live[count:]
-            changed = self._resize_in_place(keep, spec.resources[:len(keep)], freed=drop)
-            used_indexes = {v.index for v in service.vnodes}
-            new_indexes, i = [], 0
-            while len(new_indexes) < count - len(keep):
-                if i not in used_indexes:
-                    new_indexes.append(i)
-                i += 1
-            counts: dict[str, int] = {}
-            for v in keep:
-                counts[v.node] = counts.get(v.node, 0) + 1
-            added = self._place_new(spec, service.image_digest, new_indexes, spec.resources[len(keep):],
-                                    [model.vnode_name(name, j) for j in new_indexes], counts)
-            dropped = [replace(v, deleting=True) for v in drop]
-            self.switches.leaving(dropped, spec.switch.drain_seconds, self.monotonic())
-            updated = replace(service, spec=spec, vnodes=tuple(changed + added + dropped))
-            self.store.update_service(updated)
-        touched = {v.node for v in changed + added + dropped if v.node}
-        log.info("service %s resized to %d virtual node(s)", name, count)
-        self._publish_service(name, nodes=touched)
+        self._unit_of_work(lambda tx: self._resize(tx, name, nodes, resources))
         return self.store.get_service(name)
 
-    def _resize_in_place(self, vnodes: Sequence[model.VirtualNode], wanted: Sequence[model.Resources],
+    def _resize(self, tx: Transaction, name: str, nodes: int | None,
+                resources: Sequence[model.Resources]) -> None:
+        service = tx.get_service(name)
+        if service.deleting:
+            raise WrongState(f"service {name!r} is being deleted")
+        live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
+        count = len(live) if nodes is None or nodes < 0 else nodes
+        if resources and len(resources) not in (1, count):
+            raise InvalidSpec(f"{len(resources)} resource entries for {count} virtual nodes; "
+                              "give one, or one per virtual node")
+        wanted = [(resources[0] if len(resources) == 1 else resources[i]) if resources
+                  else (live[i].resources if i < len(live) else
+                        (live[-1].resources if live else _template(service.spec)))
+                  for i in range(count)]
+        spec = model.validate_spec(replace(service.spec, nodes=count, resources=tuple(wanted)))
+        image = tx.resolve_image(service.image_digest)
+        for res in spec.resources:
+            model.check_disk_holds_image(res.disk, image)
+        keep, drop = live[:count], live[count:]
+        changed = self._resize_in_place(tx, keep, spec.resources[:len(keep)], freed=drop)
+        used_indexes = {v.index for v in service.vnodes}
+        new_indexes, i = [], 0
+        while len(new_indexes) < count - len(keep):
+            if i not in used_indexes:
+                new_indexes.append(i)
+            i += 1
+        counts: dict[str, int] = {}
+        for v in keep:
+            counts[v.node] = counts.get(v.node, 0) + 1
+        added = self._place_new(tx, spec, service.image_digest, new_indexes, spec.resources[len(keep):],
+                                [model.vnode_name(name, j) for j in new_indexes], counts)
+        dropped = [replace(v, deleting=True) for v in drop]
+        tx.put_service(replace(service, spec=spec))
+        # Virtual nodes whose resources stay as they were are not written.
+        tx.put_vnodes([new for new, old in zip(changed, keep) if new is not old] + added + dropped)
+        self._hold_for_draining(dropped, spec.switch.drain_seconds)
+        tx.after_commit(functools.partial(log.info, "service %s resized to %d virtual node(s)", name, count))
+        tx.after_commit(functools.partial(self._publish_service, name,
+                                          {v.node for v in changed + added + dropped if v.node}))
+
+    def _hold_for_draining(self, leaving: Sequence[model.VirtualNode], drain_seconds: float) -> None:
+        """Keep the guests of `leaving` while a Switch drains them. Done
+        before the commit, unlike what else follows a change: an Agent that
+        reads the committed deletion must find the hold already. A hold left
+        by a transaction that rolls back only keeps a guest that stays anyway."""
+        with self._lock:
+            self.switches.leaving(list(leaving), drain_seconds, self.monotonic())
+
+    def _resize_in_place(self, tx: StateReader, vnodes: Sequence[model.VirtualNode],
+                         wanted: Sequence[model.Resources],
                          freed: Sequence[model.VirtualNode] = ()) -> list[model.VirtualNode]:
         """New resources for running virtual nodes, checked against their
         node's room (counting what the virtual nodes being removed free)."""
-        nodes = {n.name: n for n in self.store.list_nodes()}
+        nodes = {n.name: n for n in tx.list_nodes()}
         extra: dict[str, model.Resources] = {}
         for v in freed:
             extra[v.node] = extra.get(v.node, model.Resources()) - v.resources
@@ -284,32 +338,40 @@ class Controller:
     # The Switch knows the connections, so it decides when: it asks for a
     # node when a connection finds none ready, and for zero once the service
     # has been idle for on_demand.idle_seconds. Both calls are idempotent and
-    # decided under the lock, so concurrent asks give one node and an ensure
-    # that follows a release always gets a fresh node.
+    # decided in the unit of work that grows or shrinks the service, so
+    # concurrent asks give one node and an ensure that follows a release
+    # always gets a fresh node.
     def ensure_nodes(self, name: str, at_least: int = 1) -> model.Service:
         """At least `at_least` live virtual nodes (new ones get on_demand.resources)."""
-        with self._lock:
-            service = self.store.get_service(name)
+        def work(tx: Transaction) -> None:
+            service = tx.get_service(name)
             on_demand = _on_demand(service, "start virtual nodes on demand for")
             if not 1 <= at_least <= on_demand.max_nodes:
                 raise InvalidSpec(f"service {name!r}: at_least must be from 1 to on_demand.max_nodes "
                                   f"({on_demand.max_nodes}), got {at_least}")
             live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
             if len(live) >= at_least:
-                return self.get_service(name)
-            log.info("service %s: %d virtual node(s) asked on demand", name, at_least - len(live))
-            return self.resize_service(name, at_least, [v.resources for v in live]
-                                       + [on_demand.resources] * (at_least - len(live)))
+                return
+            tx.after_commit(functools.partial(log.info, "service %s: %d virtual node(s) asked on demand",
+                                              name, at_least - len(live)))
+            self._resize(tx, name, at_least, [v.resources for v in live]
+                         + [on_demand.resources] * (at_least - len(live)))
+
+        self._unit_of_work(work)
+        return self.get_service(name)
 
     def release_nodes(self, name: str) -> model.Service:
         """Back to zero virtual nodes; a service already at zero is left as it is."""
-        with self._lock:
-            service = self.store.get_service(name)
+        def work(tx: Transaction) -> None:
+            service = tx.get_service(name)
             _on_demand(service, "release the on-demand virtual nodes of")
             if not any(not v.deleting for v in service.vnodes):
-                return self.get_service(name)
-            log.info("service %s: idle, back to zero virtual nodes", name)
-            return self.resize_service(name, 0, [])
+                return
+            tx.after_commit(functools.partial(log.info, "service %s: idle, back to zero virtual nodes", name))
+            self._resize(tx, name, 0, [])
+
+        self._unit_of_work(work)
+        return self.get_service(name)
 
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
@@ -328,23 +390,35 @@ class Controller:
         for hypervisor in hypervisors:
             model.check_hypervisor_name(hypervisor)
         _check_limits(name, hypervisors, limits)
-        with self._lock:
+
+        def work(tx: Transaction) -> str:
             try:
-                old = self.store.get_node(name)
+                old = tx.get_node(name)
                 subnet, gateway = old.subnet, old.gateway
             except NotFound:
-                subnet, gateway = self._allocate_subnet()
-            node = self.store.upsert_node(model.Node(
-                name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
-                subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits),
-                assumed=tuple(sorted(set(assumed)))))
-            self._last_seen[name] = self.monotonic()
-        log.info("node %s registered from %s (subnet %s)", name, address, subnet)
-        self.notifier.publish(SERVICES_TOPIC)
-        return node
+                old = None
+                subnet, gateway = self._allocate_subnet(tx)
+            node = model.Node(name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
+                              subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits),
+                              assumed=tuple(sorted(set(assumed))))
+            tx.put_node(node if old is None else update_of(old, node))
+            self._seen(name)
+            tx.after_commit(functools.partial(self.notifier.publish, SERVICES_TOPIC))
+            return subnet
 
-    def _allocate_subnet(self) -> tuple[str, str]:
-        used = {n.subnet for n in self.store.list_nodes()}
+        subnet = self._unit_of_work(work)
+        log.info("node %s registered from %s (subnet %s)", name, address, subnet)
+        return self.store.get_node(name)
+
+    def _seen(self, node: str) -> None:
+        """A node was heard from. Noted as it is heard, before the commit of
+        what it said: a LOST node committed READY again must not look
+        silent to a membership pass that reads it next."""
+        with self._lock:
+            self._last_seen[node] = self.monotonic()
+
+    def _allocate_subnet(self, tx: StateReader) -> tuple[str, str]:
+        used = {n.subnet for n in tx.list_nodes()}
         cluster = ipaddress.ip_network(self.config.cluster_cidr)
         for subnet in cluster.subnets(new_prefix=self.config.node_prefix):
             if str(subnet) not in used:
@@ -355,14 +429,15 @@ class Controller:
         now, wall = self.monotonic(), self.clock()
         with self._lock:
             usage = dict(self._usage)
+            last_seen = dict(self._last_seen)
         by_node: dict[str, list[model.Usage]] = {}
         for v in self.store.list_vnodes():
             if v.name in usage and v.node:
                 by_node.setdefault(v.node, []).append(usage[v.name])
         out = []
         for n in self.store.list_nodes():
-            if n.name in self._last_seen:
-                n = replace(n, last_heartbeat=wall - (now - self._last_seen[n.name]))
+            if n.name in last_seen:
+                n = replace(n, last_heartbeat=wall - (now - last_seen[n.name]))
             out.append(replace(n, usage=model.Usage.total(by_node.get(n.name, ()))))
         return out
 
@@ -370,14 +445,13 @@ class Controller:
                       complete: bool) -> None:
         """Record what an Agent observed. A complete report (heartbeat) also
         says which virtual nodes it no longer runs."""
-        with self._lock:
-            current = self.store.get_node(node)      # NotFound makes the Agent register again
-            self._last_seen[node] = self.monotonic()
+        def work(tx: Transaction) -> None:
+            current = tx.get_node(node)      # NotFound makes the Agent register again
+            self._seen(node)
             if current.state != READY:
-                self.store.set_node_state(node, READY)
-                log.info("node %s is back", node)
-            mine = {v.name: v for v in self.store.list_vnodes(node=node)}
-            self._record_usage(mine, statuses, complete)
+                tx.put_node(replace(current, state=READY))
+                tx.after_commit(functools.partial(log.info, "node %s is back", node))
+            mine = {v.name: v for v in tx.list_vnodes(node=node)}
             reported = {s.name: s for s in statuses}
             changed, removed = [], []
             for s in statuses:
@@ -393,26 +467,30 @@ class Controller:
                         changed.append(v.with_status(s.phase, s.reason, boot))
             if complete:
                 removed += [v for name, v in mine.items() if v.deleting and name not in reported]
-            if not changed and not removed:
-                return
-            self.store.put_vnodes(changed)
-            self.store.delete_vnodes([v.name for v in removed])
-            for v in removed:
-                self._usage.pop(v.name, None)
-            services = {v.service for v in changed + removed}
+            tx.put_vnodes(changed)
+            tx.delete_vnodes(removed)
             if removed:
-                self._finish_deletions({v.service for v in removed})
-        for service in services:
-            self._publish_service(service)
+                self._finish_deletions(tx, {v.service for v in removed})
+
+            def committed() -> None:
+                with self._lock:
+                    self._record_usage(mine, statuses, complete)
+                    for v in removed:
+                        self._usage.pop(v.name, None)
+                for service in sorted({v.service for v in changed + removed}):
+                    self._publish_service(service)
+            tx.after_commit(committed)
+
+        self._unit_of_work(work)
 
     def assignments(self, node: str) -> dict[str, model.VirtualNode]:
         """The desired set of a physical node: what its Agent must run. A
         deleting virtual node a Switch is still draining keeps running."""
+        vnodes = self.store.list_vnodes(node=node)
         with self._lock:
             now = self.monotonic()
             return {v.name: replace(v, deleting=False) if v.deleting else v
-                    for v in self.store.list_vnodes(node=node)
-                    if not v.deleting or self.switches.holds(v.name, now)}
+                    for v in vnodes if not v.deleting or self.switches.holds(v.name, now)}
 
     # ---- Switches -------------------------------------------------------
     def report_switch(self, report: model.SwitchReport) -> None:
@@ -425,9 +503,9 @@ class Controller:
         """Tell the Agents of leaving virtual nodes no Switch holds any more."""
         with self._lock:
             released = set(self.switches.expired(self.monotonic()))
-            if not released:
-                return
-            nodes = {v.node for v in self.store.list_vnodes() if v.name in released and v.node}
+        if not released:
+            return
+        nodes = {v.node for v in self.store.list_vnodes() if v.name in released and v.node}
         if nodes:
             self.notifier.publish(*(node_topic(n) for n in nodes))
 
@@ -437,47 +515,72 @@ class Controller:
         the nodes newly lost."""
         self._release_drained()
         now = self.monotonic()
-        lost = []
-        with self._lock:
-            for node in self.store.list_nodes():
-                seen = self._last_seen.setdefault(node.name, now)
-                if node.state == READY and now - seen > self.config.node_lost_seconds:
-                    self.store.set_node_state(node.name, LOST)
-                    lost.append(node.name)
-                    log.warning("node %s lost: no heartbeat for %.1f s", node.name, now - seen)
-            lost_nodes = {n.name for n in self.store.list_nodes() if n.state != READY}
-            stranded = [v for v in self.store.list_vnodes()
-                        if (not v.node or v.node in lost_nodes)]
-            touched = self._replace(stranded) if stranded else set()
-        for service in touched:
-            self._publish_service(service, nodes=set())
-        return lost
+        # Most passes find nothing to do: tell so from committed state
+        # without taking the write lock; the transaction decides again.
+        if not self._membership_due(self.store, now):
+            return []
 
-    def _replace(self, stranded: Sequence[model.VirtualNode]) -> set[str]:
-        gone = [v.name for v in stranded if v.deleting]
-        self.store.delete_vnodes(gone)
-        touched = {v.service for v in stranded}
+        def work(tx: Transaction) -> list[str]:
+            nodes = tx.list_nodes()
+            lost = self._newly_lost(nodes, now)
+            for node, _ in lost:
+                tx.put_node(replace(node, state=LOST))
+            down = {n.name for n in nodes if n.state != READY} | {n.name for n, _ in lost}
+            stranded = [v for v in tx.list_vnodes() if not v.node or v.node in down]
+            touched = self._replace(tx, stranded) if stranded else set()
+
+            def committed() -> None:
+                for node, silent in lost:
+                    log.warning("node %s lost: no heartbeat for %.1f s", node.name, silent)
+                for service in sorted(touched):
+                    self._publish_service(service, nodes=set())
+            tx.after_commit(committed)
+            return [n.name for n, _ in lost]
+
+        return self._unit_of_work(work)
+
+    def _newly_lost(self, nodes: Sequence[model.Node], now: float) -> list[tuple[model.Node, float]]:
+        """READY nodes silent for longer than node_lost_seconds, with how long."""
+        with self._lock:
+            silent = {n.name: now - self._last_seen.setdefault(n.name, now) for n in nodes}
+        return [(n, silent[n.name]) for n in nodes
+                if n.state == READY and silent[n.name] > self.config.node_lost_seconds]
+
+    def _membership_due(self, state: StateReader, now: float) -> bool:
+        """Whether a node is to be marked LOST or a virtual node waits for a place."""
+        nodes = state.list_nodes()
+        if self._newly_lost(nodes, now):
+            return True
+        return any(state.list_vnodes(node=name) for name in ["", *(n.name for n in nodes if n.state != READY)])
+
+    def _replace(self, tx: Transaction, stranded: Sequence[model.VirtualNode]) -> set[str]:
+        """Place stranded virtual nodes again (or record why they wait);
+        returns the services changed."""
+        touched = set()
+        gone = [v for v in stranded if v.deleting]
+        tx.delete_vnodes(gone)
+        touched.update(v.service for v in gone)
         for v in stranded:
             if v.deleting:
                 continue
-            spec = self.store.get_service(v.service).spec
+            spec = tx.get_service(v.service).spec
             counts: dict[str, int] = {}
-            for other in self.store.list_vnodes(service=v.service):
+            for other in tx.list_vnodes(service=v.service):
                 counts[other.node] = counts.get(other.node, 0) + 1
             try:
-                [moved] = self._place_new(spec, v.image_digest, [v.index], [v.resources], [v.name], counts)
-                self.store.put_vnodes([replace(moved, generation=v.generation + 1)])
-                log.info("virtual node %s placed again on %s", v.name, moved.node)
-                self.notifier.publish(node_topic(moved.node))
+                [moved] = self._place_new(tx, spec, v.image_digest, [v.index], [v.resources], [v.name], counts)
             except (NoCapacity, InvalidSpec) as exc:
                 # InvalidSpec: no node left boots a guest that small.
                 reason = f"waiting for room: {exc.message}"
                 if v.node or v.reason != reason:
-                    self.store.put_vnodes([replace(v, node="", address="", phase=model.Phase.FAILED,
-                                                   reason=reason)])
-                else:
-                    touched.discard(v.service)
-        self._finish_deletions(touched)
+                    tx.put_vnodes([replace(v, node="", address="", phase=model.Phase.FAILED, reason=reason)])
+                    touched.add(v.service)
+                continue
+            tx.put_vnodes([update_of(v, replace(moved, generation=v.generation + 1))])
+            touched.add(v.service)
+            tx.after_commit(functools.partial(log.info, "virtual node %s placed again on %s", v.name, moved.node))
+            tx.after_commit(functools.partial(self.notifier.publish, node_topic(moved.node)))
+        self._finish_deletions(tx, touched)
         return touched
 
     # ---- images -------------------------------------------------------
@@ -491,10 +594,12 @@ class Controller:
         return self.store.list_images()
 
     def delete_image(self, ref: str) -> model.Image:
-        with self._lock:
-            digest = self.store.resolve_image(ref).digest
-            users = [s.name for s in self.store.list_services() if s.image_digest == digest]
-            return self.images.delete(ref, users)
+        def work(tx: Transaction) -> model.Image:
+            image = tx.resolve_image(ref)
+            users = [s.name for s in tx.list_services() if s.image_digest == image.digest]
+            return self.images.delete(tx, image, users)
+
+        return self._unit_of_work(work)
 
     # ---- endpoints ----------------------------------------------------
     def endpoint_sets(self, service: str = "") -> list[model.EndpointSet]:

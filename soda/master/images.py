@@ -4,7 +4,9 @@ It owns receiving an upload (streamed to a temporary file while hashing,
 never held in memory), checking it (size, sha256, ext4 superblock), and
 making it visible atomically: the file is renamed into place and recorded
 in the state store only once it is whole. An upload that fails or is cut
-off leaves nothing behind. It knows nothing of gRPC.
+off leaves nothing behind; a deleted image's file goes once the deletion
+has committed. A crash between file and record leaves a file the store does
+not know, which the next start sweeps. It knows nothing of gRPC.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 from soda import model
 from soda.errors import DataLoss, InvalidSpec, WrongState
-from soda.master.store import StateStore
+from soda.master.store import StateStore, Transaction
 
 READ_CHUNK = 1 << 20
 MAX_IMAGE_BYTES = 64 << 30
@@ -109,8 +111,9 @@ class ImageStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        return self.store.add_image(model.Image(digest=digest, size=size, created_at=self.clock(),
-                                                init=init), name=name)
+        with self.store.transaction() as tx:
+            tx.put_image(model.Image(digest=digest, size=size, created_at=self.clock(), init=init), name=name)
+        return self.store.resolve_image(digest)
 
     def open(self, ref: str) -> tuple[model.Image, BinaryIO]:
         image = self.store.resolve_image(ref)
@@ -124,15 +127,19 @@ class ImageStore:
             while chunk := f.read(READ_CHUNK):
                 yield chunk
 
-    def delete(self, ref: str, in_use_by: Iterable[str]) -> model.Image:
-        image = self.store.resolve_image(ref)
+    def delete(self, tx: Transaction, image: model.Image, in_use_by: Iterable[str]) -> model.Image:
+        """Delete `image` (as read in `tx`) unless services use it; its file
+        goes once `tx` has committed."""
         users = sorted(in_use_by)
         if users:
             raise WrongState(f"image {image.digest[:19]} is used by service(s) {', '.join(users)}; "
                              "delete them first")
-        self.store.delete_image(image.digest)
+        tx.delete_image(image)
+        tx.after_commit(lambda: self._unlink(image.digest))
+        return image
+
+    def _unlink(self, digest: str) -> None:
         try:
-            os.unlink(self.path(image.digest))
+            os.unlink(self.path(digest))
         except FileNotFoundError:
             pass
-        return image

@@ -3,6 +3,12 @@ wake when a mutation publishes it. Topics are plain strings such as
 "node:<name>" (a node's desired set), "service:<name>", "services",
 "endpoints". Revisions only grow, so a watcher never misses a change that
 happened between two of its reads.
+
+Publish only what has committed: the Controller publishes a change of
+stored state from its transaction's after-commit hook
+(`Transaction.after_commit`), so a watcher is never woken by a change that
+rolled back, and what it then reads (the store's committed state) is that
+change or newer.
 """
 
 from __future__ import annotations

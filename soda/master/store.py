@@ -1,28 +1,56 @@
 """The Master's state store: the interface, and its embedded SQLite backend.
 
-It owns persistence of nodes, images, services and virtual nodes; every
-mutating method is one transaction. It knows nothing of scheduling or gRPC.
-Nothing outside this module knows which backend is in use: callers get a
-`StateStore` from `open_store(state_dir)`.
+It owns persistence of nodes, images, services and virtual nodes, and the
+rules every backend keeps:
+
+- State changes only in a unit of work: `with store.transaction() as tx:`.
+  Reads through `tx` see one consistent state plus the transaction's own
+  writes; the writes become visible together when the block ends, or not at
+  all if it raises or the process dies first. Reads on the store itself
+  see committed state only.
+- Every record carries a revision: the store revision of the transaction
+  that last wrote it (what etcd calls mod_revision). Writes are
+  compare-and-swap on it: a record read at revision r is written (or
+  deleted) only if it is still at r, else `Conflict`; a record of revision
+  0 is new and is created only if absent. `update_of` turns a freshly built
+  record into an update of the one it replaces.
+- `tx.after_commit(fn)` runs `fn` once the writes are committed; a
+  transaction that rolls back drops it. Change notification hangs off it,
+  so watchers never hear of a change that did not happen.
+- Stored records are decoded by structure, never validated again: a rule
+  tightened later applies to new requests, not to state already accepted.
+  Changing what is stored is a schema migration (SCHEMA_VERSION,
+  _MIGRATIONS), applied when the store opens.
+
+It knows nothing of scheduling, notification or gRPC. Nothing outside this
+module knows which backend is in use: callers get a `StateStore` from
+`open_store(state_dir)`.
 """
 
 from __future__ import annotations
 
 import abc
+import collections.abc
 import dataclasses
+import enum
+import functools
 import json
 import os
 import sqlite3
 import threading
+import types
+import typing
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from soda import model
-from soda.errors import AlreadyExists, NotFound, SodaError
+from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 
 # Version 2: nodes.limits, the smallest guest each hypervisor of a node boots.
 # Version 3: nodes.assumed, capacity fields the node took a default for.
-SCHEMA_VERSION = 3
+# Version 4: a revision on every record and in meta; specs stored by
+#            structure (the dataclass fields) instead of in the YAML form.
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -31,14 +59,16 @@ CREATE TABLE IF NOT EXISTS nodes (
     cpu REAL NOT NULL, memory INTEGER NOT NULL, bandwidth INTEGER NOT NULL, disk INTEGER NOT NULL,
     hypervisors TEXT NOT NULL, subnet TEXT NOT NULL UNIQUE, gateway TEXT NOT NULL,
     state TEXT NOT NULL, registered_at REAL NOT NULL, limits TEXT NOT NULL DEFAULT '[]',
-    assumed TEXT NOT NULL DEFAULT '[]');
+    assumed TEXT NOT NULL DEFAULT '[]', revision INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS images (
-    digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL);
+    digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS image_names (
     name TEXT PRIMARY KEY, digest TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE);
 CREATE TABLE IF NOT EXISTS services (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, image_digest TEXT NOT NULL,
-    deleting INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
+    deleting INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS vnodes (
     name TEXT PRIMARY KEY,
     service TEXT NOT NULL REFERENCES services(name) ON DELETE CASCADE,
@@ -48,47 +78,73 @@ CREATE TABLE IF NOT EXISTS vnodes (
     weight REAL NOT NULL, image_digest TEXT NOT NULL, hypervisor TEXT NOT NULL, port INTEGER NOT NULL,
     phase INTEGER NOT NULL, reason TEXT NOT NULL, boot_seconds REAL NOT NULL,
     deleting INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL,
-    cpu_cap INTEGER NOT NULL DEFAULT 0);
+    cpu_cap INTEGER NOT NULL DEFAULT 0, revision INTEGER NOT NULL DEFAULT 1);
 CREATE INDEX IF NOT EXISTS vnodes_by_node ON vnodes(node);
 CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 """
 
-# What brings a store of version N up to N + 1, applied in order inside the
-# transaction that opens it. A store older than version 1 has no meta table
-# and is created afresh by _SCHEMA; one newer than SCHEMA_VERSION is refused.
-_MIGRATIONS = {
-    # Nodes registered before limits existed have none until they register again.
-    1: ("ALTER TABLE nodes ADD COLUMN limits TEXT NOT NULL DEFAULT '[]'",),
-    2: ("ALTER TABLE nodes ADD COLUMN assumed TEXT NOT NULL DEFAULT '[]'",),
-}
+
+# ---- records ------------------------------------------------------------------
+# The model's objects as the store hands them out: the same fields plus the
+# revision they were read at. `dataclasses.replace` keeps the class and so
+# the revision, which makes a read-modify-write a compare-and-swap by itself.
+
+@dataclasses.dataclass(frozen=True)
+class StoredNode(model.Node):
+    revision: int = 0
 
 
-class StateStore(abc.ABC):
-    """What the Master needs from durable state. Each method is atomic."""
+@dataclasses.dataclass(frozen=True)
+class StoredImage(model.Image):
+    revision: int = 0
 
-    # nodes
-    @abc.abstractmethod
-    def upsert_node(self, node: model.Node) -> model.Node: ...
+
+@dataclasses.dataclass(frozen=True)
+class StoredService(model.Service):
+    revision: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredVirtualNode(model.VirtualNode):
+    revision: int = 0
+
+
+_STORED: dict[type, type] = {model.Node: StoredNode, model.Image: StoredImage,
+                             model.Service: StoredService, model.VirtualNode: StoredVirtualNode}
+_STORED.update({stored: stored for stored in list(_STORED.values())})
+
+R = TypeVar("R")
+
+
+def revision_of(record: Any) -> int:
+    """The revision `record` was read at; 0 for one the store never held."""
+    return getattr(record, "revision", 0)
+
+
+def update_of(old: R, new: Any) -> R:
+    """`new` (any record of old's kind) as an update of the stored `old`:
+    new's fields at old's revision, so that writing it is a compare-and-swap."""
+    stored = _STORED[type(old)]
+    fields = {f.name: getattr(new, f.name) for f in dataclasses.fields(new) if f.name != "revision"}
+    return stored(**fields, revision=revision_of(old))
+
+
+# ---- the interface ------------------------------------------------------------
+
+class StateReader(abc.ABC):
+    """Reads: on a `StateStore` they see committed state; on a `Transaction`,
+    the transaction's view including its own writes. Records come back
+    carrying their revision."""
+
     @abc.abstractmethod
     def get_node(self, name: str) -> model.Node: ...
     @abc.abstractmethod
     def list_nodes(self) -> list[model.Node]: ...
     @abc.abstractmethod
-    def set_node_state(self, name: str, state: str) -> None: ...
-
-    # images
-    @abc.abstractmethod
-    def add_image(self, image: model.Image, name: str = "") -> model.Image: ...
-    @abc.abstractmethod
-    def resolve_image(self, ref: str) -> model.Image: ...
+    def resolve_image(self, ref: str) -> model.Image:
+        """An image by name or sha256 digest."""
     @abc.abstractmethod
     def list_images(self) -> list[model.Image]: ...
-    @abc.abstractmethod
-    def delete_image(self, digest: str) -> None: ...
-
-    # services and their virtual nodes
-    @abc.abstractmethod
-    def create_service(self, service: model.Service) -> None: ...
     @abc.abstractmethod
     def get_service(self, name: str) -> model.Service: ...
     @abc.abstractmethod
@@ -97,30 +153,146 @@ class StateStore(abc.ABC):
     def list_service_specs(self) -> list[model.ServiceSpec]:
         """Specs only, without virtual nodes: cheap for admission checks."""
     @abc.abstractmethod
-    def update_service(self, service: model.Service, removed: Iterable[str] = ()) -> None:
-        """Replace the spec and upsert every vnode of `service`; drop `removed`."""
-    @abc.abstractmethod
-    def mark_service_deleting(self, name: str) -> model.Service: ...
-    @abc.abstractmethod
-    def delete_service(self, name: str) -> None: ...
-    @abc.abstractmethod
     def list_vnodes(self, node: str | None = None, service: str | None = None) -> list[model.VirtualNode]: ...
+
+
+class Transaction(StateReader):
+    """One unit of work. Its reads are serializable: when it commits,
+    everything it read is still as it was (SQLite holds the write lock for
+    the whole transaction; an etcd backend compares the revisions of what it
+    read at commit). Every write is compare-and-swap on the record's
+    revision and raises `Conflict` if the record moved on; a record written
+    earlier in the same transaction may be written again from its read form.
+    The records' new revision is the transaction's, visible after commit."""
+
     @abc.abstractmethod
-    def put_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None: ...
+    def put_node(self, node: model.Node) -> None:
+        """A node's registration: created at revision 0, else updated."""
     @abc.abstractmethod
-    def delete_vnodes(self, names: Iterable[str]) -> None: ...
+    def put_image(self, image: model.Image, name: str = "") -> None:
+        """Record an image (by content: a digest already held keeps its
+        record) and point `name`, if given, at it."""
+    @abc.abstractmethod
+    def delete_image(self, image: model.Image) -> None:
+        """The image and the names pointing at it."""
+    @abc.abstractmethod
+    def create_service(self, service: model.Service) -> None:
+        """A new service and its virtual nodes; AlreadyExists if its name is taken."""
+    @abc.abstractmethod
+    def put_service(self, service: model.Service) -> None:
+        """The service's own record (spec, deleting); its virtual nodes are
+        written with `put_vnodes`."""
+    @abc.abstractmethod
+    def delete_service(self, service: model.Service) -> None:
+        """A service whose virtual nodes are gone (WrongState otherwise)."""
+    @abc.abstractmethod
+    def put_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None:
+        """Create (revision 0) or update each virtual node."""
+    @abc.abstractmethod
+    def delete_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None: ...
+    @abc.abstractmethod
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this transaction has committed, never if it
+        rolls back. Callbacks run in order, outside the transaction."""
+
+
+class StateStore(StateReader):
+    """What the Master needs from durable state."""
+
+    @abc.abstractmethod
+    def transaction(self) -> typing.ContextManager[Transaction]:
+        """The only way to change state: `with store.transaction() as tx:`
+        commits when the block ends, rolls back if it raises. Transactions
+        do not nest."""
+    @abc.abstractmethod
+    def revision(self) -> int:
+        """The store revision: that of the last transaction that wrote."""
+    @abc.abstractmethod
+    def schema_version(self) -> int: ...
     @abc.abstractmethod
     def close(self) -> None: ...
 
 
-def open_store(state_dir: str) -> StateStore:
-    """The embedded default: one SQLite file under the state dir."""
+def open_store(state_dir: str, *, on_step: Callable[[str], None] | None = None) -> StateStore:
+    """The embedded default: one SQLite file under the state dir.
+
+    `on_step` is for crash tests: it is called at each step of a transaction
+    ("write <what>" before each write, "commit" before the commit,
+    "committed" after it) and may raise or kill the process there."""
     os.makedirs(state_dir, exist_ok=True)
-    return SqliteStore(os.path.join(state_dir, "state.db"))
+    return SqliteStore(os.path.join(state_dir, "state.db"), on_step=on_step)
 
 
+# ---- stored form ---------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode_as(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _decode_as(options[0], value) if len(options) == 1 else value
+    if origin is tuple:
+        return tuple(_decode_as(typing.get_args(hint)[0], item) for item in value)
+    if origin in (dict, collections.abc.Mapping):
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        return _decode(hint, value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if hint is float:
+        return float(value)
+    return value
+
+
+def _decode(cls: type[R], data: Mapping[str, Any]) -> R:
+    """`data` (stored JSON) as a `cls` by structure alone: no validation, a
+    field stored before it existed takes its default, one the model has
+    since dropped is ignored."""
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{key: _decode_as(hints[key], value) for key, value in data.items() if key in known})
+
+
+def _spec_to_json(spec: model.ServiceSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec), separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
 def _spec_from_json(text: str) -> model.ServiceSpec:
-    return model.parse_spec(json.loads(text))
+    # Specs are frozen, so equal text may share one decoded object.
+    return _decode(model.ServiceSpec, json.loads(text))
+
+
+def _spec_from_v3_json(text: str) -> model.ServiceSpec:
+    """A spec as versions 1 to 3 stored it (the YAML form of `as_dict`),
+    decoded by structure alone for the migration to version 4."""
+    data = json.loads(text)
+    nodes = data.get("nodes", 1)
+    columns = data.get("resources") or {}
+
+    def column(key: str) -> list:
+        value = columns.get(key, model.RESOURCE_DEFAULTS[key])
+        return list(value) if isinstance(value, list) else [value] * max(nodes, 1)
+    values = {key: column(key) for key in model.RESOURCE_BOUNDS}
+    per_node = tuple(model.Resources(**{key: values[key][i] for key in model.RESOURCE_BOUNDS})
+                     for i in range(nodes))
+    # As parse_spec derived it: the last node's resources (the only ones at zero nodes).
+    template = model.Resources(**{key: values[key][-1] for key in model.RESOURCE_BOUNDS})
+    switch = dict(data.get("switch") or {})
+    on_demand = data.get("on_demand")
+    if on_demand is not None:
+        on_demand = dict(on_demand, resources=on_demand.get("resources") or dataclasses.asdict(template))
+    fields = {key: value for key, value in data.items()
+              if key not in ("resources", "switch", "on_demand")}
+    return _decode(model.ServiceSpec, dict(
+        fields, nodes=nodes, resources=[dataclasses.asdict(r) for r in per_node],
+        template=dataclasses.asdict(template), switch=switch, on_demand=on_demand))
 
 
 def _limits_to_json(limits: Iterable[model.DriverCapabilities]) -> str:
@@ -128,124 +300,95 @@ def _limits_to_json(limits: Iterable[model.DriverCapabilities]) -> str:
 
 
 def _limits_from_json(text: str) -> tuple[model.DriverCapabilities, ...]:
-    # Limits stored before a field existed take its default.
-    return tuple(model.DriverCapabilities(**item) for item in json.loads(text))
+    return tuple(_decode(model.DriverCapabilities, item) for item in json.loads(text))
+
+
+def _migrate_specs_to_v4(db: sqlite3.Connection) -> None:
+    for name, text in db.execute("SELECT name, spec FROM services").fetchall():
+        db.execute("UPDATE services SET spec=? WHERE name=?", (_spec_to_json(_spec_from_v3_json(text)), name))
+
+
+# What brings a store of version N up to N + 1, applied in order inside the
+# transaction that opens it: SQL statements, or a function of the
+# connection. A store older than version 1 has no meta table and is
+# created afresh by _SCHEMA; one newer than SCHEMA_VERSION is refused.
+_MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
+    # Nodes registered before limits existed have none until they register again.
+    1: ("ALTER TABLE nodes ADD COLUMN limits TEXT NOT NULL DEFAULT '[]'",),
+    2: ("ALTER TABLE nodes ADD COLUMN assumed TEXT NOT NULL DEFAULT '[]'",),
+    # Every record written before revisions existed is at revision 1.
+    3: ("ALTER TABLE nodes ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE images ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE services ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE vnodes ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+        "INSERT INTO meta VALUES ('revision', '1')",
+        _migrate_specs_to_v4),
+}
 
 
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
-                  "generation, cpu_cap")
+                  "generation, cpu_cap, revision")
+_PUT_VNODE = f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 22)})"
+# SQLite's default limit on the parameters of one statement is 999 (older builds).
+_IN_CHUNK = 500
 
 
-def _vnode_row(v: model.VirtualNode) -> tuple:
+def _vnode_row(v: model.VirtualNode, revision: int) -> tuple:
     r = v.resources
     return (v.name, v.service, v.index, v.node, v.address, v.prefix_length, v.gateway, r.cpu,
             r.memory, r.bandwidth, r.disk, v.weight, v.image_digest, v.hypervisor, v.port,
-            int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation, int(v.cpu_cap))
+            int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation, int(v.cpu_cap),
+            revision)
 
 
-def _vnode_from_row(row) -> model.VirtualNode:
+def _vnode_from_row(row) -> StoredVirtualNode:
     (name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, disk, weight,
-     image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap) = row
-    return model.VirtualNode(
+     image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap,
+     revision) = row
+    return StoredVirtualNode(
         name=name, service=service, index=idx, node=node, address=address,
         prefix_length=prefix_length, gateway=gateway,
         resources=model.Resources(cpu, memory, bandwidth, disk), weight=weight,
         image_digest=image_digest, hypervisor=hypervisor, port=port, phase=model.Phase(phase),
         reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation,
-        cpu_cap=bool(cpu_cap))
+        cpu_cap=bool(cpu_cap), revision=revision)
 
 
-class SqliteStore(StateStore):
-    """SQLite in WAL mode; one connection serialised by a lock, since the
-    Master's writes are small and a single writer is SQLite's model anyway."""
+# ---- the SQLite backend ------------------------------------------------------------
 
-    def __init__(self, path: str):
-        self.path = path
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        with self._tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            else:
-                self._migrate(db, int(row[0]))
+class _SqliteReads(StateReader):
+    """The reads, over whichever connection `_query` uses."""
 
-    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise SodaError(f"state store {self.path} has schema version {version}, newer than the "
-                            f"{SCHEMA_VERSION} this Master understands: run a newer soda-master")
-        for step in range(version, SCHEMA_VERSION):
-            for statement in _MIGRATIONS[step]:
-                db.execute(statement)
-        if version != SCHEMA_VERSION:
-            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+    @abc.abstractmethod
+    def _query(self, sql: str, args: tuple = ()) -> list: ...
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    @abc.abstractmethod
+    def _consistent(self) -> typing.ContextManager[None]:
+        """Several queries that must see one state."""
 
-    def _read(self, sql: str, args: tuple = ()) -> list:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    def schema_version(self) -> int:
-        return int(self._read("SELECT value FROM meta WHERE key='schema_version'")[0][0])
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    # ---- nodes --------------------------------------------------------
-    def upsert_node(self, node: model.Node) -> model.Node:
-        c = node.capacity
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO nodes (name, address, cpu, memory, bandwidth, disk, hypervisors, subnet, "
-                "gateway, state, registered_at, limits, assumed) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,strftime('%s','now'),?,?) "
-                "ON CONFLICT(name) DO UPDATE SET address=excluded.address, cpu=excluded.cpu, "
-                "memory=excluded.memory, bandwidth=excluded.bandwidth, disk=excluded.disk, "
-                "hypervisors=excluded.hypervisors, state=excluded.state, limits=excluded.limits, "
-                "assumed=excluded.assumed",
-                (node.name, node.address, c.cpu, c.memory, c.bandwidth, c.disk,
-                 json.dumps(list(node.hypervisors)), node.subnet, node.gateway, node.state,
-                 _limits_to_json(node.limits), json.dumps(list(node.assumed))))
-        return self.get_node(node.name)
-
-    def _nodes(self, where: str = "", args: tuple = ()) -> list[model.Node]:
-        rows = self._read(
-            "SELECT n.name, n.address, n.cpu, n.memory, n.bandwidth, n.disk, n.hypervisors, n.subnet, "
-            "n.gateway, n.state, COALESCE(SUM(v.cpu),0), COALESCE(SUM(v.memory),0), "
-            "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits, "
-            "n.assumed "
-            "FROM nodes n LEFT JOIN vnodes v ON v.node = n.name " + where +
-            " GROUP BY n.name ORDER BY n.name", args)
-        guests: dict[str, dict[str, int]] = {}
-        for node, hypervisor, count in self._read(
-                "SELECT node, hypervisor, COUNT(*) FROM vnodes GROUP BY node, hypervisor"):
-            guests.setdefault(node, {})[hypervisor] = count
+    def _nodes(self, name: str | None = None) -> list[StoredNode]:
+        where, args = ("WHERE n.name = ?", (name,)) if name is not None else ("", ())
+        with self._consistent():
+            rows = self._query(
+                "SELECT n.name, n.address, n.cpu, n.memory, n.bandwidth, n.disk, n.hypervisors, n.subnet, "
+                "n.gateway, n.state, COALESCE(SUM(v.cpu),0), COALESCE(SUM(v.memory),0), "
+                "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits, "
+                "n.assumed, n.revision "
+                "FROM nodes n LEFT JOIN vnodes v ON v.node = n.name " + where +
+                " GROUP BY n.name ORDER BY n.name", args)
+            guests: dict[str, dict[str, int]] = {}
+            for node, hypervisor, count in self._query(
+                    "SELECT node, hypervisor, COUNT(*) FROM vnodes "
+                    + ("WHERE node = ? " if name is not None else "") + "GROUP BY node, hypervisor", args):
+                guests.setdefault(node, {})[hypervisor] = count
         nodes = []
         for r in rows:
-            limits = _limits_from_json(r[15])
-            node = model.Node(name=r[0], address=r[1], capacity=model.Resources(r[2], r[3], r[4], r[5]),
+            node = StoredNode(name=r[0], address=r[1], capacity=model.Resources(r[2], r[3], r[4], r[5]),
                               hypervisors=tuple(json.loads(r[6])), subnet=r[7], gateway=r[8],
                               state=r[9], allocated=model.Resources(r[10], r[11], r[12], r[13]),
-                              vnodes=r[14], limits=limits, assumed=tuple(json.loads(r[16])))
+                              vnodes=r[14], limits=_limits_from_json(r[15]),
+                              assumed=tuple(json.loads(r[16])), revision=r[17])
             # Each guest also costs its hypervisor process's own memory.
             overhead = sum(count * node.memory_overhead(hv)
                            for hv, count in guests.get(node.name, {}).items())
@@ -253,39 +396,25 @@ class SqliteStore(StateStore):
                 node, allocated=node.allocated + model.Resources(memory=overhead)))
         return nodes
 
-    def get_node(self, name: str) -> model.Node:
-        nodes = self._nodes("WHERE n.name = ?", (name,))
+    def get_node(self, name: str) -> StoredNode:
+        nodes = self._nodes(name)
         if not nodes:
             raise NotFound(f"no physical node named {name!r}")
         return nodes[0]
 
-    def list_nodes(self) -> list[model.Node]:
+    def list_nodes(self) -> list[StoredNode]:
         return self._nodes()
 
-    def set_node_state(self, name: str, state: str) -> None:
-        with self._tx() as db:
-            if db.execute("UPDATE nodes SET state=? WHERE name=?", (state, name)).rowcount == 0:
-                raise NotFound(f"no physical node named {name!r}")
-
-    # ---- images -------------------------------------------------------
-    def add_image(self, image: model.Image, name: str = "") -> model.Image:
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO images VALUES (?,?,?,?)",
-                       (image.digest, image.size, image.init, image.created_at))
-            if name:
-                db.execute("INSERT INTO image_names VALUES (?,?) ON CONFLICT(name) DO UPDATE "
-                           "SET digest=excluded.digest", (name, image.digest))
-        return self.resolve_image(image.digest)
-
-    def _images(self, where: str = "", args: tuple = ()) -> list[model.Image]:
-        rows = self._read(
-            "SELECT i.digest, i.size, i.init, i.created_at, GROUP_CONCAT(n.name) FROM images i "
+    def _images(self, where: str = "", args: tuple = ()) -> list[StoredImage]:
+        rows = self._query(
+            "SELECT i.digest, i.size, i.init, i.created_at, GROUP_CONCAT(n.name), i.revision FROM images i "
             "LEFT JOIN image_names n ON n.digest = i.digest " + where +
             " GROUP BY i.digest ORDER BY i.created_at, i.digest", args)
-        return [model.Image(digest=r[0], size=r[1], init=r[2], created_at=r[3],
-                            names=tuple(sorted(r[4].split(","))) if r[4] else ()) for r in rows]
+        return [StoredImage(digest=r[0], size=r[1], init=r[2], created_at=r[3],
+                            names=tuple(sorted(r[4].split(","))) if r[4] else (), revision=r[5])
+                for r in rows]
 
-    def resolve_image(self, ref: str) -> model.Image:
+    def resolve_image(self, ref: str) -> StoredImage:
         if ref.startswith("sha256:"):
             found = self._images("WHERE i.digest = ?", (ref,))
         else:
@@ -294,73 +423,36 @@ class SqliteStore(StateStore):
             raise NotFound(f"no image {ref!r} (push it with: sodactl image push FILE --name NAME)")
         return found[0]
 
-    def list_images(self) -> list[model.Image]:
+    def list_images(self) -> list[StoredImage]:
         return self._images()
 
-    def delete_image(self, digest: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM images WHERE digest = ?", (digest,))
-
-    # ---- services -----------------------------------------------------
-    def create_service(self, service: model.Service) -> None:
-        with self._tx() as db:
-            try:
-                db.execute("INSERT INTO services VALUES (?,?,?,?,?)",
-                           (service.name, json.dumps(service.spec.as_dict()), service.image_digest,
-                            int(service.deleting), service.created_at))
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"service {service.name!r} already exists") from None
-            db.executemany(f"INSERT INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 21)})",
-                           [_vnode_row(v) for v in service.vnodes])
-
-    def _services(self, where: str = "", args: tuple = ()) -> list[model.Service]:
-        with self._lock:
-            rows = self._db.execute("SELECT name, spec, image_digest, deleting, created_at FROM services "
-                                    + where + " ORDER BY name", args).fetchall()
-            vnode_rows = self._db.execute(
+    def _services(self, where: str = "", args: tuple = ()) -> list[StoredService]:
+        with self._consistent():
+            rows = self._query("SELECT name, spec, image_digest, deleting, created_at, revision FROM services "
+                               + where + " ORDER BY name", args)
+            vnode_rows = self._query(
                 f"SELECT {_VNODE_COLUMNS} FROM vnodes WHERE service IN "
-                f"(SELECT name FROM services {where}) ORDER BY service, idx", args).fetchall()
+                f"(SELECT name FROM services {where}) ORDER BY service, idx", args)
         by_service: dict[str, list] = {}
         for row in vnode_rows:
             by_service.setdefault(row[1], []).append(_vnode_from_row(row))
-        return [model.Service(spec=_spec_from_json(r[1]), image_digest=r[2],
+        return [StoredService(spec=_spec_from_json(r[1]), image_digest=r[2],
                               vnodes=tuple(by_service.get(r[0], ())), deleting=bool(r[3]),
-                              created_at=r[4]) for r in rows]
+                              created_at=r[4], revision=r[5]) for r in rows]
 
-    def get_service(self, name: str) -> model.Service:
+    def get_service(self, name: str) -> StoredService:
         found = self._services("WHERE name = ?", (name,))
         if not found:
             raise NotFound(f"no service named {name!r}")
         return found[0]
 
-    def list_services(self) -> list[model.Service]:
+    def list_services(self) -> list[StoredService]:
         return self._services()
 
     def list_service_specs(self) -> list[model.ServiceSpec]:
-        return [_spec_from_json(r[0]) for r in self._read("SELECT spec FROM services ORDER BY name")]
+        return [_spec_from_json(r[0]) for r in self._query("SELECT spec FROM services ORDER BY name")]
 
-    def update_service(self, service: model.Service, removed: Iterable[str] = ()) -> None:
-        with self._tx() as db:
-            n = db.execute("UPDATE services SET spec=?, deleting=? WHERE name=?",
-                           (json.dumps(service.spec.as_dict()), int(service.deleting), service.name)).rowcount
-            if n == 0:
-                raise NotFound(f"no service named {service.name!r}")
-            db.executemany("DELETE FROM vnodes WHERE name = ?", [(name,) for name in removed])
-            db.executemany(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 21)})",
-                           [_vnode_row(v) for v in service.vnodes])
-
-    def mark_service_deleting(self, name: str) -> model.Service:
-        with self._tx() as db:
-            if db.execute("UPDATE services SET deleting=1 WHERE name=?", (name,)).rowcount == 0:
-                raise NotFound(f"no service named {name!r}")
-            db.execute("UPDATE vnodes SET deleting=1 WHERE service=?", (name,))
-        return self.get_service(name)
-
-    def delete_service(self, name: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM services WHERE name=?", (name,))
-
-    def list_vnodes(self, node: str | None = None, service: str | None = None) -> list[model.VirtualNode]:
+    def list_vnodes(self, node: str | None = None, service: str | None = None) -> list[StoredVirtualNode]:
         clauses, args = [], []
         if node is not None:
             clauses.append("node = ?")
@@ -370,13 +462,294 @@ class SqliteStore(StateStore):
             args.append(service)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         return [_vnode_from_row(r) for r in
-                self._read(f"SELECT {_VNODE_COLUMNS} FROM vnodes {where} ORDER BY service, idx", tuple(args))]
+                self._query(f"SELECT {_VNODE_COLUMNS} FROM vnodes {where} ORDER BY service, idx", tuple(args))]
 
+
+class _SqliteTransaction(_SqliteReads, Transaction):
+    """Lives between BEGIN IMMEDIATE and COMMIT on the store's write
+    connection, under its write lock: nothing else writes meanwhile."""
+
+    def __init__(self, store: SqliteStore):
+        self._store = store
+        self._db = store._db
+        self._open = True
+        self._revision = 0          # this transaction's, taken at its first write
+        # (kind, key) -> revision before this transaction first wrote it
+        # (None: absent), so that a record written twice may be written
+        # again from the form it was read in.
+        self._before: dict[tuple[str, str], int | None] = {}
+        self._after: list[Callable[[], None]] = []
+
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        self._check_open()
+        return self._db.execute(sql, args).fetchall()
+
+    @contextmanager
+    def _consistent(self) -> Iterator[None]:
+        yield       # the transaction itself is one snapshot
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError("this transaction has ended; open another with store.transaction()")
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self._check_open()
+        self._after.append(callback)
+
+    # ---- compare-and-swap ---------------------------------------------
+    def _write(self, what: str) -> int:
+        """Called before each write: the revision the write stamps."""
+        self._check_open()
+        self._store._step(f"write {what}")
+        if not self._revision:
+            self._revision = int(self._db.execute(
+                "SELECT value FROM meta WHERE key='revision'").fetchone()[0]) + 1
+        return self._revision
+
+    def _compare(self, kind: str, key: str, current: int | None, expected: int) -> None:
+        """Raise Conflict unless a write of `key` read at `expected` may
+        replace what is stored (`current`, None if absent)."""
+        before = self._before.get((kind, key), current)
+        self._before.setdefault((kind, key), current)
+        if expected == 0:
+            if current is not None:
+                raise Conflict(f"{kind} {key!r} already exists (revision {current})")
+            return
+        if current is None:
+            raise Conflict(f"{kind} {key!r} is gone since it was read at revision {expected}")
+        if current != expected and not (current == self._revision and before == expected):
+            raise Conflict(f"{kind} {key!r} changed since it was read: it is at revision {current}, "
+                           f"the write was based on {expected}")
+
+    def _revisions(self, table: str, key: str, names: list[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in range(0, len(names), _IN_CHUNK):
+            chunk = names[i:i + _IN_CHUNK]
+            out.update(self._db.execute(f"SELECT {key}, revision FROM {table} WHERE {key} IN "
+                                        f"({','.join('?' * len(chunk))})", chunk).fetchall())
+        return out
+
+    # ---- nodes --------------------------------------------------------
+    def put_node(self, node: model.Node) -> None:
+        revision = self._write(f"node {node.name}")
+        current = self._revisions("nodes", "name", [node.name]).get(node.name)
+        self._compare("node", node.name, current, revision_of(node))
+        c = node.capacity
+        values = (node.address, c.cpu, c.memory, c.bandwidth, c.disk, json.dumps(list(node.hypervisors)),
+                  node.subnet, node.gateway, node.state, _limits_to_json(node.limits),
+                  json.dumps(list(node.assumed)), revision, node.name)
+        try:
+            if current is None:
+                self._db.execute(
+                    "INSERT INTO nodes (address, cpu, memory, bandwidth, disk, hypervisors, subnet, gateway, "
+                    "state, limits, assumed, revision, name, registered_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,strftime('%s','now'))", values)
+            else:
+                self._db.execute(
+                    "UPDATE nodes SET address=?, cpu=?, memory=?, bandwidth=?, disk=?, hypervisors=?, "
+                    "subnet=?, gateway=?, state=?, limits=?, assumed=?, revision=? WHERE name=?", values)
+        except sqlite3.IntegrityError:
+            raise Conflict(f"subnet {node.subnet} of node {node.name!r} belongs to another node") from None
+
+    # ---- images -------------------------------------------------------
+    def put_image(self, image: model.Image, name: str = "") -> None:
+        revision = self._write(f"image {image.digest}")
+        touched = [image.digest]
+        if self._db.execute("INSERT OR IGNORE INTO images (digest, size, init, created_at, revision) "
+                            "VALUES (?,?,?,?,?)", (image.digest, image.size, image.init, image.created_at,
+                                                   revision)).rowcount:
+            self._before.setdefault(("image", image.digest), None)
+        if name:
+            row = self._db.execute("SELECT digest FROM image_names WHERE name = ?", (name,)).fetchone()
+            if row is None or row[0] != image.digest:
+                if row is not None:
+                    touched.append(row[0])
+                self._db.execute("INSERT INTO image_names VALUES (?,?) ON CONFLICT(name) DO UPDATE "
+                                 "SET digest=excluded.digest", (name, image.digest))
+                # A name is part of the image it points at: both images changed.
+                for digest, current in self._revisions("images", "digest", touched).items():
+                    self._before.setdefault(("image", digest), current)
+                self._db.executemany("UPDATE images SET revision=? WHERE digest=?",
+                                     [(revision, digest) for digest in touched])
+
+    def delete_image(self, image: model.Image) -> None:
+        self._write(f"delete image {image.digest}")
+        current = self._revisions("images", "digest", [image.digest]).get(image.digest)
+        self._compare("image", image.digest, current, _existing(image))
+        self._db.execute("DELETE FROM images WHERE digest = ?", (image.digest,))
+
+    # ---- services -----------------------------------------------------
+    def create_service(self, service: model.Service) -> None:
+        revision = self._write(f"service {service.name}")
+        if self._revisions("services", "name", [service.name]):
+            raise AlreadyExists(f"service {service.name!r} already exists")
+        self._before.setdefault(("service", service.name), None)
+        self._db.execute("INSERT INTO services (name, spec, image_digest, deleting, created_at, revision) "
+                         "VALUES (?,?,?,?,?,?)",
+                         (service.name, _spec_to_json(service.spec), service.image_digest,
+                          int(service.deleting), service.created_at, revision))
+        self.put_vnodes(service.vnodes)
+
+    def put_service(self, service: model.Service) -> None:
+        revision = self._write(f"service {service.name}")
+        current = self._revisions("services", "name", [service.name]).get(service.name)
+        self._compare("service", service.name, current, _existing(service))
+        self._db.execute("UPDATE services SET spec=?, image_digest=?, deleting=?, revision=? WHERE name=?",
+                         (_spec_to_json(service.spec), service.image_digest, int(service.deleting),
+                          revision, service.name))
+
+    def delete_service(self, service: model.Service) -> None:
+        self._write(f"delete service {service.name}")
+        current = self._revisions("services", "name", [service.name]).get(service.name)
+        self._compare("service", service.name, current, _existing(service))
+        left = self._db.execute("SELECT COUNT(*) FROM vnodes WHERE service = ?", (service.name,)).fetchone()[0]
+        if left:
+            raise WrongState(f"service {service.name!r} still has {left} virtual node(s)")
+        self._db.execute("DELETE FROM services WHERE name=?", (service.name,))
+
+    # ---- virtual nodes ------------------------------------------------
     def put_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None:
-        with self._tx() as db:
-            db.executemany(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 21)})",
-                           [_vnode_row(v) for v in vnodes])
+        vnodes = list(vnodes)
+        if not vnodes:
+            return
+        revision = self._write(f"{len(vnodes)} virtual node(s)")
+        current = self._revisions("vnodes", "name", [v.name for v in vnodes])
+        for v in vnodes:
+            self._compare("virtual node", v.name, current.get(v.name), revision_of(v))
+        self._db.executemany(_PUT_VNODE, [_vnode_row(v, revision) for v in vnodes])
 
-    def delete_vnodes(self, names: Iterable[str]) -> None:
-        with self._tx() as db:
-            db.executemany("DELETE FROM vnodes WHERE name = ?", [(n,) for n in names])
+    def delete_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None:
+        vnodes = list(vnodes)
+        if not vnodes:
+            return
+        self._write(f"delete {len(vnodes)} virtual node(s)")
+        current = self._revisions("vnodes", "name", [v.name for v in vnodes])
+        for v in vnodes:
+            self._compare("virtual node", v.name, current.get(v.name), _existing(v))
+        self._db.executemany("DELETE FROM vnodes WHERE name = ?", [(v.name,) for v in vnodes])
+
+    # ---- end ----------------------------------------------------------
+    def _finish(self) -> None:
+        if self._revision:
+            self._db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(self._revision),))
+
+
+def _existing(record: Any) -> int:
+    revision = revision_of(record)
+    if not revision:
+        # A programming error, not a race: only what was read can be replaced or deleted.
+        raise TypeError(f"{type(record).__name__} {getattr(record, 'name', '')!r} was not read from the "
+                        "store (revision 0): read it first")
+    return revision
+
+
+class SqliteStore(_SqliteReads, StateStore):
+    """SQLite in WAL mode. One write connection, under a lock, holds each
+    transaction from BEGIN IMMEDIATE to COMMIT (a single writer is SQLite's
+    model, and the Master's writes are small); a second, read-only
+    connection serves reads outside transactions, so they see committed
+    state only and never wait for a writer."""
+
+    def __init__(self, path: str, on_step: Callable[[str], None] | None = None):
+        self.path = path
+        self._on_step = on_step
+        self._write_lock = threading.RLock()
+        self._current: _SqliteTransaction | None = None
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._open_schema()
+        self._read_lock = threading.RLock()
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA query_only=ON")
+        self._reader.execute("PRAGMA busy_timeout=5000")
+
+    def _open_schema(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._db.execute("INSERT INTO meta VALUES ('revision', '0')")
+            else:
+                self._migrate(int(row[0]))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._db.close()
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise SodaError(f"state store {self.path} has schema version {version}, newer than the "
+                            f"{SCHEMA_VERSION} this Master understands: run a newer soda-master")
+        for step in range(version, SCHEMA_VERSION):
+            for migration in _MIGRATIONS[step]:
+                if callable(migration):
+                    migration(self._db)
+                else:
+                    self._db.execute(migration)
+        if version != SCHEMA_VERSION:
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+
+    def _step(self, what: str) -> None:
+        if self._on_step is not None:
+            self._on_step(what)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._write_lock:
+            if self._current is not None:
+                raise RuntimeError("a transaction is already open on this thread: a unit of work "
+                                   "does not nest")
+            tx = self._current = _SqliteTransaction(self)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield tx
+                    tx._finish()
+                    self._step("commit")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                tx._open = False
+                self._current = None
+        self._step("committed")
+        for callback in tx._after:
+            callback()
+
+    # ---- reads of committed state -------------------------------------
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
+    @contextmanager
+    def _consistent(self) -> Iterator[None]:
+        with self._read_lock:
+            if self._reader.in_transaction:     # nested: the outer one holds the snapshot
+                yield
+                return
+            self._reader.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._reader.execute("COMMIT")
+
+    def revision(self) -> int:
+        return int(self._query("SELECT value FROM meta WHERE key='revision'")[0][0])
+
+    def schema_version(self) -> int:
+        return int(self._query("SELECT value FROM meta WHERE key='schema_version'")[0][0])
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._reader.close()
+            self._db.close()

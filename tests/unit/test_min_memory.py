@@ -10,11 +10,11 @@ import grpc
 import pytest
 
 from soda import model
-from soda.errors import InvalidSpec, NoCapacity, SodaError
+from soda.errors import InvalidSpec, NoCapacity, NotFound, SodaError
 from soda.hypervisors import kernels
 from soda.hypervisors.uml import UmlDriver
 from soda.master.scheduler import place
-from soda.master.store import SCHEMA_VERSION, open_store
+from soda.master.store import SCHEMA_VERSION, open_store, update_of
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert
@@ -120,13 +120,21 @@ def _node_with_limits(limits):
                       subnet="10.0.1.0/24", gateway="10.0.1.1", limits=tuple(limits))
 
 
+def _register(store, node):
+    with store.transaction() as tx:
+        try:
+            tx.put_node(update_of(tx.get_node(node.name), node))
+        except NotFound:
+            tx.put_node(node)
+
+
 def test_store_keeps_limits_across_a_restart_and_replaces_them_on_registration(tmp_path):
     s = open_store(str(tmp_path))
-    s.upsert_node(_node_with_limits([DEBIAN_UML, QEMU]))
+    _register(s, _node_with_limits([DEBIAN_UML, QEMU]))
     s.close()
     s = open_store(str(tmp_path))
     assert s.get_node("a").limits == (DEBIAN_UML, QEMU)
-    s.upsert_node(_node_with_limits([SODA_UML]))
+    _register(s, _node_with_limits([SODA_UML]))
     assert s.get_node("a").limits == (SODA_UML,)
     s.close()
 
@@ -136,19 +144,22 @@ def _downgrade_to_v1(path):
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE nodes DROP COLUMN limits")
     db.execute("ALTER TABLE nodes DROP COLUMN assumed")
+    for table in ("nodes", "images", "services", "vnodes"):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN revision")
+    db.execute("DELETE FROM meta WHERE key='revision'")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
 
 
 def test_a_version_1_store_is_migrated_and_keeps_its_nodes(tmp_path):
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     s = open_store(str(tmp_path))
-    s.upsert_node(_node_with_limits([DEBIAN_UML]))
+    _register(s, _node_with_limits([DEBIAN_UML]))
     s.close()
     _downgrade_to_v1(str(tmp_path / "state.db"))
     s = open_store(str(tmp_path))
-    assert s.schema_version() == 3
+    assert s.schema_version() == 4
     migrated = s.get_node("a")
     assert migrated.limits == () and migrated.assumed == () and migrated.subnet == "10.0.1.0/24"
     s.close()
@@ -160,7 +171,7 @@ def test_a_newer_store_is_refused(tmp_path):
     db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(SodaError, match="schema version 99, newer than the 3"):
+    with pytest.raises(SodaError, match="schema version 99, newer than the 4"):
         open_store(str(tmp_path))
 
 

@@ -1,20 +1,34 @@
+import dataclasses
+import json
 import sqlite3
+import threading
 
 import pytest
 
 from soda import model
-from soda.errors import AlreadyExists, NotFound
-from soda.master.store import SCHEMA_VERSION, open_store
+from soda.errors import AlreadyExists, Conflict, NotFound, WrongState
+from soda.master.store import SCHEMA_VERSION, StateStore, Transaction, open_store, revision_of, update_of
+
+DIGEST = "sha256:" + "0" * 64
 
 
-def make_service(name="web", n=2):
+def make_service(name="web", n=2, node="a"):
     spec = model.parse_spec({"name": name, "image": "img", "nodes": n})
     vnodes = tuple(model.VirtualNode(name=f"{name}-{i}", service=name, index=i, resources=spec.resources[i],
-                                     node="a", address=f"10.0.0.{i + 2}", prefix_length=24,
-                                     gateway="10.0.0.1", weight=1.0, image_digest="sha256:" + "0" * 64,
-                                     hypervisor="fake")
+                                     node=node, address=f"10.0.0.{i + 2}", prefix_length=24,
+                                     gateway="10.0.0.1", weight=1.0, image_digest=DIGEST, hypervisor="fake")
                    for i in range(n))
-    return model.Service(spec=spec, image_digest="sha256:" + "0" * 64, vnodes=vnodes, created_at=1.0)
+    return model.Service(spec=spec, image_digest=DIGEST, vnodes=vnodes, created_at=1.0)
+
+
+def plain(record):
+    """A stored record as the model object it stores (without its revision)."""
+    if isinstance(record, model.Service):
+        return model.Service(spec=record.spec, image_digest=record.image_digest,
+                             vnodes=tuple(plain(v) for v in record.vnodes), deleting=record.deleting,
+                             created_at=record.created_at)
+    cls = next(c for c in type(record).__mro__ if c.__module__ == "soda.model")
+    return cls(**{f.name: getattr(record, f.name) for f in dataclasses.fields(cls)})
 
 
 @pytest.fixture
@@ -24,9 +38,21 @@ def store(tmp_path):
     s.close()
 
 
-def add_node(store, name="a"):
-    return store.upsert_node(model.Node(name=name, address="127.0.0.1", capacity=model.Resources(2, 1024, 100, 1000),
-                                        hypervisors=("fake",), subnet=f"10.0.{ord(name)}.0/24", gateway="10.0.0.1"))
+def node(name="a", **kw):
+    return model.Node(name=name, address="127.0.0.1", capacity=model.Resources(2, 1024, 100, 1000),
+                      hypervisors=("fake",), subnet=f"10.0.{ord(name)}.0/24", gateway="10.0.0.1", **kw)
+
+
+def add_node(store, name="a", **kw):
+    with store.transaction() as tx:
+        tx.put_node(node(name, **kw))
+    return store.get_node(name)
+
+
+def create(store, service):
+    with store.transaction() as tx:
+        tx.create_service(service)
+    return store.get_service(service.name)
 
 
 def test_schema_version_recorded(tmp_path):
@@ -37,66 +63,270 @@ def test_schema_version_recorded(tmp_path):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_state_changes_only_in_a_transaction(store):
+    assert isinstance(store, StateStore)
+    writes = [name for name in dir(Transaction) if name.startswith(("put_", "create_", "delete_"))]
+    assert writes and not [name for name in writes if hasattr(store, name)]
+
+
 def test_service_round_trip_and_restart(tmp_path):
     s = open_store(str(tmp_path))
     add_node(s)
-    s.create_service(make_service())
+    create(s, make_service())
     s.close()
     s = open_store(str(tmp_path))
     got = s.get_service("web")
-    assert got == make_service()
+    assert plain(got) == make_service()
+    assert got.revision == 2 and {v.revision for v in got.vnodes} == {2}
     assert s.get_node("a").allocated.cpu == 2.0
     s.close()
 
 
+def test_each_committed_transaction_is_one_revision(store):
+    assert store.revision() == 0
+    add_node(store)
+    assert store.revision() == 1 and store.get_node("a").revision == 1
+    with store.transaction() as tx:
+        tx.create_service(make_service())
+        tx.put_vnodes([dataclasses.replace(tx.get_service("web").vnodes[0], phase=model.Phase.RUNNING)])
+    assert store.revision() == 2
+    assert {v.revision for v in store.list_vnodes()} == {2}
+    with store.transaction() as tx:                  # reads only: no new revision
+        tx.list_services()
+    assert store.revision() == 2
+
+
 def test_create_is_one_transaction(store):
     svc = make_service()
-    store.create_service(svc)
+    create(store, svc)
     clash = make_service(name="other")
     # A vnode name that already exists makes the whole create fail: no service row left.
     clash = model.Service(spec=clash.spec, image_digest=clash.image_digest,
                           vnodes=(svc.vnodes[0],), created_at=1.0)
-    with pytest.raises(sqlite3.IntegrityError):
-        store.create_service(clash)
+    with pytest.raises(Conflict, match="web-0.*already exists"):
+        create(store, clash)
     with pytest.raises(NotFound):
         store.get_service("other")
 
 
 def test_duplicate_service(store):
-    store.create_service(make_service())
+    create(store, make_service())
     with pytest.raises(AlreadyExists):
-        store.create_service(make_service())
+        create(store, make_service())
 
 
 def test_deleting_and_delete(store):
-    store.create_service(make_service())
-    svc = store.mark_service_deleting("web")
+    svc = create(store, make_service())
+    with store.transaction() as tx:
+        tx.put_service(dataclasses.replace(svc, deleting=True))
+        tx.put_vnodes(dataclasses.replace(v, deleting=True) for v in svc.vnodes)
+    svc = store.get_service("web")
     assert svc.deleting and all(v.deleting for v in svc.vnodes)
-    store.delete_service("web")
-    assert store.list_vnodes() == []
-    with pytest.raises(NotFound):
-        store.mark_service_deleting("web")
+    with pytest.raises(WrongState, match="still has 2 virtual node"), store.transaction() as tx:
+        tx.delete_service(svc)
+    with store.transaction() as tx:
+        tx.delete_vnodes(svc.vnodes)
+        tx.delete_service(svc)
+    assert store.list_vnodes() == [] and store.list_services() == []
+
+
+def test_a_stale_update_is_a_conflict_and_writes_nothing(store):
+    svc = create(store, make_service())
+    v0, v1 = svc.vnodes
+    with store.transaction() as tx:                  # another writer moves web-0 on
+        tx.put_vnodes([dataclasses.replace(v0, phase=model.Phase.RUNNING)])
+    revision = store.revision()
+    with pytest.raises(Conflict, match="web-0.*changed since it was read"), store.transaction() as tx:
+        tx.put_vnodes([dataclasses.replace(v1, reason="first")])          # fine on its own
+        tx.put_vnodes([dataclasses.replace(v0, reason="based on an old read")])
+    assert store.revision() == revision
+    assert [(v.phase, v.reason) for v in store.list_vnodes()] == [(model.Phase.RUNNING, ""),
+                                                                  (model.Phase.PENDING, "")]
+    with pytest.raises(Conflict), store.transaction() as tx:
+        tx.delete_vnodes([v0])
+    with pytest.raises(Conflict, match="web-0.*already exists"), store.transaction() as tx:
+        # The service record did not change since svc was read, and one
+        # record may be written twice in a transaction from its read form ...
+        tx.put_service(dataclasses.replace(svc, deleting=True))
+        tx.put_service(dataclasses.replace(svc, deleting=True))
+        # ... but a new record under a name that is taken is refused, and
+        # with it the whole transaction.
+        tx.put_vnodes([plain(v0)])
+    assert not store.get_service("web").deleting
+
+
+def test_update_of_carries_the_revision_of_what_it_replaces(store):
+    add_node(store)
+    old = store.get_node("a")
+    fresh = node("a", state="LOST")
+    with pytest.raises(Conflict, match="node 'a' already exists"), store.transaction() as tx:
+        tx.put_node(fresh)
+    with store.transaction() as tx:
+        tx.put_node(update_of(old, fresh))
+    again = store.get_node("a")
+    assert again.state == "LOST" and again.revision == old.revision + 1
+    assert revision_of(fresh) == 0 and revision_of(again) == again.revision
+    with pytest.raises(Conflict, match="revision 2, the write was based on 1"), store.transaction() as tx:
+        tx.put_node(update_of(old, fresh))
+
+
+def test_a_transaction_that_raises_rolls_back_and_runs_no_after_commit(store):
+    ran = []
+    with pytest.raises(RuntimeError, match="boom"), store.transaction() as tx:
+        tx.create_service(make_service())
+        tx.after_commit(lambda: ran.append("rolled back"))
+        raise RuntimeError("boom")
+    assert store.list_services() == [] and store.revision() == 0 and ran == []
+
+    def after():
+        # Runs once committed and outside the transaction: another may open.
+        ran.append(store.get_service("web").revision)
+        with store.transaction() as tx2:
+            tx2.list_services()
+    with store.transaction() as tx:
+        tx.create_service(make_service())
+        tx.after_commit(after)
+        assert ran == []
+    assert ran == [1]
+
+
+def test_reads_outside_a_transaction_see_committed_state_only(store):
+    create(store, make_service())
+    written, release = threading.Event(), threading.Event()
+
+    def writer():
+        with store.transaction() as tx:
+            tx.put_vnodes([dataclasses.replace(v, phase=model.Phase.RUNNING) for v in tx.list_vnodes()])
+            assert {v.phase for v in tx.list_vnodes()} == {model.Phase.RUNNING}    # its own writes
+            written.set()
+            release.wait(5)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert written.wait(5)
+        # Not blocked by the open transaction, and blind to its writes.
+        assert {v.phase for v in store.get_service("web").vnodes} == {model.Phase.PENDING}
+    finally:
+        release.set()
+        t.join(5)
+    assert {v.phase for v in store.get_service("web").vnodes} == {model.Phase.RUNNING}
+
+
+def test_transactions_do_not_nest_and_end_with_their_block(store):
+    with store.transaction() as tx:
+        with pytest.raises(RuntimeError, match="does not nest"):
+            with store.transaction():
+                pass
+    with pytest.raises(RuntimeError, match="has ended"):
+        tx.list_services()
 
 
 def test_images_names_point_at_digests(store):
     d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
-    store.add_image(model.Image(digest=d1, size=10), name="base")
+    with store.transaction() as tx:
+        tx.put_image(model.Image(digest=d1, size=10), name="base")
     assert store.resolve_image("base").digest == d1
-    store.add_image(model.Image(digest=d2, size=10), name="base")
+    with store.transaction() as tx:
+        tx.put_image(model.Image(digest=d2, size=10), name="base")
     assert store.resolve_image("base").digest == d2
-    assert store.resolve_image(d1).names == ()
-    store.delete_image(d2)
+    first = store.resolve_image(d1)
+    assert first.names == () and first.revision == 2     # losing a name changes an image
+    with store.transaction() as tx:
+        tx.delete_image(store.resolve_image(d2))
     with pytest.raises(NotFound):
         store.resolve_image("base")
 
 
-
 def test_a_nodes_allocated_memory_counts_its_guests_hypervisor_overhead(store):
-    store.upsert_node(model.Node(name="a", address="127.0.0.1", capacity=model.Resources(2, 1024, 100, 1000),
-                                 hypervisors=("fake",), subnet="10.0.97.0/24", gateway="10.0.97.1",
-                                 limits=(model.DriverCapabilities("fake", 0, memory_overhead=24),)))
-    store.create_service(make_service(n=2))
-    node = store.get_node("a")
+    add_node(store, limits=(model.DriverCapabilities("fake", 0, memory_overhead=24),))
+    create(store, make_service(n=2))
+    got = store.get_node("a")
     guests = sum(r.memory for r in make_service(n=2).spec.resources)
-    assert node.allocated.memory == guests + 2 * 24
-    assert node.limit("fake").memory_overhead == 24          # kept across the store
+    assert got.allocated.memory == guests + 2 * 24
+    assert got.limit("fake").memory_overhead == 24          # kept across the store
+
+
+def _odd_spec():
+    """A spec today's validation refuses (8 MiB, an unknown policy), as if
+    accepted by an older, laxer Master."""
+    return model.ServiceSpec(
+        name="old", image="img", nodes=2, hypervisor="uml", port=8080, cpu_cap=True,
+        resources=(model.Resources(0.5, 8, 10, 64), model.Resources(1.0, 8, 10, 64)),
+        switch=model.SwitchSpec(listen="127.0.0.1:8080", policy="random",
+                                health=model.HealthCheck(kind="http", path="/x")),
+        on_demand=model.OnDemand(max_nodes=3, idle_seconds=60.0, resources=model.Resources(1.0, 8, 10, 64)),
+        template=model.Resources(1.0, 8, 10, 64))
+
+
+def test_stored_specs_are_decoded_not_validated_again(tmp_path, monkeypatch):
+    s = open_store(str(tmp_path))
+    with s.transaction() as tx:
+        tx.create_service(model.Service(spec=_odd_spec(), image_digest=DIGEST, created_at=1.0))
+    s.close()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stored spec was validated again")
+    monkeypatch.setattr(model, "parse_spec", refuse)
+    monkeypatch.setattr(model, "validate_spec", refuse)
+    s = open_store(str(tmp_path))
+    assert s.get_service("old").spec == _odd_spec()
+    assert s.list_service_specs() == [_odd_spec()]
+    s.close()
+
+
+def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
+    s = open_store(str(tmp_path))
+    create(s, model.Service(spec=_odd_spec(), image_digest=DIGEST, created_at=1.0))
+    s.close()
+    db = sqlite3.connect(str(tmp_path / "state.db"))
+    stored = json.loads(db.execute("SELECT spec FROM services").fetchone()[0])
+    del stored["cpu_cap"], stored["switch"]["drain_seconds"]
+    stored["retired_field"] = 1
+    db.execute("UPDATE services SET spec=?", (json.dumps(stored),))
+    db.commit()
+    db.close()
+    s = open_store(str(tmp_path))
+    got = s.get_service("old").spec
+    assert got.cpu_cap is False and got.switch.drain_seconds == model.SwitchSpec().drain_seconds
+    assert got.resources == _odd_spec().resources
+    s.close()
+
+
+def _as_version_3(path, specs):
+    """The file as a version 3 Master left it: no revisions, specs in their YAML form."""
+    db = sqlite3.connect(path)
+    for table in ("nodes", "images", "services", "vnodes"):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN revision")
+    db.execute("DELETE FROM meta WHERE key='revision'")
+    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    for spec in specs:
+        db.execute("UPDATE services SET spec=? WHERE name=?", (json.dumps(spec.as_dict()), spec.name))
+    db.commit()
+    db.close()
+
+
+def test_a_version_3_store_gets_revisions_and_keeps_its_specs(tmp_path):
+    assert SCHEMA_VERSION == 4
+    uneven = model.parse_spec({"name": "web", "image": "img", "nodes": 2,
+                               "resources": {"cpu": [0.5, 1.0], "memory": 64},
+                               "switch": {"listen": "127.0.0.1:8080", "health": {"path": "/up"}}})
+    resting = model.parse_spec({"name": "idle", "image": "img", "nodes": 0, "resources": {"cpu": 0.25},
+                                "on_demand": {"max_nodes": 2, "idle_seconds": 30}})
+    s = open_store(str(tmp_path))
+    add_node(s)
+    with s.transaction() as tx:
+        tx.put_image(model.Image(digest=DIGEST, size=10), name="img")
+        tx.create_service(model.Service(spec=uneven, image_digest=DIGEST, created_at=1.0,
+                                        vnodes=make_service(n=2).vnodes))
+        tx.create_service(model.Service(spec=resting, image_digest=DIGEST, created_at=1.0))
+        tx.create_service(model.Service(spec=_odd_spec(), image_digest=DIGEST, created_at=1.0))
+    s.close()
+    _as_version_3(str(tmp_path / "state.db"), [uneven, resting, _odd_spec()])
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == 4 and s.revision() == 1
+    assert [x.spec for x in s.list_services()] == [resting, _odd_spec(), uneven]
+    assert {revision_of(r) for r in [*s.list_services(), *s.list_vnodes(), *s.list_nodes(),
+                                     *s.list_images()]} == {1}
+    add_node(s, "b")
+    assert s.revision() == 2
+    s.close()

@@ -73,6 +73,24 @@ class _Retry:
     action: str = "start"        # what failed: "start", "stop" or "update"
 
 
+@dataclass
+class _Vnode:
+    """What this Agent knows of one virtual node beyond what its driver
+    finds. Kept in memory: an Agent restart starts it over."""
+    status: VirtualNodeStatus | None = None    # its phase as last reported
+    busy: bool = False                         # an action is in flight
+    retry: _Retry | None = None                # the last failure, until it recovers
+    running_since: float | None = None
+    # Resources whose limits are in force. None after a restart, so adopted
+    # guests get their limits applied again (the Daemon's apply is idempotent).
+    applied: Resources | None = None
+    limits_error: str = ""                     # why the last live change failed
+    # OOM kills of the guest's earlier lives, and its own kernel's count last
+    # read in this one: usage reports add them up.
+    oom_before: int = 0
+    oom_guest: int = 0
+
+
 class Reconciler:
     def __init__(self, drivers: Mapping[str, HypervisorDriver], reporter: Reporter, images: Images,
                  clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 8,
@@ -102,21 +120,7 @@ class Reconciler:
         # The condition's (re-entrant) lock guards every field below.
         self._cond = threading.Condition()
         self._desired: dict[str, VirtualNode] | None = None     # None: not heard yet
-        self._status: dict[str, VirtualNodeStatus] = {}
-        self._retry: dict[str, _Retry] = {}
-        self._running_since: dict[str, float] = {}
-        # Resources whose limits are in force per guest. Empty after a
-        # restart, so adopted guests get their limits applied again (the
-        # Daemon's apply is idempotent).
-        self._applied: dict[str, Resources] = {}
-        # Why the last live change of a guest's limits failed (until one works).
-        self._limits_error: dict[str, str] = {}
-        # OOM kills of each guest's earlier lives, and the guest kernel's own
-        # count last read in this one (usage reports add them up). Kept in
-        # memory: an Agent restart starts them over.
-        self._oom_before: dict[str, int] = {}
-        self._oom_guest: dict[str, int] = {}
-        self._busy: set[str] = set()
+        self._vnodes: dict[str, _Vnode] = {}
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._boots = ThreadPoolExecutor(max_parallel_boots, thread_name_prefix="soda-boot")
@@ -150,7 +154,17 @@ class Reconciler:
     def statuses(self) -> list[VirtualNodeStatus]:
         """Every virtual node this node knows of: the heartbeat's inventory."""
         with self._cond:
-            return [self._status[name] for name in sorted(self._status)]
+            return self._statuses()
+
+    def _statuses(self) -> list[VirtualNodeStatus]:
+        return [self._vnodes[name].status for name in sorted(self._vnodes)
+                if self._vnodes[name].status is not None]
+
+    def _vn(self, name: str) -> _Vnode:
+        return self._vnodes.setdefault(name, _Vnode())
+
+    def _busy(self) -> set[str]:
+        return {name for name, v in self._vnodes.items() if v.busy}
 
     def statuses_with_usage(self) -> list[VirtualNodeStatus]:
         """The inventory with what the Daemon measured for each guest that
@@ -158,7 +172,7 @@ class Reconciler:
         slow Daemon never holds up reconciling; a guest it cannot measure
         is reported without usage."""
         with self._cond:
-            statuses = [self._status[name] for name in sorted(self._status)]
+            statuses = self._statuses()
             drivers = {name: self._driver_for(v) for name, v in (self._desired or {}).items()}
         out = []
         for status in statuses:
@@ -180,23 +194,25 @@ class Reconciler:
         in the earlier ones this Agent saw end."""
         guest = self._drivers[driver_name].guest_oom_kills(name)
         with self._cond:
+            vnode = self._vn(name)
             if guest is None:
-                guest = self._oom_guest.get(name, 0)      # down now: what it last said
-            self._oom_guest[name] = guest
-            return self._oom_before.get(name, 0) + fence_kills + guest
+                guest = vnode.oom_guest      # down now: what it last said
+            vnode.oom_guest = guest
+            return vnode.oom_before + fence_kills + guest
 
     def _retire_oom_kills(self, name: str, driver_name: str) -> None:
         """Before a guest's fence goes and it boots again: keep the OOM
         kills of the life that ended, the fence's and the guest kernel's."""
         usage = self._plumbing.usage(name, driver_name)
         with self._cond:
-            ended = (usage.oom_kills if usage is not None else 0) + self._oom_guest.pop(name, 0)
-            if ended:
-                self._oom_before[name] = self._oom_before.get(name, 0) + ended
+            vnode = self._vn(name)
+            vnode.oom_before += (usage.oom_kills if usage is not None else 0) + vnode.oom_guest
+            vnode.oom_guest = 0
 
     def status(self, name: str) -> VirtualNodeStatus | None:
         with self._cond:
-            return self._status.get(name)
+            vnode = self._vnodes.get(name)
+            return vnode.status if vnode is not None else None
 
     # ---- running -----------------------------------------------------------
     def wake(self) -> None:
@@ -212,7 +228,7 @@ class Reconciler:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no start or stop is in flight (tests, shutdown)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._busy, timeout)
+            return self._cond.wait_for(lambda: not self._busy(), timeout)
 
     def close(self) -> None:
         """Stop acting; guests are left as they are. Boot workers stop
@@ -229,14 +245,14 @@ class Reconciler:
         with self._cond:
             # Taken before listing: an action that finishes while we list
             # would otherwise look like a missing guest and be started twice.
-            busy_before = set(self._busy)
+            busy_before = self._busy()
         found = self._list_guests()
         now = self._clock()
         with self._cond:
             if self._closing.is_set():
                 return
             desired = self._desired
-            skip = busy_before | self._busy
+            skip = busy_before | self._busy()
             guests, strays = self._resolve(found, desired)
             for name, driver_name, info in strays:
                 if name not in skip:
@@ -256,7 +272,7 @@ class Reconciler:
                 for name, want in desired.items():
                     if name not in guests and name not in skip:
                         self._missing(want, now)
-                for name in list(self._status):
+                for name in [n for n, v in self._vnodes.items() if v.status is not None]:
                     if name not in desired and name not in guests and name not in skip:
                         self._forget(name)
 
@@ -283,20 +299,21 @@ class Reconciler:
     def _observe(self, name: str, info: GuestInfo, want: VirtualNode | None, now: float) -> None:
         """A guest that exists and should (or, before the first snapshot, may)."""
         generation = want.generation if want else info.generation
-        current = self._status.get(name)
+        vnode = self._vn(name)
+        current = vnode.status
         if info.state == GUEST_RUNNING:
-            if want is not None and info.ready and self._applied.get(name) != want.resources \
-                    and name not in self._busy and not self._update_held(name, now):
+            if want is not None and info.ready and vnode.applied != want.resources \
+                    and not vnode.busy and not self._update_held(name, now):
                 self._submit_update(want, info)
             if current is not None and current.phase == Phase.RUNNING:
-                since = self._running_since.get(name, now)
-                if name in self._retry and now - since >= self._backoff_reset:
-                    del self._retry[name]
-                self._record(name, Phase.RUNNING, self._limits_error.get(name, ""), generation)
+                since = vnode.running_since if vnode.running_since is not None else now
+                if vnode.retry is not None and now - since >= self._backoff_reset:
+                    vnode.retry = None
+                self._record(name, Phase.RUNNING, vnode.limits_error, generation)
             elif info.ready:
                 # Adopted (or finished booting while nobody watched).
-                self._running_since[name] = now
-                self._record(name, Phase.RUNNING, self._limits_error.get(name, ""), generation)
+                vnode.running_since = now
+                self._record(name, Phase.RUNNING, vnode.limits_error, generation)
             else:
                 self._record(name, Phase.BOOTING, "", generation)
             return
@@ -311,7 +328,7 @@ class Reconciler:
     def _missing(self, want: VirtualNode, now: float) -> None:
         """A desired virtual node with no guest."""
         name = want.name
-        current = self._status.get(name)
+        current = self._vn(name).status
         if want.deleting:
             self._record(name, Phase.STOPPED, "", want.generation)
         elif self._driver_for(want) is None:
@@ -327,11 +344,11 @@ class Reconciler:
 
     # ---- actions -------------------------------------------------------------
     def _submit_start(self, want: VirtualNode) -> None:
-        self._busy.add(want.name)
+        self._vn(want.name).busy = True
         self._track(want.name, "start", want.generation, self._boots.submit(self._start, want))
 
     def _submit_update(self, want: VirtualNode, info: GuestInfo) -> None:
-        self._busy.add(want.name)
+        self._vn(want.name).busy = True
         future = self._stops.submit(self._update_limits, want)
         future.add_done_callback(lambda f: self._updated(want, f))
 
@@ -352,7 +369,7 @@ class Reconciler:
         self._done(want.name, "update", want.generation, future)
 
     def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
-        self._busy.add(name)
+        self._vn(name).busy = True
         self._track(name, "stop", generation, self._stops.submit(self._stop, name, driver_name, generation))
 
     def _track(self, name: str, action: str, generation: int, future: Future) -> None:
@@ -366,7 +383,8 @@ class Reconciler:
             # foresaw. It is this virtual node's problem only.
             log.error("%s of virtual node %s failed unexpectedly", action, name, exc_info=exc)
         with self._cond:
-            self._busy.discard(name)
+            if name in self._vnodes:
+                self._vnodes[name].busy = False
             if exc is not None:
                 self._action_failed(name, action, f"unexpected error: {exc!r}", generation)
             self._cond.notify_all()
@@ -377,10 +395,11 @@ class Reconciler:
         A failed limit change leaves the guest running on its old limits."""
         if action == "update":
             delay = self._schedule_retry(name, action, self._clock())
-            self._limits_error[name] = f"new limits not applied yet: {why} (retry in {delay:g}s)"
-            current = self._status.get(name)
+            vnode = self._vn(name)
+            vnode.limits_error = f"new limits not applied yet: {why} (retry in {delay:g}s)"
+            current = vnode.status
             if current is not None and current.phase == Phase.RUNNING:
-                self._record(name, Phase.RUNNING, self._limits_error[name], current.generation)
+                self._record(name, Phase.RUNNING, vnode.limits_error, current.generation)
         else:
             self._failed(name, f"{action} failed: {why}", generation, self._clock(), action)
 
@@ -410,8 +429,8 @@ class Reconciler:
                 self._plumbing.release(name, driver_name)
             extras = self._plumbing.prepare(want, driver_name)
             with self._cond:
-                self._applied[name] = want.resources
-                self._limits_error.pop(name, None)
+                vnode = self._vn(name)
+                vnode.applied, vnode.limits_error = want.resources, ""
             driver.start(self._guest_spec(want, path, driver_name, **extras))
         except (SodaError, OSError) as exc:
             self._release(name, driver_name)
@@ -435,7 +454,7 @@ class Reconciler:
             return
         with self._cond:
             now = self._clock()
-            self._running_since[name] = now
+            self._vn(name).running_since = now
             self._record(name, Phase.RUNNING, "", generation, boot_seconds=now - began)
         log.info("virtual node %s running (booted in %.2fs)", name, now - began)
 
@@ -455,7 +474,7 @@ class Reconciler:
         driver = self._drivers[driver_name]
         memory = want.resources.memory
         with self._cond:
-            old = self._applied.get(name)
+            old = self._vn(name).applied
         # After an Agent restart nothing is known to be applied; the
         # driver's set_memory takes a target, so asking again is harmless.
         change_memory = (old.memory != memory if old is not None
@@ -481,10 +500,10 @@ class Reconciler:
             self._set(name, Phase.BOOTING, why, want.generation)
             return BOOT_AGAIN
         with self._cond:
-            self._applied[name] = want.resources
-            self._limits_error.pop(name, None)
-            if name in self._retry and self._retry[name].action == "update":
-                del self._retry[name]
+            vnode = self._vn(name)
+            vnode.applied, vnode.limits_error = want.resources, ""
+            if vnode.retry is not None and vnode.retry.action == "update":
+                vnode.retry = None
         log.info("limits of %s now %s", name, want.resources.as_dict())
 
     def _stop(self, name: str, driver_name: str, generation: int) -> None:
@@ -522,12 +541,12 @@ class Reconciler:
 
     def _update_held(self, name: str, now: float) -> bool:
         """A limit change that failed is not tried again before its backoff."""
-        retry = self._retry.get(name)
+        retry = self._vn(name).retry
         return retry is not None and retry.action == "update" and now < retry.retry_at
 
     def _waiting_for_retry(self, name: str, now: float, action: str) -> bool:
-        retry = self._retry.get(name)
-        current = self._status.get(name)
+        retry = self._vn(name).retry
+        current = self._vn(name).status
         return (retry is not None and retry.action == action and now < retry.retry_at
                 and current is not None and current.phase == Phase.FAILED)
 
@@ -550,7 +569,7 @@ class Reconciler:
     def _record(self, name: str, phase: Phase, reason: str, generation: int,
                 boot_seconds: float | None = None) -> None:
         """Store a status and report it if it changed."""
-        old = self._status.get(name)
+        old = self._vn(name).status
         if boot_seconds is None:
             keep = old is not None and old.phase == phase == Phase.RUNNING
             boot_seconds = old.boot_seconds if keep else 0.0
@@ -558,13 +577,16 @@ class Reconciler:
                                 boot_seconds=boot_seconds, generation=generation)
         if new == old:
             return
-        self._status[name] = new
+        self._vn(name).status = new
         if phase == Phase.FAILED:
             log.warning("virtual node %s failed: %s", name, reason)
         self._reporter.report([new])
 
     def _schedule_retry(self, name: str, action: str, now: float) -> float:
-        retry = self._retry.setdefault(name, _Retry())
+        vnode = self._vn(name)
+        if vnode.retry is None:
+            vnode.retry = _Retry()
+        retry = vnode.retry
         retry.failures += 1
         retry.action = action
         delay = min(self._backoff_max, self._backoff * 2 ** (retry.failures - 1))
@@ -574,17 +596,11 @@ class Reconciler:
     def _failed(self, name: str, reason: str, generation: int, now: float,
                 action: str = "start") -> None:
         delay = self._schedule_retry(name, action, now)
-        self._running_since.pop(name, None)
+        self._vn(name).running_since = None
         self._record(name, Phase.FAILED, f"{reason} (retry in {delay:g}s)", generation)
 
     def _forget(self, name: str) -> None:
-        self._applied.pop(name, None)
-        self._limits_error.pop(name, None)
-        self._oom_before.pop(name, None)
-        self._oom_guest.pop(name, None)
-        self._status.pop(name, None)
-        self._retry.pop(name, None)
-        self._running_since.pop(name, None)
+        self._vnodes.pop(name, None)
 
     def _set(self, name: str, phase: Phase, reason: str, generation: int) -> None:
         with self._cond:

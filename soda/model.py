@@ -277,6 +277,7 @@ class Node:
     hypervisors: tuple[str, ...]
     subnet: str = ""
     gateway: str = ""
+    uplink: str = ""              # host end of its uplink (the Master's IPAM decides all three)
     state: str = "READY"          # READY | LOST
     allocated: Resources = Resources()
     vnodes: int = 0

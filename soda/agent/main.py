@@ -26,7 +26,7 @@ from soda.agent.reconciler import Reconciler
 from soda.config import AgentConfig, load, with_overrides
 from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
-from soda.model import NODE_NAME_MAX, DriverCapabilities, check_dns_label
+from soda.model import NODE_NAME_MAX, DriverCapabilities, Node, check_dns_label
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
 from soda.service import forbid_fork, sd_notify, setup_logging, stop_event_on_signals
@@ -150,6 +150,15 @@ def build_network(config: AgentConfig, drivers: Drivers) -> NodeNetwork | None:
     return NodeNetwork(netns=config.netns, bridge=config.bridge)
 
 
+def configure_network(network: NodeNetwork, node: Node) -> None:
+    """Set the node's network up with the addresses the Master handed it."""
+    if not (node.subnet and node.gateway and node.uplink):
+        raise SodaError(f"the Master handed node {node.name} no complete set of addresses "
+                        f"(subnet {node.subnet or '-'}, gateway {node.gateway or '-'}, "
+                        f"uplink {node.uplink or '-'})")
+    network.configure_node(node.subnet, node.gateway, node.uplink)
+
+
 def build_plumbing(config: AgentConfig, network: NodeNetwork | None,
                    capabilities: dict[str, DriverCapabilities]) -> GuestPlumbing:
     if network is None:
@@ -174,7 +183,7 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
                             max_parallel_boots=config.max_parallel_boots,
                             interval=config.reconcile_seconds,
                             plumbing=build_plumbing(config, network, drivers.capabilities))
-    on_registered = (lambda node: network.configure(node.subnet, node.gateway)) if network else None
+    on_registered = (lambda node: configure_network(network, node)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,
                  config.hypervisors, stop=stop, on_registered=on_registered,
                  limits=tuple(drivers.capabilities.values()),

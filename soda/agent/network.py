@@ -1,6 +1,15 @@
-"""Guest networking of one physical node: the bridge, the TAPs, the uplink.
+"""Guest networking of one physical node: the backend interface, and its
+bridge + TAP implementation.
 
-Owns, through pyroute2 (never shell strings):
+`NetworkBackend` is what the Agent asks of any way of networking guests
+(after os-vif's plugins): `describe()` it, `configure_node()` with the
+addresses the Master's IPAM handed this node, `plug()` a virtual node in
+before its guest boots (returning what its driver needs: the TAP, the
+namespace) and `unplug()` it after. Address decisions are not made here:
+the node's subnet, gateway and uplink address come from the Master.
+
+`NodeNetwork`, the bridge + TAP backend, owns through pyroute2 (never shell
+strings):
 - the node bridge (`soda0` by default) holding the node's gateway address
   from the subnet the Master handed out;
 - one TAP per virtual node, attached to the bridge, named deterministically
@@ -27,6 +36,7 @@ asked, in a process whose gRPC threads are live.
 
 from __future__ import annotations
 
+import abc
 import errno
 import hashlib
 import ipaddress
@@ -64,17 +74,33 @@ def bridge_mac(gateway: str) -> str:
     return "02:51:" + ":".join(f"{int(octet):02x}" for octet in gateway.split("."))
 
 
-def uplink_address(subnet: str) -> str:
-    """The host end of a namespaced node's uplink: the subnet's last host
-    address (the Master never hands it to a guest)."""
-    return str(list(ipaddress.ip_network(subnet).hosts())[-1])
-
-
 class NetworkError(SodaError):
     """Node networking could not be set up or torn down."""
 
 
-class NodeNetwork:
+class NetworkBackend(abc.ABC):
+    """How the guests of one physical node are networked."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, str]:
+        """What this backend is and where its parts are (for logs and status)."""
+
+    @abc.abstractmethod
+    def configure_node(self, subnet: str, gateway: str, uplink: str) -> None:
+        """Set the node up for the addresses the Master handed it; idempotent,
+        run after every registration."""
+
+    @abc.abstractmethod
+    def plug(self, vnode: str, address: str, mac: str) -> dict[str, str]:
+        """Give the virtual node its network before its guest boots;
+        idempotent. Returns the GuestSpec fields its driver needs."""
+
+    @abc.abstractmethod
+    def unplug(self, vnode: str) -> None:
+        """Take the virtual node's network away; nothing to remove is fine."""
+
+
+class NodeNetwork(NetworkBackend):
     def __init__(self, netns: str = "", bridge: str = "soda0"):
         self.netns = netns
         self.bridge = bridge
@@ -128,13 +154,17 @@ class NodeNetwork:
                 raise
 
     # ---- the node ------------------------------------------------------
-    def configure(self, subnet: str, gateway: str) -> None:
-        """Bridge with the gateway address (and the uplink when namespaced).
-        Idempotent: run after every registration."""
+    def describe(self) -> dict[str, str]:
+        return {"kind": "bridge", "bridge": self.bridge, "netns": self.netns,
+                "uplink": self.uplink_host}
+
+    def configure_node(self, subnet: str, gateway: str, uplink: str) -> None:
+        """Bridge with the gateway address (and, when namespaced, the uplink
+        whose host end holds `uplink`)."""
         try:
             index = self.node.run(self._configure_bridge, subnet, gateway)
             if self.netns:
-                self._configure_uplink(subnet, index)
+                self._configure_uplink(subnet, uplink, index)
         except NetlinkError as exc:
             raise NetworkError(f"cannot set up bridge {self.bridge}: {os.strerror(exc.code)}") from None
 
@@ -151,7 +181,7 @@ class NodeNetwork:
         ipr.link("set", index=index, address=bridge_mac(gateway), state="up")
         return index
 
-    def _configure_uplink(self, subnet: str, bridge_index: int) -> None:
+    def _configure_uplink(self, subnet: str, uplink: str, bridge_index: int) -> None:
         def host_end(ipr: IPRoute) -> None:
             if self._index(ipr, self.uplink_host) is None:
                 ipr.link("add", ifname=self.uplink_host, kind="veth",
@@ -162,7 +192,7 @@ class NodeNetwork:
 
         def host_address(ipr: IPRoute) -> None:
             index = self._index(ipr, self.uplink_host)
-            self._ensure_addr(ipr, index, uplink_address(subnet), ipaddress.ip_network(subnet).prefixlen)
+            self._ensure_addr(ipr, index, uplink, ipaddress.ip_network(subnet).prefixlen)
             ipr.link("set", index=index, state="up")
 
         self.host.run(host_end)
@@ -187,10 +217,10 @@ class NodeNetwork:
             pr_netns.remove(self.netns)
 
     # ---- guests --------------------------------------------------------
-    def plug(self, vnode: str, address: str, mac: str) -> str:
+    def plug(self, vnode: str, address: str, mac: str) -> dict[str, str]:
         """The virtual node's TAP, on the bridge and up (created if missing),
         and the neighbour entries that make `address` reachable at `mac` at
-        once. Idempotent. Returns the TAP's name."""
+        once."""
         name = tap_name(vnode)
         try:
             self.node.run(self._plug, name, vnode, address, mac)
@@ -198,7 +228,7 @@ class NodeNetwork:
                 self.host.run(self._set_neighbour, self.uplink_host, address, mac)
         except NetlinkError as exc:
             raise NetworkError(f"cannot plug {vnode} in (TAP {name}): {os.strerror(exc.code)}") from None
-        return name
+        return {"tap": name, "netns": self.netns}
 
     def _plug(self, ipr: IPRoute, name: str, vnode: str, address: str, mac: str) -> None:
         index = self._index(ipr, name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Mapping, Protocol
 
-from soda.agent.network import NodeNetwork, tap_name
+from soda.agent.network import NetworkBackend
 from soda.errors import NotFound, SodaError
 from soda.hypervisors.base import guest_mac
 from soda.model import DriverCapabilities, Usage, VirtualNode
@@ -49,7 +49,7 @@ class GuestPlumbing:
 
 
 class NodePlumbing(GuestPlumbing):
-    def __init__(self, network: NodeNetwork, daemon: Daemon | None,
+    def __init__(self, network: NetworkBackend, daemon: Daemon | None,
                  drivers: Mapping[str, DriverCapabilities]):
         self.network = network
         self.daemon = daemon
@@ -68,19 +68,23 @@ class NodePlumbing(GuestPlumbing):
         if not self._plumbed(hypervisor):
             return {}
         try:
-            tap = self.network.plug(want.name, want.address, guest_mac(want.address))
-            cgroups = (self._fence(want, hypervisor, tap).cgroups
+            plugged = self._plug(want)
+            cgroups = (self._fence(want, hypervisor, plugged["tap"]).cgroups
                        if self.daemon is not None else ())
         except SodaError:
             self.release(want.name, hypervisor)
             raise
-        return {"tap": tap, "netns": self.network.netns, "cgroups": tuple(cgroups)}
+        return {**plugged, "cgroups": tuple(cgroups)}
 
     def update(self, want: VirtualNode, hypervisor: str) -> None:
         # ApplyLimits is idempotent and changes cgroup values and HTB rates
-        # in place: the guest keeps running.
+        # in place: the guest keeps running. Plugging in again is idempotent
+        # too, and says which TAP the limits shape.
         if self._plumbed(hypervisor) and self.daemon is not None:
-            self._fence(want, hypervisor, tap_name(want.name))
+            self._fence(want, hypervisor, self._plug(want)["tap"])
+
+    def _plug(self, want: VirtualNode) -> dict[str, str]:
+        return self.network.plug(want.name, want.address, guest_mac(want.address))
 
     def _fence(self, want: VirtualNode, hypervisor: str, tap: str):
         return self.daemon.apply_limits(want.name, want.resources, hypervisor, tap,

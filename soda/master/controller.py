@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 from soda import model
 from soda.config import MasterConfig
 from soda.errors import AlreadyExists, Conflict, InvalidSpec, NoCapacity, NotFound, WrongState
-from soda.master import scheduler
+from soda.master import ipam, scheduler
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
 from soda.master.store import StateReader, StateStore, Transaction, update_of
@@ -147,18 +147,12 @@ class Controller:
         for target in targets:
             if target not in taken:
                 taken[target] = {v.address for v in tx.list_vnodes(node=target)}
-                taken[target].add(nodes[target].gateway)
-            network = ipaddress.ip_network(nodes[target].subnet)
-            hosts = list(network.hosts())
-            # The last address belongs to the node's uplink (see soda.agent.network).
-            for host in hosts[:-1]:
-                if str(host) not in taken[target]:
-                    taken[target].add(str(host))
-                    out.append(str(host))
-                    break
-            else:
-                raise NoCapacity(f"physical node {target} has no free guest address left in "
-                                 f"{network}", resource="addresses")
+            try:
+                address = ipam.allocate_guest(nodes[target].subnet, taken[target])
+            except NoCapacity as exc:
+                raise NoCapacity(f"physical node {target}: {exc}", resource=exc.resource) from None
+            taken[target].add(address)
+            out.append(address)
         return out
 
     def get_service(self, name: str) -> model.Service:
@@ -397,7 +391,9 @@ class Controller:
                 subnet, gateway = old.subnet, old.gateway
             except NotFound:
                 old = None
-                subnet, gateway = self._allocate_subnet(tx)
+                given = ipam.allocate_subnet(self.config.cluster_cidr, self.config.node_prefix,
+                                             (n.subnet for n in tx.list_nodes()))
+                subnet, gateway = given.subnet, given.gateway
             node = model.Node(name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
                               subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits),
                               assumed=tuple(sorted(set(assumed))))
@@ -408,7 +404,7 @@ class Controller:
 
         subnet = self._unit_of_work(work)
         log.info("node %s registered from %s (subnet %s)", name, address, subnet)
-        return self.store.get_node(name)
+        return _addressed(self.store.get_node(name))
 
     def _seen(self, node: str) -> None:
         """A node was heard from. Noted as it is heard, before the commit of
@@ -416,14 +412,6 @@ class Controller:
         silent to a membership pass that reads it next."""
         with self._lock:
             self._last_seen[node] = self.monotonic()
-
-    def _allocate_subnet(self, tx: StateReader) -> tuple[str, str]:
-        used = {n.subnet for n in tx.list_nodes()}
-        cluster = ipaddress.ip_network(self.config.cluster_cidr)
-        for subnet in cluster.subnets(new_prefix=self.config.node_prefix):
-            if str(subnet) not in used:
-                return str(subnet), str(next(subnet.hosts()))
-        raise NoCapacity(f"no free /{self.config.node_prefix} subnet left in {cluster}", resource="subnets")
 
     def list_nodes(self) -> list[model.Node]:
         now, wall = self.monotonic(), self.clock()
@@ -438,7 +426,7 @@ class Controller:
         for n in self.store.list_nodes():
             if n.name in last_seen:
                 n = replace(n, last_heartbeat=wall - (now - last_seen[n.name]))
-            out.append(replace(n, usage=model.Usage.total(by_node.get(n.name, ()))))
+            out.append(replace(_addressed(n), usage=model.Usage.total(by_node.get(n.name, ()))))
         return out
 
     def report_status(self, node: str, statuses: Sequence[model.VirtualNodeStatus],
@@ -631,6 +619,11 @@ def _on_demand(service: model.Service, action: str) -> model.OnDemand:
     if service.deleting:
         raise WrongState(f"service {service.name!r} is being deleted")
     return service.spec.on_demand
+
+
+def _addressed(node: model.Node) -> model.Node:
+    """The node with every address IPAM gives it (the uplink is derived)."""
+    return replace(node, uplink=ipam.node_addresses(node.subnet).uplink) if node.subnet else node
 
 
 def _template(spec: model.ServiceSpec) -> model.Resources:

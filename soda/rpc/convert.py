@@ -146,7 +146,7 @@ def limits_from_pb(limits) -> tuple[model.DriverCapabilities, ...]:
 def node_to_pb(n: model.Node) -> pb.Node:
     return pb.Node(name=n.name, address=n.address, capacity=resources_to_pb(n.capacity),
                    allocated=resources_to_pb(n.allocated), hypervisors=list(n.hypervisors),
-                   subnet=n.subnet, gateway=n.gateway, state=n.state, vnodes=n.vnodes,
+                   subnet=n.subnet, gateway=n.gateway, uplink=n.uplink, state=n.state, vnodes=n.vnodes,
                    last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage),
                    limits=limits_to_pb(n.limits), assumed=list(n.assumed))
 
@@ -154,7 +154,7 @@ def node_to_pb(n: model.Node) -> pb.Node:
 def node_from_pb(m: pb.Node) -> model.Node:
     return model.Node(name=m.name, address=m.address, capacity=resources_from_pb(m.capacity),
                       allocated=resources_from_pb(m.allocated), hypervisors=tuple(m.hypervisors),
-                      subnet=m.subnet, gateway=m.gateway, state=m.state, vnodes=m.vnodes,
+                      subnet=m.subnet, gateway=m.gateway, uplink=m.uplink, state=m.state, vnodes=m.vnodes,
                       last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m),
                       limits=limits_from_pb(m.limits), assumed=tuple(m.assumed))
 

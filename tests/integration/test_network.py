@@ -11,7 +11,7 @@ pytestmark = pytest.mark.root
 if os.geteuid() != 0:
     pytest.skip("node networking needs root (netns, bridges, TAPs)", allow_module_level=True)
 
-from soda.agent.network import NodeNetwork, tap_name, uplink_address  # noqa: E402
+from soda.agent.network import NodeNetwork, tap_name  # noqa: E402
 from soda.hypervisors.base import guest_mac  # noqa: E402
 from soda.service import forbid_fork  # noqa: E402
 
@@ -48,20 +48,20 @@ def net():
 
 def test_bridge_uplink_and_taps(net):
     subnet, gateway = "10.233.7.0/24", "10.233.7.1"
-    net.configure(subnet, gateway)
-    net.configure(subnet, gateway)                     # idempotent
+    net.configure_node(subnet, gateway, "10.233.7.254")
+    net.configure_node(subnet, gateway, "10.233.7.254")            # idempotent
     inside = links(net.netns)
     assert "soda0" in inside and "UP" in inside["soda0"]["flags"]
     assert addrs(net.netns, "soda0") == {("10.233.7.1", 24)}
     assert inside["soda0"]["address"] == "02:51:0a:e9:07:01"
     assert inside["uplink0"]["master"] == "soda0"
-    assert addrs(None, net.uplink_host) == {(uplink_address(subnet), 24)}
-    assert uplink_address(subnet) == "10.233.7.254"
+    assert addrs(None, net.uplink_host) == {("10.233.7.254", 24)}
 
     mac = guest_mac("10.233.7.2")
-    tap = net.plug("web-0", "10.233.7.2", mac)
-    assert tap == tap_name("web-0") and len(tap) <= 15
-    assert net.plug("web-0", "10.233.7.2", mac) == tap        # idempotent
+    plugged = net.plug("web-0", "10.233.7.2", mac)
+    tap = plugged["tap"]
+    assert plugged == {"tap": tap_name("web-0"), "netns": net.netns} and len(tap) <= 15
+    assert net.plug("web-0", "10.233.7.2", mac) == plugged       # idempotent
     inside = links(net.netns)
     assert inside[tap]["master"] == "soda0"
     assert tap not in links(None)                        # stays in the namespace
@@ -90,7 +90,7 @@ def test_plugging_from_fresh_threads_never_forks_with_grpc_alive(net):
     from concurrent.futures import ThreadPoolExecutor
     from grpc_health.v1 import health, health_pb2_grpc
 
-    net.configure("10.233.8.0/24", "10.233.8.1")
+    net.configure_node("10.233.8.0/24", "10.233.8.1", "10.233.8.254")
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     server.add_insecure_port("127.0.0.1:0")

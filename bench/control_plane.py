@@ -19,6 +19,7 @@ process, as in production.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -94,6 +95,8 @@ def main() -> int:
     p.add_argument("--services", type=int, default=20)
     p.add_argument("--agents-per-process", type=int, default=10)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--json", action="store_true",
+                   help="print the figures as one JSON object on the last line")
     args = p.parse_args()
     per_service = args.vnodes // args.services
 
@@ -187,6 +190,16 @@ def main() -> int:
         print(f"  CPU used over {wall:.1f} s      Master {master_cpu:.1f} s, all Agents {agents_cpu:.1f} s "
               f"(this machine has {os.cpu_count()} cores)")
         print(f"  Master peak RSS             {rss_peak:8.1f} MiB (idle with {args.agents} agents: {rss_idle:.1f} MiB)")
+        if args.json:
+            print(json.dumps({
+                "agents": args.agents, "vnodes": total, "services": args.services,
+                "register_s": round(register_s, 3), "create_calls_s": round(t_created, 3),
+                "create_median_ms": round(statistics.median(create_latencies) * 1000, 1),
+                "running_50_s": round(milestones[0.5], 3), "running_90_s": round(milestones[0.9], 3),
+                "running_100_s": round(t_all, 3), "running_per_s": round(total / t_all, 1),
+                "delete_s": round(delete_s, 3), "master_cpu_s": round(master_cpu, 2),
+                "agents_cpu_s": round(agents_cpu, 2), "master_peak_rss_mib": round(rss_peak, 1),
+                "master_idle_rss_mib": round(rss_idle, 1)}))
         client.close()
         return 0
     finally:

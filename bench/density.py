@@ -24,6 +24,7 @@ at the end, also on failure; it signals only pids its Agent recorded.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -87,6 +88,8 @@ def main() -> int:
     p.add_argument("--memory", type=int, default=32, help="guest memory, MiB")
     p.add_argument("--window", type=float, default=10.0, help="idle CPU window, seconds")
     p.add_argument("--settle", type=float, default=3.0, help="idle time before measuring, seconds")
+    p.add_argument("--json", action="store_true",
+                   help="print the figures as one JSON object on the last line")
     args = p.parse_args()
     counts = [int(x) for x in args.counts.split(",") if x.strip()]
     if os.geteuid() != 0:
@@ -113,6 +116,10 @@ def main() -> int:
             print(f"  {r['n']:4d} {r['ready']:7.2f}s {r['boot_median']:8.2f}s {r['boot_max']:8.2f}s "
                   f"{r['mem_median']:10.1f} {r['mem_max']:7.1f} {r['mem_total']:10.0f} "
                   f"{r['cpu_median']:12.3f} {r['cpu_total']:12.2f}")
+        if args.json:
+            print(json.dumps({"kernel": kernel.kind, "memory_mib": args.memory,
+                              "counts": [{k: (round(v, 4) if isinstance(v, float) else v)
+                                          for k, v in r.items()} for r in rows]}))
         return 0
     finally:
         cluster.close()

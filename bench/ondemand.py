@@ -152,6 +152,14 @@ def run(args: argparse.Namespace, work: str) -> None:
         if shared:
             print(f"warning: in {shared} run(s) another cluster on this host routed {subnet} too: "
                   "those figures may include its traffic or lost packets")
+        if args.json:
+            def ms(values):
+                return {"median_ms": round(statistics.median(values) * 1000, 1),
+                        "min_ms": round(min(values) * 1000, 1), "max_ms": round(max(values) * 1000, 1),
+                        "n": len(values)} if values else None
+            print(json.dumps({"first_request": ms(cold), "warm_request": ms(warm),
+                              "burst_each": ms(burst_all), "burst_slowest": ms(burst_max),
+                              "failed_first_requests": len(failed), "shared_route_runs": shared}))
 
 
 def main() -> int:
@@ -163,6 +171,8 @@ def main() -> int:
     p.add_argument("--idle-seconds", type=float, default=1.0)
     p.add_argument("--memory", type=int, default=32, help="MiB of each guest")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (path on stderr)")
+    p.add_argument("--json", action="store_true",
+                   help="print the figures as one JSON object on the last line")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench/ondemand.py needs root (network namespace, TAPs, cgroups)", file=sys.stderr)

@@ -363,7 +363,7 @@ class Bench:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def report(client: str, results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+def report(client: str, results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     """Medians over the rounds. "vs direct" is the median of each round's
     ratio to that round's direct run (next to it in time, so a burst of load
     from elsewhere on the machine moves both)."""
@@ -391,6 +391,8 @@ def report(client: str, results: dict[str, list[dict]], args: argparse.Namespace
              ("kernel ahead of haproxy", ratio["kernel"] > ratio["haproxy"]),
              ("userspace >= 0.6 of direct", ratio["userspace"] >= 0.6)]
     print("goals: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in goals))
+    return {p: {"rps": round(med[p]["rps"]), "p50_ms": round(med[p]["p50"], 3),
+                "p99_ms": round(med[p]["p99"], 3), "vs_direct": round(ratio[p], 3)} for p in PATHS}
 
 
 def main() -> int:
@@ -403,6 +405,8 @@ def main() -> int:
     p.add_argument("--no-masquerade-all", dest="masquerade_all", action="store_false",
                    help="the Switch's nft_masquerade_all: false (the backends route back through the Switch "
                         "host here, so remote clients need no masquerade)")
+    p.add_argument("--json", action="store_true",
+                   help="print the figures as one JSON object on the last line")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/switch.py needs root (network namespace, nftables)")
@@ -420,8 +424,11 @@ def main() -> int:
     finally:
         bench.close()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end")
+    figures = {}
     for client in CLIENTS:
-        report(client, results[client], args)
+        figures[client] = report(client, results[client], args)
+    if args.json:
+        print(json.dumps(figures))
     return 0
 
 

@@ -23,20 +23,13 @@ from soda.master.controller import Controller
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
 from soda.master.store import open_store
+from tests.fakes import FakeClock
 
 CAP = model.Resources(2, 4096, 1000, 100_000)
 LOST_SECONDS = 10
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def controller(state_dir: str, clock: Clock, on_step=None) -> Controller:
+def controller(state_dir: str, clock: FakeClock, on_step=None) -> Controller:
     store = open_store(state_dir, on_step=on_step)
     return Controller(store, ImageStore(os.path.join(state_dir, "images"), store), Notifier(),
                       MasterConfig(node_lost_seconds=LOST_SECONDS), clock=clock, monotonic=clock)
@@ -61,7 +54,7 @@ def dump(store) -> dict:
 # each, one of each on every node; web RUNNING, api BOOTING.
 
 def prepare(state_dir: str, image_path: str, digest: str) -> None:
-    ctl = controller(state_dir, Clock())
+    ctl = controller(state_dir, FakeClock())
     with open(image_path, "rb") as f:
         ctl.push_image("busybox", os.path.getsize(image_path), digest, "", iter(lambda: f.read(1 << 20), b""))
     for name in ("a", "b", "c"):
@@ -79,7 +72,7 @@ def prepare(state_dir: str, image_path: str, digest: str) -> None:
 # Each brings the prepared state to where its mutation starts (as a
 # restarted Master, with a fresh Controller) and returns the mutation.
 
-def lose_c(ctl: Controller, clock: Clock) -> None:
+def lose_c(ctl: Controller, clock: FakeClock) -> None:
     """c falls silent: past the grace period only a and b report."""
     clock.now += LOST_SECONDS + 1
     for node in ("a", "b"):
@@ -135,7 +128,7 @@ def run(state_dir: str, scenario: str, kill_at: int, told: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             steps.append(what)
 
-    clock = Clock(2000.0)
+    clock = FakeClock(2000.0)
     ctl = controller(state_dir, clock, on_step)
     mutate = SCENARIOS[scenario](ctl, clock)
     before = dump(ctl.store)

@@ -9,16 +9,9 @@ from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
 from soda.master.store import open_store
 from tests.support import make_ext4_image
+from tests.fakes import FakeClock
 
 CAP = model.Resources(2, 4096, 1000, 100_000)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def make_controller(state_dir, clock):
@@ -29,7 +22,7 @@ def make_controller(state_dir, clock):
 
 @pytest.fixture
 def setup(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     ctl = make_controller(str(tmp_path / "m"), clock)
     path = make_ext4_image(str(tmp_path / "img"))
     from soda.rpc.client import sha256_file

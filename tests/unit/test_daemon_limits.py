@@ -14,6 +14,7 @@ from soda.daemon.tc import Shaper, Shaping, TrafficCounters, ifb_name
 from soda.model import Resources
 
 from tests.unit.test_daemon_cgroups import make_v1_tree
+from tests.fakes import FakeClock
 
 
 class FakeShaper(Shaper):
@@ -83,21 +84,10 @@ class FakeKernelCgroups(CgroupV1):
         return True
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.now += seconds
-
-
 def make_manager(tmp_path, **cfg):
     cgroups = FakeKernelCgroups(tmp_path / "cg")
     shaper = FakeShaper()
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     manager = LimitManager(cgroups, shaper, DaemonConfig(**cfg), clock=clock, sleep=clock.sleep)
     return manager, cgroups, shaper
 

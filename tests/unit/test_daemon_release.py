@@ -11,7 +11,8 @@ from soda.daemon.limits import LimitManager
 from soda.model import Resources
 
 from tests.unit.test_daemon_cgroups import make_v2_tree
-from tests.unit.test_daemon_limits import FakeClock, FakeShaper
+from tests.fakes import FakeClock
+from tests.unit.test_daemon_limits import FakeShaper
 
 WEB = Resources(cpu=0.5, memory=64, bandwidth=10, disk=256)
 
@@ -51,7 +52,7 @@ class FakeKernelV2(CgroupV2):
 
 
 def manager(backend):
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     return LimitManager(backend, FakeShaper(), DaemonConfig(), clock=clock, sleep=clock.sleep)
 
 

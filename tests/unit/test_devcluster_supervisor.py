@@ -8,6 +8,7 @@ import pytest
 
 from soda.devcluster.supervisor import (EXITED, FAILED, RESTARTING, RUNNING, RestartPolicy, Supervisor,
                                         describe_exit, is_clean_exit)
+from tests.fakes import FakeClock
 
 
 class FakeProcess:
@@ -19,17 +20,9 @@ class FakeProcess:
         return self.status
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 class Harness:
     def __init__(self, policy=RestartPolicy(), fail_spawns=0):
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.spawned = []
         self.events = []
         self.fail_spawns = fail_spawns

@@ -12,7 +12,8 @@ import pytest
 from soda import model
 from soda.agent.images import ImageCache
 from soda.errors import InvalidSpec
-from tests.unit.test_controller import CAP, Clock, make_controller
+from tests.fakes import FakeClock
+from tests.unit.test_controller import CAP, make_controller
 
 MiB = 1 << 20
 DIGEST = "sha256:" + "c" * 64
@@ -88,7 +89,7 @@ def test_a_failed_grow_leaves_nothing(tmp_path):
 def test_master_refuses_a_disk_smaller_than_the_image(tmp_path):
     from soda.rpc.client import sha256_file
     from tests.support import make_ext4_image
-    ctl = make_controller(str(tmp_path / "m"), Clock())
+    ctl = make_controller(str(tmp_path / "m"), FakeClock())
     path = make_ext4_image(str(tmp_path / "img"), size=20 * MiB)
     with open(path, "rb") as f:
         ctl.push_image("big", 20 * MiB, sha256_file(path), "", iter(lambda: f.read(MiB), b""))

@@ -9,14 +9,7 @@ from soda.errors import CommandError, InvalidSpec, NotFound, SodaError
 from soda.hypervisors.base import DRIVERS, EXITED, RUNNING, GuestSpec, HypervisorDriver, make_driver
 from soda.hypervisors.fake import FakeDriver
 from soda.model import Resources
-
-
-class FakeClock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
+from tests.fakes import FakeClock
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from soda.errors import WrongState
 from soda.hypervisors.fake import FakeDriver
 from soda.model import Phase, Usage
 
-from tests.unit.test_reconciler import FakeImages, RecordingReporter, vnode, wait_for
+from tests.fakes import FakeClock, FakeImages, RecordingReporter
+from tests.unit.test_reconciler import vnode, wait_for
 from tests.unit.test_reconciler import image  # noqa: F401 - fixture
 
 
@@ -51,13 +52,6 @@ class LoggingDriver(FakeDriver):
 
 def with_memory(v, memory):
     return replace(v, resources=replace(v.resources, memory=memory))
-
-
-class Clock:
-    now = 100.0
-
-    def __call__(self):
-        return self.now
 
 
 def running(tmp_path, image, refuse=None, oom_kills=0, clock=None):
@@ -106,7 +100,7 @@ def test_growing_past_the_boot_size_boots_again_and_says_why(tmp_path, image):
 
 
 def test_a_refused_shrink_leaves_the_fence_and_shows_in_the_status(tmp_path, image):
-    clock = Clock()
+    clock = FakeClock(100.0)
     rec, driver, reporter, log = running(tmp_path, image, refuse=WrongState("has 3 MiB free"),
                                          clock=clock)
     rec.upsert_desired([with_memory(vnode("web-0"), 16)])

@@ -23,6 +23,7 @@ import pytest
 from soda.master.controller import READY
 from soda.master.store import open_store, revision_of
 from soda.rpc.client import sha256_file
+from tests.fakes import FakeClock
 from tests.support import make_ext4_image
 from tests.unit import crashing_master as crashing
 
@@ -100,7 +101,7 @@ def test_the_prepared_state_has_what_the_scenarios_need(prepared, tmp_path):
     """Guards the cases above against testing less than they say."""
     state_dir = str(tmp_path / "m")
     shutil.copytree(prepared, state_dir)
-    clock = crashing.Clock(2000.0)
+    clock = FakeClock(2000.0)
     ctl = crashing.controller(state_dir, clock)
     crashing.lose_c(ctl, clock)
     assert ctl.check_membership() == ["c"]

@@ -12,48 +12,10 @@ from soda.errors import Unavailable, WrongState
 from soda.hypervisors.base import EXITED, RUNNING
 from soda.hypervisors.fake import FakeDriver
 from soda.model import Phase, Resources, VirtualNode
+from tests.fakes import FakeClock, FakeImages, RecordingReporter
 
 DIGEST = "sha256:" + "b" * 64
 P = Phase
-
-
-class FakeClock:
-    def __init__(self, now=100.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-class RecordingReporter:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reports = []
-
-    def report(self, statuses):
-        with self.lock:
-            self.reports.extend(statuses)
-
-    def phases(self, name):
-        with self.lock:
-            return [s.phase for s in self.reports if s.name == name]
-
-    def last(self, name):
-        with self.lock:
-            return [s for s in self.reports if s.name == name][-1]
-
-
-class FakeImages:
-    def __init__(self, path, fail=None):
-        self.path = path
-        self.fail = fail
-        self.pulled = []
-
-    def ensure(self, digest, disk_mib=0):
-        self.pulled.append(digest)
-        if self.fail:
-            raise self.fail
-        return self.path
 
 
 def vnode(name, generation=1, **kw):
@@ -81,7 +43,7 @@ def image(tmp_path):
 
 class Setup:
     def __init__(self, tmp_path, image, clock=None, driver=None, images=None, **kw):
-        self.clock = clock or FakeClock()
+        self.clock = clock or FakeClock(100.0)
         self.driver = driver or FakeDriver(str(tmp_path / "state"), boot_seconds=0,
                                            sleep=lambda s: None)
         self.reporter = RecordingReporter()
@@ -257,7 +219,7 @@ def test_a_hypervisor_this_node_lacks_is_a_failure_with_a_reason(setup):
 
 
 def test_a_guest_that_never_gets_ready_times_out_and_is_stopped(tmp_path, image):
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     driver = FakeDriver(str(tmp_path / "state"), clock=clock, boot_seconds=1000, sleep=lambda s: None)
     s = Setup(tmp_path, image, clock=clock, driver=driver, boot_timeout=30)
     s.rec.replace_desired([vnode("web-0")])
@@ -336,7 +298,7 @@ def test_a_bug_in_one_vnodes_start_fails_that_vnode_only_and_is_retried(tmp_path
                 raise RuntimeError("driver bug")
             return super().start(spec)
 
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     s = Setup(tmp_path, image, clock=clock, driver=BrokenDriver(str(tmp_path / "state")))
     s.rec.replace_desired([vnode("web-0"), vnode("web-1"), vnode("web-2")])
     s.converge()
@@ -361,7 +323,7 @@ def test_a_bug_in_a_stop_fails_that_vnode_only_and_is_retried(tmp_path, image):
                 raise KeyError("stop bug")
             return super().stop(name, timeout)
 
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     driver = BrokenStop(str(tmp_path / "state"))
     s = Setup(tmp_path, image, clock=clock, driver=driver)
     s.rec.replace_desired([vnode("web-0"), vnode("web-1")])
@@ -395,7 +357,7 @@ def test_a_bug_in_a_limit_change_keeps_the_guest_running_and_backs_off(tmp_path,
         def usage(self, name, hypervisor):
             return None
 
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     s = Setup(tmp_path, image, clock=clock, plumbing=BrokenPlumbing())
     s.rec.replace_desired([vnode("web-0")])
     s.converge()
@@ -421,7 +383,7 @@ def test_picks_the_driver_a_vnode_names_or_the_preferred_one_and_moves_between_t
     fake = FakeDriver(str(tmp_path / "a"), boot_seconds=0, sleep=lambda s: None)
     other = FakeDriver(str(tmp_path / "b"), boot_seconds=0, sleep=lambda s: None)
     reporter = RecordingReporter()
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     rec = Reconciler({"fake": fake, "uml": other}, reporter, FakeImages(image), clock=clock,
                      ready_poll=0.01)
     rec.replace_desired([vnode("web-0"), vnode("web-1", hypervisor="uml"),

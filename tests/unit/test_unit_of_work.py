@@ -15,6 +15,7 @@ from soda.master import controller as controller_module
 from soda.master.controller import ENDPOINTS_TOPIC, SERVICES_TOPIC, node_topic, service_topic
 from soda.rpc.client import sha256_file
 from soda.rpc.errors import from_rpc_error, status_code
+from tests.fakes import FakeClock
 from tests.support import make_ext4_image
 from tests.unit import crashing_master as crashing
 
@@ -52,7 +53,7 @@ def start(prepared, tmp_path, scenario, hook):
     state_dir = str(tmp_path / "m")
     shutil.rmtree(state_dir, ignore_errors=True)
     shutil.copytree(prepared, state_dir)
-    clock = crashing.Clock(2000.0)
+    clock = FakeClock(2000.0)
     ctl = crashing.controller(state_dir, clock, hook)
     return ctl, crashing.SCENARIOS[scenario](ctl, clock)
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
+from soda.addresses import split_host_port
 from soda.errors import InvalidSpec
 
 # A hypervisor driver's name (uml, qemu, fake, or a plugin's): which drivers
@@ -413,11 +414,7 @@ def expand_resources(nodes: int, resources: Mapping[str, Any] | None) -> tuple[R
 def check_listen(listen: Any) -> str:
     if listen in (None, ""):
         return ""
-    if not isinstance(listen, str) or ":" not in listen:
-        raise InvalidSpec(f"switch.listen {listen!r}: expected HOST:PORT")
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InvalidSpec(f"switch.listen {listen!r}: expected HOST:PORT with a port from 1 to 65535")
+    split_host_port(listen, "switch.listen")
     return listen
 
 

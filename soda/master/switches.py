@@ -29,6 +29,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from soda import model
+from soda.addresses import split_host_port
 from soda.errors import AlreadyExists, InvalidSpec
 
 # A Switch silent for this long is taken as gone: its report no longer
@@ -50,11 +51,11 @@ class _Leaving:
     deadline: float
 
 
-def split_host_port(address: str) -> tuple[str, int] | None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+def _host_port(address: str) -> tuple[str, int] | None:
+    try:
+        return split_host_port(address)
+    except InvalidSpec:
         return None
-    return host.strip("[]"), int(port)
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -95,7 +96,7 @@ class SwitchRegistry:
 
     # ---- admission -----------------------------------------------------
     def check_listen(self, listen: str, now: float) -> None:
-        parsed = split_host_port(listen)
+        parsed = _host_port(listen)
         if parsed is None:
             return      # parse_spec has refused it already
         host, port = parsed
@@ -109,7 +110,7 @@ class SwitchRegistry:
                               f"(listen_hosts: {', '.join(hosts)})")
         for r in allowed:
             for busy in r.busy:
-                other = split_host_port(busy)
+                other = _host_port(busy)
                 if other is not None and other[1] == port and _same_host(host, other[0]):
                     raise AlreadyExists(f"switch address {listen} is in use at Switch {r.switch}: "
                                         f"another process listens on {busy}")

@@ -23,6 +23,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from soda.addresses import join_host_port, split_host_port
 from soda.config import load, with_overrides
 from soda.errors import InvalidSpec, SodaError
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
@@ -31,7 +32,7 @@ from soda.switch import ondemand
 from soda.switch.endpoints import EndpointSync, EndpointWatcher
 from soda.switch.nft import DEFAULT_TABLE, KernelPath, ModeDispatch, check_table_name
 from soda.switch.metrics import MetricsServer, tcp_listeners, to_report
-from soda.switch.proxy import Proxy, split_listen
+from soda.switch.proxy import Proxy
 
 log = logging.getLogger("soda.switch")
 
@@ -101,7 +102,7 @@ def check_config(config: SwitchConfig) -> SwitchConfig:
         if not isinstance(host, str) or not host:
             raise InvalidSpec(f"listen_hosts: {host!r} is not a host address")
     if config.metrics_listen:
-        split_listen(config.metrics_listen)
+        split_host_port(config.metrics_listen)
     if config.log_level.upper() not in LOG_LEVELS:
         raise InvalidSpec(f"log_level {config.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     check_table_name(config.nft_table)
@@ -147,7 +148,7 @@ class Switch:
         self._watcher.start()
         if self.config.metrics_listen:
             try:
-                await self.metrics.start(*split_listen(self.config.metrics_listen))
+                await self.metrics.start(*split_host_port(self.config.metrics_listen))
                 log.info("metrics at http://%s/metrics", self.config.metrics_listen)
             except OSError as exc:
                 # Counters still reach the Master; a busy port must not stop routing.
@@ -157,10 +158,10 @@ class Switch:
     def report(self):
         """This Switch's report for the Master, as of now."""
         views = self.proxy.views()
-        own = {split_listen(v.listen) for v in views if v.listening}
+        own = {split_host_port(v.listen) for v in views if v.listening}
         if self.metrics.server is not None:
             own.update(sock.getsockname()[:2] for sock in self.metrics.server.sockets)
-        busy = sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in tcp_listeners() - own)
+        busy = sorted(join_host_port(h, p) for h, p in tcp_listeners() - own)
         return to_report(self.name, self.config.listen_hosts, tuple(busy), views)
 
     async def _report_loop(self) -> None:

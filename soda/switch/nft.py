@@ -56,10 +56,10 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Awaitable, Callable, Collection, Iterable, Protocol
 
+from soda.addresses import split_host_port
 from soda.errors import CommandError, InvalidSpec, SodaError, WrongState
 from soda.model import Endpoint, EndpointSet
 from soda.switch.balancer import Peer, scaled_weight, smooth_pick
-from soda.switch.proxy import split_listen
 
 log = logging.getLogger("soda.switch.nft")
 
@@ -149,7 +149,7 @@ class L4Rule:
 def l4_listen(listen: str, listen_hosts: Collection[str] = ()) -> tuple[str, int]:
     """A service's listen address as (IPv4 host, port); InvalidSpec when the
     kernel path cannot serve it."""
-    host, port = split_listen(listen)
+    host, port = split_host_port(listen)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Collection
 
+from soda.addresses import split_host_port
 from soda.errors import InvalidSpec
 from soda.model import DEFAULT_POLICY, Endpoint, EndpointSet, SwitchSpec
 from soda.switch.balancer import Balancer
@@ -58,16 +59,6 @@ CONNECT_ATTEMPTS = 2
 # that start with an idempotent HTTP method, and only up to this many bytes.
 REPLAY_LIMIT = 64 << 10
 REPLAYABLE = (b"GET ", b"HEAD ", b"OPTIONS ")
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """"HOST:PORT" (IPv6 as "[::1]:80") -> (host, port); raises InvalidSpec."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InvalidSpec(f"listen address {listen!r}: expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 @dataclass
@@ -515,7 +506,7 @@ class Proxy:
         self._unbind(svc)
         svc.listen = listen
         try:
-            host, port = split_listen(listen)
+            host, port = split_host_port(listen)
             if self.listen_hosts and host not in self.listen_hosts:
                 raise InvalidSpec(f"host {host} is not in this Switch's listen_hosts "
                                   f"({', '.join(sorted(self.listen_hosts))})")

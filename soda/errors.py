@@ -2,8 +2,12 @@
 
 Every failure a user can cause or meet is one of these; `soda.rpc.errors`
 maps them to gRPC status codes in one place, and `sodactl` prints their
-message (never a traceback). This module must not import grpc.
+message (never a traceback). A kernel refusal (an errno, from a syscall or
+from netlink) becomes one of them in one place too, `from_errno`. This
+module must not import grpc.
 """
+
+import errno as _errno
 
 
 class SodaError(Exception):
@@ -69,3 +73,23 @@ class CommandError(SodaError):
         tail = (err or out or "").strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""
         super().__init__(f"command {self.cmd[0] if self.cmd else '?'} exited {rc}{detail}")
+
+
+# Which SodaError a kernel refusal is, by errno (never by its message): what
+# names a missing thing, a value the kernel will not take, a clash, a state
+# that forbids it now, or a shortage that may pass.
+_BY_ERRNO: dict[int, type[SodaError]] = {
+    _errno.ENOENT: NotFound, _errno.ENODEV: NotFound,
+    _errno.EINVAL: InvalidSpec, _errno.ERANGE: InvalidSpec,
+    _errno.EEXIST: AlreadyExists,
+    _errno.EPERM: WrongState, _errno.EACCES: WrongState, _errno.EBUSY: WrongState,
+    _errno.EROFS: WrongState, _errno.ENOSPC: WrongState, _errno.EOPNOTSUPP: WrongState,
+    _errno.EAGAIN: TemporaryError, _errno.ENOMEM: TemporaryError, _errno.ENOBUFS: TemporaryError,
+    _errno.EINTR: TemporaryError,
+}
+
+
+def from_errno(code: int | None, detail: str) -> SodaError:
+    """The SodaError for a kernel refusal with errno `code`; a plain
+    SodaError for one no caller could act on differently."""
+    return _BY_ERRNO.get(code, SodaError)(detail) if code is not None else SodaError(detail)

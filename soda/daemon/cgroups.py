@@ -66,16 +66,7 @@ class CgroupUsage:
 
 def os_error(exc: OSError, what: str) -> errors.SodaError:
     """A kernel refusal as a SodaError, chosen by errno (never by message)."""
-    detail = f"{what}: {exc.strerror or exc}"
-    if exc.errno == errno.ENOENT:
-        return errors.NotFound(detail)
-    if exc.errno in (errno.EINVAL, errno.ERANGE):
-        return errors.InvalidSpec(detail)
-    if exc.errno in (errno.EBUSY, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
-        return errors.WrongState(detail)
-    if exc.errno in (errno.EAGAIN, errno.ENOMEM, errno.EINTR):
-        return errors.TemporaryError(detail)
-    return errors.SodaError(detail)
+    return errors.from_errno(exc.errno, f"{what}: {exc.strerror or exc}")
 
 
 def write_file(path: str, value: str | int) -> None:

@@ -84,19 +84,10 @@ def check_link_name(name: str) -> str:
 
 
 def netlink_error(exc: NetlinkError, what: str) -> errors.SodaError:
+    """A netlink refusal as a SodaError, chosen by errno (never by message)."""
     code = exc.code
-    detail = f"{what}: {errno.errorcode.get(code, code)} ({exc.args[1] if len(exc.args) > 1 else exc})"
-    if code in (errno.ENODEV, errno.ENOENT):
-        return errors.NotFound(detail)
-    if code in (errno.EINVAL, errno.ERANGE):
-        return errors.InvalidSpec(detail)
-    if code == errno.EEXIST:
-        return errors.AlreadyExists(detail)
-    if code in (errno.EPERM, errno.EACCES, errno.EBUSY, errno.EOPNOTSUPP):
-        return errors.WrongState(detail)
-    if code in (errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR):
-        return errors.TemporaryError(detail)
-    return errors.SodaError(detail)
+    return errors.from_errno(code, f"{what}: {errno.errorcode.get(code, code)} "
+                                   f"({exc.args[1] if len(exc.args) > 1 else exc})")
 
 
 class Shaper(abc.ABC):

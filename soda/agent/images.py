@@ -38,12 +38,12 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 from typing import Iterator
 
-from soda.errors import CommandError, DataLoss, InvalidSpec, NotFound, SodaError
+from soda import command
+from soda.errors import DataLoss, InvalidSpec, SodaError
 from soda.model import DIGEST_RE, Image, check_disk_holds_image
 
 log = logging.getLogger(__name__)
@@ -168,15 +168,7 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
     # e2fsprogs live in /sbin, which a service's PATH may lack.
     found = shutil.which(argv[0]) or shutil.which(argv[0], path="/usr/sbin:/sbin")
     argv = [found or argv[0]] + argv[1:]
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=GROW_TIMEOUT,
-                           stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise NotFound(f"{argv[0]} is missing (Debian packages coreutils, e2fsprogs)") from None
-    except subprocess.TimeoutExpired:
-        raise CommandError(argv, -1, err=f"timed out after {GROW_TIMEOUT:g}s") from None
-    if r.returncode not in ok:
-        raise CommandError(argv, r.returncode, r.stdout, r.stderr)
+    command.run(argv, timeout=GROW_TIMEOUT, ok=ok, hint="Debian packages coreutils, e2fsprogs")
 
 
 def _discard(path: str) -> None:

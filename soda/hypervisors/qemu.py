@@ -50,7 +50,8 @@ import threading
 import time
 from typing import Any
 
-from soda.errors import CommandError, InvalidSpec, NotFound, WrongState
+from soda import command
+from soda.errors import InvalidSpec, NotFound, WrongState
 from soda.hypervisors import process
 from soda.hypervisors.base import check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec, TUN_DEVICE
 from soda.hypervisors.probe import PROBE_TIMEOUT
@@ -281,28 +282,14 @@ class QemuDriver(RecordedGuestDriver):
                 raise NotFound(f"initramfs {self.initramfs} is missing and {BUILD_INITRAMFS} "
                                f"is not there to build it")
             log.info("checking the QEMU initramfs for kernel %s", self.kernel_version)
-            try:
-                r = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                                   stdin=subprocess.DEVNULL)
-            except subprocess.TimeoutExpired:
-                raise CommandError(argv, -1, err="timed out") from None
-            if r.returncode != 0:
-                raise CommandError(argv, r.returncode, r.stdout, r.stderr)
+            command.run(argv, timeout=300)
             self._initramfs_checked = True
 
     def _create_overlay(self, spec: GuestSpec) -> None:
         path = self.overlay_path(spec.name)
         argv = [self.qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw",
                 "-b", os.path.abspath(spec.image_path), path]
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                               stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise NotFound(f"{self.qemu_img} is missing (Debian package qemu-utils)") from None
-        except subprocess.TimeoutExpired:
-            raise CommandError(argv, -1, err="timed out") from None
-        if r.returncode != 0:
-            raise CommandError(argv, r.returncode, r.stdout, r.stderr)
+        command.run(argv, timeout=30, hint="Debian package qemu-utils")
 
     # ---- records and processes --------------------------------------------
     def _vm_ended(self, record: dict) -> str:

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Awaitable, Callable, Collection, Iterable, Protocol
 
+from soda import command
 from soda.addresses import split_host_port
 from soda.errors import CommandError, InvalidSpec, SodaError, WrongState
 from soda.model import Endpoint, EndpointSet
@@ -77,25 +78,8 @@ Runner = Callable[[list[str], "str | None"], Awaitable[str]]
 
 
 async def run_command(argv: list[str], stdin: str | None = None, timeout: float = COMMAND_TIMEOUT) -> str:
-    """Run argv, feed it `stdin`, return its stdout; CommandError on failure.
-    A child that outlives `timeout` is killed."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    except OSError as exc:
-        raise CommandError(argv, 127, err=f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise CommandError(argv, -1, err=f"timed out after {timeout:g} s") from None
-    if proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-    log.debug("ran %s", " ".join(argv))
-    return out.decode(errors="replace")
+    """The default Runner: argv's stdout; CommandError on failure."""
+    return await command.run_async(argv, timeout=timeout, stdin=stdin)
 
 
 # ---- pure: weights to slots, services to rules, rules to a ruleset ----------
@@ -396,7 +380,7 @@ class KernelPath:
             try:
                 listing = await self.runner(self._argv("nft", "list", "table", "ip", self.table), None)
             except CommandError as exc:
-                level = logging.DEBUG if exc.rc in (1, 127) else logging.WARNING
+                level = logging.DEBUG if exc.rc in (1, 126, 127) else logging.WARNING
                 log.log(level, "no nft table %s to clear: %s", self.table, exc)
                 return
             pid = table_owner_alive(listing)

@@ -204,6 +204,32 @@ USAGE_FIELDS = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", 
 
 
 @dataclass(frozen=True)
+class VnodeUsage:
+    """What a node's Daemon measures of one virtual node: its cgroup's
+    counters and its TAP's traffic ("to_guest" is what the guest received).
+    `usage()` is the part of it the Agent reports to the Master."""
+    name: str
+    cpu_seconds: float = 0.0
+    cpu_throttled_seconds: float = 0.0
+    memory_bytes: int = 0
+    memory_peak_bytes: int = 0
+    memory_limit_bytes: int = 0
+    memory_failcnt: int = 0
+    oom_kills: int = 0
+    pids: int = 0
+    bytes_to_guest: int = 0
+    bytes_from_guest: int = 0
+    drops_to_guest: int = 0
+    drops_from_guest: int = 0
+
+    def usage(self) -> Usage:
+        return Usage(cpu_seconds=self.cpu_seconds, memory_bytes=self.memory_bytes,
+                     memory_peak_bytes=self.memory_peak_bytes, bytes_in=self.bytes_to_guest,
+                     bytes_out=self.bytes_from_guest, throttled_seconds=self.cpu_throttled_seconds,
+                     oom_kills=self.oom_kills)
+
+
+@dataclass(frozen=True)
 class VirtualNode:
     name: str
     service: str

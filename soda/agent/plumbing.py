@@ -102,10 +102,7 @@ class NodePlumbing(GuestPlumbing):
             # Usage is a report, not a duty: the heartbeat goes out without it.
             log.debug("no usage for %s from the Daemon: %s", name, exc)
             return None
-        return Usage(cpu_seconds=u.cpu_seconds, memory_bytes=u.memory_bytes,
-                     memory_peak_bytes=u.memory_peak_bytes, bytes_in=u.bytes_to_guest,
-                     bytes_out=u.bytes_from_guest, throttled_seconds=u.cpu_throttled_seconds,
-                     oom_kills=u.oom_kills)
+        return u.usage()
 
     def release(self, name: str, hypervisor: str) -> None:
         if not self._plumbed(hypervisor):

@@ -44,15 +44,7 @@ class DaemonServicer(pb_grpc.DaemonServicer):
 
     @handle_errors
     def GetUsage(self, request, context):
-        u = self.manager.usage(request.name)
-        c, t = u.cgroup, u.traffic
-        return pb.Usage(
-            name=u.name, cpu_seconds=c.cpu_seconds, cpu_throttled_seconds=c.cpu_throttled_seconds,
-            memory_bytes=c.memory_bytes, memory_peak_bytes=c.memory_peak_bytes,
-            memory_limit_bytes=c.memory_limit_bytes, memory_failcnt=c.memory_failcnt,
-            oom_kills=c.oom_kills, pids=c.pids,
-            bytes_to_guest=t.bytes_to_guest, bytes_from_guest=t.bytes_from_guest,
-            drops_to_guest=t.drops_to_guest, drops_from_guest=t.drops_from_guest)
+        return convert.vnode_usage_to_pb(self.manager.usage(request.name))
 
     @handle_errors
     def ListVnodes(self, request, context):

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from typing import Callable
 
 from soda import errors, model
-from soda.daemon.cgroups import CgroupBackend, CgroupUsage
+from soda.daemon.cgroups import CgroupBackend
 from soda.daemon.config import DaemonConfig
 from soda.daemon.plan import plan
 from soda.model import Fence, Released
@@ -26,13 +26,6 @@ from soda.daemon.tc import Shaper, TrafficCounters, check_link_name
 log = logging.getLogger(__name__)
 
 KILL_POLL_SECONDS = 0.02
-
-
-@dataclass(frozen=True)
-class Usage:
-    name: str
-    cgroup: CgroupUsage
-    traffic: TrafficCounters
 
 
 class LimitManager:
@@ -115,11 +108,11 @@ class LimitManager:
                     killed.add(pid)
             self.sleep(KILL_POLL_SECONDS)
 
-    def usage(self, name: str) -> Usage:
+    def usage(self, name: str) -> model.VnodeUsage:
         model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)
         cgroup = self.cgroups.usage(name)
         traffic = (self.shaper.counters(name) if self.shaper is not None else None) or TrafficCounters()
-        return Usage(name=name, cgroup=cgroup, traffic=traffic)
+        return model.VnodeUsage(name=name, **asdict(cgroup), **asdict(traffic))
 
     def get(self, name: str) -> Fence:
         model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)

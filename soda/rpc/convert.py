@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from soda import model
+from soda.proto.v1 import daemon_pb2
 from soda.proto.v1 import master_pb2 as pb
 
 
@@ -220,3 +221,14 @@ def switch_report_from_pb(m: pb.SwitchReport) -> model.SwitchReport:
                                  bind_error=s.bind_error,
                                  vnodes=tuple(switch_vnode_stats_from_pb(v) for v in s.vnodes))
         for s in m.services))
+
+
+VNODE_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(model.VnodeUsage))
+
+
+def vnode_usage_to_pb(u: model.VnodeUsage) -> daemon_pb2.Usage:
+    return daemon_pb2.Usage(**{f: getattr(u, f) for f in VNODE_USAGE_FIELDS})
+
+
+def vnode_usage_from_pb(m: daemon_pb2.Usage) -> model.VnodeUsage:
+    return model.VnodeUsage(**{f: getattr(m, f) for f in VNODE_USAGE_FIELDS})

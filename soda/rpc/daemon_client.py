@@ -8,7 +8,6 @@ grpc.RpcError, so the Agent never imports grpc or the Daemon's package.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import grpc
 
@@ -17,27 +16,10 @@ from soda.proto.v1 import daemon_pb2 as pb
 from soda.proto.v1 import daemon_pb2_grpc as pb_grpc
 from soda.rpc import convert
 from soda.rpc.client import StubClient
-from soda.model import Fence, Limits, Released
+from soda.model import Fence, Limits, Released, VnodeUsage
 
 DEFAULT_SOCKET = "/run/soda/daemon.sock"
 UNARY_TIMEOUT = 30.0          # a release may spend seconds killing a guest's processes
-
-
-@dataclass(frozen=True)
-class VnodeUsage:
-    name: str
-    cpu_seconds: float = 0.0
-    cpu_throttled_seconds: float = 0.0
-    memory_bytes: int = 0
-    memory_peak_bytes: int = 0
-    memory_limit_bytes: int = 0
-    memory_failcnt: int = 0
-    oom_kills: int = 0
-    pids: int = 0
-    bytes_to_guest: int = 0
-    bytes_from_guest: int = 0
-    drops_to_guest: int = 0
-    drops_from_guest: int = 0
 
 
 def _fence_from_pb(m: pb.Fence) -> Fence:
@@ -48,10 +30,6 @@ def _fence_from_pb(m: pb.Fence) -> Fence:
                                cpu_period_us=lim.cpu_period_us, memory_bytes=lim.memory_bytes,
                                pids_max=lim.pids_max, rate_bit=lim.rate_bit,
                                burst_bytes=lim.burst_bytes))
-
-
-def _usage_from_pb(m: pb.Usage) -> VnodeUsage:
-    return VnodeUsage(**{f: getattr(m, f) for f in VnodeUsage.__dataclass_fields__})
 
 
 class DaemonClient(StubClient):
@@ -88,7 +66,7 @@ class DaemonClient(StubClient):
         return Released(name=reply.name, existed=reply.existed, killed=reply.killed)
 
     def usage(self, name: str) -> VnodeUsage:
-        return _usage_from_pb(self._call("GetUsage", pb.GetUsageRequest(name=name)))
+        return convert.vnode_usage_from_pb(self._call("GetUsage", pb.GetUsageRequest(name=name)))
 
     def list(self) -> list[Fence]:
         return [_fence_from_pb(f) for f in self._call("ListVnodes", pb.ListVnodesRequest()).vnodes]

@@ -216,9 +216,9 @@ def test_usage_combines_cgroup_and_traffic_counters(tmp_path):
     with open(os.path.join(fence.cgroups[1], "cpuacct.usage"), "w") as f:
         f.write("1000000000\n")
     u = m.usage("web-0")
-    assert u.cgroup.cpu_seconds == 1.0
-    assert u.cgroup.memory_limit_bytes == 96 * MIB
-    assert (u.traffic.bytes_to_guest, u.traffic.bytes_from_guest) == (100, 200)
+    assert u.cpu_seconds == 1.0
+    assert u.memory_limit_bytes == 96 * MIB
+    assert (u.bytes_to_guest, u.bytes_from_guest) == (100, 200)
     with pytest.raises(errors.NotFound):
         m.usage("web-9")
 

@@ -21,11 +21,10 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from soda import errors
-from soda.model import Limits
+from soda.model import Limits, VnodeUsage
 from soda.model import NODE_NAME_MAX, check_dns_label
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
@@ -50,18 +49,6 @@ def shares_to_weight(shares: int) -> int:
 
 def weight_to_shares(weight: int) -> int:
     return round(weight * V1_DEFAULT_SHARES / V2_DEFAULT_WEIGHT)
-
-
-@dataclass(frozen=True)
-class CgroupUsage:
-    cpu_seconds: float = 0.0
-    cpu_throttled_seconds: float = 0.0
-    memory_bytes: int = 0
-    memory_peak_bytes: int = 0
-    memory_limit_bytes: int = 0
-    memory_failcnt: int = 0
-    oom_kills: int = 0
-    pids: int = 0
 
 
 def os_error(exc: OSError, what: str) -> errors.SodaError:
@@ -193,8 +180,9 @@ class CgroupBackend(abc.ABC):
         """Remove the directories; True if any existed. They must be empty."""
 
     @abc.abstractmethod
-    def usage(self, name: str) -> CgroupUsage:
-        """Counters; NotFound if the virtual node has no cgroups."""
+    def usage(self, name: str) -> VnodeUsage:
+        """The cgroup counters (the traffic ones are the Shaper's and stay 0);
+        NotFound if the virtual node has no cgroups."""
 
     def exists(self, name: str) -> bool:
         return any(os.path.isdir(p) for p in self.paths(name))
@@ -206,6 +194,24 @@ class CgroupBackend(abc.ABC):
     def kill_all(self, name: str) -> bool:
         """SIGKILL every process in the virtual node's cgroups at once, the
         kernel's way; False when this layout has no such way (v1)."""
+        return False
+
+    def _remove_dir(self, path: str) -> bool:
+        """rmdir one empty cgroup directory; False if it was not there. Uses
+        the `rmdir` and `sleep` each layout is given."""
+        for attempt in range(50):
+            try:
+                self.rmdir(path)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                # EBUSY right after the last process died: the kernel
+                # lets go of an exiting task's cgroup asynchronously.
+                if exc.errno == errno.EBUSY and attempt < 49:
+                    self.sleep(0.02)
+                    continue
+                raise os_error(exc, f"cannot remove cgroup {path}") from None
         return False
 
 
@@ -347,28 +353,16 @@ class CgroupV1(CgroupBackend):
     def remove(self, name: str) -> bool:
         existed = False
         for path in self.paths(name):
-            for attempt in range(50):
-                try:
-                    self.rmdir(path)
-                    existed = True
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as exc:
-                    # EBUSY right after the last process died: the kernel
-                    # lets go of an exiting task's cgroup asynchronously.
-                    if exc.errno == errno.EBUSY and attempt < 49:
-                        self.sleep(0.02)
-                        continue
-                    raise os_error(exc, f"cannot remove cgroup {path}") from None
+            existed = self._remove_dir(path) or existed
         return existed
 
-    def usage(self, name: str) -> CgroupUsage:
+    def usage(self, name: str) -> VnodeUsage:
         if not self.exists(name):
             raise errors.NotFound(f"virtual node {name} has no cgroups here")
         cpu_stat = read_keyed(self._file("cpu", name, "cpu.stat"))
         oom = read_keyed(self._file("memory", name, "memory.oom_control"))
-        return CgroupUsage(
+        return VnodeUsage(
+            name=name,
             cpu_seconds=read_int(self._file("cpuacct", name, "cpuacct.usage"), 0) / 1e9,
             cpu_throttled_seconds=cpu_stat.get("throttled_time", 0) / 1e9,
             memory_bytes=read_int(self._file("memory", name, "memory.usage_in_bytes"), 0),
@@ -520,27 +514,16 @@ class CgroupV2(CgroupBackend):
         return True
 
     def remove(self, name: str) -> bool:
-        path = self._dir(name)
-        for attempt in range(50):
-            try:
-                self.rmdir(path)
-                return True
-            except FileNotFoundError:
-                return False
-            except OSError as exc:
-                if exc.errno == errno.EBUSY and attempt < 49:
-                    self.sleep(0.02)
-                    continue
-                raise os_error(exc, f"cannot remove cgroup {path}") from None
-        return False
+        return self._remove_dir(self._dir(name))
 
-    def usage(self, name: str) -> CgroupUsage:
+    def usage(self, name: str) -> VnodeUsage:
         if not self.exists(name):
             raise errors.NotFound(f"virtual node {name} has no cgroup here")
         cpu_stat = read_keyed(self._file(name, "cpu.stat"))
         events = read_keyed(self._file(name, "memory.events"))
         current = read_int(self._file(name, "memory.current"), 0)
-        return CgroupUsage(
+        return VnodeUsage(
+            name=name,
             cpu_seconds=cpu_stat.get("usage_usec", 0) / 1e6,
             cpu_throttled_seconds=cpu_stat.get("throttled_usec", 0) / 1e6,
             memory_bytes=current,

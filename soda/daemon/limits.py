@@ -112,7 +112,7 @@ class LimitManager:
         model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)
         cgroup = self.cgroups.usage(name)
         traffic = (self.shaper.counters(name) if self.shaper is not None else None) or TrafficCounters()
-        return model.VnodeUsage(name=name, **asdict(cgroup), **asdict(traffic))
+        return replace(cgroup, **asdict(traffic))
 
     def get(self, name: str) -> Fence:
         model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)

@@ -11,7 +11,7 @@ import pytest
 from soda import errors
 from soda.daemon import cgroups
 from soda.daemon.cgroups import CgroupV1, CgroupV2, check_parent, open_backend, os_error, probe
-from soda.model import Limits
+from soda.model import Limits, VnodeUsage
 
 LIMITS = Limits(cpu_shares=512, cpu_quota_us=50_000, cpu_period_us=100_000,
                 memory_bytes=96 << 20, pids_max=512, rate_bit=0, burst_bytes=0)
@@ -305,9 +305,9 @@ def test_v2_usage_reads_cpu_stat_memory_events_and_peak(tmp_path):
     (d / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 1\noom_group_kill 0\n")
     (d / "pids.current").write_text("6\n")
     u = b.usage("web-0")
-    assert u == cgroups.CgroupUsage(cpu_seconds=2.5, cpu_throttled_seconds=0.75,
-                                    memory_bytes=20 << 20, memory_peak_bytes=30 << 20,
-                                    memory_limit_bytes=96 << 20, memory_failcnt=4, oom_kills=1, pids=6)
+    assert u == VnodeUsage(name="web-0", cpu_seconds=2.5, cpu_throttled_seconds=0.75,
+                           memory_bytes=20 << 20, memory_peak_bytes=30 << 20,
+                           memory_limit_bytes=96 << 20, memory_failcnt=4, oom_kills=1, pids=6)
     (d / "memory.peak").unlink()                          # before Linux 5.19
     assert b.usage("web-0").memory_peak_bytes == 20 << 20
     with pytest.raises(errors.NotFound):

@@ -21,7 +21,7 @@ import errno
 import os
 import signal
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from soda import errors
 from soda.model import Limits, VnodeUsage
@@ -170,10 +170,19 @@ class CgroupBackend(abc.ABC):
     def pids(self, name: str) -> set[int]:
         """Every process in any of the virtual node's cgroups."""
 
-    @abc.abstractmethod
     def contains(self, name: str, pid: int) -> bool:
         """Whether the kernel says `pid` is in the virtual node's cgroups
         (from /proc/<pid>/cgroup, not from our own listing)."""
+        try:
+            text = read_file(os.path.join(self.proc_root, str(pid), "cgroup"))
+        except errors.NotFound:
+            return False
+        ours = f"/{self.parent}/{name}"
+        return any(path == ours or path.startswith(ours + "/") for path in self._cgroup_paths(text))
+
+    @abc.abstractmethod
+    def _cgroup_paths(self, proc_pid_cgroup: str) -> Iterator[str]:
+        """The paths a /proc/<pid>/cgroup text gives in this layout's hierarchies."""
 
     @abc.abstractmethod
     def remove(self, name: str) -> bool:
@@ -333,22 +342,12 @@ class CgroupV1(CgroupBackend):
             found.update(int(p) for p in text.split())
         return found
 
-    def contains(self, name: str, pid: int) -> bool:
-        try:
-            text = read_file(os.path.join(self.proc_root, str(pid), "cgroup"))
-        except errors.NotFound:
-            return False
-        ours = f"/{self.parent}/{name}"
-        for line in text.splitlines():
+    def _cgroup_paths(self, proc_pid_cgroup: str) -> Iterator[str]:
+        for line in proc_pid_cgroup.splitlines():
             # hierarchy-id:controller[,controller...]:path
             parts = line.split(":", 2)
-            if len(parts) != 3:
-                continue
-            if not set(parts[1].split(",")) & set(self.controllers):
-                continue
-            if parts[2] == ours or parts[2].startswith(ours + "/"):
-                return True
-        return False
+            if len(parts) == 3 and set(parts[1].split(",")) & set(self.controllers):
+                yield parts[2]
 
     def remove(self, name: str) -> bool:
         existed = False
@@ -492,17 +491,12 @@ class CgroupV2(CgroupBackend):
             return set()
         return {int(p) for p in text.split()}
 
-    def contains(self, name: str, pid: int) -> bool:
-        try:
-            text = read_file(os.path.join(self.proc_root, str(pid), "cgroup"))
-        except errors.NotFound:
-            return False
-        ours = f"/{self.parent}/{name}"
-        for line in text.splitlines():
+    def _cgroup_paths(self, proc_pid_cgroup: str) -> Iterator[str]:
+        # The unified hierarchy has one line, "0::path".
+        for line in proc_pid_cgroup.splitlines():
             if line.startswith("0::"):
-                path = line[3:]
-                return path == ours or path.startswith(ours + "/")
-        return False
+                yield line[3:]
+                return
 
     def kill_all(self, name: str) -> bool:
         """Kill every process in the cgroup at once through cgroup.kill

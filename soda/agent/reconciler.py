@@ -89,6 +89,10 @@ class _Vnode:
     # read in this one: usage reports add them up.
     oom_before: int = 0
     oom_guest: int = 0
+    # The driver whose guest stopped but whose fence and network could not
+    # be released (the Daemon was down): released again until it works, and
+    # the virtual node is not forgotten before.
+    unreleased: str = ""
 
 
 class Reconciler:
@@ -268,6 +272,12 @@ class Reconciler:
                         self._submit_stop(name, driver_name, info.generation)
                     continue
                 self._observe(name, info, want, now)
+            for name, vnode in list(self._vnodes.items()):
+                if vnode.unreleased and name not in skip and name not in guests:
+                    if not self._waiting_for_retry(name, now, "stop"):
+                        generation = vnode.status.generation if vnode.status else 0
+                        self._submit_release(name, vnode.unreleased, generation)
+                    skip.add(name)
             if desired is not None:
                 for name, want in desired.items():
                     if name not in guests and name not in skip:
@@ -371,6 +381,11 @@ class Reconciler:
     def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
         self._vn(name).busy = True
         self._track(name, "stop", generation, self._stops.submit(self._stop, name, driver_name, generation))
+
+    def _submit_release(self, name: str, driver_name: str, generation: int) -> None:
+        self._vn(name).busy = True
+        self._track(name, "stop", generation, self._stops.submit(self._release_fence, name,
+                                                                  driver_name, generation))
 
     def _track(self, name: str, action: str, generation: int, future: Future) -> None:
         future.add_done_callback(lambda f: self._done(name, action, generation, f))
@@ -510,10 +525,23 @@ class Reconciler:
         self._set(name, Phase.STOPPING, "", generation)
         try:
             self._drivers[driver_name].stop(name, self._stop_timeout)
-            self._plumbing.release(name, driver_name)
         except (SodaError, OSError) as exc:
             self._fail(name, f"stopping: {exc}", generation, action="stop")
             return
+        self._release_fence(name, driver_name, generation)
+
+    def _release_fence(self, name: str, driver_name: str, generation: int) -> None:
+        """Release a stopped guest's fence and network; kept for a retry if
+        that fails, so that nothing of it outlives the virtual node."""
+        try:
+            self._plumbing.release(name, driver_name)
+        except (SodaError, OSError) as exc:
+            with self._cond:
+                self._vn(name).unreleased = driver_name
+            self._fail(name, f"releasing its fence: {exc}", generation, action="stop")
+            return
+        with self._cond:
+            self._vn(name).unreleased = ""
         self._set(name, Phase.STOPPED, "", generation)
         log.info("virtual node %s stopped", name)
 

@@ -524,3 +524,49 @@ def test_statuses_with_usage_ask_the_plumbing_for_running_guests_only(tmp_path, 
     # The plain inventory (phase reports) never carries usage.
     assert all(s.usage is None for s in rec.statuses())
     rec.close()
+
+
+def test_a_fence_that_could_not_be_released_is_released_again_before_it_is_forgotten(tmp_path, image):
+    """The Daemon down while a guest stops: the guest is gone, its fence and
+    network are not. They are released again after the backoff, and the
+    virtual node stays known (FAILED, then STOPPED) until they are."""
+    from soda.errors import Unavailable
+
+    class FlakyRelease:
+        def __init__(self):
+            self.failures_left = 1
+            self.released = []
+
+        def prepare(self, want, hypervisor):
+            return {}
+
+        def update(self, want, hypervisor):
+            pass
+
+        def release(self, name, hypervisor):
+            if self.failures_left:
+                self.failures_left -= 1
+                raise Unavailable("the SODA Daemon is not serving")
+            self.released.append(name)
+
+        def usage(self, name, hypervisor):
+            return None
+
+    clock = FakeClock()
+    plumbing = FlakyRelease()
+    s = Setup(tmp_path, image, clock=clock, plumbing=plumbing)
+    s.rec.replace_desired([vnode("web-0")])
+    s.converge()
+    s.rec.replace_desired([])
+    s.converge()
+    assert "web-0" not in s.driver.list()
+    status = s.rec.status("web-0")
+    assert status.phase == P.FAILED and "releasing its fence" in status.reason
+    s.converge()                                   # before the backoff: still known, not forgotten
+    assert s.rec.status("web-0") is not None and plumbing.released == []
+    clock.now += 1.0
+    s.converge()
+    assert plumbing.released == ["web-0"]
+    s.converge()
+    assert s.rec.status("web-0") is None           # released, then forgotten
+    s.rec.close()

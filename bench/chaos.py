@@ -45,7 +45,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.system.chaos import (PARTS, ChaosCluster, Settings, failure_report, make_work_dir,  # noqa: E402
+from tests.system.chaos import (PARTS, STEADY, ChaosCluster, Settings, failure_report, make_work_dir,  # noqa: E402
                                 run_chaos)
 from tests.system.guests import build_rootfs  # noqa: E402
 
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, svc in req["per_service"].items():
         print(f"  {name}: {svc['total']} requests, {svc['failed']} failed "
               f"({svc['failed_switch_down']} while the Switch was down), answered by {svc['answered_by']}")
+    for name, mode in STEADY.items():
+        offsets = result.switch_down_offsets(name)
+        if offsets:
+            print(f"  {name} ({mode}): failed requests began {', '.join(f'{o:+.2f}' for o in offsets[:40])}"
+                  f"{' ...' if len(offsets) > 40 else ''} s after their Switch kill")
     for line in failure_report(result):
         print(f"  failed outside the Switch's restarts: {line}")
     print(f"lost vnodes {figures['lost_vnodes']}, doubled {figures['doubled_vnodes']}, untouched restarted "

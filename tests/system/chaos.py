@@ -826,6 +826,17 @@ class ChaosResult:
         windows = self.switch_windows()
         return [q for q in self.failed() if any(q.start <= end and q.end >= begin for begin, end in windows)]
 
+    def switch_down_offsets(self, service: str) -> list[float]:
+        """When, after its Switch kill, each request of `service` that failed
+        while the Switch was down began (s): the kernel path keeps
+        forwarding until the restarted Switch takes its table over."""
+        out = []
+        for q in self.failed_switch_down():
+            r = self.round_of(q.end)
+            if q.service == service and r is not None:
+                out.append(round(q.start - r.kill.at, 2))
+        return out
+
     def failed_untouched(self) -> list[Request]:
         down = set(map(id, self.failed_switch_down()))
         return [q for q in self.failed() if id(q) not in down]

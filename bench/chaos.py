@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"seed": seed, **result.figures()}
     print()
     print(f"rounds: {figures['rounds']}, kills: " + ", ".join(f"{p} {n}" for p, n in figures["kills"].items()))
-    print("restart after SIGKILL (median s): " +
+    print("restarted after SIGKILL (median s): " +
           ", ".join(f"{p} {v}" for p, v in figures["restart_seconds_median"].items()))
+    print("serving again after SIGKILL (median s): " +
+          ", ".join(f"{p} {v}" for p, v in figures["serving_again_seconds_median"].items()))
     req = figures["requests"]
     print(f"requests: {req['total']}, failed {req['failed']}: {req['failed_switch_down']} while the Switch "
           f"was down (window median {figures['switch_down_seconds']['median']} s, max "

@@ -268,6 +268,9 @@ class ChaosCluster:
         self.guest_pids_seen: set[tuple[int, int]] = set()     # (pid, start time) of every guest seen
         self.short_uml_dirs: set[str] = set()                   # UML dirs recorded outside the state dir
         self.part_pids_seen: set[tuple[int, int]] = set()
+        self._ctl_lock = threading.Lock()
+        self._ctl_procs: set[subprocess.Popen] = set()
+        self._closing = False
 
     # ---- lifecycle ----------------------------------------------------------
     def up(self) -> None:
@@ -280,6 +283,10 @@ class ChaosCluster:
     def close(self) -> list[str]:
         """LocalCluster.down, then whatever it left (by recorded identity
         only); returns what was left after down, read from the kernel."""
+        with self._ctl_lock:
+            self._closing = True
+            for proc in self._ctl_procs:
+                proc.kill()
         self._record_guests()
         try:
             self.cluster.down()
@@ -354,9 +361,25 @@ class ChaosCluster:
 
     # ---- sodactl --------------------------------------------------------------
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "soda.cli.sodactl", "--master", self.config.master_addr,
-                               *args], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        """sodactl; `close` kills whatever sodactl still runs (a churn
+        thread's, when the run ends early)."""
+        argv = [sys.executable, "-m", "soda.cli.sodactl", "--master", self.config.master_addr, *args]
+        with self._ctl_lock:
+            if self._closing:
+                raise RuntimeError("the cluster is being taken down")
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            self._ctl_procs.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        finally:
+            with self._ctl_lock:
+                self._ctl_procs.discard(proc)
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def ctl_ok(self, *args: str, timeout: float = 120) -> str:
         result = self.ctl(*args, timeout=timeout)
@@ -795,7 +818,7 @@ class Kill:
     at: float
     churn_step: str
     restarted_after: float = float("nan")
-    serving_at: float | None = None     # Switch: when it served every untouched service again
+    serving_at: float | None = None     # when it served again (the Switch: every untouched service)
 
 
 @dataclasses.dataclass
@@ -853,6 +876,9 @@ class ChaosResult:
         kills = {part: sum(1 for r in self.rounds if r.kill.part == part) for part in PARTS}
         restart = {part: _median([r.kill.restarted_after for r in self.rounds if r.kill.part == part])
                    for part in PARTS}
+        serving = {part: _median([r.kill.serving_at - r.kill.at for r in self.rounds
+                                  if r.kill.part == part and r.kill.serving_at is not None])
+                   for part in PARTS}
         windows = [end - begin for begin, end in self.switch_windows() if end != float("inf")]
         per_service = {}
         for name in STEADY:
@@ -865,6 +891,7 @@ class ChaosResult:
             "rounds": len(self.rounds),
             "kills": kills,
             "restart_seconds_median": restart,
+            "serving_again_seconds_median": serving,
             "requests": {"total": len(self.requests), "failed": len(self.failed()),
                          "failed_untouched": len(self.failed_untouched()),
                          "failed_switch_down": len(self.failed_switch_down()),
@@ -905,13 +932,16 @@ def steady_identity(c: ChaosCluster) -> dict[str, tuple[int, int]]:
 
 
 def settle(c: ChaosCluster, identity: dict[str, tuple[int, int]], timeout: float,
-           known: set[tuple[str, str]] = frozenset()) -> tuple[float, list[Problem]]:
+           known: set[tuple[str, str]] = frozenset(),
+           waited_for: list[str] | None = None) -> tuple[float, list[Problem]]:
     """Wait until `check` finds nothing but the `known` problems (found in
     earlier rounds and still there); (seconds it took, the new problems still
-    there at the deadline)."""
+    there at the deadline). `waited_for` gets each problem seen meanwhile."""
     began = now()
     while True:
         problems = [p for p in check(c, identity) if p.key not in known]
+        if waited_for is not None:
+            waited_for += [str(p) for p in problems if str(p) not in waited_for]
         # A restart of an untouched guest will not undo itself: no use waiting.
         if not problems or now() - began > timeout or \
                 all(p.kind in ("restarted", "doubled") for p in problems):
@@ -932,6 +962,44 @@ def wait_serving(c: ChaosCluster, switch_pid: int, timeout: float) -> float | No
                 set(re.findall(r"(\d+\.\d+\.\d+\.\d+) \. \d+", text)) == l4:
             return now()
         time.sleep(0.02)
+    return None
+
+
+def daemon_socket_inode(c: ChaosCluster) -> tuple[int, int] | None:
+    """The Daemon socket's identity: inode and change time (a new socket
+    may get the inode number its predecessor freed)."""
+    try:
+        st = os.stat(c.cluster.daemon_socket)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
+def wait_back(c: ChaosCluster, part: str, new_pid: int, old_socket: tuple[int, int] | None,
+              timeout: float) -> float | None:
+    """When the restarted part serves again, seen from outside: the Master
+    answers sodactl; the Daemon listens on a socket of its own (not the one
+    its predecessor left); the Agent has taken its desired set from the
+    Master (its log); the Switch as `wait_serving` says. None: not within
+    `timeout`."""
+    if part == "switch":
+        return wait_serving(c, new_pid, timeout)
+    deadline = now() + timeout
+    while now() < deadline:
+        if part == "master" and c.services(timeout=0) is not None:
+            return now()
+        if part == "daemon" and daemon_socket_inode(c) not in (None, old_socket):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(c.cluster.daemon_socket)
+                    return now()
+                except OSError:
+                    pass
+        if part == "agent":
+            with open(c.cluster.log_path("agent"), errors="replace") as f:
+                if "desired set from the Master" in f.read().rsplit("starting agent\n", 1)[-1]:
+                    return now()
+        time.sleep(0.05)
     return None
 
 
@@ -1003,24 +1071,28 @@ def one_round(c: ChaosCluster, index: int, part: str, rng: random.Random, settin
     churn.start()
     delay = rng.uniform(0.05, settings.kill_within)
     churn.join(timeout=delay)
+    old_socket = daemon_socket_inode(c)
     old = c.cluster.kill(part)
     kill = Kill(round=index, part=part, at=now(), churn_step=churn.step)
     new = c.cluster.wait_restarted(part, old, timeout=settings.restart_timeout)
     kill.restarted_after = now() - kill.at
     c.part_pids_seen.add((new.pid, new.starttime))
-    if part == "switch":
-        kill.serving_at = wait_serving(c, new.pid, settings.settle_timeout)
+    # The next round must not kill into a restart that is still going on.
+    kill.serving_at = wait_back(c, part, new.pid, old_socket, settings.settle_timeout)
     churn.join(timeout=3 * settings.step_timeout)
     if churn.is_alive():
         churn.failures.append("the churn did not finish")
-    settled, problems = settle(c, identity, settings.settle_timeout, known)
+    waited_for: list[str] = []
+    settled, problems = settle(c, identity, settings.settle_timeout, known, waited_for)
     problems += [Problem("state", f"churn {f}") for f in churn.failures]
+    if kill.serving_at is None:
+        problems.append(Problem("state", f"{part} restarted but not serving within {settings.settle_timeout:g} s"))
     log(f"round {index:3d}: killed {part:<6} {delay:4.2f} s into the churn (during {kill.churn_step}); "
         f"back after {kill.restarted_after:.2f} s"
-        + (f", serving after {kill.serving_at - kill.at:.2f} s" if kill.serving_at else
-           (", NOT serving again" if part == "switch" else ""))
+        + (f", serving after {kill.serving_at - kill.at:.2f} s" if kill.serving_at else ", NOT serving again")
         + f"; settled in {settled:.1f} s; churn {churn.nodes}->{churn.resize_to[0]} nodes, "
         f"{churn.retries} retries" + (f" ({'; '.join(churn.retry_reasons)})" if churn.retry_reasons else "")
+        + (f"; waited for: {'; '.join(waited_for)}" if settled > 10 and not problems else "")
         + ("" if not problems else "; PROBLEMS: " + "; ".join(map(str, problems))))
     return RoundResult(kill, settled, problems, churn.retries)
 

@@ -22,9 +22,7 @@ import pytest
 
 from soda.master.controller import READY
 from soda.master.store import open_store, revision_of
-from soda.rpc.client import sha256_file
 from tests.fakes import FakeClock
-from tests.support import make_ext4_image
 from tests.unit import crashing_master as crashing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,13 +44,6 @@ def check_invariants(store) -> None:
         assert not v.node or nodes[v.node].state == READY, v
         assert v.node or not v.deleting, v
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    image = make_ext4_image(str(root / "rootfs.img"))
-    crashing.prepare(str(root / "master"), image, sha256_file(image))
-    return str(root / "master")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,6 @@ TOPICS = [SERVICES_TOPIC, ENDPOINTS_TOPIC, *(service_topic(s) for s in ("web", "
           *(node_topic(n) for n in "abc")]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    image = make_ext4_image(str(root / "rootfs.img"))
-    crashing.prepare(str(root / "master"), image, sha256_file(image))
-    return str(root / "master")
-
 
 class Crash(Exception):
     """Stands for the process dying at a step of a transaction."""

@@ -54,7 +54,7 @@ from soda.hypervisors.kernels import DEBIAN_KERNEL, DEBIAN_MIN_MEMORY, SODA, fin
 from soda.hypervisors.probe import probe_tcp  # noqa: E402
 from soda.hypervisors.qemu import QemuDriver  # noqa: E402
 from soda.hypervisors.uml import UmlDriver  # noqa: E402
-from soda.model import Resources, parse_spec  # noqa: E402
+from soda.model.spec import Resources, parse_spec  # noqa: E402
 from soda.rpc.client import MasterClient  # noqa: E402
 from tests.support import free_port  # noqa: E402
 from tests.system.cluster import Cluster  # noqa: E402

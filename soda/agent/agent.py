@@ -36,7 +36,8 @@ import threading
 from typing import Callable, Iterable
 
 from soda.errors import NotFound, SodaError
-from soda.model import DriverCapabilities, Node, Resources, VirtualNodeStatus
+from soda.model.spec import Resources
+from soda.model.state import DriverCapabilities, Node, VirtualNodeStatus
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psutil
 
 from soda.config import CapacityConfig
-from soda.model import Resources
+from soda.model.spec import Resources
 
 # Taken when the uplink reports no speed (virtio, veth, tun): a gigabit NIC.
 DEFAULT_BANDWIDTH_MBIT = 1000

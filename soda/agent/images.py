@@ -44,7 +44,8 @@ from typing import Iterator
 
 from soda import command
 from soda.errors import DataLoss, InvalidSpec, SodaError
-from soda.model import DIGEST_RE, Image, check_disk_holds_image
+from soda.model.names import DIGEST_RE
+from soda.model.state import Image, check_disk_holds_image
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from soda.agent.reconciler import Reconciler
 from soda.config import AgentConfig, load, with_overrides
 from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
-from soda.model import NODE_NAME_MAX, DriverCapabilities, Node, check_dns_label
+from soda.model.names import NODE_NAME_MAX, check_dns_label
+from soda.model.state import DriverCapabilities, Node
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
 from soda.service import forbid_fork, sd_notify, setup_logging, stop_event_on_signals

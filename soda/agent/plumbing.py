@@ -16,7 +16,8 @@ from typing import Mapping, Protocol
 from soda.agent.network import NetworkBackend
 from soda.errors import NotFound, SodaError
 from soda.hypervisors.base import guest_mac
-from soda.model import DriverCapabilities, Usage, VirtualNode
+from soda.model.state import DriverCapabilities, VirtualNode
+from soda.model.usage import Usage
 
 log = logging.getLogger(__name__)
 

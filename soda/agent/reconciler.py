@@ -44,7 +44,8 @@ from soda.agent.plumbing import GuestPlumbing
 from soda.errors import SodaError, WrongState
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
-from soda.model import Phase, Resources, VirtualNode, VirtualNodeStatus
+from soda.model.spec import Resources
+from soda.model.state import Phase, VirtualNode, VirtualNodeStatus
 
 log = logging.getLogger(__name__)
 

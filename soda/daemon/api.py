@@ -7,7 +7,7 @@ through soda.rpc.errors.handle_errors.
 from __future__ import annotations
 
 from soda.daemon.limits import LimitManager
-from soda.model import Fence
+from soda.model.fence import Fence
 from soda.proto.v1 import daemon_pb2 as pb
 from soda.proto.v1 import daemon_pb2_grpc as pb_grpc
 from soda.rpc import convert

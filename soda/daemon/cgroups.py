@@ -24,8 +24,9 @@ import time
 from typing import Callable, Iterator
 
 from soda import errors
-from soda.model import Limits, VnodeUsage
-from soda.model import NODE_NAME_MAX, check_dns_label
+from soda.model.fence import Limits
+from soda.model.names import NODE_NAME_MAX, check_dns_label
+from soda.model.usage import VnodeUsage
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 # Files whose presence proves that a v1 controller is mounted and usable

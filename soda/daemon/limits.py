@@ -20,7 +20,7 @@ from soda import errors, model
 from soda.daemon.cgroups import CgroupBackend
 from soda.daemon.config import DaemonConfig
 from soda.daemon.plan import plan
-from soda.model import Fence, Released
+from soda.model.fence import Fence, Released
 from soda.daemon.tc import Shaper, TrafficCounters, check_link_name
 
 log = logging.getLogger(__name__)

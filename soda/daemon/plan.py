@@ -15,7 +15,7 @@ import math
 from soda import model
 from soda.daemon.config import DaemonConfig
 from soda.errors import InvalidSpec
-from soda.model import Limits
+from soda.model.fence import Limits
 
 MIB = 1 << 20
 # cpu.shares per core: the kernel's default weight of one task group.

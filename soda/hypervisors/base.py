@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from soda.errors import InvalidSpec
-from soda.model import NODE_NAME_MAX, DriverCapabilities, Resources, check_dns_label, check_hypervisor_name
+from soda.model.names import NODE_NAME_MAX, check_dns_label, check_hypervisor_name
+from soda.model.spec import Resources
+from soda.model.state import DriverCapabilities
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "soda.hypervisors"

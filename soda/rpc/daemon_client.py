@@ -16,7 +16,8 @@ from soda.proto.v1 import daemon_pb2 as pb
 from soda.proto.v1 import daemon_pb2_grpc as pb_grpc
 from soda.rpc import convert
 from soda.rpc.client import StubClient
-from soda.model import Fence, Limits, Released, VnodeUsage
+from soda.model.fence import Fence, Limits, Released
+from soda.model.usage import VnodeUsage
 
 DEFAULT_SOCKET = "/run/soda/daemon.sock"
 UNARY_TIMEOUT = 30.0          # a release may spend seconds killing a guest's processes

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Collection, Iterable
 
 from soda.errors import InvalidSpec
-from soda.model import DEFAULT_POLICY, Endpoint
+from soda.model.spec import DEFAULT_POLICY
+from soda.model.switching import Endpoint
 
 # Weights are cores with at most 0.01 resolution (model.RESOURCE_BOUNDS):
 # milli-cores keep them exact as integers.

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from soda.errors import SodaError
-from soda.model import EndpointSet
+from soda.model.switching import EndpointSet
 
 log = logging.getLogger("soda.switch.endpoints")
 

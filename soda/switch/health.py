@@ -40,7 +40,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 
-from soda.model import Endpoint, HealthCheck
+from soda.model.spec import HealthCheck
+from soda.model.switching import Endpoint
 
 log = logging.getLogger("soda.switch.health")
 

@@ -59,7 +59,7 @@ from typing import Awaitable, Callable, Collection, Iterable, Protocol
 from soda import command
 from soda.addresses import split_host_port
 from soda.errors import CommandError, InvalidSpec, SodaError, WrongState
-from soda.model import Endpoint, EndpointSet
+from soda.model.switching import Endpoint, EndpointSet
 from soda.switch.balancer import Peer, scaled_weight, smooth_pick
 
 log = logging.getLogger("soda.switch.nft")

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from soda.errors import SodaError, TemporaryError
-from soda.model import DEFAULT_SWITCH_MODE, Endpoint, EndpointSet, HealthCheck, OnDemand
+from soda.model.spec import DEFAULT_SWITCH_MODE, HealthCheck, OnDemand
+from soda.model.switching import Endpoint, EndpointSet
 from soda.switch.health import tcp_probe
 
 log = logging.getLogger("soda.switch.ondemand")

@@ -37,7 +37,8 @@ from typing import Awaitable, Callable, Collection
 
 from soda.addresses import split_host_port
 from soda.errors import InvalidSpec
-from soda.model import DEFAULT_POLICY, Endpoint, EndpointSet, SwitchSpec
+from soda.model.spec import DEFAULT_POLICY, SwitchSpec
+from soda.model.switching import Endpoint, EndpointSet
 from soda.switch.balancer import Balancer
 from soda.switch.health import HealthMonitor
 from soda.switch.metrics import ServiceView, VnodeStats, VnodeView

@@ -18,7 +18,7 @@ from soda.daemon.config import DaemonConfig
 from soda.daemon.main import build_manager
 from soda.daemon.plan import MIB
 from soda.daemon.tc import NetlinkThread, ifb_name
-from soda.model import Resources
+from soda.model.spec import Resources
 
 from tests.integration.conftest import CGROUP_ROOT, V1_CONTROLLERS, link_names, make_tap, run
 

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 from soda import errors
-from soda.model import Resources
+from soda.model.spec import Resources
 from soda.rpc.daemon_client import DaemonClient
 
 from tests.integration.conftest import CGROUP_ROOT, link_names, make_tap, run

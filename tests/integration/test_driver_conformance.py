@@ -29,7 +29,7 @@ import pytest
 
 from soda.errors import InvalidSpec, NotFound
 from soda.hypervisors.base import EXITED, RUNNING, GuestSpec, drivers, make_driver
-from soda.model import Resources
+from soda.model.spec import Resources
 from tests.integration.conftest import run
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -21,7 +21,8 @@ from collections import Counter
 
 import pytest
 
-from soda.model import Endpoint, EndpointSet, SwitchSpec
+from soda.model.spec import SwitchSpec
+from soda.model.switching import Endpoint, EndpointSet
 from tests.integration.conftest import delete_netns, run, unique
 
 pytestmark = pytest.mark.root

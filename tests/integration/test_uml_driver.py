@@ -19,7 +19,7 @@ import pytest
 
 from soda.hypervisors.base import EXITED, RUNNING, GuestSpec
 from soda.hypervisors.uml import UmlDriver
-from soda.model import Resources
+from soda.model.spec import Resources
 from tests.integration.conftest import CGROUP_ROOT, run
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]

@@ -41,7 +41,7 @@ import pytest
 from soda.hypervisors.base import RUNNING, GuestSpec
 from soda.hypervisors.kernels import DEBIAN_KERNEL, SODA, find_uml_kernel
 from soda.hypervisors.uml import UmlDriver
-from soda.model import Resources
+from soda.model.spec import Resources
 # The root tier's namespace fixture and its root check, for this module too.
 from tests.integration.conftest import _root_only, netns, run  # noqa: F401
 

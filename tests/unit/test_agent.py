@@ -23,7 +23,8 @@ from soda.config import CapacityConfig
 from soda.errors import DataLoss, InvalidSpec, NotFound, Unavailable
 from soda.hypervisors.base import RUNNING, drivers
 from soda.hypervisors.fake import FakeDriver
-from soda.model import Image, Node, Phase, Resources, VirtualNode, VirtualNodeStatus
+from soda.model.spec import Resources
+from soda.model.state import Image, Node, Phase, VirtualNode, VirtualNodeStatus
 from tests.support import free_port
 
 IMAGE = b"a tiny root filesystem" * 100
@@ -542,7 +543,7 @@ def test_soda_agent_runs_without_a_master_tells_systemd_and_stops_on_sigterm(tmp
 
 def test_heartbeats_carry_what_the_daemon_measured(tmp_path):
     from soda.agent.plumbing import GuestPlumbing
-    from soda.model import Usage
+    from soda.model.usage import Usage
 
     class MeasuredPlumbing(GuestPlumbing):
         def usage(self, name, hypervisor):

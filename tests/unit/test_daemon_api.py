@@ -15,7 +15,7 @@ from soda.daemon.limits import LimitManager
 from soda.daemon.main import DaemonServer, claim_socket_path
 from soda.daemon.plan import MIB
 from soda.daemon.tc import ifb_name
-from soda.model import Resources
+from soda.model.spec import Resources
 from soda.rpc.daemon_client import DaemonClient
 
 from tests.unit.test_daemon_limits import FakeKernelCgroups, FakeShaper

@@ -11,7 +11,8 @@ import pytest
 from soda import errors
 from soda.daemon import cgroups
 from soda.daemon.cgroups import CgroupV1, CgroupV2, check_parent, open_backend, os_error, probe
-from soda.model import Limits, VnodeUsage
+from soda.model.fence import Limits
+from soda.model.usage import VnodeUsage
 
 LIMITS = Limits(cpu_shares=512, cpu_quota_us=50_000, cpu_period_us=100_000,
                 memory_bytes=96 << 20, pids_max=512, rate_bit=0, burst_bytes=0)

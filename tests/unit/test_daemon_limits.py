@@ -11,7 +11,7 @@ from soda.daemon.config import DaemonConfig
 from soda.daemon.limits import LimitManager
 from soda.daemon.plan import MIB
 from soda.daemon.tc import Shaper, Shaping, TrafficCounters, ifb_name
-from soda.model import Resources
+from soda.model.spec import Resources
 
 from tests.unit.test_daemon_cgroups import make_v1_tree
 from tests.fakes import FakeClock

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from soda.daemon.config import DaemonConfig, HeadroomConfig
 from soda.daemon.plan import MIB, NO_QUOTA, burst_bytes, plan
 from soda.errors import InvalidSpec
-from soda.model import RESOURCE_BOUNDS, Resources
+from soda.model.spec import RESOURCE_BOUNDS, Resources
 
 CFG = DaemonConfig()
 # What the kernel accepts (cpu.shares MIN/MAX_SHARES, the 1 ms CFS minimum):

@@ -8,7 +8,7 @@ import shutil
 from soda.daemon.cgroups import CgroupV2
 from soda.daemon.config import DaemonConfig
 from soda.daemon.limits import LimitManager
-from soda.model import Resources
+from soda.model.spec import Resources
 
 from tests.unit.test_daemon_cgroups import make_v2_tree
 from tests.fakes import FakeClock

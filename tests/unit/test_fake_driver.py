@@ -8,7 +8,7 @@ import pytest
 from soda.errors import CommandError, InvalidSpec, NotFound, SodaError
 from soda.hypervisors.base import DRIVERS, EXITED, RUNNING, GuestSpec, HypervisorDriver, make_driver
 from soda.hypervisors.fake import FakeDriver
-from soda.model import Resources
+from soda.model.spec import Resources
 from tests.fakes import FakeClock
 
 

@@ -14,7 +14,7 @@ from soda.hypervisors.base import GuestSpec
 from soda.hypervisors.kernels import (DEBIAN, DEBIAN_KERNEL, DEBIAN_MIN_MEMORY, DEFAULT_CACHE, SODA,
                                       SODA_MIN_MEMORY, UmlKernel, find_uml_kernel, kernel_cache)
 from soda.hypervisors.uml import UmlDriver
-from soda.model import Resources
+from soda.model.spec import Resources
 
 
 def spec(memory=64, image="/var/lib/soda/agent/images/sha256-ab12/rootfs.img"):

@@ -9,7 +9,8 @@ from dataclasses import replace
 from soda.agent.reconciler import Reconciler
 from soda.errors import WrongState
 from soda.hypervisors.fake import FakeDriver
-from soda.model import Phase, Usage
+from soda.model.state import Phase
+from soda.model.usage import Usage
 
 from tests.fakes import FakeClock, FakeImages, RecordingReporter
 from tests.unit.test_reconciler import vnode, wait_for

@@ -22,7 +22,7 @@ from soda.hypervisors.base import (DRIVERS, EXITED, RUNNING, GuestSpec, make_dri
                                    write_json_atomic)
 from soda.hypervisors.qemu import QemuDriver, _proc_starttime, guest_mac
 from soda.hypervisors.qmp import QmpError, qmp
-from soda.model import Resources
+from soda.model.spec import Resources
 from tests.support import free_port
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")

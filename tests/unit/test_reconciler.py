@@ -11,7 +11,8 @@ from soda.agent.reconciler import Reconciler
 from soda.errors import Unavailable, WrongState
 from soda.hypervisors.base import EXITED, RUNNING
 from soda.hypervisors.fake import FakeDriver
-from soda.model import Phase, Resources, VirtualNode
+from soda.model.spec import Resources
+from soda.model.state import Phase, VirtualNode
 from tests.fakes import FakeClock, FakeImages, RecordingReporter
 
 DIGEST = "sha256:" + "b" * 64
@@ -502,7 +503,7 @@ def test_changed_cpu_is_applied_live_without_a_restart(tmp_path, image):
 
 
 def test_statuses_with_usage_ask_the_plumbing_for_running_guests_only(tmp_path, image):
-    from soda.model import Usage
+    from soda.model.usage import Usage
     driver = FakeDriver(str(tmp_path / "state"), boot_seconds=0)
     plumbing = RecordingPlumbing()
     asked = []

@@ -27,7 +27,7 @@ def plain(record):
         return model.Service(spec=record.spec, image_digest=record.image_digest,
                              vnodes=tuple(plain(v) for v in record.vnodes), deleting=record.deleting,
                              created_at=record.created_at)
-    cls = next(c for c in type(record).__mro__ if c.__module__ == "soda.model")
+    cls = next(c for c in type(record).__mro__ if c.__module__.startswith("soda.model."))
     return cls(**{f.name: getattr(record, f.name) for f in dataclasses.fields(cls)})
 
 

@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from soda.errors import CommandError, InvalidSpec, WrongState
-from soda.model import Endpoint, EndpointSet, SwitchSpec
+from soda.model.spec import SwitchSpec
+from soda.model.switching import Endpoint, EndpointSet
 from soda.switch import nft
 from soda.switch.main import SwitchConfig, check_config
 from soda.switch.nft import KernelPath, L4Rule, ModeDispatch, l4_rule, render, weight_slots

@@ -23,7 +23,7 @@ from soda.hypervisors import launch
 from soda.hypervisors.base import (DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict,
                                    write_json_atomic)
 from soda.hypervisors.uml import UmlDriver, _proc_starttime, mconsole, parse_meminfo
-from soda.model import Resources
+from soda.model.spec import Resources
 from tests.support import free_port
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 
 from soda import model
-from soda.model import DriverCapabilities
+from soda.model.state import DriverCapabilities
 from soda.agent.network import NodeNetwork
 from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.errors import NotFound, Unavailable
 from soda.rpc import convert
-from soda.model import VnodeUsage
+from soda.model.usage import VnodeUsage
 from tests.unit.test_controller import setup, spec  # noqa: F401  (fixture)
 
 U1 = model.Usage(cpu_seconds=1.5, memory_bytes=10 << 20, memory_peak_bytes=12 << 20,

@@ -1,26 +1,22 @@
-"""SODA's domain objects and the rules a service spec must obey.
+"""A service spec: what an ASP asks for (image, virtual nodes and their
+resources, how the Switch serves it) and the rules it must obey.
 
-Plain frozen dataclasses shared by every part (Master, Agent, Switch,
-sodactl). `parse_spec` turns a YAML/flag dict into a validated
-`ServiceSpec`; the Master validates again whatever reaches it over gRPC.
-No I/O and no grpc here.
+`parse_spec` turns a YAML/flag dict into a validated `ServiceSpec`; the
+Master validates again whatever reaches it over gRPC (`validate_spec`).
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import re
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from soda.addresses import split_host_port
 from soda.errors import InvalidSpec
+from soda.model.names import (SERVICE_NAME_MAX, check_dns_label, check_hypervisor_name,
+                              check_image_ref)
 
-# A hypervisor driver's name (uml, qemu, fake, or a plugin's): which drivers
-# exist is each node's business (its Agent's registry); the Master knows a
-# hypervisor only from the nodes that offer it and what they declare of it.
-_HYPERVISOR_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 POLICIES = ("weighted-round-robin", "weighted-least-connections")
 DEFAULT_POLICY = "weighted-round-robin"
 # How the Switch forwards a service: its userspace proxy, or the kernel (nftables DNAT).
@@ -29,16 +25,7 @@ DEFAULT_SWITCH_MODE = "proxy"
 # Active health checks: a TCP connect, an HTTP GET of a path, or none.
 HEALTH_KINDS = ("tcp", "http", "none")
 DEFAULT_PORT = 80
-
-# Names are matched as whole strings: "\Z", not "$", which also matches
-# before a trailing newline ("web\n" would pass and its guest never start).
-# A DNS label; services leave room for the "-NNN" virtual node suffix.
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
-SERVICE_NAME_MAX = 50
-NODE_NAME_MAX = 63
 MAX_VNODES_PER_SERVICE = 1000
-IMAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}\Z")
-DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 # Bounds that catch typos (64000 cores, negative memory) before scheduling;
 # a request inside them that no node can hold is NoCapacity, not InvalidSpec.
@@ -50,18 +37,6 @@ RESOURCE_BOUNDS = {
 }
 RESOURCE_UNITS = {"cpu": "cores", "memory": "MiB", "bandwidth": "Mbit/s", "disk": "MiB"}
 RESOURCE_DEFAULTS = {"cpu": 1.0, "memory": 64, "bandwidth": 100, "disk": 256}
-
-
-class Phase(enum.IntEnum):
-    """Lifecycle of a virtual node as its Agent observes it."""
-    UNSPECIFIED = 0
-    PENDING = 1
-    PULLING = 2
-    BOOTING = 3
-    RUNNING = 4
-    FAILED = 5
-    STOPPING = 6
-    STOPPED = 7
 
 
 @dataclass(frozen=True)
@@ -168,220 +143,6 @@ def resource_columns(resources: tuple[Resources, ...]) -> dict:
         values = [r.as_dict()[key] for r in resources]
         out[key] = values[0] if values and len(set(values)) == 1 else values
     return out
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What a virtual node has used, as its node's Daemon measured it:
-    cumulative counters (CPU, traffic, throttling, OOM kills) and memory now
-    and at its peak. `bytes_in` is traffic to the guest, `bytes_out` from it.
-    Summing gives a physical node's totals."""
-    cpu_seconds: float = 0.0
-    memory_bytes: int = 0
-    memory_peak_bytes: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    throttled_seconds: float = 0.0
-    oom_kills: int = 0
-
-    def __add__(self, other: "Usage") -> "Usage":
-        return Usage(**{f: getattr(self, f) + getattr(other, f) for f in USAGE_FIELDS})
-
-    @staticmethod
-    def total(usages: Iterable["Usage | None"]) -> "Usage | None":
-        """The sum of those that are known; None when none is."""
-        known = [u for u in usages if u is not None]
-        if not known:
-            return None
-        out = Usage()
-        for u in known:
-            out = out + u
-        return out
-
-
-USAGE_FIELDS = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", "bytes_out",
-                "throttled_seconds", "oom_kills")
-
-
-@dataclass(frozen=True)
-class VnodeUsage:
-    """What a node's Daemon measures of one virtual node: its cgroup's
-    counters and its TAP's traffic ("to_guest" is what the guest received).
-    `usage()` is the part of it the Agent reports to the Master."""
-    name: str
-    cpu_seconds: float = 0.0
-    cpu_throttled_seconds: float = 0.0
-    memory_bytes: int = 0
-    memory_peak_bytes: int = 0
-    memory_limit_bytes: int = 0
-    memory_failcnt: int = 0
-    oom_kills: int = 0
-    pids: int = 0
-    bytes_to_guest: int = 0
-    bytes_from_guest: int = 0
-    drops_to_guest: int = 0
-    drops_from_guest: int = 0
-
-    def usage(self) -> Usage:
-        return Usage(cpu_seconds=self.cpu_seconds, memory_bytes=self.memory_bytes,
-                     memory_peak_bytes=self.memory_peak_bytes, bytes_in=self.bytes_to_guest,
-                     bytes_out=self.bytes_from_guest, throttled_seconds=self.cpu_throttled_seconds,
-                     oom_kills=self.oom_kills)
-
-
-@dataclass(frozen=True)
-class VirtualNode:
-    name: str
-    service: str
-    index: int
-    resources: Resources
-    node: str = ""
-    address: str = ""
-    prefix_length: int = 0
-    gateway: str = ""
-    weight: float = 0.0
-    image_digest: str = ""
-    hypervisor: str = ""
-    port: int = DEFAULT_PORT
-    phase: Phase = Phase.PENDING
-    reason: str = ""
-    boot_seconds: float = 0.0
-    deleting: bool = False
-    generation: int = 1
-    cpu_cap: bool = False
-    usage: Usage | None = None      # observed, kept by the Master in memory only
-    switch_stats: "SwitchVnodeStats | None" = None   # what the Switch measured; Master memory only
-
-    def with_status(self, phase: Phase, reason: str = "", boot_seconds: float | None = None) -> "VirtualNode":
-        return replace(self, phase=phase, reason=reason,
-                       boot_seconds=self.boot_seconds if boot_seconds is None else boot_seconds)
-
-
-@dataclass(frozen=True)
-class Service:
-    spec: ServiceSpec
-    image_digest: str
-    vnodes: tuple[VirtualNode, ...] = ()
-    deleting: bool = False
-    created_at: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-@dataclass(frozen=True)
-class DriverCapabilities:
-    """What one hypervisor driver of a node declares it can do, and what its
-    fingerprint found on that node. The Agent registers one per driver it
-    offers; the Master's admission and placement read these, never driver
-    names: a rule that depends on what a hypervisor can do is one field
-    here, set by the driver."""
-    hypervisor: str
-    min_memory: int = 0             # MiB: the smallest guest it boots (its kernel sets it)
-    kernel: str = ""                # which kernel, as the node names it
-    memory_overhead: int = 0        # MiB per guest above its memory (placement, the Daemon's limit)
-    live_memory: bool = False       # memory changes while the guest runs (up to its boot size)
-    freeze: bool = False            # a guest can be paused and resumed in place
-    disk_bound: bool = False        # guests boot a root disk of the virtual node's size
-    plumbing: bool = False          # guests need a TAP on the node bridge and the Daemon's fence
-    migration: str = ""             # how a guest moves between nodes; "" = it cannot
-    attributes: Mapping[str, str] = field(default_factory=dict)   # the fingerprint's findings
-
-
-def check_hypervisor_name(name: Any) -> str:
-    if not isinstance(name, str) or not _HYPERVISOR_NAME.match(name):
-        raise InvalidSpec(f"invalid hypervisor name {name!r}: lowercase letters, digits, '-' and "
-                          "'_', starting with a letter, at most 32 characters")
-    return name
-
-
-@dataclass(frozen=True)
-class Node:
-    name: str
-    address: str
-    capacity: Resources
-    hypervisors: tuple[str, ...]
-    subnet: str = ""
-    gateway: str = ""
-    uplink: str = ""              # host end of its uplink (the Master's IPAM decides all three)
-    state: str = "READY"          # READY | LOST
-    allocated: Resources = Resources()
-    vnodes: int = 0
-    last_heartbeat: float = 0.0
-    usage: Usage | None = None      # sum over its virtual nodes that reported usage
-    limits: tuple[DriverCapabilities, ...] = ()
-    # Capacity fields the node could not measure and assumed a default for.
-    assumed: tuple[str, ...] = ()
-
-    def limit(self, hypervisor: str) -> DriverCapabilities | None:
-        return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)
-
-    def memory_overhead(self, hypervisor: str) -> int:
-        """MiB a guest under `hypervisor` costs this node beyond its memory."""
-        limit = self.limit(hypervisor)
-        return limit.memory_overhead if limit is not None else 0
-
-
-@dataclass(frozen=True)
-class Image:
-    digest: str
-    size: int
-    names: tuple[str, ...] = ()
-    created_at: float = 0.0
-    init: str = "/sbin/init"
-
-
-def check_disk_holds_image(disk_mib: int, image: Image) -> None:
-    """A virtual node's disk is the disk its guest sees, and the image is
-    laid on it (soda.agent.images): a disk smaller than the image is refused."""
-    if disk_mib * (1 << 20) < image.size:
-        raise InvalidSpec(f"disk {disk_mib} MiB cannot hold image {image.digest[:19]} "
-                          f"({image.size} bytes): give at least "
-                          f"{math.ceil(image.size / (1 << 20))} MiB (--disk)")
-
-
-@dataclass(frozen=True)
-class VirtualNodeStatus:
-    """What an Agent reports about one virtual node."""
-    name: str
-    phase: Phase
-    reason: str = ""
-    boot_seconds: float = 0.0
-    generation: int = 0
-    usage: Usage | None = None      # real guests only: what the Daemon measured
-
-
-def vnode_name(service: str, index: int) -> str:
-    return f"{service}-{index}"
-
-
-# ---- validation -------------------------------------------------------
-
-def check_dns_label(kind: str, name: Any, max_len: int) -> str:
-    if not isinstance(name, str) or not name:
-        raise InvalidSpec(f"{kind} name is required")
-    if len(name) > max_len or not _DNS_LABEL.match(name):
-        raise InvalidSpec(
-            f"invalid {kind} name {name!r}: use lowercase letters, digits and '-', "
-            f"start and end with a letter or digit, at most {max_len} characters")
-    return name
-
-
-def check_image_ref(ref: Any) -> str:
-    if not isinstance(ref, str) or not ref:
-        raise InvalidSpec("image is required (a name or sha256:<hex> digest)")
-    if DIGEST_RE.match(ref) or IMAGE_NAME_RE.match(ref):
-        return ref
-    raise InvalidSpec(f"invalid image reference {ref!r}: expected a name "
-                      "([a-z0-9._-], at most 128 characters) or sha256:<64 hex digits>")
-
-
-def check_image_name(name: Any) -> str:
-    if not isinstance(name, str) or not IMAGE_NAME_RE.match(name) or name.startswith("sha256"):
-        raise InvalidSpec(f"invalid image name {name!r}: use [a-z0-9._-], start with a letter "
-                          "or digit, at most 128 characters")
-    return name
 
 
 def _plain(value: float) -> str:
@@ -611,101 +372,3 @@ def validate_spec(spec: ServiceSpec) -> ServiceSpec:
 def share_weight(resources: Resources) -> float:
     """A virtual node's balancing weight: its CPU share (the paper's 1:2 rule)."""
     return resources.cpu
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One virtual node as the Switch sees it."""
-    vnode: str
-    address: str
-    port: int
-    weight: float
-    ready: bool
-
-
-@dataclass(frozen=True)
-class SwitchVnodeStats:
-    """One virtual node as a Switch sees it (soda.switch.metrics). "in" is
-    traffic towards the node; times in seconds."""
-    vnode: str
-    routable: bool = False      # listed ready by the Master: may get new connections
-    healthy: bool = False       # passes the service's health checks
-    open: int = 0
-    total: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    connect_failures: int = 0
-    ttfb_p50: float = 0.0
-    ttfb_mean: float = 0.0
-    ttfb_last: float = 0.0
-
-
-@dataclass(frozen=True)
-class SwitchServiceStats:
-    service: str
-    listen: str = ""
-    listening: bool = False
-    bind_error: str = ""
-    vnodes: tuple[SwitchVnodeStats, ...] = ()
-
-
-@dataclass(frozen=True)
-class SwitchReport:
-    """What a Switch tells the Master every few seconds: the hosts it may
-    listen on (empty: any), the TCP addresses something else listens on at
-    its host, and per service its listener and virtual nodes."""
-    switch: str
-    listen_hosts: tuple[str, ...] = ()
-    busy: tuple[str, ...] = ()
-    services: tuple[SwitchServiceStats, ...] = ()
-
-
-@dataclass(frozen=True)
-class EndpointSet:
-    """What the Switch needs of one service: how to serve it and where to."""
-    service: str
-    switch: SwitchSpec = field(default_factory=SwitchSpec)
-    endpoints: tuple[Endpoint, ...] = ()
-    deleted: bool = False
-    on_demand: OnDemand | None = None
-
-    @property
-    def listen(self) -> str:
-        return self.switch.listen
-
-    @property
-    def policy(self) -> str:
-        return self.switch.policy
-
-
-# ---- the Daemon's fence (shared by the Daemon and its clients) ----------
-
-@dataclass(frozen=True)
-class Limits:
-    """Concrete kernel values of one virtual node's fence."""
-    cpu_shares: int = 0
-    cpu_quota_us: int = -1     # -1 = no cap
-    cpu_period_us: int = 0
-    memory_bytes: int = 0
-    pids_max: int = 0          # 0 = unlimited
-    rate_bit: int = 0          # 0 = not shaped
-    burst_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class Fence:
-    """A fenced virtual node: the guest process joins every dir in `cgroups`
-    (writes its pid to <dir>/cgroup.procs) before it execs the hypervisor."""
-    name: str
-    cgroups: tuple[str, ...]
-    cgroup_version: str
-    limits: Limits
-    tap: str = ""
-    ifb: str = ""
-
-
-@dataclass(frozen=True)
-class Released:
-    name: str
-    existed: bool
-    killed: int = 0

@@ -1,0 +1,143 @@
+"""The cluster's state as the Master keeps it: services, their virtual
+nodes and phases, physical nodes and what their drivers can do, images."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Mapping
+
+from soda.errors import InvalidSpec
+from soda.model.spec import DEFAULT_PORT, Resources, ServiceSpec
+from soda.model.usage import Usage
+
+if TYPE_CHECKING:
+    from soda.model.switching import SwitchVnodeStats
+
+class Phase(enum.IntEnum):
+    """Lifecycle of a virtual node as its Agent observes it."""
+    UNSPECIFIED = 0
+    PENDING = 1
+    PULLING = 2
+    BOOTING = 3
+    RUNNING = 4
+    FAILED = 5
+    STOPPING = 6
+    STOPPED = 7
+
+
+@dataclass(frozen=True)
+class VirtualNode:
+    name: str
+    service: str
+    index: int
+    resources: Resources
+    node: str = ""
+    address: str = ""
+    prefix_length: int = 0
+    gateway: str = ""
+    weight: float = 0.0
+    image_digest: str = ""
+    hypervisor: str = ""
+    port: int = DEFAULT_PORT
+    phase: Phase = Phase.PENDING
+    reason: str = ""
+    boot_seconds: float = 0.0
+    deleting: bool = False
+    generation: int = 1
+    cpu_cap: bool = False
+    usage: Usage | None = None      # observed, kept by the Master in memory only
+    switch_stats: "SwitchVnodeStats | None" = None   # what the Switch measured; Master memory only
+
+    def with_status(self, phase: Phase, reason: str = "", boot_seconds: float | None = None) -> "VirtualNode":
+        return replace(self, phase=phase, reason=reason,
+                       boot_seconds=self.boot_seconds if boot_seconds is None else boot_seconds)
+
+
+@dataclass(frozen=True)
+class Service:
+    spec: ServiceSpec
+    image_digest: str
+    vnodes: tuple[VirtualNode, ...] = ()
+    deleting: bool = False
+    created_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class DriverCapabilities:
+    """What one hypervisor driver of a node declares it can do, and what its
+    fingerprint found on that node. The Agent registers one per driver it
+    offers; the Master's admission and placement read these, never driver
+    names: a rule that depends on what a hypervisor can do is one field
+    here, set by the driver."""
+    hypervisor: str
+    min_memory: int = 0             # MiB: the smallest guest it boots (its kernel sets it)
+    kernel: str = ""                # which kernel, as the node names it
+    memory_overhead: int = 0        # MiB per guest above its memory (placement, the Daemon's limit)
+    live_memory: bool = False       # memory changes while the guest runs (up to its boot size)
+    freeze: bool = False            # a guest can be paused and resumed in place
+    disk_bound: bool = False        # guests boot a root disk of the virtual node's size
+    plumbing: bool = False          # guests need a TAP on the node bridge and the Daemon's fence
+    migration: str = ""             # how a guest moves between nodes; "" = it cannot
+    attributes: Mapping[str, str] = field(default_factory=dict)   # the fingerprint's findings
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    capacity: Resources
+    hypervisors: tuple[str, ...]
+    subnet: str = ""
+    gateway: str = ""
+    uplink: str = ""              # host end of its uplink (the Master's IPAM decides all three)
+    state: str = "READY"          # READY | LOST
+    allocated: Resources = Resources()
+    vnodes: int = 0
+    last_heartbeat: float = 0.0
+    usage: Usage | None = None      # sum over its virtual nodes that reported usage
+    limits: tuple[DriverCapabilities, ...] = ()
+    # Capacity fields the node could not measure and assumed a default for.
+    assumed: tuple[str, ...] = ()
+
+    def limit(self, hypervisor: str) -> DriverCapabilities | None:
+        return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)
+
+    def memory_overhead(self, hypervisor: str) -> int:
+        """MiB a guest under `hypervisor` costs this node beyond its memory."""
+        limit = self.limit(hypervisor)
+        return limit.memory_overhead if limit is not None else 0
+
+
+@dataclass(frozen=True)
+class Image:
+    digest: str
+    size: int
+    names: tuple[str, ...] = ()
+    created_at: float = 0.0
+    init: str = "/sbin/init"
+
+
+def check_disk_holds_image(disk_mib: int, image: Image) -> None:
+    """A virtual node's disk is the disk its guest sees, and the image is
+    laid on it (soda.agent.images): a disk smaller than the image is refused."""
+    if disk_mib * (1 << 20) < image.size:
+        raise InvalidSpec(f"disk {disk_mib} MiB cannot hold image {image.digest[:19]} "
+                          f"({image.size} bytes): give at least "
+                          f"{math.ceil(image.size / (1 << 20))} MiB (--disk)")
+
+
+@dataclass(frozen=True)
+class VirtualNodeStatus:
+    """What an Agent reports about one virtual node."""
+    name: str
+    phase: Phase
+    reason: str = ""
+    boot_seconds: float = 0.0
+    generation: int = 0
+    usage: Usage | None = None      # real guests only: what the Daemon measured

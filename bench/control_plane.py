@@ -38,7 +38,7 @@ from tests.support import free_port, make_ext4_image, peak_rss_mib  # noqa: E402
 AGENT_CONFIG = """\
 log_level: WARNING
 capacity: {cpu: 64, memory: 65536, bandwidth: 100000, disk: 10000000}
-fake: {boot_seconds: 0.2, stop_seconds: 0.01}
+drivers: {fake: {boot_seconds: 0.2, stop_seconds: 0.01}}
 max_parallel_boots: 8
 """
 

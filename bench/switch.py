@@ -66,7 +66,7 @@ PATHS = ("direct", "userspace", "kernel", "haproxy")
 AGENT_CONFIG = """\
 log_level: WARNING
 capacity: {cpu: 16, memory: 65536, bandwidth: 100000, disk: 1000000}
-fake: {boot_seconds: 0.05, stop_seconds: 0.01}
+drivers: {fake: {boot_seconds: 0.05, stop_seconds: 0.01}}
 """
 
 NGINX_CONFIG = """\

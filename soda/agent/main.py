@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+from typing import Any
 
 from soda.agent.agent import Agent, StatusReporter, state_dir_problem
 from soda.agent.capacity import measure_capacity
@@ -23,7 +24,7 @@ from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
 from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.agent.reconciler import Reconciler
-from soda.config import AgentConfig, load, with_overrides
+from soda.config import AgentConfig, build_section, load, with_overrides
 from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
 from soda.model.names import NODE_NAME_MAX, check_dns_label
@@ -106,14 +107,23 @@ def check_config(config: AgentConfig) -> AgentConfig:
         raise InvalidSpec(f"reconcile_seconds must be positive, got {config.reconcile_seconds:g}")
     if config.log_level.upper() not in LOG_LEVELS:
         raise InvalidSpec(f"log_level {config.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    driver_configs(config)
     return dataclasses.replace(config, name=name)
 
 
-def driver_options(config: AgentConfig, hypervisor: str) -> dict:
-    """The config section of one driver, as keyword arguments."""
-    sections = {"fake": config.fake, "uml": config.uml, "qemu": config.qemu}
-    section = sections.get(hypervisor)
-    return dataclasses.asdict(section) if section is not None else {}
+def driver_configs(config: AgentConfig) -> dict[str, Any]:
+    """Each driver section of the config (`drivers: {uml: {...}}`) as the
+    dataclass its driver owns (`Driver.Config`), for every configured
+    hypervisor (defaults where there is no section). A section of a driver
+    this node does not have, or with a key its driver does not know, is an
+    error at load, not at first boot."""
+    registry = drivers()
+    unknown = sorted(set(config.drivers) - set(registry))
+    if unknown:
+        raise InvalidSpec(f"drivers: no hypervisor driver named {', '.join(unknown)} "
+                          f"(available: {', '.join(sorted(registry))})")
+    return {name: build_section(registry[name].Config, config.drivers.get(name), f"drivers.{name}")
+            for name in dict.fromkeys((*config.hypervisors, *config.drivers))}
 
 
 class DriverUnusable(SodaError):
@@ -134,8 +144,9 @@ def build_drivers(config: AgentConfig) -> Drivers:
     a driver's fingerprint says it cannot work here."""
     os.makedirs(config.state_dir, exist_ok=True)
     made, capabilities = {}, {}
+    sections = driver_configs(config)
     for name in config.hypervisors:
-        driver = make_driver(name, config.state_dir, **driver_options(config, name))
+        driver = make_driver(name, config.state_dir, sections[name])
         found = driver.fingerprint()
         if not found.usable:
             raise DriverUnusable(f"hypervisor {name} cannot run guests here: {found.reason}")

@@ -86,11 +86,21 @@ class GuestInfo:
     generation: int = 0          # GuestSpec.generation it was started with; 0 = unknown
 
 
+@dataclass(frozen=True)
+class NoConfig:
+    """The config section of a driver that has nothing to configure."""
+
+
 class HypervisorDriver(abc.ABC):
     """One way of running guests. Subclasses keep all their state under
     `state_dir/<name>/` and find their guests again from it."""
 
     name: str = ""
+    # This driver's section of the Agent's config (`drivers: {<name>: ...}`),
+    # owned here: a frozen dataclass whose fields are keyword arguments of
+    # the constructor, built and checked (unknown keys are errors) when the
+    # Agent loads its config.
+    Config: type = NoConfig
     # What this driver's guests can do. Every rule that depends on it reads
     # these, here in the Agent and at the Master from what the node
     # registered (`capabilities()`): a new rule is one edit in the driver.
@@ -225,14 +235,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_driver(name: str, state_dir: str, **options: Any) -> HypervisorDriver:
+def make_driver(name: str, state_dir: str, config: Any = None) -> HypervisorDriver:
+    """Driver `name` on `state_dir`, configured by `config` (an instance of
+    its `Config`; None = that section's defaults)."""
+    cls = driver_class(name)
+    return cls(state_dir, **dataclasses.asdict(config if config is not None else cls.Config()))
+
+
+def driver_class(name: str) -> type[HypervisorDriver]:
     registry = drivers()
     try:
-        cls = registry[name]
+        return registry[name]
     except KeyError:
         raise InvalidSpec(f"unknown hypervisor driver {name!r} "
                           f"(available: {', '.join(sorted(registry))})") from None
-    return cls(state_dir, **options)
 
 
 def _plugin_drivers(builtin: Mapping[str, type[HypervisorDriver]]) -> dict[str, type[HypervisorDriver]]:

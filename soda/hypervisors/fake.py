@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from soda.errors import CommandError, NotFound
@@ -36,8 +37,16 @@ CRASHED = "crashed"
 FAKE_PID_BASE = 100_000
 
 
+@dataclass(frozen=True)
+class FakeConfig:
+    """The Agent config's `drivers: {fake: ...}` section."""
+    boot_seconds: float = 0.2       # a guest is ready this long after start
+    stop_seconds: float = 0.05      # a stop takes this long
+
+
 class FakeDriver(HypervisorDriver):
     name = "fake"
+    Config = FakeConfig
     disk_bound = False            # its guests never read their image
     plumbing = False              # nor have a network or a fence
     live_memory = True            # set_memory works on its pretend guests

@@ -48,12 +48,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from soda import command
 from soda.errors import InvalidSpec, NotFound, WrongState
 from soda.hypervisors import process
 from soda.hypervisors.base import check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec, TUN_DEVICE
+from soda.hypervisors.kernels import AUTO
 from soda.hypervisors.probe import PROBE_TIMEOUT
 from soda.netns import NETNS_DIR
 from soda.hypervisors.recorded import TERM_GRACE, RecordedGuestDriver
@@ -61,7 +63,6 @@ from soda.hypervisors.qmp import qmp
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
 OVERLAY = "overlay.qcow2"
 CONSOLE = "console.log"
 QMP_SOCKET = "qmp.sock"
@@ -101,7 +102,23 @@ _key, _reap, _proc_starttime = process.key, process.reap, process.proc_starttime
 _kvm_verdicts: dict[tuple[str, str], bool] = {}
 
 
+@dataclass(frozen=True)
+class QemuConfig:
+    """The Agent config's `drivers: {qemu: ...}` section."""
+    # "auto": the newest /boot/vmlinuz-* (linux-image-amd64); or a path.
+    kernel: str = AUTO
+    # "auto": built for that kernel by the packaged initramfs builder into
+    # the state dir on first use; or a path.
+    initramfs: str = AUTO
+    # "auto": KVM if a bounded probe boots a kernel with it, else TCG.
+    accel: str = AUTO
+    # MiB each guest's QEMU process needs above its memory; 0 = the
+    # driver's own figure (MEMORY_OVERHEAD, TCG).
+    memory_overhead: int = 0
+
+
 class QemuDriver(RecordedGuestDriver):
+    Config = QemuConfig
     identity = _identity
     exit_markers = EXIT_MARKERS
     name = "qemu"

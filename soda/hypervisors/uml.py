@@ -42,6 +42,7 @@ import struct
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from soda.errors import InvalidSpec, NotFound, TemporaryError, WrongState
@@ -83,7 +84,19 @@ _session_members = _identity.session_members
 _key, _reap, _proc_starttime = process.key, process.reap, process.proc_starttime
 
 
+@dataclass(frozen=True)
+class UmlConfig:
+    """The Agent config's `drivers: {uml: ...}` section."""
+    # "auto": SODA's own kernel (scripts/build-guest-kernel) when built, else
+    # Debian's /usr/bin/linux.uml; or a kernel's path.
+    kernel: str = AUTO
+    # MiB each guest's UML process needs above its memory; 0 = the driver's
+    # own figure (MEMORY_OVERHEAD). Placement and the Daemon's limit add it.
+    memory_overhead: int = 0
+
+
 class UmlDriver(RecordedGuestDriver):
+    Config = UmlConfig
     identity = _identity
     exit_markers = EXIT_MARKERS
     name = "uml"

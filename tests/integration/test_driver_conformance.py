@@ -28,7 +28,7 @@ import time
 import pytest
 
 from soda.errors import InvalidSpec, NotFound
-from soda.hypervisors.base import EXITED, RUNNING, GuestSpec, drivers, make_driver
+from soda.hypervisors.base import EXITED, RUNNING, GuestSpec, driver_class, drivers
 from soda.model.spec import Resources
 from tests.integration.conftest import run
 
@@ -106,7 +106,7 @@ class Harness:
         state = str(self.tmp_path / "state")
         if self.pretend:
             kw.setdefault("boot_seconds", 0.3)
-            d = make_driver(self.kind, state, **kw)
+            d = driver_class(self.kind)(state, **kw)
         elif self.kind == "uml":
             from soda.hypervisors.uml import UmlDriver
             d = UmlDriver(state, kernel=UML_KERNEL, short_dir=str(self.tmp_path / "run"), **kw)

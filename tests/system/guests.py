@@ -140,7 +140,7 @@ def uml_node(cluster, rootfs, daemon_config: str = "", hypervisors: str = "uml",
     the pid of every guest you see), .restart_daemon() and .restart_agent().
     `daemon_config`: extra YAML for the Daemon (e.g. 'cpuset: "0"');
     `hypervisors`: the drivers the Agent offers besides uml (e.g. "qemu");
-    `agent_config`: YAML for the Agent (e.g. 'uml: {kernel: /usr/bin/linux.uml}')."""
+    `agent_config`: YAML for the Agent (e.g. 'drivers: {uml: {kernel: /usr/bin/linux.uml}}')."""
     tag = uuid.uuid4().hex[:6]
     netns, parent = f"sodas-{tag}", f"soda-test-{tag}"
     subprocess.run(["ip", "netns", "add", netns], check=True)

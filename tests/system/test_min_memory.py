@@ -24,7 +24,7 @@ if not os.access(DEBIAN_KERNEL, os.X_OK):
 
 @pytest.fixture
 def debian_node(cluster, rootfs):
-    with _uml_node(cluster, rootfs, agent_config=f"uml: {{kernel: {DEBIAN_KERNEL}}}") as c:
+    with _uml_node(cluster, rootfs, agent_config=f"drivers: {{uml: {{kernel: {DEBIAN_KERNEL}}}}}") as c:
         yield c
 
 

@@ -17,7 +17,7 @@ from soda.agent.agent import Agent, Backoff, StatusReporter, state_dir_problem
 from soda.agent.capacity import (DEFAULT_BANDWIDTH_MBIT, default_route_device, link_speed_mbit,
                                  measure_capacity)
 from soda.agent.images import ImageCache
-from soda.agent.main import build_config, main, parse_args
+from soda.agent.main import build_config, driver_configs, main, parse_args
 from soda.agent.reconciler import Reconciler
 from soda.config import CapacityConfig
 from soda.errors import DataLoss, InvalidSpec, NotFound, Unavailable
@@ -497,13 +497,14 @@ def test_bad_config_is_one_clear_line_and_exit_2(tmp_path, capsys):
 def test_flags_override_the_config_file(tmp_path):
     config = tmp_path / "agent.yaml"
     config.write_text("master: 10.0.0.1:7070\nname: from-file\nmax_parallel_boots: 2\n"
-                      "fake: {boot_seconds: 0.5}\n")
+                      "drivers: {fake: {boot_seconds: 0.5}}\n")
     effective = build_config(parse_args(["--config", str(config), "--name", "from-flag",
                                          "--hypervisor", "fake,fake", "--hypervisor", "fake",
                                          "--log-level", "debug"]))
     assert effective.name == "from-flag" and effective.master == "10.0.0.1:7070"
     assert effective.hypervisors == ("fake",) and effective.log_level == "DEBUG"
-    assert effective.max_parallel_boots == 2 and effective.fake.boot_seconds == 0.5
+    assert effective.max_parallel_boots == 2
+    assert driver_configs(effective)["fake"].boot_seconds == 0.5
     assert build_config(parse_args([])).name        # defaults to the host name
 
 
@@ -584,3 +585,23 @@ def test_a_status_report_waits_for_a_heartbeat_in_flight():
     finally:
         reporter.close()
         thread.join(5)
+
+
+def test_each_driver_section_is_its_drivers_dataclass_checked_at_load(tmp_path, capsys):
+    config = tmp_path / "agent.yaml"
+    config.write_text("hypervisors: [fake]\ndrivers: {fake: {boot_seconds: 0.5}, uml: {kernel: /k}}\n")
+    sections = driver_configs(build_config(parse_args(["--config", str(config)])))
+    # Every section is built, also of a driver the node does not offer (a
+    # typo there shows at load, not when someone enables it).
+    assert sections["fake"] == FakeDriver.Config(boot_seconds=0.5)
+    assert sections["uml"].kernel == "/k" and sections["uml"].memory_overhead == 0
+    for text, error in [
+            ("drivers: {fake: {boot_secs: 1}}\n", "drivers.fake: unknown key(s) boot_secs"),
+            ("drivers: {xen: {}}\n", "drivers: no hypervisor driver named xen (available: "),
+            ("drivers: {fake: 3}\n", "expected a mapping of mappings"),
+            ("drivers: {uml: {memory_overhead: lots}}\n",
+             "drivers.uml.memory_overhead: expected a number, got 'lots'")]:
+        config.write_text(text)
+        assert main(["--config", str(config), "--state-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert error in err and err.count("\n") == 1, err

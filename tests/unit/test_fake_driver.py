@@ -33,7 +33,7 @@ def new_driver(tmp_path, **kw):
 
 def test_registry_names_the_fake_and_refuses_others(tmp_path):
     assert DRIVERS["fake"] is FakeDriver
-    driver = make_driver("fake", str(tmp_path), boot_seconds=0)
+    driver = make_driver("fake", str(tmp_path), FakeDriver.Config(boot_seconds=0))
     assert isinstance(driver, FakeDriver) and isinstance(driver, HypervisorDriver)
     with pytest.raises(InvalidSpec, match=r"unknown hypervisor driver 'xen' \(available: (\w+, )*fake, (\w+, )*qemu, (\w+, )*uml"):
         make_driver("xen", str(tmp_path))

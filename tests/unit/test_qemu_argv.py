@@ -157,7 +157,7 @@ def test_start_checks_the_host_first(tmp_path):
 
 def test_registry_knows_qemu(tmp_path):
     assert DRIVERS["qemu"] is QemuDriver
-    d = make_driver("qemu", str(tmp_path), kernel=KERNEL, accel="tcg")
+    d = make_driver("qemu", str(tmp_path), QemuDriver.Config(kernel=KERNEL, accel="tcg"))
     assert isinstance(d, QemuDriver) and d.kernel == KERNEL and d.accel == "tcg"
 
 

@@ -143,7 +143,7 @@ def test_start_checks_the_host_first(tmp_path):
 
 def test_registry_knows_uml(tmp_path):
     assert DRIVERS["uml"] is UmlDriver
-    d = make_driver("uml", str(tmp_path), kernel="/opt/linux")
+    d = make_driver("uml", str(tmp_path), UmlDriver.Config(kernel="/opt/linux"))
     assert isinstance(d, UmlDriver) and d.kernel == "/opt/linux"
 
 

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 class Daemon(Protocol):
     """The Daemon as the Agent sees it (soda.rpc.daemon_client.DaemonClient):
     apply_limits returns the fence, whose `cgroups` the guest must join."""
-    def apply_limits(self, name: str, resources, hypervisor: str, tap: str, cpu_cap: bool = False,
-                     memory_overhead: int | None = None): ...
+    def apply_limits(self, name: str, resources, hypervisor: str, memory_overhead: int,
+                     tap: str = "", cpu_cap: bool = False): ...
     def release_limits(self, name: str): ...
     def usage(self, name: str): ...
 
@@ -88,9 +88,9 @@ class NodePlumbing(GuestPlumbing):
         return self.network.plug(want.name, want.address, guest_mac(want.address))
 
     def _fence(self, want: VirtualNode, hypervisor: str, tap: str):
-        return self.daemon.apply_limits(want.name, want.resources, hypervisor, tap,
-                                        cpu_cap=want.cpu_cap,
-                                        memory_overhead=self.drivers[hypervisor].memory_overhead)
+        return self.daemon.apply_limits(want.name, want.resources, hypervisor,
+                                        self.drivers[hypervisor].memory_overhead, tap=tap,
+                                        cpu_cap=want.cpu_cap)
 
     def usage(self, name: str, hypervisor: str) -> Usage | None:
         if not self._plumbed(hypervisor) or self.daemon is None:

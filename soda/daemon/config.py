@@ -7,16 +7,7 @@ touches the kernel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-
-@dataclass(frozen=True)
-class HeadroomConfig:
-    """MiB added above the guest's memory for the hypervisor process itself:
-    UML's kernel threads and page tables, QEMU's device model and TCG cache."""
-    uml: int = 32
-    qemu: int = 160
-    fake: int = 0
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -34,7 +25,6 @@ class DaemonConfig:
     cpuset: str = ""
     # Network namespace the TAPs live in; "" = the Daemon's own.
     netns: str = ""
-    headroom: HeadroomConfig = field(default_factory=HeadroomConfig)
     pids_max: int = 512
     cpu_period_us: int = 100_000
     # HTB burst: this much time at the shaped rate, and at least burst_min_bytes.

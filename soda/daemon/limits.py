@@ -46,12 +46,16 @@ class LimitManager:
             raise errors.WrongState("this Daemon shapes no traffic (started without netlink)")
         return self.shaper
 
-    def apply(self, name: str, resources: model.Resources, hypervisor: str, tap: str = "",
-              cpu_cap: bool = False, memory_overhead: int | None = None) -> Fence:
+    def apply(self, name: str, resources: model.Resources, hypervisor: str, memory_overhead: int,
+              tap: str = "", cpu_cap: bool = False) -> Fence:
+        """Fence (or re-fence) `name`. `memory_overhead`: MiB its hypervisor
+        process needs above the guest's memory (its driver declares it);
+        `hypervisor` names that driver in the log."""
         model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)
+        model.check_hypervisor_name(hypervisor)
         if tap:
             check_link_name(tap)
-        limits = plan(resources, hypervisor, cpu_cap, self.config, memory_overhead)
+        limits = plan(resources, cpu_cap, self.config, memory_overhead)
         with self._lock:
             paths = self.cgroups.create(name)
             self.cgroups.set_limits(name, limits)
@@ -62,8 +66,8 @@ class LimitManager:
                 # Not shaped (any more): drop what an earlier apply set up.
                 self.shaper.release(name)
                 limits = replace(limits, rate_bit=0, burst_bytes=0)
-        log.info("fenced %s: cpu.shares=%d quota=%s memory=%d MiB pids=%d rate=%s",
-                 name, limits.cpu_shares,
+        log.info("fenced %s (%s): cpu.shares=%d quota=%s memory=%d MiB pids=%d rate=%s",
+                 name, hypervisor, limits.cpu_shares,
                  "none" if limits.cpu_quota_us < 0 else f"{limits.cpu_quota_us}us",
                  limits.memory_bytes >> 20, limits.pids_max,
                  f"{limits.rate_bit // 1_000_000} Mbit/s on {tap}/{ifb}" if ifb else "unshaped")

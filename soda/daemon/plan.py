@@ -1,6 +1,6 @@
 """The pure rule from a virtual node's resources to concrete kernel values.
 
-`plan(resources, hypervisor, cpu_cap, config)` returns the cpu.shares,
+`plan(resources, cpu_cap, config, memory_overhead)` returns the cpu.shares,
 CFS quota, memory limit, pids limit and HTB rate that fence one virtual node.
 It checks the request again (the Master already did; the node must not trust
 it blindly) and does no I/O: cgroups.py and tc.py write what it decides.
@@ -32,20 +32,14 @@ NO_QUOTA = -1
 MAX_MEMORY_OVERHEAD_MIB = 4096
 
 
-def headroom_mib(hypervisor: str, cfg: DaemonConfig, memory_overhead: int | None = None) -> int:
-    """MiB the memory limit adds above the guest's memory: what the Agent's
-    driver declared (`memory_overhead`), else this Daemon's configured
-    headroom for the hypervisor."""
-    if memory_overhead is not None:
-        if not 0 <= memory_overhead <= MAX_MEMORY_OVERHEAD_MIB:
-            raise InvalidSpec(f"memory overhead must be between 0 and {MAX_MEMORY_OVERHEAD_MIB} MiB, "
-                              f"got {memory_overhead}")
-        return memory_overhead
-    known = [f.name for f in dataclasses.fields(cfg.headroom)]
-    if hypervisor not in known:
-        raise InvalidSpec(f"no memory overhead given for hypervisor {hypervisor!r}, and no "
-                          f"configured headroom for it (configured: {', '.join(known)})")
-    return getattr(cfg.headroom, hypervisor)
+def check_memory_overhead(memory_overhead: int) -> int:
+    """MiB the memory limit adds above the guest's memory for the hypervisor
+    process itself, as the Agent's driver declared it."""
+    if isinstance(memory_overhead, bool) or not isinstance(memory_overhead, int) \
+            or not 0 <= memory_overhead <= MAX_MEMORY_OVERHEAD_MIB:
+        raise InvalidSpec(f"memory overhead must be between 0 and {MAX_MEMORY_OVERHEAD_MIB} MiB, "
+                          f"got {memory_overhead!r}")
+    return memory_overhead
 
 
 def _check(resources: model.Resources) -> None:
@@ -71,10 +65,10 @@ def burst_bytes(rate_bit: int, cfg: DaemonConfig) -> int:
     return max(cfg.burst_min_bytes, int(rate_bit / 8 * cfg.burst_ms / 1000))
 
 
-def plan(resources: model.Resources, hypervisor: str, cpu_cap: bool, cfg: DaemonConfig,
-         memory_overhead: int | None = None) -> Limits:
+def plan(resources: model.Resources, cpu_cap: bool, cfg: DaemonConfig,
+         memory_overhead: int = 0) -> Limits:
     _check(resources)
-    extra = headroom_mib(hypervisor, cfg, memory_overhead)
+    extra = check_memory_overhead(memory_overhead)
     shares = min(MAX_SHARES, max(MIN_SHARES, round(SHARES_PER_CORE * resources.cpu)))
     quota = max(MIN_QUOTA_US, round(resources.cpu * cfg.cpu_period_us)) if cpu_cap else NO_QUOTA
     rate = resources.bandwidth * 1_000_000

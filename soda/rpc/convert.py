@@ -232,3 +232,15 @@ def vnode_usage_to_pb(u: model.VnodeUsage) -> daemon_pb2.Usage:
 
 def vnode_usage_from_pb(m: daemon_pb2.Usage) -> model.VnodeUsage:
     return model.VnodeUsage(**{f: getattr(m, f) for f in VNODE_USAGE_FIELDS})
+
+
+def fence_to_pb(f: model.Fence) -> daemon_pb2.Fence:
+    return daemon_pb2.Fence(name=f.name, cgroups=list(f.cgroups), cgroup_version=f.cgroup_version,
+                            tap=f.tap, ifb=f.ifb, limits=daemon_pb2.Limits(**dataclasses.asdict(f.limits)))
+
+
+def fence_from_pb(m: daemon_pb2.Fence) -> model.Fence:
+    return model.Fence(name=m.name, cgroups=tuple(m.cgroups), cgroup_version=m.cgroup_version,
+                       tap=m.tap, ifb=m.ifb,
+                       limits=model.Limits(**{f.name: getattr(m.limits, f.name)
+                                              for f in dataclasses.fields(model.Limits)}))

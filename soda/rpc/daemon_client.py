@@ -16,21 +16,11 @@ from soda.proto.v1 import daemon_pb2 as pb
 from soda.proto.v1 import daemon_pb2_grpc as pb_grpc
 from soda.rpc import convert
 from soda.rpc.client import StubClient
-from soda.model.fence import Fence, Limits, Released
+from soda.model.fence import Fence, Released
 from soda.model.usage import VnodeUsage
 
 DEFAULT_SOCKET = "/run/soda/daemon.sock"
 UNARY_TIMEOUT = 30.0          # a release may spend seconds killing a guest's processes
-
-
-def _fence_from_pb(m: pb.Fence) -> Fence:
-    lim = m.limits
-    return Fence(name=m.name, cgroups=tuple(m.cgroups), cgroup_version=m.cgroup_version,
-                 tap=m.tap, ifb=m.ifb,
-                 limits=Limits(cpu_shares=lim.cpu_shares, cpu_quota_us=lim.cpu_quota_us,
-                               cpu_period_us=lim.cpu_period_us, memory_bytes=lim.memory_bytes,
-                               pids_max=lim.pids_max, rate_bit=lim.rate_bit,
-                               burst_bytes=lim.burst_bytes))
 
 
 class DaemonClient(StubClient):
@@ -50,15 +40,15 @@ class DaemonClient(StubClient):
                                      f"after {timeout:g}s") from None
 
     def apply_limits(self, name: str, resources: model.Resources, hypervisor: str,
-                     tap: str = "", cpu_cap: bool = False,
-                     memory_overhead: int | None = None) -> Fence:
+                     memory_overhead: int, tap: str = "", cpu_cap: bool = False) -> Fence:
         """Fence (or re-fence, live) one virtual node; returns the cgroup
         directories its guest must join. `tap` empty = no traffic shaping;
-        `memory_overhead` None = the Daemon's configured headroom."""
+        `memory_overhead`: MiB the hypervisor process needs above the guest's
+        memory (its driver declares it)."""
         req = pb.ApplyLimitsRequest(name=name, resources=convert.resources_to_pb(resources),
                                     hypervisor=hypervisor, tap=tap, cpu_cap=cpu_cap,
                                     memory_overhead_mib=memory_overhead)
-        return _fence_from_pb(self._call("ApplyLimits", req))
+        return convert.fence_from_pb(self._call("ApplyLimits", req))
 
     def release_limits(self, name: str) -> Released:
         """Kill what is left in its cgroups, remove them, its qdiscs and IFB
@@ -70,4 +60,4 @@ class DaemonClient(StubClient):
         return convert.vnode_usage_from_pb(self._call("GetUsage", pb.GetUsageRequest(name=name)))
 
     def list(self) -> list[Fence]:
-        return [_fence_from_pb(f) for f in self._call("ListVnodes", pb.ListVnodesRequest()).vnodes]
+        return [convert.fence_from_pb(f) for f in self._call("ListVnodes", pb.ListVnodesRequest()).vnodes]

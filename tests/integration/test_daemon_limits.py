@@ -97,7 +97,7 @@ WEB = Resources(cpu=0.5, memory=64, bandwidth=10, disk=256)
 
 
 def test_apply_writes_cgroups_and_shapes_both_ways(manager, netns, cgroup_parent, tap):
-    fence = manager.apply("web-0", WEB, "uml", tap, cpu_cap=True)
+    fence = manager.apply("web-0", WEB, "uml", 32, tap, cpu_cap=True)
     assert fence.cgroups == tuple(cg(c, cgroup_parent, "web-0") for c in V1_CONTROLLERS)
     assert read(cg("cpu", cgroup_parent, "web-0", "cpu.shares")) == "512"
     assert read(cg("cpu", cgroup_parent, "web-0", "cpu.cfs_period_us")) == "100000"
@@ -119,13 +119,13 @@ def test_apply_writes_cgroups_and_shapes_both_ways(manager, netns, cgroup_parent
 
 
 def test_live_change_keeps_everything_in_place(manager, netns, cgroup_parent, tap, sleeper):
-    manager.apply("web-0", WEB, "uml", tap, cpu_cap=True)
+    manager.apply("web-0", WEB, "uml", 32, tap, cpu_cap=True)
     ifb = ifb_name(cgroup_parent, "web-0")
     ifb_index = json.loads(run(["ip", "-n", netns, "-j", "link", "show", ifb]).stdout)[0]["ifindex"]
     p = sleeper()
     join(p.pid, manager.cgroups.paths("web-0"))
 
-    manager.apply("web-0", Resources(cpu=1.5, memory=128, bandwidth=50), "uml", tap, cpu_cap=False)
+    manager.apply("web-0", Resources(cpu=1.5, memory=128, bandwidth=50), "uml", 32, tap, cpu_cap=False)
     assert read(cg("cpu", cgroup_parent, "web-0", "cpu.shares")) == "1536"
     assert read(cg("cpu", cgroup_parent, "web-0", "cpu.cfs_quota_us")) == "-1"
     assert read(cg("memory", cgroup_parent, "web-0", "memory.limit_in_bytes")) == str(160 * MIB)
@@ -139,7 +139,7 @@ def test_live_change_keeps_everything_in_place(manager, netns, cgroup_parent, ta
 
 
 def test_a_restarted_daemon_finds_and_updates_without_duplicates(manager, netns, cgroup_parent, tap):
-    first = manager.apply("web-0", WEB, "qemu", tap)
+    first = manager.apply("web-0", WEB, "qemu", 160, tap)
     cfg = DaemonConfig(cgroup_parent=cgroup_parent, netns=netns)
     again = build_manager(cfg)
     try:
@@ -148,7 +148,7 @@ def test_a_restarted_daemon_finds_and_updates_without_duplicates(manager, netns,
         assert listed[0].limits.rate_bit == 10_000_000
         assert listed[0].limits.memory_bytes == first.limits.memory_bytes == (64 + 160) * MIB
         assert (listed[0].tap, listed[0].ifb) == (tap, first.ifb)
-        again.apply("web-0", Resources(cpu=0.5, memory=64, bandwidth=20), "qemu", tap)
+        again.apply("web-0", Resources(cpu=0.5, memory=64, bandwidth=20), "qemu", 160, tap)
         assert sorted(q["kind"] for q in qdiscs(netns, tap)) == ["htb", "ingress"]
         assert len(re.findall(r"class htb 1:10\b", tc(netns, "class", "show", "dev", tap))) == 1
         assert htb_rate(netns, tap) == 20_000_000
@@ -161,12 +161,12 @@ def test_a_restarted_daemon_finds_and_updates_without_duplicates(manager, netns,
 def test_a_tap_that_had_foreign_qdiscs_is_taken_over(manager, netns, tap, handle):
     run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", tap, "root", "handle", handle,
          "tbf", "rate", "1mbit", "burst", "10kb", "latency", "50ms"])
-    manager.apply("web-0", WEB, "uml", tap)
+    manager.apply("web-0", WEB, "uml", 32, tap)
     assert sorted((q["kind"], q["handle"]) for q in qdiscs(netns, tap)) == [("htb", "1:"), ("ingress", "ffff:")]
 
 
 def test_release_kills_removes_and_keeps_the_tap(manager, netns, cgroup_parent, tap, sleeper):
-    fence = manager.apply("web-0", WEB, "uml", tap)
+    fence = manager.apply("web-0", WEB, "uml", 32, tap)
     p = sleeper()
     join(p.pid, fence.cgroups)
     child = sleeper()                          # in one hierarchy only, like a stray helper
@@ -186,7 +186,7 @@ def test_release_kills_removes_and_keeps_the_tap(manager, netns, cgroup_parent, 
 
 
 def test_unshaped_fake_guest_gets_cgroups_only(manager, netns, cgroup_parent):
-    fence = manager.apply("fake-0", Resources(cpu=1, memory=64, bandwidth=10), "fake", "")
+    fence = manager.apply("fake-0", Resources(cpu=1, memory=64, bandwidth=10), "fake", 0, "")
     assert fence.ifb == ""
     assert read(cg("memory", cgroup_parent, "fake-0", "memory.limit_in_bytes")) == str(64 * MIB)
     assert [n for n in link_names(netns) if n.startswith("ifb-")] == []
@@ -195,11 +195,11 @@ def test_unshaped_fake_guest_gets_cgroups_only(manager, netns, cgroup_parent):
 
 def test_missing_tap_is_not_found(manager):
     with pytest.raises(errors.NotFound, match="tap-none"):
-        manager.apply("web-0", WEB, "uml", "tap-none")
+        manager.apply("web-0", WEB, "uml", 32, "tap-none")
 
 
 def test_usage_counts_cpu_memory_pids_and_traffic(manager, netns, tap, sleeper):
-    fence = manager.apply("web-0", WEB, "uml", tap)
+    fence = manager.apply("web-0", WEB, "uml", 32, tap)
     # Burn CPU only once inside the cgroup: wait for a line on stdin first.
     busy = sleeper([sys.executable, "-c",
                     "import sys, time\nsys.stdin.readline()\nx = bytearray(8 << 20)\n"
@@ -293,7 +293,7 @@ def sent_bytes(netns: str, dev: str) -> int:
 
 
 def test_traffic_both_ways_goes_through_the_classes(manager, netns, tap):
-    fence = manager.apply("web-0", Resources(cpu=1, memory=64, bandwidth=100), "uml", tap)
+    fence = manager.apply("web-0", Resources(cpu=1, memory=64, bandwidth=100), "uml", 32, tap)
     before = manager.usage("web-0")
     classes_before = sent_bytes(netns, tap), sent_bytes(netns, fence.ifb)
     assert exchange(netns, tap, TO_GUEST, FROM_GUEST) >= TO_GUEST * DATAGRAM_ON_WIRE

@@ -71,7 +71,7 @@ def test_daemon_process_fences_restarts_and_stops(start_daemon, netns, cgroup_pa
     p, client, sock = start_daemon()
     assert os.stat(sock).st_mode & 0o777 == 0o600
 
-    fence = client.apply_limits("web-0", Resources(cpu=0.5, memory=64, bandwidth=10), "uml",
+    fence = client.apply_limits("web-0", Resources(cpu=0.5, memory=64, bandwidth=10), "uml", 32,
                                 tap=TAP, cpu_cap=True)
     cpu_dir = os.path.join(CGROUP_ROOT, "cpu", cgroup_parent, "web-0")
     assert cpu_dir in fence.cgroups
@@ -94,7 +94,7 @@ def test_daemon_process_fences_restarts_and_stops(start_daemon, netns, cgroup_pa
     listed = client.list()
     assert [(f.name, f.tap, f.ifb, f.limits.rate_bit) for f in listed] == \
         [("web-0", TAP, fence.ifb, 10_000_000)]
-    client.apply_limits("web-0", Resources(cpu=0.5, memory=64, bandwidth=30), "uml", tap=TAP)
+    client.apply_limits("web-0", Resources(cpu=0.5, memory=64, bandwidth=30), "uml", 32, tap=TAP)
     classes = run(["ip", "netns", "exec", netns, "tc", "class", "show", "dev", TAP]).stdout
     assert "rate 30Mbit" in classes and classes.count("class htb 1:10") == 1
     with open(os.path.join(cpu_dir, "cpu.cfs_quota_us")) as f:
@@ -123,8 +123,8 @@ def test_daemon_refuses_to_start_in_a_missing_netns(sock_dir, cgroup_parent):
 
 def test_daemon_rejects_an_unknown_config_key(sock_dir, tmp_path):
     cfg = tmp_path / "daemon.yaml"
-    cfg.write_text("socket: /tmp/x.sock\nheadroom: {uml: 16, xen: 99}\n")
+    cfg.write_text("socket: /tmp/x.sock\nheadroom: {uml: 16}\n")
     out = subprocess.run([sys.executable, "-m", "soda.daemon.main", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
-    assert "unknown key(s) xen" in out.stderr
+    assert "unknown key(s) headroom" in out.stderr

@@ -16,6 +16,8 @@ from soda.daemon.main import DaemonServer, claim_socket_path
 from soda.daemon.plan import MIB
 from soda.daemon.tc import ifb_name
 from soda.model.spec import Resources
+from soda.proto.v1 import daemon_pb2 as pb
+from soda.rpc import convert
 from soda.rpc.daemon_client import DaemonClient
 
 from tests.unit.test_daemon_limits import FakeKernelCgroups, FakeShaper
@@ -52,7 +54,7 @@ WEB = Resources(cpu=0.5, memory=64, bandwidth=10, disk=256)
 
 def test_apply_returns_cgroup_dirs_and_limits(daemon, client):
     _, cgroups, shaper = daemon
-    fence = client.apply_limits("web-0", WEB, "uml", tap="tap-web0", cpu_cap=True)
+    fence = client.apply_limits("web-0", WEB, "uml", 32, tap="tap-web0", cpu_cap=True)
     assert fence.name == "web-0"
     assert fence.cgroups == cgroups.paths("web-0")
     assert fence.cgroup_version == "v1"
@@ -64,19 +66,26 @@ def test_apply_returns_cgroup_dirs_and_limits(daemon, client):
 
 
 def test_the_memory_limit_adds_the_overhead_the_agents_driver_declares(daemon, client):
-    # WEB has 64 MiB; without a declared overhead the Daemon's headroom (uml: 32) applies.
-    assert client.apply_limits("web-0", WEB, "uml").limits.memory_bytes == 96 * MIB
-    assert client.apply_limits("web-0", WEB, "uml", memory_overhead=10).limits.memory_bytes == 74 * MIB
-    assert client.apply_limits("web-0", WEB, "uml", memory_overhead=0).limits.memory_bytes == 64 * MIB
+    # WEB has 64 MiB: the limit adds exactly what the driver declared,
+    # whatever the driver's name (the Daemon knows no hypervisor).
+    assert client.apply_limits("web-0", WEB, "uml", 32).limits.memory_bytes == 96 * MIB
+    assert client.apply_limits("web-0", WEB, "uml", 10).limits.memory_bytes == 74 * MIB
+    assert client.apply_limits("web-0", WEB, "uml", 0).limits.memory_bytes == 64 * MIB
+    assert client.apply_limits("web-0", WEB, "xen", 7).limits.memory_bytes == 71 * MIB
     with pytest.raises(errors.InvalidSpec, match="memory overhead"):
-        client.apply_limits("web-0", WEB, "uml", memory_overhead=-1)
+        client.apply_limits("web-0", WEB, "uml", -1)
+    # A request that does not say is refused, not given a guessed headroom.
+    request = pb.ApplyLimitsRequest(name="web-0", resources=convert.resources_to_pb(WEB),
+                                    hypervisor="uml")
+    with pytest.raises(errors.InvalidSpec, match="memory_overhead_mib is required"):
+        client._call("ApplyLimits", request)
 
 
 def test_live_change_list_usage_release(daemon, client):
     _, cgroups, shaper = daemon
-    client.apply_limits("web-0", WEB, "uml", tap="tap-web0")
-    client.apply_limits("web-1", Resources(cpu=1, memory=32), "fake")
-    changed = client.apply_limits("web-0", Resources(cpu=2, memory=64, bandwidth=20), "uml",
+    client.apply_limits("web-0", WEB, "uml", 32, tap="tap-web0")
+    client.apply_limits("web-1", Resources(cpu=1, memory=32), "fake", 0)
+    changed = client.apply_limits("web-0", Resources(cpu=2, memory=64, bandwidth=20), "uml", 32,
                                   tap="tap-web0")
     assert changed.limits.cpu_shares == 2048 and changed.limits.rate_bit == 20_000_000
     listed = {f.name: f for f in client.list()}
@@ -97,10 +106,10 @@ def test_live_change_list_usage_release(daemon, client):
 
 
 @pytest.mark.parametrize("call, exc", [
-    (lambda c: c.apply_limits("Bad_Name", WEB, "uml"), errors.InvalidSpec),
-    (lambda c: c.apply_limits("web-0", WEB, "xen"), errors.InvalidSpec),
-    (lambda c: c.apply_limits("web-0", Resources(cpu=1, memory=0), "uml"), errors.InvalidSpec),
-    (lambda c: c.apply_limits("web-0", WEB, "uml", tap="tap-missing"), errors.NotFound),
+    (lambda c: c.apply_limits("Bad_Name", WEB, "uml", 32), errors.InvalidSpec),
+    (lambda c: c.apply_limits("web-0", WEB, "Bad Name", 32), errors.InvalidSpec),
+    (lambda c: c.apply_limits("web-0", Resources(cpu=1, memory=0), "uml", 32), errors.InvalidSpec),
+    (lambda c: c.apply_limits("web-0", WEB, "uml", 32, tap="tap-missing"), errors.NotFound),
     (lambda c: c.usage("web-9"), errors.NotFound),
     (lambda c: c.release_limits("../etc"), errors.InvalidSpec),
 ])

@@ -102,7 +102,7 @@ WEB = Resources(cpu=0.5, memory=64, bandwidth=10, disk=256)
 
 def test_apply_fences_cgroups_and_tap(tmp_path):
     m, cg, sh = make_manager(tmp_path)
-    fence = m.apply("web-0", WEB, "uml", "tap-web0", cpu_cap=True)
+    fence = m.apply("web-0", WEB, "uml", 32, "tap-web0", cpu_cap=True)
     assert fence.cgroups == cg.paths("web-0")
     assert fence.cgroup_version == "v1"
     assert (fence.tap, fence.ifb) == ("tap-web0", ifb_name("soda", "web-0"))
@@ -116,8 +116,8 @@ def test_apply_fences_cgroups_and_tap(tmp_path):
 
 def test_apply_again_changes_limits_in_place(tmp_path):
     m, cg, sh = make_manager(tmp_path)
-    first = m.apply("web-0", WEB, "uml", "tap-web0", cpu_cap=True)
-    second = m.apply("web-0", Resources(cpu=1.0, memory=128, bandwidth=50), "uml", "tap-web0",
+    first = m.apply("web-0", WEB, "uml", 32, "tap-web0", cpu_cap=True)
+    second = m.apply("web-0", Resources(cpu=1.0, memory=128, bandwidth=50), "uml", 32, "tap-web0",
                      cpu_cap=False)
     assert second.cgroups == first.cgroups
     assert read(os.path.join(second.cgroups[0], "cpu.shares")) == "1024"
@@ -129,7 +129,7 @@ def test_apply_again_changes_limits_in_place(tmp_path):
 
 def test_fake_guest_without_tap_gets_only_cgroups(tmp_path):
     m, cg, sh = make_manager(tmp_path)
-    fence = m.apply("web-0", Resources(cpu=1, memory=64, bandwidth=10), "fake", "")
+    fence = m.apply("web-0", Resources(cpu=1, memory=64, bandwidth=10), "fake", 0, "")
     assert (fence.tap, fence.ifb, fence.limits.rate_bit) == ("", "", 0)
     assert fence.limits.memory_bytes == 64 * MIB
     assert "web-0" not in sh.state
@@ -137,8 +137,8 @@ def test_fake_guest_without_tap_gets_only_cgroups(tmp_path):
 
 def test_dropping_the_bandwidth_removes_shaping(tmp_path):
     m, cg, sh = make_manager(tmp_path)
-    m.apply("web-0", WEB, "uml", "tap-web0")
-    fence = m.apply("web-0", Resources(cpu=0.5, memory=64, bandwidth=0), "uml", "tap-web0")
+    m.apply("web-0", WEB, "uml", 32, "tap-web0")
+    fence = m.apply("web-0", Resources(cpu=0.5, memory=64, bandwidth=0), "uml", 32, "tap-web0")
     assert fence.ifb == "" and fence.limits.rate_bit == 0
     assert "web-0" not in sh.state
 
@@ -146,20 +146,21 @@ def test_dropping_the_bandwidth_removes_shaping(tmp_path):
 def test_missing_tap_is_not_found(tmp_path):
     m, cg, sh = make_manager(tmp_path)
     with pytest.raises(errors.NotFound, match="TAP"):
-        m.apply("web-0", WEB, "uml", "tap-nothere")
+        m.apply("web-0", WEB, "uml", 32, "tap-nothere")
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="Web_0"), "virtual node name"),
     (dict(name="../x"), "virtual node name"),
-    (dict(hypervisor="xen"), "hypervisor"),
+    (dict(hypervisor="Xen 4"), "hypervisor name"),
+    (dict(memory_overhead=-1), "memory overhead"),
     (dict(tap="a-tap-name-too-long"), "TAP name"),
     (dict(tap="tap/0"), "TAP name"),
     (dict(resources=Resources(cpu=0, memory=64)), "cpu"),
 ])
 def test_bad_requests_change_nothing(tmp_path, kwargs, match):
     m, cg, sh = make_manager(tmp_path)
-    args = dict(name="web-0", resources=WEB, hypervisor="uml", tap="tap-web0")
+    args = dict(name="web-0", resources=WEB, hypervisor="uml", memory_overhead=32, tap="tap-web0")
     args.update(kwargs)
     with pytest.raises(errors.InvalidSpec, match=match):
         m.apply(**args)
@@ -168,7 +169,7 @@ def test_bad_requests_change_nothing(tmp_path, kwargs, match):
 
 def test_release_kills_removes_and_unshapes(tmp_path):
     m, cg, sh = make_manager(tmp_path)
-    m.apply("web-0", WEB, "uml", "tap-web0")
+    m.apply("web-0", WEB, "uml", 32, "tap-web0")
     cg.add_pid("web-0", 4242)
     cg.add_pid("web-0", 4243, controllers=("memory",))     # joined only one hierarchy
     cg.forks[4242] = 4244                                    # forks while we kill
@@ -183,14 +184,14 @@ def test_release_kills_removes_and_unshapes(tmp_path):
 def test_release_is_idempotent(tmp_path):
     m, cg, sh = make_manager(tmp_path)
     assert m.release("never-was").existed is False
-    m.apply("web-0", WEB, "uml", "tap-web0")
+    m.apply("web-0", WEB, "uml", 32, "tap-web0")
     assert m.release("web-0").existed is True
     assert m.release("web-0").existed is False
 
 
 def test_release_gives_up_on_unkillable_processes(tmp_path):
     m, cg, sh = make_manager(tmp_path, kill_timeout_seconds=1.0)
-    m.apply("web-0", WEB, "uml", "tap-web0")
+    m.apply("web-0", WEB, "uml", 32, "tap-web0")
     cg.add_pid("web-0", 4242)
     cg.stubborn.add(4242)
     with pytest.raises(errors.TemporaryError, match="4242"):
@@ -200,8 +201,8 @@ def test_release_gives_up_on_unkillable_processes(tmp_path):
 
 def test_a_new_manager_finds_everything_again(tmp_path):
     m, cg, sh = make_manager(tmp_path)
-    a = m.apply("web-0", WEB, "uml", "tap-web0", cpu_cap=True)
-    b = m.apply("web-1", Resources(cpu=1, memory=32), "fake", "")
+    a = m.apply("web-0", WEB, "uml", 32, "tap-web0", cpu_cap=True)
+    b = m.apply("web-1", Resources(cpu=1, memory=32), "fake", 0, "")
     # A "restart": new backend and manager objects over the same kernel state.
     again = LimitManager(CgroupV1(cg.root, "soda"), sh, DaemonConfig())
     assert again.list() == [a, b]
@@ -212,7 +213,7 @@ def test_a_new_manager_finds_everything_again(tmp_path):
 
 def test_usage_combines_cgroup_and_traffic_counters(tmp_path):
     m, cg, sh = make_manager(tmp_path)
-    fence = m.apply("web-0", WEB, "uml", "tap-web0")
+    fence = m.apply("web-0", WEB, "uml", 32, "tap-web0")
     with open(os.path.join(fence.cgroups[1], "cpuacct.usage"), "w") as f:
         f.write("1000000000\n")
     u = m.usage("web-0")
@@ -226,7 +227,7 @@ def test_usage_combines_cgroup_and_traffic_counters(tmp_path):
 def test_manager_without_shaper_fences_cgroups_only(tmp_path):
     cg = FakeKernelCgroups(tmp_path / "cg")
     m = LimitManager(cg, None, DaemonConfig())
-    assert m.apply("web-0", WEB, "fake", "").ifb == ""
+    assert m.apply("web-0", WEB, "fake", 0, "").ifb == ""
     with pytest.raises(errors.WrongState, match="shapes no traffic"):
-        m.apply("web-1", WEB, "uml", "tap-web1")
+        m.apply("web-1", WEB, "uml", 32, "tap-web1")
     assert m.release("web-0").existed

@@ -2,7 +2,7 @@
 
 Checked as properties a fence must have (shares in the ratio of the cores
 asked, limits that only grow with the request, the kernel's bounds, the
-VMM's headroom, a cap that changes the quota and nothing else), plus the
+VMM's declared overhead, a cap that changes the quota and nothing else), plus the
 few values users read in the README, not by repeating plan()'s formulas."""
 
 import dataclasses
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from soda.daemon.config import DaemonConfig, HeadroomConfig
+from soda.daemon.config import DaemonConfig
 from soda.daemon.plan import MIB, NO_QUOTA, burst_bytes, plan
 from soda.errors import InvalidSpec
 from soda.model.spec import RESOURCE_BOUNDS, Resources
@@ -28,12 +28,12 @@ cores = st.floats(*RESOURCE_BOUNDS["cpu"], allow_nan=False, allow_infinity=False
 unclamped_cores = st.floats(RESOURCE_BOUNDS["cpu"][0], 256.0)
 mebibytes = st.integers(*RESOURCE_BOUNDS["memory"])
 megabits = st.integers(*RESOURCE_BOUNDS["bandwidth"])
-hypervisors = st.sampled_from(["uml", "qemu", "fake"])
+overheads = st.integers(0, 4096)
 periods = st.integers(1000, 1_000_000)
 
 
-def limits(cpu=1.0, memory=64, bandwidth=0, hv="uml", cap=False, cfg=CFG):
-    return plan(Resources(cpu=cpu, memory=memory, bandwidth=bandwidth), hv, cap, cfg)
+def limits(cpu=1.0, memory=64, bandwidth=0, overhead=32, cap=False, cfg=CFG):
+    return plan(Resources(cpu=cpu, memory=memory, bandwidth=bandwidth), cap, cfg, overhead)
 
 
 # ---- what users read ---------------------------------------------------------
@@ -81,9 +81,9 @@ def test_more_cores_never_get_fewer_shares_or_less_quota(a, b, cap):
     assert small.cpu_quota_us <= big.cpu_quota_us
 
 
-@given(cpu=cores, cap=st.booleans(), hv=hypervisors)
-def test_shares_stay_within_the_kernels_bounds(cpu, cap, hv):
-    lim = limits(cpu=cpu, cap=cap, hv=hv)
+@given(cpu=cores, cap=st.booleans(), overhead=overheads)
+def test_shares_stay_within_the_kernels_bounds(cpu, cap, overhead):
+    lim = limits(cpu=cpu, cap=cap, overhead=overhead)
     assert KERNEL_MIN_SHARES <= lim.cpu_shares <= KERNEL_MAX_SHARES
 
 
@@ -109,10 +109,10 @@ def test_a_tiny_cap_is_raised_to_the_kernels_minimum_quota():
     assert lim.cpu_quota_us == KERNEL_MIN_QUOTA_US        # 0.01 x 10 ms = 100 us is refused by the kernel
 
 
-@given(cpu=cores, memory=mebibytes, bw=st.integers(0, 400_000), hv=hypervisors)
-def test_the_cap_changes_the_quota_and_nothing_else(cpu, memory, bw, hv):
-    free = limits(cpu=cpu, memory=memory, bandwidth=bw, hv=hv, cap=False)
-    capped = limits(cpu=cpu, memory=memory, bandwidth=bw, hv=hv, cap=True)
+@given(cpu=cores, memory=mebibytes, bw=st.integers(0, 400_000), overhead=overheads)
+def test_the_cap_changes_the_quota_and_nothing_else(cpu, memory, bw, overhead):
+    free = limits(cpu=cpu, memory=memory, bandwidth=bw, overhead=overhead, cap=False)
+    capped = limits(cpu=cpu, memory=memory, bandwidth=bw, overhead=overhead, cap=True)
     assert free.cpu_quota_us == NO_QUOTA
     assert capped.cpu_quota_us > 0
     assert dataclasses.replace(capped, cpu_quota_us=NO_QUOTA) == free
@@ -120,28 +120,27 @@ def test_the_cap_changes_the_quota_and_nothing_else(cpu, memory, bw, hv):
 
 # ---- memory --------------------------------------------------------------------
 
-@given(memory=mebibytes, hv=st.sampled_from(["uml", "qemu"]))
-def test_a_vmm_gets_headroom_above_its_guests_memory(memory, hv):
-    assert limits(memory=memory, hv=hv).memory_bytes > memory * MIB
+@given(memory=mebibytes, overhead=st.integers(1, 4096))
+def test_a_vmm_gets_room_above_its_guests_memory(memory, overhead):
+    assert limits(memory=memory, overhead=overhead).memory_bytes > memory * MIB
 
 
 @given(memory=mebibytes)
-def test_a_fake_guest_is_limited_to_its_memory_exactly(memory):
-    assert limits(memory=memory, hv="fake").memory_bytes == memory * MIB
+def test_a_guest_without_overhead_is_limited_to_its_memory_exactly(memory):
+    assert limits(memory=memory, overhead=0).memory_bytes == memory * MIB
 
 
-@given(a=mebibytes, b=mebibytes, hv=hypervisors)
-def test_each_extra_mib_of_guest_raises_the_limit_by_one_mib(a, b, hv):
-    # The headroom is per VMM, not per MiB: the limit grows exactly with the guest.
-    la, lb = limits(memory=a, hv=hv).memory_bytes, limits(memory=b, hv=hv).memory_bytes
+@given(a=mebibytes, b=mebibytes, overhead=overheads)
+def test_each_extra_mib_of_guest_raises_the_limit_by_one_mib(a, b, overhead):
+    # The overhead is per VMM, not per MiB: the limit grows exactly with the guest.
+    la, lb = limits(memory=a, overhead=overhead).memory_bytes, limits(memory=b, overhead=overhead).memory_bytes
     assert lb - la == (b - a) * MIB
 
 
-@given(memory=mebibytes, extra=st.integers(0, 4096))
-def test_configured_headroom_is_what_the_limit_adds(memory, extra):
-    base = limits(memory=memory, hv="uml", cfg=DaemonConfig(headroom=HeadroomConfig(uml=0)))
-    more = limits(memory=memory, hv="uml", cfg=DaemonConfig(headroom=HeadroomConfig(uml=extra)))
-    assert more.memory_bytes - base.memory_bytes == extra * MIB
+@given(memory=mebibytes, a=overheads, b=overheads)
+def test_the_declared_overhead_is_what_the_limit_adds(memory, a, b):
+    la, lb = limits(memory=memory, overhead=a).memory_bytes, limits(memory=memory, overhead=b).memory_bytes
+    assert lb - la == (b - a) * MIB
 
 
 def test_pids_limit_comes_from_the_config():
@@ -183,19 +182,19 @@ def test_burst_of_nothing_is_nothing():
 
 # ---- refused -------------------------------------------------------------------
 
-@pytest.mark.parametrize("res, hv", [
-    (Resources(cpu=0, memory=64), "uml"),
-    (Resources(cpu=-1, memory=64), "uml"),
-    (Resources(cpu=float("nan"), memory=64), "uml"),
-    (Resources(cpu=float("inf"), memory=64), "uml"),
-    (Resources(cpu=5000, memory=64), "uml"),
-    (Resources(cpu=1, memory=0), "uml"),
-    (Resources(cpu=1, memory=8), "uml"),
-    (Resources(cpu=1, memory=64, bandwidth=-5), "uml"),
-    (Resources(cpu=1, memory=64, bandwidth=10**9), "uml"),
-    (Resources(cpu=1, memory=64), "xen"),
-    (Resources(cpu=1, memory=64), ""),
+@pytest.mark.parametrize("res, overhead", [
+    (Resources(cpu=0, memory=64), 32),
+    (Resources(cpu=-1, memory=64), 32),
+    (Resources(cpu=float("nan"), memory=64), 32),
+    (Resources(cpu=float("inf"), memory=64), 32),
+    (Resources(cpu=5000, memory=64), 32),
+    (Resources(cpu=1, memory=0), 32),
+    (Resources(cpu=1, memory=8), 32),
+    (Resources(cpu=1, memory=64, bandwidth=-5), 32),
+    (Resources(cpu=1, memory=64, bandwidth=10**9), 32),
+    (Resources(cpu=1, memory=64), -1),
+    (Resources(cpu=1, memory=64), 4097),
 ])
-def test_bad_requests_are_invalid(res, hv):
+def test_bad_requests_are_invalid(res, overhead):
     with pytest.raises(InvalidSpec):
-        plan(res, hv, False, CFG)
+        plan(res, False, CFG, overhead)

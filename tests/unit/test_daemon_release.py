@@ -59,7 +59,7 @@ def manager(backend):
 def test_release_on_v2_writes_cgroup_kill_once_and_signals_no_pid(tmp_path):
     cg = FakeKernelV2(tmp_path / "cg")
     m = manager(cg)
-    m.apply("web-0", WEB, "uml", "tap-web0")
+    m.apply("web-0", WEB, "uml", 32, "tap-web0")
     cg._set_procs("web-0", [101, 102, 103])
     done = m.release("web-0")
     assert (done.existed, done.killed) == (True, 3)
@@ -70,7 +70,7 @@ def test_release_on_v2_writes_cgroup_kill_once_and_signals_no_pid(tmp_path):
 def test_release_on_a_v2_kernel_without_cgroup_kill_signals_each_pid(tmp_path):
     cg = FakeKernelV2(tmp_path / "cg", has_kill=False)
     m = manager(cg)
-    m.apply("web-0", WEB, "uml", "tap-web0")
+    m.apply("web-0", WEB, "uml", 32, "tap-web0")
     cg._set_procs("web-0", [101, 102])
     done = m.release("web-0")
     assert done.killed == 2 and sorted(cg.per_pid) == [101, 102] and cg.kill_writes == 0
@@ -79,7 +79,7 @@ def test_release_on_a_v2_kernel_without_cgroup_kill_signals_each_pid(tmp_path):
 def test_release_of_an_empty_cgroup_writes_nothing(tmp_path):
     cg = FakeKernelV2(tmp_path / "cg")
     m = manager(cg)
-    m.apply("web-0", WEB, "uml", "")
+    m.apply("web-0", WEB, "uml", 32, "")
     done = m.release("web-0")
     assert (done.existed, done.killed) == (True, 0) and cg.kill_writes == 0
 
@@ -93,14 +93,14 @@ def test_v2_refuses_to_lower_memory_under_the_working_set_instead_of_oom_killing
     from soda.daemon.plan import MIB
     cg = FakeKernelV2(tmp_path / "cg")
     m = manager(cg)
-    fence = m.apply("web-0", WEB, "uml", "")                  # 64 + 32 MiB headroom
+    fence = m.apply("web-0", WEB, "uml", 32, "")                  # 64 + 32 MiB headroom
     d = cg.paths("web-0")[0]
     with open(os.path.join(d, "memory.current"), "w") as f:
         f.write(f"{90 * MIB}\n")
     with open(os.path.join(d, "memory.stat"), "w") as f:
         f.write(f"anon {60 * MIB}\ninactive_file {20 * MIB}\n")
     with pytest.raises(errors.WrongState, match="cannot lower the memory limit of web-0 to 64 MiB"):
-        m.apply("web-0", replace(WEB, memory=32), "uml", "")    # 64 MiB < 70 MiB working set
+        m.apply("web-0", replace(WEB, memory=32), "uml", 32, "")    # 64 MiB < 70 MiB working set
     assert cg.read_limits("web-0").memory_bytes == fence.limits.memory_bytes
-    m.apply("web-0", replace(WEB, memory=40), "uml", "")        # 72 MiB >= 70 MiB: fine
+    m.apply("web-0", replace(WEB, memory=40), "uml", 32, "")        # 72 MiB >= 70 MiB: fine
     assert cg.read_limits("web-0").memory_bytes == 72 * MIB

@@ -1,8 +1,9 @@
 """Configuration of SODA's daemons: YAML files into frozen dataclasses.
 
 Defaults live in the dataclasses; a file may set any field; unknown keys are
-an error. Loaded only from a daemon's `main()`, never at import time.
-Command-line flags override the file (`with_overrides`).
+an error. Loaded only from a daemon's `main()`, never at import time, and
+the same way by all four (`effective`): defaults, then the file, then the
+command-line flags that were given, then checked.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
 from soda.errors import InvalidSpec
 
 T = TypeVar("T")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -122,3 +125,17 @@ def with_overrides(config: T, **overrides: Any) -> T:
     """Apply command-line flags that were given (None means not given)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(config, **given) if given else config
+
+
+def effective(cls: type[T], path: str | None, check: Callable[[T], T] | None = None,
+              **flags: Any) -> T:
+    """The config a daemon runs with: `cls`'s defaults, the YAML file at
+    `path`, the flags that were given (None = not given), then checked: the
+    log level here, the daemon's own rules in `check`. Raises InvalidSpec
+    with a one-line reason."""
+    config = with_overrides(load(cls, path), **flags)
+    level = str(getattr(config, "log_level", "INFO")).upper()
+    if level not in LOG_LEVELS:
+        raise InvalidSpec(f"log_level {level.lower()!r}: use one of {', '.join(LOG_LEVELS)}")
+    config = dataclasses.replace(config, log_level=level)
+    return check(config) if check is not None else config

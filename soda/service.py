@@ -1,6 +1,7 @@
 """Daemon lifecycle shared by soda-master, soda-agent, soda-daemon, soda-switch:
-logging to stderr, systemd readiness (sd_notify), graceful stop on SIGTERM,
-and the ban on forking once gRPC threads may be alive (`forbid_fork`).
+exit codes, logging to stderr, systemd readiness (sd_notify), graceful stop
+on SIGTERM, and the ban on forking once gRPC threads may be alive
+(`forbid_fork`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,18 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from typing import Callable
+
+EXIT_FAILURE = 1      # it could not start, or stopped on an error
+EXIT_USAGE = 2        # bad flags or config: nothing was started
+
+
+def refuse(program: str, reason: object, code: int = EXIT_USAGE) -> int:
+    """Say on one line why `program` does not run; the exit code to return."""
+    print(f"{program}: {reason}", file=sys.stderr)
+    return code
 
 
 def setup_logging(level: str = "INFO", name: str = "soda") -> None:

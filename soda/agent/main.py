@@ -24,20 +24,18 @@ from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
 from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.agent.reconciler import Reconciler
-from soda.config import AgentConfig, build_section, load, with_overrides
+from soda.config import LOG_LEVELS, AgentConfig, build_section, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
 from soda.model.names import NODE_NAME_MAX, check_dns_label
 from soda.model.state import DriverCapabilities, Node
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
-from soda.service import forbid_fork, sd_notify, setup_logging, stop_event_on_signals
+from soda.service import (EXIT_FAILURE, forbid_fork, refuse, sd_notify, setup_logging,
+                          stop_event_on_signals)
 
 log = logging.getLogger("soda.agent")
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def _hypervisor_names(value: str) -> list[str]:
@@ -77,15 +75,12 @@ def default_node_name() -> str:
 
 def build_config(args: argparse.Namespace) -> AgentConfig:
     """The effective config: file, then flags; raises InvalidSpec."""
-    config = load(AgentConfig, args.config)
     hypervisors = None
     if args.hypervisor:
         hypervisors = tuple(dict.fromkeys(n for names in args.hypervisor for n in names))
-    config = with_overrides(config, master=args.master, name=args.name, address=args.address,
-                            state_dir=args.state_dir, hypervisors=hypervisors,
-                            netns=args.netns, daemon_socket=args.daemon_socket,
-                            log_level=args.log_level)
-    return check_config(config)
+    return effective(AgentConfig, args.config, check_config, master=args.master, name=args.name,
+                     address=args.address, state_dir=args.state_dir, hypervisors=hypervisors,
+                     netns=args.netns, daemon_socket=args.daemon_socket, log_level=args.log_level)
 
 
 def check_config(config: AgentConfig) -> AgentConfig:
@@ -105,8 +100,6 @@ def check_config(config: AgentConfig) -> AgentConfig:
         raise InvalidSpec(f"max_parallel_boots must be at least 1, got {config.max_parallel_boots}")
     if config.reconcile_seconds <= 0:
         raise InvalidSpec(f"reconcile_seconds must be positive, got {config.reconcile_seconds:g}")
-    if config.log_level.upper() not in LOG_LEVELS:
-        raise InvalidSpec(f"log_level {config.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     driver_configs(config)
     return dataclasses.replace(config, name=name)
 
@@ -208,23 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
     except InvalidSpec as exc:
-        print(f"soda-agent: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse("soda-agent", exc)
     setup_logging(config.log_level, "soda-agent")
     stop = stop_event_on_signals()
     try:
         drivers = build_drivers(config)
     except DriverUnusable as exc:
-        print(f"soda-agent: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return refuse("soda-agent", exc, EXIT_FAILURE)
     except (SodaError, OSError) as exc:
-        print(f"soda-agent: cannot set up hypervisor drivers: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return refuse("soda-agent", f"cannot set up hypervisor drivers: {exc}", EXIT_FAILURE)
     try:
         network = build_network(config, drivers)
     except (SodaError, OSError) as exc:
-        print(f"soda-agent: cannot set up guest networking: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return refuse("soda-agent", f"cannot set up guest networking: {exc}", EXIT_FAILURE)
     # From here on gRPC threads may be alive: a fork (pyroute2 entering a
     # namespace from a new thread did this) could abort the child and the Agent.
     forbid_fork("soda-agent talks gRPC; netlink runs on its own threads (soda.netlink)")
@@ -232,10 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         agent = build_agent(config, client, stop, network, drivers)
     except OSError as exc:
-        print(f"soda-agent: cannot use state dir {config.state_dir}: {exc.strerror or exc}",
-              file=sys.stderr)
         client.close()
-        return EXIT_FAILURE
+        return refuse("soda-agent", f"cannot use state dir {config.state_dir}: "
+                                    f"{exc.strerror or exc}", EXIT_FAILURE)
     log.info("agent %s starting: master %s, hypervisors %s, capacity %s, state dir %s",
              config.name, config.master, ",".join(config.hypervisors), agent.capacity.as_dict(),
              config.state_dir)
@@ -247,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     sd_notify("STOPPING=1")
     agent.stop()
     if agent.failure is not None:
-        print(f"soda-agent: stopped: {agent.failure}", file=sys.stderr)
-        return EXIT_FAILURE
+        return refuse("soda-agent", f"stopped: {agent.failure}", EXIT_FAILURE)
     log.info("agent %s stopped; guests left running", config.name)
     return 0
 

@@ -30,7 +30,8 @@ from soda.daemon.limits import LimitManager
 from soda.daemon.tc import NetlinkShaper, NetlinkThread
 from soda.errors import InvalidSpec, SodaError, WrongState
 from soda.proto.v1 import daemon_pb2, daemon_pb2_grpc
-from soda.service import forbid_fork, serve_until_stopped, setup_logging, stop_event_on_signals
+from soda.service import (EXIT_FAILURE, forbid_fork, refuse, serve_until_stopped, setup_logging,
+                          stop_event_on_signals)
 
 log = logging.getLogger("soda.daemon")
 
@@ -154,16 +155,17 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = soda_config.with_overrides(
-            soda_config.load(DaemonConfig, args.config),
-            socket=args.socket, cgroup_parent=args.cgroup_parent, netns=args.netns,
-            log_level=args.log_level)
-        setup_logging(cfg.log_level, "soda-daemon")
-        stop = stop_event_on_signals()
+        cfg = soda_config.effective(DaemonConfig, args.config, socket=args.socket,
+                                    cgroup_parent=args.cgroup_parent, netns=args.netns,
+                                    log_level=args.log_level)
+    except InvalidSpec as exc:
+        return refuse("soda-daemon", exc)
+    setup_logging(cfg.log_level, "soda-daemon")
+    stop = stop_event_on_signals()
+    try:
         server = DaemonServer(cfg)
     except (SodaError, OSError) as exc:
-        print(f"soda-daemon: error: {exc}", file=sys.stderr)
-        return 1
+        return refuse("soda-daemon", exc, EXIT_FAILURE)
     forbid_fork("soda-daemon serves gRPC; netlink runs on its own thread (soda.netlink)")
     return serve_until_stopped(server, stop)
 

@@ -24,10 +24,10 @@ import sys
 from dataclasses import dataclass
 
 from soda.addresses import join_host_port, split_host_port
-from soda.config import load, with_overrides
+from soda.config import LOG_LEVELS, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
-from soda.service import sd_notify, setup_logging
+from soda.service import refuse, sd_notify, setup_logging
 from soda.switch import ondemand
 from soda.switch.endpoints import EndpointSync, EndpointWatcher
 from soda.switch.nft import DEFAULT_TABLE, KernelPath, ModeDispatch, check_table_name
@@ -36,9 +36,6 @@ from soda.switch.proxy import Proxy
 
 log = logging.getLogger("soda.switch")
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 # READY=1 waits at most this long for the first endpoint lists, so that a
 # unit ordered after the Switch finds its listeners bound when the Master is up.
 READY_WAIT_SECONDS = 5.0
@@ -84,9 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> SwitchConfig:
     """The effective config: file, then flags; raises InvalidSpec."""
-    config = with_overrides(load(SwitchConfig, args.config), master=args.master, log_level=args.log_level,
-                            metrics_listen=args.metrics_listen, name=args.name)
-    return check_config(config)
+    return effective(SwitchConfig, args.config, check_config, master=args.master,
+                     log_level=args.log_level, metrics_listen=args.metrics_listen, name=args.name)
 
 
 def check_config(config: SwitchConfig) -> SwitchConfig:
@@ -103,8 +99,6 @@ def check_config(config: SwitchConfig) -> SwitchConfig:
             raise InvalidSpec(f"listen_hosts: {host!r} is not a host address")
     if config.metrics_listen:
         split_host_port(config.metrics_listen)
-    if config.log_level.upper() not in LOG_LEVELS:
-        raise InvalidSpec(f"log_level {config.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     check_table_name(config.nft_table)
     return config
 
@@ -232,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
     except InvalidSpec as exc:
-        print(f"soda-switch: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse("soda-switch", exc)
     setup_logging(config.log_level, "soda-switch")
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(config))

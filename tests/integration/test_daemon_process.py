@@ -126,5 +126,5 @@ def test_daemon_rejects_an_unknown_config_key(sock_dir, tmp_path):
     cfg.write_text("socket: /tmp/x.sock\nheadroom: {uml: 16}\n")
     out = subprocess.run([sys.executable, "-m", "soda.daemon.main", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "unknown key(s) headroom" in out.stderr

@@ -58,3 +58,17 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_flags_override_only_when_given():
     cfg = config.with_overrides(config.MasterConfig(), listen="0.0.0.0:1", state_dir=None)
     assert cfg.listen == "0.0.0.0:1" and cfg.state_dir == config.MasterConfig().state_dir
+
+
+@pytest.mark.parametrize("program", ["master", "daemon", "agent", "switch"])
+def test_every_daemon_loads_and_refuses_its_config_the_same_way(program, tmp_path, capsys):
+    import importlib
+    main = importlib.import_module(f"soda.{program}.main").main
+    path = tmp_path / f"{program}.yaml"
+    for text, reason in [("log_level: loud\n", "log_level 'loud': use one of DEBUG, INFO"),
+                         ("no_such_key: 1\n", f"{program}.yaml: unknown key(s) no_such_key")]:
+        path.write_text(text)
+        # A usage error (2) before anything starts, said on one line.
+        assert main(["--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"soda-{program}: ") and reason in err and err.count("\n") == 1, err

@@ -45,7 +45,6 @@ import re
 import select
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -56,9 +55,8 @@ from soda.errors import InvalidSpec, NotFound, WrongState
 from soda.hypervisors import process
 from soda.hypervisors.base import check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec, TUN_DEVICE
 from soda.hypervisors.kernels import AUTO
-from soda.hypervisors.probe import PROBE_TIMEOUT
 from soda.netns import NETNS_DIR
-from soda.hypervisors.recorded import TERM_GRACE, RecordedGuestDriver
+from soda.hypervisors.recorded import RecordedGuestDriver
 from soda.hypervisors.qmp import qmp
 
 log = logging.getLogger(__name__)
@@ -125,20 +123,21 @@ class QemuDriver(RecordedGuestDriver):
     # Memory changes boot the guest again: its initramfs loads no
     # virtio-balloon driver. QMP stop/cont pause it in place.
     can_freeze = True
+    memory_overhead = MEMORY_OVERHEAD
+
+    default_short_dir = DEFAULT_SHORT_DIR
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  qemu: str = QEMU, qemu_img: str = QEMU_IMG, kernel: str = AUTO,
                  initramfs: str = AUTO, accel: str = AUTO, machine: str = "pc",
-                 min_memory: int = MIN_MEMORY, memory_overhead: int = 0, python: str | None = None,
-                 short_dir: str = DEFAULT_SHORT_DIR, boot_options: tuple[str, ...] | list[str] = (),
-                 probe_timeout: float = PROBE_TIMEOUT, powerdown_grace: float = POWERDOWN_GRACE,
-                 term_grace: float = TERM_GRACE, sleep=time.sleep):
-        super().__init__(state_dir, runner, clock)
+                 min_memory: int = MIN_MEMORY, powerdown_grace: float = POWERDOWN_GRACE,
+                 **options: Any):
+        """`options`: what every recorded driver takes (RecordedGuestDriver)."""
+        super().__init__(state_dir, runner, clock, **options)
         self.qemu = shutil.which(qemu) or qemu
         self.qemu_img = shutil.which(qemu_img) or qemu_img
         self.kernel = find_kernel() if kernel == AUTO else kernel
         self.kernel_version = _kernel_version(self.kernel)
-        self.dir = os.path.join(os.path.abspath(state_dir), "qemu")
         if initramfs == AUTO:
             if not self.kernel_version and kernel != AUTO:
                 raise InvalidSpec(f"QEMU kernel {self.kernel}: its version is not in its name "
@@ -159,15 +158,7 @@ class QemuDriver(RecordedGuestDriver):
         self.machine = machine
         self.min_memory = int(min_memory)
         self.kernel_label = self.kernel
-        self.memory_overhead = int(memory_overhead) or MEMORY_OVERHEAD
-        self.python = python or sys.executable
-        self.short_dir = short_dir
-        self.boot_options = tuple(boot_options)
-        self.probe_timeout = probe_timeout
         self.powerdown_grace = powerdown_grace
-        self.term_grace = term_grace
-        self._sleep = sleep
-        self._ready: set[tuple[int, int]] = set()
         # Guests whose VM QMP has confirmed, by (pid, start time).
         self._verified: set[tuple[int, int]] = set()
         self._initramfs_lock = threading.Lock()

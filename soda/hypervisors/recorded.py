@@ -31,15 +31,16 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from soda.errors import CommandError, InvalidSpec, TemporaryError
 from soda.hypervisors import process
-from soda.hypervisors.base import (EXITED, RUNNING, GuestInfo, GuestSpec, HypervisorDriver,
+from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict, write_json_atomic)
-from soda.hypervisors.probe import probe_tcp
+from soda.hypervisors.probe import PROBE_TIMEOUT, probe_tcp
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,30 @@ UNSAYABLE = ", \t\n\"'"                 # split a VMM's option values or the ker
 class RecordedGuestDriver(HypervisorDriver):
     identity: process.Identity
     exit_markers: tuple[str, ...] = ()
-    # Set by subclasses' __init__: seconds a readiness probe may take, and the
-    # (pid, start time) of guests already seen ready (a guest stays ready).
-    probe_timeout: float
-    _ready: set[tuple[int, int]]
-    term_grace: float = TERM_GRACE
-    _sleep = staticmethod(time.sleep)
+    default_short_dir: str = ""         # /run/soda-<driver>: short socket paths
+
+    def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time, *,
+                 memory_overhead: int = 0, python: str | None = None, short_dir: str = "",
+                 boot_options: tuple[str, ...] | list[str] = (),
+                 probe_timeout: float = PROBE_TIMEOUT, term_grace: float = TERM_GRACE,
+                 sleep: Callable[[float], None] = time.sleep):
+        super().__init__(state_dir, runner, clock)
+        # Absolute: the paths go on a command line and into records.
+        self.dir = os.path.join(os.path.abspath(state_dir), self.name)
+        # 0 = the driver's own figure (its class attribute).
+        if memory_overhead:
+            self.memory_overhead = int(memory_overhead)
+        # The launcher must run with the Agent's interpreter (its venv).
+        self.python = python or sys.executable
+        # Where sockets go whose path under the guest dir would be too long.
+        self.short_dir = short_dir or self.default_short_dir
+        self.boot_options = tuple(boot_options)
+        self.probe_timeout = probe_timeout
+        self.term_grace = term_grace
+        self._sleep = sleep
+        # Guests seen serving once, by (pid, start time): readiness latches,
+        # so list() does not probe every running guest on every call.
+        self._ready: set[tuple[int, int]] = set()
 
     # ---- start: one ladder, hooks for what differs ----------------------------
     def start(self, spec: GuestSpec) -> GuestInfo:

@@ -39,7 +39,6 @@ import shutil
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -50,9 +49,8 @@ from soda.hypervisors import process
 from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec,
                                   TUN_DEVICE, write_json_atomic)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
-from soda.hypervisors.probe import PROBE_TIMEOUT
 from soda.netns import NETNS_DIR
-from soda.hypervisors.recorded import KILL_WAIT, TERM_GRACE, RecordedGuestDriver
+from soda.hypervisors.recorded import KILL_WAIT, RecordedGuestDriver
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +101,14 @@ class UmlDriver(RecordedGuestDriver):
     # UML's memory hot-unplug gives RAM back and takes it again, up to
     # what the guest booted with.
     live_memory = True
+    memory_overhead = MEMORY_OVERHEAD
+
+    default_short_dir = DEFAULT_SHORT_DIR
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
-                 kernel: str = AUTO, min_memory: int | None = None, memory_overhead: int = 0,
-                 python: str | None = None, short_dir: str = DEFAULT_SHORT_DIR,
-                 boot_options: tuple[str, ...] | list[str] = (),
-                 probe_timeout: float = PROBE_TIMEOUT, term_grace: float = TERM_GRACE,
-                 sleep=time.sleep):
-        super().__init__(state_dir, runner, clock)
+                 kernel: str = AUTO, min_memory: int | None = None, **options: Any):
+        """`options`: what every recorded driver takes (RecordedGuestDriver)."""
+        super().__init__(state_dir, runner, clock, **options)
         # "auto": SODA's own kernel when one is built, else Debian's
         # (soda.hypervisors.kernels). Resolved once: every guest of this
         # driver boots the same kernel, and its record says which.
@@ -119,22 +117,9 @@ class UmlDriver(RecordedGuestDriver):
         self.kernel_kind = found.kind
         # Refuse what cannot boot instead of reporting a crash loop.
         self.min_memory = found.min_memory if min_memory is None else int(min_memory)
-        self.memory_overhead = int(memory_overhead) or MEMORY_OVERHEAD
         self.kernel_label = f"{self.kernel} ({self.kernel_kind})"
         log.info("uml guests boot %s (%s kernel, at least %d MiB)", self.kernel, self.kernel_kind,
                  self.min_memory)
-        # The launcher must run with the Agent's interpreter (its venv).
-        self.python = python or sys.executable
-        self.short_dir = short_dir
-        self.boot_options = tuple(boot_options)
-        self.probe_timeout = probe_timeout
-        self.term_grace = term_grace
-        self._sleep = sleep
-        # Absolute: the paths go on a command line and into records.
-        self.dir = os.path.join(os.path.abspath(state_dir), "uml")
-        # Guests seen serving once, by (pid, start time): readiness latches,
-        # so list() does not probe every running guest on every call.
-        self._ready: set[tuple[int, int]] = set()
 
     # ---- paths -----------------------------------------------------------
     def cow_path(self, name: str) -> str:

@@ -12,7 +12,11 @@ import signal
 import socket
 import sys
 import threading
-from typing import Callable
+from typing import Any, Callable, TypeVar
+
+from soda.errors import InvalidSpec, SodaError
+
+T = TypeVar("T")
 
 EXIT_FAILURE = 1      # it could not start, or stopped on an error
 EXIT_USAGE = 2        # bad flags or config: nothing was started
@@ -22,6 +26,33 @@ def refuse(program: str, reason: object, code: int = EXIT_USAGE) -> int:
     """Say on one line why `program` does not run; the exit code to return."""
     print(f"{program}: {reason}", file=sys.stderr)
     return code
+
+
+def configure(program: str, load: Callable[[], T]) -> T | None:
+    """The config `load` builds (soda.config.effective), with logging set
+    up for `program`; None once it has said on one line why the config is
+    refused (the daemon then exits EXIT_USAGE, having started nothing)."""
+    try:
+        config = load()
+    except InvalidSpec as exc:
+        refuse(program, exc)
+        return None
+    setup_logging(getattr(config, "log_level", "INFO"), program)
+    return config
+
+
+def serve_grpc(program: str, make_server: Callable[[], Any], no_fork: str = "") -> int:
+    """A gRPC daemon's life once configured: make its server (a failure is
+    said on one line: EXIT_FAILURE), ban forks when `no_fork` says why
+    (forbid_fork), serve until SIGTERM/SIGINT."""
+    stop = stop_event_on_signals()
+    try:
+        server = make_server()
+    except (SodaError, OSError) as exc:
+        return refuse(program, exc, EXIT_FAILURE)
+    if no_fork:
+        forbid_fork(no_fork)
+    return serve_until_stopped(server, stop)
 
 
 def setup_logging(level: str = "INFO", name: str = "soda") -> None:

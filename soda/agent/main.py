@@ -31,7 +31,7 @@ from soda.model.names import NODE_NAME_MAX, check_dns_label
 from soda.model.state import DriverCapabilities, Node
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
-from soda.service import (EXIT_FAILURE, forbid_fork, refuse, sd_notify, setup_logging,
+from soda.service import (EXIT_FAILURE, EXIT_USAGE, configure, forbid_fork, refuse, sd_notify,
                           stop_event_on_signals)
 
 log = logging.getLogger("soda.agent")
@@ -198,11 +198,9 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)          # exits 2 on a usage error
-    try:
-        config = build_config(args)
-    except InvalidSpec as exc:
-        return refuse("soda-agent", exc)
-    setup_logging(config.log_level, "soda-agent")
+    config = configure("soda-agent", lambda: build_config(args))
+    if config is None:
+        return EXIT_USAGE
     stop = stop_event_on_signals()
     try:
         drivers = build_drivers(config)

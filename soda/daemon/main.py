@@ -28,10 +28,9 @@ from soda.daemon.cgroups import CgroupV2, open_backend
 from soda.daemon.config import DaemonConfig
 from soda.daemon.limits import LimitManager
 from soda.daemon.tc import NetlinkShaper, NetlinkThread
-from soda.errors import InvalidSpec, SodaError, WrongState
+from soda.errors import InvalidSpec, WrongState
 from soda.proto.v1 import daemon_pb2, daemon_pb2_grpc
-from soda.service import (EXIT_FAILURE, forbid_fork, refuse, serve_until_stopped, setup_logging,
-                          stop_event_on_signals)
+from soda.service import EXIT_USAGE, configure, serve_grpc
 
 log = logging.getLogger("soda.daemon")
 
@@ -154,20 +153,13 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = soda_config.effective(DaemonConfig, args.config, socket=args.socket,
-                                    cgroup_parent=args.cgroup_parent, netns=args.netns,
-                                    log_level=args.log_level)
-    except InvalidSpec as exc:
-        return refuse("soda-daemon", exc)
-    setup_logging(cfg.log_level, "soda-daemon")
-    stop = stop_event_on_signals()
-    try:
-        server = DaemonServer(cfg)
-    except (SodaError, OSError) as exc:
-        return refuse("soda-daemon", exc, EXIT_FAILURE)
-    forbid_fork("soda-daemon serves gRPC; netlink runs on its own thread (soda.netlink)")
-    return serve_until_stopped(server, stop)
+    cfg = configure("soda-daemon", lambda: soda_config.effective(
+        DaemonConfig, args.config, socket=args.socket, cgroup_parent=args.cgroup_parent,
+        netns=args.netns, log_level=args.log_level))
+    if cfg is None:
+        return EXIT_USAGE
+    return serve_grpc("soda-daemon", lambda: DaemonServer(cfg),
+                      no_fork="soda-daemon serves gRPC; netlink runs on its own thread (soda.netlink)")
 
 
 if __name__ == "__main__":

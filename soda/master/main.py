@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from soda import config as soda_config
-from soda.errors import InvalidSpec, SodaError
+from soda.errors import SodaError
 from soda.master.api import MasterServicer
 from soda.master.controller import Controller
 from soda.master.images import ImageStore
@@ -26,8 +26,7 @@ from soda.master.membership import MembershipLoop
 from soda.master.notifier import Notifier
 from soda.master.store import open_store
 from soda.proto.v1 import master_pb2, master_pb2_grpc
-from soda.service import (EXIT_FAILURE, refuse, serve_until_stopped, setup_logging,
-                          stop_event_on_signals)
+from soda.service import EXIT_USAGE, configure, serve_grpc
 
 log = logging.getLogger("soda.master")
 
@@ -97,20 +96,13 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = soda_config.effective(
-            soda_config.MasterConfig, args.config, listen=args.listen, state_dir=args.state_dir,
-            cluster_cidr=args.cluster_cidr, node_lost_seconds=args.node_lost_seconds,
-            log_level=args.log_level)
-    except InvalidSpec as exc:
-        return refuse("soda-master", exc)
-    setup_logging(cfg.log_level, "soda-master")
-    stop = stop_event_on_signals()
-    try:
-        server = MasterServer(cfg)
-    except (SodaError, OSError) as exc:
-        return refuse("soda-master", exc, EXIT_FAILURE)
-    return serve_until_stopped(server, stop)
+    cfg = configure("soda-master", lambda: soda_config.effective(
+        soda_config.MasterConfig, args.config, listen=args.listen, state_dir=args.state_dir,
+        cluster_cidr=args.cluster_cidr, node_lost_seconds=args.node_lost_seconds,
+        log_level=args.log_level))
+    if cfg is None:
+        return EXIT_USAGE
+    return serve_grpc("soda-master", lambda: MasterServer(cfg))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from soda.addresses import join_host_port, split_host_port
 from soda.config import LOG_LEVELS, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
-from soda.service import refuse, sd_notify, setup_logging
+from soda.service import EXIT_USAGE, configure, sd_notify
 from soda.switch import ondemand
 from soda.switch.endpoints import EndpointSync, EndpointWatcher
 from soda.switch.nft import DEFAULT_TABLE, KernelPath, ModeDispatch, check_table_name
@@ -223,11 +223,9 @@ def _stop_on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)          # exits 2 on a usage error
-    try:
-        config = build_config(args)
-    except InvalidSpec as exc:
-        return refuse("soda-switch", exc)
-    setup_logging(config.log_level, "soda-switch")
+    config = configure("soda-switch", lambda: build_config(args))
+    if config is None:
+        return EXIT_USAGE
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(config))
 

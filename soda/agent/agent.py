@@ -30,11 +30,11 @@ a fake in tests) and imports no grpc.
 from __future__ import annotations
 
 import logging
-import random
 import tempfile
 import threading
 from typing import Callable, Iterable
 
+from soda.backoff import Backoff
 from soda.errors import NotFound, SodaError
 from soda.model.spec import Resources
 from soda.model.state import DriverCapabilities, Node, VirtualNodeStatus
@@ -58,25 +58,6 @@ def state_dir_problem(path: str) -> str:
     except OSError as exc:
         return f"state dir {path} is not writable: {exc.strerror or exc}"
     return ""
-
-
-class Backoff:
-    """Capped exponential delays with jitter, so that a restarted Master is
-    not hit by every Agent in the same instant."""
-
-    def __init__(self, first: float = 0.2, cap: float = 5.0, factor: float = 2.0,
-                 jitter: float = 0.2, rng: Callable[[], float] = random.random):
-        self.first, self.cap, self.factor, self.jitter = first, cap, factor, jitter
-        self._rng = rng
-        self._current = first
-
-    def next(self) -> float:
-        delay = self._current
-        self._current = min(self.cap, self._current * self.factor)
-        return min(self.cap, delay * (1 - self.jitter + 2 * self.jitter * self._rng()))
-
-    def reset(self) -> None:
-        self._current = self.first
 
 
 class _Outage:

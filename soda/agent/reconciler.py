@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol
 
 from soda.agent.plumbing import GuestPlumbing
+from soda.backoff import Backoff
 from soda.errors import SodaError, WrongState
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
@@ -69,6 +70,7 @@ class Images(Protocol):
 
 @dataclass
 class _Retry:
+    backoff: Backoff                # the delay before each next try
     failures: int = 0
     retry_at: float = 0.0
     action: str = "start"        # what failed: "start", "stop" or "update"
@@ -614,11 +616,12 @@ class Reconciler:
     def _schedule_retry(self, name: str, action: str, now: float) -> float:
         vnode = self._vn(name)
         if vnode.retry is None:
-            vnode.retry = _Retry()
+            # No jitter: one node's virtual nodes retry against nothing shared.
+            vnode.retry = _Retry(Backoff(self._backoff, self._backoff_max, jitter=0))
         retry = vnode.retry
         retry.failures += 1
         retry.action = action
-        delay = min(self._backoff_max, self._backoff * 2 ** (retry.failures - 1))
+        delay = retry.backoff.next()
         retry.retry_at = now + delay
         return delay
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from soda.backoff import Backoff
 from soda.errors import SodaError
 from soda.model.switching import EndpointSet
 
@@ -64,8 +64,7 @@ class EndpointWatcher:
 
     def __init__(self, client: Any, loop: asyncio.AbstractEventLoop, handler: Callable[[Event], None], *,
                  probe: Callable[[], Any] | None = None,
-                 backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX,
-                 jitter: Callable[[], float] = lambda: random.uniform(0.8, 1.2)):
+                 backoff: Backoff | None = None):
         self.client = client
         # A cheap unary call that proves the Master answers before a stream
         # is opened: a stream to an unreachable host can sit "connecting"
@@ -73,9 +72,7 @@ class EndpointWatcher:
         self.probe = probe
         self.loop = loop
         self.handler = handler
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.jitter = jitter
+        self.backoff = backoff or Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,7 +97,6 @@ class EndpointWatcher:
         return True
 
     def run(self) -> None:
-        delay = self.backoff_initial
         while not self._stop.is_set():
             got = 0
             try:
@@ -123,14 +119,13 @@ class EndpointWatcher:
             if self._stop.is_set():
                 return
             if got:
-                delay = self.backoff_initial
+                self.backoff.reset()
             self._deliver(StreamLost(error))
-            wait = min(delay, self.backoff_max) * self.jitter()
+            wait = self.backoff.next()
             log.warning("endpoint watch: %s; serving the last known endpoints, retrying in %.1f s",
                         error, wait)
             if self._stop.wait(wait):
                 return
-            delay = min(delay * 2, self.backoff_max)
 
 
 class EndpointSync:

@@ -24,12 +24,13 @@ import sys
 from dataclasses import dataclass
 
 from soda.addresses import join_host_port, split_host_port
+from soda.backoff import Backoff
 from soda.config import LOG_LEVELS, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
 from soda.service import EXIT_USAGE, configure, sd_notify
 from soda.switch import ondemand
-from soda.switch.endpoints import EndpointSync, EndpointWatcher
+from soda.switch.endpoints import BACKOFF_INITIAL, EndpointSync, EndpointWatcher
 from soda.switch.nft import DEFAULT_TABLE, KernelPath, ModeDispatch, check_table_name
 from soda.switch.metrics import MetricsServer, tcp_listeners, to_report
 from soda.switch.proxy import Proxy
@@ -137,8 +138,9 @@ class Switch:
         await self.kernel.start()
         self._sync_task = asyncio.create_task(self.sync.run(), name="endpoint-sync")
         self.ondemand.start()
-        self._watcher = EndpointWatcher(self.client, loop, self.sync.handle, probe=self.client.list_services,
-                                        backoff_max=self.config.reconnect_max_seconds)
+        self._watcher = EndpointWatcher(
+            self.client, loop, self.sync.handle, probe=self.client.list_services,
+            backoff=Backoff(BACKOFF_INITIAL, self.config.reconnect_max_seconds))
         self._watcher.start()
         if self.config.metrics_listen:
             try:

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from soda.agent.agent import Agent, Backoff, StatusReporter, state_dir_problem
+from soda.agent.agent import Agent, StatusReporter, state_dir_problem
+from soda.backoff import Backoff
 from soda.agent.capacity import (DEFAULT_BANDWIDTH_MBIT, default_route_device, link_speed_mbit,
                                  measure_capacity)
 from soda.agent.images import ImageCache

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 from soda import model
+from soda.backoff import Backoff
 from soda.config import MasterConfig
 from soda.errors import Unavailable
 from soda.rpc.client import MasterClient
@@ -63,7 +64,7 @@ def run_watcher(client, n_events, **kw):
     """Run a watcher against `client` until it delivered `n_events`; returns them."""
     async def main():
         got = []
-        watcher = EndpointWatcher(client, asyncio.get_running_loop(), got.append, jitter=lambda: 1.0, **kw)
+        watcher = EndpointWatcher(client, asyncio.get_running_loop(), got.append, **kw)
         watcher.start()
         for _ in range(int(TIMEOUT / 0.01)):
             if len(got) >= n_events:
@@ -85,7 +86,7 @@ def test_watcher_reconnects_with_backoff_and_delivers_in_order():
         ([es("a"), es("b")], down),          # a stream that delivered resets the backoff
         ([es("a", deleted=True)], "block"),
     ])
-    got = run_watcher(client, 10, backoff_initial=0.05, backoff_max=0.1)
+    got = run_watcher(client, 10, backoff=Backoff(0.05, 0.1, jitter=0))
     assert got == [StreamOpened(), StreamLost(str(down)),
                    StreamOpened(), StreamLost(str(down)),
                    StreamOpened(), es("a"), es("b"), StreamLost(str(down)),
@@ -103,7 +104,7 @@ def test_watcher_probe_failure_opens_no_stream():
         if len(probes) < 3:
             raise Unavailable("down")
     client = FakeClient([([es("a")], "block")])
-    got = run_watcher(client, 4, probe=probe, backoff_initial=0.01, backoff_max=0.01)
+    got = run_watcher(client, 4, probe=probe, backoff=Backoff(0.01, 0.01, jitter=0))
     assert got == [StreamLost("down"), StreamLost("down"), StreamOpened(), es("a")]
     assert len(client.calls) == 1
 

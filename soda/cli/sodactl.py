@@ -18,7 +18,7 @@ import errno
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import click
 
@@ -87,6 +87,12 @@ class Session:
     def emit(self, data: Any, table: Callable[[], str]) -> None:
         """Print `data` in the chosen format; `table` draws it for people."""
         click.echo(output.render(data, self.output_format, table))
+
+    def emit_list(self, items: Iterable[Any], to_dict: Callable[[Any], dict],
+                  table: Callable[[list], str]) -> None:
+        """A listing, in the order every list is shown in (tables and json/yaml alike)."""
+        ordered = sorted(items, key=output.listing_order)
+        self.emit([to_dict(i) for i in ordered], lambda: table(ordered))
 
 
 class SodactlGroup(click.Group):
@@ -181,8 +187,7 @@ def node() -> None:
 @click.pass_obj
 def node_list(session: Session) -> None:
     """List physical nodes: capacity in use, virtual nodes, hypervisors."""
-    nodes = sorted(session.client.list_nodes(), key=output.listing_order)
-    session.emit([output.node_to_dict(n) for n in nodes], lambda: output.nodes_table(nodes))
+    session.emit_list(session.client.list_nodes(), output.node_to_dict, output.nodes_table)
 
 
 @cli.group()
@@ -222,8 +227,7 @@ def image_push(session: Session, file: str, name: str | None, init: str | None) 
 @click.pass_obj
 def image_list(session: Session) -> None:
     """List images with their names, size and digest."""
-    images = sorted(session.client.list_images(), key=output.listing_order)
-    session.emit([output.image_to_dict(i) for i in images], lambda: output.images_table(images))
+    session.emit_list(session.client.list_images(), output.image_to_dict, output.images_table)
 
 
 @image.command("delete")
@@ -333,8 +337,8 @@ def service_get(session: Session, name: str) -> None:
 @click.pass_obj
 def service_list(session: Session) -> None:
     """List services with how many of their virtual nodes run."""
-    services = sorted(session.client.list_services(), key=output.listing_order)
-    session.emit([output.service_to_dict(s) for s in services], lambda: output.services_table(services))
+    session.emit_list(session.client.list_services(), output.service_to_dict,
+                      output.services_table)
 
 
 @service.command("delete")

@@ -39,6 +39,7 @@ from typing import Callable
 
 from soda.devcluster.supervisor import (EXITED, FAILED, RUNNING, PartState, RestartPolicy, Supervisor,
                                         describe_exit)
+from soda.files import remove_path, write_json_atomic
 from soda.procid import ProcessId
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,6 @@ def load_state(state_dir: str) -> dict | None:
             return json.load(f)
     except FileNotFoundError:
         return None
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)      # readers never see half a record
 
 
 def recorded(state: dict, name: str) -> ProcessId | None:
@@ -331,7 +324,7 @@ class LocalCluster:
 
     def _save(self) -> None:
         self._state["updated_at"] = time.time()
-        _write_json(os.path.join(self.state_dir, STATE_FILE), self._state)
+        write_json_atomic(os.path.join(self.state_dir, STATE_FILE), self._state, indent=1)
 
     def _supervise(self) -> None:
         while not self._stop.is_set():
@@ -427,14 +420,9 @@ def teardown(state_dir: str, children: dict[str, subprocess.Popen] | None = None
     log_dir = os.path.join(state_dir, LOG_DIR)
     os.makedirs(log_dir, exist_ok=True)
     # The last record stays beside the logs: which pids ran, how often each restarted.
-    _write_json(os.path.join(log_dir, STATE_FILE), state)
+    write_json_atomic(os.path.join(log_dir, STATE_FILE), state, indent=1)
     for name in OWNED:
-        path = os.path.join(state_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        remove_path(os.path.join(state_dir, name))
     return True
 
 

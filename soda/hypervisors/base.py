@@ -20,10 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib.metadata
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -183,23 +180,6 @@ def check_guest_name(name: str) -> str:
     # Guest names become file names under the state dir: a DNS label cannot
     # climb out of it.
     return check_dns_label("virtual node", name, NODE_NAME_MAX)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Replace `path` with `data` so that a reader (or a restarted Agent)
-    sees either the old file or the new one, never half of it."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def spec_as_dict(spec: GuestSpec) -> dict:

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from soda.errors import CommandError, NotFound
+from soda.files import write_json_atomic
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
-                                   check_guest_name, spec_as_dict, write_json_atomic)
+                                   check_guest_name, spec_as_dict)
 
 log = logging.getLogger(__name__)
 

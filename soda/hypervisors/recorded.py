@@ -28,7 +28,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,9 +36,10 @@ import time
 from typing import Any, Callable, Iterator
 
 from soda.errors import CommandError, InvalidSpec, TemporaryError
+from soda.files import remove_path, write_json_atomic
 from soda.hypervisors import process
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
-                                   check_guest_name, spec_as_dict, write_json_atomic)
+                                   check_guest_name, spec_as_dict)
 from soda.hypervisors.probe import PROBE_TIMEOUT, probe_tcp
 
 log = logging.getLogger(__name__)
@@ -282,12 +282,7 @@ class RecordedGuestDriver(HypervisorDriver):
             return
         for entry in os.listdir(directory):
             if entry != RECORD:
-                path = os.path.join(directory, entry)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+                remove_path(os.path.join(directory, entry))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, RECORD))
         with contextlib.suppress(FileNotFoundError):

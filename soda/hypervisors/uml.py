@@ -45,9 +45,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from soda.errors import InvalidSpec, NotFound, TemporaryError, WrongState
+from soda.files import write_json_atomic
 from soda.hypervisors import process
 from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec,
-                                  TUN_DEVICE, write_json_atomic)
+                                   TUN_DEVICE)
 from soda.hypervisors.kernels import AUTO, find_uml_kernel
 from soda.netns import NETNS_DIR
 from soda.hypervisors.recorded import KILL_WAIT, RecordedGuestDriver

@@ -18,8 +18,8 @@ import time
 import pytest
 
 from soda.errors import InvalidSpec, NotFound, WrongState
-from soda.hypervisors.base import (DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict,
-                                   write_json_atomic)
+from soda.files import write_json_atomic
+from soda.hypervisors.base import DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict
 from soda.hypervisors.qemu import QemuDriver, _proc_starttime, guest_mac
 from soda.hypervisors.qmp import QmpError, qmp
 from soda.model.spec import Resources

@@ -19,9 +19,9 @@ import time
 import pytest
 
 from soda.errors import InvalidSpec, NotFound
+from soda.files import write_json_atomic
 from soda.hypervisors import launch
-from soda.hypervisors.base import (DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict,
-                                   write_json_atomic)
+from soda.hypervisors.base import DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict
 from soda.hypervisors.uml import UmlDriver, _proc_starttime, mconsole, parse_meminfo
 from soda.model.spec import Resources
 from tests.support import free_port

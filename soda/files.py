@@ -1,0 +1,42 @@
+"""Files SODA keeps: written whole or not at all, removed whatever they are.
+
+Records (guests, the local cluster's state) are replaced atomically, so a
+reader or a restarted process sees the old file or the new one, never half
+of one; `remove_path` takes away a file, a link or a whole tree alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+
+def write_json_atomic(path: str, data: Any, indent: int | None = None) -> None:
+    """Replace `path` with `data` so that a reader (or a restarted Agent)
+    sees either the old file or the new one, never half of it."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, sort_keys=True, indent=indent)
+            if indent is not None:
+                f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_path(path: str) -> None:
+    """Remove `path`: a directory with all below it (a link to one is only
+    unlinked), a file or link; one that is already gone is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -74,6 +74,15 @@ def bridge_mac(gateway: str) -> str:
     return "02:51:" + ":".join(f"{int(octet):02x}" for octet in gateway.split("."))
 
 
+def _tap_alias_fields(alias: str | None) -> dict[str, str]:
+    """The fields (vnode=, address=) of a TAP's alias; none for a link that
+    is not a virtual node's TAP."""
+    words = (alias or "").split()
+    if not words or words[0] != TAP_ALIAS_TAG:
+        return {}
+    return dict(word.split("=", 1) for word in words[1:] if "=" in word)
+
+
 class NetworkError(SodaError):
     """Node networking could not be set up or torn down."""
 
@@ -98,6 +107,11 @@ class NetworkBackend(abc.ABC):
     @abc.abstractmethod
     def unplug(self, vnode: str) -> None:
         """Take the virtual node's network away; nothing to remove is fine."""
+
+    @abc.abstractmethod
+    def plugged(self) -> set[str]:
+        """Every virtual node that has a network here, whichever Agent gave
+        it (a restarted Agent takes away what no guest of its own needs)."""
 
 
 class NodeNetwork(NetworkBackend):
@@ -258,13 +272,23 @@ class NodeNetwork(NetworkBackend):
         index = self._index(ipr, name)
         if index is None:
             return ""
-        alias = ipr.link("get", index=index)[0].get_attr("IFLA_IFALIAS") or ""
-        fields = dict(word.split("=", 1) for word in alias.split() if "=" in word)
-        address = fields.get("address", "")
+        alias = ipr.link("get", index=index)[0].get_attr("IFLA_IFALIAS")
+        address = _tap_alias_fields(alias).get("address", "")
         if address:
             self._del_neighbour(ipr, self.bridge, address)
         ipr.link("del", index=index)
         return address
+
+    def plugged(self) -> set[str]:
+        """The virtual nodes whose TAP is here, read from the TAPs' aliases."""
+        def vnodes(ipr: IPRoute) -> set[str]:
+            found = (_tap_alias_fields(link.get_attr("IFLA_IFALIAS")).get("vnode")
+                     for link in ipr.get_links())
+            return {name for name in found if name}
+        try:
+            return self.node.run(vnodes)
+        except NetlinkError as exc:
+            raise NetworkError(f"cannot list the TAPs: {os.strerror(exc.code)}") from None
 
     def taps(self) -> list[str]:
         def names(ipr: IPRoute) -> list[str]:

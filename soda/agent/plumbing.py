@@ -5,7 +5,9 @@ released after it stops, so that nothing outlives a virtual node.
 The reconciler calls `prepare` and `release`; this module owns the order
 (TAP first, since the Daemon shapes it; release in reverse) and the undo of
 a half-done prepare. Only guests of drivers that declare `plumbing` get
-any (the fake driver does not).
+any (the fake driver does not). Fences and TAPs are found again in the
+kernel (`leftovers`), so a restarted Agent can release those whose release
+an earlier Agent did not live to finish.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Daemon(Protocol):
                      tap: str = "", cpu_cap: bool = False): ...
     def release_limits(self, name: str): ...
     def usage(self, name: str): ...
+    def list(self): ...
 
 
 class GuestPlumbing:
@@ -46,6 +49,16 @@ class GuestPlumbing:
 
     def usage(self, name: str, hypervisor: str) -> Usage | None:
         """What the guest has used so far; None when nothing measures it."""
+        return None
+
+    def leftovers(self) -> set[str]:
+        """Every virtual node that has a fence or a network on this node,
+        whichever Agent made them."""
+        return set()
+
+    def release_leftover(self, name: str) -> None:
+        """Release a virtual node's fence and network whatever its driver:
+        for what an earlier Agent left behind."""
         return None
 
 
@@ -106,8 +119,15 @@ class NodePlumbing(GuestPlumbing):
         return u.usage()
 
     def release(self, name: str, hypervisor: str) -> None:
-        if not self._plumbed(hypervisor):
-            return
+        if self._plumbed(hypervisor):
+            self.release_leftover(name)
+
+    def leftovers(self) -> set[str]:
+        """The Daemon's fences and the network backend's TAPs, by virtual node."""
+        fenced = {fence.name for fence in self.daemon.list()} if self.daemon is not None else set()
+        return fenced | self.network.plugged()
+
+    def release_leftover(self, name: str) -> None:
         # Limits first: the Daemon kills what is left in the cgroups and
         # removes the qdiscs that sit on the TAP.
         if self.daemon is not None:

@@ -21,7 +21,9 @@ Restart safety: guests are found with `driver.list()`, never remembered, so
 a new Agent adopts running guests instead of starting them again. Until the
 first desired set arrives nothing is started or stopped, and closing the
 reconciler (Agent shutdown) leaves guests running: only the desired set
-decides what is stopped.
+decides what is stopped. What a killed Agent did not live to release (a
+stopped guest's fence and TAP) is found in the kernel once the first desired
+set arrives, and released unless a guest of that name runs or is wanted.
 
 Threads: one loop thread runs `reconcile_once` (woken by every change, and
 every `interval` seconds to notice crashes). Starts run in a pool of
@@ -98,6 +100,14 @@ class _Vnode:
     unreleased: str = ""
 
 
+@dataclass
+class _Leftover:
+    """A fence or TAP an earlier Agent left, and the backoff of its release
+    (or, for the listing of them all, of that)."""
+    backoff: Backoff
+    retry_at: float = 0.0
+
+
 class Reconciler:
     def __init__(self, drivers: Mapping[str, HypervisorDriver], reporter: Reporter, images: Images,
                  clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 8,
@@ -132,6 +142,11 @@ class Reconciler:
         self._wake = threading.Event()
         self._boots = ThreadPoolExecutor(max_parallel_boots, thread_name_prefix="soda-boot")
         self._stops = ThreadPoolExecutor(max_parallel_boots, thread_name_prefix="soda-stop")
+        # Fences and TAPs an earlier Agent left (_release_leftovers): None
+        # until listed, then each one still to release.
+        self._leftovers: dict[str, _Leftover] | None = None
+        self._listing_leftovers = False
+        self._leftovers_listing = _Leftover(self._leftover_backoff())
 
     # ---- the desired set -------------------------------------------------
     def replace_desired(self, vnodes: Iterable[VirtualNode]) -> None:
@@ -235,7 +250,8 @@ class Reconciler:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no start or stop is in flight (tests, shutdown)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._busy(), timeout)
+            return self._cond.wait_for(lambda: not self._busy() and not self._listing_leftovers,
+                                       timeout)
 
     def close(self) -> None:
         """Stop acting; guests are left as they are. Boot workers stop
@@ -282,6 +298,7 @@ class Reconciler:
                         self._submit_release(name, vnode.unreleased, generation)
                     skip.add(name)
             if desired is not None:
+                self._release_leftovers(guests, skip, now)
                 for name, want in desired.items():
                     if name not in guests and name not in skip:
                         self._missing(want, now)
@@ -547,6 +564,77 @@ class Reconciler:
             self._vn(name).unreleased = ""
         self._set(name, Phase.STOPPED, "", generation)
         log.info("virtual node %s stopped", name)
+
+    def _release_leftovers(self, guests: Mapping[str, object], skip: set[str], now: float) -> None:
+        """Release what an earlier Agent left: killed between a guest's stop
+        and the release of its fence, it was the only one that knew. Listed
+        once the first desired set says what is wanted, off the loop thread
+        (the Daemon may be slow or down); a leftover is released when no
+        guest of its name runs, none is wanted and no action of its name is
+        in flight, and again with backoff until that works. One whose guest
+        runs or is wanted is no leftover: that guest's stop releases it, or
+        its start takes it over."""
+        if self._leftovers is None:
+            if not self._listing_leftovers and now >= self._leftovers_listing.retry_at:
+                self._listing_leftovers = True
+                self._stops.submit(self._list_leftovers)
+            return
+        for name, leftover in sorted(self._leftovers.items()):
+            want = self._desired.get(name)
+            if name in guests or (want is not None and not want.deleting):
+                del self._leftovers[name]
+            elif name not in skip and now >= leftover.retry_at:
+                self._vn(name).busy = True
+                skip.add(name)
+                self._stops.submit(self._release_leftover, name)
+
+    def _list_leftovers(self) -> None:
+        found = failure = None
+        try:
+            found = self._plumbing.leftovers()
+        except Exception as exc:     # the Daemon down, or a bug (then with its traceback)
+            failure = exc
+        with self._cond:
+            self._listing_leftovers = False
+            if failure is None:
+                self._leftovers = {name: _Leftover(self._leftover_backoff()) for name in found}
+            else:
+                delay = self._put_off(self._leftovers_listing)
+                log.warning("cannot list the fences and TAPs on this node (retry in %gs): %s",
+                            delay, failure, exc_info=not isinstance(failure, (SodaError, OSError)))
+            self._cond.notify_all()
+        self._wake.set()
+
+    def _release_leftover(self, name: str) -> None:
+        failure = None
+        try:
+            self._plumbing.release_leftover(name)
+            log.info("released the fence and network of %s, left by an earlier Agent", name)
+        except Exception as exc:     # the Daemon down, or a bug (then with its traceback)
+            failure = exc
+        with self._cond:
+            self._vnodes[name].busy = False
+            if self._vnodes[name] == _Vnode():
+                del self._vnodes[name]      # only the busy mark made it
+            if failure is None:
+                self._leftovers.pop(name, None)
+            elif name in self._leftovers:   # else wanted again meanwhile: its start takes over
+                delay = self._put_off(self._leftovers[name])
+                log.warning("releasing the fence and network of %s, left by an earlier Agent, "
+                            "failed (retry in %gs): %s", name, delay, failure,
+                            exc_info=not isinstance(failure, (SodaError, OSError)))
+            self._cond.notify_all()
+        self._wake.set()
+
+    def _leftover_backoff(self) -> Backoff:
+        # A virtual node's: without jitter, as nothing else asks this Daemon.
+        return Backoff(self._backoff, self._backoff_max, jitter=0)
+
+    def _put_off(self, leftover: _Leftover) -> float:
+        """One more failure: the next try after the backoff."""
+        delay = leftover.backoff.next()
+        leftover.retry_at = self._clock() + delay
+        return delay
 
     # ---- helpers (_observe, _missing, _record, _failed, _forget and the
     # _submit_* ones run with the lock held) ------------------------------

@@ -69,9 +69,10 @@ def test_bridge_uplink_and_taps(net):
     # and where the host's route to it leads (the uplink's host end).
     assert neighbours(net.netns, "soda0") == {"10.233.7.2": (mac, ["PERMANENT"])}
     assert neighbours(None, net.uplink_host) == {"10.233.7.2": (mac, ["PERMANENT"])}
+    assert net.plugged() == {"web-0"}                    # found again from the TAP's alias
     net.unplug("web-0")
     net.unplug("web-0")
-    assert tap not in links(net.netns)
+    assert tap not in links(net.netns) and net.plugged() == set()
     assert neighbours(net.netns, "soda0") == {}
     assert neighbours(None, net.uplink_host) == {}
 

@@ -6,6 +6,7 @@ mconsole client and /proc/meminfo parsing: tests/unit/test_uml_argv.py)."""
 
 from dataclasses import replace
 
+from soda.agent.plumbing import GuestPlumbing
 from soda.agent.reconciler import Reconciler
 from soda.errors import WrongState
 from soda.hypervisors.fake import FakeDriver
@@ -17,7 +18,7 @@ from tests.unit.test_reconciler import vnode, wait_for
 from tests.unit.test_reconciler import image  # noqa: F401 - fixture
 
 
-class OrderedPlumbing:
+class OrderedPlumbing(GuestPlumbing):
     """Records prepare/update/release next to the driver's memory changes."""
 
     def __init__(self, log, oom_kills=0):

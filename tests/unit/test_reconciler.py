@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from soda.agent.plumbing import GuestPlumbing
 from soda.agent.reconciler import Reconciler
 from soda.errors import Unavailable, WrongState
 from soda.hypervisors.base import EXITED, RUNNING
@@ -344,7 +345,7 @@ def test_a_bug_in_a_stop_fails_that_vnode_only_and_is_retried(tmp_path, image):
 def test_a_bug_in_a_limit_change_keeps_the_guest_running_and_backs_off(tmp_path, image):
     calls = []
 
-    class BrokenPlumbing:
+    class BrokenPlumbing(GuestPlumbing):
         def prepare(self, want, hypervisor):
             return {}
 
@@ -432,7 +433,7 @@ def test_a_failed_stop_is_reported_and_retried_after_a_backoff(tmp_path, image):
     s.rec.close()
 
 
-class RecordingPlumbing:
+class RecordingPlumbing(GuestPlumbing):
     """Prepares like NodePlumbing would for any hypervisor, and records calls."""
 
     def __init__(self, fail_prepare=None):
@@ -533,7 +534,7 @@ def test_a_fence_that_could_not_be_released_is_released_again_before_it_is_forgo
     virtual node stays known (FAILED, then STOPPED) until they are."""
     from soda.errors import Unavailable
 
-    class FlakyRelease:
+    class FlakyRelease(GuestPlumbing):
         def __init__(self):
             self.failures_left = 1
             self.released = []
@@ -571,3 +572,124 @@ def test_a_fence_that_could_not_be_released_is_released_again_before_it_is_forgo
     s.converge()
     assert s.rec.status("web-0") is None           # released, then forgotten
     s.rec.close()
+
+
+class LeftoverPlumbing(GuestPlumbing):
+    """The fences and TAPs the node holds, by virtual node (what NodePlumbing
+    lists from the Daemon and the kernel), with listings and releases that
+    fail a given number of times as with the Daemon down."""
+
+    def __init__(self, found, listing_failures=0, release_failures=0):
+        self.found = set(found)
+        self.listing_failures = listing_failures
+        self.release_failures = release_failures
+        self.listings = 0
+        self.released = []               # (how, name)
+
+    def leftovers(self):
+        self.listings += 1
+        if self.listing_failures:
+            self.listing_failures -= 1
+            raise Unavailable("the SODA Daemon is not serving")
+        return set(self.found)
+
+    def release(self, name, hypervisor):
+        self.released.append(("release", name))
+        self.found.discard(name)
+
+    def release_leftover(self, name):
+        if self.release_failures:
+            self.release_failures -= 1
+            raise Unavailable("the SODA Daemon is not serving")
+        self.released.append(("leftover", name))
+        self.found.discard(name)
+
+
+def test_a_restarted_agent_releases_the_fences_an_earlier_one_left_and_only_those(tmp_path, image):
+    """An Agent killed between a guest's stop and the release of its fence
+    leaves the fence and TAP behind, and only it knew. The next Agent lists
+    them at its first desired set and releases those of virtual nodes that
+    are neither wanted nor running; a running guest (even one it cannot
+    stop) and a wanted one keep theirs."""
+    from soda.errors import CommandError
+
+    class StubbornDriver(FakeDriver):
+        def stop(self, name, timeout):
+            if name == "extra-4":
+                raise CommandError(["fake-vmm", "halt", name], 1, err="device busy")
+            super().stop(name, timeout)
+
+    earlier = Setup(tmp_path, image)
+    earlier.rec.replace_desired([vnode("web-0"), vnode("extra-4")])
+    earlier.converge()
+    earlier.rec.close()
+
+    plumbing = LeftoverPlumbing({"web-0", "web-1", "old-2", "gone-3", "extra-4"})
+    s = Setup(tmp_path, image, plumbing=plumbing,
+              driver=StubbornDriver(str(tmp_path / "state"), boot_seconds=0, sleep=lambda s: None))
+    s.converge()                 # before the first desired set: nothing to judge by
+    assert plumbing.listings == 0 and plumbing.released == []
+    s.rec.replace_desired([vnode("web-0"), vnode("web-1"), vnode("gone-3", deleting=True)])
+    for _ in range(3):
+        s.converge()
+    assert sorted(plumbing.released) == [("leftover", "gone-3"), ("leftover", "old-2")]
+    assert plumbing.listings == 1
+    assert set(s.driver.list()) == {"web-0", "web-1", "extra-4"}
+    assert s.phase("web-0") == s.phase("web-1") == P.RUNNING
+    assert s.phase("extra-4") == P.FAILED            # its stop failed: it runs on, fenced
+    assert s.phase("old-2") is None                  # released, never reported
+    s.rec.close()
+
+
+def test_leftovers_are_listed_and_released_again_with_backoff_while_the_daemon_is_down(tmp_path, image):
+    plumbing = LeftoverPlumbing({"old-2"}, listing_failures=1, release_failures=1)
+    clock = FakeClock(100.0)
+    s = Setup(tmp_path, image, clock=clock, plumbing=plumbing)
+    s.rec.replace_desired([])
+    s.converge()
+    s.converge()
+    assert plumbing.listings == 1                    # failed; not asked again before the backoff
+    clock.now += 1.0
+    s.converge()                                     # listed
+    s.converge()                                     # its release fails
+    s.converge()
+    assert plumbing.listings == 2 and plumbing.released == []
+    clock.now += 1.0
+    s.converge()
+    assert plumbing.released == [("leftover", "old-2")]
+    s.converge()
+    assert plumbing.listings == 2 and plumbing.released == [("leftover", "old-2")]
+    assert s.rec.statuses() == []
+    s.rec.close()
+
+
+
+def test_node_plumbing_finds_fences_and_taps_by_virtual_node_and_releases_them():
+    from types import SimpleNamespace
+
+    from soda.agent.plumbing import NodePlumbing
+    from soda.model.state import DriverCapabilities
+
+    calls = []
+
+    class Daemon:
+        def list(self):
+            return [SimpleNamespace(name="old-2"), SimpleNamespace(name="web-0")]    # Fences
+
+        def release_limits(self, name):
+            calls.append(("release_limits", name))
+
+    class Network:
+        def plugged(self):
+            return {"web-0", "tap-only-5"}
+
+        def unplug(self, name):
+            calls.append(("unplug", name))
+
+    caps = {"uml": DriverCapabilities("uml", plumbing=True)}
+    plumbing = NodePlumbing(Network(), Daemon(), caps)
+    assert plumbing.leftovers() == {"old-2", "web-0", "tap-only-5"}
+    plumbing.release_leftover("old-2")
+    assert calls == [("release_limits", "old-2"), ("unplug", "old-2")]
+    assert NodePlumbing(Network(), None, caps).leftovers() == {"web-0", "tap-only-5"}
+    assert GuestPlumbing().leftovers() == set()

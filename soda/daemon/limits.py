@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from soda import errors, model
@@ -28,18 +28,16 @@ log = logging.getLogger(__name__)
 KILL_POLL_SECONDS = 0.02
 
 
+@dataclass(eq=False)
 class LimitManager:
-    def __init__(self, cgroups: CgroupBackend, shaper: Shaper | None, config: DaemonConfig,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.cgroups = cgroups
-        self.shaper = shaper
-        self.config = config
-        self.clock = clock
-        self.sleep = sleep
-        # One change at a time: apply and release of one virtual node must
-        # not interleave, and they are rare and quick.
-        self._lock = threading.Lock()
+    cgroups: CgroupBackend
+    shaper: Shaper | None              # None: this Daemon shapes no traffic
+    config: DaemonConfig
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    # One change at a time: apply and release of one virtual node must not
+    # interleave, and they are rare and quick.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def _need_shaper(self) -> Shaper:
         if self.shaper is None:

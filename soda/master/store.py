@@ -89,24 +89,18 @@ CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 # revision they were read at. `dataclasses.replace` keeps the class and so
 # the revision, which makes a read-modify-write a compare-and-swap by itself.
 
-@dataclasses.dataclass(frozen=True)
-class StoredNode(model.Node):
-    revision: int = 0
+def _with_revision(cls: type) -> type:
+    stored = dataclasses.make_dataclass(
+        f"Stored{cls.__name__}", [("revision", int, dataclasses.field(default=0))],
+        bases=(cls,), frozen=True)
+    stored.__module__ = __name__
+    return stored
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredImage(model.Image):
-    revision: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredService(model.Service):
-    revision: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredVirtualNode(model.VirtualNode):
-    revision: int = 0
+StoredNode = _with_revision(model.Node)
+StoredImage = _with_revision(model.Image)
+StoredService = _with_revision(model.Service)
+StoredVirtualNode = _with_revision(model.VirtualNode)
 
 
 _STORED: dict[type, type] = {model.Node: StoredNode, model.Image: StoredImage,

@@ -39,7 +39,10 @@ from typing import Callable
 
 from soda.devcluster.supervisor import (EXITED, FAILED, RUNNING, PartState, RestartPolicy, Supervisor,
                                         describe_exit)
+from soda import command
+from soda.addresses import split_host_port
 from soda.files import remove_path, write_json_atomic
+from soda.netns import NETNS_DIR
 from soda.procid import ProcessId
 
 log = logging.getLogger(__name__)
@@ -51,9 +54,8 @@ SUPERVISOR_LOG = "supervisor.log"
 OWNED = ("master", "agent", "daemon.sock", STATE_FILE)
 PARTS = ("master", "daemon", "agent", "switch")            # start order
 STOP_ORDER = ("switch", "agent", "daemon", "master")
-HYPERVISOR_DIRS = ("uml", "qemu")                           # the Agent's record dirs, by driver
 CGROUP_ROOT = "/sys/fs/cgroup"
-NETNS_DIR = "/run/netns"
+COMMAND_TIMEOUT = 10.0            # an ip(8) call
 POLL = 0.05                      # how often the supervision thread looks for deaths
 TERM_WAIT = 10.0                 # after SIGTERM, before SIGKILL (an Agent may be mid-call)
 KILL_WAIT = 5.0
@@ -364,13 +366,12 @@ class LocalCluster:
 
     def _make_netns(self) -> None:
         if not os.path.exists(os.path.join(NETNS_DIR, self.config.netns)):
-            subprocess.run(["ip", "netns", "add", self.config.netns], check=True, capture_output=True)
+            command.run(["ip", "netns", "add", self.config.netns], timeout=COMMAND_TIMEOUT)
 
 
 def _accepts(address: str) -> bool:
-    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+        with socket.create_connection(split_host_port(address), timeout=1):
             return True
     except OSError:
         return False
@@ -468,11 +469,13 @@ def _kill_recorded_guests(agent_dir: str) -> None:
     services failed), recognised by their driver's own identity check."""
     from soda.hypervisors.base import drivers
     from soda.hypervisors.uml import DEFAULT_SHORT_DIR
-    for hypervisor in HYPERVISOR_DIRS:
+    # Every driver whose guests are recorded processes keeps their records
+    # in <state dir>/<its name>/ and says how to recognise them (identity).
+    for hypervisor, driver in sorted(drivers().items()):
+        identity = getattr(driver, "identity", None)
         root = os.path.join(agent_dir, hypervisor)
-        if not os.path.isdir(root):
+        if identity is None or not os.path.isdir(root):
             continue
-        identity = drivers()[hypervisor].identity
         for entry in sorted(os.listdir(root)):
             try:
                 with open(os.path.join(root, entry, "guest.json")) as f:
@@ -526,6 +529,7 @@ def _read_pids(path: str) -> list[int]:
 def _remove_netns(netns: str) -> None:
     from soda.agent.network import short_name
     # The uplink's host end goes with the namespace, but asynchronously: remove it now.
-    subprocess.run(["ip", "link", "del", short_name("su", netns)], capture_output=True)
+    # Gone already (exit 1) is fine.
+    command.run(["ip", "link", "del", short_name("su", netns)], timeout=COMMAND_TIMEOUT, ok=(0, 1))
     if os.path.exists(os.path.join(NETNS_DIR, netns)):
-        subprocess.run(["ip", "netns", "del", netns], check=True, capture_output=True)
+        command.run(["ip", "netns", "del", netns], timeout=COMMAND_TIMEOUT)

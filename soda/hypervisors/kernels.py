@@ -14,6 +14,9 @@ its ~660 serial and legacy pty devices ran the /sbin/hotplug uevent helper
 and up to 166 helper threads (5 MiB) were alive at once when a 4 MiB
 watermark boost struck (tests/system/test_boot_reliability.py).
 
+Also what a guest's kernel said it measured at boot: its delay loop
+(`calibrated_lpj`), which the driver hands to the guests after it.
+
 It only looks at files: it never builds a kernel, runs one or fails because
 one is missing (the driver refuses to start a guest on a missing kernel).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Mapping, NamedTuple
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,11 @@ METADATA = "metadata.json"
 DEBIAN_KERNEL = "/usr/bin/linux.uml"
 SODA_MIN_MEMORY = 16                 # MiB; boots with 13
 DEBIAN_MIN_MEMORY = 32               # MiB; panics at 22-24
+# What a kernel prints once it has measured its delay loop (calibrate_delay);
+# one told the figure (lpj=) says "(skipped) preset value" instead. It comes
+# within the console's first few KiB.
+_CALIBRATED = re.compile(rb"Calibrating delay loop\.\.\. [0-9.]+ BogoMIPS \(lpj=([0-9]+)\)")
+_CALIBRATION_BYTES = 64 << 10
 
 
 class UmlKernel(NamedTuple):
@@ -94,3 +103,15 @@ def _soda_min_memory(kernel: str) -> int:
                     path, value, SODA_MIN_MEMORY)
         return SODA_MIN_MEMORY
     return value
+
+
+def calibrated_lpj(console_log: str) -> int:
+    """The loops_per_jiffy a guest's kernel measured at boot, read from its
+    console log; 0 when it has not said so (not booted that far, told the
+    figure, or no log)."""
+    try:
+        with open(console_log, "rb") as f:
+            found = _CALIBRATED.search(f.read(_CALIBRATION_BYTES))
+    except OSError:
+        return 0
+    return int(found.group(1)) if found else 0

@@ -49,7 +49,7 @@ from soda.files import write_json_atomic
 from soda.hypervisors import process
 from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec,
                                    TUN_DEVICE)
-from soda.hypervisors.kernels import AUTO, find_uml_kernel
+from soda.hypervisors.kernels import AUTO, calibrated_lpj, find_uml_kernel
 from soda.netns import NETNS_DIR
 from soda.hypervisors.recorded import KILL_WAIT, RecordedGuestDriver
 
@@ -119,6 +119,8 @@ class UmlDriver(RecordedGuestDriver):
         # Refuse what cannot boot instead of reporting a crash loop.
         self.min_memory = found.min_memory if min_memory is None else int(min_memory)
         self.kernel_label = f"{self.kernel} ({self.kernel_kind})"
+        # The delay loop (loops_per_jiffy) a guest measured; 0 until one did.
+        self.lpj = 0
         log.info("uml guests boot %s (%s kernel, at least %d MiB)", self.kernel, self.kernel_kind,
                  self.min_memory)
 
@@ -176,12 +178,30 @@ class UmlDriver(RecordedGuestDriver):
         # which at mem=32M met a 4 MiB watermark boost and panicked "System
         # is deadlocked on memory" in 1-3 % of boots.
         argv += ["ssl=none", "pty.legacy_count=0"]
+        # A kernel measures its delay loop at boot unless told the figure:
+        # 40-200 ms of a ~0.3 s boot at HZ=100, the more the busier the host.
+        # One guest measures it for those after it.
+        if self.lpj:
+            argv.append(f"lpj={self.lpj}")
         argv += list(self.boot_options)
         argv += [f"soda.ip={spec.address}/{spec.prefix_length}",
                  f"soda.gw={spec.gateway}",
                  f"soda.name={spec.name}",
                  f"soda.service={spec.service}"]
         return argv
+
+    def is_ready(self, name: str) -> bool:
+        ready = super().is_ready(name)
+        if ready:
+            self._learn_lpj(name)
+        return ready
+
+    def _learn_lpj(self, name: str) -> None:
+        """Keep the delay loop guest `name` measured at boot, if none is kept."""
+        if not self.lpj:
+            self.lpj = calibrated_lpj(self.console_path(name))
+            if self.lpj:
+                log.info("uml guests boot with lpj=%d, as %s measured it", self.lpj, name)
 
     # ---- memory, live ------------------------------------------------------
     def set_memory(self, name: str, memory_mib: int) -> bool:
@@ -309,6 +329,7 @@ class UmlDriver(RecordedGuestDriver):
                 "kernel": {"path": self.kernel, "kind": self.kernel_kind}}
 
     def _after_kill(self, name: str, record: dict) -> None:
+        self._learn_lpj(name)
         # UML's helpers (I/O threads, traced guest processes) can outlive a
         # killed main process, spinning and holding memory.
         helpers = _session_members(record)

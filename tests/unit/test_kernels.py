@@ -12,7 +12,8 @@ import pytest
 from soda.errors import InvalidSpec
 from soda.hypervisors.base import GuestSpec
 from soda.hypervisors.kernels import (DEBIAN, DEBIAN_KERNEL, DEBIAN_MIN_MEMORY, DEFAULT_CACHE, SODA,
-                                      SODA_MIN_MEMORY, UmlKernel, find_uml_kernel, kernel_cache)
+                                      SODA_MIN_MEMORY, UmlKernel, calibrated_lpj, find_uml_kernel,
+                                      kernel_cache)
 from soda.hypervisors.uml import UmlDriver
 from soda.model.spec import Resources
 
@@ -121,6 +122,18 @@ def test_an_explicit_path_is_used_as_given(cache, tmp_path):
     # A link from outside into the cache is still SODA's kernel.
     os.symlink(linux, tmp_path / "linux")
     assert find_uml_kernel(str(tmp_path / "linux")) == (str(tmp_path / "linux"), SODA, 18)
+
+
+def test_the_delay_loop_a_guest_measured_comes_from_its_console(tmp_path):
+    log = tmp_path / "console.log"
+    assert calibrated_lpj(str(log)) == 0                       # no log
+    log.write_bytes(b"Linux version 6.1.192\n")
+    assert calibrated_lpj(str(log)) == 0                       # not that far yet
+    log.write_bytes(b"Calibrating delay loop (skipped) preset value.. 2315.05 BogoMIPS (lpj=11575296)\n")
+    assert calibrated_lpj(str(log)) == 0                       # told, not measured
+    log.write_bytes(b"Linux version 6.1.192\nCalibrating delay loop... 2315.05 BogoMIPS "
+                    b"(lpj=11575296)\npid_max: default: 32768 minimum: 301\n")
+    assert calibrated_lpj(str(log)) == 11575296
 
 
 # ---- the UML driver follows the kernel ----------------------------------------------

@@ -345,6 +345,43 @@ def test_readiness_is_a_tcp_connect(tmp_path, stand_ins):
     assert not d.is_ready("web-1")
 
 
+CALIBRATED = b"Linux version 6.1.192\nCalibrating delay loop... 2315.05 BogoMIPS (lpj=11575296)\n"
+
+
+def test_guests_are_told_the_delay_loop_a_served_guest_measured(tmp_path, stand_ins):
+    # A kernel measures its delay loop at boot unless told the figure (lpj=).
+    vmm = stand_ins(["sleep", "300"])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    d = UmlDriver(str(tmp_path / "state"), short_dir=str(tmp_path / "run"))
+    assert not [a for a in d.build_argv(spec(name="web-1")) if a.startswith("lpj=")]
+    record = plant_record(d, "web-0", vmm.pid, ["sleep", "300"])
+    record["spec"].update(port=listener.getsockname()[1])
+    write_json_atomic(os.path.join(d.guest_dir("web-0"), "guest.json"), record)
+    with open(d.console_path("web-0"), "wb") as f:
+        f.write(CALIBRATED)
+    assert d.is_ready("web-0")
+    listener.close()
+    argv = d.build_argv(spec(name="web-1"))
+    # Before the operator's boot options: of two lpj= the kernel takes the last.
+    assert argv.index("lpj=11575296") < argv.index("soda.ip=10.233.1.2/24")
+    told = UmlDriver(str(tmp_path / "state"), boot_options=["lpj=4000000"])
+    told.lpj = 11575296
+    argv = told.build_argv(spec())
+    assert argv.index("lpj=11575296") < argv.index("lpj=4000000")
+
+
+def test_a_stopped_guest_leaves_the_delay_loop_it_measured(tmp_path, stand_ins):
+    vmm = stand_ins(["sleep", "300"])
+    d = UmlDriver(str(tmp_path / "state"), short_dir=str(tmp_path / "run"), term_grace=2.0)
+    plant_record(d, "web-0", vmm.pid, ["sleep", "300"])
+    with open(d.console_path("web-0"), "wb") as f:
+        f.write(CALIBRATED)
+    d.stop("web-0", timeout=0)
+    assert "lpj=11575296" in d.build_argv(spec(name="web-1"))
+
+
 def serve_mconsole_once(path: str, reply) -> threading.Thread:
     """A UML mconsole socket at `path` that takes one request and answers
     with the parts `reply(request_text)` returns (all but the last marked

@@ -1,13 +1,16 @@
 """The guest launcher: put this process where a guest belongs, then become the VMM.
 
-    python -m soda.hypervisors.launch [--netns NAME] [--cgroup DIR]...
+    python -m soda.hypervisors.launch [--hold] [--netns NAME] [--cgroup DIR]...
         [--no-aslr] [--log FILE] -- ARGV...
 
 In this order it joins each cgroup directory (writing its own pid to
 `DIR/cgroup.procs`), enters the network namespace `/run/netns/NAME`, turns
 off address-space randomisation (UML at small `mem=` starves without it: 6
-of 10 boots died at mem=32M), sends stdout and stderr to FILE (appending) and stdin to
-/dev/null, and execs ARGV. The pid never changes, so the driver that
+of 10 boots died at mem=32M), with `--hold` waits until the driver that
+spawned it writes "1" on its stdin (the driver has recorded the guest; an
+end of file instead means the driver died first, and the launcher exits
+rather than start a guest no record names), sends stdout and stderr to FILE
+(appending) and stdin to /dev/null, and execs ARGV. The pid never changes, so the driver that
 spawned it records the VMM's pid and the VMM is fenced from its first
 instruction. Joining the cgroups first means everything after, the VMM's
 memory included, is charged to the guest.
@@ -22,8 +25,9 @@ import sys
 
 ADDR_NO_RANDOMIZE = 0x0040000
 PERSONALITY_QUERY = 0xFFFFFFFF
-USAGE = ("usage: python -m soda.hypervisors.launch [--netns NAME] [--cgroup DIR]... "
+USAGE = ("usage: python -m soda.hypervisors.launch [--hold] [--netns NAME] [--cgroup DIR]... "
          "[--no-aslr] [--log FILE] -- ARGV...")
+GO = b"1"
 
 
 class LaunchError(Exception):
@@ -31,15 +35,15 @@ class LaunchError(Exception):
 
 
 def parse(args: list[str]) -> dict:
-    opts = {"netns": "", "cgroups": [], "no_aslr": False, "log": "", "argv": []}
+    opts = {"netns": "", "cgroups": [], "no_aslr": False, "hold": False, "log": "", "argv": []}
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "--":
             opts["argv"] = args[i + 1:]
             break
-        if arg == "--no-aslr":
-            opts["no_aslr"] = True
+        if arg in ("--no-aslr", "--hold"):
+            opts[arg[2:].replace("-", "_")] = True
             i += 1
             continue
         key, eq, value = arg.partition("=")
@@ -96,6 +100,16 @@ def disable_aslr() -> None:
                           f"{os.strerror(ctypes.get_errno())}")
 
 
+def hold() -> None:
+    """Wait for the driver's go on stdin."""
+    try:
+        got = os.read(0, 1)
+    except OSError as e:
+        raise LaunchError(f"cannot read the driver's go: {e.strerror}") from None
+    if got != GO:
+        raise LaunchError("the driver went away before it recorded this guest: not starting it")
+
+
 def redirect(log: str) -> None:
     try:
         null = os.open(os.devnull, os.O_RDONLY)
@@ -119,6 +133,8 @@ def main(args: list[str]) -> int:
             enter_netns(opts["netns"])
         if opts["no_aslr"]:
             disable_aslr()
+        if opts["hold"]:
+            hold()
         redirect(opts["log"])
     except LaunchError as e:
         print(f"soda-launch: {e}", file=sys.stderr, flush=True)

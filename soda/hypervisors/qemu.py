@@ -65,7 +65,6 @@ OVERLAY = "overlay.qcow2"
 CONSOLE = "console.log"
 QMP_SOCKET = "qmp.sock"
 INITRAMFS_DIR = "_initramfs"          # "_" is not allowed in a guest name: no clash
-LAUNCHER = "soda.hypervisors.launch"
 QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
 DEFAULT_SHORT_DIR = "/run/soda-qemu"
@@ -187,12 +186,7 @@ class QemuDriver(RecordedGuestDriver):
         check_guest_name(spec.name)
         self._check_spec(spec)
         name = spec.name
-        argv = [self.python, "-m", LAUNCHER]
-        if spec.netns:
-            argv += ["--netns", spec.netns]
-        for directory in spec.cgroups:
-            argv += ["--cgroup", directory]
-        argv += ["--log", self.console_path(name), "--"]
+        argv = self._launcher_argv(spec)
         append = ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", f"init={spec.init}"]
         append += list(self.boot_options)
         append += [f"soda.ip={spec.address}/{spec.prefix_length}", f"soda.gw={spec.gateway}",

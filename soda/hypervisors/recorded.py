@@ -40,11 +40,13 @@ from soda.files import remove_path, write_json_atomic
 from soda.hypervisors import process
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict)
+from soda.hypervisors.launch import GO
 from soda.hypervisors.probe import PROBE_TIMEOUT, probe_tcp
 
 log = logging.getLogger(__name__)
 
 RECORD = "guest.json"
+LAUNCHER = "soda.hypervisors.launch"
 TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
 UNSAYABLE = ", \t\n\"'"                 # split a VMM's option values or the kernel command line
@@ -100,7 +102,11 @@ class RecordedGuestDriver(HypervisorDriver):
                 try:
                     # Launcher errors before its exec land in the console log
                     # too, where list() finds the reason.
-                    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                    # The launcher holds on its stdin until the record is
+                    # written: if this process dies first, the pipe closes
+                    # and the launcher exits instead of running a VMM that
+                    # no record names (nothing could find or stop it).
+                    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=console,
                                              stderr=console, close_fds=True,
                                              start_new_session=True)
                 except OSError as e:
@@ -114,6 +120,7 @@ class RecordedGuestDriver(HypervisorDriver):
             if starttime is None:
                 # Cannot happen for an unreaped child; refuse to record a
                 # process we could not recognise later.
+                child.stdin.close()
                 child.kill()
                 child.wait()
                 raise CommandError(argv, -1, err="the launcher vanished before it was recorded")
@@ -124,11 +131,29 @@ class RecordedGuestDriver(HypervisorDriver):
                 write_json_atomic(self._record_path(name), record)
             except BaseException:
                 # An unrecorded guest could never be found or stopped again.
+                child.stdin.close()
                 child.kill()
                 child.wait()
                 raise
+            try:
+                child.stdin.write(GO)
+                child.stdin.close()
+            except OSError:
+                pass     # the launcher already failed: its console line says why
         log.info("%s guest %s started: pid %d%s", self.name, name, child.pid, self._console_note())
         return self._info(record, probe=False)
+
+    def _launcher_argv(self, spec: GuestSpec, *options: str) -> list[str]:
+        """The launcher's part of a guest's command line (soda.hypervisors.launch,
+        with the Agent's interpreter): it joins the guest's cgroups and
+        namespace, holds until start() has recorded it, sends its output to
+        the console log, then execs the VMM's command line that follows."""
+        argv = [self.python, "-m", LAUNCHER, "--hold"]
+        if spec.netns:
+            argv += ["--netns", spec.netns]
+        for directory in spec.cgroups:
+            argv += ["--cgroup", directory]
+        return argv + [*options, "--log", self.console_path(spec.name), "--"]
 
     def _check_host(self, spec: GuestSpec) -> None:
         """Cheap checks that turn a certain boot failure into a clear error."""

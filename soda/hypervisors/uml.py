@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 COW = "cow.img"
 CONSOLE = "console.log"
-LAUNCHER = "soda.hypervisors.launch"
 DEFAULT_SHORT_DIR = "/run/soda-uml"
 SUN_PATH_MAX = 107                   # sockaddr_un.sun_path is 108 bytes with its NUL
 MCONSOLE_MAGIC = 0xCAFEBABE
@@ -152,12 +151,7 @@ class UmlDriver(RecordedGuestDriver):
     def build_argv(self, spec: GuestSpec) -> list[str]:
         check_guest_name(spec.name)
         self._check_spec(spec)
-        argv = [self.python, "-m", LAUNCHER]
-        if spec.netns:
-            argv += ["--netns", spec.netns]
-        for directory in spec.cgroups:
-            argv += ["--cgroup", directory]
-        argv += ["--no-aslr", "--log", self.console_path(spec.name), "--"]
+        argv = self._launcher_argv(spec, "--no-aslr")
         argv += [self.kernel,
                  f"ubd0={self.cow_path(spec.name)},{spec.image_path}",
                  f"mem={spec.resources.memory}M",

@@ -150,10 +150,10 @@ def test_registry_knows_uml(tmp_path):
 # ---- the launcher ------------------------------------------------------------------
 
 def test_launcher_parses_its_options():
-    opts = launch.parse(["--netns", "n1", "--cgroup", "/a", "--cgroup=/b", "--no-aslr", "--log", "/l",
-                         "--", "/bin/k", "--netns", "x"])
-    assert opts == {"netns": "n1", "cgroups": ["/a", "/b"], "no_aslr": True, "log": "/l",
-                    "argv": ["/bin/k", "--netns", "x"]}
+    opts = launch.parse(["--hold", "--netns", "n1", "--cgroup", "/a", "--cgroup=/b", "--no-aslr",
+                         "--log", "/l", "--", "/bin/k", "--netns", "x"])
+    assert opts == {"netns": "n1", "cgroups": ["/a", "/b"], "no_aslr": True, "hold": True,
+                    "log": "/l", "argv": ["/bin/k", "--netns", "x"]}
     for bad in ([], ["--", ], ["--bogus", "--", "x"], ["--netns"], ["--netns", "a/b", "--", "x"]):
         with pytest.raises(launch.LaunchError):
             launch.parse(bad)

@@ -44,11 +44,11 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 from soda.agent.plumbing import GuestPlumbing
 from soda.backoff import Backoff
-from soda.errors import SodaError, WrongState
+from soda.errors import SodaError, TemporaryError, WrongState
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
 from soda.model.spec import Resources
-from soda.model.state import Phase, VirtualNode, VirtualNodeStatus
+from soda.model.state import Phase, VirtualNode, VirtualNodeStatus, retry_note
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +449,8 @@ class Reconciler:
             path = self._images.ensure(want.image_digest,
                                        want.resources.disk if driver.disk_bound else 0)
         except (SodaError, OSError) as exc:
-            self._fail(name, f"pulling image {want.image_digest}: {exc}", generation)
+            self._fail(name, f"pulling image {want.image_digest}: {exc}", generation,
+                       temporary=isinstance(exc, TemporaryError))
             return
         if not self._still_wanted(want):
             return
@@ -469,7 +470,7 @@ class Reconciler:
             driver.start(self._guest_spec(want, path, driver_name, **extras))
         except (SodaError, OSError) as exc:
             self._release(name, driver_name)
-            self._fail(name, f"starting: {exc}", generation)
+            self._fail(name, f"starting: {exc}", generation, temporary=isinstance(exc, TemporaryError))
             return
         try:
             while not driver.is_ready(name):
@@ -485,7 +486,7 @@ class Reconciler:
                 if self._closing.wait(self._ready_poll) or not self._still_wanted(want):
                     return      # the loop (or a restarted Agent) takes over from here
         except (SodaError, OSError) as exc:
-            self._fail(name, f"booting: {exc}", generation)
+            self._fail(name, f"booting: {exc}", generation, temporary=isinstance(exc, TemporaryError))
             return
         with self._cond:
             now = self._clock()
@@ -714,10 +715,13 @@ class Reconciler:
         return delay
 
     def _failed(self, name: str, reason: str, generation: int, now: float,
-                action: str = "start") -> None:
+                action: str = "start", temporary: bool = False) -> None:
+        """`temporary`: the cause should pass by itself (a TemporaryError:
+        the Daemon or the Master out of reach), which the reason says, so
+        that `sodactl --wait` waits for the retry instead of giving up."""
         delay = self._schedule_retry(name, action, now)
         self._vn(name).running_since = None
-        self._record(name, Phase.FAILED, f"{reason} (retry in {delay:g}s)", generation)
+        self._record(name, Phase.FAILED, f"{reason} {retry_note(delay, temporary)}", generation)
 
     def _forget(self, name: str) -> None:
         self._vnodes.pop(name, None)
@@ -726,6 +730,7 @@ class Reconciler:
         with self._cond:
             self._record(name, phase, reason, generation)
 
-    def _fail(self, name: str, reason: str, generation: int, action: str = "start") -> None:
+    def _fail(self, name: str, reason: str, generation: int, action: str = "start",
+              temporary: bool = False) -> None:
         with self._cond:
-            self._failed(name, reason, generation, self._clock(), action)
+            self._failed(name, reason, generation, self._clock(), action, temporary)

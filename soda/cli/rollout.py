@@ -22,27 +22,32 @@ class Rollout:
     deleting: bool                                # the whole service is going away
     running: tuple[model.VirtualNode, ...]
     waiting: tuple[model.VirtualNode, ...]        # wanted, not RUNNING yet, not FAILED
-    failed: tuple[model.VirtualNode, ...]
+    failed: tuple[model.VirtualNode, ...]         # FAILED for good, as far as anyone can tell
     leaving: tuple[model.VirtualNode, ...]        # marked for removal (resize down), still there
+    # FAILED for a cause that should pass by itself (the Daemon restarting),
+    # which its Agent retries: still on its way.
+    retrying: tuple[model.VirtualNode, ...] = ()
 
     @classmethod
     def of(cls, service: model.Service) -> "Rollout":
         staying = [v for v in service.vnodes if not v.deleting]
+        failed = [v for v in staying if v.phase == model.Phase.FAILED]
         return cls(
             name=service.name,
             wanted=service.spec.nodes,
             deleting=service.deleting,
             running=tuple(v for v in staying if v.phase == model.Phase.RUNNING),
             waiting=tuple(v for v in staying if v.phase not in (model.Phase.RUNNING, model.Phase.FAILED)),
-            failed=tuple(v for v in staying if v.phase == model.Phase.FAILED),
+            failed=tuple(v for v in failed if not model.retries_temporary_failure(v)),
             leaving=tuple(v for v in service.vnodes if v.deleting),
+            retrying=tuple(v for v in failed if model.retries_temporary_failure(v)),
         )
 
     @property
     def done(self) -> bool:
         """Every wanted virtual node runs and every unwanted one is gone."""
-        return (not self.deleting and not self.failed and not self.waiting and not self.leaving
-                and len(self.running) == self.wanted)
+        return (not self.deleting and not self.failed and not self.retrying and not self.waiting
+                and not self.leaving and len(self.running) == self.wanted)
 
     @property
     def state(self) -> str:
@@ -62,6 +67,8 @@ class Rollout:
         text = f"{self.name}: {len(self.running)}/{self.wanted} running"
         if self.failed:
             text += f", {len(self.failed)} failed"
+        if self.retrying:
+            text += f", {len(self.retrying)} retrying"
         if self.leaving:
             text += f", {len(self.leaving)} stopping"
         return text
@@ -73,9 +80,10 @@ class Rollout:
 
     def not_running(self) -> str:
         """One line naming what keeps the service from being done."""
-        parts = [f"{v.name} ({describe(v)})" for v in self.waiting]
+        parts = [f"{v.name} ({describe(v)})" for v in self.waiting + self.retrying]
         parts += [f"{v.name} (still stopping)" for v in self.leaving]
-        missing = self.wanted - len(self.running) - len(self.waiting) - len(self.failed)
+        missing = (self.wanted - len(self.running) - len(self.waiting) - len(self.failed)
+                   - len(self.retrying))
         if missing > 0:
             parts.append(f"{missing} not created yet")
         return name_some(parts)

@@ -98,7 +98,9 @@ def wait_until_running(client: ServiceReader, name: str, status: StatusLine,
                        timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL,
                        clock: Clock = time.monotonic) -> model.Service:
     """Return the service once every wanted virtual node is RUNNING and every
-    unwanted one is gone; raise WaitFailed as soon as one FAILED, or at timeout."""
+    unwanted one is gone; raise WaitFailed as soon as one FAILED, or at timeout.
+    A virtual node FAILED for a temporary cause that its Agent retries (the
+    Daemon restarting) is waited for: it runs a moment later."""
     last: Rollout | None = None
     for service in follow_service(client, name, clock() + timeout, poll_interval, clock):
         if service is None:

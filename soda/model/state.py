@@ -141,3 +141,22 @@ class VirtualNodeStatus:
     boot_seconds: float = 0.0
     generation: int = 0
     usage: Usage | None = None      # real guests only: what the Daemon measured
+
+
+# How an Agent ends the reason of a virtual node it will start again:
+# "(retry in 2s)", or "(temporary, retry in 2s)" when the cause is expected
+# to pass by itself (the Daemon or the Master out of reach, a timeout) rather
+# than lie with the guest (one that exited while booting fails the same way
+# next time).
+_TEMPORARY_RETRY = "(temporary, retry in "
+
+
+def retry_note(delay: float, temporary: bool = False) -> str:
+    """The end of the reason of a virtual node retried after `delay` seconds."""
+    return f"({'temporary, ' if temporary else ''}retry in {delay:g}s)"
+
+
+def retries_temporary_failure(vnode: VirtualNode) -> bool:
+    """Whether `vnode` FAILED for a temporary cause that its Agent retries."""
+    return (vnode.phase == Phase.FAILED and _TEMPORARY_RETRY in vnode.reason
+            and vnode.reason.endswith("s)"))

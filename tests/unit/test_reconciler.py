@@ -155,6 +155,33 @@ def test_failed_start_is_reported_with_its_reason_and_retried_with_growing_backo
     s.rec.close()
 
 
+def test_a_failure_with_a_temporary_cause_says_so(tmp_path, image):
+    # The Daemon restarting: fencing web-0 fails for now, and its reason
+    # says the cause is temporary (sodactl --wait waits for the retry); a
+    # guest that failed by itself says no such thing.
+    class DaemonRestarting(GuestPlumbing):
+        down = True
+
+        def prepare(self, want, hypervisor):
+            if self.down and want.name == "web-0":
+                raise Unavailable("cannot reach the SODA Daemon at /run/soda/daemon.sock")
+            return {}
+
+    plumbing = DaemonRestarting()
+    driver = FakeDriver(str(tmp_path / "state"), boot_seconds=0, fail_start=["web-1"])
+    s = Setup(tmp_path, image, driver=driver, plumbing=plumbing)
+    s.rec.replace_desired([vnode("web-0"), vnode("web-1")])
+    s.converge()
+    assert s.rec.status("web-0").reason == ("starting: cannot reach the SODA Daemon at "
+                                            "/run/soda/daemon.sock (temporary, retry in 1s)")
+    assert s.rec.status("web-1").reason.endswith("told to fail starting web-1 (retry in 1s)")
+    plumbing.down = False
+    s.clock.now += 1
+    s.converge()
+    assert s.phase("web-0") == P.RUNNING
+    s.rec.close()
+
+
 def test_failed_pull_is_reported_and_nothing_boots(tmp_path, image):
     images = FakeImages(image, fail=Unavailable("cannot reach the SODA Master"))
     s = Setup(tmp_path, image, images=images)

@@ -485,6 +485,51 @@ def test_create_wait_fails_naming_the_failed_vnode(client):
         "error: web: web-1 failed on node-1: image digest mismatch"
 
 
+def test_create_wait_waits_for_a_vnode_retried_after_a_temporary_failure(client):
+    # The Daemon restarting: the Agent could not fence web-1, says the cause
+    # is temporary and starts it again a moment later.
+    spec = web_spec()
+    daemon_down = ("starting: cannot reach the SODA Daemon at /run/soda/daemon.sock: connection "
+                   "refused " + model.retry_note(1, temporary=True))
+    client.watch_events = [upsert(spec, model.Phase.PENDING, model.Phase.PENDING),
+                           upsert(spec, model.Phase.RUNNING, model.Phase.FAILED,
+                                  reasons=["", daemon_down]),
+                           upsert(spec, model.Phase.RUNNING, model.Phase.BOOTING),
+                           upsert(spec, model.Phase.RUNNING, model.Phase.RUNNING)]
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--nodes", "2",
+                 "--cpu", "0.5,1.0", "--wait")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == ["web: 0/2 running", "web: 1/2 running, 1 retrying",
+                                          "web: 1/2 running", "web: 2/2 running"]
+
+
+def test_create_wait_fails_at_once_for_a_guest_that_cannot_boot(client):
+    # Retried too, but it fails the same way every time: no reason to wait.
+    spec = web_spec()
+    panic = ("booting: guest exited while booting: Kernel panic - not syncing: VFS: Unable to "
+             "mount root fs " + model.retry_note(1))
+    client.watch_events = [upsert(spec, model.Phase.RUNNING, model.Phase.FAILED, reasons=["", panic])]
+    client.watch_stays_open = True
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--nodes", "2",
+                 "--cpu", "0.5,1.0", "--wait")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == f"error: web: web-1 failed on node-1: {panic}"
+
+
+def test_create_wait_times_out_naming_a_vnode_still_retried(client):
+    spec = web_spec()
+    daemon_down = "starting: cannot reach the SODA Daemon " + model.retry_note(4, temporary=True)
+    client.watch_events = [upsert(spec, model.Phase.RUNNING, model.Phase.FAILED,
+                                  reasons=["", daemon_down])]
+    client.watch_stays_open = True
+    result = run(client, "service", "create", "web", "--image", "busybox-httpd", "--nodes", "2",
+                 "--cpu", "0.5,1.0", "--wait", "--timeout", "0.3")
+    assert result.exit_code == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: timed out after 0.3s waiting for web: 1/2 running, 1 retrying")
+    assert f"web-1 (FAILED on node-1: {daemon_down})" in last
+
+
 def test_create_wait_times_out_naming_what_is_not_running(client):
     spec = web_spec()
     client.watch_events = [upsert(spec, model.Phase.RUNNING, model.Phase.BOOTING)]

@@ -131,12 +131,14 @@ class Switch:
         self.metrics = MetricsServer(self.proxy.views)
         self._sync_task: asyncio.Task | None = None
         self._report_task: asyncio.Task | None = None
+        self._take_over_task: asyncio.Task | None = None
         self._watcher: EndpointWatcher | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.kernel.start()
         self._sync_task = asyncio.create_task(self.sync.run(), name="endpoint-sync")
+        self._take_over_task = asyncio.create_task(self._take_over_kernel_path(), name="nft-take-over")
         self.ondemand.start()
         self._watcher = EndpointWatcher(
             self.client, loop, self.sync.handle, probe=self.client.list_services,
@@ -150,6 +152,16 @@ class Switch:
                 # Counters still reach the Master; a busy port must not stop routing.
                 log.warning("cannot serve metrics on %s: %s", self.config.metrics_listen, exc.strerror or exc)
         self._report_task = asyncio.create_task(self._report_loop(), name="switch-report")
+
+    async def _take_over_kernel_path(self) -> None:
+        """A table the previous Switch left forwards until the Master's
+        endpoints are all known, then is replaced in one transaction."""
+        await self.sync.synced.wait()
+        try:
+            await self.kernel.take_over()
+        except SodaError as exc:
+            # The userspace listeners serve; the next endpoint update tries again.
+            log.error("cannot take the kernel path's nft table over: %s", exc)
 
     def report(self):
         """This Switch's report for the Master, as of now."""
@@ -183,7 +195,7 @@ class Switch:
         listeners at once, connections after `drain_seconds`."""
         if self._watcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._watcher.stop)
-        for task in (self._sync_task, self._report_task):
+        for task in (self._sync_task, self._report_task, self._take_over_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -16,9 +16,13 @@ kernel commits a batch atomically: a packet sees the old or the new rules,
 never none). The base chains are never deleted while the Switch runs, so
 the NAT hooks stay registered and established connections keep working.
 The table's comment names the Switch process that wrote it (pid and start
-time): `start()` deletes a table of its name left by a Switch that is gone
-and leaves alone one whose Switch still runs; `close()` stops new
-connections, lets open ones drain, then deletes the table.
+time): `start()` takes over a table of its name left by a Switch that is
+gone and leaves alone one whose Switch still runs. A table taken over keeps
+forwarding as it is (established connections keep their NAT, new ones go
+where they went) until `take_over()`, called once the Master's endpoints
+are known, replaces it whole in one transaction: a restarted Switch leaves
+no moment without rules. `close()` stops new connections, lets open ones
+drain, then deletes the table.
 
 The userspace proxy keeps a listener on every l4 service's address too: the
 DNAT (prerouting/output) takes new connections before they reach it, and
@@ -287,6 +291,12 @@ class KernelPath:
         self._rules: dict[str, L4Rule] = {}
         self._lock = asyncio.Lock()
         self._installed = False          # our table is in the kernel
+        # The table in the kernel is one a Switch that is gone left (start()):
+        # the next transaction replaces it whole, whatever its layout.
+        self._adopted = False
+        # Transactions wait for take_over(): until the endpoints are known,
+        # the table taken over forwards better than an empty one.
+        self._held = False
         self._failed = False             # the last transaction failed: the kernel lags _rules
         self._localnet: dict[str, str] = {}      # device -> route_localnet value before us
         self._routed: set[str] = set()           # virtual node addresses whose device is seen to
@@ -357,6 +367,7 @@ class KernelPath:
             if self._closed:
                 return
             self._closed = True
+            self._held = False
             had_rules = any(r.slots for r in self._rules.values())
             self._rules.clear()
             self._sets.clear()
@@ -372,10 +383,11 @@ class KernelPath:
             await self._restore_localnet()
 
     async def start(self) -> None:
-        """Delete a table of our name left by a Switch that died; leave alone
-        (and stay off the kernel path) one that a live Switch owns. Without
-        nft (not installed, not root) the Switch still runs: l4 services are
-        then served by the userspace proxy, with an error per service."""
+        """Take over a table of our name left by a Switch that died (it keeps
+        forwarding until `take_over()`); leave alone (and stay off the
+        kernel path) one that a live Switch owns. Without nft (not
+        installed, not root) the Switch still runs: l4 services are then
+        served by the userspace proxy, with an error per service."""
         async with self._lock:
             try:
                 listing = await self.runner(self._argv("nft", "list", "table", "ip", self.table), None)
@@ -389,8 +401,22 @@ class KernelPath:
                 log.error("nft table %s belongs to the running soda-switch pid %d: l4 services go "
                           "through the userspace proxy (give this Switch its own nft_table)", self.table, pid)
                 return
-            log.info("deleting nft table %s left by a Switch that is gone", self.table)
-            await self._delete_table()
+            log.info("taking over nft table %s left by a Switch that is gone: it forwards as it "
+                     "is until the Master's endpoints are known", self.table)
+            self._installed = self._adopted = self._held = True
+
+    async def take_over(self) -> None:
+        """Replace the table taken over at start() with this Switch's rules,
+        in one transaction; until now its updates were only recorded. Call
+        once the Master's endpoints are known (its first snapshot settled).
+        Nothing to do when start() took nothing over."""
+        async with self._lock:
+            if not self._held or self._closed:
+                return
+            self._held = False
+            await self._commit()
+        log.info("nft table %s now holds this Switch's %d l4 service(s)", self.table,
+                 sum(1 for rule in self._rules.values() if rule.slots))
 
     # ---- introspection -----------------------------------------------------
     def rules(self) -> dict[str, L4Rule]:
@@ -408,8 +434,14 @@ class KernelPath:
     async def _read_counters(self) -> dict[str, int]:
         if not self._installed:
             return {}
-        return parse_counters(await self.runner(
-            self._argv("nft", "-j", "list", "chain", "ip", self.table, "services"), None))
+        try:
+            listing = await self.runner(
+                self._argv("nft", "-j", "list", "chain", "ip", self.table, "services"), None)
+        except CommandError:
+            if self._adopted:
+                return {}       # a table of another layout (an older Switch's): nothing to count
+            raise
+        return parse_counters(listing)
 
     def services(self) -> set[str]:
         return set(self._rules)
@@ -444,6 +476,8 @@ class KernelPath:
     async def _commit(self) -> None:
         if self._taken_by is not None:
             raise WrongState(f"nft table {self.table} belongs to the running soda-switch pid {self._taken_by}")
+        if self._held:
+            return          # take_over() writes what _rules hold by then
         # A rewrite starts every counter at zero: bank what they hold.
         for name, count in (await self._read_counters()).items():
             if name in self._rules:
@@ -451,10 +485,10 @@ class KernelPath:
         rules = list(self._rules.values())
         await self._allow_localnet(rules)
         script = render(self.table, rules, owner=self.owner, masquerade_all=self.masquerade_all,
-                        replace=not self._installed)
+                        replace=not self._installed or self._adopted)
         self._failed = True
         await self.runner(self._argv("nft", "-f", "-"), script)
-        self._installed, self._failed = True, False
+        self._installed, self._adopted, self._failed = True, False, False
 
     async def _delete_table(self) -> None:
         if self._taken_by is not None:

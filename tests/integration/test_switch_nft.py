@@ -246,7 +246,7 @@ def test_close_lets_open_connections_finish_then_removes_the_table(lab):
     asyncio.run(scenario())
 
 
-def test_a_table_left_by_a_dead_switch_is_replaced_at_start(lab):
+def test_a_table_left_by_a_dead_switch_is_taken_over_and_replaced_whatever_its_layout(lab):
     s, table = lab["switch"], lab["table"]
     # What a Switch that was SIGKILLed leaves: its table, sending everything to web-0.
     leftover = (f'table ip {table} {{\n comment "soda-switch pid 999999999 start 1"\n'
@@ -258,15 +258,111 @@ def test_a_table_left_by_a_dead_switch_is_replaced_at_start(lab):
     async def scenario():
         path = KernelPath(table=table, netns=s)
         await path.start()
-        assert table not in table_names(s)
+        assert table in table_names(s)               # forwards until the endpoints are known
         try:
             await path.apply(service("web", "127.0.0.1:8080", {"web-1": 1.0}))
+            await path.take_over()                   # one transaction, another chain layout
             assert ask(s, "127.0.0.1", 8080, 10) == {"web-1": 10}
         finally:
             await path.close()
         assert table not in table_names(s)
 
     asyncio.run(scenario())
+
+
+# A Switch's kernel path in a process of its own, for the test to SIGKILL:
+# its table names it as its owner, as a real Switch's does.
+SWITCH = r"""
+import asyncio, sys
+from soda.model.spec import SwitchSpec
+from soda.model.switching import Endpoint, EndpointSet
+from soda.switch.nft import KernelPath
+table, netns, listen, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+nodes = [arg.split("=") for arg in sys.argv[5:]]
+async def main():
+    path = KernelPath(table=table, netns=netns)
+    await path.start()
+    await path.apply(EndpointSet("web", SwitchSpec(listen=listen, mode="l4"),
+                                 tuple(Endpoint(name, address, port, 1.0, True) for name, address in nodes)))
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+# New connections to HOST:PORT, one request each, for SECONDS; who answered (JSON).
+STREAM = r"""
+import json, socket, sys, time
+from collections import Counter
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+got, end = Counter(), time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            s.sendall(b"hello\n")
+            got[s.makefile().readline().strip() or "empty"] += 1
+    except OSError as e:
+        got["error:" + type(e).__name__] += 1
+    time.sleep(0.005)
+print(json.dumps(got))
+"""
+
+
+def test_a_restarted_switch_takes_its_table_over_and_connections_keep_flowing(lab):
+    """kill -9 of the Switch, then a new one: the table it left keeps
+    forwarding (no rule missing at any moment) until the new Switch knows
+    the endpoints and replaces it in one transaction; a connection open
+    across it all keeps its virtual node, new ones follow the new map."""
+    s, table = lab["switch"], lab["table"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs: list[subprocess.Popen] = []
+
+    def spawn(argv, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw)
+        procs.append(proc)
+        return proc
+
+    async def scenario():
+        dead = spawn([sys.executable, "-c", SWITCH, table, s, "127.0.0.1:8080", str(BACKEND_PORT),
+                      *(f"{name}={address}" for name, address in NODES.items())], cwd=repo)
+        assert dead.stdout.readline().strip() == "ready"
+        before = sorted(map_elements(s, table))
+        held = spawn(ns(s, sys.executable, "-c", HELD, "127.0.0.1", "8080"))
+        first = held.stdout.readline().strip()
+        assert first in NODES
+        stream = spawn(ns(s, sys.executable, "-c", STREAM, "127.0.0.1", "8080", "4"))
+        await asyncio.sleep(0.5)
+        dead.kill()                                  # SIGKILL: no close(), the table stays
+        dead.wait(timeout=10)
+        await asyncio.sleep(0.3)
+
+        path = KernelPath(table=table, netns=s)
+        await path.start()
+        try:
+            assert sorted(map_elements(s, table)) == before     # taken over, not deleted
+            await path.apply(service("web", "127.0.0.1:8080", {"web-1": 1.0}))
+            await asyncio.sleep(0.5)                 # the Master's snapshot settling
+            assert sorted(map_elements(s, table)) == before
+            await path.take_over()
+            assert map_elements(s, table) == [(NODES["web-1"], BACKEND_PORT)]
+            assert f"soda-switch pid {os.getpid()} " in run(ns(s, "nft", "list", "table", "ip", table)).stdout
+            got = Counter(json.loads(stream.communicate(timeout=30)[0]))
+            assert got and all(not answer.startswith("error") for answer in got), got
+            assert ask(s, "127.0.0.1", 8080, 20) == {"web-1": 20}
+            held.stdin.write("still there?\n")
+            held.stdin.flush()
+            assert held.stdout.readline().strip() == first
+        finally:
+            await path.close()
+        assert table not in table_names(s)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
+        run(ns(s, "nft", "delete", "table", "ip", table), check=False)
 
 
 # ---- the real soda-switch process ---------------------------------------------------
@@ -331,8 +427,8 @@ def test_switch_process_routes_l4_in_the_kernel_follows_health_and_cleans_up(bac
 
         config = tmp_path / "switch.yaml"
         config.write_text(f"nft_table: {table}\ndrain_seconds: 0\n")
-        switch = c._spawn("switch", [sys.executable, "-m", "soda.switch.main", "--master", c.master_addr,
-                                     "--config", str(config)])
+        switch_argv = [sys.executable, "-m", "soda.switch.main", "--master", c.master_addr, "--config", str(config)]
+        switch = c._spawn("switch", switch_argv)
         wait_until(lambda: "comment \"web\"" in run(["nft", "list", "table", "ip", table], check=False).stdout
                    or switch.poll() is not None, 30, what="the Switch's DNAT rule")
         assert switch.poll() is None, c.log("switch")
@@ -353,6 +449,31 @@ def test_switch_process_routes_l4_in_the_kernel_follows_health_and_cleans_up(bac
         assert switch.wait(timeout=20) == 0, c.log("switch")
         assert table not in [t for t in run(["nft", "list", "tables"]).stdout.split()]
         assert run(["sysctl", "-n", f"net.ipv4.conf.{veth}.route_localnet"]).stdout.strip() == "0"
+
+        # kill -9 of a running Switch, and a new one: the kernel forwards all
+        # along, on the table the killed one left, until the new one takes it over.
+        switch = c._spawn("switch", switch_argv)
+        wait_until(lambda: run(["nft", "list", "chain", "ip", table, "services"], check=False).stdout.count(" . ")
+                   == 1, 30, what="the Switch's DNAT rule to the live node")
+        stream = subprocess.Popen([sys.executable, "-c", STREAM, "127.0.0.1", str(listen_port), "4"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.5)
+            switch.kill()
+            switch.wait(timeout=10)
+            switch = c._spawn("switch", switch_argv)
+            got = Counter(json.loads(stream.communicate(timeout=30)[0]))
+        finally:
+            if stream.poll() is None:
+                stream.kill()
+                stream.communicate(timeout=10)
+        assert got and set(got) == {small}, (got, c.log("switch"))
+        wait_until(lambda: f"soda-switch pid {switch.pid} " in run(["nft", "list", "table", "ip", table]).stdout,
+                   15, what="the new Switch to take its table over")
+        assert ask(None, "127.0.0.1", listen_port, 10) == {small: 10}
+        switch.send_signal(signal.SIGTERM)
+        assert switch.wait(timeout=20) == 0, c.log("switch")
+        assert table not in [t for t in run(["nft", "list", "tables"]).stdout.split()]
     finally:
         c.close()
         run(["nft", "delete", "table", "ip", table], check=False)

@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+import threading
 import time
 
 import pytest
@@ -118,3 +119,57 @@ def test_metrics_listen_must_be_host_port():
     with pytest.raises(InvalidSpec, match="HOST:PORT"):
         check_config(SwitchConfig(metrics_listen="9470"))
     check_config(SwitchConfig(metrics_listen=""))       # off
+
+
+class StreamingClient(ReportingClient):
+    """A Master whose endpoint stream sends `sets` and then stays open."""
+
+    def __init__(self, sets):
+        super().__init__()
+        self.sets = sets
+        self.closed = threading.Event()
+
+    def watch_endpoints(self):
+        yield from self.sets
+        self.closed.wait()
+
+    def close(self):
+        self.closed.set()
+
+
+def test_a_restarted_switch_keeps_the_nft_table_it_finds_until_the_endpoints_are_known():
+    """A Switch killed and started again finds its table left behind: it
+    keeps forwarding, untouched, while the Master's snapshot arrives, and is
+    replaced whole in one transaction once that snapshot has settled."""
+    from tests.unit.test_switch_nft import LEFT_BY_A_DEAD_SWITCH, FakeRunner
+
+    listen = f"127.0.0.1:{free_port()}"
+    web = model.EndpointSet(service="web", switch=model.SwitchSpec(listen=listen, mode="l4"),
+                            endpoints=(model.Endpoint("web-0", "10.233.1.2", 80, 1.0, True),))
+    runner = FakeRunner(listing_error=False, listing=LEFT_BY_A_DEAD_SWITCH)
+    client = StreamingClient([web])
+    config = SwitchConfig(master="127.0.0.1:1", nft_table="t1", drain_seconds=0, report_seconds=60)
+
+    async def until(predicate):
+        for _ in range(200):
+            if predicate():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("condition not reached in time")
+
+    async def main():
+        switch = switch_main.Switch(config, client)
+        switch.kernel.runner = runner
+        switch.sync.settle_seconds = 0.3
+        await switch.start()
+        try:
+            await until(lambda: switch.kernel.services() == {"web"})
+            assert runner.scripts() == []            # not settled yet: the old table forwards
+            await until(lambda: switch.sync.synced.is_set() and runner.scripts())
+        finally:
+            await switch.stop()
+    asyncio.run(main())
+    scripts = runner.scripts()
+    assert scripts[0].startswith("add table ip t1\ndelete table ip t1\ntable ip t1 {")
+    assert 'comment "web"' in scripts[0]
+    assert scripts[1:] == ["add table ip t1\ndelete table ip t1\n"]     # stop() removes it

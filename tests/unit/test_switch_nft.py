@@ -282,11 +282,61 @@ def test_close_without_anything_installed_runs_nothing():
     assert runner.calls == []
 
 
-def test_start_deletes_a_table_left_by_a_dead_switch():
-    runner = FakeRunner(listing_error=False,
-                        listing='table ip t1 {\n\tcomment "soda-switch pid 999999999 start 1"\n}\n')
-    run(KernelPath(table="t1", runner=runner).start())
+LEFT_BY_A_DEAD_SWITCH = 'table ip t1 {\n\tcomment "soda-switch pid 999999999 start 1"\n}\n'
+
+
+def test_start_takes_over_a_table_left_by_a_dead_switch_and_replaces_it_once_the_endpoints_are_known():
+    """The table keeps forwarding across a Switch restart: nothing deletes
+    it at start, updates wait for take_over(), which replaces it whole in
+    one transaction (whatever its layout); later ones flush and refill."""
+    runner = FakeRunner(listing_error=False, listing=LEFT_BY_A_DEAD_SWITCH)
+    runner.counters = {"web": 5}                 # what the dead Switch's rule counted
+
+    async def scenario():
+        path = KernelPath(table="t1", runner=runner)
+        await path.start()
+        await path.apply(l4(endpoints=WEB))
+        await path.apply(l4("api", "127.0.0.1:9000", endpoints=WEB[1:]))
+        assert runner.scripts() == []            # the table left behind forwards meanwhile
+        await path.take_over()
+        await path.take_over()                   # once only
+        await path.apply(l4(endpoints=WEB[1:]))
+        return path
+
+    path = run(scenario())
+    scripts = runner.scripts()
+    assert len(scripts) == 2
+    assert scripts[0].startswith("add table ip t1\ndelete table ip t1\ntable ip t1 {")
+    assert 'comment "web"' in scripts[0] and 'comment "api"' in scripts[0]
+    assert f'comment "soda-switch pid {os.getpid()} start ' in scripts[0]
+    assert scripts[1].startswith("add table ip t1\nflush table ip t1\n")
+    assert path.services() == {"web", "api"}
+
+
+def test_a_table_taken_over_is_deleted_by_close_even_before_take_over():
+    runner = FakeRunner(listing_error=False, listing=LEFT_BY_A_DEAD_SWITCH)
+
+    async def scenario():
+        path = KernelPath(table="t1", runner=runner)
+        await path.start()
+        await path.close()
+        await path.take_over()                   # closed: nothing
+
+    run(scenario())
     assert runner.scripts() == ["add table ip t1\ndelete table ip t1\n"]
+
+
+def test_take_over_without_a_table_taken_over_does_nothing():
+    runner = FakeRunner()
+
+    async def scenario():
+        path = KernelPath(table="t1", runner=runner)
+        await path.start()
+        await path.apply(l4(endpoints=WEB))      # nothing to keep: written at once
+        await path.take_over()
+
+    run(scenario())
+    assert len(runner.scripts()) == 1
 
 
 def test_start_leaves_alone_a_table_of_a_live_switch_and_stays_off_the_kernel():

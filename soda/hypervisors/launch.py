@@ -1,7 +1,9 @@
 """The guest launcher: put this process where a guest belongs, then become the VMM.
 
-    python -m soda.hypervisors.launch [--hold] [--netns NAME] [--cgroup DIR]...
-        [--no-aslr] [--log FILE] -- ARGV...
+    python -I -S .../soda/hypervisors/launch.py [--hold] [--netns NAME]
+        [--cgroup DIR]... [--no-aslr] [--log FILE] -- ARGV...
+
+(or `python -m soda.hypervisors.launch ...`).
 
 In this order it joins each cgroup directory (writing its own pid to
 `DIR/cgroup.procs`), enters the network namespace `/run/netns/NAME`, turns
@@ -17,13 +19,17 @@ memory included, is charged to the guest.
 
 Anything that fails before the exec ends it with one line on stderr and
 status 1 (127 if ARGV cannot be executed). It owns nothing else: no logging
-setup and no SODA imports beyond soda.netns, so that it starts fast.
+setup and no SODA imports, so that the drivers can run it as a script
+without the site machinery (`-I -S`): it starts in ~10 ms instead of ~50, on
+the way of every boot.
 """
 
 import os
 import sys
 
 ADDR_NO_RANDOMIZE = 0x0040000
+NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
 PERSONALITY_QUERY = 0xFFFFFFFF
 USAGE = ("usage: python -m soda.hypervisors.launch [--hold] [--netns NAME] [--cgroup DIR]... "
          "[--no-aslr] [--log FILE] -- ARGV...")
@@ -81,13 +87,21 @@ def join_cgroup(directory: str) -> None:
 
 
 def enter_netns(name: str) -> None:
-    # soda.netns and soda.errors import nothing heavy: start-up stays fast.
-    from soda.errors import SodaError
-    from soda.netns import enter_netns as setns
+    """setns(2) into /run/netns/NAME, as soda.netns does (a copy: this
+    module imports nothing from SODA)."""
+    what = f"cannot enter network namespace {name}"
     try:
-        setns(name)
-    except (SodaError, OSError) as e:
-        raise LaunchError(f"cannot enter network namespace {name}: {e}") from None
+        fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LaunchError(f"{what}: network namespace {name} does not exist") from None
+    except OSError as e:
+        raise LaunchError(f"{what}: {e.strerror}") from None
+    try:
+        ctypes, libc = _libc()
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise LaunchError(f"{what}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
 
 
 def disable_aslr() -> None:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 from soda.errors import CommandError, InvalidSpec, TemporaryError
 from soda.files import remove_path, write_json_atomic
-from soda.hypervisors import process
+from soda.hypervisors import launch, process
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict)
 from soda.hypervisors.launch import GO
@@ -46,7 +46,8 @@ from soda.hypervisors.probe import PROBE_TIMEOUT, probe_tcp
 log = logging.getLogger(__name__)
 
 RECORD = "guest.json"
-LAUNCHER = "soda.hypervisors.launch"
+# Run as a script, without the site machinery (-I -S): see soda.hypervisors.launch.
+LAUNCHER = os.path.abspath(launch.__file__)
 TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
 UNSAYABLE = ", \t\n\"'"                 # split a VMM's option values or the kernel command line
@@ -148,7 +149,7 @@ class RecordedGuestDriver(HypervisorDriver):
         with the Agent's interpreter): it joins the guest's cgroups and
         namespace, holds until start() has recorded it, sends its output to
         the console log, then execs the VMM's command line that follows."""
-        argv = [self.python, "-m", LAUNCHER, "--hold"]
+        argv = [self.python, "-I", "-S", LAUNCHER, "--hold"]
         if spec.netns:
             argv += ["--netns", spec.netns]
         for directory in spec.cgroups:

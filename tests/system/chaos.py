@@ -71,6 +71,7 @@ from typing import Callable
 
 from soda.devcluster import ClusterConfig, ClusterError, LocalCluster, RestartPolicy
 from soda.devcluster.cluster import CGROUP_ROOT
+from soda.hypervisors.recorded import LAUNCHER
 from tests.support import free_port
 
 PARTS = ("master", "agent", "daemon", "switch")
@@ -642,7 +643,7 @@ def check(c: ChaosCluster, steady_identity: dict[str, tuple[int, int]]) -> list[
                                     f"{part} processes {pids}, the launcher recorded "
                                     f"{recorded.pid if recorded else None}"))
     problems += [Problem("leak", f"guest launcher {p.pid} never exec'd ({argv_value(p.argv, 'umid')})")
-                 for p in own if "soda.hypervisors.launch" in p.argv]
+                 for p in own if LAUNCHER in p.argv]
     return problems
 
 

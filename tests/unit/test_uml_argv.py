@@ -22,6 +22,7 @@ from soda.errors import InvalidSpec, NotFound
 from soda.files import write_json_atomic
 from soda.hypervisors import launch
 from soda.hypervisors.base import DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict
+from soda.hypervisors.recorded import LAUNCHER
 from soda.hypervisors.uml import UmlDriver, _proc_starttime, mconsole, parse_meminfo
 from soda.model.spec import Resources
 from tests.support import free_port
@@ -29,6 +30,7 @@ from tests.support import free_port
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 # SODA_UPDATE_GOLDEN=1 rewrites the golden files from the code (then review the diff).
 UPDATE = os.environ.get("SODA_UPDATE_GOLDEN") == "1"
+GOLDEN_LAUNCHER = "soda/hypervisors/launch.py"
 
 
 def spec(name="web-0", memory=64, image="/var/lib/soda/agent/images/sha256-ab12/rootfs.img", **kw):
@@ -47,7 +49,8 @@ def golden_driver(state_dir="/var/lib/soda/agent", **kw):
 
 def check_golden(name: str, argv: list[str]) -> None:
     path = os.path.join(GOLDEN, f"{name}.argv")
-    text = "".join(f"{arg}\n" for arg in argv)
+    # The launcher is named by its path in this checkout: the file says where in the package.
+    text = "".join(f"{GOLDEN_LAUNCHER if arg == LAUNCHER else arg}\n" for arg in argv)
     if UPDATE:
         with open(path, "w") as f:
             f.write(text)
@@ -82,7 +85,9 @@ def test_argv_is_pure_and_uses_the_agents_interpreter():
     d = UmlDriver("/srv/state", kernel="/opt/uml/linux")
     assert d.build_argv(spec()) == d.build_argv(spec())
     argv = d.build_argv(spec())
-    assert argv[:3] == [sys.executable, "-m", "soda.hypervisors.launch"]
+    # The launcher runs as a script without the site machinery: it starts fast.
+    assert argv[:4] == [sys.executable, "-I", "-S", LAUNCHER]
+    assert LAUNCHER == os.path.abspath(launch.__file__)
     kernel = argv[argv.index("--") + 1:]
     assert kernel[0] == "/opt/uml/linux"
     assert "--no-aslr" in argv[:argv.index("--")]
@@ -172,6 +177,20 @@ def test_launcher_keeps_its_pid_sets_the_personality_and_logs(tmp_path):
     assert lines[0] == f"pid={child.pid}"                # exec, not fork
     assert int(lines[1], 16) & launch.ADDR_NO_RANDOMIZE
     assert lines[2] == "read="                           # stdin is /dev/null
+
+
+def test_launcher_runs_as_the_drivers_run_it(tmp_path):
+    # As a script without the site machinery (-I -S): it must not need SODA's imports.
+    log = tmp_path / "console.log"
+    r = subprocess.run([sys.executable, "-I", "-S", LAUNCHER, "--no-aslr", "--log", str(log), "--",
+                        "/bin/sh", "-c", "cat /proc/self/personality"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert int(log.read_text(), 16) & launch.ADDR_NO_RANDOMIZE
+    r = subprocess.run([sys.executable, "-I", "-S", LAUNCHER, "--netns", "sodau-does-not-exist",
+                        "--", "/bin/true"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "soda-launch: cannot enter network namespace sodau-does-not-exist: "
+        "network namespace sodau-does-not-exist does not exist"]
 
 
 def test_launcher_fails_in_one_line(tmp_path):

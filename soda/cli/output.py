@@ -12,8 +12,6 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
-import yaml
-
 from soda import model
 from soda.cli.rollout import Rollout
 
@@ -122,6 +120,8 @@ def render(data: Any, output: str, table: Callable[[], str]) -> str:
     if output == "json":
         return json.dumps(data, indent=2)
     if output == "yaml":
+        # Imported here: ~15 ms of every sodactl's start-up otherwise.
+        import yaml
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip("\n")
     return table()
 

@@ -15,10 +15,11 @@ Tests inject a stand-in client with
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 import click
 
@@ -404,13 +405,33 @@ def service_resize(session: Session, name: str, nodes: int | None, cpu: str | No
     session.emit(output.service_to_dict(resized), lambda: output.service_table(resized))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console script entry point; exits with sodactl's exit code."""
+def run(argv: Sequence[str] | None = None) -> int:
+    """sodactl on `argv` (default: the process's arguments); its exit code."""
     try:
         cli.main(args=argv, prog_name="sodactl")
+    except SystemExit as done:
+        if done.code is None or isinstance(done.code, int):
+            return done.code or EXIT_OK
+        click.echo(done.code, err=True)
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - last resort outside any command
         click.echo(f"error: internal: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def main() -> NoReturn:
+    """Console script entry point: sodactl, then the end of the process with
+    its exit code, at once. Its output is flushed first; what is skipped is
+    the interpreter's teardown (grpc and every module sodactl imported),
+    ~40 ms of every command once its work is done."""
+    code = run()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):      # closed early (| head): nothing more to say
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from soda import command
 from soda.addresses import split_host_port
 from soda.errors import CommandError, InvalidSpec, SodaError, WrongState
 from soda.model.switching import Endpoint, EndpointSet
+from soda.procid import proc_starttime
 from soda.switch.balancer import Peer, scaled_weight, smooth_pick
 
 log = logging.getLogger("soda.switch.nft")
@@ -232,18 +233,8 @@ def check_table_name(table: str) -> str:
 
 # ---- the kernel path --------------------------------------------------------
 
-def process_starttime(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: with the pid, names a process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
-
-
 def owner_tag(pid: int) -> str:
-    return f"soda-switch pid {pid} start {process_starttime(pid)}"
+    return f"soda-switch pid {pid} start {proc_starttime(pid)}"
 
 
 def table_owner_alive(listing: str) -> int | None:
@@ -252,7 +243,7 @@ def table_owner_alive(listing: str) -> int | None:
     if m is None:
         return None
     pid, start = int(m.group(1)), int(m.group(2))
-    return pid if process_starttime(pid) == start else None
+    return pid if proc_starttime(pid) == start else None
 
 
 class HealthSource(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -52,6 +53,9 @@ class AgentConfig:
     address: str = "127.0.0.1"         # where the Switch and peers reach this node
     state_dir: str = "/var/lib/soda/agent"
     hypervisors: tuple[str, ...] = ("fake",)
+    # KEY=VALUE labels the node registers (soda.model.labels); placement
+    # spreads a service over `zone`s. --label adds to them.
+    labels: Mapping[str, str] = field(default_factory=dict)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     # One section per hypervisor driver, `{uml: {kernel: ...}}`: each driver
     # owns its section's dataclass (`Driver.Config`), and the Agent's main()
@@ -85,6 +89,8 @@ def build_section(cls: type[T], data: Any, where: str) -> T:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             kwargs[key] = build_section(type(default), value, f"{where}.{key}")
+        elif isinstance(default, dict) and typing.get_type_hints(cls)[key] == Mapping[str, str]:
+            kwargs[key] = _strings(value, f"{where}.{key}")
         elif isinstance(default, dict):
             # Sections whose dataclasses someone else owns: checked to be
             # mappings here, built by their owner.
@@ -105,6 +111,20 @@ def build_section(cls: type[T], data: Any, where: str) -> T:
                 raise InvalidSpec(f"{where}.{key}: expected a number, got {value!r}")
             kwargs[key] = type(default)(value)
     return cls(**kwargs)
+
+
+def _strings(data: Any, where: str) -> dict[str, str]:
+    """A mapping of names to short strings (`labels: {zone: a, rack: 1}`):
+    YAML's integers are taken as their digits; anything else is refused
+    (YAML reads an unquoted `no` or `on` as a boolean: quote it)."""
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"{where}: expected a mapping of names to strings, got {data!r}")
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise InvalidSpec(f"{where}.{key}: expected a string, got {value!r} (quote it)")
+        out[str(key)] = str(value)
+    return out
 
 
 def load(cls: type[T], path: str | None) -> T:

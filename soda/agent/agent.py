@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from soda.backoff import Backoff
 from soda.errors import NotFound, SodaError
@@ -141,7 +141,8 @@ class Agent:
                  limits: Iterable[DriverCapabilities] = (),
                  health_check: Callable[[], str] | None = None,
                  assumed: Iterable[str] = (),
-                 thread_backoff: Backoff | None = None):
+                 thread_backoff: Backoff | None = None,
+                 labels: Mapping[str, str] | None = None):
         self._client = client
         self._reconciler = reconciler
         self._reporter = reporter
@@ -151,6 +152,8 @@ class Agent:
         # Capacity fields measured nowhere, taken from a default (node list says so).
         self.assumed = tuple(assumed)
         self.hypervisors = tuple(hypervisors)
+        # Its operator's labels (zone=a, ...), registered as they are.
+        self.labels = dict(labels or {})
         # The smallest guest each driver boots: the Master refuses smaller ones.
         self.limits = tuple(limits)
         # Shared with main(): a signal sets it to stop the Agent, and a fatal
@@ -280,7 +283,8 @@ class Agent:
     def _register(self) -> Node:
         with self._register_lock:
             node = self._client.register_node(self.name, self.address, self.capacity,
-                                              self.hypervisors, self.limits, self.assumed)
+                                              self.hypervisors, self.limits, self.assumed,
+                                              labels=self.labels)
             if self._on_registered is not None:
                 self._on_registered(node)
             self.node = node

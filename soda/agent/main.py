@@ -27,6 +27,7 @@ from soda.agent.reconciler import Reconciler
 from soda.config import LOG_LEVELS, AgentConfig, build_section, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
+from soda.model.labels import check_labels, format_labels, parse_label
 from soda.model.names import NODE_NAME_MAX, check_dns_label
 from soda.model.state import DriverCapabilities, Node
 from soda.rpc.client import MasterClient
@@ -49,6 +50,13 @@ def _hypervisor_names(value: str) -> list[str]:
     return names
 
 
+def _label(text: str) -> tuple[str, str]:
+    try:
+        return parse_label(text)
+    except InvalidSpec as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="soda-agent",
@@ -56,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--master", metavar="HOST:PORT", help="the SODA Master (default 127.0.0.1:7070)")
     parser.add_argument("--name", help="this node's name (default: the host name)")
     parser.add_argument("--address", metavar="ADDR", help="where the Switch and peers reach this node")
+    parser.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE",
+                        help="a label to register, e.g. zone=a (placement spreads over zones); "
+                             "repeatable, added to the config file's labels")
     parser.add_argument("--state-dir", metavar="DIR", help="guest state and image cache")
     parser.add_argument("--hypervisor", action="append", type=_hypervisor_names, metavar="NAME[,NAME]",
                         help=f"hypervisor driver(s) to offer, repeatable "
@@ -78,7 +89,12 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
     hypervisors = None
     if args.hypervisor:
         hypervisors = tuple(dict.fromkeys(n for names in args.hypervisor for n in names))
-    return effective(AgentConfig, args.config, check_config, master=args.master, name=args.name,
+    flag_labels = dict(args.label or ())
+
+    def check(config: AgentConfig) -> AgentConfig:
+        # --label adds to the file's labels (a key in both takes the flag's value).
+        return check_config(dataclasses.replace(config, labels={**config.labels, **flag_labels}))
+    return effective(AgentConfig, args.config, check, master=args.master, name=args.name,
                      address=args.address, state_dir=args.state_dir, hypervisors=hypervisors,
                      netns=args.netns, daemon_socket=args.daemon_socket, log_level=args.log_level)
 
@@ -86,6 +102,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
 def check_config(config: AgentConfig) -> AgentConfig:
     name = config.name or default_node_name()
     check_dns_label("node", name, NODE_NAME_MAX)
+    labels = check_labels(config.labels)
     if not config.master:
         raise InvalidSpec("master: the Master's HOST:PORT is required")
     if not config.state_dir:
@@ -101,7 +118,7 @@ def check_config(config: AgentConfig) -> AgentConfig:
     if config.reconcile_seconds <= 0:
         raise InvalidSpec(f"reconcile_seconds must be positive, got {config.reconcile_seconds:g}")
     driver_configs(config)
-    return dataclasses.replace(config, name=name)
+    return dataclasses.replace(config, name=name, labels=labels)
 
 
 def driver_configs(config: AgentConfig) -> dict[str, Any]:
@@ -190,7 +207,7 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
                             plumbing=build_plumbing(config, network, drivers.capabilities))
     on_registered = (lambda node: configure_network(network, node)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,
-                 config.hypervisors, stop=stop, on_registered=on_registered,
+                 config.hypervisors, stop=stop, on_registered=on_registered, labels=config.labels,
                  limits=tuple(drivers.capabilities.values()),
                  health_check=lambda: state_dir_problem(config.state_dir),
                  assumed=capacity.assumed)
@@ -222,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         return refuse("soda-agent", f"cannot use state dir {config.state_dir}: "
                                     f"{exc.strerror or exc}", EXIT_FAILURE)
-    log.info("agent %s starting: master %s, hypervisors %s, capacity %s, state dir %s",
-             config.name, config.master, ",".join(config.hypervisors), agent.capacity.as_dict(),
-             config.state_dir)
+    log.info("agent %s starting: master %s, address %s, labels %s, hypervisors %s, capacity %s, "
+             "state dir %s", config.name, config.master, config.address,
+             format_labels(config.labels) or "none", ",".join(config.hypervisors),
+             agent.capacity.as_dict(), config.state_dir)
     agent.start()
     # Ready once the loops run: guests are adopted and looked after even
     # while the Master is unreachable.

@@ -84,6 +84,7 @@ def node_to_dict(node: model.Node) -> dict:
         "subnet": node.subnet,
         "gateway": node.gateway,
         "hypervisors": list(node.hypervisors),
+        "labels": dict(sorted(node.labels.items())),
         "capacity": node.capacity.as_dict(),
         "allocated": node.allocated.as_dict(),
         # Capacity fields the node could not measure and took a default for.
@@ -262,10 +263,10 @@ def nodes_table(nodes: Iterable[model.Node]) -> str:
     rows = [(n.name, n.address, n.state, n.subnet,
              used(n, "cpu"), used(n, "memory", "Mi"), used(n, "bandwidth", "Mbit"),
              used(n, "disk", "Mi"),
-             n.vnodes, ",".join(n.hypervisors)) + usage_cells(n.usage)
+             n.vnodes, ",".join(n.hypervisors), model.format_labels(n.labels)) + usage_cells(n.usage)
             for n in nodes]
     return format_table(("NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH", "DISK",
-                         "VNODES", "HYPERVISORS") + USAGE_HEADERS, rows)
+                         "VNODES", "HYPERVISORS", "LABELS") + USAGE_HEADERS, rows)
 
 
 def images_table(images: Iterable[model.Image]) -> str:

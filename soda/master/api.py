@@ -106,7 +106,7 @@ class MasterServicer(pb_grpc.MasterServicer):
                                              convert.resources_from_pb(request.capacity),
                                              list(request.hypervisors),
                                              convert.limits_from_pb(request.limits),
-                                             tuple(request.assumed))
+                                             tuple(request.assumed), dict(request.labels))
         return convert.node_to_pb(node)
 
     @handle_errors

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from soda import model
 from soda.config import MasterConfig
@@ -371,8 +371,13 @@ class Controller:
     def register_node(self, name: str, address: str, capacity: model.Resources,
                       hypervisors: Sequence[str],
                       limits: Sequence[model.DriverCapabilities] = (),
-                      assumed: Sequence[str] = ()) -> model.Node:
+                      assumed: Sequence[str] = (),
+                      labels: Mapping[str, str] | None = None) -> model.Node:
         model.check_dns_label("node", name, model.NODE_NAME_MAX)
+        try:
+            labels = model.check_labels(labels)
+        except InvalidSpec as exc:
+            raise InvalidSpec(f"node {name}: {exc}") from None
         odd = sorted(set(assumed) - set(model.RESOURCE_UNITS))
         if odd:
             raise InvalidSpec(f"node {name}: assumed capacity names unknown resources: {', '.join(odd)}")
@@ -396,14 +401,15 @@ class Controller:
                 subnet, gateway = given.subnet, given.gateway
             node = model.Node(name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
                               subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits),
-                              assumed=tuple(sorted(set(assumed))))
+                              assumed=tuple(sorted(set(assumed))), labels=labels)
             tx.put_node(node if old is None else update_of(old, node))
             self._seen(name)
             tx.after_commit(functools.partial(self.notifier.publish, SERVICES_TOPIC))
             return subnet
 
         subnet = self._unit_of_work(work)
-        log.info("node %s registered from %s (subnet %s)", name, address, subnet)
+        log.info("node %s registered from %s (subnet %s, labels %s)", name, address, subnet,
+                 model.format_labels(labels) or "none")
         return _addressed(self.store.get_node(name))
 
     def _seen(self, node: str) -> None:

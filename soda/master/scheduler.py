@@ -18,9 +18,14 @@ needs its own (UML's kernel threads and page tables, QEMU's device model),
 and the Daemon's memory limit adds it. Each node registers that overhead per
 hypervisor; placement counts guest memory plus overhead (`charged`).
 
-Policy: spread a service's virtual nodes over physical nodes (fewest of
-this service first), then least-loaded first (the lowest of the largest
-fraction of any resource in use after placing), then name, for determinism.
+Policy, among the nodes a request fits on: spread a service's virtual nodes
+over failure domains first (the zone with fewest of this service: a node's
+`zone` label names its zone, and the nodes without one form one zone of
+their own), then over physical nodes within them (fewest of this service),
+then least-loaded first (the lowest of the largest fraction of any resource
+in use after placing), then name, for determinism. A zone with no room is
+passed over, never a reason to refuse: spreading is a preference, fitting
+is a rule.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ from soda.errors import InvalidSpec, NoCapacity
 
 _EPSILON = 1e-9
 _RESOURCES = ("cpu", "memory", "bandwidth", "disk")
+# The node label that names a node's failure domain.
+ZONE_LABEL = "zone"
+# The zone of the nodes that carry no zone label: one zone, not one each,
+# so that a cluster without labels spreads over nodes as it always did.
+UNZONED = ""
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,11 @@ def _load_after(node: model.Node, used: model.Resources, want: model.Resources) 
         cap = getattr(node.capacity, r)
         fractions.append((getattr(used, r) + getattr(want, r)) / cap if cap > 0 else 1.0)
     return max(fractions)
+
+
+def zone_of(node: model.Node) -> str:
+    """The failure domain `node` is in (UNZONED when it names none)."""
+    return node.labels.get(ZONE_LABEL, UNZONED)
 
 
 def charged(node: model.Node, hypervisor: str, want: model.Resources) -> model.Resources:
@@ -139,9 +154,10 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
           labels: Sequence[str] | None = None) -> list[Placement]:
     """Place every request or raise NoCapacity.
 
-    `nodes` carry their capacity and what is already allocated on them;
-    `service_counts` says how many virtual nodes of this service each node
-    already runs (for spreading); `labels` name the requests in errors.
+    `nodes` carry their capacity, labels and what is already allocated on
+    them; `service_counts` says how many virtual nodes of this service each
+    node already runs (for spreading over zones and nodes); `labels` name
+    the requests in errors.
     """
     labels = labels or [f"virtual node {i}" for i in range(len(requests))]
     ready = [n for n in nodes if n.state == "READY"]
@@ -164,6 +180,15 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
         _check_boots_somewhere(candidates, hypervisor, want, labels[i])
     used = {n.name: n.allocated for n in candidates}
     counts = {n.name: (service_counts or {}).get(n.name, 0) for n in candidates}
+    # A zone's count includes this service's virtual nodes on its ready
+    # nodes that take no more (full, or without the hypervisor): they run in
+    # that failure domain all the same. Those on LOST nodes are being placed
+    # again and count nowhere.
+    zone = {n.name: zone_of(n) for n in ready}
+    zone_counts: dict[str, int] = {}
+    for name, count in (service_counts or {}).items():
+        if name in zone:
+            zone_counts[zone[name]] = zone_counts.get(zone[name], 0) + count
     # Larger requests first: they are the hard ones to fit, and placing them
     # early avoids refusing a request that a different order could hold.
     order = sorted(range(len(requests)),
@@ -178,7 +203,8 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
             need = charged(node, name, want)
             if not _fits(node.capacity - used[node.name], need):
                 continue
-            key = (counts[node.name], _load_after(node, used[node.name], need), node.name)
+            key = (zone_counts.get(zone[node.name], 0), counts[node.name],
+                   _load_after(node, used[node.name], need), node.name)
             if best is None or key < best[0]:
                 best = (key, node, name, need)
         if best is None:
@@ -186,5 +212,6 @@ def place(nodes: Sequence[model.Node], requests: Sequence[model.Resources], *,
         _, node, name, need = best
         used[node.name] = used[node.name] + need
         counts[node.name] += 1
+        zone_counts[zone[node.name]] = zone_counts.get(zone[node.name], 0) + 1
         result[i] = Placement(node=node.name, hypervisor=name)
     return [result[i] for i in range(len(requests))]

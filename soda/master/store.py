@@ -50,7 +50,8 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 # Version 3: nodes.assumed, capacity fields the node took a default for.
 # Version 4: a revision on every record and in meta; specs stored by
 #            structure (the dataclass fields) instead of in the YAML form.
-SCHEMA_VERSION = 4
+# Version 5: nodes.labels, the KEY=VALUE labels a node registers (JSON object).
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     cpu REAL NOT NULL, memory INTEGER NOT NULL, bandwidth INTEGER NOT NULL, disk INTEGER NOT NULL,
     hypervisors TEXT NOT NULL, subnet TEXT NOT NULL UNIQUE, gateway TEXT NOT NULL,
     state TEXT NOT NULL, registered_at REAL NOT NULL, limits TEXT NOT NULL DEFAULT '[]',
-    assumed TEXT NOT NULL DEFAULT '[]', revision INTEGER NOT NULL DEFAULT 1);
+    assumed TEXT NOT NULL DEFAULT '[]', revision INTEGER NOT NULL DEFAULT 1,
+    labels TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL,
     revision INTEGER NOT NULL DEFAULT 1);
@@ -317,6 +319,9 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
         "ALTER TABLE vnodes ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
         "INSERT INTO meta VALUES ('revision', '1')",
         _migrate_specs_to_v4),
+    # Nodes registered before labels existed carry none until they register
+    # again; the row's revision stays, as nothing a reader sees changed.
+    4: ("ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",),
 }
 
 
@@ -368,7 +373,7 @@ class _SqliteReads(StateReader):
                 "SELECT n.name, n.address, n.cpu, n.memory, n.bandwidth, n.disk, n.hypervisors, n.subnet, "
                 "n.gateway, n.state, COALESCE(SUM(v.cpu),0), COALESCE(SUM(v.memory),0), "
                 "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits, "
-                "n.assumed, n.revision "
+                "n.assumed, n.revision, n.labels "
                 "FROM nodes n LEFT JOIN vnodes v ON v.node = n.name " + where +
                 " GROUP BY n.name ORDER BY n.name", args)
             guests: dict[str, dict[str, int]] = {}
@@ -382,7 +387,8 @@ class _SqliteReads(StateReader):
                               hypervisors=tuple(json.loads(r[6])), subnet=r[7], gateway=r[8],
                               state=r[9], allocated=model.Resources(r[10], r[11], r[12], r[13]),
                               vnodes=r[14], limits=_limits_from_json(r[15]),
-                              assumed=tuple(json.loads(r[16])), revision=r[17])
+                              assumed=tuple(json.loads(r[16])), revision=r[17],
+                              labels=dict(json.loads(r[18])))
             # Each guest also costs its hypervisor process's own memory.
             overhead = sum(count * node.memory_overhead(hv)
                            for hv, count in guests.get(node.name, {}).items())
@@ -531,17 +537,19 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         c = node.capacity
         values = (node.address, c.cpu, c.memory, c.bandwidth, c.disk, json.dumps(list(node.hypervisors)),
                   node.subnet, node.gateway, node.state, _limits_to_json(node.limits),
-                  json.dumps(list(node.assumed)), revision, node.name)
+                  json.dumps(list(node.assumed)), json.dumps(dict(node.labels), sort_keys=True),
+                  revision, node.name)
         try:
             if current is None:
                 self._db.execute(
                     "INSERT INTO nodes (address, cpu, memory, bandwidth, disk, hypervisors, subnet, gateway, "
-                    "state, limits, assumed, revision, name, registered_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,strftime('%s','now'))", values)
+                    "state, limits, assumed, labels, revision, name, registered_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,strftime('%s','now'))", values)
             else:
                 self._db.execute(
                     "UPDATE nodes SET address=?, cpu=?, memory=?, bandwidth=?, disk=?, hypervisors=?, "
-                    "subnet=?, gateway=?, state=?, limits=?, assumed=?, revision=? WHERE name=?", values)
+                    "subnet=?, gateway=?, state=?, limits=?, assumed=?, labels=?, revision=? WHERE name=?",
+                    values)
         except sqlite3.IntegrityError:
             raise Conflict(f"subnet {node.subnet} of node {node.name!r} belongs to another node") from None
 

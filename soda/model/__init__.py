@@ -1,6 +1,7 @@
 """SODA's domain objects, one module per concept:
 
 - `names`: names of services, nodes, images, hypervisors, and their rules;
+- `labels`: a physical node's KEY=VALUE labels and their rules;
 - `spec`: a service spec and its validation (`parse_spec`);
 - `state`: the cluster state the Master keeps (services, virtual nodes, nodes, images);
 - `usage`: what virtual nodes use, as the Daemons measure it;
@@ -21,6 +22,8 @@ from soda.model.spec import (  # noqa: F401
     HealthCheck, SwitchSpec, OnDemand, ServiceSpec, resource_columns, expand_resources,
     check_listen, parse_health, last_entries, parse_on_demand, parse_switch, parse_spec,
     validate_spec, share_weight)
+from soda.model.labels import (  # noqa: F401
+    LABEL_PART_MAX, LABELS_MAX, check_labels, parse_label, format_labels)
 from soda.model.usage import (  # noqa: F401
     Usage, USAGE_FIELDS, VnodeUsage)
 from soda.model.state import (  # noqa: F401

@@ -104,6 +104,8 @@ class Node:
     limits: tuple[DriverCapabilities, ...] = ()
     # Capacity fields the node could not measure and assumed a default for.
     assumed: tuple[str, ...] = ()
+    # Its operator's KEY=VALUE labels (soda.model.labels), e.g. {"zone": "a"}.
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def limit(self, hypervisor: str) -> DriverCapabilities | None:
         return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import grpc
 
@@ -137,11 +137,13 @@ class MasterClient(StubClient):
     def register_node(self, name: str, address: str, capacity: model.Resources,
                       hypervisors: Iterable[str],
                       limits: Iterable[model.DriverCapabilities] = (),
-                      assumed: Iterable[str] = ()) -> model.Node:
+                      assumed: Iterable[str] = (),
+                      labels: Mapping[str, str] | None = None) -> model.Node:
         req = pb.RegisterNodeRequest(name=name, address=address,
                                      capacity=convert.resources_to_pb(capacity),
                                      hypervisors=list(hypervisors),
-                                     limits=convert.limits_to_pb(limits), assumed=list(assumed))
+                                     limits=convert.limits_to_pb(limits), assumed=list(assumed),
+                                     labels=dict(labels or {}))
         return convert.node_from_pb(self._call("RegisterNode", req))
 
     def heartbeat(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> int:

@@ -18,7 +18,7 @@ from soda.backoff import Backoff
 from soda.agent.capacity import (DEFAULT_BANDWIDTH_MBIT, default_route_device, link_speed_mbit,
                                  measure_capacity)
 from soda.agent.images import ImageCache
-from soda.agent.main import build_config, driver_configs, main, parse_args
+from soda.agent.main import build_agent, build_config, driver_configs, main, parse_args
 from soda.agent.reconciler import Reconciler
 from soda.config import CapacityConfig
 from soda.errors import DataLoss, InvalidSpec, NotFound, Unavailable
@@ -70,14 +70,15 @@ class FakeMaster:
         if not self.up:
             raise Unavailable("cannot reach the SODA Master at fake: connection refused")
 
-    def register_node(self, name, address, capacity, hypervisors, limits=(), assumed=()):
+    def register_node(self, name, address, capacity, hypervisors, limits=(), assumed=(), labels=None):
         self._check()
         with self.lock:
             self.registrations.append((name, address, capacity, tuple(hypervisors)))
             self.limits = tuple(limits)
+            self.labels = dict(labels or {})
             self.known = True
         return Node(name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
-                    subnet="10.233.1.0/24", gateway="10.233.1.1")
+                    subnet="10.233.1.0/24", gateway="10.233.1.1", labels=dict(labels or {}))
 
     def heartbeat(self, node, statuses):
         self._check()
@@ -507,6 +508,23 @@ def test_flags_override_the_config_file(tmp_path):
     assert effective.max_parallel_boots == 2
     assert driver_configs(effective)["fake"].boot_seconds == 0.5
     assert build_config(parse_args([])).name        # defaults to the host name
+
+
+def test_the_agent_registers_its_address_and_labels_from_flags(tmp_path):
+    master = FakeMaster([])
+    config = build_config(parse_args(["--state-dir", str(tmp_path / "state"), "--hypervisor", "fake",
+                                      "--address", "192.0.2.10", "--label", "zone=a",
+                                      "--label", "rack=r1"]))
+    agent = build_agent(config, master, threading.Event())
+    agent.start()
+    try:
+        assert agent.wait_registered(5)
+        [(name, address, _, _)] = master.registrations
+        assert (name, address) == (config.name, "192.0.2.10")
+        assert master.labels == {"rack": "r1", "zone": "a"}
+        assert agent.node.labels == {"rack": "r1", "zone": "a"}
+    finally:
+        agent.stop(timeout=5)
 
 
 def test_soda_agent_runs_without_a_master_tells_systemd_and_stops_on_sigterm(tmp_path):

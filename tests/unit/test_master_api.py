@@ -307,6 +307,15 @@ def test_register_keeps_subnet_and_validates(client):
         client.register_node("n2", "127.0.0.1", CAP, ["Not A Name"])
 
 
+def test_labels_go_through_registration_and_come_back_in_the_node_list(client):
+    node = client.register_node("n0", "192.0.2.10", CAP, ["fake"], labels={"zone": "a", "rack": "r1"})
+    assert node.labels == {"rack": "r1", "zone": "a"}
+    client.register_node("n1", "192.0.2.11", CAP, ["fake"])
+    assert {n.name: n.labels for n in client.list_nodes()} == {"n0": {"rack": "r1", "zone": "a"}, "n1": {}}
+    with pytest.raises(InvalidSpec, match="node n2: invalid label value 'A' of label 'zone'"):
+        client.register_node("n2", "192.0.2.12", CAP, ["fake"], labels={"zone": "A"})
+
+
 def test_capacity_a_node_assumed_is_kept_and_shown(client):
     from soda.cli.output import nodes_table
     node = client.register_node("n0", "127.0.0.1", CAP, ["fake"], assumed=["bandwidth"])

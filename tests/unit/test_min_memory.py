@@ -144,6 +144,7 @@ def _downgrade_to_v1(path):
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE nodes DROP COLUMN limits")
     db.execute("ALTER TABLE nodes DROP COLUMN assumed")
+    db.execute("ALTER TABLE nodes DROP COLUMN labels")
     for table in ("nodes", "images", "services", "vnodes"):
         db.execute(f"ALTER TABLE {table} DROP COLUMN revision")
     db.execute("DELETE FROM meta WHERE key='revision'")
@@ -153,15 +154,15 @@ def _downgrade_to_v1(path):
 
 
 def test_a_version_1_store_is_migrated_and_keeps_its_nodes(tmp_path):
-    assert SCHEMA_VERSION == 4
     s = open_store(str(tmp_path))
     _register(s, _node_with_limits([DEBIAN_UML]))
     s.close()
     _downgrade_to_v1(str(tmp_path / "state.db"))
     s = open_store(str(tmp_path))
-    assert s.schema_version() == 4
+    assert s.schema_version() == SCHEMA_VERSION
     migrated = s.get_node("a")
     assert migrated.limits == () and migrated.assumed == () and migrated.subnet == "10.0.1.0/24"
+    assert migrated.labels == {}
     s.close()
 
 
@@ -171,7 +172,7 @@ def test_a_newer_store_is_refused(tmp_path):
     db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(SodaError, match="schema version 99, newer than the 4"):
+    with pytest.raises(SodaError, match=f"schema version 99, newer than the {SCHEMA_VERSION}"):
         open_store(str(tmp_path))
 
 

@@ -411,16 +411,30 @@ def test_node_list(client):
     client.nodes = [model.Node(name="node-a", address="192.0.2.10", subnet="10.0.1.0/24",
                                capacity=model.Resources(4, 4096, 1000, 10240),
                                allocated=model.Resources(1.5, 128, 20, 128),
-                               hypervisors=("uml", "qemu"), vnodes=2)]
+                               hypervisors=("uml", "qemu"), vnodes=2,
+                               labels={"zone": "a", "rack": "r1"})]
     table = run(client, "node", "list").stdout.splitlines()
     assert table[0].split() == ["NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH",
-                                "DISK", "VNODES", "HYPERVISORS", "CPU-S", "MEM", "MEM-PEAK", "IN", "OUT"]
+                                "DISK", "VNODES", "HYPERVISORS", "LABELS", "CPU-S", "MEM", "MEM-PEAK",
+                                "IN", "OUT"]
     assert table[1].split() == ["node-a", "192.0.2.10", "READY", "10.0.1.0/24", "1.5/4",
                                 "128/4096Mi", "20/1000Mbit", "128/10240Mi", "2", "uml,qemu",
-                                "-", "-", "-", "-", "-"]
+                                "rack=r1,zone=a", "-", "-", "-", "-", "-"]
     [listed] = json.loads(run(client, "-o", "json", "node", "list").stdout)
     assert listed["capacity"] == {"cpu": 4, "memory": 4096, "bandwidth": 1000, "disk": 10240}
     assert listed["hypervisors"] == ["uml", "qemu"]
+    assert listed["labels"] == {"rack": "r1", "zone": "a"}
+    [in_yaml] = yaml.safe_load(run(client, "-o", "yaml", "node", "list").stdout)
+    assert in_yaml["labels"] == {"rack": "r1", "zone": "a"}
+
+
+def test_node_list_shows_a_node_without_labels_as_such(client):
+    client.nodes = [model.Node(name="node-b", address="192.0.2.11", capacity=model.Resources(4, 4096, 1000, 10240),
+                               hypervisors=("fake",))]
+    header, row = run(client, "node", "list").stdout.splitlines()
+    assert row.split()[header.split().index("LABELS")] == "-"
+    [listed] = json.loads(run(client, "-o", "json", "node", "list").stdout)
+    assert listed["labels"] == {}
 
 
 def test_image_list_and_delete(client):

@@ -292,8 +292,18 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_4(path):
+    """The file as a version 4 Master left it: nodes without labels."""
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE nodes DROP COLUMN labels")
+    db.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
 def _as_version_3(path, specs):
-    """The file as a version 3 Master left it: no revisions, specs in their YAML form."""
+    """The file as a version 3 Master left it: no labels, no revisions, specs in their YAML form."""
+    _as_version_4(path)
     db = sqlite3.connect(path)
     for table in ("nodes", "images", "services", "vnodes"):
         db.execute(f"ALTER TABLE {table} DROP COLUMN revision")
@@ -306,7 +316,6 @@ def _as_version_3(path, specs):
 
 
 def test_a_version_3_store_gets_revisions_and_keeps_its_specs(tmp_path):
-    assert SCHEMA_VERSION == 4
     uneven = model.parse_spec({"name": "web", "image": "img", "nodes": 2,
                                "resources": {"cpu": [0.5, 1.0], "memory": 64},
                                "switch": {"listen": "127.0.0.1:8080", "health": {"path": "/up"}}})
@@ -323,10 +332,62 @@ def test_a_version_3_store_gets_revisions_and_keeps_its_specs(tmp_path):
     s.close()
     _as_version_3(str(tmp_path / "state.db"), [uneven, resting, _odd_spec()])
     s = open_store(str(tmp_path))
-    assert s.schema_version() == 4 and s.revision() == 1
+    assert s.schema_version() == SCHEMA_VERSION and s.revision() == 1
     assert [x.spec for x in s.list_services()] == [resting, _odd_spec(), uneven]
     assert {revision_of(r) for r in [*s.list_services(), *s.list_vnodes(), *s.list_nodes(),
                                      *s.list_images()]} == {1}
     add_node(s, "b")
     assert s.revision() == 2
     s.close()
+
+
+def _node_columns(path):
+    db = sqlite3.connect(path)
+    try:
+        return [row[1] for row in db.execute("PRAGMA table_info(nodes)")]
+    finally:
+        db.close()
+
+
+def test_a_version_4_store_finds_its_nodes_without_labels(tmp_path):
+    assert SCHEMA_VERSION == 5
+    path = str(tmp_path / "state.db")
+    s = open_store(str(tmp_path))
+    add_node(s, "a", limits=(model.DriverCapabilities("fake", 16, memory_overhead=8),))
+    add_node(s, "b", assumed=("bandwidth",))
+    create(s, make_service(n=2))
+    before = {n.name: revision_of(n) for n in s.list_nodes()}, s.revision()
+    s.close()
+    _as_version_4(path)
+    assert "labels" not in _node_columns(path)          # what the migration starts from
+
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == 5 and "labels" in _node_columns(path)
+    a, b = s.list_nodes()
+    assert (a.name, b.name) == ("a", "b")
+    assert a.labels == {} and b.labels == {}
+    # Everything else the nodes held is as it was, revisions included.
+    assert a.limit("fake").memory_overhead == 8 and b.assumed == ("bandwidth",)
+    assert a.vnodes == 2
+    assert ({n.name: revision_of(n) for n in (a, b)}, s.revision()) == before
+    # A node registering again after the migration keeps its labels.
+    with s.transaction() as tx:
+        tx.put_node(update_of(a, dataclasses.replace(a, labels={"zone": "a"})))
+    s.close()
+    s = open_store(str(tmp_path))
+    assert s.get_node("a").labels == {"zone": "a"} and s.get_node("b").labels == {}
+    s.close()
+
+
+def test_labels_round_trip_through_the_store(store):
+    add_node(store, "a", labels={"zone": "eu-1", "rack": "r7"})
+    add_node(store, "b")
+    assert store.get_node("a").labels == {"rack": "r7", "zone": "eu-1"}
+    assert store.get_node("b").labels == {}
+    with store.transaction() as tx:
+        a = tx.get_node("a")
+        tx.put_node(update_of(a, dataclasses.replace(a, labels={"zone": "eu-2"})))
+    assert store.get_node("a").labels == {"zone": "eu-2"}          # replaced, not merged
+    db = sqlite3.connect(store.path)
+    assert json.loads(db.execute("SELECT labels FROM nodes WHERE name='a'").fetchone()[0]) == {"zone": "eu-2"}
+    db.close()

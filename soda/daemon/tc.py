@@ -187,7 +187,8 @@ class NetlinkShaper(Shaper):
             old_idx = self._index(ipr, old_tap)
             if old_idx is not None:
                 self._clear_tap(ipr, old_idx, old_tap)
-        if ifb_idx is None:
+        new_ifb = ifb_idx is None
+        if new_ifb:
             # Created (with its alias) before any qdisc refers to it, so a
             # half-done apply is still found and released through the IFB.
             self._call(f"cannot create IFB {name}", ipr.link, "add", ifname=name, kind="ifb",
@@ -197,23 +198,39 @@ class NetlinkShaper(Shaper):
                 raise errors.TemporaryError(f"IFB {name} vanished right after it was created")
         self._call(f"cannot bring up IFB {name}", ipr.link, "set", index=ifb_idx, state="up",
                    ifalias=self._alias(vnode, tap), txqlen=IFB_QUEUE_PACKETS)
-        self._ensure_htb(ipr, tap_idx, tap, rate_bit, burst_bytes)
-        self._ensure_htb(ipr, ifb_idx, name, rate_bit, burst_bytes)
-        self._ensure_redirect(ipr, tap_idx, tap, ifb_idx)
+        # What is known is not read back: each listing is a netlink round
+        # trip (~2 ms of pyroute2), and a new guest's fence is on the way of
+        # its boot. The TAP's qdiscs are listed once (its root and ingress),
+        # a new IFB's not at all (it has none of its own yet).
+        tap_qdiscs = self._qdiscs(ipr, tap_idx, tap)
+        self._ensure_htb(ipr, tap_idx, tap, rate_bit, burst_bytes, tap_qdiscs)
+        self._ensure_htb(ipr, ifb_idx, name, rate_bit, burst_bytes, [] if new_ifb else None)
+        self._ensure_redirect(ipr, tap_idx, tap, ifb_idx, tap_qdiscs)
         return name
 
+    def _qdiscs(self, ipr: IPRoute, idx: int, dev: str) -> list:
+        return self._call(f"cannot list qdiscs of {dev}", ipr.get_qdiscs, idx)
+
+    @staticmethod
+    def _root_of(qdiscs: list):
+        return next((q for q in qdiscs if q.get("parent") == TC_H_ROOT), None)
+
+    @staticmethod
+    def _ingress_in(qdiscs: list) -> bool:
+        return any(q.get("parent") == TC_H_INGRESS and q.get_attr("TCA_KIND") == "ingress"
+                   for q in qdiscs)
+
     def _root(self, ipr: IPRoute, idx: int, dev: str):
-        for q in self._call(f"cannot list qdiscs of {dev}", ipr.get_qdiscs, idx):
-            if q.get("parent") == TC_H_ROOT:
-                return q
-        return None
+        return self._root_of(self._qdiscs(ipr, idx, dev))
 
     def _has_ingress(self, ipr: IPRoute, idx: int, dev: str) -> bool:
-        return any(q.get("parent") == TC_H_INGRESS and q.get_attr("TCA_KIND") == "ingress"
-                   for q in self._call(f"cannot list qdiscs of {dev}", ipr.get_qdiscs, idx))
+        return self._ingress_in(self._qdiscs(ipr, idx, dev))
 
-    def _ensure_htb(self, ipr: IPRoute, idx: int, dev: str, rate_bit: int, burst: int) -> None:
-        root = self._root(ipr, idx, dev)
+    def _ensure_htb(self, ipr: IPRoute, idx: int, dev: str, rate_bit: int, burst: int,
+                    qdiscs: list | None = None) -> None:
+        """`qdiscs`: the device's, if already listed."""
+        root = self._root_of(self._qdiscs(ipr, idx, dev) if qdiscs is None else qdiscs)
+        classes = None
         if root is None or root.get("handle") != HTB_ROOT or root.get_attr("TCA_KIND") != "htb":
             if root is not None and root.get("handle"):
                 # Someone else's root: "replace" cannot change the kind of a
@@ -224,16 +241,21 @@ class NetlinkShaper(Shaper):
             # "replace" swaps the device's default root qdisc (handle 0).
             self._call(f"cannot add HTB to {dev}", ipr.tc, "replace", "htb", idx, HTB_ROOT,
                        default=HTB_DEFAULT)
+            classes = []            # a new root qdisc has no classes
         params = dict(parent=HTB_ROOT, rate=f"{rate_bit}bit", ceil=f"{rate_bit}bit",
                       burst=burst, cburst=burst)
-        exists = any(c.get("handle") == HTB_CLASS
-                     for c in self._call(f"cannot list classes of {dev}", ipr.get_classes, idx))
+        if classes is None:
+            classes = self._call(f"cannot list classes of {dev}", ipr.get_classes, idx)
+        exists = any(c.get("handle") == HTB_CLASS for c in classes)
         command = "change-class" if exists else "add-class"
         self._call(f"cannot set rate {rate_bit} bit/s on {dev}", ipr.tc, command, "htb", idx,
                    HTB_CLASS, **params)
 
-    def _ensure_redirect(self, ipr: IPRoute, tap_idx: int, tap: str, ifb_idx: int) -> None:
-        if self._has_ingress(ipr, tap_idx, tap):
+    def _ensure_redirect(self, ipr: IPRoute, tap_idx: int, tap: str, ifb_idx: int,
+                         qdiscs: list) -> None:
+        """`qdiscs`: the TAP's, as listed before its root was set (which
+        leaves its ingress as it was)."""
+        if self._ingress_in(qdiscs):
             filters = self._call(f"cannot list filters of {tap}", ipr.get_filters, tap_idx,
                                  parent=INGRESS)
             if _mirred_targets(filters) == [ifb_idx]:

@@ -61,6 +61,13 @@ def count_phase(client: MasterClient, phase: model.Phase) -> int:
     return sum(1 for s in client.list_services() for v in s.vnodes if v.phase == phase)
 
 
+def agent_address(name: str) -> str:
+    """One loopback address per Agent ("bench-N"): they all run on this host,
+    and the Master refuses an address two READY nodes share."""
+    index = int(name.rsplit("-", 1)[1])
+    return f"127.1.{index // 250}.{index % 250 + 1}"
+
+
 def agent_host(master: str, root: str, config_path: str, names: list[str]) -> int:
     """Run several Agents in this process until SIGTERM."""
     import dataclasses
@@ -75,7 +82,7 @@ def agent_host(master: str, root: str, config_path: str, names: list[str]) -> in
     agents = []
     for name in names:
         cfg = dataclasses.replace(base, master=master, name=name, state_dir=os.path.join(root, name),
-                                  hypervisors=("fake",))
+                                  hypervisors=("fake",), address=agent_address(name))
         agent = build_agent(cfg, MasterClient(master), threading.Event())
         agent.start()
         agents.append(agent)
@@ -133,6 +140,7 @@ def main() -> int:
             group = names[first:first + per]
             if per == 1:
                 argv = [sys.executable, "-m", "soda.agent.main", "--master", addr, "--name", group[0],
+                        "--address", agent_address(group[0]),
                         "--state-dir", os.path.join(root, group[0]), "--hypervisor", "fake",
                         "--config", config, "--log-level", "WARNING"]
             else:

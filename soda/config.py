@@ -50,7 +50,9 @@ class CapacityConfig:
 class AgentConfig:
     master: str = "127.0.0.1:7070"
     name: str = ""                     # default: the host name
-    address: str = "127.0.0.1"         # where the Switch and peers reach this node
+    # Where other hosts reach this node; "" = the address of the interface
+    # that carries the default route, found at start (soda.agent.address).
+    address: str = ""
     state_dir: str = "/var/lib/soda/agent"
     hypervisors: tuple[str, ...] = ("fake",)
     # KEY=VALUE labels the node registers (soda.model.labels); placement

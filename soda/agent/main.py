@@ -16,8 +16,9 @@ import os
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
+from soda.agent.address import NodeAddress, find_node_address
 from soda.agent.agent import Agent, StatusReporter, state_dir_problem
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
@@ -63,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="SODA Agent: runs this physical node's virtual nodes as the Master asks.")
     parser.add_argument("--master", metavar="HOST:PORT", help="the SODA Master (default 127.0.0.1:7070)")
     parser.add_argument("--name", help="this node's name (default: the host name)")
-    parser.add_argument("--address", metavar="ADDR", help="where the Switch and peers reach this node")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="where other hosts reach this node (default: the address of the "
+                             "interface carrying the default route)")
     parser.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE",
                         help="a label to register, e.g. zone=a (placement spreads over zones); "
                              "repeatable, added to the config file's labels")
@@ -149,6 +152,22 @@ class Drivers:
     capabilities: dict[str, DriverCapabilities]
 
 
+def with_address(config: AgentConfig, find: Callable[[], NodeAddress] = find_node_address) -> AgentConfig:
+    """`config` with the address it registers: the configured one, else the
+    default route's interface's; loopback (and a warning) when there is none."""
+    if config.address:
+        return config
+    found = find()
+    if found.interface:
+        log.info("registering address %s (%s, the default route's interface)", found.address,
+                 found.interface)
+    else:
+        log.warning("no interface carries a default route: registering address %s, which only "
+                    "this host reaches, so the whole cluster must run on this one host "
+                    "(give --address to be reached from others)", found.address)
+    return dataclasses.replace(config, address=found.address)
+
+
 def build_drivers(config: AgentConfig) -> Drivers:
     """Raises OSError when the state dir cannot be used, DriverUnusable when
     a driver's fingerprint says it cannot work here."""
@@ -219,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return EXIT_USAGE
     stop = stop_event_on_signals()
+    config = with_address(config)
     try:
         drivers = build_drivers(config)
     except DriverUnusable as exc:

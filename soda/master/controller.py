@@ -374,6 +374,8 @@ class Controller:
                       assumed: Sequence[str] = (),
                       labels: Mapping[str, str] | None = None) -> model.Node:
         model.check_dns_label("node", name, model.NODE_NAME_MAX)
+        if not address:
+            raise InvalidSpec(f"node {name}: an address is required (where other hosts reach it)")
         try:
             labels = model.check_labels(labels)
         except InvalidSpec as exc:
@@ -391,6 +393,7 @@ class Controller:
         _check_limits(name, hypervisors, limits)
 
         def work(tx: Transaction) -> str:
+            _check_address_free(tx, name, address)
             try:
                 old = tx.get_node(name)
                 subnet, gateway = old.subnet, old.gateway
@@ -443,6 +446,7 @@ class Controller:
             current = tx.get_node(node)      # NotFound makes the Agent register again
             self._seen(node)
             if current.state != READY:
+                _check_address_free(tx, node, current.address)
                 tx.put_node(replace(current, state=READY))
                 tx.after_commit(functools.partial(log.info, "node %s is back", node))
             mine = {v.name: v for v in tx.list_vnodes(node=node)}
@@ -616,6 +620,20 @@ def _check_limits(node: str, hypervisors: Sequence[str], limits: Sequence[model.
             raise InvalidSpec(f"node {node}: minimum memory for {limit.hypervisor} must not be "
                               f"negative, got {limit.min_memory}")
         seen.add(limit.hypervisor)
+
+
+def _check_address_free(tx: StateReader, node: str, address: str) -> None:
+    """AlreadyExists if another READY node holds `address`: other hosts
+    reach a node at it, so two that share one are a mistake (two Agents on
+    one host left at the same default) that would send one node's traffic
+    to the other. A LOST node's address is free: its machine may come back
+    under another name."""
+    holder = next((n.name for n in tx.list_nodes()
+                   if n.name != node and n.state == READY and n.address == address), None)
+    if holder is not None:
+        raise AlreadyExists(f"node {node}: address {address} is already held by node {holder}, "
+                            f"which is READY: give each node its own address (soda-agent --address) "
+                            f"or stop {holder} first")
 
 
 def _on_demand(service: model.Service, action: str) -> model.OnDemand:

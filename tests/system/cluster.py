@@ -32,6 +32,7 @@ class Cluster:
         self.master_addr = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs = []
+        self._addresses: dict[str, str] = {}
 
     # ---- processes ----------------------------------------------------
     def _spawn(self, key: str, argv: list[str]) -> subprocess.Popen:
@@ -49,10 +50,17 @@ class Cluster:
         assert proc.poll() is None, self.log("master")
         return proc
 
+    def agent_address(self, name: str) -> str:
+        """The address node `name` registers: one loopback address per node
+        (kept across its restarts), since the Master refuses an address two
+        READY nodes share and every Agent here runs on this one host."""
+        return self._addresses.setdefault(name, f"127.0.1.{len(self._addresses) + 1}")
+
     def start_agent(self, name: str, *extra: str) -> subprocess.Popen:
+        # A later --address in `extra` wins over the node's own.
         return self._spawn(name, [sys.executable, "-m", "soda.agent.main", "--master", self.master_addr,
                                   "--name", name, "--state-dir", self.agent_dir(name),
-                                  "--hypervisor", "fake", *extra])
+                                  "--hypervisor", "fake", "--address", self.agent_address(name), *extra])
 
     def start_daemon(self, name: str, netns: str, cgroup_parent: str, *extra: str) -> str:
         """A soda-daemon for node `name`; returns its socket path. A Daemon
@@ -69,6 +77,7 @@ class Cluster:
     def start_real_agent(self, name: str, netns: str, daemon_socket: str, *extra: str) -> subprocess.Popen:
         return self._spawn(name, [sys.executable, "-m", "soda.agent.main", "--master", self.master_addr,
                                   "--name", name, "--state-dir", self.agent_dir(name), "--hypervisor", "uml",
+                                  "--address", self.agent_address(name),
                                   "--netns", netns, "--daemon-socket", daemon_socket, *extra])
 
     def start_switch(self, *extra: str) -> subprocess.Popen:

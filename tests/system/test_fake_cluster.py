@@ -143,3 +143,37 @@ def test_lost_node_virtual_nodes_move(cluster, tmp_path):
     assert {n["name"]: n["state"] for n in cluster.json("node", "list")}["node-c"] == "LOST"
     placed = running_guests(cluster, "node-a") | running_guests(cluster, "node-b")
     assert placed == {"web-0", "web-1", "web-2"}
+
+
+def test_labels_are_listed_a_service_spreads_over_zones_and_a_taken_address_is_refused(cluster, tmp_path):
+    cluster.start_master()
+    zones = {"node-a": "a", "node-b": "a", "node-c": "b"}
+    for name, zone in zones.items():
+        extra = ["--label", f"zone={zone}"] + (["--label", "rack=r1"] if name == "node-c" else [])
+        cluster.start_agent(name, *extra)
+    wait_until(lambda: len(cluster.ready_nodes()) == 3, 30, what="3 Agents to register")
+    listed = {n["name"]: n for n in cluster.json("node", "list")}
+    assert {name: n["labels"] for name, n in listed.items()} == {
+        "node-a": {"zone": "a"}, "node-b": {"zone": "a"}, "node-c": {"rack": "r1", "zone": "b"}}
+    assert {name: n["address"] for name, n in listed.items()} == {
+        name: cluster.agent_address(name) for name in zones}
+    header, *rows = cluster.ctl("node", "list").stdout.splitlines()
+    assert "LABELS" in header.split()
+    cells = {row.split()[0]: row.split() for row in rows}
+    assert "rack=r1,zone=b" in cells["node-c"] and "zone=a" in cells["node-a"]
+
+    # Four virtual nodes over zones a (two nodes) and b (one): two each,
+    # counted from what each Agent's driver really runs.
+    cluster.ctl("image", "push", make_ext4_image(str(tmp_path / "img")), "--name", "img")
+    cluster.ctl("service", "create", "web", "--image", "img", "--nodes", "4", "--cpu", "0.5", "--wait",
+                timeout=60)
+    per_zone = {}
+    for name, zone in zones.items():
+        per_zone[zone] = per_zone.get(zone, 0) + len(running_guests(cluster, name))
+    assert per_zone == {"a": 2, "b": 2}
+
+    # A fourth Agent left at node-a's address is refused, and says why.
+    cluster.start_agent("node-d", "--address", cluster.agent_address("node-a"))
+    wait_until(lambda: "is already held by node node-a" in cluster.log("node-d"), 30,
+               what="node-d's registration to be refused")
+    assert "node-d" not in {n["name"] for n in cluster.json("node", "list")}

@@ -57,8 +57,8 @@ def prepare(state_dir: str, image_path: str, digest: str) -> None:
     ctl = controller(state_dir, FakeClock())
     with open(image_path, "rb") as f:
         ctl.push_image("busybox", os.path.getsize(image_path), digest, "", iter(lambda: f.read(1 << 20), b""))
-    for name in ("a", "b", "c"):
-        ctl.register_node(name, "127.0.0.1", CAP, ["fake"])
+    for i, name in enumerate(("a", "b", "c")):
+        ctl.register_node(name, f"127.0.0.{i + 1}", CAP, ["fake"])
     for name in ("web", "api"):
         ctl.create_service(model.parse_spec({"name": name, "image": "busybox", "nodes": 3,
                                              "resources": {"cpu": 1}}))

@@ -28,8 +28,8 @@ def setup(tmp_path):
     from soda.rpc.client import sha256_file
     with open(path, "rb") as f:
         ctl.push_image("busybox", 4 << 20, sha256_file(path), "", iter(lambda: f.read(1 << 20), b""))
-    for name in ("a", "b"):
-        ctl.register_node(name, "127.0.0.1", CAP, ["fake"])
+    for i, name in enumerate(("a", "b")):
+        ctl.register_node(name, f"127.0.0.{i + 1}", CAP, ["fake"])
     return ctl, clock, tmp_path
 
 
@@ -66,7 +66,7 @@ def test_stranded_vnode_waits_for_room(setup):
     waiting = [v for v in ctl.get_service("web").vnodes if not v.node]
     assert len(waiting) == 1 and waiting[0].phase == model.Phase.FAILED
     assert "waiting for room" in waiting[0].reason and "cpu" in waiting[0].reason
-    ctl.register_node("c", "127.0.0.1", CAP, ["fake"])
+    ctl.register_node("c", "127.0.0.3", CAP, ["fake"])
     ctl.check_membership()
     assert all(v.node for v in ctl.get_service("web").vnodes)
 

@@ -35,7 +35,7 @@ def stub(master):
 @pytest.fixture
 def cluster(client, image_file):
     for i in range(3):
-        client.register_node(f"n{i}", "127.0.0.1", CAP, ["fake"],
+        client.register_node(f"n{i}", f"127.0.0.{i + 1}", CAP, ["fake"],
                              [model.DriverCapabilities("fake", live_memory=True)])
     client.push_image(image_file, name="busybox")
     return client
@@ -297,7 +297,7 @@ def test_register_keeps_subnet_and_validates(client):
     first = client.register_node("n0", "127.0.0.1", CAP, ["fake"])
     again = client.register_node("n0", "127.0.0.2", CAP, ["fake"])
     assert first.subnet == again.subnet and again.address == "127.0.0.2"
-    other = client.register_node("n1", "127.0.0.1", CAP, ["fake"])
+    other = client.register_node("n1", "127.0.0.1", CAP, ["fake"])    # n0 left it
     assert other.subnet != first.subnet
     with pytest.raises(InvalidSpec):
         client.register_node("N_0", "127.0.0.1", CAP, ["fake"])
@@ -316,6 +316,18 @@ def test_labels_go_through_registration_and_come_back_in_the_node_list(client):
         client.register_node("n2", "192.0.2.12", CAP, ["fake"], labels={"zone": "A"})
 
 
+def test_a_taken_address_is_already_exists_on_the_wire(client, stub):
+    client.register_node("n0", "192.0.2.10", CAP, ["fake"])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RegisterNode(pb.RegisterNodeRequest(name="n1", address="192.0.2.10", hypervisors=["fake"],
+                                                 capacity=pb.Resources(cpu=2, memory_mib=4096,
+                                                                       bandwidth_mbit=1000, disk_mib=100_000)))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "address 192.0.2.10 is already held by node n0" in info.value.details()
+    with pytest.raises(AlreadyExists):
+        client.register_node("n1", "192.0.2.10", CAP, ["fake"])
+
+
 def test_capacity_a_node_assumed_is_kept_and_shown(client):
     from soda.cli.output import nodes_table
     node = client.register_node("n0", "127.0.0.1", CAP, ["fake"], assumed=["bandwidth"])
@@ -325,7 +337,7 @@ def test_capacity_a_node_assumed_is_kept_and_shown(client):
     assert f"0/{CAP.bandwidth:g}Mbit (assumed)" in nodes_table([listed])
     assert client.register_node("n0", "127.0.0.1", CAP, ["fake"]).assumed == ()   # measured now
     with pytest.raises(InvalidSpec, match="unknown resources: speed"):
-        client.register_node("n1", "127.0.0.1", CAP, ["fake"], assumed=["speed"])
+        client.register_node("n1", "127.0.0.2", CAP, ["fake"], assumed=["speed"])
 
 
 def test_resize_grows_shrinks_and_changes_resources(cluster):

@@ -27,7 +27,7 @@ CAP = model.Resources(2, 4096, 1000, 100_000)
 def client(master, image_file):
     c = MasterClient(master[1])
     for i in range(2):
-        c.register_node(f"n{i}", "127.0.0.1", CAP, ["fake"])
+        c.register_node(f"n{i}", f"127.0.0.{i + 1}", CAP, ["fake"])
     c.push_image(image_file, name="busybox")
     yield c
     c.close()

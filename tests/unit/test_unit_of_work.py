@@ -101,7 +101,7 @@ def test_every_mutation_is_one_unit_of_work(prepared, tmp_path):
                                   "on_demand": {"max_nodes": 1, "idle_seconds": 30}})
     image = make_ext4_image(str(tmp_path / "other.img"), data=b"other")
     mutations = {
-        "register_node": lambda: ctl.register_node("d", "127.0.0.1", crashing.CAP, ["fake"]),
+        "register_node": lambda: ctl.register_node("d", "127.0.0.4", crashing.CAP, ["fake"]),
         "push_image": lambda: ctl.push_image("other", 4 << 20, sha256_file(image), "",
                                              iter([open(image, "rb").read()])),
         "delete_image": lambda: ctl.delete_image("other"),

@@ -13,8 +13,10 @@ their virtual node when the map changes, which is what draining needs.
 
 The table is always rewritten whole, in one `nft -f -` transaction (the
 kernel commits a batch atomically: a packet sees the old or the new rules,
-never none). The base chains are never deleted while the Switch runs, so
-the NAT hooks stay registered and established connections keep working.
+never none). While the Switch runs, the base chains are only deleted with
+the table in the transaction that recreates them (a new route_localnet
+record, below), so the NAT hooks stay registered and established
+connections keep working.
 The table's comment names the Switch process that wrote it (pid and start
 time): `start()` takes over a table of its name left by a Switch that is
 gone and leaves alone one whose Switch still runs. A table taken over keeps
@@ -39,7 +41,14 @@ with `masquerade_all=False` only those from loopback sources, which cannot
 leave the host). A service listening on 127.0.0.0/8 also needs
 `route_localnet` on the devices that lead to its virtual nodes, or the
 kernel drops the rewritten packets as martians; the path sets it on those
-devices and restores them on close.
+devices and restores them on close. The values it found are kept in the
+kernel, in the table's comment after the owner (`localnet DEVICE=VALUE,...`),
+written before any device is changed: a Switch that takes over the table of
+one that was killed restores them when it stops (or hands them on, if it is
+killed too). nft keeps a comment to 128 characters: a device whose value does
+not fit is still set, with a warning that only a clean stop restores it. The
+kernel takes a table's comment when it creates the table only, so recording a
+new device rewrites the table as `replace` does (one transaction still).
 
 Only this module runs nft. Commands are argv lists through an
 injectable async runner, so unit tests see the generated ruleset without a
@@ -77,7 +86,15 @@ MAX_SLOTS = 128
 COMMAND_TIMEOUT = 10.0
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 ANY = "0.0.0.0"
-OWNER_RE = re.compile(r'comment "soda-switch pid (\d+) start (\d+)"')
+# The table's comment: its owner, then the route_localnet values it changed.
+OWNER_RE = re.compile(r'comment "soda-switch pid (\d+) start (\d+)(?: localnet ([^"]*))?"')
+# The longest comment nft accepts.
+COMMENT_MAX = 128
+# Device names the localnet record holds: a safe part of what Linux allows
+# (IFNAMSIZ - 1 characters); sysctl directories that are not devices are refused.
+DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+NOT_DEVICES = frozenset({".", "..", "all", "default"})
+SYSCTL_INT_RE = re.compile(r"-?\d{1,10}")
 
 Runner = Callable[[list[str], "str | None"], Awaitable[str]]
 
@@ -203,7 +220,9 @@ def render(table: str, rules: Iterable[L4Rule], *, owner: str = "", masquerade_a
     `replace` deletes a leftover table first (start after a crash, changed
     chain layout); otherwise the table is flushed and refilled, keeping its
     base chains and so the NAT hooks. Either way it is one transaction.
-    `owner` (the table's comment) names the Switch process that wrote it."""
+    `owner` (the table's comment) names the Switch process that wrote it
+    and the route_localnet values it changed; the kernel takes it when the
+    table is created only (`replace`)."""
     check_table_name(table)
     rules = sorted((r for r in rules if r.slots), key=lambda r: r.service)
     lines = [f"add table ip {table}", f"{'delete' if replace else 'flush'} table ip {table}", f"table ip {table} {{"]
@@ -235,6 +254,43 @@ def check_table_name(table: str) -> str:
 
 def owner_tag(pid: int) -> str:
     return f"soda-switch pid {pid} start {proc_starttime(pid)}"
+
+
+def table_comment(owner: str, localnet: dict[str, str]) -> str:
+    """`owner` followed by the original route_localnet of the devices in
+    `localnet` that need restoring (value other than 1), in their order, as
+    many as fit in COMMENT_MAX. Devices are only ever added, so a device
+    recorded once stays recorded."""
+    comment = owner
+    for device, value in localnet.items():
+        if value == "1" or not recordable(device, value):
+            continue
+        entry = f"{' localnet ' if comment == owner else ','}{device}={value}"
+        if len(comment) + len(entry) <= COMMENT_MAX:
+            comment += entry
+    return comment
+
+
+def recordable(device: str, value: str) -> bool:
+    """A device name and a sysctl integer the localnet record can hold."""
+    return bool(DEVICE_RE.fullmatch(device)) and device not in NOT_DEVICES and bool(SYSCTL_INT_RE.fullmatch(value))
+
+
+def recorded_localnet(listing: str) -> dict[str, str]:
+    """device -> route_localnet before a Switch changed it, from the comment of
+    a listed table. The comment is input (anyone with CAP_NET_ADMIN writes
+    it): entries that are not a device name and a number are left out."""
+    m = OWNER_RE.search(listing)
+    if m is None or not m.group(3):
+        return {}
+    localnet: dict[str, str] = {}
+    for entry in m.group(3)[:COMMENT_MAX].split(","):
+        device, _, value = entry.partition("=")
+        if recordable(device, value) and device not in localnet:
+            localnet[device] = value
+        else:
+            log.warning("nft table comment: ignoring route_localnet entry %r", entry[:40])
+    return localnet
 
 
 def table_owner_alive(listing: str) -> int | None:
@@ -289,8 +345,13 @@ class KernelPath:
         # the table taken over forwards better than an empty one.
         self._held = False
         self._failed = False             # the last transaction failed: the kernel lags _rules
-        self._localnet: dict[str, str] = {}      # device -> route_localnet value before us
+        # device -> route_localnet before a Switch changed it: ours, and those
+        # of a Switch that was killed whose table start() took over.
+        self._localnet: dict[str, str] = {}
+        self._localnet_on: set[str] = set()      # devices this path has seen to be (or set to) 1
         self._routed: set[str] = set()           # virtual node addresses whose device is seen to
+        self._table_comment: str | None = None   # the comment of our table in the kernel
+        self._written: list[L4Rule] = []         # the rules of our table in the kernel
         self._closed = False
         self.owner = owner_tag(os.getpid())
         # Set when a live Switch already owns the table: we leave it alone.
@@ -367,11 +428,16 @@ class KernelPath:
                     await self._commit()
                     log.info("kernel path: no new connections; %g s for open ones to finish", drain_seconds)
                     await asyncio.sleep(drain_seconds)
+            except CommandError as exc:
+                log.error("cannot empty nft table %s: %s", self.table, exc)
+            # Restored before the table goes: it holds the only record of the
+            # values if this Switch is killed in between.
+            await self._restore_localnet()
+            try:
                 if self._installed:
                     await self._delete_table()
             except CommandError as exc:
                 log.error("cannot remove nft table %s: %s", self.table, exc)
-            await self._restore_localnet()
 
     async def start(self) -> None:
         """Take over a table of our name left by a Switch that died (it keeps
@@ -395,6 +461,12 @@ class KernelPath:
             log.info("taking over nft table %s left by a Switch that is gone: it forwards as it "
                      "is until the Master's endpoints are known", self.table)
             self._installed = self._adopted = self._held = True
+            # What the dead Switch changed is ours to restore now, and to
+            # record in the table that replaces its own.
+            for device, value in recorded_localnet(listing).items():
+                self._localnet.setdefault(device, value)
+                log.info("route_localnet of %s was %s before the Switch that is gone: restored when "
+                         "this one stops", device, value)
 
     async def take_over(self) -> None:
         """Replace the table taken over at start() with this Switch's rules,
@@ -469,17 +541,27 @@ class KernelPath:
             raise WrongState(f"nft table {self.table} belongs to the running soda-switch pid {self._taken_by}")
         if self._held:
             return          # take_over() writes what _rules hold by then
+        rules = list(self._rules.values())
+        self._failed = True
+        await self._allow_localnet(rules)
+        await self._write(rules)
+        self._failed = False
+
+    async def _write(self, rules: list[L4Rule]) -> None:
+        """One transaction: the table holds `rules`, its comment the owner and
+        the route_localnet record."""
         # A rewrite starts every counter at zero: bank what they hold.
         for name, count in (await self._read_counters()).items():
             if name in self._rules:
                 self._banked[name] = self._banked.get(name, 0) + count
-        rules = list(self._rules.values())
-        await self._allow_localnet(rules)
-        script = render(self.table, rules, owner=self.owner, masquerade_all=self.masquerade_all,
-                        replace=not self._installed or self._adopted)
-        self._failed = True
+        comment = table_comment(self.owner, self._localnet)
+        # The kernel ignores the comment of a table that exists: a new one
+        # needs a new table.
+        replace = not self._installed or self._adopted or comment != self._table_comment
+        script = render(self.table, rules, owner=comment, masquerade_all=self.masquerade_all, replace=replace)
         await self.runner(self._argv("nft", "-f", "-"), script)
-        self._installed, self._adopted, self._failed = True, False, False
+        self._installed, self._adopted = True, False
+        self._table_comment, self._written = comment, rules
 
     async def _delete_table(self) -> None:
         if self._taken_by is not None:
@@ -493,21 +575,33 @@ class KernelPath:
         service listening on loopback: the DNATed packets keep their
         127.x source until masquerade, and their replies come back to 127.x."""
         addresses = sorted({a for r in rules if r.slots and (r.loopback or r.host == ANY) for a, _ in r.slots})
+        addresses = [a for a in addresses if a not in self._routed and ipaddress.ip_address(a) not in LOOPBACK]
+        devices: dict[str, str] = {}             # device -> its route_localnet now
         for address in addresses:
-            if address in self._routed or ipaddress.ip_address(address) in LOOPBACK:
-                continue
             out = await self.runner(self._argv("ip", "-j", "route", "get", address), None)
             routes = json.loads(out or "[]")
             device = routes[0].get("dev", "") if routes else ""
-            self._routed.add(address)
-            if not device or device == "lo" or device in self._localnet:
-                continue
-            key = f"net/ipv4/conf/{device}/route_localnet"
-            before = (await self.runner(self._argv("sysctl", "-n", key), None)).strip()
-            self._localnet[device] = before
-            if before != "1":
-                await self.runner(self._argv("sysctl", "-q", "-w", f"{key}=1"), None)
-                log.info("route_localnet set on %s: loopback clients reach the virtual nodes behind it", device)
+            if device and device != "lo" and device not in self._localnet_on and device not in devices:
+                key = f"net/ipv4/conf/{device}/route_localnet"
+                devices[device] = (await self.runner(self._argv("sysctl", "-n", key), None)).strip()
+        for device, value in devices.items():
+            self._localnet.setdefault(device, value)     # a device the dead Switch changed keeps its original
+        changing = [device for device, value in devices.items() if value != "1"]
+        if changing and table_comment(self.owner, self._localnet) != self._table_comment:
+            # Recorded in the kernel before anything changes. Meanwhile the
+            # table forwards as it did; a foreign one (taken over) gives way
+            # to an empty one, and the userspace proxy answers for a moment.
+            await self._write(self._written if self._installed and not self._adopted else [])
+        recorded = recorded_localnet(f'comment "{self._table_comment or ""}"')
+        for device in changing:
+            await self.runner(self._argv("sysctl", "-q", "-w", f"net/ipv4/conf/{device}/route_localnet=1"), None)
+            log.info("route_localnet set on %s: loopback clients reach the virtual nodes behind it", device)
+            if device not in recorded:
+                log.warning("route_localnet of %s (was %s) is not recorded in the nft table's comment (full, "
+                            "or an unusual device name): only a clean stop of this Switch restores it",
+                            device, self._localnet[device])
+        self._localnet_on.update(devices)
+        self._routed.update(addresses)
 
     async def _restore_localnet(self) -> None:
         for device, before in sorted(self._localnet.items()):
@@ -518,6 +612,7 @@ class KernelPath:
                 except CommandError as exc:     # the device went away with its virtual nodes
                     log.debug("cannot restore route_localnet on %s: %s", device, exc)
         self._localnet.clear()
+        self._localnet_on.clear()
         self._routed.clear()
 
 

@@ -311,8 +311,12 @@ def test_a_restarted_switch_takes_its_table_over_and_connections_keep_flowing(la
     """kill -9 of the Switch, then a new one: the table it left keeps
     forwarding (no rule missing at any moment) until the new Switch knows
     the endpoints and replaces it in one transaction; a connection open
-    across it all keeps its virtual node, new ones follow the new map."""
+    across it all keeps its virtual node, new ones follow the new map. The
+    route_localnet the killed one set is restored when the new one stops:
+    the table recorded its original value."""
     s, table = lab["switch"], lab["table"]
+    localnet_key = f"net.ipv4.conf.{lab['to_backends']}.route_localnet"
+    assert sysctl(s, localnet_key) == "0"
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs: list[subprocess.Popen] = []
 
@@ -325,6 +329,8 @@ def test_a_restarted_switch_takes_its_table_over_and_connections_keep_flowing(la
         dead = spawn([sys.executable, "-c", SWITCH, table, s, "127.0.0.1:8080", str(BACKEND_PORT),
                       *(f"{name}={address}" for name, address in NODES.items())], cwd=repo)
         assert dead.stdout.readline().strip() == "ready"
+        assert sysctl(s, localnet_key) == "1"
+        assert f" localnet {lab['to_backends']}=0\"" in run(ns(s, "nft", "list", "table", "ip", table)).stdout
         before = sorted(map_elements(s, table))
         held = spawn(ns(s, sys.executable, "-c", HELD, "127.0.0.1", "8080"))
         first = held.stdout.readline().strip()
@@ -351,9 +357,12 @@ def test_a_restarted_switch_takes_its_table_over_and_connections_keep_flowing(la
             held.stdin.write("still there?\n")
             held.stdin.flush()
             assert held.stdout.readline().strip() == first
+            assert sysctl(s, localnet_key) == "1"
+            assert f" localnet {lab['to_backends']}=0\"" in run(ns(s, "nft", "list", "table", "ip", table)).stdout
         finally:
             await path.close()
         assert table not in table_names(s)
+        assert sysctl(s, localnet_key) == "0"
 
     try:
         asyncio.run(scenario())
@@ -474,6 +483,8 @@ def test_switch_process_routes_l4_in_the_kernel_follows_health_and_cleans_up(bac
         switch.send_signal(signal.SIGTERM)
         assert switch.wait(timeout=20) == 0, c.log("switch")
         assert table not in [t for t in run(["nft", "list", "tables"]).stdout.split()]
+        # The killed Switch set it; the one that took its table over restored it.
+        assert run(["sysctl", "-n", f"net.ipv4.conf.{veth}.route_localnet"]).stdout.strip() == "0"
     finally:
         c.close()
         run(["nft", "delete", "table", "ip", table], check=False)

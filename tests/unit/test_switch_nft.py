@@ -5,7 +5,9 @@ nothing). The real kernel is tests/integration/test_switch_nft.py."""
 
 import asyncio
 import json
+import logging
 import os
+import re
 from collections import Counter
 
 import pytest
@@ -256,7 +258,9 @@ def test_loopback_services_get_route_localnet_on_the_way_to_their_nodes_and_it_i
     assert runner.sysctl["net/ipv4/conf/soda0/route_localnet"] == "0"
     # Every command ran in the namespace it was given.
     assert all(argv[:4] == ["ip", "netns", "exec", "ns1"] for argv, _ in runner.calls)
-    assert runner.calls[-2][1] == "add table ip t1\ndelete table ip t1\n"
+    # Restored while the table (which records the value) still exists.
+    assert runner.calls[-2][0][4:] == ["sysctl", "-q", "-w", "net/ipv4/conf/soda0/route_localnet=0"]
+    assert runner.calls[-1][1] == "add table ip t1\ndelete table ip t1\n"
 
 
 def test_close_drains_before_deleting_the_table_and_is_idempotent():
@@ -359,6 +363,170 @@ def test_start_without_a_table_or_without_nft_does_nothing():
     runner = FakeRunner()
     run(KernelPath(table="t1", runner=runner).start())
     assert runner.scripts() == []
+
+
+class FakeKernel(FakeRunner):
+    """A FakeRunner whose `nft list table` shows the table the scripts left,
+    with the comment the kernel keeps: the one given when the table was
+    created (a table that exists ignores a new one)."""
+
+    def __init__(self, devices=None):
+        super().__init__(devices)
+        self.comment: str | None = None          # None: no table
+
+    async def __call__(self, argv, stdin=None):
+        out = await super().__call__(argv, stdin)
+        if argv[:3] == ["ip", "netns", "exec"]:
+            argv = argv[4:]
+        if argv[:2] == ["nft", "-f"]:
+            given = re.search(r'^\tcomment "(.*)"$', stdin, re.M)
+            for line in stdin.splitlines():
+                if line.startswith("delete table"):
+                    self.comment = None
+                elif line.startswith(("add table", "table ")) and self.comment is None:
+                    self.comment = given.group(1) if given and line.startswith("table ") else ""
+            self.listing_error = self.comment is None
+            self.listing = f'table ip t1 {{\n\tcomment "{self.comment}"\n}}\n'
+        return out
+
+
+SODA0 = "net/ipv4/conf/soda0/route_localnet"
+SODA1 = "net/ipv4/conf/soda1/route_localnet"
+
+
+def test_a_path_killed_after_setting_route_localnet_leaves_the_original_to_the_one_that_takes_over():
+    runner = FakeKernel(devices={"10.233.1.2": "soda0", "10.233.1.3": "soda0"})
+    runner.sysctl[SODA0] = "0"
+
+    async def scenario():
+        killed = KernelPath(table="t1", runner=runner)
+        await killed.apply(l4(endpoints=WEB))
+        assert runner.sysctl[SODA0] == "1"
+        del killed                               # kill -9: no close()
+
+        successor = KernelPath(table="t1", runner=runner)
+        await successor.start()
+        await successor.apply(l4(endpoints=WEB))
+        await successor.take_over()
+        assert runner.sysctl[SODA0] == "1"
+        await successor.close()
+
+    run(scenario())
+    assert runner.sysctl[SODA0] == "0"
+    assert runner.listing_error                  # the table is gone
+
+
+@pytest.mark.parametrize("taken_over", [False, True])
+def test_the_original_route_localnet_is_handed_on_when_the_successor_is_killed_too(taken_over):
+    runner = FakeKernel(devices={"10.233.1.2": "soda0", "10.233.1.3": "soda0"})
+    runner.sysctl[SODA0] = "0"
+
+    async def scenario():
+        await KernelPath(table="t1", runner=runner).apply(l4(endpoints=WEB))
+        second = KernelPath(table="t1", runner=runner)
+        await second.start()
+        await second.apply(l4(endpoints=WEB))
+        if taken_over:
+            await second.take_over()             # its own table now, the dead one's record in it
+        third = KernelPath(table="t1", runner=runner)
+        await third.start()
+        await third.close()
+
+    run(scenario())
+    assert runner.sysctl[SODA0] == "0"
+
+
+def test_route_localnet_is_recorded_in_the_kernel_before_it_is_changed():
+    """A new device needs a new table (the kernel keeps a table's first
+    comment): one transaction with the rules already there and the record,
+    then the sysctl, then the new rules."""
+    runner = FakeKernel(devices={"10.233.1.2": "soda0", "10.233.1.3": "soda0", "10.233.9.2": "soda1"})
+    runner.sysctl[SODA0] = runner.sysctl[SODA1] = "0"
+
+    def steps():
+        return [stdin.splitlines()[1] if stdin else argv[-1] for argv, stdin in runner.calls
+                if argv[:2] == ["nft", "-f"] or argv[:3] == ["sysctl", "-q", "-w"]]
+
+    async def scenario():
+        path = KernelPath(table="t1", runner=runner)
+        await path.apply(l4(endpoints=WEB))
+        assert steps() == ["delete table ip t1", f"{SODA0}=1", "flush table ip t1"]
+        assert "dnat" not in runner.scripts()[0]           # nothing forwarded before it is recorded
+        assert runner.comment.endswith(" localnet soda0=0")
+        del runner.calls[:]
+        await path.apply(l4("api", "127.0.0.1:9000", endpoints=[ep("api-0", "10.233.9.2")]))
+        assert steps() == ["delete table ip t1", f"{SODA1}=1", "flush table ip t1"]
+        recording, final = runner.scripts()
+        assert 'comment "web"' in recording and 'comment "api"' not in recording
+        assert 'comment "web"' in final and 'comment "api"' in final
+        assert runner.comment.endswith(" localnet soda0=0,soda1=0")
+        del runner.calls[:]
+        await path.apply(l4("api", "127.0.0.1:9000", endpoints=[ep("api-0", "10.233.9.2"),
+                                                                ep("api-1", "10.233.1.2")]))
+        assert steps() == ["flush table ip t1"]             # nothing new to record: the table stays
+        await path.close()
+
+    run(scenario())
+    assert runner.sysctl[SODA0] == runner.sysctl[SODA1] == "0"
+
+
+def test_a_device_that_does_not_fit_in_the_comment_is_set_with_a_warning_and_restored_by_close(caplog):
+    names = [f"vethsoda{i:07d}" for i in range(6)]            # 15 characters each
+    runner = FakeKernel(devices={f"10.233.{i}.2": name for i, name in enumerate(names)})
+    for name in names:
+        runner.sysctl[f"net/ipv4/conf/{name}/route_localnet"] = "0"
+
+    async def scenario():
+        path = KernelPath(table="t1", runner=runner)
+        await path.apply(l4(endpoints=[ep(f"web-{i}", f"10.233.{i}.2") for i in range(len(names))]))
+        assert all(runner.sysctl[f"net/ipv4/conf/{name}/route_localnet"] == "1" for name in names)
+        assert len(runner.comment) <= nft.COMMENT_MAX
+        recorded = nft.recorded_localnet(runner.listing)
+        assert recorded and list(recorded) == names[:len(recorded)] and len(recorded) < len(names)
+        await path.close()
+
+    with caplog.at_level(logging.WARNING, logger="soda.switch.nft"):
+        run(scenario())
+    assert f"route_localnet of {names[-1]} (was 0) is not recorded" in caplog.text
+    assert all(runner.sysctl[f"net/ipv4/conf/{name}/route_localnet"] == "0" for name in names)
+
+
+def test_the_comment_records_devices_to_restore_in_order_within_bounds():
+    owner = "soda-switch pid 4194304 start 123456789012"
+    localnet = {"br0": "0", "up": "1", "bad/name": "0", "eth0.100": "2", "x": "0; rm"}
+    localnet |= {f"vethsoda{i:07d}": "0" for i in range(8)}
+    comment = nft.table_comment(owner, localnet)
+    assert comment.startswith(f"{owner} localnet br0=0,eth0.100=2,vethsoda0000000=0,")
+    assert len(comment) <= nft.COMMENT_MAX
+    recorded = nft.recorded_localnet(f'comment "{comment}"')
+    assert list(recorded)[:3] == ["br0", "eth0.100", "vethsoda0000000"]
+    assert all(localnet[device] == value for device, value in recorded.items())
+    assert nft.table_comment(owner, {"up": "1"}) == owner       # nothing to restore: the owner alone
+
+
+def test_a_comment_read_back_is_validated():
+    listing = ('table ip t1 {\n\tcomment "soda-switch pid 1 start 2 localnet eth0=0,../../x=0,all=0,'
+               'eth1=1;rm,eth2=0x,a-device-name-too-long=0,eth0=5,=0,br0=-1,eth3"\n}\n')
+    assert nft.recorded_localnet(listing) == {"eth0": "0", "br0": "-1"}
+    assert nft.recorded_localnet(LEFT_BY_A_DEAD_SWITCH) == {}
+    parent = os.getppid()
+    alive = f'table ip t1 {{\n\tcomment "{nft.owner_tag(parent)} localnet eth0=0"\n}}\n'
+    assert nft.table_owner_alive(alive) == parent
+
+
+def test_only_valid_entries_of_a_dead_switch_record_are_restored():
+    runner = FakeRunner(listing_error=False, listing=(
+        'table ip t1 {\n\tcomment "soda-switch pid 999999999 start 1 localnet ../../../vm=0,all=0,soda0=0"\n}\n'))
+    runner.sysctl[SODA0] = "1"
+
+    async def scenario():
+        path = KernelPath(table="t1", runner=runner)
+        await path.start()
+        await path.close()
+
+    run(scenario())
+    writes = [argv[3] for argv, _ in runner.calls if argv[:3] == ["sysctl", "-q", "-w"]]
+    assert writes == [f"{SODA0}=0"]
 
 
 class FakeHealth:

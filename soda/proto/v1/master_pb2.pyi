@@ -181,7 +181,7 @@ class Service(_message.Message):
     def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed", "uplink", "labels")
+    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed", "uplink", "labels", "draining")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class Node(_message.Message):
     ASSUMED_FIELD_NUMBER: _ClassVar[int]
     UPLINK_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
@@ -219,7 +220,8 @@ class Node(_message.Message):
     assumed: _containers.RepeatedScalarFieldContainer[str]
     uplink: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ..., uplink: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ..., uplink: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class DriverCapabilities(_message.Message):
     __slots__ = ("hypervisor", "min_memory_mib", "kernel", "memory_overhead_mib", "live_memory", "freeze", "disk_bound", "plumbing", "migration", "attributes")
@@ -406,6 +408,22 @@ class ListNodesResponse(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class WatchNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeSet(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class NodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class WatchAssignmentsRequest(_message.Message):
     __slots__ = ("node",)

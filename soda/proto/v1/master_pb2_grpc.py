@@ -99,6 +99,26 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchAssignmentsRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.AssignmentEvent.FromString,
                 _registered_method=True)
+        self.WatchNodes = channel.unary_stream(
+                '/soda.proto.v1.Master/WatchNodes',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchNodesRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeSet.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/soda.proto.v1.Master/DrainNode',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Node.FromString,
+                _registered_method=True)
+        self.UndrainNode = channel.unary_unary(
+                '/soda.proto.v1.Master/UndrainNode',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Node.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/soda.proto.v1.Master/RemoveNode',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Node.FromString,
+                _registered_method=True)
         self.PushImage = channel.stream_unary(
                 '/soda.proto.v1.Master/PushImage',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.PushImageRequest.SerializeToString,
@@ -212,6 +232,30 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushImage(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -315,6 +359,26 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.WatchAssignments,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchAssignmentsRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.AssignmentEvent.SerializeToString,
+            ),
+            'WatchNodes': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchNodes,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchNodesRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeSet.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Node.SerializeToString,
+            ),
+            'UndrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainNode,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Node.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Node.SerializeToString,
             ),
             'PushImage': grpc.stream_unary_rpc_method_handler(
                     servicer.PushImage,
@@ -698,6 +762,114 @@ class Master:
             '/soda.proto.v1.Master/WatchAssignments',
             soda_dot_proto_dot_v1_dot_master__pb2.WatchAssignmentsRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.AssignmentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/soda.proto.v1.Master/WatchNodes',
+            soda_dot_proto_dot_v1_dot_master__pb2.WatchNodesRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.NodeSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/DrainNode',
+            soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/UndrainNode',
+            soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/RemoveNode',
+            soda_dot_proto_dot_v1_dot_master__pb2.NodeRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Node.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,8 +12,8 @@ from typing import Iterator
 
 from soda import model
 from soda.errors import InvalidSpec, NotFound
-from soda.master.controller import (ENDPOINTS_TOPIC, SERVICES_TOPIC, Controller, node_topic,
-                                    service_topic)
+from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICES_TOPIC, Controller,
+                                    node_topic, service_topic)
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert
@@ -126,6 +126,20 @@ class MasterServicer(pb_grpc.MasterServicer):
         return pb.ListNodesResponse(nodes=[convert.node_to_pb(n) for n in self.controller.list_nodes()])
 
     @handle_errors
+    def WatchNodes(self, request, context):
+        last = None
+        for _ in self._watch(NODES_TOPIC, context):
+            current = pb.NodeSet(nodes=[convert.node_to_pb(_membership_of(n))
+                                        for n in self.controller.list_nodes()])
+            if current != last:
+                yield current
+            last = current
+
+    @handle_errors
+    def RemoveNode(self, request, context):
+        return convert.node_to_pb(self.controller.remove_node(request.name))
+
+    @handle_errors
     def WatchAssignments(self, request, context):
         self.controller.store.get_node(request.node)        # NOT_FOUND: register first
         sent: dict[str, pb.VirtualNode] | None = None
@@ -200,3 +214,12 @@ class MasterServicer(pb_grpc.MasterServicer):
             last = current
             if request.service and not current:
                 return
+
+
+def _membership_of(node: model.Node) -> model.Node:
+    """What a node-set watcher routes by: figures that change with every
+    heartbeat (usage, last heartbeat, allocation) are left out, so the
+    stream moves only when membership does."""
+    return model.Node(name=node.name, address=node.address, capacity=node.capacity,
+                      hypervisors=node.hypervisors, subnet=node.subnet, gateway=node.gateway,
+                      uplink=node.uplink, state=node.state, labels=node.labels, draining=node.draining)

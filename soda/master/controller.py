@@ -54,6 +54,8 @@ def service_topic(service: str) -> str:
 
 SERVICES_TOPIC = "services"
 ENDPOINTS_TOPIC = "endpoints"
+# Membership: a node joined, changed address, state or drain, or was removed.
+NODES_TOPIC = "nodes"
 
 
 class Controller:
@@ -394,26 +396,63 @@ class Controller:
 
         def work(tx: Transaction) -> str:
             _check_address_free(tx, name, address)
+            state = READY
             try:
                 old = tx.get_node(name)
                 subnet, gateway = old.subnet, old.gateway
+                if old.state == LOST:
+                    # Fencing: its old guests may still run, and others
+                    # replace them now. It is READY again (and gets new
+                    # work) only at its first heartbeat, which its Agent
+                    # sends once it has stopped what it no longer owns.
+                    state = LOST
+                    tx.after_commit(functools.partial(
+                        log.info, "node %s registers again after it was lost: READY once its Agent "
+                        "has stopped the guests it no longer owns", name))
             except NotFound:
                 old = None
                 given = ipam.allocate_subnet(self.config.cluster_cidr, self.config.node_prefix,
                                              (n.subnet for n in tx.list_nodes()))
                 subnet, gateway = given.subnet, given.gateway
             node = model.Node(name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
-                              subnet=subnet, gateway=gateway, state=READY, limits=tuple(limits),
-                              assumed=tuple(sorted(set(assumed))), labels=labels)
+                              subnet=subnet, gateway=gateway, state=state, limits=tuple(limits),
+                              assumed=tuple(sorted(set(assumed))), labels=labels,
+                              draining=old.draining if old is not None else False)
             tx.put_node(node if old is None else update_of(old, node))
             self._seen(name)
-            tx.after_commit(functools.partial(self.notifier.publish, SERVICES_TOPIC))
+            tx.after_commit(functools.partial(self.notifier.publish, SERVICES_TOPIC, NODES_TOPIC))
             return subnet
 
         subnet = self._unit_of_work(work)
         log.info("node %s registered from %s (subnet %s, labels %s)", name, address, subnet,
                  model.format_labels(labels) or "none")
         return _addressed(self.store.get_node(name))
+
+    def remove_node(self, name: str) -> model.Node:
+        """Forget a node that runs nothing (drained, or LOST with its
+        virtual nodes placed elsewhere): its subnet is free again and every
+        host drops its route."""
+        def work(tx: Transaction) -> model.Node:
+            node = tx.get_node(name)
+            held = tx.list_vnodes(node=name)
+            if held:
+                raise WrongState(f"node {name} still holds {len(held)} virtual node(s) "
+                                 f"({', '.join(sorted(v.name for v in held)[:5])}"
+                                 f"{', ...' if len(held) > 5 else ''}): drain it first "
+                                 f"(sodactl node drain {name} --wait)")
+            if node.state == READY and not node.draining:
+                raise WrongState(f"node {name} is READY: drain it first (sodactl node drain {name}), "
+                                 "or stop its Agent")
+            tx.delete_node(node)
+            tx.after_commit(functools.partial(self.notifier.publish, NODES_TOPIC, SERVICES_TOPIC))
+            tx.after_commit(functools.partial(log.info, "node %s removed (subnet %s is free)", name,
+                                              node.subnet))
+            return node
+
+        node = self._unit_of_work(work)
+        with self._lock:
+            self._last_seen.pop(name, None)
+        return _addressed(node)
 
     def _seen(self, node: str) -> None:
         """A node was heard from. Noted as it is heard, before the commit of
@@ -449,6 +488,7 @@ class Controller:
                 _check_address_free(tx, node, current.address)
                 tx.put_node(replace(current, state=READY))
                 tx.after_commit(functools.partial(log.info, "node %s is back", node))
+                tx.after_commit(functools.partial(self.notifier.publish, NODES_TOPIC))
             mine = {v.name: v for v in tx.list_vnodes(node=node)}
             reported = {s.name: s for s in statuses}
             changed, removed = [], []
@@ -530,6 +570,8 @@ class Controller:
             def committed() -> None:
                 for node, silent in lost:
                     log.warning("node %s lost: no heartbeat for %.1f s", node.name, silent)
+                if lost:
+                    self.notifier.publish(NODES_TOPIC)
                 for service in sorted(touched):
                     self._publish_service(service, nodes=set())
             tx.after_commit(committed)

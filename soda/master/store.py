@@ -51,7 +51,8 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 # Version 4: a revision on every record and in meta; specs stored by
 #            structure (the dataclass fields) instead of in the YAML form.
 # Version 5: nodes.labels, the KEY=VALUE labels a node registers (JSON object).
-SCHEMA_VERSION = 5
+# Version 6: nodes.draining, set by an operator's drain (0/1).
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,7 +62,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     hypervisors TEXT NOT NULL, subnet TEXT NOT NULL UNIQUE, gateway TEXT NOT NULL,
     state TEXT NOT NULL, registered_at REAL NOT NULL, limits TEXT NOT NULL DEFAULT '[]',
     assumed TEXT NOT NULL DEFAULT '[]', revision INTEGER NOT NULL DEFAULT 1,
-    labels TEXT NOT NULL DEFAULT '{}');
+    labels TEXT NOT NULL DEFAULT '{}', draining INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL,
     revision INTEGER NOT NULL DEFAULT 1);
@@ -164,6 +165,10 @@ class Transaction(StateReader):
     @abc.abstractmethod
     def put_node(self, node: model.Node) -> None:
         """A node's registration: created at revision 0, else updated."""
+    @abc.abstractmethod
+    def delete_node(self, node: model.Node) -> None:
+        """A node that holds no virtual node (WrongState otherwise); its
+        subnet is free again."""
     @abc.abstractmethod
     def put_image(self, image: model.Image, name: str = "") -> None:
         """Record an image (by content: a digest already held keeps its
@@ -322,6 +327,8 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
     # Nodes registered before labels existed carry none until they register
     # again; the row's revision stays, as nothing a reader sees changed.
     4: ("ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",),
+    # No node was draining before drains existed.
+    5: ("ALTER TABLE nodes ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",),
 }
 
 
@@ -373,7 +380,7 @@ class _SqliteReads(StateReader):
                 "SELECT n.name, n.address, n.cpu, n.memory, n.bandwidth, n.disk, n.hypervisors, n.subnet, "
                 "n.gateway, n.state, COALESCE(SUM(v.cpu),0), COALESCE(SUM(v.memory),0), "
                 "COALESCE(SUM(v.bandwidth),0), COALESCE(SUM(v.disk),0), COUNT(v.name), n.limits, "
-                "n.assumed, n.revision, n.labels "
+                "n.assumed, n.revision, n.labels, n.draining "
                 "FROM nodes n LEFT JOIN vnodes v ON v.node = n.name " + where +
                 " GROUP BY n.name ORDER BY n.name", args)
             guests: dict[str, dict[str, int]] = {}
@@ -388,7 +395,7 @@ class _SqliteReads(StateReader):
                               state=r[9], allocated=model.Resources(r[10], r[11], r[12], r[13]),
                               vnodes=r[14], limits=_limits_from_json(r[15]),
                               assumed=tuple(json.loads(r[16])), revision=r[17],
-                              labels=dict(json.loads(r[18])))
+                              labels=dict(json.loads(r[18])), draining=bool(r[19]))
             # Each guest also costs its hypervisor process's own memory.
             overhead = sum(count * node.memory_overhead(hv)
                            for hv, count in guests.get(node.name, {}).items())
@@ -538,20 +545,29 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         values = (node.address, c.cpu, c.memory, c.bandwidth, c.disk, json.dumps(list(node.hypervisors)),
                   node.subnet, node.gateway, node.state, _limits_to_json(node.limits),
                   json.dumps(list(node.assumed)), json.dumps(dict(node.labels), sort_keys=True),
-                  revision, node.name)
+                  int(node.draining), revision, node.name)
         try:
             if current is None:
                 self._db.execute(
                     "INSERT INTO nodes (address, cpu, memory, bandwidth, disk, hypervisors, subnet, gateway, "
-                    "state, limits, assumed, labels, revision, name, registered_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,strftime('%s','now'))", values)
+                    "state, limits, assumed, labels, draining, revision, name, registered_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,strftime('%s','now'))", values)
             else:
                 self._db.execute(
                     "UPDATE nodes SET address=?, cpu=?, memory=?, bandwidth=?, disk=?, hypervisors=?, "
-                    "subnet=?, gateway=?, state=?, limits=?, assumed=?, labels=?, revision=? WHERE name=?",
-                    values)
+                    "subnet=?, gateway=?, state=?, limits=?, assumed=?, labels=?, draining=?, revision=? "
+                    "WHERE name=?", values)
         except sqlite3.IntegrityError:
             raise Conflict(f"subnet {node.subnet} of node {node.name!r} belongs to another node") from None
+
+    def delete_node(self, node: model.Node) -> None:
+        self._write(f"delete node {node.name}")
+        current = self._revisions("nodes", "name", [node.name]).get(node.name)
+        self._compare("node", node.name, current, _existing(node))
+        left = self._db.execute("SELECT COUNT(*) FROM vnodes WHERE node = ?", (node.name,)).fetchone()[0]
+        if left:
+            raise WrongState(f"node {node.name!r} still has {left} virtual node(s)")
+        self._db.execute("DELETE FROM nodes WHERE name=?", (node.name,))
 
     # ---- images -------------------------------------------------------
     def put_image(self, image: model.Image, name: str = "") -> None:

@@ -106,6 +106,9 @@ class Node:
     assumed: tuple[str, ...] = ()
     # Its operator's KEY=VALUE labels (soda.model.labels), e.g. {"zone": "a"}.
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Drained by an operator: nothing new is placed here and what runs here
+    # is moved elsewhere (independent of state).
+    draining: bool = False
 
     def limit(self, hypervisor: str) -> DriverCapabilities | None:
         return next((lim for lim in self.limits if lim.hypervisor == hypervisor), None)

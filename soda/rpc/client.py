@@ -159,6 +159,14 @@ class MasterClient(StubClient):
     def list_nodes(self) -> list[model.Node]:
         return [convert.node_from_pb(n) for n in self._call("ListNodes", pb.ListNodesRequest()).nodes]
 
+    def watch_nodes(self) -> Iterator[list[model.Node]]:
+        """The whole node set now, then again on every membership change."""
+        for node_set in self._stream("WatchNodes", pb.WatchNodesRequest()):
+            yield [convert.node_from_pb(n) for n in node_set.nodes]
+
+    def remove_node(self, name: str) -> model.Node:
+        return convert.node_from_pb(self._call("RemoveNode", pb.NodeRequest(name=name)))
+
     def watch_assignments(self, node: str) -> Iterator[tuple[str, list]]:
         """Yields ("SNAPSHOT", [VirtualNode]) first, then ("UPSERT", [VirtualNode])
         and ("REMOVE", [name]) as this node's desired set changes."""

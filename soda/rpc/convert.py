@@ -149,7 +149,8 @@ def node_to_pb(n: model.Node) -> pb.Node:
                    allocated=resources_to_pb(n.allocated), hypervisors=list(n.hypervisors),
                    subnet=n.subnet, gateway=n.gateway, uplink=n.uplink, state=n.state, vnodes=n.vnodes,
                    last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage),
-                   limits=limits_to_pb(n.limits), assumed=list(n.assumed), labels=dict(n.labels))
+                   limits=limits_to_pb(n.limits), assumed=list(n.assumed), labels=dict(n.labels),
+                   draining=n.draining)
 
 
 def node_from_pb(m: pb.Node) -> model.Node:
@@ -158,7 +159,7 @@ def node_from_pb(m: pb.Node) -> model.Node:
                       subnet=m.subnet, gateway=m.gateway, uplink=m.uplink, state=m.state, vnodes=m.vnodes,
                       last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m),
                       limits=limits_from_pb(m.limits), assumed=tuple(m.assumed),
-                      labels=dict(sorted(m.labels.items())))
+                      labels=dict(sorted(m.labels.items())), draining=m.draining)
 
 
 def image_to_pb(i: model.Image) -> pb.Image:

@@ -51,7 +51,12 @@ def test_lost_node_vnodes_are_placed_again(setup):
     assert {v.node for v in moved} == {"a"}
     assert len({v.address for v in moved}) == 2
     assert ctl.check_membership() == []            # nothing more to do
-    # b comes back: READY again, its old vnode is no longer assigned to it.
+    # b registers again (its Agent restarted): still LOST, nothing new for it,
+    # until its first heartbeat (sent once it stopped its old guests).
+    assert ctl.register_node("b", "127.0.0.2", CAP, ["fake"]).state == "LOST"
+    assert ctl.assignments("b") == {}
+    ctl.create_service(model.parse_spec({"name": "api", "image": "busybox", "nodes": 1}))
+    assert {v.node for v in ctl.get_service("api").vnodes} == {"a"}
     ctl.report_status("b", [], complete=True)
     assert {n.name: n.state for n in ctl.list_nodes()}["b"] == "READY"
     assert ctl.assignments("b") == {}
@@ -94,3 +99,27 @@ def test_delete_of_vnodes_on_lost_node_finishes_at_once(setup):
     ctl.delete_service("web")
     ctl.report_status(other, [], complete=True)
     assert ctl.list_services() == []
+
+
+def test_a_node_is_removed_only_once_it_holds_nothing(setup):
+    from soda.errors import NotFound, WrongState
+    from soda.master.controller import NODES_TOPIC
+    ctl, clock, _ = setup
+    ctl.create_service(spec())
+    with pytest.raises(WrongState, match="still holds 1 virtual node.*web-"):
+        ctl.remove_node("b")
+    clock.now += 11
+    ctl.report_status("a", [], complete=True)
+    assert ctl.check_membership() == ["b"]              # web's vnode goes to a
+    seen = ctl.notifier.revision(NODES_TOPIC)
+    removed = ctl.remove_node("b")
+    assert removed.name == "b" and removed.uplink      # what the removal freed
+    assert ctl.notifier.revision(NODES_TOPIC) > seen    # every host drops its route
+    assert [n.name for n in ctl.list_nodes()] == ["a"]
+    with pytest.raises(NotFound):
+        ctl.remove_node("b")
+    # The freed subnet goes to the next node that registers.
+    assert ctl.register_node("c", "127.0.0.3", CAP, ["fake"]).subnet == removed.subnet
+    # A READY node with nothing on it is refused too: drain it or stop its Agent.
+    with pytest.raises(WrongState, match="READY"):
+        ctl.remove_node("c")

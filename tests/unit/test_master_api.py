@@ -399,3 +399,35 @@ def test_heartbeat_usage_reaches_get_service_and_node_list(cluster):
     nodes = {n.name: n for n in cluster.list_nodes()}
     assert nodes[v.node].usage == usage
     assert all(n.usage is None for name, n in nodes.items() if name != v.node)
+
+
+def test_the_node_set_is_streamed_on_membership_changes_only(client):
+    import threading
+    sets = []
+    got = threading.Condition()
+
+    def follow():
+        for nodes in client.watch_nodes():
+            with got:
+                sets.append(nodes)
+                got.notify_all()
+            if len(sets) == 3:
+                return
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+
+    def wait_sets(n):
+        with got:
+            assert got.wait_for(lambda: len(sets) >= n, timeout=10), sets
+    wait_sets(1)
+    assert sets[0] == []
+    client.register_node("n1", "10.9.0.1", model.Resources(2, 4096, 1000, 100000), ["fake"])
+    wait_sets(2)
+    assert [(n.name, n.address, n.state) for n in sets[1]] == [("n1", "10.9.0.1", "READY")]
+    assert sets[1][0].subnet and sets[1][0].uplink
+    # A heartbeat changes nothing a router needs: no new set.
+    client.heartbeat("n1", [])
+    client.register_node("n1", "10.9.0.7", model.Resources(2, 4096, 1000, 100000), ["fake"])
+    wait_sets(3)
+    assert [(n.name, n.address) for n in sets[2]] == [("n1", "10.9.0.7")]
+    watcher.join(timeout=10)

@@ -145,6 +145,7 @@ def _downgrade_to_v1(path):
     db.execute("ALTER TABLE nodes DROP COLUMN limits")
     db.execute("ALTER TABLE nodes DROP COLUMN assumed")
     db.execute("ALTER TABLE nodes DROP COLUMN labels")
+    db.execute("ALTER TABLE nodes DROP COLUMN draining")
     for table in ("nodes", "images", "services", "vnodes"):
         db.execute(f"ALTER TABLE {table} DROP COLUMN revision")
     db.execute("DELETE FROM meta WHERE key='revision'")

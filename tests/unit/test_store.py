@@ -292,8 +292,18 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_5(path):
+    """The file as a version 5 Master left it: nodes without drains."""
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE nodes DROP COLUMN draining")
+    db.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
 def _as_version_4(path):
     """The file as a version 4 Master left it: nodes without labels."""
+    _as_version_5(path)
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE nodes DROP COLUMN labels")
     db.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
@@ -350,7 +360,6 @@ def _node_columns(path):
 
 
 def test_a_version_4_store_finds_its_nodes_without_labels(tmp_path):
-    assert SCHEMA_VERSION == 5
     path = str(tmp_path / "state.db")
     s = open_store(str(tmp_path))
     add_node(s, "a", limits=(model.DriverCapabilities("fake", 16, memory_overhead=8),))
@@ -362,7 +371,7 @@ def test_a_version_4_store_finds_its_nodes_without_labels(tmp_path):
     assert "labels" not in _node_columns(path)          # what the migration starts from
 
     s = open_store(str(tmp_path))
-    assert s.schema_version() == 5 and "labels" in _node_columns(path)
+    assert s.schema_version() == SCHEMA_VERSION and "labels" in _node_columns(path)
     a, b = s.list_nodes()
     assert (a.name, b.name) == ("a", "b")
     assert a.labels == {} and b.labels == {}
@@ -391,3 +400,44 @@ def test_labels_round_trip_through_the_store(store):
     db = sqlite3.connect(store.path)
     assert json.loads(db.execute("SELECT labels FROM nodes WHERE name='a'").fetchone()[0]) == {"zone": "eu-2"}
     db.close()
+
+
+def test_a_version_5_store_has_no_node_draining(tmp_path):
+    path = str(tmp_path / "state.db")
+    s = open_store(str(tmp_path))
+    add_node(s, "a")
+    before = revision_of(s.get_node("a")), s.revision()
+    s.close()
+    _as_version_5(path)
+    assert "draining" not in _node_columns(path)
+
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION == 6 and "draining" in _node_columns(path)
+    a = s.get_node("a")
+    assert a.draining is False and (revision_of(a), s.revision()) == before
+    with s.transaction() as tx:
+        tx.put_node(update_of(a, dataclasses.replace(a, draining=True)))
+    s.close()
+    s = open_store(str(tmp_path))
+    assert s.get_node("a").draining is True
+    s.close()
+
+
+def test_a_node_is_deleted_only_once_it_holds_no_virtual_node(tmp_path):
+    s = open_store(str(tmp_path))
+    add_node(s, "a")
+    create(s, make_service(n=1))
+    with pytest.raises(WrongState, match="still has 1 virtual node"):
+        with s.transaction() as tx:
+            tx.delete_node(tx.get_node("a"))
+    with s.transaction() as tx:
+        tx.delete_vnodes(tx.list_vnodes(node="a"))
+    subnet = s.get_node("a").subnet
+    with s.transaction() as tx:
+        tx.delete_node(tx.get_node("a"))
+    assert s.list_nodes() == []
+    # Its subnet is free for the next node.
+    with s.transaction() as tx:
+        tx.put_node(dataclasses.replace(node("b"), subnet=subnet))
+    assert s.get_node("b").subnet == subnet
+    s.close()

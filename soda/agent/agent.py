@@ -9,7 +9,10 @@ the life of the Agent's threads:
              the Agent stops
   heartbeat  the complete inventory every heartbeat_seconds (the Master's
              answer sets the period); a Master that has forgotten this node
-             gets a new registration
+             gets a new registration. Fencing: a node the Master declared
+             LOST (its guests were placed elsewhere) sends its first
+             heartbeat, which makes it READY, only once the desired set of
+             the new session has come and no guest it no longer owns runs
   reporter   phase changes as they happen (ReportStatus); a failed report
              is dropped, since the next heartbeat carries everything
   reconcile  Reconciler.run
@@ -32,6 +35,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import time
 from typing import Callable, Iterable, Mapping
 
 from soda.backoff import Backoff
@@ -43,6 +47,11 @@ log = logging.getLogger(__name__)
 
 # Until the Master answers a heartbeat with its own period.
 DEFAULT_HEARTBEAT_SECONDS = 2.0
+# How often a fenced node looks whether its old guests are gone, and how
+# often it says which still run.
+FENCE_POLL_SECONDS = 0.1
+FENCE_LOG_SECONDS = 10.0
+LOST = "LOST"
 HEALTH_CHECK_SECONDS = 5.0
 
 
@@ -172,6 +181,10 @@ class Agent:
         self._register_lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self.node: Node | None = None
+        # Set while a node registered as LOST has not yet stopped the guests
+        # it no longer owns: the reconciler's snapshot count at registration.
+        self._fenced_since: int | None = None
+        self._fence_logged = 0.0
         self.registrations = 0
         self.thread_failures = 0
         self.failure: BaseException | None = None
@@ -289,6 +302,10 @@ class Agent:
                 self._on_registered(node)
             self.node = node
             self.registrations += 1
+            if node.state == LOST:
+                self._fenced_since = self._reconciler.snapshots
+                log.warning("the Master declared this node LOST and placed its virtual nodes elsewhere: "
+                            "stopping the guests it no longer owns before reporting")
         log.info("registered with the Master as %s (subnet %s, gateway %s)",
                  node.name, node.subnet or "-", node.gateway or "-")
         self._registered.set()
@@ -297,11 +314,32 @@ class Agent:
         return node
 
     # ---- heartbeats --------------------------------------------------------------
+    def _fence_cleared(self) -> bool:
+        """Whether this node may report: not fenced, or fenced and every
+        guest it no longer owns (by the new session's desired set) gone."""
+        since = self._fenced_since
+        if since is None:
+            return True
+        strangers = (self._reconciler.strangers() if self._reconciler.snapshots > since else None)
+        if strangers == []:
+            log.info("no guest this node no longer owns runs: reporting to the Master")
+            self._fenced_since = None
+            return True
+        now = time.monotonic()
+        if now - self._fence_logged >= FENCE_LOG_SECONDS:
+            self._fence_logged = now
+            log.warning("node stays LOST until %s", "the Master's desired set has come" if strangers is None
+                        else f"these old guests have stopped: {', '.join(strangers)}")
+        return False
+
     def _heartbeats(self) -> None:
         outage = _Outage("heartbeat to the Master")
         interval = self._heartbeat_seconds
         while not self._stop.is_set():
             self._heartbeat_now.clear()
+            if self._registered.is_set() and not self._fence_cleared():
+                self._heartbeat_now.wait(FENCE_POLL_SECONDS)
+                continue
             if self._registered.is_set():
                 try:
                     with self._reporter.sending:

@@ -138,6 +138,8 @@ class Reconciler:
         self._cond = threading.Condition()
         self._desired: dict[str, VirtualNode] | None = None     # None: not heard yet
         self._vnodes: dict[str, _Vnode] = {}
+        # How many complete desired sets have come (a new session's first).
+        self.snapshots = 0
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._boots = ThreadPoolExecutor(max_parallel_boots, thread_name_prefix="soda-boot")
@@ -153,6 +155,7 @@ class Reconciler:
         """The complete desired set (a SNAPSHOT from the Master)."""
         with self._cond:
             self._desired = {v.name: v for v in vnodes}
+            self.snapshots += 1
         self.wake()
 
     def upsert_desired(self, vnodes: Iterable[VirtualNode]) -> None:
@@ -187,6 +190,23 @@ class Reconciler:
 
     def _busy(self) -> set[str]:
         return {name for name, v in self._vnodes.items() if v.busy}
+
+    def strangers(self) -> list[str] | None:
+        """Guests that run here although the desired set does not own them:
+        virtual nodes placed elsewhere meanwhile, or of an older epoch
+        (generation). None before the first desired set. Fencing: a node
+        that was LOST reports nothing until this is empty."""
+        with self._cond:
+            desired = None if self._desired is None else dict(self._desired)
+        if desired is None:
+            return None
+        out = set()
+        for name, entries in self._list_guests().items():
+            want = desired.get(name)
+            for driver_name, info in entries:
+                if want is None or want.deleting or not self._matches(want, driver_name, info):
+                    out.add(name)
+        return sorted(out)
 
     def statuses_with_usage(self) -> list[VirtualNodeStatus]:
         """The inventory with what the Daemon measured for each guest that

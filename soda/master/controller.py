@@ -484,7 +484,10 @@ class Controller:
         def work(tx: Transaction) -> None:
             current = tx.get_node(node)      # NotFound makes the Agent register again
             self._seen(node)
-            if current.state != READY:
+            # Only a heartbeat brings a node back: its Agent sends the first
+            # once it has stopped the guests it no longer owns (fencing); a
+            # phase report may come before that.
+            if current.state != READY and complete:
                 _check_address_free(tx, node, current.address)
                 tx.put_node(replace(current, state=READY))
                 tx.after_commit(functools.partial(log.info, "node %s is back", node))

@@ -64,6 +64,7 @@ class FakeMaster:
         self.watches = []
         self.heartbeat_seconds = 0      # 0: keep the Agent's own period
         self.closed = 0
+        self.state = "READY"            # what a registration answers
 
     # -- the client interface --
     def _check(self):
@@ -78,7 +79,8 @@ class FakeMaster:
             self.labels = dict(labels or {})
             self.known = True
         return Node(name=name, address=address, capacity=capacity, hypervisors=tuple(hypervisors),
-                    subnet="10.233.1.0/24", gateway="10.233.1.1", labels=dict(labels or {}))
+                    subnet="10.233.1.0/24", gateway="10.233.1.1", labels=dict(labels or {}),
+                    state=self.state)
 
     def heartbeat(self, node, statuses):
         self._check()
@@ -248,6 +250,37 @@ def test_an_agent_restart_adopts_guests_and_reports_them_running(tmp_path):
     assert restarted.phases("web-0") == [Phase.RUNNING]
     assert second.driver.start_counts() == {"web-0": 1, "web-1": 1}
     assert restarted.pulls == []
+
+
+def test_a_node_back_from_lost_stops_what_it_no_longer_owns_before_it_reports(tmp_path):
+    master = FakeMaster([vnode("web-0"), vnode("web-1")])
+    with Harness(tmp_path, master) as first:
+        wait_for(first.running("web-0", "web-1"))
+    # Meanwhile the Master declared the node LOST: web-1 runs elsewhere now,
+    # web-0 was placed again here in a new epoch (generation).
+    back = FakeMaster([vnode("web-0", generation=2)])
+    back.state = "LOST"
+    slow_stop = threading.Event()
+    with Harness(tmp_path, back) as second:
+        real_stop = second.driver.stop
+
+        def stop(name, *args, **kwargs):
+            slow_stop.wait(5)
+            return real_stop(name, *args, **kwargs)
+        second.driver.stop = stop
+        assert second.agent.wait_registered(5)
+        time.sleep(0.3)
+        # The old guests still run: not one heartbeat yet.
+        assert back.heartbeats == []
+        assert set(second.driver.list()) == {"web-0", "web-1"}
+        slow_stop.set()
+        wait_for(lambda: back.heartbeats, what="first heartbeat once the old guests are gone")
+        # Whatever ran then was the new epoch only.
+        first_beat = back.heartbeats[0]
+        assert "web-1" not in first_beat
+        assert "web-1" not in second.driver.list()
+        wait_for(second.running("web-0"))
+    assert second.driver.list()["web-0"].generation == 2
 
 
 def test_an_agent_that_starts_while_the_master_is_down_keeps_guests(tmp_path):

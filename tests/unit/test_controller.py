@@ -57,6 +57,8 @@ def test_lost_node_vnodes_are_placed_again(setup):
     assert ctl.assignments("b") == {}
     ctl.create_service(model.parse_spec({"name": "api", "image": "busybox", "nodes": 1}))
     assert {v.node for v in ctl.get_service("api").vnodes} == {"a"}
+    ctl.report_status("b", [], complete=False)       # a phase report is no heartbeat
+    assert {n.name: n.state for n in ctl.list_nodes()}["b"] == "LOST"
     ctl.report_status("b", [], complete=True)
     assert {n.name: n.state for n in ctl.list_nodes()}["b"] == "READY"
     assert ctl.assignments("b") == {}

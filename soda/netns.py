@@ -40,3 +40,15 @@ def enter_netns(netns: str) -> None:
             raise OSError(err, f"setns({netns}): {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def netns_preexec(netns: str):
+    """A subprocess pre-exec hook that moves the child into `netns`: the
+    child is single-threaded then, so setns moves all of it (unlike `ip
+    netns exec`, it leaves the mounts alone, /sys/fs/cgroup included). libc
+    is loaded here, before the fork, not in the child."""
+    _libc()
+
+    def hook() -> None:
+        enter_netns(netns)
+    return hook

@@ -1,6 +1,14 @@
 """A SODA cluster on this machine, for the demo, the system tests and the
-benchmarks: a Master, one physical node (a Daemon and an Agent whose guests'
-network lives in a namespace of its own) and a Switch, as separate programs.
+benchmarks: a Master, physical nodes and a Switch, as separate programs.
+
+With one node (the default), the node's Daemon and Agent run here and only
+its guests' network lives in a namespace of its own, joined to this host by
+an uplink veth. With several (`nodes`), each node is a namespace acting as
+a host on a shared fabric (soda.devcluster.fabric), its Daemon and Agent
+(`daemon-<i>`, `agent-<i>`) run inside it with their own state dir
+(`node-<i>/`) and cgroup parent (`<parent>-<i>`), and the Master (also on
+the fabric's address) and the Switch run here; guest subnets are routed
+between the hosts as between machines.
 
 Owns, under one state dir:
 - `cluster.json`, the record of the cluster: its config, the process that
@@ -41,6 +49,8 @@ from soda.devcluster.supervisor import (EXITED, FAILED, RUNNING, PartState, Rest
                                         describe_exit)
 from soda import command
 from soda.addresses import split_host_port
+from soda.devcluster import fabric
+from soda.netns import netns_preexec
 from soda.files import remove_path, write_json_atomic
 from soda.netns import NETNS_DIR
 from soda.procid import ProcessId
@@ -53,7 +63,6 @@ SUPERVISOR_LOG = "supervisor.log"
 # What the cluster makes in its state dir; `down` removes these and nothing else.
 OWNED = ("master", "agent", "daemon.sock", STATE_FILE)
 PARTS = ("master", "daemon", "agent", "switch")            # start order
-STOP_ORDER = ("switch", "agent", "daemon", "master")
 CGROUP_ROOT = "/sys/fs/cgroup"
 COMMAND_TIMEOUT = 10.0            # an ip(8) call
 POLL = 0.05                      # how often the supervision thread looks for deaths
@@ -83,6 +92,8 @@ class ClusterConfig:
     switch_args: tuple[str, ...] = ()
     restart: RestartPolicy = RestartPolicy()
     ready_timeout: float = 60.0
+    nodes: int = 1                            # > 1: each a namespace on a fabric
+    fabric_cidr: str = "10.231.0.0/24"        # the fabric's addresses (several nodes)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -110,6 +121,25 @@ def supervisor_of(state: dict) -> ProcessId | None:
     return ProcessId.from_dict(rec) if rec else None
 
 
+def layout_of(config: dict) -> fabric.Layout | None:
+    """The fabric of a recorded config; None for a one-node cluster."""
+    if config.get("nodes", 1) <= 1:
+        return None
+    return fabric.Layout.of(config["node"], config["netns"], config["cgroup_parent"], config["nodes"],
+                            config["fabric_cidr"])
+
+
+def part_names(layout: fabric.Layout | None) -> tuple[str, ...]:
+    """Start order: the Master, each node's Daemon then Agent, the Switch."""
+    if layout is None:
+        return PARTS
+    return ("master", *(f"{part}-{h.index}" for h in layout.hosts for part in ("daemon", "agent")), "switch")
+
+
+def node_dir(state_dir: str, index: int) -> str:
+    return os.path.join(state_dir, f"node-{index}")
+
+
 def is_live(state: dict) -> bool:
     """Whether any process the record names still runs (by identity)."""
     ids = [supervisor_of(state), *(recorded(state, name) for name in state.get("parts", {}))]
@@ -130,6 +160,8 @@ class LocalCluster:
         self.log_dir = os.path.join(self.state_dir, LOG_DIR)
         self.daemon_socket = os.path.join(self.state_dir, "daemon.sock")
         self.agent_dir = os.path.join(self.state_dir, "agent")
+        self.layout = layout_of(config.as_dict())
+        self.parts = part_names(self.layout)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -188,13 +220,16 @@ class LocalCluster:
             self._state["supervisor"] = {**me.as_dict(), "command": by_command} if me else None
             self._save()
         try:
-            self._make_netns()
+            if self.layout is not None:
+                fabric.make(self.layout)
+            else:
+                self._make_netns()
             from soda.rpc.client import MasterClient
             self._master = MasterClient(self.config.master_addr, timeout=5.0)
-            for name in PARTS:
-                if name == "daemon":
+            for name in self.parts:
+                if name.startswith("daemon"):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.daemon_socket)      # a stale one would look ready
+                        os.unlink(self._daemon_socket(name))      # a stale one would look ready
                 with self._lock:
                     self.supervisor.start(name)
                 self._wait_ready(name)
@@ -234,12 +269,44 @@ class LocalCluster:
         return time.monotonic() - began
 
     # ---- parts ----------------------------------------------------------
+    def host_of(self, name: str) -> fabric.Host | None:
+        """The fabric host a part runs on (None: this host's root namespace)."""
+        if self.layout is None or "-" not in name:
+            return None
+        return self.layout.host(int(name.rsplit("-", 1)[1]))
+
+    def agent_dir_of(self, name: str) -> str:
+        host = self.host_of(name)
+        return self.agent_dir if host is None else os.path.join(node_dir(self.state_dir, host.index), "agent")
+
+    def _daemon_socket(self, name: str) -> str:
+        host = self.host_of(name)
+        return (self.daemon_socket if host is None
+                else os.path.join(node_dir(self.state_dir, host.index), "daemon.sock"))
+
+    @property
+    def fabric_master(self) -> str:
+        """The Master's address on the fabric (what the nodes' Agents use)."""
+        return f"{self.layout.gateway}:{split_host_port(self.config.master_addr)[1]}"
+
     def argv(self, name: str) -> list[str]:
         c, py = self.config, self.config.python
         if name == "master":
             extra = ["--cluster-cidr", c.cluster_cidr] if c.cluster_cidr else []
-            return [py, "-m", "soda.master.main", "--listen", c.master_addr,
+            listen = c.master_addr if self.layout is None else f"{c.master_addr},{self.fabric_master}"
+            return [py, "-m", "soda.master.main", "--listen", listen,
                     "--state-dir", os.path.join(self.state_dir, "master"), *extra, *c.master_args]
+        host = self.host_of(name)
+        if host is not None:
+            # Inside the host's namespace: its own network, nothing to name.
+            if name.startswith("daemon-"):
+                return [py, "-m", "soda.daemon.main", "--socket", self._daemon_socket(name),
+                        "--cgroup-parent", host.cgroup_parent, *c.daemon_args]
+            if name.startswith("agent-"):
+                return [py, "-m", "soda.agent.main", "--master", self.fabric_master, "--name", host.name,
+                        "--address", host.address, "--state-dir", self.agent_dir_of(name),
+                        "--hypervisor", c.hypervisor, "--daemon-socket", self._daemon_socket(name),
+                        *c.agent_args]
         if name == "daemon":
             return [py, "-m", "soda.daemon.main", "--socket", self.daemon_socket, "--netns", c.netns,
                     "--cgroup-parent", c.cgroup_parent, *c.daemon_args]
@@ -273,6 +340,36 @@ class LocalCluster:
                 raise ClusterError(f"{name} is not running")
             return pid
 
+    def lose_host(self, index: int) -> None:
+        """Node `index` as if its machine died: its Daemon and Agent killed
+        (SIGKILL, not restarted), its fabric link down. Its guests go on
+        running, cut off, as on a partitioned machine."""
+        host = self.layout.host(index)
+        with self._lock:
+            for name in (f"agent-{index}", f"daemon-{index}"):
+                self.supervisor.stop(name)
+                pid = self._ids.get(name)
+                if pid is not None:
+                    pid.signal(signal.SIGKILL)
+                child = self._children.get(name)
+                if child is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(timeout=KILL_WAIT)
+                self._record(self.supervisor.parts[name])
+        fabric.set_link(host, up=False)
+
+    def restore_host(self, index: int) -> None:
+        """Node `index` back: link up, its Daemon and Agent started again
+        (the Agent is READY only once it has stopped the guests it no longer owns)."""
+        fabric.set_link(self.layout.host(index), up=True)
+        for name in (f"daemon-{index}", f"agent-{index}"):
+            if name.startswith("daemon"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._daemon_socket(name))
+            with self._lock:
+                self.supervisor.start(name)
+            self._wait_ready(name)
+
     def wait_restarted(self, name: str, old: ProcessId, timeout: float = 30.0) -> ProcessId:
         """Wait until supervision has started `name` again in place of `old`."""
         deadline = time.monotonic() + timeout
@@ -291,11 +388,13 @@ class LocalCluster:
     # ---- supervision -----------------------------------------------------
     def _spawn(self, name: str) -> subprocess.Popen:
         argv = self.argv(name)
+        host = self.host_of(name)
         with open(self.log_path(name), "ab") as out:
             out.write(f"---- soda-devcluster: {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n"
                       .encode())
             out.flush()
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if host is None else netns_preexec(host.netns))
         self._children[name] = child
         pid = ProcessId.of_child(child.pid, argv)
         if pid is not None:
@@ -353,13 +452,14 @@ class LocalCluster:
             if name == "master":
                 self._master.list_nodes()
                 return True
-            if name == "agent":
-                return any(n.name == self.config.node and n.state == "READY"
-                           for n in self._master.list_nodes())
+            if name.startswith("agent"):
+                host = self.host_of(name)
+                node = self.config.node if host is None else host.name
+                return any(n.name == node and n.state == "READY" for n in self._master.list_nodes())
         except SodaError:
             return False
-        if name == "daemon":
-            return os.path.exists(self.daemon_socket)
+        if name.startswith("daemon"):
+            return os.path.exists(self._daemon_socket(name))
         if name == "switch" and self.config.switch_metrics:
             return _accepts(self.config.switch_metrics)
         return True
@@ -399,23 +499,30 @@ def teardown(state_dir: str, children: dict[str, subprocess.Popen] | None = None
     if state is None:
         return False
     config = state.get("config", {})
+    layout = layout_of(config)
     children = children or {}
     ids = {name: recorded(state, name) for name in state.get("parts", {})}
     running = {name for name, pid in ids.items() if pid is not None and pid.matches()}
-    if {"master", "agent"} <= running:
+    if "master" in running and any(name.startswith("agent") for name in running):
         _delete_services(config["master_addr"])
-    for name in STOP_ORDER:
+    for name in reversed(part_names(layout)):
         pid = ids.get(name)
         if pid is not None:
             _stop(name, pid, children.get(name))
     for child in children.values():
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=1)
-    _kill_recorded_guests(os.path.join(state_dir, "agent"))
-    if config.get("cgroup_parent"):
-        _sweep_cgroups(config["cgroup_parent"])
-    if config.get("netns"):
-        _remove_netns(config["netns"])
+    if layout is None:
+        _kill_recorded_guests(os.path.join(state_dir, "agent"))
+        if config.get("cgroup_parent"):
+            _sweep_cgroups(config["cgroup_parent"])
+        if config.get("netns"):
+            _remove_netns(config["netns"])
+    else:
+        for host in layout.hosts:
+            _kill_recorded_guests(os.path.join(node_dir(state_dir, host.index), "agent"))
+            _sweep_cgroups(host.cgroup_parent)
+        fabric.remove(layout)
     state["phase"] = "down"
     state["down_at"] = time.time()
     log_dir = os.path.join(state_dir, LOG_DIR)
@@ -424,6 +531,8 @@ def teardown(state_dir: str, children: dict[str, subprocess.Popen] | None = None
     write_json_atomic(os.path.join(log_dir, STATE_FILE), state, indent=1)
     for name in OWNED:
         remove_path(os.path.join(state_dir, name))
+    for host in layout.hosts if layout is not None else ():
+        remove_path(node_dir(state_dir, host.index))
     return True
 
 

@@ -23,8 +23,9 @@ import sys
 import time
 
 from soda import service
-from soda.devcluster.cluster import (LOG_DIR, PARTS, STATE_FILE, SUPERVISOR_LOG, ClusterConfig, ClusterError,
-                                     LocalCluster, is_live, load_state, recorded, supervisor_of, teardown)
+from soda.devcluster.cluster import (LOG_DIR, STATE_FILE, SUPERVISOR_LOG, ClusterConfig, ClusterError,
+                                     LocalCluster, is_live, layout_of, load_state, part_names, recorded,
+                                     supervisor_of, teardown)
 from soda.devcluster.supervisor import EXITED, FAILED, RESTARTING, RUNNING, describe_exit
 
 NOT_UP = 3
@@ -33,9 +34,11 @@ DOWN_TIMEOUT = 300.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="soda-devcluster", description="A local SODA cluster: Master, one "
-                                "node (Daemon + Agent, guests' network in a namespace) and a Switch, "
-                                "supervised (restart on failure, with backoff).")
+    p = argparse.ArgumentParser(prog="soda-devcluster", description="A local SODA cluster: Master, "
+                                "physical nodes (Daemon + Agent; one by default, with its guests' network "
+                                "in a namespace; with --nodes N, each node a namespace acting as a host on "
+                                "a shared fabric bridge) and a Switch, supervised (restart on failure, "
+                                "with backoff).")
     p.add_argument("--state-dir", default=os.environ.get("SODA_DEVCLUSTER_DIR", ".devcluster"),
                    help="where the record, the logs and the parts' state live (default .devcluster)")
     sub = p.add_subparsers(dest="command", required=True, metavar="{up,run,status,down}")
@@ -45,9 +48,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         s = sub.add_parser(name, **({"help": what} if what else {}))
         s.add_argument("--master", default="127.0.0.1:7070", metavar="HOST:PORT",
                        help="the Master's address (default 127.0.0.1:7070)")
-        s.add_argument("--node", default="dev-node-1", help="the physical node's name")
-        s.add_argument("--netns", default="soda-dev", help="network namespace of the guests")
-        s.add_argument("--cgroup-parent", default="soda-dev", help="cgroup below which guests are fenced")
+        s.add_argument("--node", default="dev-node-1",
+                       help="the physical node's name (with --nodes: the first's; the others count on)")
+        s.add_argument("--nodes", type=int, default=1, metavar="N",
+                       help="physical nodes, each a network namespace acting as a host (default 1)")
+        s.add_argument("--fabric-cidr", default=ClusterConfig.fabric_cidr,
+                       help=f"the fabric's addresses with --nodes (default {ClusterConfig.fabric_cidr})")
+        s.add_argument("--netns", default="soda-dev",
+                       help="network namespace of the guests (with --nodes: prefix of the hosts' ones)")
+        s.add_argument("--cgroup-parent", default="soda-dev",
+                       help="cgroup below which guests are fenced (with --nodes: prefix, one per node)")
         s.add_argument("--hypervisor", default="uml", help="the Agent's hypervisor driver(s)")
         s.add_argument("--cluster-cidr", default="", help="range the Master splits into node subnets")
         s.add_argument("--switch-metrics", default=None, metavar="HOST:PORT",
@@ -66,7 +76,7 @@ def config_from(args: argparse.Namespace) -> ClusterConfig:
     return ClusterConfig(state_dir=os.path.abspath(args.state_dir), master_addr=args.master, node=args.node,
                          netns=args.netns, cgroup_parent=args.cgroup_parent, hypervisor=args.hypervisor,
                          cluster_cidr=args.cluster_cidr, switch_metrics=args.switch_metrics,
-                         ready_timeout=args.timeout)
+                         ready_timeout=args.timeout, nodes=args.nodes, fabric_cidr=args.fabric_cidr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 # ---- up / run / supervise ----------------------------------------------------------
 
 def up(args: argparse.Namespace) -> int:
+    if args.nodes < 1:
+        print("soda-devcluster: --nodes must be at least 1", file=sys.stderr)
+        return service.EXIT_USAGE
     config = config_from(args)
-    cluster = LocalCluster(config)
+    try:
+        cluster = LocalCluster(config)
+    except ValueError as exc:
+        print(f"soda-devcluster: {exc}", file=sys.stderr)
+        return service.EXIT_USAGE
     try:
         cluster.prepare()
     except ClusterError:
@@ -90,12 +107,13 @@ def up(args: argparse.Namespace) -> int:
             "--master", args.master, "--node", args.node, "--netns", args.netns,
             "--cgroup-parent", args.cgroup_parent, "--hypervisor", args.hypervisor,
             "--cluster-cidr", args.cluster_cidr, "--timeout", str(args.timeout),
+            "--nodes", str(args.nodes), "--fabric-cidr", args.fabric_cidr,
             *([] if args.switch_metrics is None else ["--switch-metrics", args.switch_metrics])]
     with open(log_path, "ab") as out:
         # Its own session: the terminal's Ctrl-C and hangup do not reach the cluster.
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-    deadline = time.monotonic() + args.timeout * len(PARTS)
+    deadline = time.monotonic() + args.timeout * len(cluster.parts)
     while True:
         state = load_state(config.state_dir) or {}
         if state.get("phase") == "up":
@@ -108,7 +126,7 @@ def up(args: argparse.Namespace) -> int:
             teardown(config.state_dir)      # whatever it had not taken down itself
             return 1
         if time.monotonic() > deadline:
-            print(f"soda-devcluster: the cluster did not start within {args.timeout * len(PARTS):g} s; "
+            print(f"soda-devcluster: the cluster did not start within {args.timeout * len(cluster.parts):g} s; "
                   f"taking it down (see {cluster.log_dir})", file=sys.stderr)
             args.timeout = DOWN_TIMEOUT
             down(args)
@@ -189,7 +207,7 @@ def describe(state: dict, state_dir: str, now: float | None = None) -> tuple[lis
     if state.get("phase") != "up":
         lines.append(f"cluster: {state.get('phase', 'unknown')}")
         healthy = False
-    for name in PARTS:
+    for name in part_names(layout_of(state.get("config", {}))):
         rec = state.get("parts", {}).get(name)
         if rec is None:
             continue

@@ -60,13 +60,18 @@ class MasterServer:
         reflection.enable_server_reflection(
             (master_pb2.DESCRIPTOR.services_by_name["Master"].full_name, reflection.SERVICE_NAME,
              health.SERVICE_NAME), self.server)
-        try:
-            self.port = self.server.add_insecure_port(cfg.listen)
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            self.store.close()
-            raise SodaError(f"cannot listen on {cfg.listen} (address in use or not available here)")
+        # Several addresses, comma-separated: e.g. loopback for sodactl and
+        # the fabric address the Agents of other hosts reach.
+        self.port = 0
+        for address in (a.strip() for a in cfg.listen.split(",") if a.strip()):
+            try:
+                port = self.server.add_insecure_port(address)
+            except RuntimeError:
+                port = 0
+            if not port:
+                self.store.close()
+                raise SodaError(f"cannot listen on {address} (address in use or not available here)")
+            self.port = self.port or port
 
     def start(self) -> None:
         self.server.start()
@@ -86,7 +91,8 @@ class MasterServer:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="soda-master", description="Run the SODA Master (control plane API).")
     p.add_argument("--config", help="YAML config file (see etc/soda/master.yaml)")
-    p.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:7070)")
+    p.add_argument("--listen", help="HOST:PORT to serve gRPC on, or several, comma-separated "
+                                     "(default 127.0.0.1:7070)")
     p.add_argument("--state-dir", help="directory for the state store and images")
     p.add_argument("--cluster-cidr", help="address range split into one subnet per physical node")
     p.add_argument("--node-lost-seconds", type=float, help="silence after which a node is LOST")

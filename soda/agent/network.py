@@ -42,6 +42,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import socket
 
 from pyroute2 import IPRoute, NetlinkError, netns as pr_netns
 from pyroute2.netlink.rtnl.ndmsg import states as neigh_states
@@ -182,8 +183,24 @@ class NodeNetwork(NetworkBackend):
         except NetlinkError as exc:
             raise NetworkError(f"cannot set up bridge {self.bridge}: {os.strerror(exc.code)}") from None
 
+    @staticmethod
+    def _check_no_overlap(ipr: IPRoute, subnet: str, ours: set[str]) -> None:
+        """NetworkError if a link other than `ours` holds an address in (or
+        around) `subnet`: the host's own network and the guests' would
+        route over each other, silently."""
+        network = ipaddress.ip_network(subnet)
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            link = names.get(addr["index"], "?")
+            held = ipaddress.ip_interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
+            if link not in ours and held.network.overlaps(network) and not held.ip.is_loopback:
+                raise NetworkError(f"the subnet {subnet} the Master handed this node overlaps {held} on "
+                                   f"{link}, a network of this host: give the Master a cluster_cidr "
+                                   f"that no host network uses")
+
     def _configure_bridge(self, ipr: IPRoute, subnet: str, gateway: str) -> int:
         prefix = ipaddress.ip_network(subnet).prefixlen
+        self._check_no_overlap(ipr, subnet, {self.bridge, self.uplink_node})
         if self.netns:
             ipr.link("set", index=self._index(ipr, "lo"), state="up")
         index = self._index(ipr, self.bridge)
@@ -205,6 +222,7 @@ class NodeNetwork(NetworkBackend):
             ipr.link("set", index=self._index(ipr, self.uplink_node), master=bridge_index, state="up")
 
         def host_address(ipr: IPRoute) -> None:
+            self._check_no_overlap(ipr, subnet, {self.uplink_host})
             index = self._index(ipr, self.uplink_host)
             self._ensure_addr(ipr, index, uplink, ipaddress.ip_network(subnet).prefixlen)
             ipr.link("set", index=index, state="up")

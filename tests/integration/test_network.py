@@ -11,7 +11,7 @@ pytestmark = pytest.mark.root
 if os.geteuid() != 0:
     pytest.skip("node networking needs root (netns, bridges, TAPs)", allow_module_level=True)
 
-from soda.agent.network import NodeNetwork, tap_name  # noqa: E402
+from soda.agent.network import NetworkError, NodeNetwork, tap_name  # noqa: E402
 from soda.hypervisors.base import guest_mac  # noqa: E402
 from soda.service import forbid_fork  # noqa: E402
 
@@ -112,3 +112,15 @@ def test_plugging_from_fresh_threads_never_forks_with_grpc_alive(net):
     finally:
         allow_fork()
         server.stop(grace=0)
+
+
+def test_a_subnet_that_overlaps_a_host_network_is_refused_and_leaves_nothing(net):
+    # A host network inside the node's namespace, where the subnet would go.
+    subprocess.run(["ip", "-n", net.netns, "link", "add", "hostnet0", "type", "veth", "peer", "name", "hostnet1"], check=True)
+    subprocess.run(["ip", "-n", net.netns, "addr", "add", "10.233.9.77/16", "dev", "hostnet0"], check=True)
+    with pytest.raises(NetworkError, match=r"10.233.9.0/24 .* overlaps 10.233.9.77/16 on hostnet0"):
+        net.configure_node("10.233.9.0/24", "10.233.9.1", "10.233.9.254")
+    assert "soda0" not in links(net.netns)
+    # Another subnet is fine.
+    net.configure_node("10.234.1.0/24", "10.234.1.1", "10.234.1.254")
+    assert addrs(net.netns, "soda0") == {("10.234.1.1", 24)}

@@ -261,13 +261,14 @@ def test_a_node_back_from_lost_stops_what_it_no_longer_owns_before_it_reports(tm
     back = FakeMaster([vnode("web-0", generation=2)])
     back.state = "LOST"
     slow_stop = threading.Event()
-    with Harness(tmp_path, back) as second:
-        real_stop = second.driver.stop
+    second = Harness(tmp_path, back)
+    real_stop = second.driver.stop
 
-        def stop(name, *args, **kwargs):
-            slow_stop.wait(5)
-            return real_stop(name, *args, **kwargs)
-        second.driver.stop = stop
+    def stop(name, *args, **kwargs):
+        slow_stop.wait(5)
+        return real_stop(name, *args, **kwargs)
+    second.driver.stop = stop          # before the Agent starts: its first pass stops web-1
+    with second:
         assert second.agent.wait_registered(5)
         time.sleep(0.3)
         # The old guests still run: not one heartbeat yet.

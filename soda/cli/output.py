@@ -76,11 +76,22 @@ def service_to_dict(service: model.Service) -> dict:
     }
 
 
+def node_state(node: model.Node) -> str:
+    """READY or LOST, and for a node an operator drains DRAINING while it
+    holds virtual nodes, DRAINED once it holds none: READY,DRAINED."""
+    if not node.draining:
+        return node.state
+    return f"{node.state},{'DRAINING' if node.vnodes else 'DRAINED'}"
+
+
 def node_to_dict(node: model.Node) -> dict:
     return {
         "name": node.name,
         "address": node.address,
         "state": node.state,
+        # Drained by an operator (sodactl node drain): nothing new is placed
+        # there; "vnodes" says how many it still holds.
+        "draining": node.draining,
         "subnet": node.subnet,
         "gateway": node.gateway,
         "hypervisors": list(node.hypervisors),
@@ -260,7 +271,7 @@ def nodes_table(nodes: Iterable[model.Node]) -> str:
         # A capacity the node could not measure: it took a default.
         return cell + " (assumed)" if resource in node.assumed else cell
 
-    rows = [(n.name, n.address, n.state, n.subnet,
+    rows = [(n.name, n.address, node_state(n), n.subnet,
              used(n, "cpu"), used(n, "memory", "Mi"), used(n, "bandwidth", "Mbit"),
              used(n, "disk", "Mi"),
              n.vnodes, ",".join(n.hypervisors), model.format_labels(n.labels)) + usage_cells(n.usage)

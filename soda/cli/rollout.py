@@ -50,6 +50,14 @@ class Rollout:
                 and not self.leaving and len(self.running) == self.wanted)
 
     @property
+    def moving(self) -> int:
+        """Live virtual nodes beyond what the service wants: replacements of
+        virtual nodes on a draining node, which leave once these run (only
+        a move makes a service hold more than it wants)."""
+        staying = len(self.running) + len(self.waiting) + len(self.failed) + len(self.retrying)
+        return max(0, staying - self.wanted) if not self.deleting else 0
+
+    @property
     def state(self) -> str:
         if self.deleting:
             return "DELETING"
@@ -58,13 +66,17 @@ class Rollout:
         if self.done:
             # A service may rest at zero virtual nodes (deploy on first request).
             return "RUNNING" if self.wanted else "IDLE"
+        if self.moving:
+            return "MOVING"
         if self.leaving and not self.waiting and len(self.running) == self.wanted:
             return "SCALING"
         return "PENDING"
 
     def progress(self) -> str:
         """`web: 3/4 running`, plus what else is going on."""
-        text = f"{self.name}: {len(self.running)}/{self.wanted} running"
+        text = f"{self.name}: {min(len(self.running), self.wanted)}/{self.wanted} running"
+        if self.moving:
+            text += f", {self.moving} moving"
         if self.failed:
             text += f", {len(self.failed)} failed"
         if self.retrying:

@@ -26,7 +26,7 @@ import click
 from soda import errors, model
 from soda.cli import output, specs
 from soda.cli.progress import ByteProgress, StatusLine
-from soda.cli.wait import DEFAULT_TIMEOUT, wait_until_deleted, wait_until_running
+from soda.cli.wait import DEFAULT_TIMEOUT, wait_until_deleted, wait_until_drained, wait_until_running
 from soda.rpc.client import DEFAULT_MASTER, MasterClient, sha256_file
 
 EXIT_OK = 0
@@ -187,8 +187,66 @@ def node() -> None:
 @output_option
 @click.pass_obj
 def node_list(session: Session) -> None:
-    """List physical nodes: capacity in use, virtual nodes, hypervisors."""
+    """List physical nodes: capacity in use, virtual nodes, hypervisors.
+
+    STATE is READY or LOST; a node being drained adds DRAINING while it
+    still holds virtual nodes and DRAINED once it holds none (READY,DRAINED)."""
     session.emit_list(session.client.list_nodes(), output.node_to_dict, output.nodes_table)
+
+
+@node.command("drain")
+@click.argument("name")
+@wait_options("the node holds no virtual node")
+@output_option
+@click.pass_obj
+def node_drain(session: Session, name: str, wait: bool, timeout: float) -> None:
+    """Move every virtual node off node NAME.
+
+    Nothing new is placed there, and its virtual nodes move one at a time: each gets a replacement on
+    another node, and leaves (through the Switch's drain) once that one
+    runs and, where a Switch serves the service, is healthy there.
+    Refused (exit 3, naming the resource) when the other nodes have no
+    room for them all. Draining a draining node again changes nothing.
+    A --wait that times out while a virtual node still waits for room
+    elsewhere exits 3 too.
+
+    \b
+    sodactl node drain node-a --wait
+    sodactl node remove node-a      # once drained, with its Agent stopped"""
+    drained = session.client.drain_node(name)
+    if wait:
+        with StatusLine() as status:
+            drained = wait_until_drained(session.client, name, status, timeout)
+    session.emit(output.node_to_dict(drained),
+                 lambda: f"node {name} drained: it holds no virtual node" if not drained.vnodes
+                 else f"node {name} draining: {drained.vnodes} virtual node(s) to move "
+                      f"(sodactl node list shows its state)")
+
+
+@node.command("undrain")
+@click.argument("name")
+@output_option
+@click.pass_obj
+def node_undrain(session: Session, name: str) -> None:
+    """Place virtual nodes on node NAME again.
+
+    Moves already done stay done; a move still under way is given up."""
+    undrained = session.client.undrain_node(name)
+    session.emit(output.node_to_dict(undrained), lambda: f"node {name} takes new virtual nodes again")
+
+
+@node.command("remove")
+@click.argument("name")
+@output_option
+@click.pass_obj
+def node_remove(session: Session, name: str) -> None:
+    """Forget node NAME, which holds nothing.
+
+    Its subnet is free again. Drain it first (or it is LOST and its virtual nodes run elsewhere).
+    Stop its Agent before: a running Agent registers its node again."""
+    removed = session.client.remove_node(name)
+    session.emit(output.node_to_dict(removed),
+                 lambda: f"node {name} removed (subnet {removed.subnet or '-'} is free)")
 
 
 @cli.group()

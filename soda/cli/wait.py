@@ -1,9 +1,11 @@
-"""`--wait`: follow a service through the Master's watch until it is done.
+"""`--wait`: follow a service through the Master's watch until it is done,
+or a draining node until it holds nothing.
 
-Owns waiting only: it reads the service through the client it is given
-and reports on a StatusLine; what "done" means lives in soda.cli.rollout.
-Failures and timeouts are raised as WaitFailed (a SodaError), so sodactl
-prints them like any other error.
+Owns waiting only: it reads the service or node through the client it is
+given and reports on a StatusLine; what "done" means for a service lives
+in soda.cli.rollout. Failures and timeouts are raised as WaitFailed (a
+SodaError), so sodactl prints them like any other error; a drain that
+times out while a virtual node waits for room elsewhere is NoCapacity.
 """
 
 from __future__ import annotations
@@ -23,12 +25,21 @@ DEFAULT_TIMEOUT = 300.0
 # snapshot, and a watch the Master ended early.
 POLL_INTERVAL = 5.0
 
+# How often a drain's progress is read: a node's virtual nodes are not
+# streamed, and a move takes a second or more.
+NODE_POLL_INTERVAL = 1.0
+
 Clock = Callable[[], float]
 
 
 class ServiceReader(Protocol):
     def get_service(self, name: str) -> model.Service: ...
     def watch_services(self, name: str = "") -> Iterator[tuple[str, model.Service | str]]: ...
+
+
+class NodeReader(Protocol):
+    def list_nodes(self) -> list[model.Node]: ...
+    def list_services(self) -> list[model.Service]: ...
 
 
 class WaitFailed(errors.SodaError):
@@ -134,3 +145,55 @@ def wait_until_deleted(client: ServiceReader, name: str, status: StatusLine,
     detail = "" if not left else ": still there: " + name_some(
         [f"{v.name} ({describe(v)})" for v in sorted(left, key=lambda v: v.index)])
     raise WaitFailed(f"timed out after {timeout:g}s waiting for service {name} to be deleted{detail}")
+
+
+def wait_until_drained(client: NodeReader, name: str, status: StatusLine,
+                       timeout: float = DEFAULT_TIMEOUT, poll_interval: float | None = None,
+                       clock: Clock = time.monotonic,
+                       sleep: Callable[[float], None] = time.sleep) -> model.Node:
+    """Return node `name` once it holds no virtual node (each moved and the
+    old one stopped); raise WaitFailed if it is undrained or removed
+    meanwhile, or at timeout (NoCapacity when a virtual node still waits
+    for room elsewhere then)."""
+    interval = NODE_POLL_INTERVAL if poll_interval is None else poll_interval
+    deadline = clock() + timeout
+    while True:
+        node = next((n for n in client.list_nodes() if n.name == name), None)
+        if node is None:
+            raise WaitFailed(f"node {name} is gone: it was removed while waiting for it to drain")
+        if not node.draining:
+            raise WaitFailed(f"node {name} was undrained while waiting for it to drain")
+        if not node.vnodes:
+            status.finish(f"{name}: drained")
+            return node
+        held = sorted((v for s in client.list_services() for v in s.vnodes if v.node == name),
+                      key=lambda v: (v.service, v.index))
+        moving = [v for v in held if not v.deleting]
+        status.update(_drain_progress(name, moving, len(held) - len(moving)), milestone=True)
+        remaining = deadline - clock()
+        if remaining <= 0:
+            what = name_some([f"{v.name} ({_drain_note(name, v) or describe(v)})" for v in moving]) \
+                or f"{node.vnodes - len(moving)} virtual node(s) still stopping"
+            message = f"timed out after {timeout:g}s waiting for node {name} to drain: {what}"
+            if any("waiting for room" in v.reason for v in moving):
+                raise errors.NoCapacity(message)
+            raise WaitFailed(message)
+        sleep(min(interval, remaining))
+
+
+def _drain_progress(name: str, moving: list[model.VirtualNode], stopping: int) -> str:
+    """`node-a: draining, 2 virtual node(s) to move, 1 stopping; web-0 moving to web-4 on node-b, ...`"""
+    text = f"{name}: draining, {len(moving)} virtual node(s) to move"
+    if stopping:
+        text += f", {stopping} stopping"
+    current = next((v for v in moving if "moving to" in v.reason), None) \
+        or next((v for v in moving if v.reason), None)
+    if current is not None:
+        text += f"; {current.name}: {_drain_note(name, current)}"
+    return text
+
+
+def _drain_note(name: str, vnode: model.VirtualNode) -> str:
+    """Its reason without the "node NAME is draining: " every drain note starts with."""
+    prefix = f"node {name} is draining: "
+    return vnode.reason[len(prefix):] if vnode.reason.startswith(prefix) else vnode.reason

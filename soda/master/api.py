@@ -136,6 +136,14 @@ class MasterServicer(pb_grpc.MasterServicer):
             last = current
 
     @handle_errors
+    def DrainNode(self, request, context):
+        return convert.node_to_pb(self.controller.drain_node(request.name))
+
+    @handle_errors
+    def UndrainNode(self, request, context):
+        return convert.node_to_pb(self.controller.undrain_node(request.name))
+
+    @handle_errors
     def RemoveNode(self, request, context):
         return convert.node_to_pb(self.controller.remove_node(request.name))
 

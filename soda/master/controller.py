@@ -13,10 +13,22 @@ heartbeat is noted as it arrives, a drain hold taken before the commit: see
 `_seen` and `_hold_for_draining`). The lock guards that in-memory state
 only and is never held while a transaction opens. No gRPC here: `api.py`
 is a thin translation layer on top.
+
+Node drain: a draining node gets no new placements, and the membership
+pass moves its virtual nodes elsewhere, one at a time per draining node
+and per service: a replacement (same service, resources and image, the
+next index) is placed on another node while the old one runs on, and once
+it is RUNNING, and healthy at the Switch when a Switch serves the service,
+the old one leaves through the Switch's drain like any removed virtual
+node. A move in flight is not recorded anywhere: it is read from counts (a
+service with more live virtual nodes than it wants, one of them on a
+draining node: `moves_of`), so a Master restarted mid-drain carries on
+where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -32,11 +44,15 @@ from soda.master import ipam, scheduler
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
 from soda.master.store import StateReader, StateStore, Transaction, update_of
-from soda.master.switches import SwitchRegistry
+from soda.master.switches import STALE_SECONDS, SwitchRegistry
 
 log = logging.getLogger(__name__)
 
 READY, LOST = "READY", "LOST"
+# How a draining node is shown to the scheduler, which places on READY nodes
+# only: never stored (a node's state is READY or LOST, drained or not), but
+# unlike leaving it out, it still counts as a node that offers its hypervisors.
+DRAINING = "DRAINING"
 # A unit of work that keeps meeting a Conflict is given up on after this many
 # attempts: the caller sees the Conflict (ABORTED) and may try again.
 CONFLICT_ATTEMPTS = 5
@@ -56,6 +72,9 @@ SERVICES_TOPIC = "services"
 ENDPOINTS_TOPIC = "endpoints"
 # Membership: a node joined, changed address, state or drain, or was removed.
 NODES_TOPIC = "nodes"
+# How often a Switch reports by default (soda.switch.main's report_seconds):
+# what a drain allows for a Switch's word on a replacement's health to arrive.
+SWITCH_REPORT_SECONDS = 2.0
 
 
 class Controller:
@@ -70,6 +89,12 @@ class Controller:
         self._lock = threading.RLock()
         self._usage: dict[str, model.Usage] = {}     # vnode name -> latest reported
         self.switches = SwitchRegistry()        # Switch reports: figures, listen checks, draining
+        # Node drain, as the last membership pass saw it (memory only: the
+        # next pass after a restart sees it again): vnode -> (service, why it
+        # moves or waits), shown as its reason while its Agent reports none;
+        # and when each replacement was first seen RUNNING and healthy.
+        self._drain_notes: dict[str, tuple[str, str]] = {}
+        self._replacements: dict[str, _Replacement] = {}
         # Heartbeats are kept in memory only: after a Master restart every
         # known node gets a full grace period to reconnect before it is LOST.
         started = monotonic()
@@ -131,8 +156,16 @@ class Controller:
                    resources: Sequence[model.Resources], names: Sequence[str],
                    service_counts: dict[str, int]) -> list[model.VirtualNode]:
         nodes = tx.list_nodes()
-        placements = scheduler.place(nodes, resources, hypervisor=spec.hypervisor,
-                                     service_counts=service_counts, labels=names)
+        draining = {n.name for n in nodes if n.draining}
+        try:
+            placements = scheduler.place(_placement_view(nodes, draining), resources,
+                                         hypervisor=spec.hypervisor, service_counts=service_counts,
+                                         labels=names)
+        except NoCapacity as exc:
+            if exc.resource == "nodes" and any(n.state == READY for n in nodes if n.name in draining):
+                raise NoCapacity("no ready physical node that is not draining: undrain one (sodactl node "
+                                 "undrain NAME) or start a soda-agent", resource="nodes") from None
+            raise
         by_name = {n.name: n for n in nodes}
         addresses = self._allocate_addresses(tx, by_name, [p.node for p in placements])
         return [model.VirtualNode(
@@ -158,22 +191,27 @@ class Controller:
         return out
 
     def get_service(self, name: str) -> model.Service:
-        return self._with_usage(self.store.get_service(name))
+        return self._observed(self.store.get_service(name))
 
     def list_services(self) -> list[model.Service]:
-        return [self._with_usage(s) for s in self.store.list_services()]
+        return [self._observed(s) for s in self.store.list_services()]
 
     # Usage is observed, changes with every heartbeat and is worthless after
     # a restart (the next heartbeat brings it back): kept in memory, never
-    # in the store, and never a reason to publish a service event.
-    def _with_usage(self, service: model.Service) -> model.Service:
+    # in the store, and never a reason to publish a service event. A drain
+    # note is shown as the reason of a virtual node whose Agent gives none:
+    # the Agent's reports overwrite a stored reason, and a move's progress
+    # is read again by every membership pass anyway.
+    def _observed(self, service: model.Service) -> model.Service:
         with self._lock:
             usage = dict(self._usage)
             switched = self.switches.vnode_stats(self.monotonic())
-        if not any(v.name in usage or v.name in switched for v in service.vnodes):
+            notes = {name: text for name, (svc, text) in self._drain_notes.items() if svc == service.name}
+        if not any(v.name in usage or v.name in switched or v.name in notes for v in service.vnodes):
             return service
         return replace(service, vnodes=tuple(replace(v, usage=usage.get(v.name),
-                                                     switch_stats=switched.get(v.name))
+                                                     switch_stats=switched.get(v.name),
+                                                     reason=v.reason or notes.get(v.name, ""))
                                              for v in service.vnodes))
 
     def _record_usage(self, mine: dict, statuses: Sequence[model.VirtualNodeStatus],
@@ -246,6 +284,14 @@ class Controller:
         service = tx.get_service(name)
         if service.deleting:
             raise WrongState(f"service {name!r} is being deleted")
+        # A resize starts from the virtual nodes the service wants: a move
+        # in flight is given up (its replacement goes) and the drain starts
+        # it again after the resize, from the resized service.
+        nodes_now = tx.list_nodes()
+        moves, strays = moves_of(service, {n.name for n in nodes_now if n.draining})
+        if moves or strays:
+            self._drop(tx, service, [m.new for m in moves] + strays, nodes_now)
+            service = tx.get_service(name)
         live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
         count = len(live) if nodes is None or nodes < 0 else nodes
         if resources and len(resources) not in (1, count):
@@ -428,6 +474,105 @@ class Controller:
                  model.format_labels(labels) or "none")
         return _addressed(self.store.get_node(name))
 
+    def drain_node(self, name: str) -> model.Node:
+        """Place nothing new on `name` and have the membership pass move
+        its virtual nodes elsewhere, one at a time. Refused (NoCapacity,
+        naming the resource) when the virtual nodes left on draining nodes,
+        its own included, would not all fit on the READY nodes that are not
+        draining; draining a draining node again changes nothing."""
+        def work(tx: Transaction) -> model.Node:
+            node = tx.get_node(name)
+            if node.draining:
+                return node
+            nodes = tx.list_nodes()
+            self._check_room_to_drain(tx, name, nodes)
+            tx.put_node(replace(node, draining=True))
+            tx.after_commit(functools.partial(self.notifier.publish, NODES_TOPIC, SERVICES_TOPIC))
+            tx.after_commit(functools.partial(log.info, "node %s draining: %d virtual node(s) to move", name,
+                                              sum(1 for v in tx.list_vnodes(node=name) if not v.deleting)))
+            return node
+
+        self._unit_of_work(work)
+        return _addressed(self.store.get_node(name))
+
+    def _check_room_to_drain(self, tx: StateReader, name: str, nodes: Sequence[model.Node]) -> None:
+        """A dry run of the placements a drain of `name` leads to: every
+        live virtual node on a READY draining node (`name` included) that no
+        replacement is under way for yet, on the READY nodes not draining,
+        as the scheduler would place them (one batch per hypervisor asked
+        for, each taking its room before the next)."""
+        draining = {n.name for n in nodes if n.draining} | {name}
+        homeless: dict[str, list[model.VirtualNode]] = {}       # hypervisor asked for -> vnodes
+        services = sorted({v.service for n in nodes if n.name in draining and n.state == READY
+                           for v in tx.list_vnodes(node=n.name) if not v.deleting})
+        for service in map(tx.get_service, services):
+            if service.deleting:
+                continue
+            moves, strays = moves_of(service, draining)
+            settled = {m.old.name for m in moves} | {v.name for v in strays}
+            homeless.setdefault(service.spec.hypervisor, []).extend(
+                v for v in service.vnodes
+                if not v.deleting and v.node in draining and v.name not in settled)
+        count = sum(len(vs) for vs in homeless.values())
+        if not count:
+            return
+        if not any(n.state == READY and n.name not in draining for n in nodes):
+            raise NoCapacity(f"cannot drain node {name}: no other READY node that is not draining to "
+                             f"move {count} virtual node(s) to", resource="nodes")
+        view = {n.name: n for n in _placement_view(nodes, draining)}
+        for hypervisor, vnodes in sorted(homeless.items()):
+            wants = [v.resources for v in vnodes]
+            try:
+                placements = scheduler.place(list(view.values()), wants, hypervisor=hypervisor,
+                                             labels=[v.name for v in vnodes])
+            except NoCapacity as exc:
+                raise NoCapacity(f"cannot drain node {name}: {exc.message}", resource=exc.resource) from None
+            except InvalidSpec as exc:
+                # Nothing wrong with the request: the other nodes cannot
+                # boot what runs here (too small for their kernels).
+                raise WrongState(f"cannot drain node {name}: {exc.message}") from None
+            for p, want in zip(placements, wants):
+                target = view[p.node]
+                view[p.node] = replace(target, allocated=target.allocated
+                                       + scheduler.charged(target, p.hypervisor, want))
+
+    def undrain_node(self, name: str) -> model.Node:
+        """Place on `name` again. Moves already done stay done; a move in
+        flight from it is given up (its replacement goes), unless another
+        draining node holds a virtual node it can replace instead."""
+        def work(tx: Transaction) -> None:
+            node = tx.get_node(name)
+            if not node.draining:
+                return
+            tx.put_node(replace(node, draining=False))
+            nodes = tx.list_nodes()
+            draining = {n.name for n in nodes if n.draining}
+            for service in map(tx.get_service, sorted({v.service for v in tx.list_vnodes(node=name)})):
+                _, strays = moves_of(service, draining)
+                self._drop(tx, service, strays, nodes)
+            tx.after_commit(functools.partial(self.notifier.publish, NODES_TOPIC, SERVICES_TOPIC))
+            tx.after_commit(functools.partial(log.info, "node %s no longer draining", name))
+
+        self._unit_of_work(work)
+        return _addressed(self.store.get_node(name))
+
+    def _drop(self, tx: Transaction, service: model.Service, vnodes: Sequence[model.VirtualNode],
+              nodes: Sequence[model.Node]) -> None:
+        """Take `vnodes` (replacements of moves given up) out of `service`:
+        through the Switch's drain where an Agent runs them, at once where
+        none does."""
+        if not vnodes:
+            return
+        ready = {n.name for n in nodes if n.state == READY}
+        gone = [v for v in vnodes if v.node not in ready]
+        leaving = [replace(v, deleting=True) for v in vnodes if v.node in ready]
+        tx.delete_vnodes(gone)
+        tx.put_vnodes(leaving)
+        self._hold_for_draining(leaving, service.spec.switch.drain_seconds)
+        tx.after_commit(functools.partial(log.info, "service %s: move of %s given up", service.name,
+                                          ", ".join(v.name for v in vnodes)))
+        tx.after_commit(functools.partial(self._publish_service, service.name, {v.node for v in leaving}))
+
     def remove_node(self, name: str) -> model.Node:
         """Forget a node that runs nothing (drained, or LOST with its
         virtual nodes placed elsewhere): its subnet is free again and every
@@ -552,13 +697,15 @@ class Controller:
 
     def check_membership(self) -> list[str]:
         """Mark nodes whose heartbeats stopped LOST and place their virtual
-        nodes again; retry virtual nodes that could not be placed. Returns
-        the nodes newly lost."""
+        nodes again; retry virtual nodes that could not be placed; move
+        virtual nodes off draining nodes (`_drain`). Returns the nodes
+        newly lost."""
         self._release_drained()
         now = self.monotonic()
         # Most passes find nothing to do: tell so from committed state
         # without taking the write lock; the transaction decides again.
         if not self._membership_due(self.store, now):
+            self._note_drain(_DrainPass())
             return []
 
         def work(tx: Transaction) -> list[str]:
@@ -569,6 +716,8 @@ class Controller:
             down = {n.name for n in nodes if n.state != READY} | {n.name for n, _ in lost}
             stranded = [v for v in tx.list_vnodes() if not v.node or v.node in down]
             touched = self._replace(tx, stranded) if stranded else set()
+            drain = self._drain(tx, now)
+            touched |= drain.touched
 
             def committed() -> None:
                 for node, silent in lost:
@@ -577,6 +726,7 @@ class Controller:
                     self.notifier.publish(NODES_TOPIC)
                 for service in sorted(touched):
                     self._publish_service(service, nodes=set())
+                self._note_drain(drain)
             tx.after_commit(committed)
             return [n.name for n, _ in lost]
 
@@ -590,11 +740,15 @@ class Controller:
                 if n.state == READY and silent[n.name] > self.config.node_lost_seconds]
 
     def _membership_due(self, state: StateReader, now: float) -> bool:
-        """Whether a node is to be marked LOST or a virtual node waits for a place."""
+        """Whether a node is to be marked LOST, a virtual node waits for a
+        place or a draining node still holds a live virtual node."""
         nodes = state.list_nodes()
         if self._newly_lost(nodes, now):
             return True
-        return any(state.list_vnodes(node=name) for name in ["", *(n.name for n in nodes if n.state != READY)])
+        if any(state.list_vnodes(node=name) for name in ["", *(n.name for n in nodes if n.state != READY)]):
+            return True
+        return any(not v.deleting for n in nodes if n.draining and n.state == READY
+                   for v in state.list_vnodes(node=n.name))
 
     def _replace(self, tx: Transaction, stranded: Sequence[model.VirtualNode]) -> set[str]:
         """Place stranded virtual nodes again (or record why they wait);
@@ -603,10 +757,21 @@ class Controller:
         gone = [v for v in stranded if v.deleting]
         tx.delete_vnodes(gone)
         touched.update(v.service for v in gone)
+        draining = {n.name for n in tx.list_nodes() if n.draining}
         for v in stranded:
             if v.deleting:
                 continue
-            spec = tx.get_service(v.service).spec
+            service = tx.get_service(v.service)
+            moves, strays = moves_of(service, draining)
+            if v.name in {m.old.name for m in moves} | {m.new.name for m in moves} | {u.name for u in strays}:
+                # Half of a move: the other half stands in for it (a
+                # replacement lost is started again by the drain).
+                tx.delete_vnodes([v])
+                touched.add(v.service)
+                tx.after_commit(functools.partial(log.info, "virtual node %s lost mid-move: not placed again",
+                                                  v.name))
+                continue
+            spec = service.spec
             counts: dict[str, int] = {}
             for other in tx.list_vnodes(service=v.service):
                 counts[other.node] = counts.get(other.node, 0) + 1
@@ -625,6 +790,166 @@ class Controller:
             tx.after_commit(functools.partial(self.notifier.publish, node_topic(moved.node)))
         self._finish_deletions(tx, touched)
         return touched
+
+    # ---- node drain -----------------------------------------------------
+    def _drain(self, tx: Transaction, now: float) -> _DrainPass:
+        """One step of every drain: finish the moves whose replacement is
+        ready (the old virtual node leaves through the Switch's drain),
+        then start one move on each draining node that has none in flight,
+        for a service that has none either. A virtual node no other node
+        has room for stays where it is, with the reason noted, and is
+        tried again at the next pass."""
+        out = _DrainPass()
+        nodes = {n.name: n for n in tx.list_nodes()}
+        draining = {name for name, n in nodes.items() if n.draining}
+        if not draining:
+            return out
+        with self._lock:
+            stats = self.switches.vnode_stats(now)
+            seen = dict(self._replacements)
+        busy: set[str] = set()                  # draining nodes with a move in flight
+        moved: set[str] = set()                 # virtual nodes leaving now, replaced
+        idle: list[model.Service] = []          # services with a virtual node to move and no move
+        visited = [s for s in map(tx.get_service, sorted({v.service for name in draining
+                                                           for v in tx.list_vnodes(node=name)
+                                                           if not v.deleting}))
+                   if not s.deleting]
+        for service in visited:
+            moves, strays = moves_of(service, draining)
+            if strays:
+                # Replacements placed on a node that is draining since.
+                self._drop(tx, service, strays, list(nodes.values()))
+                out.touched.add(service.name)
+            for move in moves:
+                waiting = self._replacement_waits(service, move, stats, seen, now)
+                if waiting:
+                    out.replacements[move.new.name] = seen[move.new.name]
+                    busy.add(move.old.node)
+                    out.note(move.old, f"node {move.old.node} is draining: moving to {move.new.name} on "
+                                       f"{move.new.node}, {waiting}")
+                    out.note(move.new, f"replaces {move.old.name} (node {move.old.node} is draining)")
+                else:
+                    self._finish_move(tx, service, move)
+                    moved.add(move.old.name)
+                    out.touched.add(service.name)
+                    out.nodes.update((move.old.node, move.new.node))
+            if not moves and not strays:
+                idle.append(service)
+        started: set[str] = set()
+        for name in sorted(draining):
+            if name in busy or nodes[name].state != READY:
+                continue        # a LOST node's virtual nodes are placed again as stranded ones
+            candidates = [(service, v) for service in idle for v in _movable(service, draining)
+                          if v.node == name]
+            for service, v in candidates:
+                if name in busy or service.name in started:
+                    out.note(v, f"node {name} is draining: waiting for its turn to move")
+                    continue
+                try:
+                    new = self._start_move(tx, service, v)
+                except (NoCapacity, InvalidSpec) as exc:
+                    out.note(v, f"node {name} is draining: waiting for room elsewhere: {exc.message}")
+                    continue
+                busy.add(name)
+                started.add(service.name)
+                out.touched.add(service.name)
+                out.nodes.add(new.node)
+                out.note(v, f"node {name} is draining: moving to {new.name} on {new.node}, "
+                            f"waiting for it to run")
+                out.note(new, f"replaces {v.name} (node {name} is draining)")
+        for service in visited:
+            for v in service.vnodes:
+                if not v.deleting and v.node in draining and v.name not in moved \
+                        and v.name not in out.notes:
+                    out.note(v, f"node {v.node} is draining: waiting for its turn to move")
+        for node in out.nodes:
+            tx.after_commit(functools.partial(self.notifier.publish, node_topic(node)))
+        return out
+
+    def _start_move(self, tx: Transaction, service: model.Service,
+                    old: model.VirtualNode) -> model.VirtualNode:
+        """Place a replacement of `old` on a node that is not draining: the
+        next index of its service, its resources and image digest."""
+        index = max(v.index for v in service.vnodes) + 1
+        counts: dict[str, int] = {}
+        for v in service.vnodes:
+            if not v.deleting:
+                counts[v.node] = counts.get(v.node, 0) + 1
+        [new] = self._place_new(tx, service.spec, old.image_digest, [index], [old.resources],
+                                [model.vnode_name(service.name, index)], counts)
+        tx.put_vnodes([new])
+        tx.after_commit(functools.partial(log.info, "moving %s off draining node %s: %s placed on %s",
+                                          old.name, old.node, new.name, new.node))
+        return new
+
+    def _finish_move(self, tx: Transaction, service: model.Service, move: Move) -> None:
+        """The replacement is ready: the old virtual node leaves, through
+        the Switch's drain like any removed one."""
+        leaving = replace(move.old, deleting=True)
+        tx.put_vnodes([leaving])
+        self._hold_for_draining([leaving], service.spec.switch.drain_seconds)
+        # The spec's per-node resources follow the live virtual nodes in
+        # index order (what a resize applies them by): the replacement took
+        # a new index, so they may have to be ordered anew.
+        staying = sorted((v for v in service.vnodes if not v.deleting and v.name != move.old.name),
+                         key=lambda v: v.index)
+        resources = tuple(v.resources for v in staying)
+        if resources != service.spec.resources and len(resources) == service.spec.nodes:
+            tx.put_service(replace(service, spec=replace(service.spec, resources=resources)))
+        tx.after_commit(functools.partial(log.info, "%s moved off draining node %s: %s runs on %s",
+                                          move.old.name, move.old.node, move.new.name, move.new.node))
+
+    def _replacement_waits(self, service: model.Service, move: Move,
+                           stats: Mapping[str, model.SwitchVnodeStats],
+                           seen: dict[str, _Replacement], now: float) -> str:
+        """What the replacement of `move` still waits for ("" when ready):
+        RUNNING, and healthy at a Switch when a Switch reports the service.
+        A Switch starts a new virtual node healthy and calls it unhealthy
+        after `fall` failed checks, so healthy counts once it has stayed so
+        for that long and one report more. A Switch that has not reported
+        the replacement yet (it hears of it at once and reports every few
+        seconds) is waited for up to STALE_SECONDS longer; after that the
+        move goes on, unless the Switch finds the replacement unhealthy
+        and the old one healthy, which is never a good trade."""
+        new, old = move.new, move.old
+        if new.phase != model.Phase.RUNNING:
+            seen[new.name] = _Replacement()
+            return f"waiting for it to run ({new.phase.name})"
+        watched = seen.get(new.name) or _Replacement()
+        if watched.running_since is None:
+            watched = replace(watched, running_since=now)
+        if not any(v.name in stats for v in service.vnodes):
+            seen[new.name] = watched
+            return ""           # no Switch serves the service
+        health = service.spec.switch.health
+        settle = 0.0 if health.kind == "none" else \
+            health.fall * (health.interval + health.timeout) + SWITCH_REPORT_SECONDS
+        mine = stats.get(new.name)
+        if mine is not None and mine.routable and mine.healthy:
+            if watched.healthy_since is None:
+                watched = replace(watched, healthy_since=now)
+            seen[new.name] = watched
+            if now - watched.healthy_since >= settle:
+                return ""
+            return "waiting for the Switch's health checks"
+        seen[new.name] = replace(watched, healthy_since=None)
+        theirs = stats.get(old.name)
+        if mine is not None and mine.routable and theirs is not None and theirs.healthy:
+            return f"which fails the Switch's health checks ({old.name} passes them)"
+        if now - watched.running_since < STALE_SECONDS + settle:
+            return "waiting for a Switch to report it healthy"
+        return ""
+
+    def _note_drain(self, drain: _DrainPass) -> None:
+        """Keep what a committed pass found and tell the watchers of the
+        services whose notes changed."""
+        with self._lock:
+            before, self._drain_notes = self._drain_notes, dict(drain.notes)
+            self._replacements = dict(drain.replacements)
+        changed = sorted({svc for name, (svc, text) in before.items() if drain.notes.get(name) != (svc, text)}
+                         | {svc for name, (svc, text) in drain.notes.items() if before.get(name) != (svc, text)})
+        for service in changed:
+            self._publish_service(service)
 
     # ---- images -------------------------------------------------------
     def push_image(self, name: str, size: int, digest: str, init: str,
@@ -688,6 +1013,84 @@ def _on_demand(service: model.Service, action: str) -> model.OnDemand:
     if service.deleting:
         raise WrongState(f"service {service.name!r} is being deleted")
     return service.spec.on_demand
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """A virtual node leaving a draining node (`old`) and the one placed
+    elsewhere to replace it (`new`); both live until `new` is ready."""
+    old: model.VirtualNode
+    new: model.VirtualNode
+
+
+def moves_of(service: model.Service,
+             draining: set[str]) -> tuple[list[Move], list[model.VirtualNode]]:
+    """The moves in flight of `service`, read from counts, and its surplus
+    virtual nodes that replace nothing (to be dropped).
+
+    Only a move leaves a service with more live virtual nodes than it
+    wants, and its replacement takes an index above every other: so with
+    k too many, the k highest-index live ones are replacements, each of
+    the lowest-index live virtual node with the same resources on a
+    draining node (`_movable` starts moves in that order). A replacement
+    with no such virtual node (its node was undrained) or on a draining
+    node itself is surplus."""
+    if service.deleting:
+        return [], []
+    live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
+    surplus = len(live) - service.spec.nodes
+    if surplus <= 0:
+        return [], []
+    leaving = [v for v in live[:-surplus] if v.node in draining]
+    moves, strays = [], []
+    for new in live[-surplus:]:
+        old = next((v for v in leaving if v.resources == new.resources), None)
+        if old is None or new.node in draining:
+            strays.append(new)
+            continue
+        leaving.remove(old)
+        moves.append(Move(old=old, new=new))
+    return moves, strays
+
+
+def _movable(service: model.Service, draining: set[str]) -> list[model.VirtualNode]:
+    """The live virtual nodes of `service` on draining nodes that a move
+    may start from: of those with the same resources, the lowest index
+    first (the one `moves_of` pairs a replacement with)."""
+    out, classes = [], set()
+    for v in sorted(service.vnodes, key=lambda v: v.index):
+        if not v.deleting and v.node in draining and v.resources not in classes:
+            classes.add(v.resources)
+            out.append(v)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replacement:
+    """When a replacement was first seen RUNNING, and healthy at a Switch
+    (monotonic seconds; None: not yet, or not since it was last seen
+    otherwise)."""
+    running_since: float | None = None
+    healthy_since: float | None = None
+
+
+@dataclasses.dataclass
+class _DrainPass:
+    """What one drain pass did and saw."""
+    touched: set[str] = dataclasses.field(default_factory=set)          # services changed
+    nodes: set[str] = dataclasses.field(default_factory=set)            # nodes whose desired set changed
+    notes: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    replacements: dict[str, _Replacement] = dataclasses.field(default_factory=dict)
+
+    def note(self, vnode: model.VirtualNode, text: str) -> None:
+        self.notes[vnode.name] = (vnode.service, text)
+
+
+def _placement_view(nodes: Sequence[model.Node], draining: set[str]) -> list[model.Node]:
+    """`nodes` as the scheduler is to see them: a READY node in `draining`
+    takes nothing new (shown as DRAINING, so that it still counts as one
+    offering its hypervisors)."""
+    return [replace(n, state=DRAINING) if n.name in draining and n.state == READY else n for n in nodes]
 
 
 def _addressed(node: model.Node) -> model.Node:

@@ -164,6 +164,13 @@ class MasterClient(StubClient):
         for node_set in self._stream("WatchNodes", pb.WatchNodesRequest()):
             yield [convert.node_from_pb(n) for n in node_set.nodes]
 
+    def drain_node(self, name: str) -> model.Node:
+        """No new placements on node `name`; its virtual nodes move elsewhere."""
+        return convert.node_from_pb(self._call("DrainNode", pb.NodeRequest(name=name)))
+
+    def undrain_node(self, name: str) -> model.Node:
+        return convert.node_from_pb(self._call("UndrainNode", pb.NodeRequest(name=name)))
+
     def remove_node(self, name: str) -> model.Node:
         return convert.node_from_pb(self._call("RemoveNode", pb.NodeRequest(name=name)))
 

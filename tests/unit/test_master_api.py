@@ -431,3 +431,26 @@ def test_the_node_set_is_streamed_on_membership_changes_only(client):
     wait_sets(3)
     assert [(n.name, n.address) for n in sets[2]] == [("n1", "10.9.0.7")]
     watcher.join(timeout=10)
+
+
+def test_drain_undrain_and_their_errors_on_the_wire(cluster):
+    svc = cluster.create_service(spec(nodes=3, resources={"cpu": 1.5}))      # one on each node
+    with pytest.raises(NoCapacity, match="cannot drain node n0: not enough cpu"):
+        cluster.drain_node("n0")
+    with pytest.raises(NotFound, match="no physical node named 'nope'"):
+        cluster.drain_node("nope")
+    with pytest.raises(NotFound):
+        cluster.undrain_node("nope")
+    cluster.delete_service(svc.name)
+    for name in ("n0", "n1", "n2"):
+        cluster.heartbeat(name, [])         # their Agents stopped the service's guests
+    drained = cluster.drain_node("n0")
+    assert drained.draining and drained.vnodes == 0 and drained.subnet
+    assert {n.name: n.draining for n in cluster.list_nodes()} == {"n0": True, "n1": False, "n2": False}
+    placed = cluster.create_service(spec(name="api", nodes=2))
+    assert "n0" not in {v.node for v in placed.vnodes}
+    assert cluster.undrain_node("n0").draining is False
+    # A draining node that holds nothing may be removed while its Agent still runs.
+    cluster.drain_node("n0")
+    assert cluster.remove_node("n0").name == "n0"
+    assert [n.name for n in cluster.list_nodes()] == ["n1", "n2"]

@@ -69,6 +69,7 @@ class FakeClient:
         self.watch_blocks = threading.Event()    # set() to release a blocking watch
         self.watch_stays_open = False
         self.nodes: list[model.Node] = []
+        self.node_script: list[list[model.Node]] = []
         self.images: list[model.Image] = []
         self.closed = False
 
@@ -125,7 +126,27 @@ class FakeClient:
 
     def list_nodes(self):
         self._record("list_nodes")
+        if self.node_script:            # one node list per read, the last one kept
+            self.nodes = self.node_script.pop(0)
         return self.nodes
+
+    def _node(self, name):
+        found = next((n for n in self.nodes if n.name == name), None)
+        if found is None:
+            raise errors.NotFound(f"no physical node named {name!r}")
+        return found
+
+    def drain_node(self, name):
+        self._record("drain_node", name)
+        return replace(self._node(name), draining=True)
+
+    def undrain_node(self, name):
+        self._record("undrain_node", name)
+        return replace(self._node(name), draining=False)
+
+    def remove_node(self, name):
+        self._record("remove_node", name)
+        return self._node(name)
 
     def push_image(self, path, name="", init="", progress=None, digest=None):
         self._record("push_image", path, name=name, init=init, digest=digest)
@@ -652,6 +673,136 @@ def test_resize_wait(client):
     client.watch_events = [upsert(spec, model.Phase.RUNNING, model.Phase.RUNNING)]
     result = run(client, "service", "resize", "web", "--cpu", "1", "--wait")
     assert result.exit_code == 0, result.output
+
+
+# ---- node drain, undrain, remove ------------------------------------------------------
+
+def make_node(name="node-a", vnodes=2, draining=False, state="READY"):
+    return model.Node(name=name, address="192.0.2.10", subnet="10.0.1.0/24", state=state,
+                      capacity=model.Resources(4, 4096, 1000, 10240),
+                      allocated=model.Resources(0.5 * vnodes, 64 * vnodes, 10 * vnodes, 64 * vnodes),
+                      hypervisors=("fake",), vnodes=vnodes, draining=draining)
+
+
+def moving_service(*vnodes):
+    """web with the given (name, node, phase, reason, deleting) virtual nodes."""
+    spec = web_spec(nodes=2, resources={"cpu": 0.5})
+    return model.Service(spec=spec, image_digest=DIGEST, vnodes=tuple(
+        model.VirtualNode(name=name, service="web", index=int(name.split("-")[1]), resources=spec.resources[0],
+                          node=node, phase=phase, reason=reason, deleting=deleting)
+        for name, node, phase, reason, deleting in vnodes))
+
+
+def test_node_list_shows_draining_and_drained_nodes_aligned(client):
+    client.nodes = [make_node("node-a", vnodes=0, draining=True), make_node("node-b", vnodes=3, draining=True),
+                    make_node("node-c", vnodes=1), make_node("node-d", vnodes=0, state="LOST", draining=True)]
+    header, *rows = run(client, "node", "list").stdout.splitlines()
+    column = header.index("SUBNET")
+    assert [row.split()[2] for row in rows] == ["READY,DRAINED", "READY,DRAINING", "READY", "LOST,DRAINED"]
+    assert all(row[column:].startswith("10.0.1.0/24") for row in rows)       # columns stay aligned
+    listed = json.loads(run(client, "-o", "json", "node", "list").stdout)
+    assert [(n["state"], n["draining"], n["vnodes"]) for n in listed] == [
+        ("READY", True, 0), ("READY", True, 3), ("READY", False, 1), ("LOST", True, 0)]
+    assert [n["draining"] for n in yaml.safe_load(run(client, "-o", "yaml", "node", "list").stdout)] == \
+        [True, True, False, True]
+
+
+def test_node_drain_without_wait(client):
+    client.nodes = [make_node(vnodes=2)]
+    result = run(client, "node", "drain", "node-a")
+    assert result.exit_code == 0, result.output
+    assert client.called("drain_node") == [(("node-a",), {})]
+    assert result.stdout.strip() == "node node-a draining: 2 virtual node(s) to move " \
+                                    "(sodactl node list shows its state)"
+    as_json = json.loads(run(client, "-o", "json", "node", "drain", "node-a").stdout)
+    assert as_json["name"] == "node-a" and as_json["draining"] is True
+
+
+def test_node_drain_wait_shows_each_move_until_the_node_holds_nothing(client, monkeypatch):
+    monkeypatch.setattr("soda.cli.wait.NODE_POLL_INTERVAL", 0.001)
+    client.nodes = [make_node(vnodes=2)]
+    client.node_script = [[make_node(vnodes=2, draining=True)], [make_node(vnodes=2, draining=True)],
+                          [make_node(vnodes=1, draining=True)], [make_node(vnodes=0, draining=True)]]
+    services = iter([
+        moving_service(("web-0", "node-a", model.Phase.RUNNING,
+                        "node node-a is draining: moving to web-2 on node-b, waiting for it to run", False),
+                       ("web-1", "node-a", model.Phase.RUNNING,
+                        "node node-a is draining: waiting for its turn to move", False),
+                       ("web-2", "node-b", model.Phase.BOOTING, "replaces web-0 (node node-a is draining)",
+                        False)),
+        moving_service(("web-0", "node-a", model.Phase.RUNNING, "", True),
+                       ("web-1", "node-a", model.Phase.RUNNING,
+                        "node node-a is draining: moving to web-3 on node-c, waiting for it to run", False),
+                       ("web-2", "node-b", model.Phase.RUNNING, "", False)),
+        moving_service(("web-2", "node-b", model.Phase.RUNNING, "", False),
+                       ("web-3", "node-c", model.Phase.RUNNING, "", False)),
+    ])
+    client.list_services = lambda: [next(services)]
+    result = run(client, "node", "drain", "node-a", "--wait")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "node-a: draining, 2 virtual node(s) to move; web-0: moving to web-2 on node-b, waiting for it to run",
+        "node-a: draining, 1 virtual node(s) to move, 1 stopping; web-1: moving to web-3 on node-c, "
+        "waiting for it to run",
+        "node-a: draining, 0 virtual node(s) to move",
+        "node-a: drained"]
+    assert result.stdout.strip() == "node node-a drained: it holds no virtual node"
+
+
+def test_node_drain_wait_times_out_with_exit_3_when_a_virtual_node_waits_for_room(client, monkeypatch):
+    monkeypatch.setattr("soda.cli.wait.NODE_POLL_INTERVAL", 0.001)
+    client.nodes = [make_node(vnodes=1, draining=True)]
+    client.services["web"] = moving_service(
+        ("web-0", "node-a", model.Phase.RUNNING,
+         "node node-a is draining: waiting for room elsewhere: not enough cpu: web-0 needs 0.5 cores", False))
+    result = run(client, "node", "drain", "node-a", "--wait", "--timeout", "0.05")
+    assert_one_line_error_tail_code(result, 3, "timed out after 0.05s waiting for node node-a to drain: "
+                                               "web-0 (waiting for room elsewhere: not enough cpu")
+
+
+def test_node_drain_wait_fails_when_the_node_is_undrained_meanwhile(client, monkeypatch):
+    monkeypatch.setattr("soda.cli.wait.NODE_POLL_INTERVAL", 0.001)
+    client.nodes = [make_node(vnodes=1)]
+    result = run(client, "node", "drain", "node-a", "--wait")
+    assert_one_line_error_tail(result, "node node-a was undrained while waiting for it to drain")
+
+
+def test_node_drain_refused_for_room_exits_3_naming_the_resource(client):
+    client.nodes = [make_node()]
+    client.fail["drain_node"] = errors.NoCapacity("cannot drain node node-a: not enough cpu: web-0 needs "
+                                                  "1 cores, the most free on any node is 0.5 cores (node-b)")
+    assert_one_line_error(run(client, "node", "drain", "node-a", "--wait"), 3, "not enough cpu")
+    assert client.called("list_nodes") == []
+
+
+@pytest.mark.parametrize("command", ["drain", "undrain", "remove"])
+def test_node_commands_on_an_unknown_node_say_so(client, command):
+    assert_one_line_error(run(client, "node", command, "nope"), 1, "no physical node named 'nope'")
+
+
+def test_node_undrain_and_remove(client):
+    client.nodes = [make_node(vnodes=0, draining=True)]
+    assert run(client, "node", "undrain", "node-a").stdout.strip() == "node node-a takes new virtual nodes again"
+    assert json.loads(run(client, "-o", "json", "node", "undrain", "node-a").stdout)["draining"] is False
+    assert run(client, "node", "remove", "node-a").stdout.strip() == "node node-a removed (subnet 10.0.1.0/24 " \
+                                                                       "is free)"
+    client.fail["remove_node"] = errors.WrongState("node node-a is READY: drain it first")
+    assert_one_line_error(run(client, "node", "remove", "node-a"), 1, "drain it first")
+
+
+def test_rollout_of_a_service_mid_move():
+    service = moving_service(("web-0", "node-a", model.Phase.RUNNING, "", False),
+                             ("web-1", "node-b", model.Phase.RUNNING, "", False),
+                             ("web-2", "node-c", model.Phase.BOOTING, "", False))
+    rollout = Rollout.of(service)
+    assert rollout.state == "MOVING" and not rollout.done
+    assert rollout.progress() == "web: 2/2 running, 1 moving"
+
+
+def assert_one_line_error_tail_code(result, code, fragment):
+    assert result.exit_code == code, result.output
+    assert result.stderr.splitlines()[-1].startswith("error: ")
+    assert fragment in result.stderr.splitlines()[-1], result.stderr
 
 
 # ---- help and entry point -----------------------------------------------------------

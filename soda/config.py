@@ -69,6 +69,9 @@ class AgentConfig:
     netns: str = ""
     # The local SODA Daemon that fences real guests ("" = none: only for fake).
     daemon_socket: str = "/run/soda/daemon.sock"
+    # Route other nodes' guest subnets via their addresses in the Agent's
+    # namespace (soda.routing, host-gw); off: something else routes them.
+    routes: bool = True
     max_parallel_boots: int = 8
     reconcile_seconds: float = 1.0
     log_level: str = "INFO"

@@ -24,8 +24,8 @@ there, and each one kept pins a few KiB of heap (the 256 KiB receive buffer
 it was cut from): a long-lived Agent or Daemon grew by about 6 KiB for
 every usage report and 45 KiB for every 3-node create and delete.
 
-Only this module, soda/agent/network.py and soda/daemon/tc.py import
-pyroute2.
+Only this module, soda/routing.py, soda/agent/network.py and
+soda/daemon/tc.py import pyroute2.
 """
 
 from __future__ import annotations

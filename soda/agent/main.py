@@ -1,8 +1,10 @@
 """soda-agent: the SODA Agent daemon's entry point.
 
 Owns the command line and the wiring: flags over the config file, then the
-MasterClient, hypervisor drivers, image cache, reconciler and Agent, run
-until SIGTERM/SIGINT. Stopping the Agent never stops guests. Domain logic
+MasterClient, hypervisor drivers, image cache, reconciler and Agent, and the
+host routes to other nodes' guests (soda.routing, with a MasterClient of
+their own), run until SIGTERM/SIGINT. Stopping the Agent never stops guests
+and leaves the host routes in place. Domain logic
 lives in agent.py, reconciler.py and images.py; this is the only Agent
 module that reaches grpc (through MasterClient).
 """
@@ -31,6 +33,7 @@ from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
 from soda.model.labels import check_labels, format_labels, parse_label
 from soda.model.names import NODE_NAME_MAX, check_dns_label
 from soda.model.state import DriverCapabilities, Node
+from soda.routing import HostRoutes, RouteFollower
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
 from soda.service import (EXIT_FAILURE, EXIT_USAGE, configure, forbid_fork, refuse, sd_notify,
@@ -78,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="network namespace for the bridge and TAPs (made if missing)")
     parser.add_argument("--daemon-socket", metavar="PATH",
                         help="Unix socket of the local soda-daemon ('' = no limits)")
+    parser.add_argument("--no-routes", dest="routes", action="store_false", default=None,
+                        help="do not route other nodes' guest subnets via their addresses "
+                             "(config routes: false)")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
     return parser.parse_args(argv)
@@ -99,7 +105,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         return check_config(dataclasses.replace(config, labels={**config.labels, **flag_labels}))
     return effective(AgentConfig, args.config, check, master=args.master, name=args.name,
                      address=args.address, state_dir=args.state_dir, hypervisors=hypervisors,
-                     netns=args.netns, daemon_socket=args.daemon_socket, log_level=args.log_level)
+                     netns=args.netns, daemon_socket=args.daemon_socket, routes=args.routes,
+                     log_level=args.log_level)
 
 
 def check_config(config: AgentConfig) -> AgentConfig:
@@ -200,6 +207,17 @@ def configure_network(network: NodeNetwork, node: Node) -> None:
     network.configure_node(node.subnet, node.gateway, node.uplink)
 
 
+def follow_routes(config: AgentConfig, routes: HostRoutes | None) -> RouteFollower | None:
+    """Route other nodes' guest subnets in the Agent's namespace, following
+    the Master's node list on a channel of its own (stopping the follower
+    closes it; the Agent's session closes its own)."""
+    if routes is None:
+        return None
+    follower = RouteFollower(MasterClient(config.master), routes)
+    follower.start()
+    return follower
+
+
 def build_plumbing(config: AgentConfig, network: NodeNetwork | None,
                    capabilities: dict[str, DriverCapabilities]) -> GuestPlumbing:
     if network is None:
@@ -249,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         network = build_network(config, drivers)
     except (SodaError, OSError) as exc:
         return refuse("soda-agent", f"cannot set up guest networking: {exc}", EXIT_FAILURE)
+    try:
+        # Routes in the Agent's own namespace: where the host's other
+        # processes, and the uplinks of its namespaced nodes, are.
+        routes = HostRoutes(own_node=config.name) if config.routes else None
+    except (SodaError, OSError) as exc:
+        return refuse("soda-agent", f"cannot open the routing table: {exc}", EXIT_FAILURE)
     # From here on gRPC threads may be alive: a fork (pyroute2 entering a
     # namespace from a new thread did this) could abort the child and the Agent.
     forbid_fork("soda-agent talks gRPC; netlink runs on its own threads (soda.netlink)")
@@ -264,12 +288,18 @@ def main(argv: list[str] | None = None) -> int:
              format_labels(config.labels) or "none", ",".join(config.hypervisors),
              agent.capacity.as_dict(), config.state_dir)
     agent.start()
+    follower = follow_routes(config, routes)
     # Ready once the loops run: guests are adopted and looked after even
     # while the Master is unreachable.
     sd_notify("READY=1")
     stop.wait()
     sd_notify("STOPPING=1")
     agent.stop()
+    if follower is not None:
+        # The routes stay: other nodes' guests must stay reachable without us.
+        follower.stop()
+    if routes is not None:
+        routes.close()
     if agent.failure is not None:
         return refuse("soda-agent", f"stopped: {agent.failure}", EXIT_FAILURE)
     log.info("agent %s stopped; guests left running", config.name)

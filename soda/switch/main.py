@@ -7,7 +7,10 @@ lists through MasterClient and hands them to the loop. Every
 `report_seconds` the Switch sends the Master a report (per virtual node
 counters and health, the hosts it may listen on, the TCP addresses other
 processes listen on here: see soda.master.switches); the same counters are
-served as Prometheus text at http://<metrics_listen>/metrics. SIGTERM/SIGINT close
+served as Prometheus text at http://<metrics_listen>/metrics. Unless
+`routes` is off, a RouteFollower (soda.routing) keeps this host's routes to
+the nodes' guest subnets, following the node list on a channel of its own;
+they stay when the Switch stops. SIGTERM/SIGINT close
 every listener, give open connections `drain_seconds` to finish, and exit 0.
 The balancing and relaying live in balancer.py and proxy.py; this is the
 only Switch module that reaches grpc (through MasterClient).
@@ -27,6 +30,7 @@ from soda.addresses import join_host_port, split_host_port
 from soda.backoff import Backoff
 from soda.config import LOG_LEVELS, effective
 from soda.errors import InvalidSpec, SodaError
+from soda.routing import HostRoutes, RouteFollower
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
 from soda.service import EXIT_USAGE, configure, sd_notify
 from soda.switch import ondemand
@@ -64,6 +68,9 @@ class SwitchConfig:
     metrics_listen: str = "127.0.0.1:9470"
     report_seconds: float = 2.0         # how often the Master gets this Switch's report
     name: str = ""                      # this Switch's name at the Master; "" = the host name
+    # Route the nodes' guest subnets via their addresses in the Switch's
+    # namespace (soda.routing, host-gw); off: something else routes them.
+    routes: bool = True
     log_level: str = "INFO"
 
 
@@ -76,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="where to serve /metrics (\"\" = nowhere)")
     parser.add_argument("--name", help="this Switch's name at the Master (default: the host name)")
+    parser.add_argument("--no-routes", dest="routes", action="store_false", default=None,
+                        help="do not route the nodes' guest subnets via their addresses "
+                             "(config routes: false)")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
     return parser.parse_args(argv)
 
@@ -83,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> SwitchConfig:
     """The effective config: file, then flags; raises InvalidSpec."""
     return effective(SwitchConfig, args.config, check_config, master=args.master,
-                     log_level=args.log_level, metrics_listen=args.metrics_listen, name=args.name)
+                     log_level=args.log_level, metrics_listen=args.metrics_listen, name=args.name,
+                     routes=args.routes)
 
 
 def check_config(config: SwitchConfig) -> SwitchConfig:
@@ -116,11 +127,14 @@ def loop_factory():
 
 class Switch:
     """The running parts on the current event loop: Proxy, EndpointSync and
-    the EndpointWatcher thread that feeds it."""
+    the EndpointWatcher thread that feeds it; and, when given, the
+    RouteFollower that keeps the host routes (serve() makes it unless
+    `routes` is off)."""
 
-    def __init__(self, config: SwitchConfig, client=None):
+    def __init__(self, config: SwitchConfig, client=None, route_follower: RouteFollower | None = None):
         self.config = config
         self.client = client or MasterClient(config.master)
+        self.route_follower = route_follower
         self.proxy = Proxy(connect_timeout=config.connect_timeout, fail_timeout=config.fail_timeout,
                            listen_hosts=config.listen_hosts)
         self.ondemand = ondemand.attach(self.proxy, self.client, hold_seconds=config.hold_seconds)
@@ -152,6 +166,8 @@ class Switch:
                 # Counters still reach the Master; a busy port must not stop routing.
                 log.warning("cannot serve metrics on %s: %s", self.config.metrics_listen, exc.strerror or exc)
         self._report_task = asyncio.create_task(self._report_loop(), name="switch-report")
+        if self.route_follower is not None:
+            self.route_follower.start()
 
     async def _take_over_kernel_path(self) -> None:
         """A table the previous Switch left forwards until the Master's
@@ -195,6 +211,10 @@ class Switch:
         listeners at once, connections after `drain_seconds`."""
         if self._watcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._watcher.stop)
+        if self.route_follower is not None:
+            # The routes stay: guest traffic must not depend on the Switch.
+            await asyncio.get_running_loop().run_in_executor(None, self.route_follower.stop)
+            self.route_follower.routes.close()
         for task in (self._sync_task, self._report_task, self._take_over_task):
             if task is not None:
                 task.cancel()
@@ -212,7 +232,7 @@ async def serve(config: SwitchConfig, client=None, stop: asyncio.Event | None = 
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _stop_on_signal, stop, sig)
-    switch = Switch(config, client)
+    switch = Switch(config, client, route_follower(config))
     await switch.start()
     log.info("switch starting: master %s, event loop %s", config.master, type(loop).__module__)
     waiters = [asyncio.ensure_future(switch.sync.synced.wait()), asyncio.ensure_future(stop.wait())]
@@ -228,6 +248,22 @@ async def serve(config: SwitchConfig, client=None, stop: asyncio.Event | None = 
     await switch.stop()
     log.info("switch stopped")
     return 0
+
+
+def route_follower(config: SwitchConfig) -> RouteFollower | None:
+    """The follower of this host's routes to the nodes' guest subnets (in the
+    Switch's own namespace; a Switch host is no node), or None when `routes`
+    is off."""
+    if not config.routes:
+        return None
+    try:
+        routes = HostRoutes(own_node="")
+    except (SodaError, OSError) as exc:
+        # Balancing does not need it: say so and serve.
+        log.error("cannot open the routing table (%s): guest subnets of other hosts are not "
+                  "routed by this Switch", exc)
+        return None
+    return RouteFollower(MasterClient(config.master), routes)
 
 
 def _stop_on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -6,7 +6,7 @@
 - grpc is imported only by soda/rpc/, the parts' api.py and main.py (and the
   generated soda/proto/);
 - pyroute2 only by the modules that own netlink: soda/netlink.py,
-  soda/agent/network.py, soda/daemon/tc.py.
+  soda/routing.py, soda/agent/network.py, soda/daemon/tc.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SODA = pathlib.Path(__file__).resolve().parents[2] / "soda"
 PARTS = ("master", "agent", "daemon", "switch")
 GRPC_ALLOWED = ("rpc/", "proto/", "master/api.py", "master/main.py", "agent/main.py",
                 "daemon/api.py", "daemon/main.py", "switch/main.py")
-PYROUTE2_ALLOWED = ("netlink.py", "agent/network.py", "daemon/tc.py")
+PYROUTE2_ALLOWED = ("netlink.py", "routing.py", "agent/network.py", "daemon/tc.py")
 
 
 def modules():

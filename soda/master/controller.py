@@ -632,12 +632,22 @@ class Controller:
             # Only a heartbeat brings a node back: its Agent sends the first
             # once it has stopped the guests it no longer owns (fencing); a
             # phase report may come before that.
-            if current.state != READY and complete:
-                _check_address_free(tx, node, current.address)
-                tx.put_node(replace(current, state=READY))
-                tx.after_commit(functools.partial(log.info, "node %s is back", node))
-                tx.after_commit(functools.partial(self.notifier.publish, NODES_TOPIC))
             mine = {v.name: v for v in tx.list_vnodes(node=node)}
+            if current.state != READY and complete:
+                # A heartbeat that still lists guests this node no longer
+                # owns (an Agent that outlived a partition without
+                # registering again) does not bring it back either.
+                strangers = sorted(s.name for s in statuses if s.phase != model.Phase.STOPPED and (
+                    s.name not in mine or (s.generation and s.generation < mine[s.name].generation)))
+                if strangers:
+                    tx.after_commit(functools.partial(
+                        log.info, "node %s stays %s: it still runs %s, placed elsewhere since", node,
+                        current.state, ", ".join(strangers)))
+                else:
+                    _check_address_free(tx, node, current.address)
+                    tx.put_node(replace(current, state=READY))
+                    tx.after_commit(functools.partial(log.info, "node %s is back", node))
+                    tx.after_commit(functools.partial(self.notifier.publish, NODES_TOPIC))
             reported = {s.name: s for s in statuses}
             changed, removed = [], []
             for s in statuses:

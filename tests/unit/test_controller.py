@@ -59,6 +59,11 @@ def test_lost_node_vnodes_are_placed_again(setup):
     assert {v.node for v in ctl.get_service("api").vnodes} == {"a"}
     ctl.report_status("b", [], complete=False)       # a phase report is no heartbeat
     assert {n.name: n.state for n in ctl.list_nodes()}["b"] == "LOST"
+    # A heartbeat that still lists a guest now placed elsewhere keeps it LOST.
+    old = next(v for v in svc.vnodes if v.node == "b")
+    running = model.VirtualNodeStatus(name=old.name, phase=model.Phase.RUNNING, generation=old.generation)
+    ctl.report_status("b", [running], complete=True)
+    assert {n.name: n.state for n in ctl.list_nodes()}["b"] == "LOST"
     ctl.report_status("b", [], complete=True)
     assert {n.name: n.state for n in ctl.list_nodes()}["b"] == "READY"
     assert ctl.assignments("b") == {}

@@ -52,7 +52,7 @@ from soda.devcluster import ClusterConfig  # noqa: E402
 from tests.support import free_port  # noqa: E402
 from tests.system.cluster import wait_until  # noqa: E402
 from tests.system.guests import build_rootfs  # noqa: E402
-from tests.system.multinode import ClientLoop, MultiNode, fabric_config, wait_healthy  # noqa: E402
+from tests.system.multinode import ClientLoop, MultiNode, fabric_config  # noqa: E402
 
 
 def p95(values: list[float]) -> float:
@@ -66,23 +66,6 @@ def summary(values: list[float]) -> dict:
             "runs": [round(v, 3) for v in values]}
 
 
-def spec(mn: MultiNode, name: str, port: int, cpus: list[float]) -> str:
-    path = os.path.join(mn.config.state_dir, f"{name}.yaml")
-    with open(path, "w") as f:
-        f.write(f"name: {name}\nimage: busybox-httpd\nhypervisor: uml\nnodes: {len(cpus)}\n"
-                f"resources: {{cpu: [{', '.join(map(str, cpus))}], memory: 32, bandwidth: 100}}\n"
-                f"switch: {{listen: '127.0.0.1:{port}', drain_seconds: 1,\n"
-                f"         health: {{interval: 0.5, timeout: 0.5, rise: 1, fall: 2}}}}\n")
-    return path
-
-
-def create(mn: MultiNode, name: str, cpus: list[float]) -> int:
-    port = free_port()
-    mn.ctl("service", "create", "-f", spec(mn, name, port, cpus), "--wait", "--timeout", "240")
-    wait_healthy(mn, name)
-    return port
-
-
 def busiest(mn: MultiNode, service: str) -> int:
     """The index of the host that holds the most of `service`."""
     placement = list(mn.placement(service).values())
@@ -91,7 +74,7 @@ def busiest(mn: MultiNode, service: str) -> int:
 
 def loss_runs(mn: MultiNode, args) -> dict:
     name, count = "loss", 2 * args.nodes
-    create(mn, name, [0.25] * count)
+    mn.create(name, [0.25] * count)
     recovery, back, failed = [], [], []
     for run in range(args.runs):
         index = busiest(mn, name)
@@ -112,13 +95,13 @@ def loss_runs(mn: MultiNode, args) -> dict:
         print(f"loss run {run + 1}: {victim.name} lost, recovered in {recovery[-1]:.2f} s "
               f"({failed[-1]} of {loop.sent} requests failed); back READY in {back[-1]:.2f} s",
               file=sys.stderr)
-    mn.ctl("service", "delete", name, "--wait", "--timeout", "120")
+    mn.delete(name)
     return {"recovery_s": summary(recovery), "back_ready_s": summary(back), "failed_requests": failed}
 
 
 def drain_runs(mn: MultiNode, args) -> dict:
     name, count = "drain", args.nodes + 1
-    port = create(mn, name, [0.25] * count)
+    port = mn.create(name, [0.25] * count)
     per_vnode, failed, sent = [], [], []
     for run in range(args.drains):
         victim = mn.layout.host(busiest(mn, name))
@@ -135,19 +118,19 @@ def drain_runs(mn: MultiNode, args) -> dict:
         mn.ctl("node", "undrain", victim.name)
         print(f"drain run {run + 1}: {moving} virtual node(s) off {victim.name} in {took:.2f} s, "
               f"{failed[-1]} of {loop.sent} requests failed", file=sys.stderr)
-    mn.ctl("service", "delete", name, "--wait", "--timeout", "120")
+    mn.delete(name)
     return {"s_per_vnode": summary(per_vnode), "failed_requests": failed, "requests": sent}
 
 
 def throughput(mn: MultiNode, args, label: str) -> dict:
-    port = create(mn, f"tp-{label}", [1.0])
+    port = mn.create(f"tp-{label}", [1.0], bandwidth=100)
     url = f"http://127.0.0.1:{port}/"
     runs = []
     for _ in range(args.rounds):
         out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency", url],
                              capture_output=True, text=True, timeout=args.duration + 60, check=True).stdout
         runs.append(parse_wrk(out))
-    mn.ctl("service", "delete", f"tp-{label}", "--wait", "--timeout", "120")
+    mn.delete(f"tp-{label}")
     return {"rps": round(statistics.median(r["rps"] for r in runs), 1),
             "p50_ms": round(statistics.median(r["p50"] for r in runs), 2),
             "p99_ms": round(statistics.median(r["p99"] for r in runs), 2),

@@ -69,10 +69,29 @@ class MultiNode:
     def push(self, rootfs: str) -> None:
         self.ctl("image", "push", rootfs, "--name", IMAGE)
 
-    def create(self, name: str, port: int, cpus: list[float], memory: int = 32, wait: bool = True) -> None:
-        self.ctl("service", "create", name, "--image", IMAGE, "--hypervisor", "uml", "--nodes", str(len(cpus)),
-                 "--cpu", ",".join(str(c) for c in cpus), "--memory", str(memory), "--bandwidth", "10",
-                 "--switch", f"127.0.0.1:{port}", *(["--wait", "--timeout", "240"] if wait else []))
+    def spec_file(self, name: str, port: int, cpus: list[float], bandwidth: int = 10) -> str:
+        """A service of one UML guest per entry of `cpus` (32 MiB each)
+        behind the Switch on `port`, with quick health checks and a 1 s
+        drain, so that losses and moves show within seconds."""
+        path = os.path.join(self.config.state_dir, f"{name}.yaml")
+        with open(path, "w") as f:
+            f.write(f"name: {name}\nimage: {IMAGE}\nhypervisor: uml\nnodes: {len(cpus)}\n"
+                    f"resources: {{cpu: [{', '.join(map(str, cpus))}], memory: 32, bandwidth: {bandwidth}}}\n"
+                    f"switch: {{listen: '127.0.0.1:{port}', drain_seconds: 1,\n"
+                    f"         health: {{interval: 0.5, timeout: 0.5, rise: 1, fall: 2}}}}\n")
+        return path
+
+    def create(self, name: str, cpus: list[float], bandwidth: int = 10) -> int:
+        """Create it, wait until every virtual node is healthy through the
+        Switch; returns the Switch port."""
+        port = free_port()
+        self.ctl("service", "create", "-f", self.spec_file(name, port, cpus, bandwidth), "--wait",
+                 "--timeout", "240")
+        wait_healthy(self, name)
+        return port
+
+    def delete(self, name: str) -> None:
+        self.ctl("service", "delete", name, "--wait", "--timeout", "120")
 
     def vnodes(self, service: str) -> list[dict]:
         return self.json("service", "get", service)["vnodes"]

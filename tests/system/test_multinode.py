@@ -7,12 +7,10 @@ virtual node off a node without failing a request. What is checked is
 read from `ip route` in each namespace, /proc, HTTP answers and sodactl."""
 
 import collections
-import os
 import time
 
 import pytest
 
-from tests.support import free_port
 from tests.system.cluster import wait_until
 from tests.system.guests import require_guest_support
 from tests.system.multinode import ClientLoop, MultiNode, fabric_config, get, wait_healthy
@@ -33,29 +31,8 @@ def mn(tmp_path_factory, rootfs):
         yield cluster
 
 
-def spec_file(mn, name, port, cpus, drain_seconds=1.0) -> str:
-    path = os.path.join(mn.config.state_dir, f"{name}.yaml")
-    with open(path, "w") as f:
-        f.write(f"name: {name}\nimage: busybox-httpd\nhypervisor: uml\nnodes: {len(cpus)}\n"
-                f"resources: {{cpu: [{', '.join(map(str, cpus))}], memory: 32, bandwidth: 10}}\n"
-                f"switch: {{listen: '127.0.0.1:{port}', drain_seconds: {drain_seconds},\n"
-                f"         health: {{interval: 0.5, timeout: 0.5, rise: 1, fall: 2}}}}\n")
-    return path
-
-
-def create(mn, name, cpus) -> int:
-    port = free_port()
-    mn.ctl("service", "create", "-f", spec_file(mn, name, port, cpus), "--wait", "--timeout", "240")
-    wait_healthy(mn, name)
-    return port
-
-
-def delete(mn, name) -> None:
-    mn.ctl("service", "delete", name, "--wait", "--timeout", "120")
-
-
 def test_a_service_spreads_over_the_hosts_and_is_answered_across_them(mn):
-    port = create(mn, "web", [0.25, 0.5] * 3)
+    port = mn.create("web", [0.25, 0.5] * 3)
     try:
         placement = mn.placement("web")
         assert sorted(collections.Counter(placement.values()).values()) == [2, 2, 2], placement
@@ -75,11 +52,11 @@ def test_a_service_spreads_over_the_hosts_and_is_answered_across_them(mn):
             expected = 300 * weight / total
             assert abs(answers[vnode] - expected) <= max(4, 0.15 * expected), (answers, weights)
     finally:
-        delete(mn, "web")
+        mn.delete("web")
 
 
 def test_a_lost_node_is_replaced_and_fenced_when_it_comes_back(mn):
-    port = create(mn, "loss", [0.25] * 6)
+    port = mn.create("loss", [0.25] * 6)
     victim = mn.layout.host(2)
     others = {h.name for h in mn.layout.hosts if h is not victim}
     try:
@@ -124,11 +101,11 @@ def test_a_lost_node_is_replaced_and_fenced_when_it_comes_back(mn):
         assert victim.name not in mn.placement("loss").values()
         assert len({get(port) for _ in range(60)}) == 6
     finally:
-        delete(mn, "loss")
+        mn.delete("loss")
 
 
 def test_a_drain_moves_every_virtual_node_off_without_a_failed_request(mn):
-    port = create(mn, "drain", [0.25] * 4)
+    port = mn.create("drain", [0.25] * 4)
     victim = next(h for h in mn.layout.hosts if h.name in mn.placement("drain").values())
     try:
         with ClientLoop(port) as loop:
@@ -144,4 +121,4 @@ def test_a_drain_moves_every_virtual_node_off_without_a_failed_request(mn):
         mn.ctl("node", "undrain", victim.name)
         assert mn.nodes()[victim.name]["draining"] is False
     finally:
-        delete(mn, "drain")
+        mn.delete("drain")

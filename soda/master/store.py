@@ -353,9 +353,12 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
                   "generation, cpu_cap, revision")
-_PUT_VNODE = f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES ({','.join('?' * 22)})"
 # SQLite's default limit on the parameters of one statement is 999 (older builds).
 _IN_CHUNK = 500
+# Virtual nodes are written many rows to a statement, not one statement per
+# row (executemany): each statement is a step, and each step lets go of the
+# GIL (see _packed).
+_PUT_CHUNK = 999 // 22
 _VNODE_REALS = ("cpu", "weight", "boot_seconds")
 _NODE_COLUMNS = ("name, address, cpu, memory, bandwidth, disk, hypervisors, subnet, gateway, state, limits, "
                  "assumed, revision, labels, draining")
@@ -680,7 +683,12 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         current = self._revisions("vnodes", "name", [v.name for v in vnodes])
         for v in vnodes:
             self._compare("virtual node", v.name, current.get(v.name), revision_of(v))
-        self._db.executemany(_PUT_VNODE, [_vnode_row(v, revision) for v in vnodes])
+        rows = [_vnode_row(v, revision) for v in vnodes]
+        for i in range(0, len(rows), _PUT_CHUNK):
+            chunk = rows[i:i + _PUT_CHUNK]
+            self._db.execute(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES "
+                             + ",".join([f"({','.join('?' * 22)})"] * len(chunk)),
+                             [value for row in chunk for value in row])
 
     def delete_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None:
         vnodes = list(vnodes)
@@ -690,7 +698,10 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         current = self._revisions("vnodes", "name", [v.name for v in vnodes])
         for v in vnodes:
             self._compare("virtual node", v.name, current.get(v.name), _existing(v))
-        self._db.executemany("DELETE FROM vnodes WHERE name = ?", [(v.name,) for v in vnodes])
+        names = [v.name for v in vnodes]
+        for i in range(0, len(names), _IN_CHUNK):
+            chunk = names[i:i + _IN_CHUNK]
+            self._db.execute(f"DELETE FROM vnodes WHERE name IN ({','.join('?' * len(chunk))})", chunk)
 
     # ---- end ----------------------------------------------------------
     def _finish(self) -> None:

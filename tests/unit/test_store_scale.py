@@ -130,3 +130,21 @@ def test_the_fair_lock_is_reentrant_and_held_by_one_thread():
     assert got == [True]
     with pytest.raises(RuntimeError):
         lock.release()
+
+
+def test_many_virtual_nodes_are_written_and_deleted_a_few_statements_at_a_time(store):
+    written = fill(store, nodes=40, per_node=15)          # 600: more than one statement's worth
+    statements = []
+    store._db.set_trace_callback(statements.append)
+    try:
+        with store.transaction() as tx:
+            vnodes = tx.list_vnodes()
+            tx.put_vnodes([v.with_status(model.Phase.RUNNING, "", 0.25) for v in vnodes[:300]])
+            tx.delete_vnodes(vnodes[300:])
+    finally:
+        store._db.set_trace_callback(None)
+    assert len(statements) <= 20
+    left = store.list_vnodes()
+    assert [v.name for v in left] == [v.name for v in sorted(written, key=lambda v: v.index)[:300]]
+    assert all(v.phase == model.Phase.RUNNING and v.boot_seconds == 0.25 for v in left)
+    assert store.get_node("n001").vnodes == sum(1 for v in left if v.node == "n001")

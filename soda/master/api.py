@@ -129,8 +129,7 @@ class MasterServicer(pb_grpc.MasterServicer):
     def WatchNodes(self, request, context):
         last = None
         for _ in self._watch(NODES_TOPIC, context):
-            current = pb.NodeSet(nodes=[convert.node_to_pb(_membership_of(n))
-                                        for n in self.controller.list_nodes()])
+            current = pb.NodeSet(nodes=[convert.node_to_pb(n) for n in self.controller.membership()])
             if current != last:
                 yield current
             last = current
@@ -222,12 +221,3 @@ class MasterServicer(pb_grpc.MasterServicer):
             last = current
             if request.service and not current:
                 return
-
-
-def _membership_of(node: model.Node) -> model.Node:
-    """What a node-set watcher routes by: figures that change with every
-    heartbeat (usage, last heartbeat, allocation) are left out, so the
-    stream moves only when membership does."""
-    return model.Node(name=node.name, address=node.address, capacity=node.capacity,
-                      hypervisors=node.hypervisors, subnet=node.subnet, gateway=node.gateway,
-                      uplink=node.uplink, state=node.state, labels=node.labels, draining=node.draining)

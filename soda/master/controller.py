@@ -622,6 +622,13 @@ class Controller:
             out.append(replace(_addressed(n), usage=model.Usage.total(by_node.get(n.name, ()))))
         return out
 
+    def membership(self) -> list[model.Node]:
+        """Every node as a node-set watcher routes by: from the store alone,
+        without the figures that change with every heartbeat (usage, last
+        heartbeat), so the set moves only when membership does."""
+        return [replace(_addressed(n), allocated=model.Resources(), vnodes=0, limits=(), assumed=())
+                for n in self.store.list_nodes()]
+
     def report_status(self, node: str, statuses: Sequence[model.VirtualNodeStatus],
                       complete: bool) -> None:
         """Record what an Agent observed. A complete report (heartbeat) also

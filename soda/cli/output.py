@@ -54,6 +54,8 @@ def vnode_to_dict(vnode: model.VirtualNode) -> dict:
         "usage": usage_to_dict(vnode.usage),
         # What the Switch(es) measured: None when no Switch reported it.
         "switch": dataclasses.asdict(vnode.switch_stats) if vnode.switch_stats is not None else None,
+        # The last time it was placed again (node lost, drain): None when never.
+        "last_move": dataclasses.asdict(vnode.last_move) if vnode.last_move is not None else None,
     }
 
 
@@ -236,10 +238,17 @@ def service_table(service: model.Service) -> str:
           f"{v.resources.cpu:g}", f"{v.resources.memory}Mi", f"{v.resources.bandwidth}Mbit",
           f"{v.resources.disk}Mi", f"{v.weight:g}", f"{v.boot_seconds:.1f}s" if v.boot_seconds else "")
          + usage_cells(v.usage) + (v.reason,) for v in _by_index(service.vnodes)])
+    parts = [summary, vnodes]
+    moved = [v for v in _by_index(service.vnodes) if v.last_move is not None]
+    if moved:
+        parts.append("Moved:\n" + format_table(
+            ("NAME", "NOW ON", "FROM", "AT", "WHY"),
+            [(v.name, v.node or "(unplaced)", m.from_node, timestamp(m.at) or "", m.why)
+             for v in moved for m in (v.last_move,)]))
     switched = [v for v in _by_index(service.vnodes) if v.switch_stats is not None]
-    if not switched:
-        return f"{summary}\n\n{vnodes}"
-    return f"{summary}\n\n{vnodes}\n\nThrough the Switch:\n{switch_table(switched)}"
+    if switched:
+        parts.append(f"Through the Switch:\n{switch_table(switched)}")
+    return "\n\n".join(parts)
 
 
 def switch_table(vnodes: Sequence[model.VirtualNode]) -> str:

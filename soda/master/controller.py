@@ -730,9 +730,11 @@ class Controller:
             lost = self._newly_lost(nodes, now)
             for node, _ in lost:
                 tx.put_node(replace(node, state=LOST))
-            down = {n.name for n in nodes if n.state != READY} | {n.name for n, _ in lost}
+            # Why each node that is down went down, as the moves it causes record it.
+            down = {n.name: f"node {n.name} is {n.state}" for n in nodes if n.state != READY}
+            down.update((n.name, f"node {n.name} lost: no heartbeat for {silent:.0f} s") for n, silent in lost)
             stranded = [v for v in tx.list_vnodes() if not v.node or v.node in down]
-            touched = self._replace(tx, stranded) if stranded else set()
+            touched = self._replace(tx, stranded, down) if stranded else set()
             drain = self._drain(tx, now)
             touched |= drain.touched
 
@@ -767,9 +769,12 @@ class Controller:
         return any(not v.deleting for n in nodes if n.draining and n.state == READY
                    for v in state.list_vnodes(node=n.name))
 
-    def _replace(self, tx: Transaction, stranded: Sequence[model.VirtualNode]) -> set[str]:
+    def _replace(self, tx: Transaction, stranded: Sequence[model.VirtualNode],
+                 down: Mapping[str, str]) -> set[str]:
         """Place stranded virtual nodes again (or record why they wait);
-        returns the services changed."""
+        returns the services changed. `down` says why each node that is
+        down is: a virtual node leaving one records it as its move (kept
+        while it waits for room, so that where it came from is not lost)."""
         touched = set()
         gone = [v for v in stranded if v.deleting]
         tx.delete_vnodes(gone)
@@ -789,6 +794,8 @@ class Controller:
                                                   v.name))
                 continue
             spec = service.spec
+            move = (model.VnodeMove(v.node, self.clock(), down.get(v.node, f"node {v.node} is gone"))
+                    if v.node else v.last_move)
             counts: dict[str, int] = {}
             for other in tx.list_vnodes(service=v.service):
                 counts[other.node] = counts.get(other.node, 0) + 1
@@ -798,10 +805,11 @@ class Controller:
                 # InvalidSpec: no node left boots a guest that small.
                 reason = f"waiting for room: {exc.message}"
                 if v.node or v.reason != reason:
-                    tx.put_vnodes([replace(v, node="", address="", phase=model.Phase.FAILED, reason=reason)])
+                    tx.put_vnodes([replace(v, node="", address="", phase=model.Phase.FAILED, reason=reason,
+                                           last_move=move)])
                     touched.add(v.service)
                 continue
-            tx.put_vnodes([update_of(v, replace(moved, generation=v.generation + 1))])
+            tx.put_vnodes([update_of(v, replace(moved, generation=v.generation + 1, last_move=move))])
             touched.add(v.service)
             tx.after_commit(functools.partial(log.info, "virtual node %s placed again on %s", v.name, moved.node))
             tx.after_commit(functools.partial(self.notifier.publish, node_topic(moved.node)))
@@ -894,6 +902,8 @@ class Controller:
                 counts[v.node] = counts.get(v.node, 0) + 1
         [new] = self._place_new(tx, service.spec, old.image_digest, [index], [old.resources],
                                 [model.vnode_name(service.name, index)], counts)
+        new = replace(new, last_move=model.VnodeMove(old.node, self.clock(),
+                                                     f"replaces {old.name}: node {old.node} is draining"))
         tx.put_vnodes([new])
         tx.after_commit(functools.partial(log.info, "moving %s off draining node %s: %s placed on %s",
                                           old.name, old.node, new.name, new.node))

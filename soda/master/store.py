@@ -52,7 +52,7 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 #            structure (the dataclass fields) instead of in the YAML form.
 # Version 5: nodes.labels, the KEY=VALUE labels a node registers (JSON object).
 # Version 6: nodes.draining, set by an operator's drain (0/1).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,7 +81,9 @@ CREATE TABLE IF NOT EXISTS vnodes (
     weight REAL NOT NULL, image_digest TEXT NOT NULL, hypervisor TEXT NOT NULL, port INTEGER NOT NULL,
     phase INTEGER NOT NULL, reason TEXT NOT NULL, boot_seconds REAL NOT NULL,
     deleting INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL,
-    cpu_cap INTEGER NOT NULL DEFAULT 0, revision INTEGER NOT NULL DEFAULT 1);
+    cpu_cap INTEGER NOT NULL DEFAULT 0, revision INTEGER NOT NULL DEFAULT 1,
+    moved_from TEXT NOT NULL DEFAULT '', moved_at REAL NOT NULL DEFAULT 0,
+    moved_why TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS vnodes_by_node ON vnodes(node);
 CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 """
@@ -347,19 +349,24 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
     4: ("ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",),
     # No node was draining before drains existed.
     5: ("ALTER TABLE nodes ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",),
+    # No virtual node had a recorded move before moves were recorded.
+    6: ("ALTER TABLE vnodes ADD COLUMN moved_from TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vnodes ADD COLUMN moved_at REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE vnodes ADD COLUMN moved_why TEXT NOT NULL DEFAULT ''"),
 }
 
 
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
-                  "generation, cpu_cap, revision")
+                  "generation, cpu_cap, moved_from, moved_at, moved_why, revision")
+_VNODE_WIDTH = len(_VNODE_COLUMNS.split(","))
 # SQLite's default limit on the parameters of one statement is 999 (older builds).
 _IN_CHUNK = 500
 # Virtual nodes are written many rows to a statement, not one statement per
 # row (executemany): each statement is a step, and each step lets go of the
 # GIL (see _packed).
-_PUT_CHUNK = 999 // 22
-_VNODE_REALS = ("cpu", "weight", "boot_seconds")
+_PUT_CHUNK = 999 // _VNODE_WIDTH
+_VNODE_REALS = ("cpu", "weight", "boot_seconds", "moved_at")
 _NODE_COLUMNS = ("name, address, cpu, memory, bandwidth, disk, hypervisors, subnet, gateway, state, limits, "
                  "assumed, revision, labels, draining")
 _PLACED_COLUMNS = "node, hypervisor, cpu, memory, bandwidth, disk, count"
@@ -394,20 +401,21 @@ def _vnode_row(v: model.VirtualNode, revision: int) -> tuple:
     return (v.name, v.service, v.index, v.node, v.address, v.prefix_length, v.gateway, r.cpu,
             r.memory, r.bandwidth, r.disk, v.weight, v.image_digest, v.hypervisor, v.port,
             int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation, int(v.cpu_cap),
-            revision)
+            *((m.from_node, m.at, m.why) if (m := v.last_move) else ("", 0.0, "")), revision)
 
 
 def _vnode_from_row(row) -> StoredVirtualNode:
     (name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, disk, weight,
      image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap,
-     revision) = row
+     moved_from, moved_at, moved_why, revision) = row
     return StoredVirtualNode(
         name=name, service=service, index=idx, node=node, address=address,
         prefix_length=prefix_length, gateway=gateway,
         resources=model.Resources(cpu, memory, bandwidth, disk), weight=weight,
         image_digest=image_digest, hypervisor=hypervisor, port=port, phase=model.Phase(phase),
         reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation,
-        cpu_cap=bool(cpu_cap), revision=revision)
+        cpu_cap=bool(cpu_cap), revision=revision,
+        last_move=model.VnodeMove(moved_from, moved_at, moved_why) if moved_from or moved_why else None)
 
 
 # ---- the SQLite backend ------------------------------------------------------------
@@ -687,7 +695,7 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         for i in range(0, len(rows), _PUT_CHUNK):
             chunk = rows[i:i + _PUT_CHUNK]
             self._db.execute(f"INSERT OR REPLACE INTO vnodes ({_VNODE_COLUMNS}) VALUES "
-                             + ",".join([f"({','.join('?' * 22)})"] * len(chunk)),
+                             + ",".join([f"({','.join('?' * _VNODE_WIDTH)})"] * len(chunk)),
                              [value for row in chunk for value in row])
 
     def delete_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None:

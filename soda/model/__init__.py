@@ -27,7 +27,7 @@ from soda.model.labels import (  # noqa: F401
 from soda.model.usage import (  # noqa: F401
     Usage, USAGE_FIELDS, VnodeUsage)
 from soda.model.state import (  # noqa: F401
-    Phase, VirtualNode, Service, DriverCapabilities, Node, Image, check_disk_holds_image,
+    Phase, VnodeMove, VirtualNode, Service, DriverCapabilities, Node, Image, check_disk_holds_image,
     VirtualNodeStatus, retry_note, retries_temporary_failure)
 from soda.model.switching import (  # noqa: F401
     Endpoint, SwitchVnodeStats, SwitchServiceStats, SwitchReport, EndpointSet)

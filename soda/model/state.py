@@ -28,6 +28,18 @@ class Phase(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class VnodeMove:
+    """Why a virtual node runs where it does when it did not start there:
+    the node it (or the virtual node it replaces) ran on before, when it
+    was placed again (wall clock) and why. Kept in the store, so that what
+    happened to a service outlasts the Master's memory and the Agents'
+    later reports, which overwrite `VirtualNode.reason`."""
+    from_node: str
+    at: float
+    why: str
+
+
+@dataclass(frozen=True)
 class VirtualNode:
     name: str
     service: str
@@ -47,6 +59,7 @@ class VirtualNode:
     deleting: bool = False
     generation: int = 1
     cpu_cap: bool = False
+    last_move: VnodeMove | None = None   # the last time it was placed again, and why
     usage: Usage | None = None      # observed, kept by the Master in memory only
     switch_stats: "SwitchVnodeStats | None" = None   # what the Switch measured; Master memory only
 

@@ -81,6 +81,15 @@ def test_a_lost_node_is_replaced_and_fenced_when_it_comes_back(mn):
         assert recovered <= NODE_LOST_SECONDS + 5
         assert len(loop.failures) <= 1, loop.failures
         assert all(lost_at <= t for t, _ in loop.failures)
+        # `service get` says where each went and why: the moved ones, and only they.
+        records = {v["name"]: v["last_move"] for v in mn.vnodes("loss")}
+        assert sorted(name for name, m in records.items() if m) == moved, records
+        assert all(records[name]["from_node"] == victim.name
+                   and records[name]["why"].startswith(f"node {victim.name} lost: no heartbeat for")
+                   for name in moved)
+        table = mn.ctl("service", "get", "loss").stdout.split("Moved:\n", 1)[1].splitlines()
+        assert sorted(row.split()[0] for row in table[1:] if row.strip()) == moved, table
+        assert all(row.split()[1] in others and row.split()[2] == victim.name for row in table[1:] if row.strip())
         # Cut off, its guests still run: it is a partitioned host, not a dead one.
         assert all(pid.matches() for pid in old_guests.values())
 

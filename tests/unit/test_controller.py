@@ -50,7 +50,13 @@ def test_lost_node_vnodes_are_placed_again(setup):
     moved = ctl.get_service("web").vnodes
     assert {v.node for v in moved} == {"a"}
     assert len({v.address for v in moved}) == 2
+    # Where each went and why is recorded on the one that moved only.
+    was_on_b = next(v for v in svc.vnodes if v.node == "b").name
+    records = {v.name: v.last_move for v in moved}
+    assert records[was_on_b] == model.VnodeMove("b", clock.now, "node b lost: no heartbeat for 11 s")
+    assert [m for name, m in records.items() if name != was_on_b] == [None]
     assert ctl.check_membership() == []            # nothing more to do
+    assert ctl.get_service("web").vnodes == moved  # and the record is not written again
     # b registers again (its Agent restarted): still LOST, nothing new for it,
     # until its first heartbeat (sent once it stopped its old guests).
     assert ctl.register_node("b", "127.0.0.2", CAP, ["fake"]).state == "LOST"
@@ -78,9 +84,34 @@ def test_stranded_vnode_waits_for_room(setup):
     waiting = [v for v in ctl.get_service("web").vnodes if not v.node]
     assert len(waiting) == 1 and waiting[0].phase == model.Phase.FAILED
     assert "waiting for room" in waiting[0].reason and "cpu" in waiting[0].reason
+    lost_at = clock.now
+    assert waiting[0].last_move == model.VnodeMove("b", lost_at, "node b lost: no heartbeat for 11 s")
+    clock.now += 3
     ctl.register_node("c", "127.0.0.3", CAP, ["fake"])
     ctl.check_membership()
     assert all(v.node for v in ctl.get_service("web").vnodes)
+    # Placed on c at last, it still says where it came from and why.
+    placed = next(v for v in ctl.get_service("web").vnodes if v.name == waiting[0].name)
+    assert placed.node == "c" and placed.last_move == waiting[0].last_move
+
+
+def test_a_move_record_outlasts_the_agents_reports_and_a_restart(setup):
+    ctl, clock, tmp_path = setup
+    ctl.create_service(spec())
+    clock.now += 11
+    ctl.report_status("a", [], complete=True)
+    ctl.check_membership()
+    [moved] = [v for v in ctl.get_service("web").vnodes if v.last_move]
+    ctl.report_status("a", [model.VirtualNodeStatus(name=v.name, phase=model.Phase.RUNNING,
+                                                    generation=v.generation)
+                            for v in ctl.get_service("web").vnodes], complete=True)
+    assert {v.phase for v in ctl.get_service("web").vnodes} == {model.Phase.RUNNING}
+    ctl.store.close()
+    again = make_controller(str(tmp_path / "m"), clock)
+    [after] = [v for v in again.get_service("web").vnodes if v.last_move]
+    assert after.name == moved.name and after.last_move == moved.last_move
+    assert after.last_move.from_node == "b" and "lost" in after.last_move.why
+    again.store.close()
 
 
 def test_restart_keeps_everything_and_grants_grace(setup):

@@ -136,6 +136,11 @@ def test_drain_moves_one_at_a_time_and_ends_with_everything_elsewhere(crowded):
     [a] = [n for n in ctl.list_nodes() if n.name == "a"]
     assert a.draining and a.vnodes == 0
     assert all(not v.reason for v in svc.vnodes)          # the notes went with the moves
+    # What lasts: each replacement says whom it replaced, from where, why.
+    moves = {v.name: v.last_move for v in svc.vnodes if v.last_move}
+    assert sorted(moves) == ["web-4", "web-5"]
+    assert moves["web-4"].from_node == "a" and moves["web-4"].why == f"replaces {old.name}: node a is draining"
+    assert moves["web-5"].why == f"replaces {other}: node a is draining"
     ctl.remove_node("a")
 
 

@@ -146,6 +146,8 @@ def _downgrade_to_v1(path):
     db.execute("ALTER TABLE nodes DROP COLUMN assumed")
     db.execute("ALTER TABLE nodes DROP COLUMN labels")
     db.execute("ALTER TABLE nodes DROP COLUMN draining")
+    for column in ("moved_from", "moved_at", "moved_why"):
+        db.execute(f"ALTER TABLE vnodes DROP COLUMN {column}")
     for table in ("nodes", "images", "services", "vnodes"):
         db.execute(f"ALTER TABLE {table} DROP COLUMN revision")
     db.execute("DELETE FROM meta WHERE key='revision'")

@@ -353,11 +353,11 @@ def test_service_get_json_shape(client):
             {"name": "web-0", "node": "node-0", "address": "10.0.0.2", "phase": "RUNNING",
              "resources": {"cpu": 0.5, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 0.5, "boot_seconds": 1.5, "reason": "", "hypervisor": "fake",
-             "deleting": False, "usage": None, "switch": None},
+             "deleting": False, "usage": None, "switch": None, "last_move": None},
             {"name": "web-1", "node": "node-1", "address": "10.0.1.2", "phase": "FAILED",
              "resources": {"cpu": 1.0, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 1.0, "boot_seconds": 0.0, "reason": "kernel panic", "hypervisor": "fake",
-             "deleting": False, "usage": None, "switch": None},
+             "deleting": False, "usage": None, "switch": None, "last_move": None},
         ],
     }
 
@@ -384,6 +384,25 @@ def test_service_get_table(client):
     row = next(line for line in lines if line.startswith("web-0"))
     assert row.split() == ["web-0", "node-0", "10.0.0.2", "RUNNING", "0.5", "64Mi", "10Mbit",
                            "64Mi", "0.5", "1.5s", "-", "-", "-", "-", "-", "-"]
+
+
+def test_service_get_says_where_a_moved_virtual_node_came_from_and_why(client):
+    service = make_service(web_spec(), phases=[model.Phase.RUNNING, model.Phase.RUNNING])
+    move = model.VnodeMove("node-9", 1_700_000_100.0, "node node-9 lost: no heartbeat for 12 s")
+    client.services["web"] = replace(service, vnodes=(service.vnodes[0],
+                                                      replace(service.vnodes[1], last_move=move)))
+    text = run(client, "service", "get", "web").stdout
+    moved = text.split("Moved:\n", 1)[1].splitlines()
+    assert moved[0].split() == ["NAME", "NOW", "ON", "FROM", "AT", "WHY"]
+    assert moved[1].split() == ["web-1", "node-1", "node-9", "2023-11-14T22:15:00Z", "node", "node-9",
+                                "lost:", "no", "heartbeat", "for", "12", "s"]
+    assert len(moved) == 2 or not moved[2].startswith("web-0")
+    as_json = json.loads(run(client, "-o", "json", "service", "get", "web").stdout)
+    assert [v["last_move"] for v in as_json["vnodes"]] == [
+        None, {"from_node": "node-9", "at": 1_700_000_100.0, "why": "node node-9 lost: no heartbeat for 12 s"}]
+    # Never moved: no section at all.
+    client.services["web"] = service
+    assert "Moved:" not in run(client, "service", "get", "web").stdout
 
 
 USAGE = model.Usage(cpu_seconds=12.34, memory_bytes=20 * 1024 * 1024,

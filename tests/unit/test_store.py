@@ -292,8 +292,38 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_6(path):
+    """The file as a version 6 Master left it: virtual nodes without move records."""
+    db = sqlite3.connect(path)
+    for column in ("moved_from", "moved_at", "moved_why"):
+        db.execute(f"ALTER TABLE vnodes DROP COLUMN {column}")
+    db.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_version_6_store_keeps_its_virtual_nodes_and_records_moves_from_then_on(tmp_path):
+    s = open_store(str(tmp_path))
+    add_node(s)
+    create(s, make_service(n=2))
+    before = s.list_vnodes(), s.revision()
+    s.close()
+    _as_version_6(str(tmp_path / "state.db"))
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION
+    assert (s.list_vnodes(), s.revision()) == before
+    assert all(v.last_move is None for v in s.list_vnodes())
+    move = model.VnodeMove("a", 1_700_000_000.123456789, "node a lost: no heartbeat for 11 s")
+    with s.transaction() as tx:
+        tx.put_vnodes([dataclasses.replace(before[0][0], last_move=move)])
+    assert s.list_vnodes()[0].last_move == move          # the time to the last bit
+    assert s.list_vnodes()[1].last_move is None
+    s.close()
+
+
 def _as_version_5(path):
     """The file as a version 5 Master left it: nodes without drains."""
+    _as_version_6(path)
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE nodes DROP COLUMN draining")
     db.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
@@ -412,7 +442,7 @@ def test_a_version_5_store_has_no_node_draining(tmp_path):
     assert "draining" not in _node_columns(path)
 
     s = open_store(str(tmp_path))
-    assert s.schema_version() == SCHEMA_VERSION == 6 and "draining" in _node_columns(path)
+    assert s.schema_version() == SCHEMA_VERSION and "draining" in _node_columns(path)
     a = s.get_node("a")
     assert a.draining is False and (revision_of(a), s.revision()) == before
     with s.transaction() as tx:

@@ -4,6 +4,8 @@ latest figures per virtual node and its sums per physical node."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from soda import model
@@ -34,6 +36,9 @@ def test_usage_survives_the_wire_and_absence_stays_absent():
     assert convert.status_from_pb(convert.status_to_pb(bare)).usage is None
     v = model.VirtualNode("web-0", "web", 0, model.Resources(), usage=U2)
     assert convert.vnode_from_pb(convert.vnode_to_pb(v)).usage == U2
+    assert convert.vnode_from_pb(convert.vnode_to_pb(v)).last_move is None
+    moved = replace(v, last_move=model.VnodeMove("b", 1_700_000_000.5, "node b lost: no heartbeat for 11 s"))
+    assert convert.vnode_from_pb(convert.vnode_to_pb(moved)).last_move == moved.last_move
     n = model.Node("a", "127.0.0.1", model.Resources(), ("uml",), usage=U1)
     assert convert.node_from_pb(convert.node_to_pb(n)).usage == U1
     assert convert.node_from_pb(convert.node_to_pb(model.Node("a", "", model.Resources(), ()))).usage is None

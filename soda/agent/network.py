@@ -84,6 +84,13 @@ def _tap_alias_fields(alias: str | None) -> dict[str, str]:
     return dict(word.split("=", 1) for word in words[1:] if "=" in word)
 
 
+def _tap_owner(ipr: IPRoute, index: int) -> int | None:
+    """The uid owning TAP `index`; None when it has none."""
+    info = ipr.link("get", index=index)[0].get_attr("IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    return data.get_attr("IFLA_TUN_OWNER") if data is not None else None
+
+
 class NetworkError(SodaError):
     """Node networking could not be set up or torn down."""
 
@@ -101,9 +108,10 @@ class NetworkBackend(abc.ABC):
         run after every registration."""
 
     @abc.abstractmethod
-    def plug(self, vnode: str, address: str, mac: str) -> dict[str, str]:
+    def plug(self, vnode: str, address: str, mac: str, *, owner: int = 0) -> dict[str, str]:
         """Give the virtual node its network before its guest boots;
-        idempotent. Returns the GuestSpec fields its driver needs."""
+        idempotent. `owner`: the uid its VMM runs as (0 = root). Returns
+        the GuestSpec fields its driver needs."""
 
     @abc.abstractmethod
     def unplug(self, vnode: str) -> None:
@@ -249,23 +257,32 @@ class NodeNetwork(NetworkBackend):
             pr_netns.remove(self.netns)
 
     # ---- guests --------------------------------------------------------
-    def plug(self, vnode: str, address: str, mac: str) -> dict[str, str]:
+    def plug(self, vnode: str, address: str, mac: str, *, owner: int = 0) -> dict[str, str]:
         """The virtual node's TAP, on the bridge and up (created if missing),
         and the neighbour entries that make `address` reachable at `mac` at
-        once."""
+        once. `owner`: the uid (and gid) the guest's VMM runs as, which may
+        then open the TAP without privileges; 0 = none (only root opens
+        it). A TAP that exists with another owner is made again."""
         name = tap_name(vnode)
         try:
-            self.node.run(self._plug, name, vnode, address, mac)
+            self.node.run(self._plug, name, vnode, address, mac, owner)
             if self.netns:
                 self.host.run(self._set_neighbour, self.uplink_host, address, mac)
         except NetlinkError as exc:
             raise NetworkError(f"cannot plug {vnode} in (TAP {name}): {os.strerror(exc.code)}") from None
         return {"tap": name, "netns": self.netns}
 
-    def _plug(self, ipr: IPRoute, name: str, vnode: str, address: str, mac: str) -> None:
+    def _plug(self, ipr: IPRoute, name: str, vnode: str, address: str, mac: str,
+              owner: int = 0) -> None:
         index = self._index(ipr, name)
+        if index is not None and _tap_owner(ipr, index) != (owner or None):
+            # The owner is set when a TAP is made (TUNSETOWNER needs the
+            # device attached): another owner means making it again.
+            ipr.link("del", index=index)
+            index = None
         if index is None:
-            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            ownership = {"uid": owner, "gid": owner} if owner else {}
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap", **ownership)
             index = self._index(ipr, name)
         bridge = self._index(ipr, self.bridge)
         if bridge is None:

@@ -124,3 +124,30 @@ def test_a_subnet_that_overlaps_a_host_network_is_refused_and_leaves_nothing(net
     # Another subnet is fine.
     net.configure_node("10.234.1.0/24", "10.234.1.1", "10.234.1.254")
     assert addrs(net.netns, "soda0") == {("10.234.1.1", 24)}
+
+
+def tap_owner(netns, tap):
+    """(user, group) owning `tap`, from `ip -d` (None, None: no owner)."""
+    argv = ["ip", "-j", "-d", "-n", netns, "link", "show", "dev", tap]
+    info = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)[0]
+    data = info["linkinfo"]["info_data"]
+    return data.get("user"), data.get("group")
+
+
+def test_a_tap_is_owned_by_the_uid_its_vmm_runs_as(net):
+    net.configure_node("10.233.10.0/24", "10.233.10.1", "10.233.10.254")
+    mac = guest_mac("10.233.10.2")
+    tap = net.plug("own-0", "10.233.10.2", mac, owner=201234)["tap"]
+    assert tap_owner(net.netns, tap) == (201234, 201234)
+    index = links(net.netns)[tap]["ifindex"]
+    net.plug("own-0", "10.233.10.2", mac, owner=201234)            # idempotent: same TAP
+    assert links(net.netns)[tap]["ifindex"] == index
+    # Another owner (the service's uid changed): the TAP is made again.
+    net.plug("own-0", "10.233.10.2", mac, owner=205678)
+    assert tap_owner(net.netns, tap) == (205678, 205678)
+    assert links(net.netns)[tap]["master"] == "soda0"
+    assert neighbours(net.netns, "soda0") == {"10.233.10.2": (mac, ["PERMANENT"])}
+    net.plug("own-0", "10.233.10.2", mac)                          # root's again: no owner
+    assert tap_owner(net.netns, tap) == (None, None)
+    net.unplug("own-0")
+    assert tap not in links(net.netns)

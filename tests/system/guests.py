@@ -36,10 +36,25 @@ def require_guest_support() -> None:
                     allow_module_level=True)
 
 
-def build_rootfs(directory: str) -> str:
+HOSTILE_IMAGE = os.path.join(TOP, "tests", "guest-images", "hostile")
+
+
+def build_rootfs(directory: str, overlay: str = "") -> str:
+    """The reference image in `directory`; with `overlay`, that tree copied
+    over its root (e.g. HOSTILE_IMAGE: tests/guest-images/README)."""
     out = os.path.join(directory, "rootfs.img")
-    subprocess.run([os.path.join(TOP, "scripts", "build-rootfs"), out], check=True, capture_output=True)
+    argv = [os.path.join(TOP, "scripts", "build-rootfs"), out]
+    if overlay:
+        argv += ["--overlay", overlay]
+    subprocess.run(argv, check=True, capture_output=True)
     return out
+
+
+def guest_run(netns: str, address: str, command: str, timeout: float = 60) -> str:
+    """`command` run with sh as root inside a guest of the hostile image
+    (its /cgi-bin/run), asked from inside the test's namespace; its output."""
+    from urllib.parse import quote
+    return curl(netns, f"http://{address}/cgi-bin/run?{quote(command, safe='')}", timeout=timeout)
 
 
 def read(path):

@@ -1,7 +1,8 @@
 """The guest launcher: put this process where a guest belongs, then become the VMM.
 
     python -I -S .../soda/hypervisors/launch.py [--hold] [--netns NAME]
-        [--cgroup DIR]... [--no-aslr] [--log FILE] -- ARGV...
+        [--cgroup DIR]... [--no-aslr] [--log FILE] [--nofile N]
+        [--user UID [--group GID]] -- ARGV...
 
 (or `python -m soda.hypervisors.launch ...`).
 
@@ -12,17 +13,24 @@ of 10 boots died at mem=32M), with `--hold` waits until the driver that
 spawned it writes "1" on its stdin (the driver has recorded the guest; an
 end of file instead means the driver died first, and the launcher exits
 rather than start a guest no record names), sends stdout and stderr to FILE
-(appending) and stdin to /dev/null, and execs ARGV. The pid never changes, so the driver that
-spawned it records the VMM's pid and the VMM is fenced from its first
-instruction. Joining the cgroups first means everything after, the VMM's
-memory included, is charged to the guest.
+(appending, opened while still root) and stdin to /dev/null, sets the
+open-files limit (RLIMIT_NOFILE, soft and hard) to N, and with `--user`
+gives up root for good: no supplementary groups, gid GID (default: UID),
+uid UID, a umask of 077 (what the VMM makes is its own alone), then
+`no_new_privs` (no exec can gain privileges again: no setuid binary, no
+file capabilities), and checks that no capability is left (effective and
+permitted, from /proc/self/status) before it execs ARGV. The cgroups and
+the namespace need root, so they come first. The pid never changes, so the
+driver that spawned it records the VMM's pid and the VMM is fenced from its
+first instruction. Joining the cgroups first means everything after, the
+VMM's memory included, is charged to the guest.
 
 Anything that fails before the exec ends it with one line on stderr and
-status 1 (127 if ARGV cannot be executed). It owns nothing else: no logging
-setup and no SODA imports but soda.netns (setns) and soda.errors, which
-import nothing else, so that the drivers can run it as a script without the
-site machinery (`-I -S`): it starts in ~10 ms instead of ~50, on the way of
-every boot.
+status 1 (2 for a usage error, 127 if ARGV cannot be executed). It owns
+nothing else: no logging setup and no SODA imports but soda.netns (setns)
+and soda.errors, which import nothing else, so that the drivers can run it
+as a script without the site machinery (`-I -S`): it starts in ~10 ms
+instead of ~50, on the way of every boot.
 """
 
 import os
@@ -31,7 +39,9 @@ import sys
 ADDR_NO_RANDOMIZE = 0x0040000
 PERSONALITY_QUERY = 0xFFFFFFFF
 USAGE = ("usage: python -m soda.hypervisors.launch [--hold] [--netns NAME] [--cgroup DIR]... "
-         "[--no-aslr] [--log FILE] -- ARGV...")
+         "[--no-aslr] [--log FILE] [--nofile N] [--user UID [--group GID]] -- ARGV...")
+PR_SET_NO_NEW_PRIVS = 38
+ID_MAX = 0xFFFFFFFE                  # (uid_t)-1 means "unchanged" to set*id: never a uid
 GO = b"1"
 
 
@@ -40,7 +50,8 @@ class LaunchError(Exception):
 
 
 def parse(args: list[str]) -> dict:
-    opts = {"netns": "", "cgroups": [], "no_aslr": False, "hold": False, "log": "", "argv": []}
+    opts = {"netns": "", "cgroups": [], "no_aslr": False, "hold": False, "log": "", "argv": [],
+            "nofile": None, "user": None, "group": None}
     i = 0
     while i < len(args):
         arg = args[i]
@@ -52,7 +63,7 @@ def parse(args: list[str]) -> dict:
             i += 1
             continue
         key, eq, value = arg.partition("=")
-        if key not in ("--netns", "--cgroup", "--log"):
+        if key not in ("--netns", "--cgroup", "--log", "--nofile", "--user", "--group"):
             raise LaunchError(f"unknown argument {arg!r}\n{USAGE}")
         if not eq:
             if i + 1 >= len(args):
@@ -62,13 +73,27 @@ def parse(args: list[str]) -> dict:
         i += 1
         if key == "--cgroup":
             opts["cgroups"].append(value)
+        elif key in ("--nofile", "--user", "--group"):
+            opts[key[2:]] = _number(key, value)
         else:
             opts[key[2:]] = value
     if not opts["argv"]:
         raise LaunchError(f"nothing to run after --\n{USAGE}")
+    if opts["group"] is not None and opts["user"] is None:
+        raise LaunchError(f"--group needs --user\n{USAGE}")
+    if opts["user"] is not None and opts["group"] is None:
+        opts["group"] = opts["user"]
     if opts["netns"] and ("/" in opts["netns"] or opts["netns"] in (".", "..")):
         raise LaunchError(f"bad network namespace name {opts['netns']!r}")
     return opts
+
+
+def _number(key: str, value: str) -> int:
+    """A positive id or limit: root (0) is what --user gives up, and no
+    limit of 0 open files lets anything run."""
+    if not value.isdigit() or not 0 < int(value) <= ID_MAX:
+        raise LaunchError(f"{key} takes a positive number, not {value!r}\n{USAGE}")
+    return int(value)
 
 
 def _libc():
@@ -132,6 +157,53 @@ def redirect(log: str) -> None:
         os.close(out)
 
 
+def limit_open_files(n: int) -> None:
+    import resource
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    except (OSError, ValueError) as e:
+        raise LaunchError(f"cannot limit open files to {n}: {e}") from None
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become uid:gid for good, with no capabilities and no way back."""
+    # Imported while still root: the interpreter's own files may be out of
+    # the uid's reach (a pyenv under /root).
+    ctypes, libc = _libc()
+    try:
+        os.setgroups([])
+        os.setgid(gid)          # while still root: after setuid it is refused
+        os.setuid(uid)          # real, effective and saved: no way back
+    except OSError as e:
+        raise LaunchError(f"cannot become uid {uid} gid {gid}: {e.strerror}") from None
+    os.umask(0o077)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise LaunchError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+        raise LaunchError(f"still not uid {uid} gid {gid} alone after dropping privileges")
+    left = {key: value for key, value in _status_fields("CapEff", "CapPrm", "NoNewPrivs").items()
+            if (key == "NoNewPrivs") != (int(value, 16) != 0)}
+    if left:
+        raise LaunchError("privileges left after the drop to uid "
+                          f"{uid}: {', '.join(f'{k} {v}' for k, v in sorted(left.items()))}")
+
+
+def _status_fields(*keys: str) -> dict[str, str]:
+    """Fields of /proc/self/status (missing ones as "0")."""
+    found = dict.fromkeys(keys, "0")
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in found:
+                    found[key] = value.strip()
+    except OSError as e:
+        raise LaunchError(f"cannot read /proc/self/status: {e.strerror}") from None
+    return found
+
+
 def main(args: list[str]) -> int:
     try:
         opts = parse(args)
@@ -144,6 +216,10 @@ def main(args: list[str]) -> int:
         if opts["hold"]:
             hold()
         redirect(opts["log"])
+        if opts["nofile"] is not None:
+            limit_open_files(opts["nofile"])
+        if opts["user"] is not None:
+            drop_privileges(opts["user"], opts["group"])
     except LaunchError as e:
         print(f"soda-launch: {e}", file=sys.stderr, flush=True)
         return 2 if str(e).endswith(USAGE) else 1

@@ -74,6 +74,13 @@ class AgentConfig:
     routes: bool = True
     max_parallel_boots: int = 8
     reconcile_seconds: float = 1.0
+    # Guests are hostile: each service's VMMs run here as a uid of its own
+    # from this range (FIRST-LAST; soda.agent.uids), with no capabilities.
+    guest_uids: str = "200000-265535"
+    # False: VMMs run as root, as before (only to measure what the drop costs).
+    guest_uid_drop: bool = True
+    # The open-files limit (RLIMIT_NOFILE) of each guest's VMM.
+    guest_open_files: int = 1024
     log_level: str = "INFO"
 
 

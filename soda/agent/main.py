@@ -27,6 +27,7 @@ from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
 from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.agent.reconciler import Reconciler
+from soda.agent.uids import GuestUids, parse_uid_range
 from soda.config import LOG_LEVELS, AgentConfig, build_section, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
@@ -40,6 +41,8 @@ from soda.service import (EXIT_FAILURE, EXIT_USAGE, configure, forbid_fork, refu
                           stop_event_on_signals)
 
 log = logging.getLogger("soda.agent")
+# The fewest open files a guest's VMM may be limited to (guest_open_files).
+MIN_OPEN_FILES = 64
 
 
 
@@ -84,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-routes", dest="routes", action="store_false", default=None,
                         help="do not route other nodes' guest subnets via their addresses "
                              "(config routes: false)")
+    parser.add_argument("--no-uid-drop", dest="guest_uid_drop", action="store_false", default=None,
+                        help="run guests' VMMs as root (only to measure what the uid drop costs)")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
     return parser.parse_args(argv)
@@ -106,6 +111,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
     return effective(AgentConfig, args.config, check, master=args.master, name=args.name,
                      address=args.address, state_dir=args.state_dir, hypervisors=hypervisors,
                      netns=args.netns, daemon_socket=args.daemon_socket, routes=args.routes,
+                     guest_uid_drop=args.guest_uid_drop,
                      log_level=args.log_level)
 
 
@@ -127,6 +133,10 @@ def check_config(config: AgentConfig) -> AgentConfig:
         raise InvalidSpec(f"max_parallel_boots must be at least 1, got {config.max_parallel_boots}")
     if config.reconcile_seconds <= 0:
         raise InvalidSpec(f"reconcile_seconds must be positive, got {config.reconcile_seconds:g}")
+    parse_uid_range(config.guest_uids)
+    if config.guest_open_files < MIN_OPEN_FILES:
+        raise InvalidSpec(f"guest_open_files must be at least {MIN_OPEN_FILES} (a VMM opens its "
+                          f"disk, TAP, sockets and consoles), got {config.guest_open_files}")
     driver_configs(config)
     return dataclasses.replace(config, name=name, labels=labels)
 
@@ -227,7 +237,13 @@ def build_plumbing(config: AgentConfig, network: NodeNetwork | None,
         daemon = DaemonClient(config.daemon_socket)
     else:
         log.warning("no daemon_socket configured: real guests run without limits")
-    return NodePlumbing(network, daemon, capabilities)
+    uids = None
+    if config.guest_uid_drop:
+        uids = GuestUids(config.state_dir, parse_uid_range(config.guest_uids))
+    else:
+        log.warning("guest_uid_drop is off: guests' VMMs run as root")
+    return NodePlumbing(network, daemon, capabilities, uids=uids,
+                        open_files=config.guest_open_files)
 
 
 def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event,

@@ -1,13 +1,17 @@
 """What a real guest needs around its hypervisor process: a TAP on the node
-bridge and the Daemon's fence (cgroups, tc). Prepared before a guest starts,
-released after it stops, so that nothing outlives a virtual node.
+bridge, owned by the uid its service's VMMs run as on this node
+(soda.agent.uids), and the Daemon's fence (cgroups, tc). Prepared before a
+guest starts, released after it stops, so that nothing outlives a virtual
+node.
 
 The reconciler calls `prepare` and `release`; this module owns the order
-(TAP first, since the Daemon shapes it; release in reverse) and the undo of
-a half-done prepare. Only guests of drivers that declare `plumbing` get
-any (the fake driver does not). Fences and TAPs are found again in the
-kernel (`leftovers`), so a restarted Agent can release those whose release
-an earlier Agent did not live to finish.
+(uid, then TAP, since the TAP is the uid's, then the fence, since the Daemon
+shapes the TAP; release in reverse, the uid let go with a service's last
+guest here) and the undo of a half-done prepare. Only guests of drivers that
+declare `plumbing` get any (the fake driver does not). Fences, TAPs and
+uids are found again (`leftovers`: in the kernel, in the uid table), so a
+restarted Agent can release those whose release an earlier Agent did not
+live to finish.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 from typing import Mapping, Protocol
 
 from soda.agent.network import NetworkBackend
+from soda.agent.uids import GuestUids
 from soda.errors import NotFound, SodaError
 from soda.hypervisors.base import guest_mac
 from soda.model.state import DriverCapabilities, VirtualNode
@@ -64,9 +69,14 @@ class GuestPlumbing:
 
 class NodePlumbing(GuestPlumbing):
     def __init__(self, network: NetworkBackend, daemon: Daemon | None,
-                 drivers: Mapping[str, DriverCapabilities]):
+                 drivers: Mapping[str, DriverCapabilities], uids: GuestUids | None = None,
+                 open_files: int = 0):
         self.network = network
         self.daemon = daemon
+        # The uid each service's VMMs run as (None: root, the drop is off),
+        # and each VMM's open-files limit (0: the Agent's own).
+        self.uids = uids
+        self.open_files = open_files
         # What each hypervisor's driver declares: whether its guests need
         # plumbing, and the MiB its process needs above the guest's memory
         # (the Daemon's memory limit adds it).
@@ -97,8 +107,12 @@ class NodePlumbing(GuestPlumbing):
         if self._plumbed(hypervisor) and self.daemon is not None:
             self._fence(want, hypervisor, self._plug(want)["tap"])
 
-    def _plug(self, want: VirtualNode) -> dict[str, str]:
-        return self.network.plug(want.name, want.address, guest_mac(want.address))
+    def _plug(self, want: VirtualNode) -> dict:
+        """The TAP, owned by the uid the guest's VMM runs as; with the
+        GuestSpec fields that say how it runs (uid, open-files limit)."""
+        uid = self.uids.acquire(want.service, want.name) if self.uids is not None else 0
+        plugged = self.network.plug(want.name, want.address, guest_mac(want.address), owner=uid)
+        return {**plugged, "uid": uid, "open_files": self.open_files}
 
     def _fence(self, want: VirtualNode, hypervisor: str, tap: str):
         return self.daemon.apply_limits(want.name, want.resources, hypervisor,
@@ -125,7 +139,8 @@ class NodePlumbing(GuestPlumbing):
     def leftovers(self) -> set[str]:
         """The Daemon's fences and the network backend's TAPs, by virtual node."""
         fenced = {fence.name for fence in self.daemon.list()} if self.daemon is not None else set()
-        return fenced | self.network.plugged()
+        holding = self.uids.vnodes() if self.uids is not None else set()
+        return fenced | self.network.plugged() | holding
 
     def release_leftover(self, name: str) -> None:
         # Limits first: the Daemon kills what is left in the cgroups and
@@ -133,3 +148,7 @@ class NodePlumbing(GuestPlumbing):
         if self.daemon is not None:
             self.daemon.release_limits(name)
         self.network.unplug(name)
+        # Last: the uid is free for another service only once the TAP it
+        # owned is gone (the VMM is, before any release).
+        if self.uids is not None:
+            self.uids.release(name)

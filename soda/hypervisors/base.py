@@ -61,6 +61,11 @@ class GuestSpec:
     netns: str = ""                  # network namespace the TAP lives in ("" = the host's)
     cgroups: tuple[str, ...] = ()    # cgroup directories (one per controller) made by the Daemon
     init: str = "/sbin/init"         # the image's init program
+    # The uid (and gid) the VMM runs as, with no capabilities and
+    # no_new_privs (soda.hypervisors.launch): its service's on this node
+    # (soda.agent.uids); 0 = root, as the fake driver and unit tests have it.
+    uid: int = 0
+    open_files: int = 0              # the VMM's RLIMIT_NOFILE; 0 = the Agent's own
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def service_to_dict(service: model.Service) -> dict:
         "cpu_cap": spec.cpu_cap,
         "switch": spec.switch.as_dict(),
         "on_demand": spec.on_demand.as_dict() if spec.on_demand is not None else None,
+        "network": spec.network.as_dict(),
         "state": Rollout.of(service).state,
         "deleting": service.deleting,
         "created_at": timestamp(service.created_at),
@@ -204,6 +205,14 @@ def on_demand_text(on_demand: model.OnDemand | None) -> str:
             f"disk {r.disk}Mi; back to zero after {on_demand.idle_seconds:g} s idle")
 
 
+def network_text(network: model.NetworkSpec) -> str:
+    """What the node's policy lets the guests reach beyond the Switch's
+    connections and the replies."""
+    peers = "peers reach each other" if network.peers else "peers isolated"
+    egress = ", ".join(map(str, network.egress)) or "nothing else"
+    return f"{peers}; out to {egress}"
+
+
 def health_text(h: model.HealthCheck) -> str:
     if h.kind == "none":
         return "no health checks"
@@ -228,6 +237,7 @@ def service_table(service: model.Service) -> str:
         ("CPU", "capped at its cores" if spec.cpu_cap else "proportional share"),
         ("Switch", switch),
         ("On demand", on_demand_text(spec.on_demand)),
+        ("Network", network_text(spec.network)),
         ("State", f"{rollout.state} ({len(rollout.running)}/{rollout.wanted} running)"),
         ("Created", timestamp(service.created_at)),
     ])

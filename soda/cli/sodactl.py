@@ -338,6 +338,12 @@ def service() -> None:
 @click.option("--idle-seconds", type=float, metavar="S",
               help="With --on-demand: back to zero virtual nodes after S seconds without a "
                    "connection (default 300).")
+@click.option("--peers/--no-peers", "peers", default=None,
+              help="Whether the service's virtual nodes may reach each other (default: they may). "
+                   "Other services' guests and the hosts are closed to them either way.")
+@click.option("--egress", "egress", multiple=True, metavar="CIDR:PORT",
+              help="Let the guests open connections to CIDR on PORT (or LOW-HIGH), TCP and UDP; "
+                   "repeat for more. By default they reach nothing beyond their own service.")
 @wait_options("every virtual node is running")
 @output_option
 @click.pass_obj
@@ -346,7 +352,8 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
                    disk: str | None, port: int | None, hypervisor: str | None, listen: str | None,
                    policy: str | None, mode: str | None, health: str | None,
                    cpu_cap: bool | None, on_demand: int | None,
-                   idle_seconds: float | None, wait: bool, timeout: float) -> None:
+                   idle_seconds: float | None, peers: bool | None, egress: tuple[str, ...],
+                   wait: bool, timeout: float) -> None:
     """Create service NAME from flags, or from a YAML spec with -f.
 
     \b
@@ -365,7 +372,7 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
     data = specs.apply_overrides(
         data, name=name, image=image, nodes=nodes, port=port, hypervisor=hypervisor,
         listen=listen, policy=policy, mode=mode, health=specs.health_flag(health),
-        cpu_cap=cpu_cap, on_demand=on_demand, idle_seconds=idle_seconds,
+        cpu_cap=cpu_cap, on_demand=on_demand, idle_seconds=idle_seconds, peers=peers, egress=egress,
         resources=resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk))
     try:
         spec = model.parse_spec(data)

@@ -9,7 +9,7 @@ same words. Values stay as the user wrote them ("0.5") for that reason.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping, TextIO
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, TextIO
 
 from soda import errors, model
 
@@ -85,7 +85,8 @@ def apply_overrides(spec: Mapping[str, Any], *, name: str | None = None, image: 
                     mode: str | None = None, health: Mapping[str, Any] | None = None,
                     resources: Mapping[str, PerNodeValue] | None = None,
                     cpu_cap: bool | None = None, on_demand: int | None = None,
-                    idle_seconds: float | None = None) -> dict:
+                    idle_seconds: float | None = None, peers: bool | None = None,
+                    egress: Sequence[str] | None = None) -> dict:
     """A copy of `spec` with every given flag (not None) replacing its field.
     A service deployed on demand starts at zero nodes unless told otherwise."""
     merged = dict(spec)
@@ -100,8 +101,12 @@ def apply_overrides(spec: Mapping[str, Any], *, name: str | None = None, image: 
                                                        "mode": mode, "health": health})
     merged["on_demand"] = _overlay(merged.get("on_demand"), {"max_nodes": on_demand,
                                                              "idle_seconds": idle_seconds})
+    merged["network"] = _overlay(merged.get("network"), {"peers": peers,
+                                                         "egress": list(egress) if egress else None})
     if merged["on_demand"] is None:
         del merged["on_demand"]
+    if merged["network"] is None:
+        del merged["network"]
     if merged["resources"] is None:
         del merged["resources"]
     if merged["switch"] is None:

@@ -1135,6 +1135,6 @@ def _template(spec: model.ServiceSpec) -> model.Resources:
 def endpoint_set(service: model.Service) -> model.EndpointSet:
     return model.EndpointSet(
         service=service.name, switch=service.spec.switch, on_demand=service.spec.on_demand,
-        endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
+        network=service.spec.network, endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
                                        ready=v.phase == model.Phase.RUNNING)
                         for v in service.vnodes if not v.deleting and v.address))

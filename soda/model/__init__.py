@@ -19,8 +19,9 @@ from soda.model.names import (  # noqa: F401
 from soda.model.spec import (  # noqa: F401
     POLICIES, DEFAULT_POLICY, SWITCH_MODES, DEFAULT_SWITCH_MODE, HEALTH_KINDS, DEFAULT_PORT,
     MAX_VNODES_PER_SERVICE, RESOURCE_BOUNDS, RESOURCE_UNITS, RESOURCE_DEFAULTS, Resources,
-    HealthCheck, SwitchSpec, OnDemand, ServiceSpec, resource_columns, expand_resources,
-    check_listen, parse_health, last_entries, parse_on_demand, parse_switch, parse_spec,
+    HealthCheck, SwitchSpec, OnDemand, EgressRule, NetworkSpec, ServiceSpec, resource_columns, expand_resources,
+    check_listen, parse_health, last_entries, parse_on_demand, parse_switch, parse_egress, parse_network,
+    parse_spec,
     validate_spec, share_weight)
 from soda.model.labels import (  # noqa: F401
     LABEL_PART_MAX, LABELS_MAX, check_labels, parse_label, format_labels)

@@ -7,6 +7,7 @@ Master validates again whatever reaches it over gRPC (`validate_spec`).
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, field
@@ -106,6 +107,33 @@ class OnDemand:
 
 
 @dataclass(frozen=True)
+class EgressRule:
+    """Where a guest may open connections beyond its own service: a network
+    and a port range (TCP and UDP). Written `CIDR:PORT` or `CIDR:LOW-HIGH`."""
+    network: str                # normalised, e.g. "192.0.2.0/24"
+    port_low: int
+    port_high: int
+
+    def __str__(self) -> str:
+        ports = str(self.port_low) if self.port_low == self.port_high else f"{self.port_low}-{self.port_high}"
+        return f"{self.network}:{ports}"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What a service's guests may reach and be reached by, beyond the
+    Switch's connections to its port and the replies to them (the node's
+    policy, soda.agent.policy): its own other virtual nodes (`peers`), and
+    the `egress` rules. By default peers talk to each other and nothing
+    else is reachable."""
+    peers: bool = True
+    egress: tuple[EgressRule, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {"peers": self.peers, "egress": [str(rule) for rule in self.egress]}
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     name: str
     image: str
@@ -121,6 +149,7 @@ class ServiceSpec:
     # last node's (or the one value given for all). A service at zero nodes
     # keeps what it was given here, so that growing it asks for that.
     template: Resources = Resources(**RESOURCE_DEFAULTS)
+    network: NetworkSpec = NetworkSpec()
 
     def as_dict(self) -> dict:
         out = {
@@ -133,6 +162,8 @@ class ServiceSpec:
         }
         if self.on_demand is not None:
             out["on_demand"] = self.on_demand.as_dict()
+        if self.network != NetworkSpec():
+            out["network"] = self.network.as_dict()
         return out
 
 
@@ -206,7 +237,9 @@ def check_listen(listen: Any) -> str:
 
 
 _SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap",
-                "on_demand"}
+                "on_demand", "network"}
+_NETWORK_FIELDS = {"peers", "egress"}
+MAX_EGRESS_RULES = 64
 _SWITCH_FIELDS = {"listen", "policy", "mode", "health", "drain_seconds"}
 _HEALTH_FIELDS = set(HealthCheck.__dataclass_fields__)
 _ON_DEMAND_FIELDS = {"max_nodes", "idle_seconds", "resources"}
@@ -289,6 +322,48 @@ def parse_on_demand(data: Any, nodes: int, template: Resources) -> OnDemand | No
                     resources=expand_resources(1, own)[0] if own is not None else template)
 
 
+def parse_egress(text: Any) -> EgressRule:
+    """`CIDR:PORT` or `CIDR:LOW-HIGH` (an address alone is a /32)."""
+    usage = "network.egress entries look like 192.0.2.0/24:443 or 10.1.0.0/16:8000-8099"
+    if not isinstance(text, str) or ":" not in text:
+        raise InvalidSpec(f"{usage}, got {text!r}")
+    where, _, ports = text.rpartition(":")
+    try:
+        network = ipaddress.IPv4Network(where, strict=False)
+    except ValueError:
+        raise InvalidSpec(f"network.egress: {where!r} is not an IPv4 network ({usage})") from None
+    low, dash, high = ports.partition("-")
+    if not low.isdigit() or (dash and not high.isdigit()):
+        raise InvalidSpec(f"network.egress: {ports!r} is not a port or a port range ({usage})")
+    low_port, high_port = int(low), int(high) if dash else int(low)
+    if not 1 <= low_port <= high_port <= 65535:
+        raise InvalidSpec(f"network.egress: ports must lie from 1 to 65535, lowest first, got {ports!r}")
+    return EgressRule(str(network), low_port, high_port)
+
+
+def parse_network(data: Any) -> NetworkSpec:
+    """`network: {peers: true, egress: [CIDR:PORT, ...]}`."""
+    if data is None:
+        return NetworkSpec()
+    if not isinstance(data, Mapping):
+        raise InvalidSpec("network must be a mapping like {peers: false, egress: ['192.0.2.0/24:443']}")
+    _check_fields("network", data, _NETWORK_FIELDS)
+    peers = data.get("peers", True)
+    if peers is None:
+        peers = True
+    if not isinstance(peers, bool):
+        raise InvalidSpec(f"network.peers must be true or false, got {peers!r}")
+    egress = data.get("egress") or []
+    if isinstance(egress, str):
+        egress = [egress]
+    if not isinstance(egress, (list, tuple)):
+        raise InvalidSpec("network.egress must be a list like ['192.0.2.0/24:443']")
+    if len(egress) > MAX_EGRESS_RULES:
+        raise InvalidSpec(f"network.egress holds {len(egress)} rules; at most {MAX_EGRESS_RULES}")
+    rules = tuple(dict.fromkeys(parse_egress(rule) for rule in egress))
+    return NetworkSpec(peers=peers, egress=rules)
+
+
 def parse_switch(data: Any) -> SwitchSpec:
     switch = data or {}
     if not isinstance(switch, Mapping):
@@ -349,7 +424,8 @@ def parse_spec(data: Any) -> ServiceSpec:
         raise InvalidSpec(f"cpu_cap must be true or false, got {cpu_cap!r}")
     return ServiceSpec(
         name=name, image=image, nodes=nodes, hypervisor=hypervisor, port=port, cpu_cap=cpu_cap,
-        resources=per_node, switch=switch, on_demand=on_demand, template=template)
+        resources=per_node, switch=switch, on_demand=on_demand, template=template,
+        network=parse_network(data.get("network")))
 
 
 def validate_spec(spec: ServiceSpec) -> ServiceSpec:
@@ -366,6 +442,7 @@ def validate_spec(spec: ServiceSpec) -> ServiceSpec:
     }
     if spec.on_demand is not None:
         data["on_demand"] = spec.on_demand.as_dict()
+    data["network"] = spec.network.as_dict()
     return parse_spec(data)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from soda.model.spec import OnDemand, SwitchSpec
+from soda.model.spec import NetworkSpec, OnDemand, SwitchSpec
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -56,12 +56,14 @@ class SwitchReport:
 
 @dataclass(frozen=True)
 class EndpointSet:
-    """What the Switch needs of one service: how to serve it and where to."""
+    """What the Switch needs of one service (how to serve it and where to),
+    and what the nodes' policy needs (its guests' addresses, its network spec)."""
     service: str
     switch: SwitchSpec = field(default_factory=SwitchSpec)
     endpoints: tuple[Endpoint, ...] = ()
     deleted: bool = False
     on_demand: OnDemand | None = None
+    network: NetworkSpec = field(default_factory=NetworkSpec)   # the nodes' policy for its guests
 
     @property
     def listen(self) -> str:

@@ -64,12 +64,24 @@ def on_demand_from_pb(m, field: str = "on_demand") -> model.OnDemand | None:
                           resources=resources_from_pb(o.resources))
 
 
+def network_to_pb(n: model.NetworkSpec) -> pb.NetworkSpec:
+    return pb.NetworkSpec(peers=n.peers, egress=[str(rule) for rule in n.egress])
+
+
+def network_from_pb(m) -> model.NetworkSpec:
+    """The network spec held in `m.network` (unset: the defaults). Entries
+    are parsed again: they are text on the wire."""
+    if not m.HasField("network"):
+        return model.NetworkSpec()
+    return model.parse_network({"peers": m.network.peers, "egress": list(m.network.egress)})
+
+
 def spec_to_pb(s: model.ServiceSpec) -> pb.ServiceSpec:
     return pb.ServiceSpec(
         name=s.name, image=s.image, hypervisor=s.hypervisor, nodes=s.nodes, port=s.port,
         cpu_cap=s.cpu_cap, resources=[resources_to_pb(r) for r in s.resources],
         switch=switch_to_pb(s.switch), on_demand=on_demand_to_pb(s.on_demand),
-        template=resources_to_pb(s.template))
+        template=resources_to_pb(s.template), network=network_to_pb(s.network))
 
 
 def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
@@ -77,7 +89,7 @@ def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
     return model.ServiceSpec(
         name=m.name, image=m.image, hypervisor=m.hypervisor, nodes=m.nodes, port=m.port,
         cpu_cap=m.cpu_cap, resources=tuple(resources_from_pb(r) for r in m.resources),
-        switch=switch_from_pb(m.switch), on_demand=on_demand_from_pb(m),
+        switch=switch_from_pb(m.switch), on_demand=on_demand_from_pb(m), network=network_from_pb(m),
         **({"template": resources_from_pb(m.template)} if m.HasField("template") else {}))
 
 
@@ -189,14 +201,14 @@ def status_from_pb(m: pb.VirtualNodeStatus) -> model.VirtualNodeStatus:
 
 def endpoints_to_pb(e: model.EndpointSet) -> pb.EndpointSet:
     return pb.EndpointSet(service=e.service, switch=switch_to_pb(e.switch), deleted=e.deleted,
-                          on_demand=on_demand_to_pb(e.on_demand),
+                          on_demand=on_demand_to_pb(e.on_demand), network=network_to_pb(e.network),
                           endpoints=[pb.Endpoint(vnode=x.vnode, address=x.address, port=x.port,
                                                  weight=x.weight, ready=x.ready) for x in e.endpoints])
 
 
 def endpoints_from_pb(m: pb.EndpointSet) -> model.EndpointSet:
     return model.EndpointSet(service=m.service, switch=switch_from_pb(m.switch), deleted=m.deleted,
-                             on_demand=on_demand_from_pb(m),
+                             on_demand=on_demand_from_pb(m), network=network_from_pb(m),
                              endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready)
                                              for x in m.endpoints))
 

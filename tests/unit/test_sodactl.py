@@ -347,7 +347,7 @@ def test_service_get_json_shape(client):
         "name": "web", "image": "busybox-httpd", "image_digest": DIGEST, "hypervisor": "",
         "nodes": 2, "port": 80, "cpu_cap": False,
         "switch": model.SwitchSpec(listen="127.0.0.1:8080").as_dict(),
-        "on_demand": None,
+        "on_demand": None, "network": {"peers": True, "egress": []},
         "state": "FAILED", "deleting": False, "created_at": "2023-11-14T22:13:20Z",
         "vnodes": [
             {"name": "web-0", "node": "node-0", "address": "10.0.0.2", "phase": "RUNNING",

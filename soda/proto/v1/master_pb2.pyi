@@ -81,7 +81,7 @@ class OnDemand(_message.Message):
     def __init__(self, max_nodes: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
 
 class ServiceSpec(_message.Message):
-    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand", "template")
+    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand", "template", "network")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class ServiceSpec(_message.Message):
     CPU_CAP_FIELD_NUMBER: _ClassVar[int]
     ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     hypervisor: str
@@ -102,7 +103,16 @@ class ServiceSpec(_message.Message):
     cpu_cap: bool
     on_demand: OnDemand
     template: Resources
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ..., template: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+    network: NetworkSpec
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ..., template: _Optional[_Union[Resources, _Mapping]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ...) -> None: ...
+
+class NetworkSpec(_message.Message):
+    __slots__ = ("peers", "egress")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
+    peers: bool
+    egress: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peers: _Optional[bool] = ..., egress: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
     __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats", "last_move")
@@ -526,18 +536,20 @@ class Endpoint(_message.Message):
     def __init__(self, vnode: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[float] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class EndpointSet(_message.Message):
-    __slots__ = ("service", "endpoints", "deleted", "switch", "on_demand")
+    __slots__ = ("service", "endpoints", "deleted", "switch", "on_demand", "network")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     SWITCH_FIELD_NUMBER: _ClassVar[int]
     ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     service: str
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     deleted: bool
     switch: SwitchSpec
     on_demand: OnDemand
-    def __init__(self, service: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., deleted: _Optional[bool] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ...) -> None: ...
+    network: NetworkSpec
+    def __init__(self, service: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., deleted: _Optional[bool] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ...) -> None: ...
 
 class WatchEndpointsRequest(_message.Message):
     __slots__ = ("service",)

@@ -72,6 +72,10 @@ class AgentConfig:
     # Route other nodes' guest subnets via their addresses in the Agent's
     # namespace (soda.routing, host-gw); off: something else routes them.
     routes: bool = True
+    # Guests are hostile: nftables keeps each to its own MAC and address and
+    # to what its service's spec allows (soda.agent.policy). False: the
+    # bridge passes everything (only to measure what the policy costs).
+    policy: bool = True
     max_parallel_boots: int = 8
     reconcile_seconds: float = 1.0
     # Guests are hostile: each service's VMMs run here as a uid of its own

@@ -2,9 +2,10 @@
 
 Owns the command line and the wiring: flags over the config file, then the
 MasterClient, hypervisor drivers, image cache, reconciler and Agent, and the
-host routes to other nodes' guests (soda.routing, with a MasterClient of
-their own), run until SIGTERM/SIGINT. Stopping the Agent never stops guests
-and leaves the host routes in place. Domain logic
+host routes to other nodes' guests (soda.routing) and the guests' network
+policy (soda.agent.policy), each following the Master with a MasterClient
+of its own, run until SIGTERM/SIGINT. Stopping the Agent never stops
+guests and leaves the host routes and the policy in place. Domain logic
 lives in agent.py, reconciler.py and images.py; this is the only Agent
 module that reaches grpc (through MasterClient).
 """
@@ -25,6 +26,7 @@ from soda.agent.agent import Agent, StatusReporter, state_dir_problem
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
+from soda.agent.policy import PolicyFollower
 from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.agent.reconciler import Reconciler
 from soda.agent.uids import GuestUids, parse_uid_range
@@ -87,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-routes", dest="routes", action="store_false", default=None,
                         help="do not route other nodes' guest subnets via their addresses "
                              "(config routes: false)")
+    parser.add_argument("--no-policy", dest="policy", action="store_false", default=None,
+                        help="no network policy for the guests: the bridge passes everything, "
+                             "spoofed frames too (only to measure what the policy costs; config "
+                             "policy: false)")
     parser.add_argument("--no-uid-drop", dest="guest_uid_drop", action="store_false", default=None,
                         help="run guests' VMMs as root (only to measure what the uid drop costs)")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
@@ -111,7 +117,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
     return effective(AgentConfig, args.config, check, master=args.master, name=args.name,
                      address=args.address, state_dir=args.state_dir, hypervisors=hypervisors,
                      netns=args.netns, daemon_socket=args.daemon_socket, routes=args.routes,
-                     guest_uid_drop=args.guest_uid_drop,
+                     policy=args.policy, guest_uid_drop=args.guest_uid_drop,
                      log_level=args.log_level)
 
 
@@ -205,7 +211,9 @@ def build_network(config: AgentConfig, drivers: Drivers) -> NodeNetwork | None:
     gRPC channel: creating the namespace forks."""
     if not any(c.plumbing for c in drivers.capabilities.values()):
         return None
-    return NodeNetwork(netns=config.netns, bridge=config.bridge)
+    if not config.policy:
+        log.warning("policy: false: guests are not kept apart (no anti-spoofing, no network policy)")
+    return NodeNetwork(netns=config.netns, bridge=config.bridge, guarded=config.policy)
 
 
 def configure_network(network: NodeNetwork, node: Node) -> None:
@@ -224,6 +232,16 @@ def follow_routes(config: AgentConfig, routes: HostRoutes | None) -> RouteFollow
     if routes is None:
         return None
     follower = RouteFollower(MasterClient(config.master), routes)
+    follower.start()
+    return follower
+
+
+def follow_policy(config: AgentConfig, network: NodeNetwork | None) -> PolicyFollower | None:
+    """Keep the guests' network policy in step with the Master's endpoint
+    sets, on a channel of its own (stopping the follower closes it)."""
+    if network is None or network.policy is None:
+        return None
+    follower = PolicyFollower(MasterClient(config.master), network.policy, network.policy_scope)
     follower.start()
     return follower
 
@@ -305,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
              agent.capacity.as_dict(), config.state_dir)
     agent.start()
     follower = follow_routes(config, routes)
+    policy = follow_policy(config, network)
     # Ready once the loops run: guests are adopted and looked after even
     # while the Master is unreachable.
     sd_notify("READY=1")
@@ -314,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     if follower is not None:
         # The routes stay: other nodes' guests must stay reachable without us.
         follower.stop()
+    if policy is not None:
+        policy.stop()           # the policy stays: guests stay fenced without us
     if routes is not None:
         routes.close()
     if agent.failure is not None:

@@ -21,6 +21,10 @@ strings):
   platform knows both before the guest boots, so the first packet towards a
   guest never waits for an ARP retry (about a second) and no guest has to
   announce itself;
+- the node's guard against its guests (soda.agent.policy), in the
+  namespace of the bridge: each TAP's anti-spoofing rules, installed with
+  the TAP and removed with it, and the node policy's tables, switched on
+  with `guarded=True` and removed by `teardown()`;
 - optionally, a network namespace that holds all of the above (tests and
   the demo run nodes that way, so that guest traffic stays inside a
   namespace they created), joined to the host by a veth "uplink": its
@@ -47,6 +51,7 @@ import socket
 from pyroute2 import IPRoute, NetlinkError, netns as pr_netns
 from pyroute2.netlink.rtnl.ndmsg import states as neigh_states
 
+from soda.agent.policy import GuestGuard, NodePolicy, Nft, PolicyError
 from soda.errors import SodaError
 from soda.netlink import NetlinkThread
 
@@ -124,9 +129,16 @@ class NetworkBackend(abc.ABC):
 
 
 class NodeNetwork(NetworkBackend):
-    def __init__(self, netns: str = "", bridge: str = "soda0"):
+    def __init__(self, netns: str = "", bridge: str = "soda0", guarded: bool = True):
         self.netns = netns
         self.bridge = bridge
+        # The guests' guard (anti-spoofing per TAP) and the node policy;
+        # off only to measure what they cost (bench) and in tests of the
+        # plain bridge.
+        nft = Nft(netns)
+        self.guard = GuestGuard(nft) if guarded else None
+        self.policy = NodePolicy(nft) if guarded else None
+        self.addresses: tuple[str, str, str] | None = None      # subnet, gateway, uplink once configured
         self.uplink_host = short_name("su", netns) if netns else ""
         self.uplink_node = "uplink0"
         self._created_netns = False
@@ -190,6 +202,20 @@ class NodeNetwork(NetworkBackend):
                 self._configure_uplink(subnet, uplink, index)
         except NetlinkError as exc:
             raise NetworkError(f"cannot set up bridge {self.bridge}: {os.strerror(exc.code)}") from None
+        if self.policy is not None:
+            try:
+                self.policy.prepare()
+            except PolicyError as exc:
+                raise NetworkError(str(exc)) from None
+        self.addresses = (subnet, gateway, uplink)
+
+    def policy_scope(self) -> tuple[str, tuple[str, ...]] | None:
+        """The node's guest subnet and its own addresses in it (the policy
+        keeps them open to the node), or None until it is configured."""
+        if self.addresses is None:
+            return None
+        subnet, gateway, uplink = self.addresses
+        return subnet, (gateway, uplink)
 
     @staticmethod
     def _check_no_overlap(ipr: IPRoute, subnet: str, ours: set[str]) -> None:
@@ -250,6 +276,9 @@ class NodeNetwork(NetworkBackend):
         if self.uplink_host:
             self.host.run(remove, self.uplink_host)
         self.node.run(remove, self.bridge)
+        for part in (self.guard, self.policy):
+            if part is not None:
+                part.remove()
 
     def remove_netns(self) -> None:
         if self.netns and self.netns in pr_netns.listnetns():
@@ -270,6 +299,11 @@ class NodeNetwork(NetworkBackend):
                 self.host.run(self._set_neighbour, self.uplink_host, address, mac)
         except NetlinkError as exc:
             raise NetworkError(f"cannot plug {vnode} in (TAP {name}): {os.strerror(exc.code)}") from None
+        if self.guard is not None:
+            try:
+                self.guard.guard(name, mac, address)
+            except PolicyError as exc:
+                raise NetworkError(f"cannot guard {vnode}'s TAP {name}: {exc}") from None
         return {"tap": name, "netns": self.netns}
 
     def _plug(self, ipr: IPRoute, name: str, vnode: str, address: str, mac: str,
@@ -302,6 +336,11 @@ class NodeNetwork(NetworkBackend):
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise NetworkError(f"cannot unplug {vnode} (TAP {name}): {os.strerror(exc.code)}") from None
+        if self.guard is not None:
+            try:
+                self.guard.unguard(name)
+            except PolicyError as exc:
+                raise NetworkError(f"cannot remove the guard of {vnode}'s TAP {name}: {exc}") from None
 
     def _unplug(self, ipr: IPRoute, name: str) -> str:
         index = self._index(ipr, name)

@@ -87,9 +87,10 @@ def test_a_lost_node_is_replaced_and_fenced_when_it_comes_back(mn):
         assert all(records[name]["from_node"] == victim.name
                    and records[name]["why"].startswith(f"node {victim.name} lost: no heartbeat for")
                    for name in moved)
-        table = mn.ctl("service", "get", "loss").stdout.split("Moved:\n", 1)[1].splitlines()
-        assert sorted(row.split()[0] for row in table[1:] if row.strip()) == moved, table
-        assert all(row.split()[1] in others and row.split()[2] == victim.name for row in table[1:] if row.strip())
+        section = mn.ctl("service", "get", "loss").stdout.split("Moved:\n", 1)[1].split("\n\n", 1)[0]
+        rows = [row.split() for row in section.splitlines()[1:]]
+        assert sorted(row[0] for row in rows) == moved, section
+        assert all(row[1] in others and row[2] == victim.name for row in rows), section
         # Cut off, its guests still run: it is a partitioned host, not a dead one.
         assert all(pid.matches() for pid in old_guests.values())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 
 from soda import config as soda_config
@@ -55,3 +56,19 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise ValueError(f"no VmHWM for pid {pid}")
+
+
+def traversable(path: str) -> str:
+    """`path`, made if missing, with every directory on its way open to
+    traversal by others (o+x, never o+r or o+w): guests' VMMs run as
+    uids of their own (issue 14) and must reach their files under a
+    test's state dir, and pytest makes its tmp dirs 0700."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    current = path
+    while current != "/":
+        mode = stat.S_IMODE(os.stat(current).st_mode)
+        if not mode & stat.S_IXOTH:
+            os.chmod(current, mode | stat.S_IXOTH)
+        current = os.path.dirname(current)
+    return path

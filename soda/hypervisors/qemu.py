@@ -2,12 +2,15 @@
 
 Owns `<state_dir>/qemu/`: per guest a directory `<name>/` holding its record
 (`guest.json`: pid, the process's start time, argv, spec, generation, the
-kernel, initramfs and accelerator it booted with), its disk (`overlay.qcow2`,
-a qcow2 layer whose backing file is the read-only cached base image), its
-console log (`console.log`: the serial console and the launcher's and
-QEMU's own messages) and its QMP socket (`qmp.sock`), plus a lock file
-`<name>.lock` beside it. When the socket's path would not fit a Unix socket
-address it moves to `/run/soda-qemu/<hash>.sock` and the record says so.
+kernel, initramfs and accelerator it booted with, root's), its console log
+(`console.log`: the serial console and the launcher's and QEMU's own
+messages; the VMM's uid's, 0600, since QEMU opens it itself) and `vmm/`, the
+VMM's uid's alone (0700): its disk (`overlay.qcow2`, 0600, a qcow2 layer
+whose backing file is the read-only cached base image) and its QMP socket
+(`qmp.sock`); plus a lock file `<name>.lock` beside it. When the socket's
+path would not fit a Unix socket address it moves to
+`/run/soda-qemu/<hash>/qmp.sock` (that dir the uid's too) and the record
+says so.
 `_initramfs/` caches the initramfs built by data/build-initramfs for the
 kernel in use (when the driver is told to find it itself).
 
@@ -17,8 +20,13 @@ image's init, which reads the soda.* contract from /proc/cmdline. TCG is the
 accelerator unless a bounded probe shows KVM really runs a kernel here.
 
 A guest is spawned through `soda.hypervisors.launch` (cgroups, network
-namespace, then exec): the recorded pid is QEMU's from its first
-instruction, in a session of its own, so it outlives the Agent. A new
+namespace, the drop to the guest's uid with no capabilities and
+no_new_privs, then exec): the recorded pid is QEMU's from its first
+instruction, in a session of its own, so it outlives the Agent. QEMU also
+confines itself with `-sandbox` (seccomp: no obsolete system calls, no
+setuid and the like, no fork or exec, no scheduler or CPU affinity
+changes) when this QEMU has it, as the fingerprint's `sandbox` attribute
+says. A new
 driver on the same dir adopts it from the record; only a process whose start
 time and command line match the record counts, and QMP `query-status` must
 agree that the VM has not ended.
@@ -56,7 +64,7 @@ from soda.hypervisors import process
 from soda.hypervisors.base import check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec, TUN_DEVICE
 from soda.hypervisors.kernels import AUTO
 from soda.netns import NETNS_DIR
-from soda.hypervisors.recorded import RecordedGuestDriver
+from soda.hypervisors.recorded import RecordedGuestDriver, private_dir, private_file
 from soda.hypervisors.qmp import qmp
 
 log = logging.getLogger(__name__)
@@ -82,6 +90,10 @@ MEMORY_OVERHEAD = 160
 QMP_TIMEOUT = 2.0
 POWERDOWN_GRACE = 1.0                 # after system_powerdown, before quit
 KVM_PROBE_SECONDS = 2.0
+# QEMU's own seccomp filter, on top of the launcher's drop: deny what a
+# device model never needs (obsolete calls, set*id, fork/exec, sched/affinity).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+SANDBOX_PROBE_SECONDS = 10.0
 # The initramfs builder ships inside the package (package data), so an
 # installed SODA builds it as a checkout does.
 BUILD_INITRAMFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "build-initramfs")
@@ -97,6 +109,7 @@ _identity = process.Identity("vmm_argv")
 _is_ours, _signal_if_ours = _identity.is_ours, _identity.signal_if_ours
 _key, _reap, _proc_starttime = process.key, process.reap, process.proc_starttime
 _kvm_verdicts: dict[tuple[str, str], bool] = {}
+_sandbox_verdicts: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,9 @@ class QemuConfig:
     # MiB each guest's QEMU process needs above its memory; 0 = the
     # driver's own figure (MEMORY_OVERHEAD, TCG).
     memory_overhead: int = 0
+    # "auto": QEMU's -sandbox (SANDBOX) when a probe shows this QEMU runs
+    # with it; "off": none.
+    sandbox: str = AUTO
 
 
 class QemuDriver(RecordedGuestDriver):
@@ -130,7 +146,7 @@ class QemuDriver(RecordedGuestDriver):
                  qemu: str = QEMU, qemu_img: str = QEMU_IMG, kernel: str = AUTO,
                  initramfs: str = AUTO, accel: str = AUTO, machine: str = "pc",
                  min_memory: int = MIN_MEMORY, powerdown_grace: float = POWERDOWN_GRACE,
-                 **options: Any):
+                 sandbox: str = AUTO, **options: Any):
         """`options`: what every recorded driver takes (RecordedGuestDriver)."""
         super().__init__(state_dir, runner, clock, **options)
         self.qemu = shutil.which(qemu) or qemu
@@ -154,6 +170,11 @@ class QemuDriver(RecordedGuestDriver):
         if accel not in ("tcg", "kvm"):
             raise InvalidSpec(f"QEMU accelerator {accel!r}: use auto, tcg or kvm")
         self.accel = accel
+        if sandbox not in (AUTO, "off"):
+            raise InvalidSpec(f"QEMU sandbox {sandbox!r}: use auto or off")
+        # What the fingerprint says of it: the -sandbox value, or why none.
+        self.sandbox_note = sandbox_support(self.qemu) if sandbox == AUTO else "off (configured)"
+        self.sandbox = SANDBOX if self.sandbox_note == SANDBOX else ""
         self.machine = machine
         self.min_memory = int(min_memory)
         self.kernel_label = self.kernel
@@ -165,17 +186,17 @@ class QemuDriver(RecordedGuestDriver):
 
     # ---- paths -----------------------------------------------------------
     def overlay_path(self, name: str) -> str:
-        return os.path.join(self.guest_dir(name), OVERLAY)
+        return os.path.join(self.vmm_dir(name), OVERLAY)
 
     def console_path(self, name: str) -> str:
         return os.path.join(self.guest_dir(name), CONSOLE)
 
     def qmp_path(self, name: str) -> str:
-        own = os.path.join(self.guest_dir(name), QMP_SOCKET)
+        own = os.path.join(self.vmm_dir(name), QMP_SOCKET)
         if len(own) <= SUN_PATH_MAX:
             return own
         digest = hashlib.sha256(self.guest_dir(name).encode()).hexdigest()[:16]
-        short = os.path.join(self.short_dir, f"{digest}.sock")
+        short = os.path.join(self.short_dir, digest, QMP_SOCKET)
         if len(short) > SUN_PATH_MAX:
             raise InvalidSpec(f"QMP socket path for {name} is too long even under {self.short_dir}")
         return short
@@ -196,6 +217,7 @@ class QemuDriver(RecordedGuestDriver):
                  "-machine", self.machine, "-accel", self.accel,
                  "-m", f"{spec.resources.memory}M", "-smp", "1",
                  "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                 *(["-sandbox", self.sandbox] if self.sandbox else []),
                  "-kernel", self.kernel, "-initrd", self.initramfs,
                  "-append", " ".join(append),
                  "-chardev", f"file,id=console,path={self.console_path(name)},append=on",
@@ -254,7 +276,8 @@ class QemuDriver(RecordedGuestDriver):
         if not os.path.exists(TUN_DEVICE):
             return Fingerprint(False, f"no {TUN_DEVICE}: guests could have no network")
         return Fingerprint(True, attributes={"accel": self.accel,
-                                             "kernel_version": self.kernel_version})
+                                             "kernel_version": self.kernel_version,
+                                             "sandbox": self.sandbox_note})
 
     def _check_host(self, spec: GuestSpec) -> None:
         if not os.access(self.qemu, os.X_OK):
@@ -270,6 +293,9 @@ class QemuDriver(RecordedGuestDriver):
         for directory in spec.cgroups:
             if not os.path.isfile(os.path.join(directory, "cgroup.procs")):
                 raise NotFound(f"cgroup {directory} for {spec.name} does not exist")
+        self._check_reachable(spec, (("QEMU", self.qemu, os.X_OK),
+                                     ("kernel", self.kernel, os.R_OK),
+                                     ("image", spec.image_path, os.R_OK)))
 
     def _ensure_initramfs(self) -> None:
         if not self._build_initramfs:
@@ -312,13 +338,21 @@ class QemuDriver(RecordedGuestDriver):
 
     def _prepare_files(self, spec: GuestSpec) -> dict:
         self._ensure_initramfs()
+        self._check_reachable(spec, (("initramfs", self.initramfs, os.R_OK),))
         qmp_path = self.qmp_path(spec.name)
-        if os.path.dirname(qmp_path) != self.guest_dir(spec.name):
-            os.makedirs(os.path.dirname(qmp_path), exist_ok=True)
+        if os.path.dirname(qmp_path) != self.vmm_dir(spec.name):
+            os.makedirs(self.short_dir, mode=0o755, exist_ok=True)
+            private_dir(os.path.dirname(qmp_path), spec.uid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp_path)
         # A new overlay for every boot: the guest starts afresh.
         self._create_overlay(spec)
+        private_file(self.overlay_path(spec.name), spec.uid)
+        # QEMU opens its console file itself, as the guest's uid.
+        console = self.console_path(spec.name)
+        with open(console, "ab"):
+            pass
+        private_file(console, spec.uid)
         return {"qmp": qmp_path}
 
     def _record_fields(self, argv: list[str]) -> dict:
@@ -329,15 +363,23 @@ class QemuDriver(RecordedGuestDriver):
         return f" (accel {self.accel})"
 
     def _after_kill(self, name: str, record: dict) -> None:
-        sock = record.get("qmp", "")
-        if sock and os.path.dirname(sock) != self.guest_dir(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock)
+        self._remove_short_socket(record.get("qmp", ""))
 
     def _clean_unrecorded(self, name: str) -> None:
-        with contextlib.suppress(InvalidSpec, FileNotFoundError):
-            sock = self.qmp_path(name)
-            if os.path.dirname(sock) != self.guest_dir(name):
+        with contextlib.suppress(InvalidSpec):
+            self._remove_short_socket(self.qmp_path(name))
+
+    def _remove_short_socket(self, sock: str) -> None:
+        """A QMP socket (and its dir) under short_dir; those in the guest's
+        dir go with it."""
+        short = os.path.abspath(self.short_dir)
+        if not sock or not os.path.abspath(sock).startswith(short + "/"):
+            return
+        parent = os.path.dirname(os.path.abspath(sock))
+        if parent != short:
+            shutil.rmtree(parent, ignore_errors=True)
+        else:                         # the flat layout of records before the uid drop
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(sock)
 
     def _halt(self, record: dict, timeout: float) -> None:
@@ -402,6 +444,33 @@ def kvm_works(qemu: str = QEMU, kernel: str | None = None,
     log.info("KVM %s here: QEMU guests use %s", "works" if verdict else "does not work",
              "kvm" if verdict else "tcg")
     _kvm_verdicts[cache_key] = verdict
+    return verdict
+
+
+def sandbox_support(qemu: str = QEMU, seconds: float = SANDBOX_PROBE_SECONDS) -> str:
+    """SANDBOX when this QEMU starts under `-sandbox SANDBOX` (a machine of
+    nothing, asked to quit on its monitor: the filter is really installed),
+    else why not, in a few words. Once per binary and process."""
+    qemu = shutil.which(qemu) or qemu
+    if qemu in _sandbox_verdicts:
+        return _sandbox_verdicts[qemu]
+    argv = [qemu, "-sandbox", SANDBOX, "-machine", "none", "-nodefaults", "-no-user-config",
+            "-display", "none", "-S", "-monitor", "stdio", "-serial", "none"]
+    if not os.access(qemu, os.X_OK):
+        verdict = f"unknown: {qemu} is missing"
+    else:
+        try:
+            r = subprocess.run(argv, input="quit\n", capture_output=True, text=True,
+                               timeout=seconds)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            verdict = f"unsupported: the probe failed ({e})"
+        else:
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            verdict = SANDBOX if r.returncode == 0 else \
+                f"unsupported: {lines[-1] if lines else f'exit status {r.returncode}'}"
+    if verdict != SANDBOX:
+        log.warning("QEMU guests run without -sandbox: %s", verdict)
+    _sandbox_verdicts[qemu] = verdict
     return verdict
 
 

@@ -17,8 +17,19 @@ soda.hypervisors.probe. A driver adds what differs, as small hooks:
 `identity`, `exit_markers`, `dir`, `console_path`, `build_argv`,
 `_check_host`, `_prepare_files`, `_record_fields`, `_halt`, and optionally
 `_after_kill`, `_clean_unrecorded`, `_vm_ended` (a VMM that outlives its
-guest). Each guest lives in `dir/<name>/` with its record `guest.json`, and
-`dir/<name>.lock` serialises what acts on it.
+guest), `_vmm_environment`. Each guest lives in `dir/<name>/` with its record
+`guest.json`, and `dir/<name>.lock` serialises what acts on it.
+
+Guests are hostile, so a VMM runs as the uid in its spec (its service's on
+this node), never root: the launcher drops to it with no capabilities and
+`no_new_privs`, and sets its open-files limit. What the VMM may write lives
+in `dir/<name>/vmm/`, owned by that uid and closed to everyone else (0700;
+its disk layer 0600); the guest's dir, its record and console log stay
+root's, so a VMM cannot rewrite the record the driver signals by. Before a
+start the driver checks that the uid can reach what the VMM opens (its
+binary, kernel, base image, its own dir) and says which directory is in
+the way if not. Stopping stays root's: root signals any uid, and connects
+to the sockets a VMM made.
 """
 
 from __future__ import annotations
@@ -29,13 +40,14 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
 
-from soda.errors import CommandError, InvalidSpec, TemporaryError
+from soda.errors import CommandError, InvalidSpec, TemporaryError, WrongState
 from soda.files import remove_path, write_json_atomic
 from soda.hypervisors import launch, process
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
@@ -51,6 +63,7 @@ LAUNCHER = os.path.abspath(launch.__file__)
 TERM_GRACE = 2.0                     # after SIGTERM, before SIGKILL
 KILL_WAIT = 5.0                      # after SIGKILL: a process dies at once unless stuck in D
 UNSAYABLE = ", \t\n\"'"                 # split a VMM's option values or the kernel command line
+VMM_DIR = "vmm"                      # in a guest's dir: what its VMM may write, the VMM's uid's alone
 
 
 class RecordedGuestDriver(HypervisorDriver):
@@ -95,7 +108,9 @@ class RecordedGuestDriver(HypervisorDriver):
             # processes and files behind: clear them, then boot afresh.
             self._teardown(name, record, timeout=0.0)
             os.makedirs(self.guest_dir(name), exist_ok=True)
+            private_dir(self.vmm_dir(name), spec.uid)
             fields = self._prepare_files(spec)
+            env = self._vmm_environment(spec, fields)
             with open(self.console_path(name), "ab") as console:
                 console.write(f"soda: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}"
                               f"{self._console_note()}\n".encode())
@@ -109,7 +124,7 @@ class RecordedGuestDriver(HypervisorDriver):
                     # no record names (nothing could find or stop it).
                     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=console,
                                              stderr=console, close_fds=True,
-                                             start_new_session=True)
+                                             start_new_session=True, env=env)
                 except OSError as e:
                     raise CommandError(argv, 127, err=f"cannot run the launcher: {e}") from None
             process.track(child)
@@ -154,7 +169,34 @@ class RecordedGuestDriver(HypervisorDriver):
             argv += ["--netns", spec.netns]
         for directory in spec.cgroups:
             argv += ["--cgroup", directory]
-        return argv + [*options, "--log", self.console_path(spec.name), "--"]
+        argv += [*options, "--log", self.console_path(spec.name)]
+        if spec.open_files:
+            argv += ["--nofile", str(spec.open_files)]
+        if spec.uid:
+            argv += ["--user", str(spec.uid)]
+        return argv + ["--"]
+
+    def vmm_dir(self, name: str) -> str:
+        """What the guest's VMM may write (its disk layer, sockets, temporary
+        files): its uid's alone."""
+        return os.path.join(self.guest_dir(name), VMM_DIR)
+
+    def _vmm_environment(self, spec: GuestSpec, fields: dict) -> dict[str, str] | None:
+        """The VMM's environment; None = the Agent's own."""
+        return None
+
+    def _check_reachable(self, spec: GuestSpec, paths: tuple[tuple[str, str, int], ...]) -> None:
+        """WrongState unless the VMM's uid can reach each (what, path, access)
+        of `paths` (os.R_OK, os.X_OK) and enter its own dir: saying which
+        directory is in the way, before a boot that would fail on it."""
+        if not spec.uid:
+            return
+        for what, path, access in (*paths, ("state dir", self.dir, os.X_OK)):
+            problem = unreachable(path, spec.uid, spec.uid, access)
+            if problem:
+                raise WrongState(f"virtual node {spec.name}: its VMM runs as uid {spec.uid}, "
+                                 f"which cannot {'read' if access == os.R_OK else 'reach'} the "
+                                 f"{what} {path}: {problem}")
 
     def _check_host(self, spec: GuestSpec) -> None:
         """Cheap checks that turn a certain boot failure into a clear error."""
@@ -391,3 +433,59 @@ class RecordedGuestDriver(HypervisorDriver):
     def _exit_reason(self, record: dict) -> str:
         return process.exit_reason(record, self.console_path(record["name"]),
                                    self.exit_markers)
+
+
+# ---- ownership (module level: the drivers share it) ---------------------------
+
+def private_dir(path: str, uid: int) -> None:
+    """`path` as a directory of `uid`'s alone (0700; the driver's own when
+    uid is 0), made if missing. Refuses anything but a directory there (a
+    link a VMM left could point anywhere)."""
+    uid = uid or os.geteuid()
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise TemporaryError(f"{path} is not a directory: remove it")
+    if st.st_uid != uid or (uid != os.geteuid() and st.st_gid != uid):
+        os.chown(path, uid, uid, follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def private_file(path: str, uid: int, mode: int = 0o600) -> None:
+    """`path`, an existing file, `uid`'s alone (the driver's own when uid is 0)."""
+    if uid:
+        os.chown(path, uid, uid, follow_symlinks=False)
+    os.chmod(path, mode)
+
+
+def unreachable(path: str, uid: int, gid: int, access: int) -> str:
+    """"" when uid:gid (with no other group) can reach `path` with `access`
+    (os.R_OK, os.W_OK, os.X_OK) by its modes and owners, else what is in the
+    way: the first directory it may not enter, or the file itself. ACLs and
+    mounts are not looked at: a refusal here is certain, a pass likely."""
+    path = os.path.realpath(path)
+    parts = path.strip("/").split("/") if path != "/" else []
+    current = "/"
+    for part in ["", *parts[:-1]]:
+        current = os.path.join(current, part) if part else "/"
+        problem = _denied(current, uid, gid, os.X_OK)
+        if problem:
+            return problem
+    return _denied(path, uid, gid, access)
+
+
+def _denied(path: str, uid: int, gid: int, access: int) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    if (stat.S_IMODE(st.st_mode) >> shift) & access == access:
+        return ""
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+    return (f"{kind} {path} is {stat.S_IMODE(st.st_mode):04o} {st.st_uid}:{st.st_gid} "
+            f"(it needs o+{'x' if access == os.X_OK else 'r' if access == os.R_OK else 'w'})")

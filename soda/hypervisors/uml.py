@@ -2,18 +2,26 @@
 
 Owns `<state_dir>/uml/`: per guest a directory `<name>/` holding its record
 (`guest.json`: pid, the process's start time, argv, spec, generation, the
-kernel it booted: path and kind, see `soda.hypervisors.kernels`), its
-copy-on-write layer (`cow.img`, over the read-only cached base image), its
-console log (`console.log`) and UML's own control dir (`<name>/mconsole`,
-`<name>/pid`, made by UML under `uml_dir=`), plus a lock file `<name>.lock`
-beside it. When that control socket's path would not fit a Unix socket
-address (108 bytes), UML's dir moves to `/run/soda-uml/<hash>/` and the
-record says so.
+kernel it booted: path and kind, see `soda.hypervisors.kernels`) and its
+console log (`console.log`), both root's, and `vmm/`, the VMM's uid's alone
+(0700): its copy-on-write layer (`cow.img`, 0600, over the read-only cached
+base image) and UML's own control dir (`<name>/mconsole`, `<name>/pid`, made
+by UML under `uml_dir=`); plus a lock file `<name>.lock` beside it. When
+that control socket's path would not fit a Unix socket address (108 bytes),
+UML's dir moves to `/run/soda-uml/<hash>/` (the uid's too) and the record
+says so. The guest's RAM is a file UML makes and unlinks in its TMPDIR:
+`/dev/shm/soda-uml/<hash>/`, the uid's alone, removed with the guest.
+Guests of Debian's kernel, which has hostfs, get an empty directory of
+root's (0555; `hostfs_root`, default /var/lib/soda/empty-hostfs) as their
+`hostfs=` root, so `mount -t hostfs none /mnt` in a guest shows nothing of
+the host; SODA's own kernel is built without hostfs
+(etc/guest-kernel/uml.config).
 
 A guest is spawned through `soda.hypervisors.launch`, which joins the
 guest's cgroups, enters its network namespace, turns off address-space
-randomisation and execs the kernel: the pid the driver records is the VMM's
-from the first instruction. The VMM runs in a session of its own, so it
+randomisation, drops to the guest's uid (no capabilities, no_new_privs) and
+execs the kernel: the pid the driver records is the VMM's from the first
+instruction. The VMM runs in a session of its own, so it
 outlives the Agent; a restarted Agent (a new driver on the same dir) finds
 it again from the record, and only a process whose start time and command
 line still match the record counts as the guest.
@@ -38,6 +46,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -49,15 +58,19 @@ from soda.files import write_json_atomic
 from soda.hypervisors import process
 from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec,
                                    TUN_DEVICE)
-from soda.hypervisors.kernels import AUTO, calibrated_lpj, find_uml_kernel
+from soda.hypervisors.kernels import AUTO, DEBIAN, calibrated_lpj, find_uml_kernel
 from soda.netns import NETNS_DIR
-from soda.hypervisors.recorded import KILL_WAIT, RecordedGuestDriver
+from soda.hypervisors.recorded import KILL_WAIT, RecordedGuestDriver, private_dir
 
 log = logging.getLogger(__name__)
 
 COW = "cow.img"
 CONSOLE = "console.log"
 DEFAULT_SHORT_DIR = "/run/soda-uml"
+# Where guests' RAM files go (TMPDIR): a tmpfs, as UML itself prefers
+# /dev/shm; one dir per guest below it, its uid's alone.
+SHM_DIR = "/dev/shm/soda-uml"
+DEFAULT_HOSTFS_ROOT = "/var/lib/soda/empty-hostfs"
 SUN_PATH_MAX = 107                   # sockaddr_un.sun_path is 108 bytes with its NUL
 MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
@@ -91,6 +104,9 @@ class UmlConfig:
     # MiB each guest's UML process needs above its memory; 0 = the driver's
     # own figure (MEMORY_OVERHEAD). Placement and the Daemon's limit add it.
     memory_overhead: int = 0
+    # An empty directory (made root's, 0555) that guests of Debian's kernel
+    # get as their hostfs root instead of the host's /.
+    hostfs_root: str = DEFAULT_HOSTFS_ROOT
 
 
 class UmlDriver(RecordedGuestDriver):
@@ -106,9 +122,13 @@ class UmlDriver(RecordedGuestDriver):
     default_short_dir = DEFAULT_SHORT_DIR
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
-                 kernel: str = AUTO, min_memory: int | None = None, **options: Any):
+                 kernel: str = AUTO, min_memory: int | None = None, shm_dir: str = SHM_DIR,
+                 hostfs_root: str = DEFAULT_HOSTFS_ROOT, **options: Any):
         """`options`: what every recorded driver takes (RecordedGuestDriver)."""
         super().__init__(state_dir, runner, clock, **options)
+        self.shm_dir = shm_dir
+        # The empty directory Debian's kernel gets as its hostfs root.
+        self.hostfs_root = os.path.abspath(hostfs_root)
         # "auto": SODA's own kernel when one is built, else Debian's
         # (soda.hypervisors.kernels). Resolved once: every guest of this
         # driver boots the same kernel, and its record says which.
@@ -125,15 +145,20 @@ class UmlDriver(RecordedGuestDriver):
 
     # ---- paths -----------------------------------------------------------
     def cow_path(self, name: str) -> str:
-        return os.path.join(self.guest_dir(name), COW)
+        return os.path.join(self.vmm_dir(name), COW)
+
+    def tmp_dir(self, name: str) -> str:
+        """The guest's TMPDIR, where UML makes (and unlinks) its RAM file."""
+        digest = hashlib.sha256(os.path.abspath(self.guest_dir(name)).encode()).hexdigest()[:16]
+        return os.path.join(self.shm_dir, digest)
 
     def console_path(self, name: str) -> str:
         return os.path.join(self.guest_dir(name), CONSOLE)
 
     def uml_dir(self, name: str) -> str:
-        """Where UML makes `<name>/mconsole`: the guest's own dir, or a short
-        one under `short_dir` when that socket path would be too long."""
-        own = self.guest_dir(name) + "/"
+        """Where UML makes `<name>/mconsole`: the VMM's dir in the guest's, or
+        a short one under `short_dir` when that socket path would be too long."""
+        own = self.vmm_dir(name) + "/"
         if _socket_paths_fit(own, name):
             return own
         digest = hashlib.sha256(os.path.abspath(self.guest_dir(name)).encode()).hexdigest()[:16]
@@ -159,6 +184,9 @@ class UmlDriver(RecordedGuestDriver):
                  f"init={spec.init}",
                  f"umid={spec.name}",
                  f"uml_dir={self.uml_dir(spec.name)}"]
+        if self.kernel_kind == DEBIAN:
+            # Its hostfs would show the host's files to root in the guest.
+            argv.append(f"hostfs={self.hostfs_root}")
         if spec.tap:
             argv.append(f"eth0=tuntap,{spec.tap},{guest_mac(spec.address)}")
         # con0 writes to fd 1, the launcher's log (a console on a closed
@@ -290,7 +318,7 @@ class UmlDriver(RecordedGuestDriver):
         # command line itself.
         self._check_command_line(spec, "this UML kernel needs to boot", "UML",
                                  (("image path", spec.image_path), ("state dir", self.state_dir),
-                                  ("kernel", self.kernel)))
+                                  ("kernel", self.kernel), ("hostfs root", self.hostfs_root)))
 
     def fingerprint(self) -> Fingerprint:
         if not os.access(self.kernel, os.X_OK):
@@ -306,6 +334,8 @@ class UmlDriver(RecordedGuestDriver):
             raise NotFound(f"UML kernel {self.kernel} is missing or not executable")
         if not os.path.isfile(spec.image_path):
             raise NotFound(f"image {spec.image_path} for {spec.name} does not exist")
+        self._check_reachable(spec, (("UML kernel", self.kernel, os.X_OK),
+                                     ("image", spec.image_path, os.R_OK)))
         if spec.netns and not os.path.exists(os.path.join(NETNS_DIR, spec.netns)):
             raise NotFound(f"network namespace {spec.netns} for {spec.name} does not exist")
         for directory in spec.cgroups:
@@ -315,8 +345,24 @@ class UmlDriver(RecordedGuestDriver):
     # ---- records and processes --------------------------------------------
     def _prepare_files(self, spec: GuestSpec) -> dict:
         uml_dir = self.uml_dir(spec.name)
-        os.makedirs(uml_dir, exist_ok=True)
-        return {"uml_dir": uml_dir}
+        if uml_dir.rstrip("/") != self.vmm_dir(spec.name):
+            os.makedirs(self.short_dir, mode=0o755, exist_ok=True)
+            private_dir(uml_dir.rstrip("/"), spec.uid)
+        if self.kernel_kind == DEBIAN:
+            _empty_root_dir(self.hostfs_root)
+        fields = {"uml_dir": uml_dir}
+        if os.path.isdir(os.path.dirname(self.shm_dir)):
+            _root_dir(self.shm_dir, 0o755)
+            tmp = self.tmp_dir(spec.name)
+            private_dir(tmp, spec.uid)
+            fields["tmpdir"] = tmp
+        return fields
+
+    def _vmm_environment(self, spec: GuestSpec, fields: dict) -> dict[str, str] | None:
+        # UML reads TMP and TEMP before TMPDIR: only TMPDIR may say.
+        env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TMPDIR")}
+        env["TMPDIR"] = fields.get("tmpdir") or self.vmm_dir(spec.name)
+        return env
 
     def _record_fields(self, argv: list[str]) -> dict:
         return {"kernel_argv": _kernel_argv(argv),
@@ -340,13 +386,18 @@ class UmlDriver(RecordedGuestDriver):
         uml_dir = record.get("uml_dir", "")
         if uml_dir and os.path.abspath(uml_dir).startswith(os.path.abspath(self.short_dir) + "/"):
             shutil.rmtree(uml_dir, ignore_errors=True)
+        tmp = record.get("tmpdir", "")
+        if tmp and os.path.abspath(tmp).startswith(os.path.abspath(self.shm_dir) + "/"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _clean_unrecorded(self, name: str) -> None:
-        # A start interrupted before it wrote a record may have left a short UML dir.
+        # A start interrupted before it wrote a record may have left a short
+        # UML dir and a TMPDIR.
         with contextlib.suppress(InvalidSpec):
             short = self.uml_dir(name)
             if short.startswith(self.short_dir.rstrip("/") + "/"):
                 shutil.rmtree(short, ignore_errors=True)
+        shutil.rmtree(self.tmp_dir(name), ignore_errors=True)
 
     def _halt(self, record: dict, timeout: float) -> None:
         if timeout <= 0:
@@ -367,6 +418,27 @@ class UmlDriver(RecordedGuestDriver):
 
 # ---- helpers (module level, so tests and other drivers can use them) -------
 
+def _root_dir(path: str, mode: int) -> None:
+    """`path` as root's directory with `mode`, made if missing; anything
+    else there (a link, or a dir a VMM's uid made first in a world-writable
+    parent such as /dev/shm) is refused."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, mode)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise TemporaryError(f"{path} is not a directory of root's: remove it")
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def _empty_root_dir(path: str) -> None:
+    """An empty directory of root's that nobody may write (0555)."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    _root_dir(path, 0o555)
+    if os.listdir(path):
+        raise TemporaryError(f"{path}, the guests' hostfs root, is not empty: empty it")
+
+
 def _socket_paths_fit(uml_dir: str, name: str) -> bool:
     return (len(os.path.join(uml_dir, name, "mconsole")) <= SUN_PATH_MAX
             and len(uml_dir) + MCONSOLE_CLIENT_MAX <= SUN_PATH_MAX)
@@ -384,7 +456,9 @@ def mconsole(socket_path: str, command: str, client_dir: str, timeout: float = 1
     byte order, answered by `struct mc_reply { u32 err, more, len; char
     data[512]; }` sent back to the client's address. The client binds a
     path, not an abstract address: abstract Unix addresses belong to a
-    network namespace, and the guest's VMM may live in another one.
+    network namespace, and the guest's VMM may live in another one. The
+    path is in `client_dir` (the guest's UML dir) and given to that dir's
+    owner, the VMM's uid, which could not send its reply to root's socket.
     """
     data = command.encode()
     if len(data) >= MCONSOLE_MAX_DATA:
@@ -395,6 +469,11 @@ def mconsole(socket_path: str, command: str, client_dir: str, timeout: float = 1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(client)
         sock.bind(client)
+        # The guest answers to this address as its own uid, which owns the
+        # dir: it may write to a socket of its own only.
+        owner = os.stat(client_dir)
+        if owner.st_uid != os.geteuid():
+            os.chown(client, owner.st_uid, owner.st_gid)
         sock.settimeout(timeout)
         sock.sendto(struct.pack("=III512s", MCONSOLE_MAGIC, MCONSOLE_VERSION, len(data), data),
                     socket_path)

@@ -72,7 +72,7 @@ from typing import Callable
 from soda.devcluster import ClusterConfig, ClusterError, LocalCluster, RestartPolicy
 from soda.devcluster.cluster import CGROUP_ROOT
 from soda.hypervisors.recorded import LAUNCHER
-from tests.support import free_port
+from tests.support import free_port, traversable
 
 PARTS = ("master", "agent", "daemon", "switch")
 STEADY = {"steady-a": "proxy", "steady-b": "l4"}    # service -> the Switch's data path
@@ -256,7 +256,8 @@ class ChaosCluster:
             # One table per Switch on a host: ours must not meet another run's.
             f.write(f"nft_table: {self.nft_table}\n")
         self.config = ClusterConfig(
-            state_dir=os.path.join(work_dir, "cluster"), master_addr=f"127.0.0.1:{free_port()}",
+            state_dir=traversable(os.path.join(work_dir, "cluster")),
+            master_addr=f"127.0.0.1:{free_port()}",
             node=NODE, netns=self.netns, cgroup_parent=self.cgroup_parent,
             cluster_cidr=free_cluster_range(), switch_metrics=f"127.0.0.1:{free_port()}",
             switch_args=("--config", switch_config), restart=UNIT_LIKE)

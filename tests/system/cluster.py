@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from tests.support import free_port
+from tests.support import free_port, traversable
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -27,7 +27,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 
 class Cluster:
     def __init__(self, root: str):
-        self.root = root
+        # Reachable by the guests' uids: their VMMs' files are under it.
+        self.root = traversable(root)
         self.port = free_port()
         self.master_addr = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}

@@ -20,7 +20,7 @@ import uuid
 
 from soda.devcluster import ClusterConfig, LocalCluster
 from soda.procid import ProcessId
-from tests.support import free_port
+from tests.support import free_port, traversable
 from tests.system.cluster import wait_until
 
 IMAGE = "busybox-httpd"
@@ -33,7 +33,8 @@ def fabric_config(state_dir: str, nodes: int = 3, node_lost_seconds: float = 4.0
     # Ranges of their own: another cluster on this machine (the demo, a
     # test that failed to clean up) must not share routes with this one.
     return ClusterConfig(
-        state_dir=state_dir, master_addr=f"127.0.0.1:{free_port()}", node="mn-1", nodes=nodes,
+        state_dir=traversable(state_dir), master_addr=f"127.0.0.1:{free_port()}", node="mn-1",
+        nodes=nodes,
         netns=f"sodamn{tag}", cgroup_parent=f"soda-mn-{tag}", cluster_cidr=f"10.{100 + n % 100}.0.0/16",
         fabric_cidr=f"10.232.{n % 250}.0/24", switch_metrics=f"127.0.0.1:{free_port()}",
         master_args=("--node-lost-seconds", str(node_lost_seconds)))

@@ -19,7 +19,7 @@ import pytest
 from soda.agent.network import short_name
 from soda.devcluster import ClusterConfig, LocalCluster, teardown
 from soda.procid import ProcessId
-from tests.support import free_port
+from tests.support import free_port, traversable
 from tests.system.cluster import wait_until
 from tests.system.guests import CGROUP, _sweep_cgroups, alive, fetch, require_guest_support
 
@@ -32,7 +32,7 @@ def config_for(state_dir) -> ClusterConfig:
     tag = uuid.uuid4().hex[:6]
     # A cluster range of its own: two clusters routing the same /24 through
     # their uplinks would steal each other's guest traffic.
-    return ClusterConfig(state_dir=str(state_dir), master_addr=f"127.0.0.1:{free_port()}", node="node-a",
+    return ClusterConfig(state_dir=traversable(str(state_dir)), master_addr=f"127.0.0.1:{free_port()}", node="node-a",
                          netns=f"sodac-{tag}", cgroup_parent=f"soda-dc-{tag}",
                          cluster_cidr=f"10.{100 + int(tag, 16) % 100}.0.0/16",
                          switch_metrics=f"127.0.0.1:{free_port()}")

@@ -38,7 +38,7 @@ def test_a_guest_filling_its_disk_stops_at_the_disk_size(uml_node):
     vnodes = {v["name"]: v["address"] for v in c.json("service", "get", "disk")["vnodes"]}
     records = guest_records(c)
     c.guest_pids.update(r["pid"] for r in records.values())
-    cow = os.path.join(c.agent_dir(NODE), "uml", "disk-0", "cow.img")
+    cow = os.path.join(c.agent_dir(NODE), "uml", "disk-0", "vmm", "cow.img")
     host = os.statvfs(cow)
     host_free = host.f_bavail * host.f_frsize
 
@@ -76,7 +76,7 @@ def test_a_guest_filling_its_disk_stops_at_the_disk_size(uml_node):
     after = guest_records(c)
     for name, record in records.items():
         assert after[name]["pid"] == record["pid"] and alive(record["pid"]), name
-    other = os.stat(os.path.join(c.agent_dir(NODE), "uml", "disk-1", "cow.img"))
+    other = os.stat(os.path.join(c.agent_dir(NODE), "uml", "disk-1", "vmm", "cow.img"))
     assert other.st_blocks * 512 < 8 * MiB
 
 

@@ -88,7 +88,7 @@ def test_qemu_and_uml_services_side_by_side(mixed_node):
                                   "memory.limit_in_bytes")))
     assert limit > 128 << 20, "QEMU needs headroom above the guest's RAM"
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{c.netns}").st_ino
-    base = os.path.join(c.agent_dir(NODE), "qemu", "webq-0", "overlay.qcow2")
+    base = os.path.join(c.agent_dir(NODE), "qemu", "webq-0", "vmm", "overlay.qcow2")
     assert os.path.isfile(base)
 
     c.ctl("service", "delete", "webq", "--wait", "--timeout", "60", timeout=90)

@@ -46,6 +46,7 @@ def golden_driver(state_dir="/var/lib/soda/agent", **kw):
     kw.setdefault("qemu_img", "/usr/bin/qemu-img")
     kw.setdefault("kernel", KERNEL)
     kw.setdefault("accel", "tcg")
+    kw.setdefault("sandbox", "off")          # "auto" would probe this machine's QEMU
     return QemuDriver(state_dir, **kw)
 
 
@@ -66,11 +67,27 @@ def test_argv_plain_guest():
     check_golden("qemu-plain", golden_driver().build_argv(spec()))
 
 
-def test_argv_with_netns_cgroups_and_tap():
+def test_argv_with_netns_cgroups_tap_uid_and_sandbox(monkeypatch):
+    from soda.hypervisors import qemu
+    # As if the probe had found -sandbox works with this QEMU.
+    monkeypatch.setitem(qemu._sandbox_verdicts, "/usr/bin/qemu-system-x86_64", qemu.SANDBOX)
     s = spec(name="web-1", memory=96, tap="sv-web-1", netns="soda-node",
              cgroups=("/sys/fs/cgroup/cpu/soda/web-1", "/sys/fs/cgroup/memory/soda/web-1"),
-             init="/init")
-    check_golden("qemu-full", golden_driver(initramfs="/opt/soda/initramfs.img").build_argv(s))
+             init="/init", uid=200007, open_files=1024)
+    driver = golden_driver(initramfs="/opt/soda/initramfs.img", sandbox="auto")
+    check_golden("qemu-full", driver.build_argv(s))
+
+
+def test_sandbox_is_what_the_probe_found_and_the_fingerprint_says_so(monkeypatch):
+    from soda.hypervisors import qemu
+    monkeypatch.setitem(qemu._sandbox_verdicts, "/usr/bin/qemu-system-x86_64",
+                        "unsupported: -sandbox is not supported by this QEMU binary")
+    driver = golden_driver(sandbox="auto")
+    assert "-sandbox" not in driver.build_argv(spec())
+    assert driver.sandbox_note.startswith("unsupported: ")
+    assert "-sandbox" not in golden_driver(sandbox="off").build_argv(spec())
+    with pytest.raises(InvalidSpec, match="sandbox 'maybe'"):
+        golden_driver(sandbox="maybe")
 
 
 def test_argv_moves_the_qmp_socket_when_its_path_is_too_long():
@@ -97,7 +114,7 @@ def test_argv_is_pure_and_boots_the_contract():
     assert append[-4:] == ["soda.ip=10.233.1.2/24", "soda.gw=10.233.1.1", "soda.name=web-0",
                            "soda.service=web"]
     assert "init=/sbin/init" in append
-    assert "file=/srv/state/qemu/web-0/overlay.qcow2,format=qcow2,if=virtio" in \
+    assert "file=/srv/state/qemu/web-0/vmm/overlay.qcow2,format=qcow2,if=virtio" in \
         vmm[vmm.index("-drive") + 1]
     assert "tap,id=n0,ifname=tap7,script=no,downscript=no" in vmm
     assert f"virtio-net-pci,netdev=n0,mac={guest_mac('10.233.1.2')}" in vmm
@@ -256,9 +273,9 @@ def plant_record(driver, name, pid, vmm_argv):
     its guest "listens" on a closed loopback port."""
     s = dataclasses.replace(spec(name=name), address="127.0.0.1", port=free_port())
     directory = driver.guest_dir(name)
-    os.makedirs(directory, exist_ok=True)
-    for entry in ("overlay.qcow2", "console.log"):
-        open(os.path.join(directory, entry), "w").close()
+    os.makedirs(driver.vmm_dir(name), exist_ok=True)
+    for path in (driver.overlay_path(name), driver.console_path(name)):
+        open(path, "w").close()
     argv = [sys.executable, "-m", "soda.hypervisors.launch", "--"] + vmm_argv
     record = {"name": name, "pid": pid, "starttime": _proc_starttime(pid), "started_at": 1234.5,
               "argv": argv, "vmm_argv": vmm_argv, "generation": 3, "qmp": driver.qmp_path(name),

@@ -67,7 +67,7 @@ def test_argv_plain_guest():
 def test_argv_with_netns_cgroups_and_tap():
     s = spec(name="web-1", memory=32, tap="sv-web-1", netns="soda-node",
              cgroups=("/sys/fs/cgroup/cpu/soda/web-1", "/sys/fs/cgroup/memory/soda/web-1"),
-             init="/init")
+             init="/init", uid=200007, open_files=1024)
     # min_memory: this golden argv boots at 32 MiB, below Debian's default minimum.
     check_golden("uml-full", golden_driver(min_memory=32).build_argv(s))
 
@@ -91,7 +91,8 @@ def test_argv_is_pure_and_uses_the_agents_interpreter():
     kernel = argv[argv.index("--") + 1:]
     assert kernel[0] == "/opt/uml/linux"
     assert "--no-aslr" in argv[:argv.index("--")]
-    assert f"ubd0=/srv/state/uml/web-0/cow.img,{spec().image_path}" in kernel
+    assert f"ubd0=/srv/state/uml/web-0/vmm/cow.img,{spec().image_path}" in kernel
+    assert "uml_dir=/srv/state/uml/web-0/vmm/" in kernel
     assert not os.path.exists("/srv/state/uml"), "build_argv must not touch the disk"
 
 
@@ -158,7 +159,8 @@ def test_launcher_parses_its_options():
     opts = launch.parse(["--hold", "--netns", "n1", "--cgroup", "/a", "--cgroup=/b", "--no-aslr",
                          "--log", "/l", "--", "/bin/k", "--netns", "x"])
     assert opts == {"netns": "n1", "cgroups": ["/a", "/b"], "no_aslr": True, "hold": True,
-                    "log": "/l", "argv": ["/bin/k", "--netns", "x"]}
+                    "log": "/l", "argv": ["/bin/k", "--netns", "x"], "nofile": None,
+                    "user": None, "group": None}
     for bad in ([], ["--", ], ["--bogus", "--", "x"], ["--netns"], ["--netns", "a/b", "--", "x"]):
         with pytest.raises(launch.LaunchError):
             launch.parse(bad)

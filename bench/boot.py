@@ -20,12 +20,19 @@ port open, and create → first answer through the Switch, in one run.
    with all 10 RUNNING. sodactl figures are measured from just before it
    starts, so they include its start-up, which is also timed alone.
 
+3. The cost of the uid drop (issue 14): the same UML guest (SODA's kernel
+   when built) booted alternately as root and as an unprivileged uid (the
+   launcher's --user/--nofile, a TAP owned by that uid, the VMM's files
+   its own), `--uid-drop-repeats` times each: launch → port open, medians
+   and p95 side by side and the difference of the medians in ms.
+
 The reference image does not announce itself (no ping of its gateway), so
 these figures hold for any image: the first packet towards a new guest
 must not wait for an ARP retry.
 
     python bench/boot.py [--repeats 5] [--memory-uml 32] [--memory-debian 32] [--memory-qemu 128]
-                         [--no-qemu] [--create-repeats 20] [--wide 10] [--json]
+                         [--no-qemu] [--create-repeats 20] [--wide 10]
+                         [--uid-drop-repeats 20] [--json]
 
 Needs root (namespaces, TAPs, cgroups). Everything it creates goes at the
 end, also on failure; it signals only the guests its drivers recorded.
@@ -56,7 +63,7 @@ from soda.hypervisors.qemu import QemuDriver  # noqa: E402
 from soda.hypervisors.uml import UmlDriver  # noqa: E402
 from soda.model.spec import Resources, parse_spec  # noqa: E402
 from soda.rpc.client import MasterClient  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from tests.support import free_port, traversable  # noqa: E402
 from tests.system.cluster import Cluster  # noqa: E402
 from tests.system.guests import guest_records, uml_node  # noqa: E402
 
@@ -181,6 +188,60 @@ def launch_to_port(args, work: str, image: str) -> dict[str, list[float]]:
         for driver in drivers.values():
             for name in list(driver.list()):
                 driver.stop(name, timeout=0)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+BENCH_UID = 265000                   # in the Agent's default guest_uids, unlikely to be taken
+OPEN_FILES = 1024
+
+
+def uid_drop_cost(args, work: str, image: str) -> dict[str, list[float]]:
+    """Part 3: launch -> port open as root and as BENCH_UID, alternating."""
+    netns = f"sodab-{os.getpid()}-{secrets.token_hex(3)}"
+    soda = find_uml_kernel()
+    memory = args.memory_uml if soda.kind == SODA else args.memory_debian
+    driver = UmlDriver(os.path.join(work, "state", "uid-drop"), kernel=soda.path,
+                       short_dir=os.path.join(work, "run"),
+                       hostfs_root=os.path.join(work, "empty-hostfs"))
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        sh("ip", "netns", "add", netns)
+        sh("ip", "-n", netns, "link", "set", "lo", "up")
+        sh("ip", "-n", netns, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", netns, "addr", "add", f"{GATEWAY}/24", "dev", "br0")
+        sh("ip", "-n", netns, "link", "set", "br0", "address", bridge_mac(GATEWAY), "up")
+        for i in range(2 * args.uid_drop_repeats):
+            key = ("off", "on")[(i + i // 2) % 2]          # off on on off off on ...: no order bias
+            uid = BENCH_UID if key == "on" else 0
+            spec = GuestSpec(name="bench-0", service="bench", image_path=image, image_digest="",
+                             address=ADDRESS, prefix_length=24, gateway=GATEWAY, port=80,
+                             hypervisor="uml", tap="tap0", netns=netns, uid=uid,
+                             open_files=OPEN_FILES,
+                             resources=Resources(cpu=1, memory=memory, bandwidth=0, disk=0))
+            # As the Agent plugs a guest in: a fresh TAP, the uid's when it drops.
+            subprocess.run(["ip", "-n", netns, "link", "del", "tap0"], capture_output=True)
+            owner = ["user", str(uid), "group", str(uid)] if uid else []
+            sh("ip", "-n", netns, "tuntap", "add", "dev", "tap0", "mode", "tap", *owner)
+            sh("ip", "-n", netns, "link", "set", "tap0", "master", "br0")
+            sh("ip", "-n", netns, "link", "set", "tap0", "up")
+            sh("ip", "-n", netns, "neigh", "replace", ADDRESS, "lladdr", guest_mac(ADDRESS),
+               "dev", "br0", "nud", "permanent")
+            t = boot_once(driver, spec)
+            times[key].append(t)
+            print(f"  uid drop {key:3s} boot {len(times[key]):2d}: {t:6.3f} s", file=sys.stderr)
+        print(f"uid drop: launch -> port 80 open, {driver.kernel} ({driver.kernel_kind}), "
+              f"mem {memory}M, {args.uid_drop_repeats} boots each, alternating:")
+        print(f"  {'':10s} {'median':>8s} {'p95':>8s} {'min':>8s} {'max':>8s}")
+        for key, label in (("off", "as root"), ("on", f"uid {BENCH_UID}")):
+            v = times[key]
+            print(f"  {label:10s} {statistics.median(v):7.3f}s {p95(v):7.3f}s {min(v):7.3f}s "
+                  f"{max(v):7.3f}s")
+        delta = 1000 * (statistics.median(times["on"]) - statistics.median(times["off"]))
+        print(f"  drop - root (medians): {delta:+.1f} ms")
+        return times
+    finally:
+        for name in list(driver.list()):
+            driver.stop(name, timeout=0)
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
@@ -315,13 +376,16 @@ def main() -> int:
     p.add_argument("--create-repeats", type=int, default=20)
     p.add_argument("--wide", type=int, default=10, help="virtual nodes of the wide create")
     p.add_argument("--wide-repeats", type=int, default=3)
+    p.add_argument("--uid-drop-repeats", type=int, default=20,
+                   help="boots each as root and as a uid (0: skip)")
     p.add_argument("--json", action="store_true",
                    help="print the figures as one JSON object on the last line")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench/boot.py needs root (network namespace, TAP)", file=sys.stderr)
         return 1
-    work = tempfile.mkdtemp(prefix="soda-bench-boot-")
+    # Reachable by the guests' uids (mkdtemp makes it 0700).
+    work = traversable(tempfile.mkdtemp(prefix="soda-bench-boot-"))
     try:
         image = build("build-rootfs", os.path.join(work, "rootfs.img"))
         times = launch_to_port(args, work, image) if args.repeats else {}
@@ -331,11 +395,17 @@ def main() -> int:
         if "qemu" in times:
             uml = statistics.median(times.get("uml-soda") or times.get("uml-debian") or [float("nan")])
             print(f"  qemu / uml (medians): {statistics.median(times['qemu']) / uml:.1f}x")
+        drop = uid_drop_cost(args, work, image) if args.uid_drop_repeats else {}
         cluster = through_the_switch(args, work, image) if args.create_repeats or args.wide_repeats else {}
         if args.json:
             figures = {f"launch_to_port_{key.replace('-', '_')}": summary(values)
                        for key, values in times.items()}
             figures.update({key: summary(values) for key, values in cluster.items() if values})
+            if drop:
+                figures["uid_drop"] = {
+                    "off": summary(drop["off"]), "on": summary(drop["on"]),
+                    "median_delta_ms": round(1000 * (statistics.median(drop["on"])
+                                                     - statistics.median(drop["off"])), 1)}
             print(json.dumps(figures))
         return 0
     finally:

@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         return refuse("soda-agent", f"cannot use state dir {config.state_dir}: "
                                     f"{exc.strerror or exc}", EXIT_FAILURE)
+    except SodaError as exc:             # a guest uid table it cannot trust
+        client.close()
+        return refuse("soda-agent", str(exc), EXIT_FAILURE)
     log.info("agent %s starting: master %s, address %s, labels %s, hypervisors %s, capacity %s, "
              "state dir %s", config.name, config.master, config.address,
              format_labels(config.labels) or "none", ",".join(config.hypervisors),

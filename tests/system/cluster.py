@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
-from tests.support import free_port, traversable
+from tests.support import free_port
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -27,8 +29,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 
 class Cluster:
     def __init__(self, root: str):
-        # Reachable by the guests' uids: their VMMs' files are under it.
-        self.root = traversable(root)
+        self.root = root
+        # Agents' state dirs, where guests' VMMs (uids of their own, issue
+        # 14) must reach their files: a dir of its own open to traversal,
+        # outside pytest's, which pytest makes 0700 again at every session
+        # start (another run's would close it under this one's guests).
+        self.agents_root = tempfile.mkdtemp(prefix="soda-test-agents-", dir="/tmp")
+        os.chmod(self.agents_root, 0o711)
         self.port = free_port()
         self.master_addr = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -86,7 +93,7 @@ class Cluster:
                                       *extra])
 
     def agent_dir(self, name: str) -> str:
-        return os.path.join(self.root, "agents", name)
+        return os.path.join(self.agents_root, name)
 
     def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(key)
@@ -112,6 +119,7 @@ class Cluster:
         self.procs.clear()
         for log in self._logs:
             log.close()
+        shutil.rmtree(self.agents_root, ignore_errors=True)
 
     # ---- sodactl ------------------------------------------------------
     def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -47,6 +47,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 
 from pyroute2 import IPRoute, NetlinkError, netns as pr_netns
 from pyroute2.netlink.rtnl.ndmsg import states as neigh_states
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 IFNAMSIZ = 15
 NUD_PERMANENT = neigh_states["permanent"]
 TAP_ALIAS_TAG = "soda-tap"
+# The guard's and the policy's counters are read for all guests at once, at
+# most this often (usage goes out with heartbeats, every few seconds).
+REFUSED_READ_SECONDS = 1.0
 
 
 def short_name(prefix: str, key: str) -> str:
@@ -122,6 +126,11 @@ class NetworkBackend(abc.ABC):
     def unplug(self, vnode: str) -> None:
         """Take the virtual node's network away; nothing to remove is fine."""
 
+    def refused_packets(self, vnode: str) -> int:
+        """Packets the virtual node's guest sent that the node refused
+        (spoofed, or to where its policy does not let it go)."""
+        return 0
+
     @abc.abstractmethod
     def plugged(self) -> set[str]:
         """Every virtual node that has a network here, whichever Agent gave
@@ -139,6 +148,8 @@ class NodeNetwork(NetworkBackend):
         self.guard = GuestGuard(nft) if guarded else None
         self.policy = NodePolicy(nft) if guarded else None
         self.addresses: tuple[str, str, str] | None = None      # subnet, gateway, uplink once configured
+        self._guest_addresses: dict[str, str] = {}      # vnode -> address, of what this object plugged
+        self._refused: tuple[float, dict[str, int], dict[str, int]] = (0.0, {}, {})
         self.uplink_host = short_name("su", netns) if netns else ""
         self.uplink_node = "uplink0"
         self._created_netns = False
@@ -304,7 +315,22 @@ class NodeNetwork(NetworkBackend):
                 self.guard.guard(name, mac, address)
             except PolicyError as exc:
                 raise NetworkError(f"cannot guard {vnode}'s TAP {name}: {exc}") from None
+        self._guest_addresses[vnode] = address
         return {"tap": name, "netns": self.netns}
+
+    def refused_packets(self, vnode: str) -> int:
+        """From the guard's and the policy's counters, read at most once a
+        second for all guests (each read runs nft twice)."""
+        if self.guard is None or self.policy is None:
+            return 0
+        read_at, spoofed, dropped = self._refused
+        if time.monotonic() - read_at > REFUSED_READ_SECONDS:
+            try:
+                spoofed, dropped = self.guard.drops(), self.policy.drops()
+            except PolicyError as exc:
+                log.debug("cannot read the policy's counters: %s", exc)
+            self._refused = (time.monotonic(), spoofed, dropped)
+        return spoofed.get(tap_name(vnode), 0) + dropped.get(self._guest_addresses.get(vnode, ""), 0)
 
     def _plug(self, ipr: IPRoute, name: str, vnode: str, address: str, mac: str,
               owner: int = 0) -> None:
@@ -336,6 +362,7 @@ class NodeNetwork(NetworkBackend):
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise NetworkError(f"cannot unplug {vnode} (TAP {name}): {os.strerror(exc.code)}") from None
+        self._guest_addresses.pop(vnode, None)
         if self.guard is not None:
             try:
                 self.guard.unguard(name)

@@ -17,6 +17,7 @@ live to finish.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Mapping, Protocol
 
 from soda.agent.network import NetworkBackend
@@ -130,7 +131,7 @@ class NodePlumbing(GuestPlumbing):
             # Usage is a report, not a duty: the heartbeat goes out without it.
             log.debug("no usage for %s from the Daemon: %s", name, exc)
             return None
-        return u.usage()
+        return replace(u.usage(), packets_refused=self.network.refused_packets(name))
 
     def release(self, name: str, hypervisor: str) -> None:
         if self._plumbed(hypervisor):

@@ -181,15 +181,16 @@ def format_size(count: int | None) -> str:
 
 
 def usage_cells(usage: model.Usage | None) -> tuple[str, ...]:
-    """CPU-S, MEM, MEM-PEAK, IN, OUT: empty (shown '-') when unknown."""
+    """CPU-S, MEM, MEM-PEAK, IN, OUT, DROPPED (packets the node refused
+    it), FORKS-REFUSED (at its pids limit): empty (shown '-') when unknown."""
     if usage is None:
         return ("",) * len(USAGE_HEADERS)
     return (f"{usage.cpu_seconds:.1f}", format_size(usage.memory_bytes),
             format_size(usage.memory_peak_bytes), format_size(usage.bytes_in),
-            format_size(usage.bytes_out))
+            format_size(usage.bytes_out), str(usage.packets_refused), str(usage.pids_refused))
 
 
-USAGE_HEADERS = ("CPU-S", "MEM", "MEM-PEAK", "IN", "OUT")
+USAGE_HEADERS = ("CPU-S", "MEM", "MEM-PEAK", "IN", "OUT", "DROPPED", "FORKS-REFUSED")
 
 
 def short_digest(digest: str) -> str:

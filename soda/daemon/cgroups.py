@@ -371,6 +371,7 @@ class CgroupV1(CgroupBackend):
             memory_failcnt=read_int(self._file("memory", name, "memory.failcnt"), 0),
             oom_kills=oom.get("oom_kill", 0),
             pids=read_int(self._file("pids", name, "pids.current"), 0),
+            pids_refused=read_keyed(self._file("pids", name, "pids.events")).get("max", 0),
         )
 
 
@@ -528,6 +529,7 @@ class CgroupV2(CgroupBackend):
             memory_failcnt=events.get("max", 0),
             oom_kills=events.get("oom_kill", 0),
             pids=read_int(self._file(name, "pids.current"), 0),
+            pids_refused=read_keyed(self._file(name, "pids.events")).get("max", 0),
         )
 
     def evacuate(self, pid: int) -> str:

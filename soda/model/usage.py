@@ -20,6 +20,11 @@ class Usage:
     bytes_out: int = 0
     throttled_seconds: float = 0.0
     oom_kills: int = 0
+    # What the node refused the guest: packets its guard and policy dropped
+    # (soda.agent.policy: spoofed, or to where it may not go), and forks
+    # refused at its pids limit.
+    packets_refused: int = 0
+    pids_refused: int = 0
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(**{f: getattr(self, f) + getattr(other, f) for f in USAGE_FIELDS})
@@ -37,7 +42,7 @@ class Usage:
 
 
 USAGE_FIELDS = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", "bytes_out",
-                "throttled_seconds", "oom_kills")
+                "throttled_seconds", "oom_kills", "packets_refused", "pids_refused")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class VnodeUsage:
     memory_failcnt: int = 0
     oom_kills: int = 0
     pids: int = 0
+    pids_refused: int = 0           # forks refused at pids.max (pids.events "max")
     bytes_to_guest: int = 0
     bytes_from_guest: int = 0
     drops_to_guest: int = 0
@@ -63,4 +69,4 @@ class VnodeUsage:
         return Usage(cpu_seconds=self.cpu_seconds, memory_bytes=self.memory_bytes,
                      memory_peak_bytes=self.memory_peak_bytes, bytes_in=self.bytes_to_guest,
                      bytes_out=self.bytes_from_guest, throttled_seconds=self.cpu_throttled_seconds,
-                     oom_kills=self.oom_kills)
+                     oom_kills=self.oom_kills, pids_refused=self.pids_refused)

@@ -225,6 +225,28 @@ def test_usage_counts_cpu_memory_pids_and_traffic(manager, netns, tap, sleeper):
     assert manager.release("web-0").killed == 1
 
 
+def test_usage_counts_forks_refused_at_the_pids_limit(manager, cgroup_parent, tap, sleeper):
+    fence = manager.apply("web-0", WEB, "uml", 32, tap)
+    # The test narrows the limit (the Daemon's is 512) so that a few forks hit it.
+    with open(cg("pids", cgroup_parent, "web-0", "pids.max"), "w") as f:
+        f.write("3")
+    forker = sleeper([sys.executable, "-c",
+                      "import os, sys, time\nsys.stdin.readline()\nrefused = 0\n"
+                      "for _ in range(6):\n"
+                      "    try:\n        pid = os.fork()\n    except BlockingIOError:\n"
+                      "        refused += 1\n        continue\n"
+                      "    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
+                      "print(refused, flush=True)\ntime.sleep(1000)\n"],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    join(forker.pid, fence.cgroups)
+    forker.stdin.write("go\n")
+    forker.stdin.flush()
+    refused = int(forker.stdout.readline())
+    assert refused >= 3                                    # seen by the process itself
+    assert manager.usage("web-0").pids_refused == refused  # and counted by the Daemon
+    assert manager.release("web-0").killed >= 1
+
+
 def test_a_missing_netns_is_not_found():
     with pytest.raises(errors.NotFound, match="network namespace"):
         NetlinkThread("sodat-does-not-exist")

@@ -380,10 +380,10 @@ def test_service_get_table(client):
     header = next(line for line in lines if line.startswith("NAME"))
     assert header.split() == ["NAME", "NODE", "ADDRESS", "PHASE", "CPU", "MEMORY", "BANDWIDTH",
                               "DISK", "WEIGHT", "BOOT", "CPU-S", "MEM", "MEM-PEAK", "IN", "OUT",
-                              "REASON"]
+                              "DROPPED", "FORKS-REFUSED", "REASON"]
     row = next(line for line in lines if line.startswith("web-0"))
     assert row.split() == ["web-0", "node-0", "10.0.0.2", "RUNNING", "0.5", "64Mi", "10Mbit",
-                           "64Mi", "0.5", "1.5s", "-", "-", "-", "-", "-", "-"]
+                           "64Mi", "0.5", "1.5s", "-", "-", "-", "-", "-", "-", "-", "-"]
 
 
 def test_service_get_says_where_a_moved_virtual_node_came_from_and_why(client):
@@ -407,7 +407,8 @@ def test_service_get_says_where_a_moved_virtual_node_came_from_and_why(client):
 
 USAGE = model.Usage(cpu_seconds=12.34, memory_bytes=20 * 1024 * 1024,
                     memory_peak_bytes=31 * 1024 * 1024 + 512 * 1024, bytes_in=1536,
-                    bytes_out=300, throttled_seconds=0.5, oom_kills=1)
+                    bytes_out=300, throttled_seconds=0.5, oom_kills=1, packets_refused=17,
+                    pids_refused=3)
 
 
 def test_service_get_shows_usage_in_table_json_and_yaml(client):
@@ -416,13 +417,14 @@ def test_service_get_shows_usage_in_table_json_and_yaml(client):
                                                       service.vnodes[1]))
     lines = run(client, "service", "get", "web").stdout.splitlines()
     row = next(line for line in lines if line.startswith("web-0"))
-    assert row.split()[10:15] == ["12.3", "20.0Mi", "31.5Mi", "1.5Ki", "300B"]
+    assert row.split()[10:17] == ["12.3", "20.0Mi", "31.5Mi", "1.5Ki", "300B", "17", "3"]
     other = next(line for line in lines if line.startswith("web-1"))
-    assert other.split()[10:15] == ["-"] * 5
+    assert other.split()[10:17] == ["-"] * 7
     as_json = json.loads(run(client, "-o", "json", "service", "get", "web").stdout)
     assert as_json["vnodes"][0]["usage"] == {
         "cpu_seconds": 12.34, "memory_bytes": 20971520, "memory_peak_bytes": 33030144,
-        "bytes_in": 1536, "bytes_out": 300, "throttled_seconds": 0.5, "oom_kills": 1}
+        "bytes_in": 1536, "bytes_out": 300, "throttled_seconds": 0.5, "oom_kills": 1,
+        "packets_refused": 17, "pids_refused": 3}
     assert as_json["vnodes"][1]["usage"] is None
     as_yaml = yaml.safe_load(run(client, "-o", "yaml", "service", "get", "web").stdout)
     assert as_yaml == as_json
@@ -432,8 +434,8 @@ def test_node_list_shows_usage_sums(client):
     client.nodes = [model.Node(name="node-a", address="192.0.2.10", capacity=model.Resources(4, 4096, 1000, 10240),
                                hypervisors=("uml",), vnodes=2, usage=USAGE + USAGE)]
     table = run(client, "node", "list").stdout.splitlines()
-    assert table[0].split()[-5:] == ["CPU-S", "MEM", "MEM-PEAK", "IN", "OUT"]
-    assert table[1].split()[-5:] == ["24.7", "40.0Mi", "63.0Mi", "3.0Ki", "600B"]
+    assert table[0].split()[-7:] == ["CPU-S", "MEM", "MEM-PEAK", "IN", "OUT", "DROPPED", "FORKS-REFUSED"]
+    assert table[1].split()[-7:] == ["24.7", "40.0Mi", "63.0Mi", "3.0Ki", "600B", "34", "6"]
     [listed] = json.loads(run(client, "-o", "json", "node", "list").stdout)
     assert listed["usage"]["cpu_seconds"] == 24.68 and listed["usage"]["oom_kills"] == 2
 
@@ -456,10 +458,10 @@ def test_node_list(client):
     table = run(client, "node", "list").stdout.splitlines()
     assert table[0].split() == ["NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH",
                                 "DISK", "VNODES", "HYPERVISORS", "LABELS", "CPU-S", "MEM", "MEM-PEAK",
-                                "IN", "OUT"]
+                                "IN", "OUT", "DROPPED", "FORKS-REFUSED"]
     assert table[1].split() == ["node-a", "192.0.2.10", "READY", "10.0.1.0/24", "1.5/4",
                                 "128/4096Mi", "20/1000Mbit", "128/10240Mi", "2", "uml,qemu",
-                                "rack=r1,zone=a", "-", "-", "-", "-", "-"]
+                                "rack=r1,zone=a", "-", "-", "-", "-", "-", "-", "-"]
     [listed] = json.loads(run(client, "-o", "json", "node", "list").stdout)
     assert listed["capacity"] == {"cpu": 4, "memory": 4096, "bandwidth": 1000, "disk": 10240}
     assert listed["hypervisors"] == ["uml", "qemu"]

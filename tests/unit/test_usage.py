@@ -63,10 +63,12 @@ def test_node_plumbing_maps_the_daemons_usage():
         "gone": NotFound("no such virtual node"),
         "down": Unavailable("daemon down"),
     })
-    plumbing = NodePlumbing(NodeNetwork.__new__(NodeNetwork), daemon, {
+    network = NodeNetwork.__new__(NodeNetwork)
+    network.refused_packets = {"web-0": 5}.get            # the guard's and the policy's counters
+    plumbing = NodePlumbing(network, daemon, {
         "uml": DriverCapabilities("uml", plumbing=True), "qemu": DriverCapabilities("qemu", plumbing=True),
         "fake": DriverCapabilities("fake")})
-    assert plumbing.usage("web-0", "uml") == U1
+    assert plumbing.usage("web-0", "uml") == replace(U1, packets_refused=5)
     assert plumbing.usage("gone", "uml") is None
     assert plumbing.usage("down", "qemu") is None
     assert plumbing.usage("web-0", "fake") is None          # fake guests are not measured

@@ -80,7 +80,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("name", "cpu_seconds", "cpu_throttled_seconds", "memory_bytes", "memory_peak_bytes", "memory_limit_bytes", "memory_failcnt", "oom_kills", "pids", "bytes_to_guest", "bytes_from_guest", "drops_to_guest", "drops_from_guest")
+    __slots__ = ("name", "cpu_seconds", "cpu_throttled_seconds", "memory_bytes", "memory_peak_bytes", "memory_limit_bytes", "memory_failcnt", "oom_kills", "pids", "bytes_to_guest", "bytes_from_guest", "drops_to_guest", "drops_from_guest", "pids_refused")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CPU_THROTTLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class Usage(_message.Message):
     BYTES_FROM_GUEST_FIELD_NUMBER: _ClassVar[int]
     DROPS_TO_GUEST_FIELD_NUMBER: _ClassVar[int]
     DROPS_FROM_GUEST_FIELD_NUMBER: _ClassVar[int]
+    PIDS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     name: str
     cpu_seconds: float
     cpu_throttled_seconds: float
@@ -107,7 +108,8 @@ class Usage(_message.Message):
     bytes_from_guest: int
     drops_to_guest: int
     drops_from_guest: int
-    def __init__(self, name: _Optional[str] = ..., cpu_seconds: _Optional[float] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_failcnt: _Optional[int] = ..., oom_kills: _Optional[int] = ..., pids: _Optional[int] = ..., bytes_to_guest: _Optional[int] = ..., bytes_from_guest: _Optional[int] = ..., drops_to_guest: _Optional[int] = ..., drops_from_guest: _Optional[int] = ...) -> None: ...
+    pids_refused: int
+    def __init__(self, name: _Optional[str] = ..., cpu_seconds: _Optional[float] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_failcnt: _Optional[int] = ..., oom_kills: _Optional[int] = ..., pids: _Optional[int] = ..., bytes_to_guest: _Optional[int] = ..., bytes_from_guest: _Optional[int] = ..., drops_to_guest: _Optional[int] = ..., drops_from_guest: _Optional[int] = ..., pids_refused: _Optional[int] = ...) -> None: ...
 
 class ListVnodesRequest(_message.Message):
     __slots__ = ()

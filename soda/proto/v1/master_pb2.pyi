@@ -171,7 +171,7 @@ class VnodeMove(_message.Message):
     def __init__(self, from_node: _Optional[str] = ..., at: _Optional[float] = ..., why: _Optional[str] = ...) -> None: ...
 
 class VnodeUsage(_message.Message):
-    __slots__ = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", "bytes_out", "throttled_seconds", "oom_kills")
+    __slots__ = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "bytes_in", "bytes_out", "throttled_seconds", "oom_kills", "packets_refused", "pids_refused")
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,8 @@ class VnodeUsage(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     THROTTLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    PIDS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     cpu_seconds: float
     memory_bytes: int
     memory_peak_bytes: int
@@ -186,7 +188,9 @@ class VnodeUsage(_message.Message):
     bytes_out: int
     throttled_seconds: float
     oom_kills: int
-    def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., throttled_seconds: _Optional[float] = ..., oom_kills: _Optional[int] = ...) -> None: ...
+    packets_refused: int
+    pids_refused: int
+    def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., throttled_seconds: _Optional[float] = ..., oom_kills: _Optional[int] = ..., packets_refused: _Optional[int] = ..., pids_refused: _Optional[int] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("spec", "image_digest", "vnodes", "deleting", "created_at")

@@ -31,7 +31,9 @@ Traffic goes only to 192.168.251.0/24 inside the test's own namespace.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -177,13 +179,16 @@ def test_boots_in_a_row(kind, at, rootfs, slots, tmp_path):
     found = _kernel(kind)
     kernel = found.path
     memory = found.min_memory if at == "min" else ACCEPTANCE_MEMORY
-    driver = UmlDriver(str(tmp_path / "state"), kernel=kernel, short_dir=str(tmp_path / "run"))
+    # UML's control sockets need a short path: pytest's tmp dirs are too deep.
+    short = tempfile.mkdtemp(prefix="sb-", dir="/tmp")
+    driver = UmlDriver(str(tmp_path / "state"), kernel=kernel, short_dir=short)
     began = time.monotonic()
     try:
         boots = boot_many(driver, rootfs, slots, BOOTS, PARALLEL, memory)
     finally:
         for name in list(driver.list()):
             driver.stop(name, timeout=0)
+        shutil.rmtree(short, ignore_errors=True)
     took = time.monotonic() - began
     failed = [b for b in boots if not b.ok]
     times = sorted(b.seconds for b in boots if b.ok)

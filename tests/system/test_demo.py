@@ -5,8 +5,11 @@ down` leaves nothing behind but the logs."""
 import collections
 import json
 import os
+import pathlib
 import re
+import shutil
 import subprocess
+import tempfile
 import urllib.request
 import uuid
 
@@ -36,10 +39,22 @@ def root_links():
 
 # `up` may build the guest kernel first (minutes), then boots; pytest's
 # default timeout would kill the test mid-build and leave the build orphaned.
+@pytest.fixture
+def demo_dir():
+    """A dir of the test's own under /tmp (0711): guests' VMMs run as their
+    service's uid and must reach their images below it, which pytest's 0700
+    tmp dirs forbid."""
+    top = tempfile.mkdtemp(prefix="soda-test-demo-", dir="/tmp")
+    os.chmod(top, 0o711)
+    try:
+        yield pathlib.Path(top) / "demo"
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 @pytest.mark.timeout(1500)
-def test_demo_up_and_down(tmp_path):
+def test_demo_up_and_down(demo_dir):
     tag = uuid.uuid4().hex[:6]
-    demo_dir = tmp_path / "demo"
     switch = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "SODA_DEMO_DIR": str(demo_dir), "SODA_DEMO_MASTER": f"127.0.0.1:{free_port()}",
            "SODA_DEMO_SWITCH": switch, "SODA_DEMO_NETNS": f"sodad-{tag}",

@@ -20,7 +20,7 @@ port open, and create → first answer through the Switch, in one run.
    with all 10 RUNNING. sodactl figures are measured from just before it
    starts, so they include its start-up, which is also timed alone.
 
-3. The cost of the uid drop (issue 14): the same UML guest (SODA's kernel
+3. The cost of the uid drop (VMMs run unprivileged): the same UML guest (SODA's kernel
    when built) booted alternately as root and as an unprivileged uid (the
    launcher's --user/--nofile, a TAP owned by that uid, the VMM's files
    its own), `--uid-drop-repeats` times each: launch → port open, medians

@@ -61,7 +61,7 @@ def peak_rss_mib(pid: int) -> float:
 def traversable(path: str) -> str:
     """`path`, made if missing, with every directory on its way open to
     traversal by others (o+x, never o+r or o+w): guests' VMMs run as
-    uids of their own (issue 14) and must reach their files under a
+    uids of their own (soda.agent.uids) and must reach their files under a
     test's state dir, and pytest makes its tmp dirs 0700."""
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)

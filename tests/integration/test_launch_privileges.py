@@ -1,5 +1,6 @@
-"""The launcher gives up root before it execs the VMM (issue 14): read from
-/proc of the exec'd program itself, not from the launcher's word."""
+"""The launcher gives up root before it execs the VMM, so that root in a
+guest is not root on the host: read from /proc of the exec'd program
+itself, not from the launcher's word."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""Guests are hostile (issue 14): their VMMs run unprivileged, and a guest
+"""Guests are hostile: their VMMs run unprivileged, and a guest
 of Debian's UML kernel cannot see the host's files through hostfs.
 
 - Two UML services on one node: every process of every guest (found from
@@ -207,8 +207,9 @@ def test_hostfs_shows_a_guest_of_debians_kernel_nothing_of_the_host(cluster, hos
 
 @pytest.mark.skipif(not os.access("/usr/bin/linux.uml", os.X_OK), reason="needs user-mode-linux")
 @pytest.mark.xfail(strict=True, reason="Debian's hostfs appends the mount option to the hostfs= "
-                   "prefix unchecked: '-o ../../..' leaves the empty dir (issue 14, open); the "
-                   "uid drop limits it to what the uid may read")
+                   "prefix unchecked: '-o ../../..' leaves the empty dir. Not fixed yet: it needs "
+                   "a mount namespace or Landlock in the launcher; the uid drop limits it to what "
+                   "the uid may read")
 def test_hostfs_dotdot_stays_inside_the_empty_root(cluster, hostile_rootfs):
     config = f"{AGENT_CONFIG}\ndrivers: {{uml: {{kernel: /usr/bin/linux.uml}}}}"
     with uml_node(cluster, hostile_rootfs, agent_config=config) as c:

@@ -1,6 +1,7 @@
-"""A uid per service on each node (issue 14): from the configured range,
-never shared by two services, kept across an Agent restart while the
-service has guests here, let go with its last one."""
+"""A uid per service on each node, so that two tenants' VMMs never share
+one: from the configured range, never held by two services, kept across
+an Agent restart while the service has guests here, let go with its last
+one."""
 
 import json
 import threading

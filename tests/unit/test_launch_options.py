@@ -1,5 +1,6 @@
-"""The launcher's command line: --nofile, --user and --group (issue 14),
-checked before anything happens (one line, status 2)."""
+"""The launcher's command line: --nofile, --user and --group (the VMM's
+open-files limit and the uid it drops to), checked before anything happens
+(one line, status 2)."""
 
 import subprocess
 import sys

@@ -46,6 +46,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 from soda.backoff import Backoff
 from soda.errors import SodaError, from_errno
+from soda.follow import Watching, follow
 from soda.model.state import Node
 from soda.netlink import NetlinkThread
 
@@ -348,6 +349,10 @@ class HostRoutes:
         self._logged = set(problems)
 
 
+WATCHING = Watching(watch="node watch", followed="the Master's node list", purpose="the host routes",
+                    keeps="stay as they are")
+
+
 class RouteFollower:
     """A thread that follows the Master's node list and syncs `routes` on
     every node set; after an error it watches again after a capped,
@@ -379,34 +384,9 @@ class RouteFollower:
                 log.warning("the route follower did not stop within %.0f s", timeout)
 
     def run(self) -> None:
-        down = False
-        while not self._stop.is_set():
-            try:
-                for nodes in self.client.watch_nodes():
-                    if self._stop.is_set():
-                        return
-                    self.routes.sync(nodes)
-                    self.syncs += 1
-                    if down:
-                        log.info("following the Master's node list again")
-                        down = False
-                    self.backoff.reset()
-                error = "the Master ended the node watch"
-            except SodaError as exc:
-                error = str(exc)
-            except Exception as exc:        # a bug here must not end the routing for good
-                if self._stop.is_set():
-                    return
-                log.exception("node watch for the host routes failed")
-                error = f"{type(exc).__name__}: {exc}"
-            if self._stop.is_set():
-                return
-            wait = self.backoff.next()
-            if not down:
-                log.warning("node watch: %s; the host routes stay as they are, watching again "
-                            "in %.1f s (and on, up to every %g s)", error, wait, self.backoff.cap)
-                down = True
-            else:
-                log.debug("node watch: %s; again in %.1f s", error, wait)
-            if self._stop.wait(wait):
-                return
+        follow(self.client.watch_nodes, self._sync, stop=self._stop, backoff=self.backoff, log=log,
+               names=WATCHING)
+
+    def _sync(self, nodes) -> None:
+        self.routes.sync(nodes)
+        self.syncs += 1

@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping
 
 from soda.backoff import Backoff
 from soda.errors import SodaError
+from soda.follow import Watching, follow
 from soda.model.spec import EgressRule, NetworkSpec
 from soda.model.switching import EndpointSet
 
@@ -267,7 +268,8 @@ def _egress_element(rule: EgressRule) -> str:
     return f"{rule.network} . {ports}"
 
 
-BASE_CHAINS = {"forward": "forward", "input": "input", "output": "output"}
+# The base chains, each named after its hook.
+BASE_CHAINS = ("forward", "input", "output")
 
 
 def render_policy(desired: DesiredPolicy, existing: Mapping[str, Mapping[str, Any]]) -> str:
@@ -276,12 +278,12 @@ def render_policy(desired: DesiredPolicy, existing: Mapping[str, Mapping[str, An
     everything no longer wanted deleted, counters of guests that stay kept."""
     t = f"inet {TABLE}"
     out = [f"add table {t}"]
-    for name, hook in BASE_CHAINS.items():
-        out.append(f"add chain {t} {name} {{ type filter hook {hook} priority 0; policy accept; }}")
+    for name in BASE_CHAINS:
+        out.append(f"add chain {t} {name} {{ type filter hook {name} priority 0; policy accept; }}")
     out += [f"add map {t} from_guest {{ type ipv4_addr : verdict; }}",
             f"add map {t} to_guest {{ type ipv4_addr : verdict; }}",
             f"add set {t} guests {{ type ipv4_addr; }}"]
-    chains, sets, counters = [], [], []
+    chains, sets = [], []
     for svc in desired.services.values():
         n = _name(svc.name)
         chains += [f"out_{n}", f"in_{n}"]
@@ -397,6 +399,10 @@ class NodePolicy:
 
 # ---- following the Master ------------------------------------------------------
 
+WATCHING = Watching(watch="endpoint watch", followed="the Master's endpoints", purpose="the guest policy",
+                    keeps="stays as it is")
+
+
 class PolicyFollower:
     """A thread that follows the Master's endpoint stream and keeps the
     node's policy in step. `client` (anything with `watch_endpoints()` and
@@ -428,6 +434,7 @@ class PolicyFollower:
         self._stream_seen: set[str] | None = None     # services the current stream named, until settled
         self._last_event = 0.0
         self._scope = None                             # where() when last applied
+        self._opening = False                          # the next event is a new stream's first
 
     def start(self) -> None:
         log.info("guest network policy: following the Master's endpoints")
@@ -444,53 +451,28 @@ class PolicyFollower:
             if thread is not None:
                 thread.join(timeout)
 
-    def poke(self) -> None:
-        """Apply again (the node was configured, or a guest was plugged)."""
-        self._dirty.set()
-
     # The watch: one thread reads the stream and marks the policy dirty;
     # another applies it, so that a burst of events is one nft run.
     def run(self) -> None:
-        down = False
-        while not self._stop.is_set():
-            got = 0
-            try:
-                for es in self.client.watch_endpoints():
-                    if self._stop.is_set():
-                        return
-                    with self._lock:
-                        if got == 0:
-                            self._stream_seen = set()      # a new stream's snapshot begins
-                        self._stream_seen.add(es.service)
-                        self._last_event = self.clock()
-                        if es.deleted:
-                            self.sets.pop(es.service, None)
-                        else:
-                            self.sets[es.service] = es
-                    got += 1
-                    self._dirty.set()
-                    if down:
-                        log.info("following the Master's endpoints again")
-                        down = False
-                error = "the Master ended the endpoint watch"
-            except SodaError as exc:
-                error = str(exc)
-            except Exception as exc:        # a bug here must not end the policy for good
-                if self._stop.is_set():
-                    return
-                log.exception("endpoint watch for the node policy failed")
-                error = f"{type(exc).__name__}: {exc}"
-            if self._stop.is_set():
-                return
-            if got:
-                self.backoff.reset()
-            wait = self.backoff.next()
-            if not down:
-                log.warning("endpoint watch: %s; the guest policy stays as it is, watching again in %.1f s",
-                            error, wait)
-                down = True
-            if self._stop.wait(wait):
-                return
+        follow(self.client.watch_endpoints, self._record, stop=self._stop, backoff=self.backoff, log=log,
+               names=WATCHING, on_open=self._stream_opens)
+
+    def _stream_opens(self) -> None:
+        with self._lock:
+            self._opening = True
+
+    def _record(self, es: EndpointSet) -> None:
+        with self._lock:
+            if self._opening:
+                self._stream_seen = set()      # a new stream's snapshot begins
+                self._opening = False
+            self._stream_seen.add(es.service)
+            self._last_event = self.clock()
+            if es.deleted:
+                self.sets.pop(es.service, None)
+            else:
+                self.sets[es.service] = es
+        self._dirty.set()
 
     def _drop_unseen(self) -> None:
         """Once a new stream's snapshot is in (no event for `settle_seconds`),

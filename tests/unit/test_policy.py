@@ -236,8 +236,7 @@ def test_nothing_is_applied_before_the_node_is_configured(follower):
     client.push(endpoints("web", "10.0.3.2"))
     time.sleep(0.3)
     assert policy.synced == []
-    where["scope"] = (SUBNET, (GW, UPLINK))
-    f.poke()
+    where["scope"] = (SUBNET, (GW, UPLINK))          # configured: the follower sees it by itself
     wait_for(lambda: local(policy) == {"10.0.3.2": "web"})
 
 

@@ -353,12 +353,16 @@ class NodeNetwork(NetworkBackend):
 
     def unplug(self, vnode: str) -> None:
         """Remove the virtual node's neighbour entries and TAP; nothing to
-        remove is fine."""
+        remove is fine. The TAP goes last: its alias is the record of the
+        guest's address, so an unplug cut short (the Agent killed, a netlink
+        error) is finished by the next one, or by the next Agent's sweep of
+        leftovers, and never leaves a neighbour entry nothing names."""
         name = tap_name(vnode)
         try:
-            address = self.node.run(self._unplug, name)
+            address = self.node.run(self._tap_address, name)
             if address and self.netns:
                 self.host.run(self._del_neighbour, self.uplink_host, address)
+            self.node.run(self._unplug, name, address)
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise NetworkError(f"cannot unplug {vnode} (TAP {name}): {os.strerror(exc.code)}") from None
@@ -369,16 +373,19 @@ class NodeNetwork(NetworkBackend):
             except PolicyError as exc:
                 raise NetworkError(f"cannot remove the guard of {vnode}'s TAP {name}: {exc}") from None
 
-    def _unplug(self, ipr: IPRoute, name: str) -> str:
+    def _tap_address(self, ipr: IPRoute, name: str) -> str:
+        """The guest address TAP `name`'s alias records; "" without the TAP."""
         index = self._index(ipr, name)
         if index is None:
             return ""
-        alias = ipr.link("get", index=index)[0].get_attr("IFLA_IFALIAS")
-        address = _tap_alias_fields(alias).get("address", "")
+        return _tap_alias_fields(ipr.link("get", index=index)[0].get_attr("IFLA_IFALIAS")).get("address", "")
+
+    def _unplug(self, ipr: IPRoute, name: str, address: str) -> None:
         if address:
             self._del_neighbour(ipr, self.bridge, address)
-        ipr.link("del", index=index)
-        return address
+        index = self._index(ipr, name)
+        if index is not None:
+            ipr.link("del", index=index)
 
     def plugged(self) -> set[str]:
         """The virtual nodes whose TAP is here, read from the TAPs' aliases."""

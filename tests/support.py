@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import stat
 import struct
+import tempfile
+from typing import Iterator
 
 from soda import config as soda_config
 
@@ -56,6 +60,27 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise ValueError(f"no VmHWM for pid {pid}")
+
+
+def reachable_dir(prefix: str) -> str:
+    """A new directory under /tmp that guests' uids may traverse (0711), for
+    a test's state: guests' VMMs run as uids of their own (soda.agent.uids)
+    and must reach their files below it. Not under pytest's tmp dirs:
+    pytest makes them 0700 again at every session start, which would close
+    them under the guests of a run already going. The caller removes it."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(path, 0o711)
+    return path
+
+
+@contextlib.contextmanager
+def reachable_tmp_dir(prefix: str) -> Iterator[str]:
+    """`reachable_dir(prefix)`, removed with everything below it at exit."""
+    path = reachable_dir(prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def traversable(path: str) -> str:

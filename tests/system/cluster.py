@@ -10,10 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
-from tests.support import free_port
+from tests.support import free_port, reachable_dir
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -34,8 +33,7 @@ class Cluster:
         # 14) must reach their files: a dir of its own open to traversal,
         # outside pytest's, which pytest makes 0700 again at every session
         # start (another run's would close it under this one's guests).
-        self.agents_root = tempfile.mkdtemp(prefix="soda-test-agents-", dir="/tmp")
-        os.chmod(self.agents_root, 0o711)
+        self.agents_root = reachable_dir("soda-test-agents-")
         self.port = free_port()
         self.master_addr = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}

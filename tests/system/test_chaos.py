@@ -23,6 +23,7 @@ import pytest
 
 from tests.system.chaos import PARTS, STEADY, ChaosCluster, Settings, failure_report, run_chaos
 from tests.system.guests import require_guest_support
+from tests.support import reachable_tmp_dir
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.guest]
 
@@ -33,10 +34,17 @@ SOAK_CYCLES = 20
 SOAK_SAMPLE_AT = 5
 
 
-def test_killed_parts_come_back_and_the_cluster_settles_to_its_desired_state(tmp_path, rootfs):
+@pytest.fixture
+def work_dir():
+    """The cluster's state: guests' uids must reach it."""
+    with reachable_tmp_dir("soda-test-chaos-") as path:
+        yield path
+
+
+def test_killed_parts_come_back_and_the_cluster_settles_to_its_desired_state(work_dir, rootfs):
     seed = int(os.environ.get("SODA_CHAOS_SEED") or random.randrange(1 << 31))
     print(f"seed {seed}")
-    c = ChaosCluster(str(tmp_path), rootfs, log=print)
+    c = ChaosCluster(work_dir, rootfs, log=print)
     result = None
     try:
         c.up()

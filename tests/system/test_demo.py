@@ -7,15 +7,13 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
-import tempfile
 import urllib.request
 import uuid
 
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, reachable_tmp_dir
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.guest]
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,15 +39,9 @@ def root_links():
 # default timeout would kill the test mid-build and leave the build orphaned.
 @pytest.fixture
 def demo_dir():
-    """A dir of the test's own under /tmp (0711): guests' VMMs run as their
-    service's uid and must reach their images below it, which pytest's 0700
-    tmp dirs forbid."""
-    top = tempfile.mkdtemp(prefix="soda-test-demo-", dir="/tmp")
-    os.chmod(top, 0o711)
-    try:
+    """Where the demo keeps its state: guests' uids must reach it."""
+    with reachable_tmp_dir("soda-test-demo-") as top:
         yield pathlib.Path(top) / "demo"
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.mark.timeout(1500)

@@ -19,7 +19,7 @@ import pytest
 from soda.agent.network import short_name
 from soda.devcluster import ClusterConfig, LocalCluster, teardown
 from soda.procid import ProcessId
-from tests.support import free_port, traversable
+from tests.support import free_port, reachable_tmp_dir, traversable
 from tests.system.cluster import wait_until
 from tests.system.guests import CGROUP, _sweep_cgroups, alive, fetch, require_guest_support
 
@@ -93,8 +93,15 @@ def answers(url) -> bool:
         return False
 
 
-def test_a_killed_agent_is_restarted_its_guests_kept_and_down_leaves_nothing(tmp_path, rootfs):
-    config = config_for(tmp_path / "cluster")
+@pytest.fixture
+def state_dir():
+    """The cluster's state: guests' uids must reach it."""
+    with reachable_tmp_dir("soda-test-devcluster-") as path:
+        yield os.path.join(path, "cluster")
+
+
+def test_a_killed_agent_is_restarted_its_guests_kept_and_down_leaves_nothing(state_dir, rootfs):
+    config = config_for(state_dir)
     cluster = LocalCluster(config)
     seen: set[int] = set()
     try:
@@ -158,8 +165,8 @@ def devcluster(config, *args, timeout=300) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def test_the_command_says_what_died_and_down_signals_recorded_identities_only(tmp_path):
-    config = config_for(tmp_path / "cluster")
+def test_the_command_says_what_died_and_down_signals_recorded_identities_only(state_dir):
+    config = config_for(state_dir)
     decoy = None
     try:
         up = devcluster(config, "up", "--master", config.master_addr, "--node", config.node,

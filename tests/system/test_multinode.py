@@ -14,6 +14,7 @@ import pytest
 from tests.system.cluster import wait_until
 from tests.system.guests import require_guest_support
 from tests.system.multinode import ClientLoop, MultiNode, fabric_config, get, wait_healthy
+from tests.support import reachable_tmp_dir
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.guest]
 
@@ -23,12 +24,12 @@ NODE_LOST_SECONDS = 4.0
 
 
 @pytest.fixture(scope="module")
-def mn(tmp_path_factory, rootfs):
-    config = fabric_config(str(tmp_path_factory.mktemp("multinode")), nodes=3,
-                           node_lost_seconds=NODE_LOST_SECONDS)
-    with MultiNode(config) as cluster:
-        cluster.push(rootfs)
-        yield cluster
+def mn(rootfs):
+    with reachable_tmp_dir("soda-test-multinode-") as state_dir:
+        config = fabric_config(state_dir, nodes=3, node_lost_seconds=NODE_LOST_SECONDS)
+        with MultiNode(config) as cluster:
+            cluster.push(rootfs)
+            yield cluster
 
 
 def test_a_service_spreads_over_the_hosts_and_is_answered_across_them(mn):

@@ -2,7 +2,8 @@
 
     python -I -S .../soda/hypervisors/launch.py [--hold] [--netns NAME]
         [--cgroup DIR]... [--no-aslr] [--log FILE] [--nofile N]
-        [--user UID [--group GID]] -- ARGV...
+        [--user UID [--group GID]] [--fs-read PATH]... [--fs-write PATH]...
+        -- ARGV...
 
 (or `python -m soda.hypervisors.launch ...`).
 
@@ -19,7 +20,13 @@ gives up root for good: no supplementary groups, gid GID (default: UID),
 uid UID, a umask of 077 (what the VMM makes is its own alone), then
 `no_new_privs` (no exec can gain privileges again: no setuid binary, no
 file capabilities), and checks that no capability is left (effective and
-permitted, from /proc/self/status) before it execs ARGV. The cgroups and
+permitted, from /proc/self/status). With `--fs-read`/`--fs-write` it
+last confines itself and what it execs with Landlock to those paths (read
+and execute beneath each `--fs-read`, anything beneath each `--fs-write`):
+every other path of the host is refused to the VMM, whatever a guest makes
+it open (hostfs mounts of `-o ../..` included); where the kernel has no
+Landlock that is an error, not a silent run unconfined. Then it execs
+ARGV. The cgroups and
 the namespace need root, so they come first. The pid never changes, so the
 driver that spawned it records the VMM's pid and the VMM is fenced from its
 first instruction. Joining the cgroups first means everything after, the
@@ -39,10 +46,26 @@ import sys
 ADDR_NO_RANDOMIZE = 0x0040000
 PERSONALITY_QUERY = 0xFFFFFFFF
 USAGE = ("usage: python -m soda.hypervisors.launch [--hold] [--netns NAME] [--cgroup DIR]... "
-         "[--no-aslr] [--log FILE] [--nofile N] [--user UID [--group GID]] -- ARGV...")
+         "[--no-aslr] [--log FILE] [--nofile N] [--user UID [--group GID]] "
+         "[--fs-read PATH]... [--fs-write PATH]... -- ARGV...")
 PR_SET_NO_NEW_PRIVS = 38
 ID_MAX = 0xFFFFFFFE                  # (uid_t)-1 means "unchanged" to set*id: never a uid
 GO = b"1"
+
+# Landlock (linux/landlock.h): the syscalls, and the filesystem access rights
+# by the ABI version that brought them.
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1,        # execute .. make_sym
+                    2: (1 << 14) - 1,        # + refer
+                    3: (1 << 15) - 1,        # + truncate
+                    5: (1 << 16) - 1}        # + ioctl on devices
+FS_FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | 1 << 14 | 1 << 15
+FS_READ_RIGHTS = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
 
 
 class LaunchError(Exception):
@@ -51,7 +74,7 @@ class LaunchError(Exception):
 
 def parse(args: list[str]) -> dict:
     opts = {"netns": "", "cgroups": [], "no_aslr": False, "hold": False, "log": "", "argv": [],
-            "nofile": None, "user": None, "group": None}
+            "nofile": None, "user": None, "group": None, "fs_read": [], "fs_write": []}
     i = 0
     while i < len(args):
         arg = args[i]
@@ -63,7 +86,8 @@ def parse(args: list[str]) -> dict:
             i += 1
             continue
         key, eq, value = arg.partition("=")
-        if key not in ("--netns", "--cgroup", "--log", "--nofile", "--user", "--group"):
+        if key not in ("--netns", "--cgroup", "--log", "--nofile", "--user", "--group",
+                       "--fs-read", "--fs-write"):
             raise LaunchError(f"unknown argument {arg!r}\n{USAGE}")
         if not eq:
             if i + 1 >= len(args):
@@ -73,6 +97,10 @@ def parse(args: list[str]) -> dict:
         i += 1
         if key == "--cgroup":
             opts["cgroups"].append(value)
+        elif key in ("--fs-read", "--fs-write"):
+            if not os.path.isabs(value):
+                raise LaunchError(f"{key} takes an absolute path, not {value!r}\n{USAGE}")
+            opts[key[2:].replace("-", "_")].append(value)
         elif key in ("--nofile", "--user", "--group"):
             opts[key[2:]] = _number(key, value)
         else:
@@ -190,6 +218,69 @@ def drop_privileges(uid: int, gid: int) -> None:
                           f"{uid}: {', '.join(f'{k} {v}' for k, v in sorted(left.items()))}")
 
 
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 where it has none (not built in,
+    or not among the LSMs it runs)."""
+    ctypes, libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    version = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                           ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    return max(int(version), 0)
+
+
+def confine_files(read: list[str], write: list[str]) -> None:
+    """Refuse this process and what it execs every path but those beneath
+    `read` (read and execute) and `write` (anything), for good."""
+    abi = landlock_abi()
+    if not abi:
+        raise LaunchError("cannot confine the guest's files: this kernel has no Landlock "
+                          "(CONFIG_SECURITY_LANDLOCK, and landlock in lsm=)")
+    handled = FS_RIGHTS_BY_ABI[max(v for v in FS_RIGHTS_BY_ABI if v <= abi)]
+    ctypes, libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    # Only the handled_access_fs field: a kernel of a later ABI reads the
+    # rest as zero (no network rights or scopes handled).
+    ruleset_attr = ctypes.c_uint64(handled)
+    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(ruleset_attr),
+                           ctypes.c_size_t(8), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise LaunchError(f"cannot make a Landlock ruleset: {os.strerror(ctypes.get_errno())}")
+    try:
+        for path, rights in [*((p, FS_READ_RIGHTS) for p in read),
+                             *((p, handled) for p in write)]:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError as e:
+                raise LaunchError(f"cannot confine the guest to {path}: {e.strerror}") from None
+            try:
+                if not os.path.isdir(f"/proc/self/fd/{fd}"):
+                    rights &= FS_FILE_RIGHTS        # a file takes no directory rights
+                rule = PathBeneath(rights & handled, fd)
+                if libc.syscall(SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset),
+                                ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
+                                ctypes.c_uint32(0)) < 0:
+                    raise LaunchError(f"cannot allow {path} to the guest: "
+                                      f"{os.strerror(ctypes.get_errno())}")
+            finally:
+                os.close(fd)
+        # Landlock needs no_new_privs (or CAP_SYS_ADMIN): set here too for a
+        # launch without --user.
+        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                               ctypes.c_ulong]
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise LaunchError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+        if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
+            raise LaunchError(f"cannot confine the guest's files: "
+                              f"{os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(ruleset)
+
+
 def _status_fields(*keys: str) -> dict[str, str]:
     """Fields of /proc/self/status (missing ones as "0")."""
     found = dict.fromkeys(keys, "0")
@@ -220,6 +311,8 @@ def main(args: list[str]) -> int:
             limit_open_files(opts["nofile"])
         if opts["user"] is not None:
             drop_privileges(opts["user"], opts["group"])
+        if opts["fs_read"] or opts["fs_write"]:
+            confine_files(opts["fs_read"], opts["fs_write"])
     except LaunchError as e:
         print(f"soda-launch: {e}", file=sys.stderr, flush=True)
         return 2 if str(e).endswith(USAGE) else 1

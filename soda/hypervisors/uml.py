@@ -20,8 +20,13 @@ the host; SODA's own kernel is built without hostfs
 A guest is spawned through `soda.hypervisors.launch`, which joins the
 guest's cgroups, enters its network namespace, turns off address-space
 randomisation, drops to the guest's uid (no capabilities, no_new_privs) and
-execs the kernel: the pid the driver records is the VMM's from the first
-instruction. The VMM runs in a session of its own, so it
+confines it with Landlock (where the host kernel has it) to the files
+this guest needs: the kernel and its loader and libraries, its base image
+and hostfs root to read, its own VMM dir, RAM dir and /dev/net/tun to
+write; every other path of the host is refused to the VMM, so a guest of
+Debian's kernel that mounts hostfs with `-o ../..` climbs out of the empty
+root into nothing. Then it execs the kernel: the pid the driver records is
+the VMM's from the first instruction. The VMM runs in a session of its own, so it
 outlives the Agent; a restarted Agent (a new driver on the same dir) finds
 it again from the record, and only a process whose start time and command
 line still match the record counts as the guest.
@@ -48,6 +53,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +65,7 @@ from soda.hypervisors import process
 from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec,
                                    TUN_DEVICE)
 from soda.hypervisors.kernels import AUTO, DEBIAN, calibrated_lpj, find_uml_kernel
+from soda.hypervisors.launch import landlock_abi
 from soda.netns import NETNS_DIR
 from soda.hypervisors.recorded import KILL_WAIT, RecordedGuestDriver, private_dir
 
@@ -71,6 +78,15 @@ DEFAULT_SHORT_DIR = "/run/soda-uml"
 # /dev/shm; one dir per guest below it, its uid's alone.
 SHM_DIR = "/dev/shm/soda-uml"
 DEFAULT_HOSTFS_ROOT = "/var/lib/soda/empty-hostfs"
+# What a confined UML process may open besides its kernel's own files and
+# its guest's: to read, the loader's cache, the host's entropy for its
+# random device and the CPU's features (without them it picks the wrong way
+# to save FP registers and the first process dies); to write, a pty pair,
+# which it opens at boot to check that host ptys signal (SIGIO), and
+# /dev/null, which every console of type null opens (without it the guest
+# has no console and its init dies).
+UML_READS = ("/etc/ld.so.cache", "/dev/urandom", "/dev/random", "/proc/cpuinfo")
+UML_WRITES = ("/dev/ptmx", "/dev/pts", "/dev/null")
 SUN_PATH_MAX = 107                   # sockaddr_un.sun_path is 108 bytes with its NUL
 MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
@@ -83,8 +99,11 @@ MCONSOLE_TIMEOUT = 5.0               # a memory change or a /proc read answers i
 # leave a helper spinning, so the margin is generous.
 MEMORY_OVERHEAD = 32
 # Console lines that explain why a guest died, most telling first.
-EXIT_MARKERS = ("soda-launch:", "Kernel panic", "Cannot open root device", "Out of memory",
-                "out of memory", "Killed process")
+# "ptrace set fp regs failed": a kernel whose FP register buffer is smaller
+# than this CPU's XSAVE area (Debian's 6.1 on a CPU with AMX) kills its
+# first process, then panics.
+EXIT_MARKERS = ("soda-launch:", "ptrace set fp regs failed", "Kernel panic",
+                "Cannot open root device", "Out of memory", "out of memory", "Killed process")
 
 
 # Recognising, signalling and reaping the VMM's processes (soda.hypervisors.process;
@@ -107,6 +126,10 @@ class UmlConfig:
     # An empty directory (made root's, 0555) that guests of Debian's kernel
     # get as their hostfs root instead of the host's /.
     hostfs_root: str = DEFAULT_HOSTFS_ROOT
+    # Confine each guest's VMM with Landlock to its own files, where the
+    # host kernel has Landlock (off: only to debug a VMM that fails to open
+    # something).
+    confine_files: bool = True
 
 
 class UmlDriver(RecordedGuestDriver):
@@ -123,7 +146,8 @@ class UmlDriver(RecordedGuestDriver):
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  kernel: str = AUTO, min_memory: int | None = None, shm_dir: str = SHM_DIR,
-                 hostfs_root: str = DEFAULT_HOSTFS_ROOT, **options: Any):
+                 hostfs_root: str = DEFAULT_HOSTFS_ROOT, confine_files: bool = True,
+                 **options: Any):
         """`options`: what every recorded driver takes (RecordedGuestDriver)."""
         super().__init__(state_dir, runner, clock, **options)
         self.shm_dir = shm_dir
@@ -138,6 +162,18 @@ class UmlDriver(RecordedGuestDriver):
         # Refuse what cannot boot instead of reporting a crash loop.
         self.min_memory = found.min_memory if min_memory is None else int(min_memory)
         self.kernel_label = f"{self.kernel} ({self.kernel_kind})"
+        # What a guest's VMM may read of the host (None: not confined, the
+        # host kernel has no Landlock): its kernel, the loader and the
+        # libraries that kernel links.
+        self.kernel_files: tuple[str, ...] | None = None
+        if not confine_files:
+            log.warning("uml guests are not confined to their own files (confine_files: false)")
+        elif landlock_abi():
+            self.kernel_files = (self.kernel, *linked_files(self.kernel), *UML_READS)
+        elif self.kernel_kind == DEBIAN:
+            log.warning("this host kernel has no Landlock: guests of %s are not confined to "
+                        "their own files, and a guest's hostfs mount of -o ../.. reaches what "
+                        "its uid may read on the host", self.kernel)
         # The delay loop (loops_per_jiffy) a guest measured; 0 until one did.
         self.lpj = 0
         log.info("uml guests boot %s (%s kernel, at least %d MiB)", self.kernel, self.kernel_kind,
@@ -176,7 +212,7 @@ class UmlDriver(RecordedGuestDriver):
     def build_argv(self, spec: GuestSpec) -> list[str]:
         check_guest_name(spec.name)
         self._check_spec(spec)
-        argv = self._launcher_argv(spec, "--no-aslr")
+        argv = self._launcher_argv(spec, "--no-aslr", *self._confinement(spec))
         argv += [self.kernel,
                  f"ubd0={self.cow_path(spec.name)},{spec.image_path}",
                  f"mem={spec.resources.memory}M",
@@ -211,6 +247,22 @@ class UmlDriver(RecordedGuestDriver):
                  f"soda.name={spec.name}",
                  f"soda.service={spec.service}"]
         return argv
+
+    def _confinement(self, spec: GuestSpec) -> list[str]:
+        """The launcher's --fs-read/--fs-write for this guest: all it may open."""
+        if self.kernel_files is None:
+            return []
+        reads = [*self.kernel_files, os.path.abspath(spec.image_path)]
+        if self.kernel_kind == DEBIAN:
+            reads.append(self.hostfs_root)
+        writes = [self.vmm_dir(spec.name), self.uml_dir(spec.name).rstrip("/")]
+        if os.path.isdir(os.path.dirname(self.shm_dir)):
+            writes.append(self.tmp_dir(spec.name))
+        if spec.tap:
+            writes.append(TUN_DEVICE)
+        writes += UML_WRITES
+        return [*(f"--fs-read={p}" for p in dict.fromkeys(reads)),
+                *(f"--fs-write={p}" for p in dict.fromkeys(writes))]
 
     def is_ready(self, name: str) -> bool:
         ready = super().is_ready(name)
@@ -437,6 +489,24 @@ def _empty_root_dir(path: str) -> None:
     _root_dir(path, 0o555)
     if os.listdir(path):
         raise TemporaryError(f"{path}, the guests' hostfs root, is not empty: empty it")
+
+
+def linked_files(binary: str) -> list[str]:
+    """The loader and the shared libraries `binary` links (none for a
+    static one), as ldd finds them on this host."""
+    try:
+        out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=30,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TemporaryError(f"cannot list the libraries of {binary}: {e}") from None
+    files = []
+    for line in out.splitlines():
+        # "libc.so.6 => /lib/.../libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        path = line.partition("=>")[2] if "=>" in line else line
+        path = path.strip().partition(" (")[0]
+        if path.startswith("/"):
+            files.append(path)
+    return files
 
 
 def _socket_paths_fit(uml_dir: str, name: str) -> bool:

@@ -109,9 +109,10 @@ def fetch(url, timeout=5):
 
 
 def in_netns(netns, argv, timeout=120, check=True) -> subprocess.CompletedProcess:
-    """Run `argv` inside the test's namespace (traffic to guests stays there)."""
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True,
-                          timeout=timeout, check=check)
+    """Run `argv` inside the test's namespace (traffic to guests stays there);
+    "" is the root namespace (a fabric cluster's Switch host)."""
+    return subprocess.run([*(["ip", "netns", "exec", netns] if netns else []), *argv],
+                          capture_output=True, text=True, timeout=timeout, check=check)
 
 
 def curl(netns, url, *extra, timeout=120) -> str:

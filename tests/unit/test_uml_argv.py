@@ -23,7 +23,8 @@ from soda.files import write_json_atomic
 from soda.hypervisors import launch
 from soda.hypervisors.base import DRIVERS, EXITED, RUNNING, GuestSpec, make_driver, spec_as_dict
 from soda.hypervisors.recorded import LAUNCHER
-from soda.hypervisors.uml import UmlDriver, _proc_starttime, mconsole, parse_meminfo
+from soda.hypervisors.uml import (UML_READS, UmlDriver, _proc_starttime, linked_files, mconsole,
+                                 parse_meminfo)
 from soda.model.spec import Resources
 from tests.support import free_port
 
@@ -44,7 +45,15 @@ def golden_driver(state_dir="/var/lib/soda/agent", **kw):
     kw.setdefault("python", "/opt/soda/venv/bin/python")
     # Explicit: "auto" would pick whatever kernel this machine has built.
     kw.setdefault("kernel", "/usr/bin/linux.uml")
-    return UmlDriver(state_dir, **kw)
+    driver = UmlDriver(state_dir, confine_files=False, **kw)
+    return driver
+
+
+def confined(driver):
+    """`driver` as it runs on a host with Landlock, whatever this one has."""
+    driver.kernel_files = ("/usr/bin/linux.uml", "/lib64/ld-linux-x86-64.so.2",
+                           "/lib/x86_64-linux-gnu/libc.so.6", *UML_READS)
+    return driver
 
 
 def check_golden(name: str, argv: list[str]) -> None:
@@ -69,7 +78,7 @@ def test_argv_with_netns_cgroups_and_tap():
              cgroups=("/sys/fs/cgroup/cpu/soda/web-1", "/sys/fs/cgroup/memory/soda/web-1"),
              init="/init", uid=200007, open_files=1024)
     # min_memory: this golden argv boots at 32 MiB, below Debian's default minimum.
-    check_golden("uml-full", golden_driver(min_memory=32).build_argv(s))
+    check_golden("uml-full", confined(golden_driver(min_memory=32)).build_argv(s))
 
 
 def test_argv_moves_the_control_socket_when_its_path_is_too_long():
@@ -160,7 +169,7 @@ def test_launcher_parses_its_options():
                          "--log", "/l", "--", "/bin/k", "--netns", "x"])
     assert opts == {"netns": "n1", "cgroups": ["/a", "/b"], "no_aslr": True, "hold": True,
                     "log": "/l", "argv": ["/bin/k", "--netns", "x"], "nofile": None,
-                    "user": None, "group": None}
+                    "user": None, "group": None, "fs_read": [], "fs_write": []}
     for bad in ([], ["--", ], ["--bogus", "--", "x"], ["--netns"], ["--netns", "a/b", "--", "x"]):
         with pytest.raises(launch.LaunchError):
             launch.parse(bad)
@@ -443,3 +452,26 @@ def test_mconsole_joins_a_reply_in_several_parts(tmp_path):
     t.join()
     assert err == 0
     assert parse_meminfo(text) == {"MemTotal": 58688 * 1024, "MemFree": 52964 * 1024}
+
+
+def test_linked_files_are_the_loader_and_libraries_of_a_dynamic_binary():
+    files = linked_files("/bin/sh")
+    assert files and all(os.path.isabs(f) and os.path.exists(f) for f in files)
+    assert any("/libc.so" in f for f in files) and any("ld-linux" in f for f in files)
+    if os.path.exists("/bin/busybox"):                     # busybox-static: links nothing
+        assert linked_files("/bin/busybox") == []
+    assert linked_files("/nonexistent") == []
+
+
+def test_confinement_follows_the_guest_and_can_be_turned_off():
+    driver = confined(golden_driver())
+    argv = driver.build_argv(spec(name="web-2", tap="t2", image="/images/a.img"))
+    reads = [a.split("=", 1)[1] for a in argv if a.startswith("--fs-read=")]
+    writes = [a.split("=", 1)[1] for a in argv if a.startswith("--fs-write=")]
+    assert "/images/a.img" in reads and "/usr/bin/linux.uml" in reads
+    assert driver.vmm_dir("web-2") in writes and "/dev/net/tun" in writes
+    assert not any(w.startswith("/var/lib/soda/agent/uml/web-0") for w in writes)
+    # No TAP, no tun device.
+    argv = driver.build_argv(spec(name="web-3"))
+    assert "--fs-write=/dev/net/tun" not in argv
+    assert not any(a.startswith("--fs-") for a in golden_driver().build_argv(spec()))

@@ -20,11 +20,14 @@ port open, and create → first answer through the Switch, in one run.
    with all 10 RUNNING. sodactl figures are measured from just before it
    starts, so they include its start-up, which is also timed alone.
 
-3. The cost of the uid drop (VMMs run unprivileged): the same UML guest (SODA's kernel
-   when built) booted alternately as root and as an unprivileged uid (the
-   launcher's --user/--nofile, a TAP owned by that uid, the VMM's files
-   its own), `--uid-drop-repeats` times each: launch → port open, medians
-   and p95 side by side and the difference of the medians in ms.
+3. The cost of confining the VMM: the same UML guest (SODA's kernel when
+   built) booted alternately as root, unconfined (what `guest_uid_drop:
+   false` and `confine_files: false` give), and as an Agent boots it: as an
+   unprivileged uid (the launcher's --user/--nofile, a TAP owned by that
+   uid, the VMM's files its own) and confined with Landlock to its own
+   files (where the host kernel has Landlock), `--uid-drop-repeats` times
+   each: launch -> port open, medians and p95 side by side and the
+   difference of the medians in ms.
 
 The reference image does not announce itself (no ping of its gateway), so
 these figures hold for any image: the first packet towards a new guest
@@ -196,13 +199,18 @@ OPEN_FILES = 1024
 
 
 def uid_drop_cost(args, work: str, image: str) -> dict[str, list[float]]:
-    """Part 3: launch -> port open as root and as BENCH_UID, alternating."""
+    """Part 3: launch -> port open as root unconfined ("off") and as
+    BENCH_UID confined to its files ("on"), alternating."""
     netns = f"sodab-{os.getpid()}-{secrets.token_hex(3)}"
     soda = find_uml_kernel()
     memory = args.memory_uml if soda.kind == SODA else args.memory_debian
-    driver = UmlDriver(os.path.join(work, "state", "uid-drop"), kernel=soda.path,
-                       short_dir=os.path.join(work, "run"),
-                       hostfs_root=os.path.join(work, "empty-hostfs"))
+    drivers = {key: UmlDriver(os.path.join(work, "state", f"uid-drop-{key}"), kernel=soda.path,
+                              short_dir=os.path.join(work, f"run-{key}"),
+                              hostfs_root=os.path.join(work, "empty-hostfs"),
+                              confine_files=key == "on")
+               for key in ("off", "on")}
+    driver = drivers["on"]
+    confined = "a uid, Landlock" if driver.kernel_files is not None else "a uid (no Landlock here)"
     times: dict[str, list[float]] = {"off": [], "on": []}
     try:
         sh("ip", "netns", "add", netns)
@@ -226,22 +234,24 @@ def uid_drop_cost(args, work: str, image: str) -> dict[str, list[float]]:
             sh("ip", "-n", netns, "link", "set", "tap0", "up")
             sh("ip", "-n", netns, "neigh", "replace", ADDRESS, "lladdr", guest_mac(ADDRESS),
                "dev", "br0", "nud", "permanent")
-            t = boot_once(driver, spec)
+            t = boot_once(drivers[key], spec)
             times[key].append(t)
             print(f"  uid drop {key:3s} boot {len(times[key]):2d}: {t:6.3f} s", file=sys.stderr)
-        print(f"uid drop: launch -> port 80 open, {driver.kernel} ({driver.kernel_kind}), "
+        print(f"confinement ({confined}): launch -> port 80 open, {driver.kernel} "
+              f"({driver.kernel_kind}), "
               f"mem {memory}M, {args.uid_drop_repeats} boots each, alternating:")
         print(f"  {'':10s} {'median':>8s} {'p95':>8s} {'min':>8s} {'max':>8s}")
-        for key, label in (("off", "as root"), ("on", f"uid {BENCH_UID}")):
+        for key, label in (("off", "as root"), ("on", "confined")):
             v = times[key]
             print(f"  {label:10s} {statistics.median(v):7.3f}s {p95(v):7.3f}s {min(v):7.3f}s "
                   f"{max(v):7.3f}s")
         delta = 1000 * (statistics.median(times["on"]) - statistics.median(times["off"]))
-        print(f"  drop - root (medians): {delta:+.1f} ms")
+        print(f"  confined - root (medians): {delta:+.1f} ms")
         return times
     finally:
-        for name in list(driver.list()):
-            driver.stop(name, timeout=0)
+        for each in drivers.values():
+            for name in list(each.list()):
+                each.stop(name, timeout=0)
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
@@ -377,7 +387,7 @@ def main() -> int:
     p.add_argument("--wide", type=int, default=10, help="virtual nodes of the wide create")
     p.add_argument("--wide-repeats", type=int, default=3)
     p.add_argument("--uid-drop-repeats", type=int, default=20,
-                   help="boots each as root and as a uid (0: skip)")
+                   help="boots each as root unconfined and as a confined uid (0: skip)")
     p.add_argument("--json", action="store_true",
                    help="print the figures as one JSON object on the last line")
     args = p.parse_args()

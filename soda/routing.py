@@ -319,6 +319,12 @@ class HostRoutes:
                 problems.append(f"cannot remove the route {subnet} via {gateway}: {exc}")
         return problems
 
+    def ours(self) -> list[TableRoute]:
+        """The routes of ours in the table now (raises SodaError when it
+        cannot be read)."""
+        with self._lock:
+            return [r for r in self._table.routes() if r.ours]
+
     def clear(self) -> list[str]:
         """Remove every route of ours; returns the problems (routes the
         kernel would not remove)."""

@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run guests' VMMs as root (only to measure what the uid drop costs)")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
+    parser.add_argument("--teardown", action="store_true",
+                        help="do not run: remove what Agents of this config made on this host for "
+                             "the node (its network namespace, or its bridge and SODA's nft "
+                             "tables; the routes to other nodes' guests: restart a Switch of this "
+                             "host after), after `sodactl node remove`; refused while any of its "
+                             "guests runs. The state dir stays")
     return parser.parse_args(argv)
 
 
@@ -284,11 +290,52 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
                  assumed=capacity.assumed)
 
 
+def teardown(config: AgentConfig) -> int:
+    """soda-agent --teardown: remove the node's network and routes from this
+    host, once no guest of its drivers runs; safe to repeat."""
+    try:
+        made = build_drivers(config)
+    except (SodaError, OSError) as exc:
+        return refuse("soda-agent", f"cannot look for running guests, so nothing was removed: {exc}",
+                      EXIT_FAILURE)
+    running = sorted(f"{name} ({driver.name})" for driver in made.drivers.values()
+                     for name in driver.list())
+    if running:
+        return refuse("soda-agent", f"{len(running)} guest(s) still on this node: "
+                      f"{', '.join(running[:5])}{', ...' if len(running) > 5 else ''}; drain it "
+                      f"first (sodactl node drain {config.name} --wait), then remove it (sodactl "
+                      f"node remove {config.name}); nothing was removed", EXIT_FAILURE)
+    # The routes first: they lead through the node's links.
+    removed, routes = [], HostRoutes(own_node=config.name)
+    try:
+        count = len(routes.ours())
+        problems = routes.clear()
+    except SodaError as exc:
+        count, problems = 0, [str(exc)]
+    finally:
+        routes.close()
+    if count > len(problems):
+        removed.append(f"{count - len(problems)} route(s) to other nodes' guests")
+    try:
+        removed += NodeNetwork.remove_node(netns=config.netns, bridge=config.bridge)
+    except (SodaError, OSError) as exc:
+        problems.append(f"cannot remove the node's network: {exc}")
+    for line in removed:
+        print(f"removed {line}")
+    if not removed:
+        print(f"nothing of node {config.name} left on this host")
+    if problems:
+        return refuse("soda-agent", "; ".join(problems), EXIT_FAILURE)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)          # exits 2 on a usage error
     config = configure("soda-agent", lambda: build_config(args))
     if config is None:
         return EXIT_USAGE
+    if args.teardown:
+        return teardown(config)
     stop = stop_event_on_signals()
     config = with_address(config)
     try:

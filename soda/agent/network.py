@@ -52,7 +52,7 @@ import time
 from pyroute2 import IPRoute, NetlinkError, netns as pr_netns
 from pyroute2.netlink.rtnl.ndmsg import states as neigh_states
 
-from soda.agent.policy import GuestGuard, NodePolicy, Nft, PolicyError
+from soda.agent.policy import TABLE as POLICY_TABLE, GuestGuard, NodePolicy, Nft, PolicyError
 from soda.errors import SodaError
 from soda.netlink import NetlinkThread
 
@@ -295,6 +295,35 @@ class NodeNetwork(NetworkBackend):
         if self.netns and self.netns in pr_netns.listnetns():
             self.close()
             pr_netns.remove(self.netns)
+
+    @classmethod
+    def remove_node(cls, netns: str = "", bridge: str = "soda0") -> list[str]:
+        """Remove what an Agent made on this host for a node that leaves the
+        cluster (`soda-agent --teardown`): with `netns`, that namespace and
+        everything in it (bridge, TAPs, SODA's nft tables; the uplink's host
+        end goes with its peer); else the bridge and SODA's nft tables of
+        this namespace. What it removed, as lines to show; nothing the second
+        time. Forks to delete a namespace: call before any gRPC channel."""
+        if netns:
+            if netns not in pr_netns.listnetns():
+                return []
+            pr_netns.remove(netns)
+            return [f"network namespace {netns} (its bridge, TAPs and nft tables with it)"]
+        net = cls(bridge=bridge, guarded=True)
+        try:
+            removed = [f"nft table {family} {POLICY_TABLE}" for family in ("inet", "bridge")
+                       if net.policy.nft.objects(family)]
+            if net.node.run(lambda ipr: cls._index(ipr, bridge)) is not None:
+                removed.insert(0, f"bridge {bridge}")
+            try:
+                net.teardown()
+            except NetlinkError as exc:
+                raise NetworkError(f"cannot remove bridge {bridge}: {os.strerror(exc.code)}") from None
+            except PolicyError as exc:
+                raise NetworkError(str(exc)) from None
+            return removed
+        finally:
+            net.close()
 
     # ---- guests --------------------------------------------------------
     def plug(self, vnode: str, address: str, mac: str, *, owner: int = 0) -> dict[str, str]:

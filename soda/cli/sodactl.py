@@ -246,7 +246,8 @@ def node_remove(session: Session, name: str) -> None:
     Stop its Agent before: a running Agent registers its node again."""
     removed = session.client.remove_node(name)
     session.emit(output.node_to_dict(removed),
-                 lambda: f"node {name} removed (subnet {removed.subnet or '-'} is free)")
+                 lambda: f"node {name} removed (subnet {removed.subnet or '-'} is free); on its "
+                         f"host, soda-agent --teardown removes its network and routes")
 
 
 @cli.group()

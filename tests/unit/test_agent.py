@@ -658,3 +658,25 @@ def test_each_driver_section_is_its_drivers_dataclass_checked_at_load(tmp_path, 
         assert main(["--config", str(config), "--state-dir", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert error in err and err.count("\n") == 1, err
+
+
+def test_teardown_refuses_while_guests_run_and_removes_nothing(tmp_path, monkeypatch, capsys):
+    import soda.agent.main as agent_main
+
+    class Running(FakeDriver):
+        def list(self):
+            return {"web-1": None, "web-2": None}
+
+    removed = []
+    monkeypatch.setattr(agent_main, "build_drivers",
+                        lambda config: agent_main.Drivers({"fake": Running(str(tmp_path))}, {}))
+    monkeypatch.setattr(agent_main.NodeNetwork, "remove_node",
+                        lambda **kw: removed.append(kw) or ["bridge soda0"])
+    monkeypatch.setattr(agent_main, "HostRoutes", lambda **kw: removed.append(kw))
+    code = main(["--teardown", "--name", "n1", "--master", "127.0.0.1:1", "--state-dir",
+                 str(tmp_path), "--hypervisor", "fake"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert removed == []
+    assert "2 guest(s) still on this node: web-1 (fake), web-2 (fake)" in err
+    assert "sodactl node drain n1 --wait" in err and "nothing was removed" in err

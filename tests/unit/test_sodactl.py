@@ -805,8 +805,9 @@ def test_node_undrain_and_remove(client):
     client.nodes = [make_node(vnodes=0, draining=True)]
     assert run(client, "node", "undrain", "node-a").stdout.strip() == "node node-a takes new virtual nodes again"
     assert json.loads(run(client, "-o", "json", "node", "undrain", "node-a").stdout)["draining"] is False
-    assert run(client, "node", "remove", "node-a").stdout.strip() == "node node-a removed (subnet 10.0.1.0/24 " \
-                                                                       "is free)"
+    assert run(client, "node", "remove", "node-a").stdout.strip() == (
+        "node node-a removed (subnet 10.0.1.0/24 is free); on its host, soda-agent --teardown "
+        "removes its network and routes")
     client.fail["remove_node"] = errors.WrongState("node node-a is READY: drain it first")
     assert_one_line_error(run(client, "node", "remove", "node-a"), 1, "drain it first")
 

@@ -70,24 +70,26 @@ class MultiNode:
     def push(self, rootfs: str) -> None:
         self.ctl("image", "push", rootfs, "--name", IMAGE)
 
-    def spec_file(self, name: str, port: int, cpus: list[float], bandwidth: int = 10) -> str:
+    def spec_file(self, name: str, port: int, cpus: list[float], bandwidth: int = 10,
+                  extra: str = "") -> str:
         """A service of one UML guest per entry of `cpus` (32 MiB each)
         behind the Switch on `port`, with quick health checks and a 1 s
-        drain, so that losses and moves show within seconds."""
+        drain, so that losses and moves show within seconds; `extra`: more
+        lines of YAML (e.g. its network)."""
         path = os.path.join(self.config.state_dir, f"{name}.yaml")
         with open(path, "w") as f:
             f.write(f"name: {name}\nimage: {IMAGE}\nhypervisor: uml\nnodes: {len(cpus)}\n"
                     f"resources: {{cpu: [{', '.join(map(str, cpus))}], memory: 32, bandwidth: {bandwidth}}}\n"
-                    f"switch: {{listen: '127.0.0.1:{port}', drain_seconds: 1,\n"
+                    f"{extra}switch: {{listen: '127.0.0.1:{port}', drain_seconds: 1,\n"
                     f"         health: {{interval: 0.5, timeout: 0.5, rise: 1, fall: 2}}}}\n")
         return path
 
-    def create(self, name: str, cpus: list[float], bandwidth: int = 10) -> int:
+    def create(self, name: str, cpus: list[float], bandwidth: int = 10, extra: str = "") -> int:
         """Create it, wait until every virtual node is healthy through the
         Switch; returns the Switch port."""
         port = free_port()
-        self.ctl("service", "create", "-f", self.spec_file(name, port, cpus, bandwidth), "--wait",
-                 "--timeout", "240")
+        self.ctl("service", "create", "-f", self.spec_file(name, port, cpus, bandwidth, extra),
+                 "--wait", "--timeout", "240")
         wait_healthy(self, name)
         return port
 

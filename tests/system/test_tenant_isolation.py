@@ -19,7 +19,6 @@ every one of these checks fails: the pings and the ARP get through."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -29,7 +28,7 @@ from soda.hypervisors.base import guest_mac
 from tests.support import free_port, reachable_tmp_dir
 from tests.system.cluster import wait_until
 from tests.system.guests import guest_run, in_netns, require_guest_support
-from tests.system.multinode import IMAGE, MultiNode, fabric_config, get, wait_healthy
+from tests.system.multinode import IMAGE, MultiNode, fabric_config, get
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.guest]
 
@@ -78,22 +77,9 @@ def listeners(mn):
             proc.wait()
 
 
-def spec(mn, name: str, nodes: int, port: int, extra: str = "") -> str:
-    path = os.path.join(mn.config.state_dir, f"{name}.yaml")
-    with open(path, "w") as f:
-        f.write(f"name: {name}\nimage: {IMAGE}\nhypervisor: uml\nnodes: {nodes}\n"
-                f"resources: {{cpu: 0.25, memory: 32, bandwidth: 10}}\n{extra}"
-                f"switch: {{listen: '127.0.0.1:{port}',\n"
-                f"         health: {{interval: 0.5, timeout: 0.5, rise: 1, fall: 2}}}}\n")
-    return path
-
-
 def create(mn, name: str, nodes: int, extra: str = "") -> int:
-    port = free_port()
-    mn.ctl("service", "create", "-f", spec(mn, name, nodes, port, extra), "--wait",
-           "--timeout", "240")
-    wait_healthy(mn, name)
-    return port
+    """`nodes` guests of a quarter CPU each; the Switch's port."""
+    return mn.create(name, [0.25] * nodes, extra=extra)
 
 
 def connects(vnode_address: str, targets: list[str]) -> dict[str, bool]:

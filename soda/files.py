@@ -18,13 +18,20 @@ from typing import Any
 def write_json_atomic(path: str, data: Any, indent: int | None = None) -> None:
     """Replace `path` with `data` so that a reader (or a restarted Agent)
     sees either the old file or the new one, never half of it."""
+    text = json.dumps(data, sort_keys=True, indent=indent) + ("\n" if indent is not None else "")
+    write_file_atomic(path, text.encode())
+
+
+def write_file_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data`, mode `mode` from its first byte (a key
+    is never readable by others, not even half-written), whole or not at
+    all."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True, indent=indent)
-            if indent is not None:
-                f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

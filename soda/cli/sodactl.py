@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 import click
 
-from soda import errors, model
+from soda import errors, model, pki
 from soda.cli import output, specs
 from soda.cli.progress import ByteProgress, StatusLine
 from soda.cli.wait import DEFAULT_TIMEOUT, wait_until_deleted, wait_until_drained, wait_until_running
@@ -484,6 +484,105 @@ def run(argv: Sequence[str] | None = None) -> int:
         click.echo(f"error: internal: {type(exc).__name__}: {exc}", err=True)
         return EXIT_ERROR
     return EXIT_OK
+
+
+# ---- pki: the cluster's certificates (no Master involved) ----------------------
+
+def pki_dir_option(command: Callable) -> Callable:
+    return click.option("--dir", "directory", envvar="SODA_PKI_DIR", required=True, metavar="DIR",
+                        help="The CA directory (env SODA_PKI_DIR); its keys are secrets.")(command)
+
+
+def issued_to_dict(entry: pki.Issued, directory: str) -> dict:
+    return {"serial": f"{entry.serial:x}", "role": entry.role, "name": entry.name,
+            "state": entry.state(), "not_after": entry.not_after, "revoked_at": entry.revoked_at or None,
+            "key": os.path.join(directory, entry.key), "cert": os.path.join(directory, entry.cert)}
+
+
+def issued_table(entries: Sequence[pki.Issued]) -> str:
+    return output.format_table(("SERIAL", "ROLE", "NAME", "STATE", "NOT AFTER", "CERTIFICATE"),
+                               [(f"{e.serial:x}"[:16], e.role, e.name, e.state(), e.not_after, e.cert)
+                                for e in entries])
+
+
+@cli.group("pki")
+def pki_group() -> None:
+    """The cluster's certificates: a CA, and one per party.
+
+    Each certificate names its holder in a SAN URI soda://ROLE/NAME; the
+    Master grants by it. Roles: master (with --host for the names and
+    addresses clients dial), agent (its node's name), switch, operator,
+    tenant.
+
+    \b
+    sodactl pki init --dir /etc/soda/pki
+    sodactl pki issue master m1 --host 10.0.0.5 --dir /etc/soda/pki
+    sodactl pki issue agent node-1 --dir /etc/soda/pki
+    sodactl pki revoke agent node-1 --dir /etc/soda/pki"""
+
+
+@pki_group.command("init")
+@pki_dir_option
+@click.option("--cluster", default="soda", show_default=True, help="The cluster's name, in the CA's.")
+@click.option("--days", type=int, default=pki.DEFAULT_DAYS["ca"], show_default=True,
+              help="Days the CA lives.")
+def pki_init(directory: str, cluster: str, days: int) -> None:
+    """Make the cluster CA in DIR (refused where one exists)."""
+    cert = pki.CertificateAuthority(directory).init(cluster, days)
+    click.echo(f"CA of cluster {cluster} made in {os.path.abspath(directory)} (until "
+               f"{cert.not_valid_after_utc.date()}): give {pki.CA_CERT} to every party, keep "
+               f"{pki.CA_KEY} secret")
+
+
+@pki_group.command("issue")
+@click.argument("role", type=click.Choice(pki.ROLES))
+@click.argument("name")
+@pki_dir_option
+@click.option("--days", type=int, default=None,
+              help="Days it lives (default: operator 90, others 365; never past the CA).")
+@click.option("--host", "hosts", multiple=True, metavar="NAME|ADDR",
+              help="A DNS name or address the master is dialled at (repeatable; master only).")
+@output_option
+@click.pass_obj
+def pki_issue(session: Session, role: str, name: str, directory: str, days: int | None,
+              hosts: tuple[str, ...]) -> None:
+    """A key and certificate for ROLE NAME, signed by the CA.
+
+    Refused while ROLE NAME holds a valid one: revoke it first."""
+    entry = pki.CertificateAuthority(directory).issue(role, name, days, hosts)
+    data = issued_to_dict(entry, os.path.abspath(directory))
+    session.emit(data, lambda: f"issued {role} {name} (serial {data['serial']}, until {entry.not_after}): "
+                               f"{data['cert']}, key {data['key']} (0600)")
+
+
+@pki_group.command("list")
+@pki_dir_option
+@output_option
+@click.pass_obj
+def pki_list(session: Session, directory: str) -> None:
+    """Every certificate the CA issued: STATE is valid, expired or revoked."""
+    entries = pki.CertificateAuthority(directory).list()
+    session.emit([issued_to_dict(e, os.path.abspath(directory)) for e in entries],
+                 lambda: issued_table(entries))
+
+
+@pki_group.command("revoke")
+@click.argument("role", type=click.Choice(pki.ROLES))
+@click.argument("name")
+@pki_dir_option
+@click.option("--serial", default=None, metavar="HEX", help="Only the certificate with this serial.")
+@output_option
+@click.pass_obj
+def pki_revoke(session: Session, role: str, name: str, directory: str, serial: str | None) -> None:
+    """Revoke ROLE NAME's certificates and re-sign the revocation list
+    (crl.pem), which the Master reloads without a restart."""
+    try:
+        number = int(serial, 16) if serial is not None else None
+    except ValueError:
+        raise CliError(f"--serial {serial!r} is not a hexadecimal serial") from None
+    revoked = pki.CertificateAuthority(directory).revoke(role, name, number)
+    session.emit([issued_to_dict(e, os.path.abspath(directory)) for e in revoked],
+                 lambda: "\n".join(f"revoked {role} {name} (serial {e.serial:x})" for e in revoked))
 
 
 def main() -> NoReturn:

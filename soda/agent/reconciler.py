@@ -198,9 +198,13 @@ class Reconciler:
         that was LOST reports nothing until this is empty."""
         with self._cond:
             desired = None if self._desired is None else dict(self._desired)
+            # Still being stopped: gone from the driver's list a moment
+            # before its status says STOPPED, and a heartbeat in between
+            # would report it STOPPING, which keeps the node LOST.
+            out = {name for name, v in self._vnodes.items()
+                   if v.status is not None and v.status.phase == Phase.STOPPING}
         if desired is None:
             return None
-        out = set()
         for name, entries in self._list_guests().items():
             want = desired.get(name)
             for driver_name, info in entries:

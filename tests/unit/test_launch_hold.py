@@ -66,7 +66,7 @@ def test_an_agent_killed_between_launch_and_record_leaves_no_guest(tmp_path):
         # Die exactly where a kill -9 of the Agent hurts: launched, not recorded.
         recorded.write_json_atomic = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         d = UmlDriver({str(tmp_path / 'state')!r}, kernel={str(kernel)!r}, min_memory=16,
-                      short_dir={str(tmp_path / 'run')!r})
+                      short_dir={str(tmp_path / 'run')!r}, shm_dir={str(tmp_path / 'shm')!r})
         d.start(GuestSpec(name="web-0", service="web", image_path={str(image)!r},
                           image_digest="sha256:" + "ab" * 32,
                           resources=Resources(cpu=0.5, memory=32, bandwidth=0, disk=64),

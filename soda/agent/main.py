@@ -100,9 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--teardown", action="store_true",
                         help="do not run: remove what Agents of this config made on this host for "
                              "the node (its network namespace, or its bridge and SODA's nft "
-                             "tables; the routes to other nodes' guests: restart a Switch of this "
-                             "host after), after `sodactl node remove`; refused while any of its "
-                             "guests runs. The state dir stays")
+                             "tables; the routes to other nodes' guests, unless --keep-routes), "
+                             "after `sodactl node remove`; refused while any of its guests runs. "
+                             "The state dir stays")
+    parser.add_argument("--keep-routes", action="store_true",
+                        help="with --teardown: leave the routes to other nodes' guests (a Switch "
+                             "that stays on this host uses them)")
     return parser.parse_args(argv)
 
 
@@ -290,9 +293,10 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
                  assumed=capacity.assumed)
 
 
-def teardown(config: AgentConfig) -> int:
-    """soda-agent --teardown: remove the node's network and routes from this
-    host, once no guest of its drivers runs; safe to repeat."""
+def teardown(config: AgentConfig, keep_routes: bool = False) -> int:
+    """soda-agent --teardown: remove the node's network and (unless
+    `keep_routes`) the routes from this host, once no guest of its drivers
+    runs; safe to repeat."""
     try:
         made = build_drivers(config)
     except (SodaError, OSError) as exc:
@@ -306,16 +310,18 @@ def teardown(config: AgentConfig) -> int:
                       f"first (sodactl node drain {config.name} --wait), then remove it (sodactl "
                       f"node remove {config.name}); nothing was removed", EXIT_FAILURE)
     # The routes first: they lead through the node's links.
-    removed, routes = [], HostRoutes(own_node=config.name)
-    try:
-        count = len(routes.ours())
-        problems = routes.clear()
-    except SodaError as exc:
-        count, problems = 0, [str(exc)]
-    finally:
-        routes.close()
-    if count > len(problems):
-        removed.append(f"{count - len(problems)} route(s) to other nodes' guests")
+    removed, problems = [], []
+    if not keep_routes:
+        routes = HostRoutes(own_node=config.name)
+        try:
+            count = len(routes.ours())
+            problems = routes.clear()
+        except SodaError as exc:
+            count, problems = 0, [str(exc)]
+        finally:
+            routes.close()
+        if count > len(problems):
+            removed.append(f"{count - len(problems)} route(s) to other nodes' guests")
     try:
         removed += NodeNetwork.remove_node(netns=config.netns, bridge=config.bridge)
     except (SodaError, OSError) as exc:
@@ -334,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     config = configure("soda-agent", lambda: build_config(args))
     if config is None:
         return EXIT_USAGE
+    if args.keep_routes and not args.teardown:
+        return refuse("soda-agent", "--keep-routes goes with --teardown")
     if args.teardown:
-        return teardown(config)
+        return teardown(config, keep_routes=args.keep_routes)
     stop = stop_event_on_signals()
     config = with_address(config)
     try:

@@ -46,9 +46,9 @@ def agent_config(tmp_path, netns: str) -> str:
     return str(path)
 
 
-def teardown(host: str, config: str) -> subprocess.CompletedProcess:
+def teardown(host: str, config: str, *more: str) -> subprocess.CompletedProcess:
     return run(["ip", "netns", "exec", host, sys.executable, "-m", "soda.agent.main", "--config",
-                config, "--teardown"], check=False, timeout=60)
+                config, "--teardown", *more], check=False, timeout=60)
 
 
 def tables(netns: str) -> set[str]:
@@ -135,3 +135,21 @@ def test_a_node_in_the_hosts_namespace_loses_its_bridge_tables_and_routes_only(h
     again = teardown(h, config)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "nothing of node leaving left on this host"
+
+
+def test_keep_routes_leaves_a_switch_of_the_host_its_routes(host, tmp_path):
+    h = host["host"]
+    run(["ip", "-n", h, "link", "add", "soda0", "type", "bridge"])
+    # The host's fabric link, to another host (the test's other namespace).
+    run(["ip", "-n", h, "link", "add", "fabric0", "type", "veth", "peer", "name", "fabric0",
+         "netns", host["node"]])
+    for link in ("soda0", "fabric0"):
+        run(["ip", "-n", h, "link", "set", link, "up"])
+    run(["ip", "-n", h, "addr", "add", f"{SUBNET_PREFIX}.1/24", "dev", "soda0"])
+    run(["ip", "-n", h, "addr", "add", "10.237.95.1/24", "dev", "fabric0"])
+    run(["ip", "-n", h, "route", "add", OTHER_SUBNET, "via", "10.237.95.200", "dev", "fabric0",
+         "proto", str(RTPROT_SODA)])
+    done = teardown(h, agent_config(tmp_path, ""), "--keep-routes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["removed bridge soda0"], done.stdout
+    assert routes(h).get(OTHER_SUBNET) == str(RTPROT_SODA)

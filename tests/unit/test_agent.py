@@ -681,3 +681,10 @@ def test_teardown_refuses_while_guests_run_and_removes_nothing(tmp_path, monkeyp
     assert removed == []
     assert "2 guest(s) still on this node: web-1 (fake), web-2 (fake)" in err
     assert "sodactl node drain n1 --wait" in err and "nothing was removed" in err
+
+
+def test_keep_routes_without_teardown_is_a_usage_error(tmp_path, capsys):
+    code = main(["--keep-routes", "--name", "n1", "--master", "127.0.0.1:1", "--state-dir",
+                 str(tmp_path), "--hypervisor", "fake"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "soda-agent: --keep-routes goes with --teardown"

@@ -195,9 +195,9 @@ def limit_open_files(n: int) -> None:
 
 def drop_privileges(uid: int, gid: int) -> None:
     """Become uid:gid for good, with no capabilities and no way back."""
-    # Imported while still root: the interpreter's own files may be out of
-    # the uid's reach (a pyenv under /root).
-    ctypes, libc = _libc()
+    # ctypes imported while still root: the interpreter's own files may be
+    # out of the uid's reach (a pyenv under /root).
+    _libc()
     try:
         os.setgroups([])
         os.setgid(gid)          # while still root: after setuid it is refused
@@ -205,10 +205,7 @@ def drop_privileges(uid: int, gid: int) -> None:
     except OSError as e:
         raise LaunchError(f"cannot become uid {uid} gid {gid}: {e.strerror}") from None
     os.umask(0o077)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                           ctypes.c_ulong]
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise LaunchError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+    set_no_new_privs()
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
         raise LaunchError(f"still not uid {uid} gid {gid} alone after dropping privileges")
     left = {key: value for key, value in _status_fields("CapEff", "CapPrm", "NoNewPrivs").items()
@@ -216,6 +213,15 @@ def drop_privileges(uid: int, gid: int) -> None:
     if left:
         raise LaunchError("privileges left after the drop to uid "
                           f"{uid}: {', '.join(f'{k} {v}' for k, v in sorted(left.items()))}")
+
+
+def set_no_new_privs() -> None:
+    """No exec from here on can gain privileges (setuid, file capabilities)."""
+    ctypes, libc = _libc()
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise LaunchError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
 
 
 def landlock_abi() -> int:
@@ -270,10 +276,7 @@ def confine_files(read: list[str], write: list[str]) -> None:
                 os.close(fd)
         # Landlock needs no_new_privs (or CAP_SYS_ADMIN): set here too for a
         # launch without --user.
-        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                               ctypes.c_ulong]
-        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise LaunchError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+        set_no_new_privs()
         if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
             raise LaunchError(f"cannot confine the guest's files: "
                               f"{os.strerror(ctypes.get_errno())}")

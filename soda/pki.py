@@ -38,15 +38,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from soda.errors import AlreadyExists, InvalidSpec, NotFound
 from soda.files import write_file_atomic as _write
+from soda.model.names import check_dns_label
 
 ROLES = ("master", "agent", "switch", "operator", "tenant")
 # Days a certificate lives unless told: people's certificates are shorter
 # (a lost laptop), machines' a year, the CA ten.
 DEFAULT_DAYS = {"ca": 3650, "master": 365, "agent": 365, "switch": 365, "operator": 90, "tenant": 365}
 SCHEME = "soda"
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_MAX = 63                        # a DNS label, as node and service names
 CA_KEY, CA_CERT, CRL, ISSUED = "ca.key", "ca.crt", "crl.pem", "issued.json"
-CRL_DAYS = 30        # a CRL's next_update: re-made (sodactl pki crl) before then, or on each revoke
+CRL_DAYS = 30        # a CRL's next_update: re-signed on each revoke, or by sodactl pki crl
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,7 @@ class Issued:
 def check_name(role: str, name: str) -> Identity:
     if role not in ROLES:
         raise InvalidSpec(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
-    if not NAME_RE.match(name or ""):
-        raise InvalidSpec(f"{role} name {name!r} must be 1-63 lowercase letters, digits and '-', "
-                          f"starting and ending with a letter or digit")
-    return Identity(role, name)
+    return Identity(role, check_dns_label(role, name, NAME_MAX))
 
 
 def identity_of(cert: x509.Certificate) -> Identity:

@@ -518,7 +518,8 @@ def pki_group() -> None:
     sodactl pki init --dir /etc/soda/pki
     sodactl pki issue master m1 --host 10.0.0.5 --dir /etc/soda/pki
     sodactl pki issue agent node-1 --dir /etc/soda/pki
-    sodactl pki revoke agent node-1 --dir /etc/soda/pki"""
+    sodactl pki revoke agent node-1 --dir /etc/soda/pki
+    sodactl pki crl --dir /etc/soda/pki     # monthly: the CRL is good for 30 days"""
 
 
 @pki_group.command("init")
@@ -583,6 +584,16 @@ def pki_revoke(session: Session, role: str, name: str, directory: str, serial: s
     revoked = pki.CertificateAuthority(directory).revoke(role, name, number)
     session.emit([issued_to_dict(e, os.path.abspath(directory)) for e in revoked],
                  lambda: "\n".join(f"revoked {role} {name} (serial {e.serial:x})" for e in revoked))
+
+
+@pki_group.command("crl")
+@pki_dir_option
+def pki_crl(directory: str) -> None:
+    """Sign the revocation list again: it is good for 30 days from each
+    signing (each revoke signs it too)."""
+    pki.CertificateAuthority(directory).refresh_crl()
+    click.echo(f"signed {os.path.join(os.path.abspath(directory), pki.CRL)} again: good for "
+               f"{pki.CRL_DAYS} days")
 
 
 def main() -> NoReturn:

@@ -76,7 +76,7 @@ def test_a_certificate_never_outlives_its_ca(tmp_path):
 
 @pytest.mark.parametrize("role, name, kwargs, message", [
     ("king", "x", {}, "unknown role 'king'"),
-    ("agent", "Node_1", {}, "must be 1-63 lowercase"),
+    ("agent", "Node_1", {}, "invalid agent name 'Node_1'"),
     ("agent", "node-1", {"hosts": ["10.0.0.1"]}, "--host is for a master"),
     ("master", "m1", {"hosts": ["a b"]}, "neither an address nor a DNS name"),
     ("tenant", "acme", {"days": 0}, "--days must be 1 to 36500"),
@@ -196,3 +196,19 @@ def test_sodactl_pki_init_issue_list_revoke(tmp_path):
     assert bad.exit_code == 1 and "is not a hexadecimal serial" in bad.output
     missing = sodactl("pki", "list", "--dir", str(tmp_path / "none"))
     assert missing.exit_code == 1 and "holds no CA: make one with sodactl pki init" in missing.output
+
+
+def test_sodactl_pki_crl_signs_the_list_again_with_what_was_revoked(tmp_path):
+    d = str(tmp_path / "pki")
+    sodactl("pki", "init", "--dir", d)
+    serial = json.loads(sodactl("pki", "issue", "switch", "edge-1", "--dir", d, "-o", "json").output)["serial"]
+    sodactl("pki", "revoke", "switch", "edge-1", "--dir", d)
+    with open(os.path.join(d, pki.CRL), "rb") as f:
+        before = x509.load_pem_x509_crl(f.read())
+    done = sodactl("pki", "crl", "--dir", d)
+    assert done.exit_code == 0 and "good for 30 days" in done.output
+    with open(os.path.join(d, pki.CRL), "rb") as f:
+        after = x509.load_pem_x509_crl(f.read())
+    assert after.is_signature_valid(load(os.path.join(d, pki.CA_CERT)).public_key())
+    assert [f"{r.serial_number:x}" for r in after] == [serial]
+    assert after.next_update_utc >= before.next_update_utc

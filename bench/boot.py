@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import secrets
 import shutil
@@ -58,6 +57,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.stats import p95  # noqa: E402
 from soda.agent.network import bridge_mac  # noqa: E402
 from soda.hypervisors.base import GuestSpec, guest_mac  # noqa: E402
 from soda.hypervisors.kernels import DEBIAN_KERNEL, DEBIAN_MIN_MEMORY, SODA, find_uml_kernel  # noqa: E402
@@ -78,12 +78,6 @@ LIMIT = 90.0
 
 def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-def p95(values: list[float]) -> float:
-    """The nearest-rank 95th percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 def summary(values: list[float]) -> dict:

@@ -47,17 +47,13 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench.stats import p95  # noqa: E402
 from switch import parse_wrk  # noqa: E402  (bench/switch.py)
 from soda.devcluster import ClusterConfig  # noqa: E402
 from tests.support import free_port  # noqa: E402
 from tests.system.cluster import wait_until  # noqa: E402
 from tests.system.guests import build_rootfs  # noqa: E402
 from tests.system.multinode import ClientLoop, MultiNode, fabric_config  # noqa: E402
-
-
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 def summary(values: list[float]) -> dict:

@@ -51,6 +51,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.stats import percentile  # noqa: E402
 from tests.system.cluster import Cluster  # noqa: E402
 from tests.system.guests import (build_rootfs, cgroup_file, guest_records, htb_rates, qdiscs,  # noqa: E402
                                  read, uml_node)
@@ -98,11 +99,6 @@ def in_netns(netns, code, **fmt):
 def tc(netns, *args):
     return subprocess.run(["ip", "netns", "exec", netns, "tc", *args], capture_output=True, text=True,
                           check=True).stdout
-
-
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def tap_of(record):

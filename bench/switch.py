@@ -71,6 +71,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.control_plane import cpu_seconds  # noqa: E402
+from bench.stats import percentile  # noqa: E402
 from soda import model  # noqa: E402
 from soda.agent.network import NodeNetwork  # noqa: E402
 from soda.agent.policy import desired_policy  # noqa: E402
@@ -465,12 +466,6 @@ def policy_in_force(netns: str) -> bool:
     tables = {(t["table"]["family"], t["table"]["name"])
               for t in json.loads(out or '{"nftables": []}')["nftables"] if "table" in t}
     return {("inet", "soda"), ("bridge", "soda")} <= tables
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank q-th percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def report(client: str, results: dict[str, list[dict]], args: argparse.Namespace,

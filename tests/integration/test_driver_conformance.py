@@ -29,6 +29,7 @@ import pytest
 
 from soda.errors import InvalidSpec, NotFound
 from soda.hypervisors.base import EXITED, RUNNING, GuestSpec, driver_class, drivers
+from soda.hypervisors.kernels import find_uml_kernel
 from soda.model.spec import Resources
 from tests.integration.conftest import run
 
@@ -36,13 +37,13 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 GATEWAY = "192.168.252.1"
 ADDRESS = "192.168.252.2"
 BOOT_LIMIT = 60.0
-UML_KERNEL = "/usr/bin/linux.uml"
+UML_KERNEL = find_uml_kernel().path       # SODA's own where built (see test_uml_driver)
 log = logging.getLogger(__name__)
 
 
 def _missing(kind: str) -> str:
     if kind == "uml" and not os.access(UML_KERNEL, os.X_OK):
-        return f"{UML_KERNEL} is missing (Debian package user-mode-linux)"
+        return f"{UML_KERNEL} is missing (scripts/build-guest-kernel, or Debian's user-mode-linux)"
     if kind == "qemu":
         if not shutil.which("qemu-system-x86_64") or not shutil.which("qemu-img"):
             return "QEMU is missing (qemu-system-x86, qemu-utils)"

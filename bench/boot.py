@@ -65,7 +65,6 @@ from soda.hypervisors.probe import probe_tcp  # noqa: E402
 from soda.hypervisors.qemu import QemuDriver  # noqa: E402
 from soda.hypervisors.uml import UmlDriver  # noqa: E402
 from soda.model.spec import Resources, parse_spec  # noqa: E402
-from soda.rpc.client import MasterClient  # noqa: E402
 from tests.support import free_port, traversable  # noqa: E402
 from tests.system.cluster import Cluster  # noqa: E402
 from tests.system.guests import guest_records, uml_node  # noqa: E402
@@ -316,12 +315,12 @@ def create_wide(c, name: str, nodes: int, memory: int) -> float:
 def through_the_switch(args, work: str, image: str) -> dict[str, list[float]]:
     """Part 2: a real cluster; create → first answer, and N nodes at once."""
     cluster = Cluster(os.path.join(work, "cluster"))
-    os.makedirs(cluster.root)
+    os.makedirs(cluster.root, exist_ok=True)
     try:
         with uml_node(cluster, image) as c:
             kernel = find_uml_kernel()
             waits, answers, api_answers, startups, wide = [], [], [], [], []
-            client = MasterClient(c.master_addr)
+            client = c.client()
             for i in range(args.create_repeats):
                 # Alternating: sodactl (what an operator feels) and the API
                 # (what the platform takes), under the same conditions.

@@ -4,11 +4,13 @@
 Starts a Master and N Agents (fake hypervisor driver) as separate processes
 on this machine, creates services totalling V virtual nodes, and prints the
 rate at which virtual nodes reach RUNNING (as the Master reports them), the
-create latency, the time until all are deleted again, and the Master's peak
-RSS (VmHWM). Everything is torn down at the end, also on failure.
+create latency, the time until all are deleted again, and the Master's CPU
+time and peak RSS (VmHWM). Everything is torn down at the end, also on
+failure.
 
     python bench/control_plane.py [--agents 50] [--vnodes 1000] [--services V/50]
-                                  [--agents-per-process max(10, N/10)] [--json]
+                                  [--agents-per-process max(10, N/10)]
+                                  [--transport both] [--repeats 1] [--json]
 
 Two shapes are the documented runs (`--shape` names them):
 
@@ -20,6 +22,22 @@ Two shapes are the documented runs (`--shape` names them):
 
 A flag given with --shape overrides that figure of the shape. Services hold
 50 virtual nodes each unless --services says otherwise.
+
+`--transport` says what the parties talk:
+
+    tls        mutual TLS, as in production: a CA made for the run (in its
+               temporary directory), a master certificate for 127.0.0.1,
+               an agent certificate for every Agent (its node name), and an
+               operator certificate for the bench's own client
+    insecure   the Master started with --insecure, every client plaintext
+    both       (the default) the whole measurement once per transport, each
+               with a fresh Master, Agents and state, insecure first, then a
+               table of the two side by side and the ratio tls/insecure of
+               virtual nodes RUNNING per second (what mutual TLS costs)
+
+`--repeats N` makes that N measurements per transport; with both they run
+in insecure/tls pairs (ABAB), and every figure is the median of its runs,
+the ratio the median of the pairs' ratios.
 
 Agents are real soda-agent code talking gRPC to the Master process; several
 share one Python process (`--agents-per-process`, by default enough for at
@@ -40,8 +58,14 @@ never more than a quarter of the time (each ListServices of thousands of
 virtual nodes is work for the Master too). With --json the last line is one
 JSON object: `vnodes_running_per_s` (virtual nodes RUNNING per second from
 the first create call, the placement rate; also `running_per_s`),
-`master_peak_rss_mib`, `create_median_ms`, `create_max_ms`, `delete_s`,
-`delete_calls_s`, `wall_s` and more.
+`master_peak_rss_mib`, `master_cpu_s`, `create_median_ms`, `create_max_ms`,
+`delete_s`, `delete_calls_s`, `wall_s` and more, and `transport` ("tls",
+"insecure" or "both") and `repeats`. With both, those figures are the TLS
+run's (the production default); `insecure` holds the same keys for the
+plaintext run, and `tls_vs_insecure_vnodes_per_s` is the ratio of
+`vnodes_running_per_s` tls/insecure. With --repeats above 1 every figure is
+a median, `vnodes_running_per_s_runs` (at top level and in `insecure`) lists
+the runs' rates and `tls_vs_insecure_pairs` the pairs' ratios.
 """
 
 from __future__ import annotations
@@ -58,7 +82,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from soda import model  # noqa: E402
+from soda import model, pki  # noqa: E402
+from soda.config import TlsConfig  # noqa: E402
 from soda.errors import SodaError  # noqa: E402
 from soda.rpc.client import MasterClient  # noqa: E402
 from tests.support import free_port, make_ext4_image, peak_rss_mib  # noqa: E402
@@ -69,6 +94,8 @@ capacity: {cpu: 64, memory: 65536, bandwidth: 100000, disk: 10000000}
 drivers: {fake: {boot_seconds: 0.2, stop_seconds: 0.01}}
 max_parallel_boots: 8
 """
+
+TRANSPORTS = {"tls": ("tls",), "insecure": ("insecure",), "both": ("insecure", "tls")}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -124,8 +151,39 @@ def agent_address(name: str) -> str:
     return f"127.1.{index // 250}.{index % 250 + 1}"
 
 
-def agent_host(master: str, root: str, config_path: str, names: list[str]) -> int:
-    """Run several Agents in this process until SIGTERM."""
+# ---- TLS ------------------------------------------------------------------
+
+def tls_config(ca: pki.CertificateAuthority, entry: pki.Issued) -> TlsConfig:
+    return TlsConfig(ca=ca.file(pki.CA_CERT), cert=ca.file(entry.cert), key=ca.file(entry.key))
+
+
+def tls_flags(tls: TlsConfig | None) -> list[str]:
+    """--ca/--cert/--key for a soda daemon; none for plaintext."""
+    return ["--ca", tls.ca, "--cert", tls.cert, "--key", tls.key] if tls else []
+
+
+class Pki:
+    """The run's CA (in its temporary directory) and the certificates of
+    its parties: the Master (for 127.0.0.1, the address everyone dials),
+    the bench's client (an operator) and every Agent (its node name: an
+    Agent may register and heartbeat only as the name it is certified
+    for)."""
+
+    def __init__(self, path: str, agent_names: list[str]):
+        self.ca = pki.CertificateAuthority(path)
+        self.ca.init("bench")
+        self.master = self.issue("master", "bench", hosts=["127.0.0.1"])
+        self.operator = self.issue("operator", "bench")
+        self.agents = {name: self.issue("agent", name) for name in agent_names}
+
+    def issue(self, role: str, name: str, hosts: list[str] = ()) -> TlsConfig:
+        return tls_config(self.ca, self.ca.issue(role, name, hosts=hosts))
+
+
+def agent_host(master: str, root: str, config_path: str, ca_dir: str, names: list[str]) -> int:
+    """Run several Agents in this process until SIGTERM; with `ca_dir` ("" for
+    plaintext) each talks mutual TLS with the agent certificate issued
+    there for its name."""
     import dataclasses
     import threading
 
@@ -135,11 +193,18 @@ def agent_host(master: str, root: str, config_path: str, names: list[str]) -> in
 
     stop = stop_event_on_signals()
     base = soda_config.load(soda_config.AgentConfig, config_path)
+    certified = {}
+    if ca_dir:
+        ca = pki.CertificateAuthority(ca_dir)
+        certified = {e.name: tls_config(ca, e) for e in ca.list() if e.role == "agent"}
     agents = []
     for name in names:
+        if ca_dir and name not in certified:
+            raise SystemExit(f"{ca_dir} issued no agent certificate for {name}")
         cfg = dataclasses.replace(base, master=master, name=name, state_dir=os.path.join(root, name),
-                                  hypervisors=("fake",), address=agent_address(name))
-        agent = build_agent(cfg, MasterClient(master), threading.Event())
+                                  hypervisors=("fake",), address=agent_address(name),
+                                  tls=certified[name] if ca_dir else base.tls)
+        agent = build_agent(cfg, MasterClient(master, tls=cfg.tls), threading.Event())
         agent.start()
         agents.append(agent)
     stop.wait()
@@ -148,10 +213,273 @@ def agent_host(master: str, root: str, config_path: str, names: list[str]) -> in
     return 0
 
 
+# ---- one measurement --------------------------------------------------------
+
+class Processes:
+    """The processes one measurement starts, each logging to a file in the
+    run's directory. stop() ends every one of them by its pid."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.logs = []
+
+    def spawn(self, name: str, argv: list[str], nice: int = 0) -> subprocess.Popen:
+        log = open(os.path.join(self.root, f"{name}.log"), "wb")
+        self.logs.append(log)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        if nice:
+            # Not in a preexec_fn: a fork of this process, whose gRPC
+            # threads run, hung in gRPC's fork handler now and then, before
+            # exec (one Agent process in ten never started). A few ms at
+            # nice 0 before this call are nothing.
+            os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+        return proc
+
+    def print_log_tails(self) -> None:
+        # What the processes said is the first thing to read after a failed
+        # run, and the run's directory goes away after it.
+        for log in self.logs:
+            log.flush()
+            with open(log.name, "rb") as f:
+                tail = f.read()[-3000:].decode(errors="replace").strip()
+            if tail:
+                print(f"--- end of {os.path.basename(log.name)}:\n{tail}", file=sys.stderr)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self.logs:
+            log.close()
+
+
+def measure(args, transport: str) -> dict:
+    """One whole measurement over `transport` ("tls" or "insecure"): a fresh
+    Master, Agents and state, all gone again when it returns or fails.
+    Prints its figures and returns them (the JSON keys)."""
+    root = tempfile.mkdtemp(prefix="soda-bench-cp-")
+    # The Agents' state dirs (the fake driver's guest records, pulled
+    # images) on tmpfs: thousands of small atomic file replacements on this
+    # machine's disk stalled whole Agent processes in writeback for seconds,
+    # long enough for their nodes to be taken for LOST; on other machines
+    # they would not be the Master's disk. The Master's state stays on disk.
+    agent_root = (tempfile.mkdtemp(prefix="soda-bench-cp-agents-", dir="/dev/shm")
+                  if args.agents_on_tmpfs and os.path.isdir("/dev/shm") else os.path.join(root, "agents"))
+    procs = Processes(root)
+    try:
+        names = [f"bench-{i}" for i in range(args.agents)]
+        # Certificates before any clock starts: issuing is the operator's
+        # work before a cluster exists, not the control plane's.
+        certs = Pki(os.path.join(root, "ca"), names) if transport == "tls" else None
+        addr = f"127.0.0.1:{free_port()}"
+        master = start_master(args, procs, addr, certs)
+        with MasterClient(addr, timeout=60, tls=certs.operator if certs else None) as client:
+            wait_for(lambda: master_up(master, client), 30, "the Master")
+            t0 = time.monotonic()
+            agent_procs = start_agents(args, procs, agent_root, addr, certs, names)
+            ready = [0]
+
+            def all_registered() -> bool:
+                ready[0] = sum(n.state == "READY" for n in client.list_nodes())
+                return ready[0] == args.agents
+            wait_for(all_registered, max(120, args.agents * 0.5),
+                     lambda: f"the Agents to register ({ready[0]}/{args.agents} READY)")
+            figures = load(args, client, master, agent_procs, root, t0)
+        figures = {"transport": transport, **figures}
+        print_run(figures)
+        return figures
+    except BaseException:
+        procs.print_log_tails()
+        raise
+    finally:
+        procs.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(agent_root, ignore_errors=True)
+
+
+def start_master(args, procs: Processes, addr: str, certs: Pki | None) -> subprocess.Popen:
+    master_config = os.path.join(procs.root, "master.yaml")
+    with open(master_config, "w") as f:
+        f.write(master_config_text(args.agents, args.master_workers))
+        if args.node_lost_seconds:
+            f.write(f"node_lost_seconds: {args.node_lost_seconds}\n")
+    return procs.spawn("master", [sys.executable, "-m", "soda.master.main", "--listen", addr,
+                                  "--config", master_config, "--state-dir", os.path.join(procs.root, "master"),
+                                  "--log-level", "WARNING",
+                                  *(tls_flags(certs.master) if certs else ["--insecure"])])
+
+
+def master_up(master: subprocess.Popen, client: MasterClient) -> bool:
+    if master.poll() is not None:
+        # A Master that refused to start (a flag, a certificate) says why in
+        # its log, printed on the way out: no point in waiting for it.
+        raise SystemExit(f"the Master exited with {master.returncode}")
+    try:
+        client.list_nodes()
+        return True
+    except SodaError:
+        return False
+
+
+def start_agents(args, procs: Processes, agent_root: str, addr: str, certs: Pki | None,
+                 names: list[str]) -> list[subprocess.Popen]:
+    """The Agents' processes: each Agent its own soda-agent with
+    --agents-per-process 1, else groups of them in this script's
+    --agent-host, which finds their certificates in the CA's directory."""
+    config = os.path.join(procs.root, "agent.yaml")
+    with open(config, "w") as f:
+        f.write(AGENT_CONFIG)
+    per = args.agents_per_process
+    started = []
+    for first in range(0, args.agents, per):
+        group = names[first:first + per]
+        if per == 1:
+            argv = [sys.executable, "-m", "soda.agent.main", "--master", addr, "--name", group[0],
+                    "--address", agent_address(group[0]),
+                    "--state-dir", os.path.join(agent_root, group[0]), "--hypervisor", "fake",
+                    "--config", config, "--log-level", "WARNING", "--no-routes",
+                    *tls_flags(certs.agents[group[0]] if certs else None)]
+        else:
+            argv = [sys.executable, os.path.abspath(__file__), "--agent-host", addr, agent_root, config,
+                    certs.ca.path if certs else "", *group]
+        started.append(procs.spawn(f"agents-{first}", argv, nice=args.agent_nice))
+    return started
+
+
+def load(args, client: MasterClient, master: subprocess.Popen, agent_procs: list[subprocess.Popen],
+         root: str, t0: float) -> dict:
+    """With every Agent READY (`t0` when their processes were started):
+    push the image, create the services, wait for every virtual node to
+    run, delete them all; the figures."""
+    register_s = time.monotonic() - t0
+    client.push_image(make_ext4_image(os.path.join(root, "img"), size=args.image_kib << 10), name="bench")
+    rss_idle = peak_rss_mib(master.pid)
+
+    per_service = args.vnodes // args.services
+    create_latencies = []
+    t_start = time.monotonic()
+    for s in range(args.services):
+        spec = model.parse_spec({"name": f"svc-{s}", "image": "bench", "nodes": per_service,
+                                 "hypervisor": "fake", "resources": {"cpu": 0.1, "memory": 16, "disk": 16}})
+        t = time.monotonic()
+        client.create_service(spec)
+        create_latencies.append(time.monotonic() - t)
+    t_created = time.monotonic() - t_start
+    total = per_service * args.services
+    milestones = {}
+    while True:
+        asked = time.monotonic()
+        running = count_phase(client, model.Phase.RUNNING)
+        now = time.monotonic() - t_start
+        for frac in (0.5, 0.9, 1.0):
+            if running >= frac * total and frac not in milestones:
+                milestones[frac] = now
+        if running >= total:
+            break
+        if now > args.timeout:
+            raise SystemExit(f"only {running}/{total} RUNNING after {args.timeout:.0f} s")
+        time.sleep(max(0.1, 3 * (time.monotonic() - asked)))
+    t_all = milestones[1.0]
+    t_del = time.monotonic()
+    for s in range(args.services):
+        client.delete_service(f"svc-{s}")
+    delete_calls_s = time.monotonic() - t_del
+    wait_for(lambda: not client.list_services(), args.timeout, "the services to be deleted")
+    delete_s = time.monotonic() - t_del
+    rss_peak = peak_rss_mib(master.pid)
+    master_cpu = cpu_seconds(master.pid)
+    agents_cpu = sum(cpu_seconds(proc.pid) for proc in agent_procs)
+    wall = time.monotonic() - t0
+    return {
+        "agents": args.agents, "vnodes": total, "services": args.services,
+        "register_s": round(register_s, 3), "create_calls_s": round(t_created, 3),
+        "create_median_ms": round(statistics.median(create_latencies) * 1000, 1),
+        "running_50_s": round(milestones[0.5], 3), "running_90_s": round(milestones[0.9], 3),
+        "running_100_s": round(t_all, 3), "running_per_s": round(total / t_all, 1),
+        "vnodes_running_per_s": round(total / t_all, 1),
+        "create_max_ms": round(max(create_latencies) * 1000, 1),
+        "agents_per_process": args.agents_per_process, "master_workers": args.master_workers,
+        "wall_s": round(wall, 2), "delete_s": round(delete_s, 3), "delete_calls_s": round(delete_calls_s, 3),
+        "delete_per_s": round(total / delete_s, 1),
+        "master_cpu_s": round(master_cpu, 2),
+        "agents_cpu_s": round(agents_cpu, 2), "master_peak_rss_mib": round(rss_peak, 1),
+        "master_idle_rss_mib": round(rss_idle, 1), "per_service": per_service}
+
+
+def print_run(f: dict) -> None:
+    print(f"control plane over {f['transport']}: {f['agents']} Agents (fake driver, {f['agents_per_process']} "
+          f"per process), {f['vnodes']} virtual nodes in {f['services']} services (Master: "
+          f"{f['master_workers']} gRPC workers)")
+    print(f"  agents registered           {f['register_s']:8.2f} s")
+    print(f"  create calls (all)          {f['create_calls_s']:8.2f} s   median {f['create_median_ms']:.1f} ms"
+          f"  max {f['create_max_ms']:.1f} ms per {f['per_service']}-node service")
+    print(f"  50% RUNNING                 {f['running_50_s']:8.2f} s")
+    print(f"  90% RUNNING                 {f['running_90_s']:8.2f} s")
+    print(f"  100% RUNNING                {f['running_100_s']:8.2f} s")
+    print(f"  virtual nodes RUNNING / s   {f['vnodes_running_per_s']:8.1f}")
+    print(f"  delete all (to gone)        {f['delete_s']:8.2f} s   ({f['delete_per_s']:.1f} vnodes/s; the delete "
+          f"calls {f['delete_calls_s']:.2f} s)")
+    print(f"  CPU used over {f['wall_s']:.1f} s      Master {f['master_cpu_s']:.1f} s, all Agents "
+          f"{f['agents_cpu_s']:.1f} s (this machine has {os.cpu_count()} cores)")
+    print(f"  Master peak RSS             {f['master_peak_rss_mib']:8.1f} MiB (idle with {f['agents']} agents: "
+          f"{f['master_idle_rss_mib']:.1f} MiB)", flush=True)
+
+
+# ---- several measurements ---------------------------------------------------
+
+def median_figures(runs: list[dict]) -> dict:
+    """One figures dict for the runs of one transport: each figure the
+    median of the runs' (the shape's figures are the same in all)."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out = {}
+    for key, first in runs[0].items():
+        values = [run[key] for run in runs]
+        out[key] = first if all(v == first for v in values) else round(statistics.median(values), 3)
+    out["vnodes_running_per_s_runs"] = [run["vnodes_running_per_s"] for run in runs]
+    return out
+
+
+# The side-by-side table: label, key, format.
+TABLE = [
+    ("agents registered (s)", "register_s", "{:.2f}"),
+    ("create median (ms)", "create_median_ms", "{:.1f}"),
+    ("create max (ms)", "create_max_ms", "{:.1f}"),
+    ("100% RUNNING (s)", "running_100_s", "{:.2f}"),
+    ("virtual nodes RUNNING / s", "vnodes_running_per_s", "{:.1f}"),
+    ("delete all (s)", "delete_s", "{:.2f}"),
+    ("Master CPU (s)", "master_cpu_s", "{:.1f}"),
+    ("all Agents CPU (s)", "agents_cpu_s", "{:.1f}"),
+    ("Master peak RSS (MiB)", "master_peak_rss_mib", "{:.1f}"),
+]
+
+
+def print_side_by_side(figures: dict[str, dict], ratios: list[float], repeats: int) -> None:
+    order = list(figures)
+    print(f"\nside by side ({'median of ' + str(repeats) + ' runs each' if repeats > 1 else 'one run each'}):")
+    print(f"  {'':28}" + "".join(f"{t:>12}" for t in order))
+    for label, key, fmt in TABLE:
+        print(f"  {label:28}" + "".join(f"{fmt.format(figures[t][key]):>12}" for t in order))
+    print(f"  tls/insecure vnodes RUNNING/s {statistics.median(ratios):10.3f}")
+    if repeats > 1:
+        for t in order:
+            print(f"  {t} runs, vnodes/s: " + " ".join(f"{v:.1f}" for v in figures[t]["vnodes_running_per_s_runs"]))
+        print("  pairs' ratios: " + " ".join(f"{r:.3f}" for r in ratios)
+              + f" (min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--agent-host"]:
-        master, root, config_path, *names = sys.argv[2:]
-        return agent_host(master, root, config_path, names)
+        master, root, config_path, ca_dir, *names = sys.argv[2:]
+        return agent_host(master, root, config_path, ca_dir, names)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="default",
                    help="a documented run: default (50 Agents, 1,000 virtual nodes) or many-nodes "
@@ -175,176 +503,48 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--master-workers", type=int, default=0,
                    help="the Master's gRPC worker threads (default: one per Agent plus 256)")
+    p.add_argument("--transport", choices=sorted(TRANSPORTS), default="both",
+                   help="mutual TLS (as in production), plaintext (the Master with --insecure), "
+                        "or both, one after the other, side by side (default)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measurements per transport (default 1); with both in insecure/tls pairs, "
+                        "figures the medians")
     p.add_argument("--json", action="store_true",
                    help="print the figures as one JSON object on the last line")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     shape = SHAPES[args.shape]
     args.agents = args.agents or shape["agents"]
     args.vnodes = args.vnodes or shape["vnodes"]
     args.services = args.services or max(1, args.vnodes // 50)
-    args.agents_per_process = args.agents_per_process or max(10, -(-args.agents // 10))
-    per_service = args.vnodes // args.services
-    workers = args.master_workers or max(256, args.agents + 256)
+    args.agents_per_process = max(1, args.agents_per_process or max(10, -(-args.agents // 10)))
+    args.master_workers = args.master_workers or max(256, args.agents + 256)
 
-    root = tempfile.mkdtemp(prefix="soda-bench-cp-")
-    # The Agents' state dirs (the fake driver's guest records, pulled
-    # images) on tmpfs: thousands of small atomic file replacements on this
-    # machine's disk stalled whole Agent processes in writeback for seconds,
-    # long enough for their nodes to be taken for LOST; on other machines
-    # they would not be the Master's disk. The Master's state stays on disk.
-    agent_root = (tempfile.mkdtemp(prefix="soda-bench-cp-agents-", dir="/dev/shm")
-                  if args.agents_on_tmpfs and os.path.isdir("/dev/shm") else os.path.join(root, "agents"))
-    procs: list[subprocess.Popen] = []
-    logs = []
-    addr = f"127.0.0.1:{free_port()}"
+    transports = TRANSPORTS[args.transport]
+    runs: dict[str, list[dict]] = {t: [] for t in transports}
+    # Pairs back to back (ABAB): a drift of the machine over the minutes
+    # of a run (page cache, another tenant) falls on both transports alike.
+    for _ in range(args.repeats):
+        for transport in transports:
+            runs[transport].append(measure(args, transport))
+    figures = {t: median_figures(runs[t]) for t in transports}
 
-    def spawn(name, argv, nice=0):
-        log = open(os.path.join(root, f"{name}.log"), "wb")
-        logs.append(log)
-        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-        if nice:
-            # Not in a preexec_fn: a fork of this process, whose gRPC
-            # threads run, hung in gRPC's fork handler now and then, before
-            # exec (one Agent process in ten never started). A few ms at
-            # nice 0 before this call are nothing.
-            os.setpriority(os.PRIO_PROCESS, procs[-1].pid, nice)
-        return procs[-1]
-
-    try:
-        master_config = os.path.join(root, "master.yaml")
-        with open(master_config, "w") as f:
-            f.write(master_config_text(args.agents, workers))
-            if args.node_lost_seconds:
-                f.write(f"node_lost_seconds: {args.node_lost_seconds}\n")
-        master = spawn("master", [sys.executable, "-m", "soda.master.main", "--listen", addr,
-                                  "--config", master_config,
-                                  "--state-dir", os.path.join(root, "master"), "--log-level", "WARNING"])
-        client = MasterClient(addr, timeout=60)
-
-        def master_up():
-            try:
-                client.list_nodes()
-                return True
-            except SodaError:
-                return False
-        wait_for(master_up, 30, "the Master")
-        config = os.path.join(root, "agent.yaml")
-        with open(config, "w") as f:
-            f.write(AGENT_CONFIG)
-        t0 = time.monotonic()
-        names = [f"bench-{i}" for i in range(args.agents)]
-        per = max(1, args.agents_per_process)
-        for first in range(0, args.agents, per):
-            group = names[first:first + per]
-            if per == 1:
-                argv = [sys.executable, "-m", "soda.agent.main", "--master", addr, "--name", group[0],
-                        "--address", agent_address(group[0]),
-                        "--state-dir", os.path.join(agent_root, group[0]), "--hypervisor", "fake",
-                        "--config", config, "--log-level", "WARNING", "--no-routes"]
-            else:
-                argv = [sys.executable, os.path.abspath(__file__), "--agent-host", addr, agent_root, config,
-                        *group]
-            spawn(f"agents-{first}", argv, nice=args.agent_nice)
-        ready = [0]
-
-        def all_registered() -> bool:
-            ready[0] = sum(n.state == "READY" for n in client.list_nodes())
-            return ready[0] == args.agents
-        wait_for(all_registered, max(120, args.agents * 0.5),
-                 lambda: f"the Agents to register ({ready[0]}/{args.agents} READY)")
-        register_s = time.monotonic() - t0
-        client.push_image(make_ext4_image(os.path.join(root, "img"), size=args.image_kib << 10), name="bench")
-        rss_idle = peak_rss_mib(master.pid)
-
-        create_latencies = []
-        t_start = time.monotonic()
-        for s in range(args.services):
-            spec = model.parse_spec({"name": f"svc-{s}", "image": "bench", "nodes": per_service,
-                                     "hypervisor": "fake", "resources": {"cpu": 0.1, "memory": 16, "disk": 16}})
-            t = time.monotonic()
-            client.create_service(spec)
-            create_latencies.append(time.monotonic() - t)
-        t_created = time.monotonic() - t_start
-        total = per_service * args.services
-        milestones = {}
-        while True:
-            asked = time.monotonic()
-            running = count_phase(client, model.Phase.RUNNING)
-            now = time.monotonic() - t_start
-            for frac in (0.5, 0.9, 1.0):
-                if running >= frac * total and frac not in milestones:
-                    milestones[frac] = now
-            if running >= total:
-                break
-            if now > args.timeout:
-                raise SystemExit(f"only {running}/{total} RUNNING after {args.timeout:.0f} s")
-            time.sleep(max(0.1, 3 * (time.monotonic() - asked)))
-        t_all = milestones[1.0]
-        t_del = time.monotonic()
-        for s in range(args.services):
-            client.delete_service(f"svc-{s}")
-        delete_calls_s = time.monotonic() - t_del
-        wait_for(lambda: not client.list_services(), args.timeout, "the services to be deleted")
-        delete_s = time.monotonic() - t_del
-        rss_peak = peak_rss_mib(master.pid)
-        master_cpu = cpu_seconds(master.pid)
-        agents_cpu = sum(cpu_seconds(proc.pid) for proc in procs[1:])
-        wall = time.monotonic() - t0
-
-        print(f"control plane: {args.agents} Agents (fake driver, {per} per process), {total} virtual "
-              f"nodes in {args.services} services (Master: {workers} gRPC workers)")
-        print(f"  agents registered           {register_s:8.2f} s")
-        print(f"  create calls (all)          {t_created:8.2f} s   median {statistics.median(create_latencies)*1000:.1f} ms"
-              f"  max {max(create_latencies)*1000:.1f} ms per {per_service}-node service")
-        print(f"  50% RUNNING                 {milestones[0.5]:8.2f} s")
-        print(f"  90% RUNNING                 {milestones[0.9]:8.2f} s")
-        print(f"  100% RUNNING                {t_all:8.2f} s")
-        print(f"  virtual nodes RUNNING / s   {total / t_all:8.1f}")
-        print(f"  delete all (to gone)        {delete_s:8.2f} s   ({total / delete_s:.1f} vnodes/s; the delete "
-              f"calls {delete_calls_s:.2f} s)")
-        print(f"  CPU used over {wall:.1f} s      Master {master_cpu:.1f} s, all Agents {agents_cpu:.1f} s "
-              f"(this machine has {os.cpu_count()} cores)")
-        print(f"  Master peak RSS             {rss_peak:8.1f} MiB (idle with {args.agents} agents: {rss_idle:.1f} MiB)")
-        if args.json:
-            print(json.dumps({
-                "agents": args.agents, "vnodes": total, "services": args.services,
-                "register_s": round(register_s, 3), "create_calls_s": round(t_created, 3),
-                "create_median_ms": round(statistics.median(create_latencies) * 1000, 1),
-                "running_50_s": round(milestones[0.5], 3), "running_90_s": round(milestones[0.9], 3),
-                "running_100_s": round(t_all, 3), "running_per_s": round(total / t_all, 1),
-                "vnodes_running_per_s": round(total / t_all, 1),
-                "create_max_ms": round(max(create_latencies) * 1000, 1),
-                "agents_per_process": per, "master_workers": workers, "wall_s": round(wall, 2),
-                "delete_s": round(delete_s, 3), "delete_calls_s": round(delete_calls_s, 3),
-                "master_cpu_s": round(master_cpu, 2),
-                "agents_cpu_s": round(agents_cpu, 2), "master_peak_rss_mib": round(rss_peak, 1),
-                "master_idle_rss_mib": round(rss_idle, 1)}))
-        client.close()
-        return 0
-    except BaseException:
-        # What the processes said is the first thing to read after a failed
-        # run, and the run's directory goes away below.
-        for log in logs:
-            log.flush()
-            with open(log.name, "rb") as f:
-                tail = f.read()[-3000:].decode(errors="replace").strip()
-            if tail:
-                print(f"--- end of {os.path.basename(log.name)}:\n{tail}", file=sys.stderr)
-        raise
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(agent_root, ignore_errors=True)
+    # The TLS figures at top level when TLS ran: that is what production runs.
+    out = dict(figures["tls" if "tls" in figures else "insecure"])
+    out["transport"] = args.transport
+    out["repeats"] = args.repeats
+    if args.transport == "both":
+        ratios = [tls["vnodes_running_per_s"] / insecure["vnodes_running_per_s"]
+                  for tls, insecure in zip(runs["tls"], runs["insecure"])]
+        print_side_by_side(figures, ratios, args.repeats)
+        out["insecure"] = figures["insecure"]
+        out["tls_vs_insecure_vnodes_per_s"] = round(statistics.median(ratios), 3)
+        if args.repeats > 1:
+            out["tls_vs_insecure_pairs"] = [round(r, 3) for r in ratios]
+    if args.json:
+        print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def summary(label: str, values: list[float]) -> str:
 def run(args: argparse.Namespace, work: str) -> None:
     image = build_rootfs(work)
     cluster = Cluster(os.path.join(work, "cluster"))
-    os.makedirs(cluster.root)
+    os.makedirs(cluster.root, exist_ok=True)
     with uml_node(cluster, image) as c:
         port = free_port()
         c.ctl("service", "create", SERVICE, "--image", "busybox-httpd", "--hypervisor", "uml",

@@ -331,8 +331,7 @@ class Bench:
         with open(conf, "w") as f:
             f.write(f"nft_table: {self.table}\nnft_masquerade_all: {str(self.args.masquerade_all).lower()}\n"
                     "drain_seconds: 0\nlog_level: WARNING\n")
-        self.switch_proc = self.cluster._spawn("switch", [sys.executable, "-m", "soda.switch.main", "--master",
-                                                          self.cluster.master_addr, "--config", conf])
+        self.switch_proc = self.cluster.start_switch("--config", conf)
         for path in ("userspace", "kernel"):
             wait_until(lambda: self.get(f"http://127.0.0.1:{self.ports[path]}/").startswith("hello")
                        or self.switch_proc.poll() is not None, 30, what=f"the Switch to route {path}")

@@ -14,8 +14,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
-import yaml
-
 from soda.errors import InvalidSpec
 
 T = TypeVar("T")
@@ -24,9 +22,38 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """A party's TLS files, made by `sodactl pki`: the cluster CA's
+    certificate, and this party's own certificate and key. All three or
+    none; none means plaintext, which only a Master started with
+    --insecure on loopback accepts."""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert or self.key)
+
+
+@dataclass(frozen=True)
 class MasterConfig:
     listen: str = "127.0.0.1:7070"
+    # Mutual TLS on every connection (soda.master.access); `crl` is the
+    # CA's revocation list ("" = crl.pem beside tls.ca), reloaded when it
+    # changes. `insecure`: plaintext and every caller an operator, refused
+    # unless every listen address is loopback (development only).
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    crl: str = ""
+    insecure: bool = False
     state_dir: str = "/var/lib/soda/master"
+    # The largest image a push may announce; a larger one is refused before
+    # its content is sent.
+    image_max_bytes: int = 64 << 30
+    # Free space the Master keeps on its state dir's filesystem (the store
+    # and its journal live there too); a push that would eat into it is
+    # refused, before it starts and while it runs.
+    image_reserve_bytes: int = 1 << 30
     # Cluster address range; every physical node gets its own /node_prefix.
     cluster_cidr: str = "10.233.0.0/16"
     node_prefix: int = 24
@@ -49,6 +76,8 @@ class CapacityConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     master: str = "127.0.0.1:7070"
+    # This node's certificate (sodactl pki issue agent NAME) and the CA.
+    tls: TlsConfig = field(default_factory=TlsConfig)
     name: str = ""                     # default: the host name
     # Where other hosts reach this node; "" = the address of the interface
     # that carries the default route, found at start (soda.agent.address).
@@ -147,6 +176,7 @@ def load(cls: type[T], path: str | None) -> T:
     """Read `path` (YAML) into `cls`; no path means all defaults."""
     if not path:
         return cls()
+    import yaml         # here, not at the top: sodactl reads no config file, and starts faster
     try:
         with open(path) as f:
             data = yaml.safe_load(f)

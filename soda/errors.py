@@ -50,6 +50,20 @@ class NoCapacity(SodaError):
         self.resource = resource
 
 
+class QuotaExceeded(NoCapacity):
+    """A tenant's quota has no room for the request: names the quota."""
+
+
+class PermissionDenied(SodaError):
+    """The caller is who it says it is, but may not do this: names the
+    identity and the action."""
+
+
+class Unauthenticated(SodaError):
+    """The caller did not prove who it is: no certificate, one from another
+    CA, expired or revoked."""
+
+
 class TemporaryError(SodaError):
     """Try again later: a peer is down or busy."""
 

@@ -29,7 +29,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -99,6 +99,34 @@ def identity_of(cert: x509.Certificate) -> Identity:
         raise InvalidSpec(f"the certificate names {len(uris)} SODA identities, not one")
     role, _, name = uris[0][len(SCHEME) + 3:].partition("/")
     return check_name(role, name)
+
+
+def identity_of_file(path: str) -> Identity:
+    """Who the PEM certificate at `path` says it is (InvalidSpec if it
+    cannot be read or names no SODA identity)."""
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except OSError as exc:
+        raise InvalidSpec(f"cannot read certificate {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InvalidSpec(f"{path} is not a PEM certificate ({exc})") from None
+    return identity_of(cert)
+
+
+def own_name(role: str, configured: str, cert: str, fallback: Callable[[], str]) -> str:
+    """The name a daemon of `role` goes by: its certificate's when it has
+    one (a configured name must then agree), else `configured`, else
+    `fallback()` (the host name)."""
+    if not cert:
+        return configured or fallback()
+    identity = identity_of_file(cert)
+    if identity.role != role:
+        raise InvalidSpec(f"{cert} is the certificate of {identity}, not of a {role}")
+    if configured and configured != identity.name:
+        raise InvalidSpec(f"name {configured!r} but the certificate {cert} is {identity}: the Master "
+                          f"would refuse every call (leave the name out, or issue a certificate for it)")
+    return identity.name
 
 
 class CertificateAuthority:

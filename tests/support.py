@@ -1,8 +1,11 @@
-"""Helpers shared by every test tier: images, free ports, in-process Master."""
+"""Helpers shared by every test tier: images, free ports, the tests' PKI,
+in-process Master."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -40,8 +43,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@functools.lru_cache(maxsize=None)
+def cluster_ca():
+    """One cluster CA for this test process (soda.pki), removed at exit:
+    every in-process Master of the tests serves mutual TLS with it."""
+    from soda import pki
+    path = tempfile.mkdtemp(prefix="soda-test-pki-")
+    atexit.register(shutil.rmtree, path, True)
+    ca = pki.CertificateAuthority(os.path.join(path, "ca"))
+    ca.init("tests")
+    return ca
+
+
+@functools.lru_cache(maxsize=None)
+def tls_for(role: str = "operator", name: str = "tests") -> soda_config.TlsConfig:
+    """The TLS files of ROLE NAME, issued once per test process by cluster_ca()."""
+    ca = cluster_ca()
+    issued = ca.issue(role, name, hosts=["127.0.0.1", "localhost"] if role == "master" else ())
+    return soda_config.TlsConfig(ca=ca.file("ca.crt"), cert=ca.file(issued.cert), key=ca.file(issued.key))
+
+
+def master_client(target: str, role: str = "operator", name: str = "tests", **kwargs):
+    """A MasterClient of the tests' ROLE NAME (an operator unless told)."""
+    from soda.rpc.client import MasterClient
+    return MasterClient(target, tls=tls_for(role, name), **kwargs)
+
+
+def master_channel(target: str, role: str = "operator", name: str = "tests"):
+    """A raw gRPC channel to a Master of the tests, as ROLE NAME."""
+    from soda.rpc import tls
+    return tls.channel(target, tls.read(tls_for(role, name)))
+
+
 def master_config(state_dir: str, **overrides) -> soda_config.MasterConfig:
-    return soda_config.MasterConfig(listen="127.0.0.1:0", state_dir=state_dir, **overrides)
+    """An in-process Master's config: TLS with the tests' CA unless told
+    (insecure=True for plaintext on loopback)."""
+    if not overrides.get("insecure"):
+        overrides.setdefault("tls", tls_for("master", "m1"))
+        overrides.setdefault("crl", cluster_ca().file("crl.pem"))
+    overrides.setdefault("listen", "127.0.0.1:0")
+    return soda_config.MasterConfig(state_dir=state_dir, **overrides)
 
 
 def start_master(state_dir: str, **overrides):

@@ -30,6 +30,7 @@ from soda.agent.policy import PolicyFollower
 from soda.agent.plumbing import GuestPlumbing, NodePlumbing
 from soda.agent.reconciler import Reconciler
 from soda.agent.uids import GuestUids, parse_uid_range
+from soda import pki
 from soda.config import LOG_LEVELS, AgentConfig, build_section, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
@@ -39,6 +40,7 @@ from soda.model.state import DriverCapabilities, Node
 from soda.routing import HostRoutes, RouteFollower
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
+from soda.rpc import tls as soda_tls
 from soda.service import (EXIT_FAILURE, EXIT_USAGE, configure, forbid_fork, refuse, sd_notify,
                           stop_event_on_signals)
 
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-uid-drop", dest="guest_uid_drop", action="store_false", default=None,
                         help="run guests' VMMs as root (only to measure what the uid drop costs)")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
+    soda_tls.add_flags(parser)
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS)
     parser.add_argument("--teardown", action="store_true",
                         help="do not run: remove what Agents of this config made on this host for "
@@ -122,6 +125,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
 
     def check(config: AgentConfig) -> AgentConfig:
         # --label adds to the file's labels (a key in both takes the flag's value).
+        config = soda_tls.apply_flags(config, args)
         return check_config(dataclasses.replace(config, labels={**config.labels, **flag_labels}))
     return effective(AgentConfig, args.config, check, master=args.master, name=args.name,
                      address=args.address, state_dir=args.state_dir, hypervisors=hypervisors,
@@ -131,7 +135,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
 
 
 def check_config(config: AgentConfig) -> AgentConfig:
-    name = config.name or default_node_name()
+    soda_tls.read(config.tls, "soda-agent")        # whole and readable, or refused now
+    name = pki.own_name("agent", config.name, config.tls.cert, default_node_name)
     check_dns_label("node", name, NODE_NAME_MAX)
     labels = check_labels(config.labels)
     if not config.master:
@@ -240,7 +245,7 @@ def follow_routes(config: AgentConfig, routes: HostRoutes | None) -> RouteFollow
     closes it; the Agent's session closes its own)."""
     if routes is None:
         return None
-    follower = RouteFollower(MasterClient(config.master), routes)
+    follower = RouteFollower(MasterClient(config.master, tls=config.tls), routes)
     follower.start()
     return follower
 
@@ -250,7 +255,7 @@ def follow_policy(config: AgentConfig, network: NodeNetwork | None) -> PolicyFol
     sets, on a channel of its own (stopping the follower closes it)."""
     if network is None or network.policy is None:
         return None
-    follower = PolicyFollower(MasterClient(config.master), network.policy, network.policy_scope)
+    follower = PolicyFollower(MasterClient(config.master, tls=config.tls), network.policy, network.policy_scope)
     follower.start()
     return follower
 
@@ -365,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     # From here on gRPC threads may be alive: a fork (pyroute2 entering a
     # namespace from a new thread did this) could abort the child and the Agent.
     forbid_fork("soda-agent talks gRPC; netlink runs on its own threads (soda.netlink)")
-    client = MasterClient(config.master)
+    client = MasterClient(config.master, tls=config.tls)
     try:
         agent = build_agent(config, client, stop, network, drivers)
     except OSError as exc:

@@ -74,6 +74,7 @@ def service_to_dict(service: model.Service) -> dict:
         "network": spec.network.as_dict(),
         "state": Rollout.of(service).state,
         "deleting": service.deleting,
+        "owner": owner_text(service.owner),
         "created_at": timestamp(service.created_at),
         "vnodes": [vnode_to_dict(v) for v in _by_index(service.vnodes)],
     }
@@ -126,8 +127,35 @@ def image_to_dict(image: model.Image) -> dict:
         "names": list(image.names),
         "size": image.size,
         "init": image.init,
+        "owners": list(image.owners),
+        "public": image.public,
         "created_at": timestamp(image.created_at),
     }
+
+
+def owner_text(owner: str) -> str:
+    """Who owns a service: its tenant, or the operators."""
+    return owner or "(operators)"
+
+
+def tenant_to_dict(tenant: model.Tenant) -> dict:
+    return {"name": tenant.name, "quota": tenant.quota.as_dict(), "usage": tenant.usage.as_dict(),
+            "services": tenant.services, "images": tenant.images}
+
+
+def tenants_table(tenants: Iterable[model.Tenant]) -> str:
+    """Each quota as USED/LIMIT (no limit: USED/-)."""
+    def cell(t: model.Tenant, name: str) -> str:
+        used, limit = getattr(t.usage, name), getattr(t.quota, name)
+        shown = format_bytes(used) if name == "image_bytes" else f"{used:g}"
+        if limit is None:
+            return f"{shown}/-"
+        return f"{shown}/{format_bytes(limit) if name == 'image_bytes' else f'{limit:g}'}"
+
+    rows = [(t.name, t.services, t.images) + tuple(cell(t, name) for name in model.QUOTA_FIELDS)
+            for t in tenants]
+    return format_table(("NAME", "SERVICES", "IMAGES")
+                        + tuple(name.upper().replace("_", "-") for name in model.QUOTA_FIELDS), rows)
 
 
 def render(data: Any, output: str, table: Callable[[], str]) -> str:
@@ -281,8 +309,8 @@ def services_table(services: Iterable[model.Service]) -> str:
     for service in services:
         rollout = Rollout.of(service)
         rows.append((service.name, f"{len(rollout.running)}/{rollout.wanted}", service.spec.image,
-                     rollout.state))
-    return format_table(("NAME", "NODES", "IMAGE", "STATE"), rows)
+                     rollout.state, owner_text(service.owner)))
+    return format_table(("NAME", "NODES", "IMAGE", "STATE", "OWNER"), rows)
 
 
 def nodes_table(nodes: Iterable[model.Node]) -> str:
@@ -301,12 +329,13 @@ def nodes_table(nodes: Iterable[model.Node]) -> str:
 
 
 def images_table(images: Iterable[model.Image]) -> str:
-    rows = [(short_digest(i.digest), ",".join(i.names), format_bytes(i.size), timestamp(i.created_at))
+    rows = [(short_digest(i.digest), ",".join(i.names), format_bytes(i.size), timestamp(i.created_at),
+             ",".join(i.owners) or "(operators)", "yes" if i.public else "no")
             for i in images]
-    return format_table(("DIGEST", "NAMES", "SIZE", "CREATED"), rows)
+    return format_table(("DIGEST", "NAMES", "SIZE", "CREATED", "OWNERS", "PUBLIC"), rows)
 
 
-def listing_order(item: model.Service | model.Node | model.Image) -> tuple:
+def listing_order(item: model.Service | model.Node | model.Image | model.Tenant) -> tuple:
     """The order lists are shown in, the same for tables and json/yaml."""
     if isinstance(item, model.Image):
         return (item.names[:1], item.digest)

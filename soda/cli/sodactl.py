@@ -27,7 +27,9 @@ from soda import errors, model, pki
 from soda.cli import output, specs
 from soda.cli.progress import ByteProgress, StatusLine
 from soda.cli.wait import DEFAULT_TIMEOUT, wait_until_deleted, wait_until_drained, wait_until_running
+from soda.config import TlsConfig
 from soda.rpc.client import DEFAULT_MASTER, MasterClient, sha256_file
+from soda.rpc.tls import ENV as TLS_ENV
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -71,13 +73,15 @@ class Session:
 
     master: str = DEFAULT_MASTER
     output_format: str = "table"
-    connect: Callable[[str], MasterClient] = MasterClient
+    connect: Callable[..., MasterClient] = MasterClient
+    tls: TlsConfig = field(default_factory=TlsConfig)
     _client: MasterClient | None = field(default=None, init=False, repr=False)
 
     @property
     def client(self) -> MasterClient:
         if self._client is None:
-            self._client = self.connect(self.master)
+            self._client = (self.connect(self.master, tls=self.tls) if self.tls.enabled
+                            else self.connect(self.master))
         return self._client
 
     def close(self) -> None:
@@ -163,17 +167,31 @@ def resource_values(**flags: str | None) -> dict[str, specs.PerNodeValue]:
                                                   "max_content_width": 100})
 @click.option("--master", envvar="SODA_MASTER", default=DEFAULT_MASTER, show_default=True,
               metavar="HOST:PORT", help="Address of the SODA Master (env SODA_MASTER).")
+@click.option("--ca", envvar=TLS_ENV["ca"], metavar="FILE",
+              help=f"The cluster CA's certificate (env {TLS_ENV['ca']}).")
+@click.option("--cert", envvar=TLS_ENV["cert"], metavar="FILE",
+              help=f"Your certificate, from sodactl pki issue (env {TLS_ENV['cert']}).")
+@click.option("--key", envvar=TLS_ENV["key"], metavar="FILE",
+              help=f"Your certificate's key (env {TLS_ENV['key']}).")
 @click.option("-o", "--output", "output_format", type=click.Choice(output.OUTPUT_FORMATS), default="table",
               show_default=True, help="Output format: a table for people, json or yaml for scripts.")
 @click.version_option(package_name="soda", prog_name="sodactl")
 @click.pass_context
-def cli(ctx: click.Context, master: str, output_format: str) -> None:
+def cli(ctx: click.Context, master: str, ca: str | None, cert: str | None, key: str | None,
+        output_format: str) -> None:
     """Operate a SODA platform: physical nodes, images and services.
 
+    The Master takes mutual TLS: give the CA, your certificate and its key
+    (--ca/--cert/--key or SODA_CA/SODA_CERT/SODA_KEY); an operator's
+    certificate may do everything, a tenant's only with its own services
+    and images. Without them sodactl speaks plaintext, which only a Master
+    started with --insecure on loopback takes.
+
     Data goes to stdout, progress and errors to stderr. Exit status: 0 ok,
-    1 error, 2 usage error, 3 no room on the platform."""
+    1 error, 2 usage error, 3 no room on the platform or over a quota."""
     session = ctx.ensure_object(Session)
     session.master = master
+    session.tls = TlsConfig(ca=ca or "", cert=cert or "", key=key or "")
     session.output_format = output_format
     ctx.call_on_close(session.close)
 
@@ -260,10 +278,14 @@ def image() -> None:
 @click.option("--name", metavar="NAME", help="Name for the image; its sha256 digest always works too.")
 @click.option("--init", metavar="PATH",
               help="Init the guest starts instead of /sbin/init (a path inside the image).")
+@click.option("--public", is_flag=True, help="Every tenant may use it (operators only).")
 @output_option
 @click.pass_obj
-def image_push(session: Session, file: str, name: str | None, init: str | None) -> None:
-    """Upload the raw ext4 root filesystem FILE; prints its name and digest."""
+def image_push(session: Session, file: str, name: str | None, init: str | None, public: bool) -> None:
+    """Upload the raw ext4 root filesystem FILE; prints its name and digest.
+
+    A tenant's push is its own image (and counts against its image-bytes
+    quota); an operator's is the operators', seen by tenants with --public."""
     if name is not None:
         model.check_image_name(name)
     size = specs.file_size(file)
@@ -274,7 +296,7 @@ def image_push(session: Session, file: str, name: str | None, init: str | None) 
         status.finish(f"hashed {file}: {output.format_bytes(size)} in {time.monotonic() - started:.1f}s")
         started = time.monotonic()
         pushed = client.push_image(file, name=name or "", init=init or "",
-                                   progress=ByteProgress(status, "uploading"), digest=digest)
+                                   progress=ByteProgress(status, "uploading"), digest=digest, public=public)
         elapsed = time.monotonic() - started
         rate = f", {output.format_bytes(int(size / elapsed))}/s" if elapsed > 0 else ""
         status.finish(f"uploaded {output.format_bytes(size)} in {elapsed:.1f}s{rate}")
@@ -497,6 +519,63 @@ def issued_to_dict(entry: pki.Issued, directory: str) -> dict:
     return {"serial": f"{entry.serial:x}", "role": entry.role, "name": entry.name,
             "state": entry.state(), "not_after": entry.not_after, "revoked_at": entry.revoked_at or None,
             "key": os.path.join(directory, entry.key), "cert": os.path.join(directory, entry.cert)}
+
+
+@cli.group()
+def tenant() -> None:
+    """ASP tenants: their quotas and what they use.
+
+    A tenant is who a certificate soda://tenant/NAME names (sodactl pki
+    issue tenant NAME); it sees and changes only its own services and
+    images. A request that would take it over a quota is refused (exit 3)."""
+
+
+@tenant.command("list")
+@output_option
+@click.pass_obj
+def tenant_list(session: Session) -> None:
+    """Tenants with what they use against their quota (USED/LIMIT; - = no limit)."""
+    session.emit_list(session.client.list_tenants(), output.tenant_to_dict, output.tenants_table)
+
+
+def _quota_options(command: Callable) -> Callable:
+    for name, (unit, what) in reversed(model.QUOTA_FIELDS.items()):
+        flag = name.replace("_", "-")
+        command = click.option(f"--{flag}", name, metavar=(unit or "COUNT").upper(),
+                               type=float if name == "cpu" else click.IntRange(min=0),
+                               help=f"Limit of the {what}.")(command)
+    return command
+
+
+@tenant.command("set-quota")
+@click.argument("name")
+@_quota_options
+@click.option("--unlimited", multiple=True, type=click.Choice([n.replace("_", "-") for n in model.QUOTA_FIELDS]),
+              help="Lift this limit (repeatable).")
+@click.option("--clear", is_flag=True, help="Remove the whole quota: the tenant is not limited.")
+@output_option
+@click.pass_obj
+def tenant_set_quota(session: Session, name: str, unlimited: tuple[str, ...], clear: bool,
+                     **limits: float | int | None) -> None:
+    """Set limits of tenant NAME; limits not given stay as they were.
+
+    \b
+    sodactl tenant set-quota acme --cpu 4 --memory 8192 --vnodes 8 --image-bytes 10000000000
+    sodactl tenant set-quota acme --unlimited cpu
+    sodactl tenant set-quota acme --clear"""
+    model.check_tenant_name(name)
+    given = {k: v for k, v in limits.items() if v is not None}
+    if clear and (given or unlimited):
+        raise click.UsageError("--clear removes the whole quota: give no limits with it")
+    if not clear and not given and not unlimited:
+        raise click.UsageError("give at least one limit (e.g. --cpu 4), --unlimited FIELD or --clear")
+    quota = None
+    if not clear:
+        current = next((t.quota for t in session.client.list_tenants() if t.name == name), model.Quota())
+        values = {**current.as_dict(), **given, **{u.replace("-", "_"): None for u in unlimited}}
+        quota = model.Quota(**values)
+    updated = session.client.set_quota(name, quota)
+    session.emit(output.tenant_to_dict(updated), lambda: output.tenants_table([updated]))
 
 
 def issued_table(entries: Sequence[pki.Issued]) -> str:

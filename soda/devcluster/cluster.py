@@ -49,7 +49,8 @@ from soda.devcluster.supervisor import (EXITED, FAILED, RUNNING, PartState, Rest
                                         describe_exit)
 from soda import command
 from soda.addresses import split_host_port
-from soda.devcluster import fabric
+from soda.config import TlsConfig
+from soda.devcluster import credentials, fabric
 from soda.netns import netns_preexec
 from soda.files import remove_path, write_json_atomic
 from soda.netns import NETNS_DIR
@@ -61,7 +62,7 @@ STATE_FILE = "cluster.json"
 LOG_DIR = "logs"
 SUPERVISOR_LOG = "supervisor.log"
 # What the cluster makes in its state dir; `down` removes these and nothing else.
-OWNED = ("master", "agent", "daemon.sock", STATE_FILE)
+OWNED = ("master", "agent", "daemon.sock", STATE_FILE, credentials.PKI_DIR)
 PARTS = ("master", "daemon", "agent", "switch")            # start order
 CGROUP_ROOT = "/sys/fs/cgroup"
 COMMAND_TIMEOUT = 10.0            # an ip(8) call
@@ -94,6 +95,9 @@ class ClusterConfig:
     ready_timeout: float = 60.0
     nodes: int = 1                            # > 1: each a namespace on a fabric
     fabric_cidr: str = "10.231.0.0/24"        # the fabric's addresses (several nodes)
+    # Mutual TLS between the parts, with the cluster's own CA
+    # (soda.devcluster.credentials); False: the Master runs --insecure.
+    tls: bool = True
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -199,6 +203,11 @@ class LocalCluster:
             teardown(self.state_dir)
         shutil.rmtree(self.log_dir, ignore_errors=True)
         os.makedirs(self.log_dir)
+        if self.config.tls:
+            hosts = [credentials.host_of(self.config.master_addr)]
+            if self.layout is not None:
+                hosts.append(self.layout.gateway)
+            credentials.ensure(self.state_dir, hosts, self.node_names)
         self._state = {"phase": "starting", "config": self.config.as_dict(), "supervisor": None,
                        "parts": {}}
         self._save()
@@ -225,7 +234,7 @@ class LocalCluster:
             else:
                 self._make_netns()
             from soda.rpc.client import MasterClient
-            self._master = MasterClient(self.config.master_addr, timeout=5.0)
+            self._master = MasterClient(self.config.master_addr, timeout=5.0, tls=self.client_tls)
             for name in self.parts:
                 if name.startswith("daemon"):
                     with contextlib.suppress(FileNotFoundError):
@@ -269,6 +278,20 @@ class LocalCluster:
         return time.monotonic() - began
 
     # ---- parts ----------------------------------------------------------
+    @property
+    def node_names(self) -> list[str]:
+        return ([h.name for h in self.layout.hosts] if self.layout is not None else [self.config.node])
+
+    @property
+    def client_tls(self) -> TlsConfig | None:
+        """The operator's TLS files (what sodactl uses), None without TLS."""
+        return credentials.operator_tls(self.state_dir) if self.config.tls else None
+
+    def _tls_flags(self, role: str, name: str) -> list[str]:
+        if not self.config.tls:
+            return ["--insecure"] if role == "master" else []
+        return credentials.flags(credentials.tls_of(self.state_dir, role, name))
+
     def host_of(self, name: str) -> fabric.Host | None:
         """The fabric host a part runs on (None: this host's root namespace)."""
         if self.layout is None or "-" not in name:
@@ -295,7 +318,8 @@ class LocalCluster:
             extra = ["--cluster-cidr", c.cluster_cidr] if c.cluster_cidr else []
             listen = c.master_addr if self.layout is None else f"{c.master_addr},{self.fabric_master}"
             return [py, "-m", "soda.master.main", "--listen", listen,
-                    "--state-dir", os.path.join(self.state_dir, "master"), *extra, *c.master_args]
+                    "--state-dir", os.path.join(self.state_dir, "master"), *extra,
+                    *self._tls_flags("master", credentials.MASTER), *c.master_args]
         host = self.host_of(name)
         if host is not None:
             # Inside the host's namespace: its own network, nothing to name.
@@ -306,17 +330,18 @@ class LocalCluster:
                 return [py, "-m", "soda.agent.main", "--master", self.fabric_master, "--name", host.name,
                         "--address", host.address, "--state-dir", self.agent_dir_of(name),
                         "--hypervisor", c.hypervisor, "--daemon-socket", self._daemon_socket(name),
-                        *c.agent_args]
+                        *self._tls_flags("agent", host.name), *c.agent_args]
         if name == "daemon":
             return [py, "-m", "soda.daemon.main", "--socket", self.daemon_socket, "--netns", c.netns,
                     "--cgroup-parent", c.cgroup_parent, *c.daemon_args]
         if name == "agent":
             return [py, "-m", "soda.agent.main", "--master", c.master_addr, "--name", c.node,
                     "--state-dir", self.agent_dir, "--hypervisor", c.hypervisor, "--netns", c.netns,
-                    "--daemon-socket", self.daemon_socket, *c.agent_args]
+                    "--daemon-socket", self.daemon_socket, *self._tls_flags("agent", c.node), *c.agent_args]
         if name == "switch":
             extra = [] if c.switch_metrics is None else ["--metrics-listen", c.switch_metrics]
-            return [py, "-m", "soda.switch.main", "--master", c.master_addr, *extra, *c.switch_args]
+            return [py, "-m", "soda.switch.main", "--master", c.master_addr, *extra,
+                    *self._tls_flags("switch", credentials.SWITCH), *c.switch_args]
         raise KeyError(name)
 
     def log_path(self, name: str) -> str:
@@ -504,7 +529,8 @@ def teardown(state_dir: str, children: dict[str, subprocess.Popen] | None = None
     ids = {name: recorded(state, name) for name in state.get("parts", {})}
     running = {name for name, pid in ids.items() if pid is not None and pid.matches()}
     if "master" in running and any(name.startswith("agent") for name in running):
-        _delete_services(config["master_addr"])
+        _delete_services(config["master_addr"],
+                         credentials.operator_tls(state_dir) if config.get("tls", True) else None)
     for name in reversed(part_names(layout)):
         pid = ids.get(name)
         if pid is not None:
@@ -536,13 +562,13 @@ def teardown(state_dir: str, children: dict[str, subprocess.Popen] | None = None
     return True
 
 
-def _delete_services(master_addr: str) -> None:
+def _delete_services(master_addr: str, tls: TlsConfig | None) -> None:
     """Deleting the services has the Agent stop its guests and the Daemon
     release their fences, the clean way; what it misses is swept after."""
     from soda.errors import SodaError
     from soda.rpc.client import MasterClient
     try:
-        with MasterClient(master_addr, timeout=10.0) as master:
+        with MasterClient(master_addr, timeout=10.0, tls=tls) as master:
             for service in master.list_services():
                 log.info("deleting service %s", service.name)
                 master.delete_service(service.name)

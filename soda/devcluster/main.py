@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
 from soda import service
+from soda.devcluster import credentials
 from soda.devcluster.cluster import (LOG_DIR, STATE_FILE, SUPERVISOR_LOG, ClusterConfig, ClusterError,
                                      LocalCluster, is_live, layout_of, load_state, part_names, recorded,
                                      supervisor_of, teardown)
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 "with backoff).")
     p.add_argument("--state-dir", default=os.environ.get("SODA_DEVCLUSTER_DIR", ".devcluster"),
                    help="where the record, the logs and the parts' state live (default .devcluster)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{up,run,status,down}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{up,run,status,env,down}")
     for name, what in (("up", "start in the background and wait until every part serves"),
                        ("run", "start in the foreground; SIGTERM or Ctrl-C takes it down"),
                        ("supervise", None)):          # what `up` runs in the background
@@ -64,7 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="where the Switch serves /metrics (default: the Switch's; \"\": nowhere)")
         s.add_argument("--timeout", type=float, default=UP_TIMEOUT, help=argparse.SUPPRESS
                        if name == "supervise" else "seconds to wait for every part (default 300)")
+        s.add_argument("--insecure", action="store_true",
+                       help="no TLS: the Master serves plaintext on loopback, every caller an operator")
     sub.add_parser("status", help="what runs, what died (with its exit status), what was given up")
+    sub.add_parser("env", help="print the shell exports that point sodactl at the cluster as its "
+                   "operator: eval \"$(soda-devcluster env)\"")
     d = sub.add_parser("down", help="delete the services, stop every part and guest, remove the "
                        "namespace and cgroups; the logs stay")
     d.add_argument("--timeout", type=float, default=DOWN_TIMEOUT,
@@ -76,13 +82,15 @@ def config_from(args: argparse.Namespace) -> ClusterConfig:
     return ClusterConfig(state_dir=os.path.abspath(args.state_dir), master_addr=args.master, node=args.node,
                          netns=args.netns, cgroup_parent=args.cgroup_parent, hypervisor=args.hypervisor,
                          cluster_cidr=args.cluster_cidr, switch_metrics=args.switch_metrics,
-                         ready_timeout=args.timeout, nodes=args.nodes, fabric_cidr=args.fabric_cidr)
+                         ready_timeout=args.timeout, nodes=args.nodes, fabric_cidr=args.fabric_cidr,
+                         tls=not args.insecure)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     service.setup_logging("INFO", "soda-devcluster")
-    return {"up": up, "run": run, "supervise": supervise, "status": status, "down": down}[args.command](args)
+    return {"up": up, "run": run, "supervise": supervise, "status": status, "env": env,
+            "down": down}[args.command](args)
 
 
 # ---- up / run / supervise ----------------------------------------------------------
@@ -108,7 +116,8 @@ def up(args: argparse.Namespace) -> int:
             "--cgroup-parent", args.cgroup_parent, "--hypervisor", args.hypervisor,
             "--cluster-cidr", args.cluster_cidr, "--timeout", str(args.timeout),
             "--nodes", str(args.nodes), "--fabric-cidr", args.fabric_cidr,
-            *([] if args.switch_metrics is None else ["--switch-metrics", args.switch_metrics])]
+            *([] if args.switch_metrics is None else ["--switch-metrics", args.switch_metrics]),
+            *(["--insecure"] if args.insecure else [])]
     with open(log_path, "ab") as out:
         # Its own session: the terminal's Ctrl-C and hangup do not reach the cluster.
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -165,6 +174,25 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     took = cluster.down()
     print(f"cluster taken down in {took:.1f} s; logs in {cluster.log_dir}")
+    return 0
+
+
+# ---- env ---------------------------------------------------------------------------
+
+def env(args: argparse.Namespace) -> int:
+    """Shell exports for sodactl: the cluster's Master, and its operator's
+    certificate unless the cluster runs without TLS."""
+    state_dir = os.path.abspath(args.state_dir)
+    state = load_state(state_dir)
+    if state is None:
+        print(f"soda-devcluster: no cluster is up in {state_dir}", file=sys.stderr)
+        return NOT_UP
+    config = state.get("config", {})
+    exports = {"SODA_MASTER": config.get("master_addr", "")}
+    if config.get("tls", True):
+        exports.update(credentials.operator_env(state_dir))
+    for key, value in exports.items():
+        print(f"export {key}={shlex.quote(value)}")
     return 0
 
 

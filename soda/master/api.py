@@ -1,23 +1,30 @@
 """The Master's gRPC servicer: decode, call the Controller, encode.
 
 No validation, placement or policy lives here; errors become gRPC status
-codes through soda.rpc.errors.handle_errors. Watch streams wait on the
+codes through soda.rpc.errors.handle_errors. Who may call what was decided
+by soda.master.access before a method runs; a method only passes the
+caller on (`_tenant`, `access.caller`) to the Controller, which applies
+what a tenant owns. Watch streams wait on the
 Controller's notifier and end when the client goes away or the Master stops.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+import grpc
 
 from soda import model
-from soda.errors import InvalidSpec, NotFound
+from soda.errors import InvalidSpec, NotFound, PermissionDenied, Unauthenticated
+from soda.pki import Identity
+from soda.master import access
 from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICES_TOPIC, Controller,
                                     node_topic, service_topic)
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert
-from soda.rpc.errors import handle_errors
+from soda.rpc.errors import handle_errors, status_code
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +32,116 @@ log = logging.getLogger(__name__)
 WATCH_POLL_SECONDS = 1.0
 
 
+class AccessInterceptor(grpc.ServerInterceptor):
+    """Runs before every handler: authenticate, authorize, audit."""
+
+    def __init__(self, authenticator: access.Authenticator):
+        self.authenticator = authenticator
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        action = method.rsplit("/", 1)[-1]
+        mutating = method.startswith(access.MASTER_SERVICE) and action in access.MUTATING
+        if handler.request_streaming and handler.response_streaming:
+            inner_bidi = handler.stream_stream
+
+            def stream_stream(requests, context):
+                self._admit(context, method, None)
+                yield from inner_bidi(requests, context)
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.request_streaming:
+            inner = handler.stream_unary
+
+            def stream_unary(requests, context):
+                identity = self._admit(context, method, None)
+                first: list = []
+
+                def peeked():
+                    for request in requests:
+                        if not first:
+                            first.append(request)
+                        yield request
+                return self._run(lambda: inner(peeked(), context), context, identity, action,
+                                 lambda: _header_object(first), mutating)
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            def unary_stream(request, context):
+                self._admit(context, method, request)
+                yield from inner_stream(request, context)
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        inner_unary = handler.unary_unary
+
+        def unary_unary(request, context):
+            identity = self._admit(context, method, request)
+            return self._run(lambda: inner_unary(request, context), context, identity, action,
+                             lambda: access.object_of(request), mutating)
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _admit(self, context, method: str, request: Any) -> Identity:
+        """The caller, allowed to make this call; aborts the call if not."""
+        action = method.rsplit("/", 1)[-1]
+        try:
+            identity = self.authenticator.identify(context)
+        except Unauthenticated as exc:
+            access.record(None, action, access.object_of(request), "UNAUTHENTICATED", exc.message)
+            context.abort(status_code(exc), exc.message)
+        try:
+            access.authorize(identity, method, request)
+        except PermissionDenied as exc:
+            access.record(identity, action, access.object_of(request), "PERMISSION_DENIED", exc.message)
+            context.abort(status_code(exc), exc.message)
+        context.soda_identity = identity           # for the servicer: see caller()
+        return identity
+
+    @staticmethod
+    def _run(call: Callable[[], Any], context, identity: Identity, action: str,
+             obj: Callable[[], str], mutating: bool):
+        try:
+            reply = call()
+        except BaseException:
+            code = context.code() if hasattr(context, "code") else None
+            outcome = getattr(code, "name", None) or "ERROR"
+            if mutating or outcome == "PERMISSION_DENIED":
+                access.record(identity, action, obj(), outcome, _details(context))
+            raise
+        if mutating:
+            access.record(identity, action, obj(), "OK")
+        return reply
+
+
+def _header_object(first: list) -> str:
+    if not first or not first[0].HasField("header"):
+        return ""
+    return first[0].header.name or first[0].header.digest
+
+
+def _details(context) -> str:
+    details = context.details() if hasattr(context, "details") else ""
+    return details.decode() if isinstance(details, bytes) else (details or "")
+
+
 class MasterServicer(pb_grpc.MasterServicer):
     def __init__(self, controller: Controller, heartbeat_seconds: int):
         self.controller = controller
         self.notifier = controller.notifier
         self.heartbeat_seconds = heartbeat_seconds
+
+    @staticmethod
+    def _tenant(context) -> str | None:
+        return access.tenant_of(access.caller(context))
 
     def _watch(self, topic: str, context) -> Iterator[None]:
         """Yield once now, then once per change of `topic`, while the client listens."""
@@ -44,26 +156,28 @@ class MasterServicer(pb_grpc.MasterServicer):
     # ---- services -----------------------------------------------------
     @handle_errors
     def CreateService(self, request, context):
-        return convert.service_to_pb(self.controller.create_service(convert.spec_from_pb(request.spec)))
+        return convert.service_to_pb(self.controller.create_service(convert.spec_from_pb(request.spec),
+                                                                    self._tenant(context)))
 
     @handle_errors
     def GetService(self, request, context):
-        return convert.service_to_pb(self.controller.get_service(request.name))
+        return convert.service_to_pb(self.controller.get_service(request.name, self._tenant(context)))
 
     @handle_errors
     def ListServices(self, request, context):
-        return pb.ListServicesResponse(services=[convert.service_to_pb(s)
-                                                 for s in self.controller.list_services()])
+        return pb.ListServicesResponse(services=[convert.service_to_pb(s) for s in
+                                                 self.controller.list_services(self._tenant(context))])
 
     @handle_errors
     def DeleteService(self, request, context):
-        return convert.service_to_pb(self.controller.delete_service(request.name))
+        return convert.service_to_pb(self.controller.delete_service(request.name, self._tenant(context)))
 
     @handle_errors
     def ResizeService(self, request, context):
         nodes = None if request.nodes < 0 else request.nodes
         resources = [convert.resources_from_pb(r) for r in request.resources]
-        return convert.service_to_pb(self.controller.resize_service(request.name, nodes, resources))
+        return convert.service_to_pb(self.controller.resize_service(request.name, nodes, resources,
+                                                                    self._tenant(context)))
 
     @handle_errors
     def EnsureNodes(self, request, context):
@@ -75,13 +189,14 @@ class MasterServicer(pb_grpc.MasterServicer):
 
     @handle_errors
     def WatchServices(self, request, context):
+        tenant = self._tenant(context)
         if request.name:
-            self.controller.get_service(request.name)     # NOT_FOUND before streaming
+            self.controller.get_service(request.name, tenant)     # NOT_FOUND before streaming
         topic = service_topic(request.name) if request.name else SERVICES_TOPIC
         last: dict[str, pb.Service] = {}
         for _ in self._watch(topic, context):
-            services = ([self._maybe_service(request.name)] if request.name
-                        else self.controller.list_services())
+            services = ([self._maybe_service(request.name, tenant)] if request.name
+                        else self.controller.list_services(tenant))
             current = {s.name: convert.service_to_pb(s) for s in services if s is not None}
             for name, message in current.items():
                 if last.get(name) != message:
@@ -93,9 +208,9 @@ class MasterServicer(pb_grpc.MasterServicer):
             if request.name and not current:
                 return
 
-    def _maybe_service(self, name: str) -> model.Service | None:
+    def _maybe_service(self, name: str, tenant: str | None) -> model.Service | None:
         try:
-            return self.controller.get_service(name)
+            return self.controller.get_service(name, tenant)
         except NotFound:
             return None
 
@@ -177,24 +292,41 @@ class MasterServicer(pb_grpc.MasterServicer):
                 if part.HasField("header"):
                     raise InvalidSpec("an image push carries one header, first")
                 yield part.chunk
-        image = self.controller.push_image(header.name, header.size, header.digest, header.init, chunks())
+        image = self.controller.push_image(header.name, header.size, header.digest, header.init, chunks(),
+                                           self._tenant(context), public=header.public)
         return convert.image_to_pb(image)
 
     @handle_errors
     def ListImages(self, request, context):
-        return pb.ListImagesResponse(images=[convert.image_to_pb(i) for i in self.controller.list_images()])
+        return pb.ListImagesResponse(images=[convert.image_to_pb(i) for i in
+                                             self.controller.list_images(self._tenant(context))])
 
     @handle_errors
     def DeleteImage(self, request, context):
-        return convert.image_to_pb(self.controller.delete_image(request.image))
+        return convert.image_to_pb(self.controller.delete_image(request.image, self._tenant(context)))
 
     @handle_errors
     def PullImage(self, request, context):
-        for part in self.controller.images.read(request.image):
+        who = access.caller(context)
+        image = self.controller.image_for(request.image, access.tenant_of(who),
+                                          node=who.name if who.role == access.AGENT else None)
+        for part in self.controller.images.read(image.digest):
             if isinstance(part, model.Image):
-                yield pb.PullImageResponse(image=convert.image_to_pb(part))
+                yield pb.PullImageResponse(image=convert.image_to_pb(image))
             else:
                 yield pb.PullImageResponse(chunk=part)
+
+    # ---- tenants ------------------------------------------------------
+    @handle_errors
+    def SetQuota(self, request, context):
+        quota = convert.quota_from_pb(request.quota) if request.HasField("quota") else None
+        return convert.tenant_to_pb(self.controller.set_quota(request.tenant, quota))
+
+    @handle_errors
+    def ListTenants(self, request, context):
+        tenant = self._tenant(context)
+        return pb.ListTenantsResponse(tenants=[convert.tenant_to_pb(t)
+                                               for t in self.controller.list_tenants(only=tenant)])
 
     # ---- endpoints ----------------------------------------------------
     @handle_errors

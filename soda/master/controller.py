@@ -39,7 +39,8 @@ from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from soda import model
 from soda.config import MasterConfig
-from soda.errors import AlreadyExists, Conflict, InvalidSpec, NoCapacity, NotFound, WrongState
+from soda.errors import (AlreadyExists, Conflict, InvalidSpec, NoCapacity, NotFound, PermissionDenied,
+                         WrongState)
 from soda.master import ipam, scheduler
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
@@ -115,11 +116,16 @@ class Controller:
         raise AssertionError("unreachable")
 
     # ---- services -----------------------------------------------------
-    def create_service(self, spec: model.ServiceSpec) -> model.Service:
+    # `tenant` in what follows: the tenant a call acts as (soda.model.tenancy),
+    # which sees and changes only its own; None for the others (operators,
+    # and the Switch's on-demand calls), whose role soda.master.access checked.
+    def create_service(self, spec: model.ServiceSpec, tenant: str | None = None) -> model.Service:
         spec = model.validate_spec(spec)
 
         def work(tx: Transaction) -> list[model.VirtualNode]:
             image = tx.resolve_image(spec.image)
+            _check_image_use(image, tenant, f"use image {spec.image!r}")
+            self._check_quota(tx, tenant, spec)
             for res in spec.resources:
                 model.check_disk_holds_image(res.disk, image)
             if spec.on_demand is not None:      # refused now, not at the first request
@@ -135,7 +141,7 @@ class Controller:
             vnodes = self._place_new(tx, spec, image.digest, list(range(spec.nodes)), spec.resources,
                                      names, {})
             tx.create_service(model.Service(spec=spec, image_digest=image.digest, vnodes=tuple(vnodes),
-                                            created_at=self.clock()))
+                                            created_at=self.clock(), owner=tenant or model.OPERATORS))
             tx.after_commit(functools.partial(self._publish_service, spec.name, {v.node for v in vnodes}))
             return vnodes
 
@@ -190,11 +196,25 @@ class Controller:
             out.append(address)
         return out
 
-    def get_service(self, name: str) -> model.Service:
-        return self._observed(self.store.get_service(name))
+    def get_service(self, name: str, tenant: str | None = None) -> model.Service:
+        return self._observed(_owned(self.store.get_service(name), tenant, "get"))
 
-    def list_services(self) -> list[model.Service]:
-        return [self._observed(s) for s in self.store.list_services()]
+    def list_services(self, tenant: str | None = None) -> list[model.Service]:
+        return [self._observed(s) for s in self.store.list_services()
+                if tenant is None or s.owner == tenant]
+
+    def _check_quota(self, tx: StateReader, tenant: str | None, spec: model.ServiceSpec,
+                     owner: str | None = None) -> None:
+        """Refuse (QuotaExceeded) when the owner's services, with `spec` in
+        place of the service of that name, would go over its quota."""
+        owner = tenant if owner is None else owner
+        if not owner:
+            return
+        quota = tx.quotas().get(owner)
+        if quota is None:
+            return
+        specs = [(o, s) for o, s in tx.list_service_owners() if s.name != spec.name] + [(owner, spec)]
+        model.check_quota(owner, quota, model.usage_of(owner, specs, ()))
 
     # Usage is observed, changes with every heartbeat and is worthless after
     # a restart (the next heartbeat brings it back): kept in memory, never
@@ -233,9 +253,9 @@ class Controller:
                 if name not in reported:
                     self._usage.pop(name, None)
 
-    def delete_service(self, name: str) -> model.Service:
+    def delete_service(self, name: str, tenant: str | None = None) -> model.Service:
         def work(tx: Transaction) -> model.Service:
-            service = tx.get_service(name)
+            service = _owned(tx.get_service(name), tenant, "delete")
             tx.put_service(replace(service, deleting=True))
             # Virtual nodes nobody runs (unplaced, or on a lost node) go at
             # once; the others stay, marked, until their Agent has stopped them.
@@ -275,13 +295,13 @@ class Controller:
         return done
 
     def resize_service(self, name: str, nodes: int | None,
-                       resources: Sequence[model.Resources]) -> model.Service:
-        self._unit_of_work(lambda tx: self._resize(tx, name, nodes, resources))
+                       resources: Sequence[model.Resources], tenant: str | None = None) -> model.Service:
+        self._unit_of_work(lambda tx: self._resize(tx, name, nodes, resources, tenant))
         return self.store.get_service(name)
 
     def _resize(self, tx: Transaction, name: str, nodes: int | None,
-                resources: Sequence[model.Resources]) -> None:
-        service = tx.get_service(name)
+                resources: Sequence[model.Resources], tenant: str | None = None) -> None:
+        service = _owned(tx.get_service(name), tenant, "resize")
         if service.deleting:
             raise WrongState(f"service {name!r} is being deleted")
         # A resize starts from the virtual nodes the service wants: a move
@@ -302,6 +322,8 @@ class Controller:
                         (live[-1].resources if live else _template(service.spec)))
                   for i in range(count)]
         spec = model.validate_spec(replace(service.spec, nodes=count, resources=tuple(wanted)))
+        if count > len(live) or resources:      # what only grows: a shrink is never refused
+            self._check_quota(tx, tenant, spec, owner=service.owner)
         image = tx.resolve_image(service.image_digest)
         for res in spec.resources:
             model.check_disk_holds_image(res.disk, image)
@@ -980,21 +1002,94 @@ class Controller:
 
     # ---- images -------------------------------------------------------
     def push_image(self, name: str, size: int, digest: str, init: str,
-                   chunks: Iterable[bytes]) -> model.Image:
-        image = self.images.receive(name, size, digest, init, chunks)
+                   chunks: Iterable[bytes], tenant: str | None = None, public: bool = False) -> model.Image:
+        """Receive an image; a tenant's becomes its own (it sent the whole
+        content), within its image_bytes quota, under a name no other
+        tenant holds. Checked before the content arrives, and again as it
+        is recorded."""
+        if public and tenant is not None:
+            raise PermissionDenied(f"tenant {tenant} may not make an image public (an operator does)")
+        self._check_image_push(self.store, name, size, digest, tenant)
+        image = self.images.receive(name, size, digest, init, chunks, owner=tenant or model.OPERATORS,
+                                    public=public,
+                                    check=lambda tx: self._check_image_push(tx, name, size, digest, tenant))
         log.info("image %s stored (%d bytes%s)", image.digest, image.size, f", name {name}" if name else "")
-        return image
+        return _as_seen_by(image, tenant)
 
-    def list_images(self) -> list[model.Image]:
-        return self.store.list_images()
+    def _check_image_push(self, state: StateReader, name: str, size: int, digest: str,
+                          tenant: str | None) -> None:
+        if tenant is None:
+            return
+        if name:
+            holder = state.image_name_owner(name)
+            if holder is not None and holder != tenant:
+                raise PermissionDenied(f"tenant {tenant} may not push image name {name!r}: another "
+                                       f"owner holds it (choose another name)")
+        quota = state.quotas().get(tenant)
+        if quota is None or quota.image_bytes is None:
+            return
+        images = state.list_images()
+        if any(i.digest == digest and tenant in i.owners for i in images):
+            return                                  # already counted
+        new = model.Image(digest=digest, size=size, owners=(tenant,))
+        model.check_quota(tenant, quota, model.usage_of(tenant, (), [*images, new]))
 
-    def delete_image(self, ref: str) -> model.Image:
+    def list_images(self, tenant: str | None = None) -> list[model.Image]:
+        return [_as_seen_by(i, tenant) for i in self.store.list_images() if _may_use(i, tenant)]
+
+    def image_for(self, ref: str, tenant: str | None = None, node: str | None = None) -> model.Image:
+        """The image `ref` if the caller may read it: a tenant one it may
+        use, an Agent (`node`) one that a virtual node placed on it boots."""
+        image = self.store.resolve_image(ref)
+        _check_image_use(image, tenant, f"pull image {ref!r}")
+        if node is not None and not any(v.image_digest == image.digest
+                                        for v in self.store.list_vnodes(node=node)):
+            raise PermissionDenied(f"agent {node} may not pull image {ref!r}: no virtual node on "
+                                   f"node {node} uses it")
+        return _as_seen_by(image, tenant)
+
+    def delete_image(self, ref: str, tenant: str | None = None) -> model.Image:
+        """An operator deletes the image; a tenant gives up its ownership,
+        which deletes the image only when nobody else owns it."""
         def work(tx: Transaction) -> model.Image:
             image = tx.resolve_image(ref)
+            if tenant is not None:
+                if tenant not in image.owners:
+                    raise PermissionDenied(f"tenant {tenant} may not delete image {ref!r}: it does not "
+                                           f"own it")
+                others = tuple(o for o in image.owners if o != tenant)
+                if others or image.public:
+                    tx.put_image(replace(image, owners=others))
+                    return _as_seen_by(replace(image, owners=others), tenant)
             users = [s.name for s in tx.list_services() if s.image_digest == image.digest]
-            return self.images.delete(tx, image, users)
+            return _as_seen_by(self.images.delete(tx, image, users), tenant)
 
         return self._unit_of_work(work)
+
+    # ---- tenants ------------------------------------------------------
+    def set_quota(self, tenant: str, quota: model.Quota | None) -> model.Tenant:
+        model.check_tenant_name(tenant)
+
+        def work(tx: Transaction) -> None:
+            tx.put_quota(tenant, quota)
+            tx.after_commit(functools.partial(log.info, "tenant %s: quota %s", tenant,
+                                              quota.as_dict() if quota else "removed"))
+        self._unit_of_work(work)
+        return self.list_tenants(only=tenant)[0]
+
+    def list_tenants(self, only: str | None = None) -> list[model.Tenant]:
+        """Every tenant that has a quota, a service or an image (or only `only`)."""
+        quotas = self.store.quotas()
+        specs = self.store.list_service_owners()
+        images = self.store.list_images()
+        names = set(quotas) | {o for o, _ in specs if o} | {o for i in images for o in i.owners}
+        if only is not None:
+            names = {only}
+        return [model.Tenant(name=name, quota=quotas.get(name, model.Quota()),
+                             usage=model.usage_of(name, specs, images),
+                             services=sum(1 for o, _ in specs if o == name),
+                             images=sum(1 for i in images if name in i.owners))
+                for name in sorted(names)]
 
     # ---- endpoints ----------------------------------------------------
     def endpoint_sets(self, service: str = "") -> list[model.EndpointSet]:
@@ -1031,6 +1126,30 @@ def _check_address_free(tx: StateReader, node: str, address: str) -> None:
         raise AlreadyExists(f"node {node}: address {address} is already held by node {holder}, "
                             f"which is READY: give each node its own address (soda-agent --address) "
                             f"or stop {holder} first")
+
+
+def _owned(service: model.Service, tenant: str | None, action: str) -> model.Service:
+    """`service`, if `tenant` (None: not a tenant) may act on it."""
+    if tenant is not None and service.owner != tenant:
+        raise PermissionDenied(f"tenant {tenant} may not {action} service {service.name!r}: it "
+                               f"belongs to another tenant")
+    return service
+
+
+def _may_use(image: model.Image, tenant: str | None) -> bool:
+    return tenant is None or image.public or tenant in image.owners
+
+
+def _check_image_use(image: model.Image, tenant: str | None, action: str) -> None:
+    if not _may_use(image, tenant):
+        raise PermissionDenied(f"tenant {tenant} may not {action}: the image is neither its own nor public")
+
+
+def _as_seen_by(image: model.Image, tenant: str | None) -> model.Image:
+    """A tenant sees whether it owns an image, not who else does."""
+    if tenant is None:
+        return image
+    return replace(image, owners=tuple(o for o in image.owners if o == tenant))
 
 
 def _on_demand(service: model.Service, action: str) -> model.OnDemand:

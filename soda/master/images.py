@@ -7,23 +7,38 @@ in the state store only once it is whole. An upload that fails or is cut
 off leaves nothing behind; a deleted image's file goes once the deletion
 has committed. A crash between file and record leaves a file the store does
 not know, which the next start sweeps. It knows nothing of gRPC.
+
+It also owns the room an upload may take: an announced size above the
+configured maximum, or one that does not fit in the free space of the
+image directory's filesystem (less a reserve the Master keeps, less what
+pushes in flight were promised), is refused before any content is read;
+the free space is measured again as the content arrives, because other
+writers share that filesystem.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import struct
 import tempfile
+import threading
 import time
-from typing import BinaryIO, Iterable, Iterator
+from dataclasses import replace
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from soda import model
-from soda.errors import DataLoss, InvalidSpec, WrongState
-from soda.master.store import StateStore, Transaction
+from soda.errors import DataLoss, InvalidSpec, NoCapacity, NotFound, WrongState
+from soda.master.store import StateReader, StateStore, Transaction
 
 READ_CHUNK = 1 << 20
-MAX_IMAGE_BYTES = 64 << 30
+MAX_IMAGE_BYTES = 64 << 30          # defaults of MasterConfig.image_max_bytes and
+RESERVE_BYTES = 1 << 30             # .image_reserve_bytes
+# How often (in bytes written) an upload measures the free space again: a
+# disk filled by someone else is noticed within this much.
+RECHECK_BYTES = 64 << 20
 
 _SUPERBLOCK = 1024
 _EXT_MAGIC = 0xEF53
@@ -50,11 +65,37 @@ def check_ext4(path: str, size: int) -> None:
         raise InvalidSpec(f"truncated ext4 image: its superblock says {need} bytes, the file has {size}")
 
 
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on `path`'s filesystem
+    (the root-only reserve is not counted: the Master keeps its own)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class Reservation:
+    """Room promised to one upload: `outstanding` is what it may still
+    write (its size less what it wrote when last measured)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.outstanding = size
+
+
 class ImageStore:
-    def __init__(self, directory: str, store: StateStore, clock=time.time):
+    def __init__(self, directory: str, store: StateStore, clock=time.time, *,
+                 max_bytes: int = MAX_IMAGE_BYTES, reserve_bytes: int = RESERVE_BYTES,
+                 free_bytes: Callable[[str], int] = free_bytes, recheck_bytes: int = RECHECK_BYTES):
         self.directory = directory
         self.store = store
         self.clock = clock
+        self.max_bytes = max_bytes
+        self.reserve_bytes = reserve_bytes
+        self._free_bytes = free_bytes
+        self._recheck_bytes = recheck_bytes
+        # Uploads in flight, each with what it may still write: free space
+        # one of them will fill is not free for the next.
+        self._lock = threading.Lock()
+        self._reservations: set[Reservation] = set()
         self._tmp = os.path.join(directory, "tmp")
         os.makedirs(self._tmp, exist_ok=True)
         self.sweep()
@@ -73,47 +114,133 @@ class ImageStore:
             if name.startswith("sha256-") and full not in known:
                 os.unlink(full)
 
-    def receive(self, name: str, size: int, digest: str, init: str,
-                chunks: Iterable[bytes]) -> model.Image:
+    def _room(self, mine: Reservation | None) -> tuple[int, int, int]:
+        """(free, promised to other uploads, room left above the reserve);
+        call with the lock held."""
+        promised = sum(r.outstanding for r in self._reservations if r is not mine)
+        free = self._free_bytes(self.directory)
+        return free, promised, free - self.reserve_bytes - promised
+
+    def _refuse(self, what: str, free: int, promised: int) -> NoCapacity:
+        return NoCapacity(
+            f"{what}: the filesystem of {self.directory} has {free} bytes free, of which the Master "
+            f"keeps {self.reserve_bytes} (image_reserve_bytes) and pushes in flight hold {promised}; "
+            f"nothing was stored: free space there and push again", resource="disk")
+
+    @contextlib.contextmanager
+    def reserve(self, size: int) -> Iterator[Reservation]:
+        """Promise `size` bytes of the image directory's filesystem to one
+        upload for as long as the block runs, or raise NoCapacity at once.
+        Checked and recorded under one lock: two uploads cannot both be
+        promised the same free space."""
+        with self._lock:
+            free, promised, room = self._room(None)
+            if size > room:
+                raise self._refuse(f"no room for an image of {size} bytes", free, promised)
+            mine = Reservation(size)
+            self._reservations.add(mine)
+        try:
+            yield mine
+        finally:
+            with self._lock:
+                self._reservations.discard(mine)
+
+    def recheck(self, mine: Reservation, written: int) -> None:
+        """After `written` bytes of `mine`'s upload: raise NoCapacity if
+        the rest no longer fits above the reserve (another writer filled
+        the disk meanwhile). What it wrote already left the free space."""
+        with self._lock:
+            mine.outstanding = mine.size - written
+            free, promised, room = self._room(mine)
+            if mine.outstanding > room:
+                raise self._refuse(f"no room left for the image of {mine.size} bytes after {written} "
+                                   f"were received (the disk filled meanwhile)", free, promised)
+
+    def receive(self, name: str, size: int, digest: str, init: str, chunks: Iterable[bytes],
+                owner: str = model.OPERATORS, public: bool = False,
+                check: Callable[[StateReader], None] | None = None) -> model.Image:
+        """Receive one upload. The image, once whole, is recorded as
+        `owner`'s too (a tenant's name, or the operators'), public if asked,
+        with `name` as `owner`'s; `check(tx)` runs first in that transaction
+        (the caller's rules, read again against the state it commits on)."""
         if name:
             model.check_image_name(name)
         if not model.DIGEST_RE.match(digest or ""):
             raise InvalidSpec(f"push must announce the sha256 digest of its content, got {digest!r}")
-        if not 0 < size <= MAX_IMAGE_BYTES:
-            raise InvalidSpec(f"image size {size} bytes is out of range (1 byte to {MAX_IMAGE_BYTES})")
+        if size <= 0:
+            raise InvalidSpec(f"image size {size} bytes is out of range (at least 1 byte)")
+        if size > self.max_bytes:
+            raise NoCapacity(f"image of {size} bytes is larger than the Master accepts ({self.max_bytes} "
+                             f"bytes, its image_max_bytes)", resource="image size")
         init = init or "/sbin/init"
         if not init.startswith("/") or any(c.isspace() for c in init):
             raise InvalidSpec(f"init {init!r} must be an absolute path without spaces")
-        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+        # Refused here, before the first chunk is read, the client stops
+        # sending: it learns of a full disk without uploading the image.
+        with self.reserve(size) as mine:
+            tmp = ""
+            try:
+                fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+                h = hashlib.sha256()
+                received = 0
+                next_check = self._recheck_bytes
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in chunks:
+                        received += len(chunk)
+                        if received > size:
+                            raise DataLoss(f"upload sent more than the announced {size} bytes")
+                        h.update(chunk)
+                        out.write(chunk)
+                        if received >= next_check:
+                            self.recheck(mine, received)
+                            next_check = received + self._recheck_bytes
+                if received != size:
+                    raise DataLoss(f"upload ended after {received} of {size} bytes; nothing was stored")
+                got = "sha256:" + h.hexdigest()
+                if got != digest:
+                    raise DataLoss(f"upload is corrupt: content has digest {got}, the client announced "
+                                   f"{digest}; nothing was stored")
+                check_ext4(tmp, size)
+                final = self.path(digest)
+                fresh = not os.path.exists(final)
+                if fresh:
+                    os.rename(tmp, final)
+                else:
+                    os.unlink(tmp)
+            except BaseException as exc:
+                if tmp and os.path.exists(tmp):
+                    os.unlink(tmp)
+                # The disk filled faster than the checks saw (or the inodes
+                # ran out): a shortage to report, not an internal error.
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoCapacity(f"the filesystem of {self.directory} filled up while receiving the "
+                                     f"image of {size} bytes; nothing was stored: free space there and "
+                                     f"push again", resource="disk") from exc
+                raise
         try:
-            h = hashlib.sha256()
-            received = 0
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    received += len(chunk)
-                    if received > size:
-                        raise DataLoss(f"upload sent more than the announced {size} bytes")
-                    h.update(chunk)
-                    out.write(chunk)
-            if received != size:
-                raise DataLoss(f"upload ended after {received} of {size} bytes; nothing was stored")
-            got = "sha256:" + h.hexdigest()
-            if got != digest:
-                raise DataLoss(f"upload is corrupt: content has digest {got}, the client announced "
-                               f"{digest}; nothing was stored")
-            check_ext4(tmp, size)
-            final = self.path(digest)
-            if os.path.exists(final):
-                os.unlink(tmp)
-            else:
-                os.rename(tmp, final)
+            with self.store.transaction() as tx:
+                if check is not None:
+                    check(tx)
+                try:
+                    known = tx.resolve_image(digest)
+                except NotFound:
+                    known = model.Image(digest=digest, size=size, created_at=self.clock(), init=init)
+                owners = set(known.owners) | ({owner} if owner != model.OPERATORS else set())
+                tx.put_image(replace(known, owners=tuple(sorted(owners)), public=known.public or public),
+                             name=name, name_owner=owner)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if fresh:
+                self._unlink_unrecorded(digest)
             raise
-        with self.store.transaction() as tx:
-            tx.put_image(model.Image(digest=digest, size=size, created_at=self.clock(), init=init), name=name)
         return self.store.resolve_image(digest)
+
+    def _unlink_unrecorded(self, digest: str) -> None:
+        """A file this push put in place whose record was refused: it goes,
+        unless another push of the same content recorded it meanwhile."""
+        try:
+            self.store.resolve_image(digest)
+        except NotFound:
+            self._unlink(digest)
 
     def open(self, ref: str) -> tuple[model.Image, BinaryIO]:
         image = self.store.resolve_image(ref)

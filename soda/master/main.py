@@ -2,7 +2,8 @@
 
 Wires the store, image store, controller and membership loop together and
 runs the gRPC server (with the standard health and reflection services)
-until SIGTERM.
+until SIGTERM: mutual TLS with every call checked by soda.master.access,
+or, with --insecure and on loopback only, plaintext for development.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from soda import config as soda_config
-from soda.errors import SodaError
-from soda.master.api import MasterServicer
+from soda.errors import InvalidSpec, SodaError
+from soda.master.access import Authenticator
+from soda.master.api import AccessInterceptor, MasterServicer
 from soda.master.controller import Controller
 from soda.master.images import ImageStore
 from soda.master.membership import MembershipLoop
 from soda.master.notifier import Notifier
 from soda.master.store import open_store
 from soda.proto.v1 import master_pb2, master_pb2_grpc
+from soda.rpc import tls as soda_tls
 from soda.service import EXIT_USAGE, configure, serve_grpc
 
 log = logging.getLogger("soda.master")
@@ -47,11 +50,19 @@ class MasterServer:
         os.makedirs(cfg.state_dir, exist_ok=True)
         self.store = open_store(cfg.state_dir)
         self.notifier = Notifier()
-        self.images = ImageStore(os.path.join(cfg.state_dir, "images"), self.store)
+        self.images = ImageStore(os.path.join(cfg.state_dir, "images"), self.store,
+                                 max_bytes=cfg.image_max_bytes, reserve_bytes=cfg.image_reserve_bytes)
         self.controller = Controller(self.store, self.images, self.notifier, cfg)
         self.membership = MembershipLoop(self.controller, interval=min(1.0, cfg.node_lost_seconds / 4))
+        try:
+            files = check_transport(cfg)
+            self.authenticator = Authenticator(files.ca if files else None, crl_path(cfg))
+        except SodaError:
+            self.store.close()
+            raise
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                                              thread_name_prefix="master-rpc"),
+                                  interceptors=[AccessInterceptor(self.authenticator)],
                                   options=SERVER_OPTIONS)
         master_pb2_grpc.add_MasterServicer_to_server(
             MasterServicer(self.controller, cfg.heartbeat_seconds), self.server)
@@ -65,7 +76,8 @@ class MasterServer:
         self.port = 0
         for address in (a.strip() for a in cfg.listen.split(",") if a.strip()):
             try:
-                port = self.server.add_insecure_port(address)
+                port = (self.server.add_secure_port(address, soda_tls.server_credentials(files)) if files
+                        else self.server.add_insecure_port(address))
             except RuntimeError:
                 port = 0
             if not port:
@@ -78,7 +90,9 @@ class MasterServer:
         self.membership.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("soda.proto.v1.Master", health_pb2.HealthCheckResponse.SERVING)
-        log.info("SODA Master serving on %s (state in %s)", self.cfg.listen, self.cfg.state_dir)
+        log.info("SODA Master serving on %s (%s; state in %s)", self.cfg.listen,
+                 "PLAINTEXT, every caller an operator: development only" if self.cfg.insecure
+                 else "mutual TLS", self.cfg.state_dir)
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -86,6 +100,41 @@ class MasterServer:
         self.notifier.close()
         self.server.stop(grace).wait()
         self.store.close()
+
+
+def check_transport(cfg: soda_config.MasterConfig) -> soda_tls.TlsFiles | None:
+    """The TLS files the Master serves with, or None for --insecure, which
+    only loopback addresses may use. InvalidSpec with what to do otherwise."""
+    listens = [a.strip() for a in cfg.listen.split(",") if a.strip()]
+    if cfg.insecure:
+        if cfg.tls.enabled:
+            raise InvalidSpec("--insecure and TLS files together: choose one")
+        outside = [a for a in listens if not soda_tls.is_loopback(a)]
+        if outside:
+            raise InvalidSpec(f"--insecure serves plaintext with every caller an operator, so only on "
+                              f"loopback; {', '.join(outside)} is not (give --ca/--cert/--key instead)")
+        return None
+    if not cfg.tls.enabled:
+        raise InvalidSpec("the Master serves mutual TLS: give tls.ca, tls.cert and tls.key (--ca, --cert, "
+                          "--key; made by sodactl pki init and sodactl pki issue master NAME --host ...), "
+                          "or --insecure on a loopback address for development")
+    return soda_tls.read(cfg.tls, "soda-master")
+
+
+def crl_path(cfg: soda_config.MasterConfig) -> str:
+    """The revocation list to honour: the configured one, else crl.pem
+    beside the CA's certificate when there is one (sodactl pki keeps it
+    there), else none."""
+    if cfg.insecure:
+        return ""
+    if cfg.crl:
+        return cfg.crl
+    beside = os.path.join(os.path.dirname(os.path.abspath(cfg.tls.ca)), "crl.pem")
+    if os.path.exists(beside):
+        return beside
+    log.warning("no revocation list (crl.pem beside %s, or crl:): revoked certificates are still "
+                "accepted", cfg.tls.ca)
+    return ""
 
 
 def parse_args(argv):
@@ -97,6 +146,11 @@ def parse_args(argv):
     p.add_argument("--cluster-cidr", help="address range split into one subnet per physical node")
     p.add_argument("--node-lost-seconds", type=float, help="silence after which a node is LOST")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    soda_tls.add_flags(p)
+    p.add_argument("--crl", metavar="FILE", help="the CA's revocation list, reloaded when it changes "
+                                                 "(default: crl.pem beside --ca)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="plaintext, every caller an operator: development only, loopback only")
     return p.parse_args(argv)
 
 
@@ -105,7 +159,8 @@ def main(argv=None) -> int:
     cfg = configure("soda-master", lambda: soda_config.effective(
         soda_config.MasterConfig, args.config, listen=args.listen, state_dir=args.state_dir,
         cluster_cidr=args.cluster_cidr, node_lost_seconds=args.node_lost_seconds,
-        log_level=args.log_level))
+        log_level=args.log_level, crl=args.crl, insecure=args.insecure,
+        check=lambda c: soda_tls.apply_flags(c, args)))
     if cfg is None:
         return EXIT_USAGE
     return serve_grpc("soda-master", lambda: MasterServer(cfg))

@@ -52,7 +52,10 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 #            structure (the dataclass fields) instead of in the YAML form.
 # Version 5: nodes.labels, the KEY=VALUE labels a node registers (JSON object).
 # Version 6: nodes.draining, set by an operator's drain (0/1).
-SCHEMA_VERSION = 7
+# Version 7: vnodes.moved_from/at/why, the last move of a virtual node.
+# Version 8: tenants (services.owner, images.owners/public, image_names.owner)
+#            and their quotas (table quotas).
+SCHEMA_VERSION = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,13 +68,17 @@ CREATE TABLE IF NOT EXISTS nodes (
     labels TEXT NOT NULL DEFAULT '{}', draining INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 1);
+    revision INTEGER NOT NULL DEFAULT 1, owners TEXT NOT NULL DEFAULT '[]',
+    public INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS image_names (
-    name TEXT PRIMARY KEY, digest TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE);
+    name TEXT PRIMARY KEY, digest TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
+    owner TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS quotas (
+    tenant TEXT PRIMARY KEY, quota TEXT NOT NULL, revision INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS services (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, image_digest TEXT NOT NULL,
     deleting INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 1);
+    revision INTEGER NOT NULL DEFAULT 1, owner TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS vnodes (
     name TEXT PRIMARY KEY,
     service TEXT NOT NULL REFERENCES services(name) ON DELETE CASCADE,
@@ -153,6 +160,15 @@ class StateReader(abc.ABC):
         """Specs only, without virtual nodes: cheap for admission checks."""
     @abc.abstractmethod
     def list_vnodes(self, node: str | None = None, service: str | None = None) -> list[model.VirtualNode]: ...
+    @abc.abstractmethod
+    def image_name_owner(self, name: str) -> str | None:
+        """The owner of an image name (OPERATORS = ""), None when no image has it."""
+    @abc.abstractmethod
+    def quotas(self) -> dict[str, model.Quota]:
+        """Every tenant's quota that an operator set."""
+    @abc.abstractmethod
+    def list_service_owners(self) -> list[tuple[str, model.ServiceSpec]]:
+        """(owner, spec) of every service: cheap for quota checks."""
 
 
 class Transaction(StateReader):
@@ -172,9 +188,10 @@ class Transaction(StateReader):
         """A node that holds no virtual node (WrongState otherwise); its
         subnet is free again."""
     @abc.abstractmethod
-    def put_image(self, image: model.Image, name: str = "") -> None:
+    def put_image(self, image: model.Image, name: str = "", name_owner: str = "") -> None:
         """Record an image (by content: a digest already held keeps its
-        record) and point `name`, if given, at it."""
+        size, init and creation time, and takes `image`'s owners and
+        public flag) and point `name`, if given, at it, as `name_owner`'s."""
     @abc.abstractmethod
     def delete_image(self, image: model.Image) -> None:
         """The image and the names pointing at it."""
@@ -193,6 +210,10 @@ class Transaction(StateReader):
         """Create (revision 0) or update each virtual node."""
     @abc.abstractmethod
     def delete_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None: ...
+    @abc.abstractmethod
+    def put_quota(self, tenant: str, quota: model.Quota | None) -> None:
+        """Set a tenant's quota whole (None: the tenant has none). An
+        operator's word, so last writer wins: never read-modify-written."""
     @abc.abstractmethod
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction has committed, never if it
@@ -353,6 +374,12 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
     6: ("ALTER TABLE vnodes ADD COLUMN moved_from TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE vnodes ADD COLUMN moved_at REAL NOT NULL DEFAULT 0",
         "ALTER TABLE vnodes ADD COLUMN moved_why TEXT NOT NULL DEFAULT ''"),
+    # What existed before tenants is the operators' (owner ""); quotas is
+    # made by the schema itself (CREATE TABLE IF NOT EXISTS).
+    7: ("ALTER TABLE services ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE images ADD COLUMN owners TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE images ADD COLUMN public INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE image_names ADD COLUMN owner TEXT NOT NULL DEFAULT ''"),
 }
 
 
@@ -370,7 +397,7 @@ _VNODE_REALS = ("cpu", "weight", "boot_seconds", "moved_at")
 _NODE_COLUMNS = ("name, address, cpu, memory, bandwidth, disk, hypervisors, subnet, gateway, state, limits, "
                  "assumed, revision, labels, draining")
 _PLACED_COLUMNS = "node, hypervisor, cpu, memory, bandwidth, disk, count"
-_SERVICE_COLUMNS = "name, spec, image_digest, deleting, created_at, revision"
+_SERVICE_COLUMNS = "name, spec, image_digest, deleting, created_at, revision, owner"
 
 
 def _vnode_order(row: list) -> tuple:
@@ -472,11 +499,12 @@ class _SqliteReads(StateReader):
 
     def _images(self, where: str = "", args: tuple = ()) -> list[StoredImage]:
         rows = self._query(
-            "SELECT i.digest, i.size, i.init, i.created_at, GROUP_CONCAT(n.name), i.revision FROM images i "
-            "LEFT JOIN image_names n ON n.digest = i.digest " + where +
+            "SELECT i.digest, i.size, i.init, i.created_at, GROUP_CONCAT(n.name), i.revision, i.owners, "
+            "i.public FROM images i LEFT JOIN image_names n ON n.digest = i.digest " + where +
             " GROUP BY i.digest ORDER BY i.created_at, i.digest", args)
         return [StoredImage(digest=r[0], size=r[1], init=r[2], created_at=r[3],
-                            names=tuple(sorted(r[4].split(","))) if r[4] else (), revision=r[5])
+                            names=tuple(sorted(r[4].split(","))) if r[4] else (), revision=r[5],
+                            owners=_strings_from_json(r[6]), public=bool(r[7]))
                 for r in rows]
 
     def resolve_image(self, ref: str) -> StoredImage:
@@ -491,6 +519,18 @@ class _SqliteReads(StateReader):
     def list_images(self) -> list[StoredImage]:
         return self._images()
 
+    def image_name_owner(self, name: str) -> str | None:
+        rows = self._query("SELECT owner FROM image_names WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
+
+    def quotas(self) -> dict[str, model.Quota]:
+        return {tenant: _decode(model.Quota, json.loads(text))
+                for tenant, text in self._query("SELECT tenant, quota FROM quotas ORDER BY tenant")}
+
+    def list_service_owners(self) -> list[tuple[str, model.ServiceSpec]]:
+        [(rows,)] = self._query(f"SELECT {_packed('name, owner, spec')} FROM services")
+        return [(owner, _spec_from_json(spec)) for _, owner, spec in sorted(json.loads(rows))]
+
     def _services(self, where: str = "", args: tuple = ()) -> list[StoredService]:
         # One statement: one snapshot, and one step (see _packed).
         [(rows, vnode_rows)] = self._query(
@@ -502,7 +542,7 @@ class _SqliteReads(StateReader):
             by_service.setdefault(row[1], []).append(_vnode_from_row(row))
         return [StoredService(spec=_spec_from_json(r[1]), image_digest=r[2],
                               vnodes=tuple(by_service.get(r[0], ())), deleting=bool(r[3]),
-                              created_at=r[4], revision=r[5])
+                              created_at=r[4], revision=r[5], owner=r[6])
                 for r in sorted(json.loads(rows))]
 
     def get_service(self, name: str) -> StoredService:
@@ -627,20 +667,30 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         self._db.execute("DELETE FROM nodes WHERE name=?", (node.name,))
 
     # ---- images -------------------------------------------------------
-    def put_image(self, image: model.Image, name: str = "") -> None:
+    def put_image(self, image: model.Image, name: str = "", name_owner: str = "") -> None:
         revision = self._write(f"image {image.digest}")
         touched = [image.digest]
-        if self._db.execute("INSERT OR IGNORE INTO images (digest, size, init, created_at, revision) "
-                            "VALUES (?,?,?,?,?)", (image.digest, image.size, image.init, image.created_at,
-                                                   revision)).rowcount:
+        owners = json.dumps(sorted(set(image.owners)))
+        if self._db.execute("INSERT OR IGNORE INTO images (digest, size, init, created_at, revision, owners, "
+                            "public) VALUES (?,?,?,?,?,?,?)",
+                            (image.digest, image.size, image.init, image.created_at, revision, owners,
+                             int(image.public))).rowcount:
             self._before.setdefault(("image", image.digest), None)
+        else:
+            current = self._revisions("images", "digest", [image.digest]).get(image.digest)
+            if self._db.execute("UPDATE images SET owners=?, public=?, revision=? WHERE digest=? AND "
+                                "(owners != ? OR public != ?)", (owners, int(image.public), revision,
+                                                                image.digest, owners,
+                                                                int(image.public))).rowcount:
+                self._before.setdefault(("image", image.digest), current)
         if name:
-            row = self._db.execute("SELECT digest FROM image_names WHERE name = ?", (name,)).fetchone()
-            if row is None or row[0] != image.digest:
-                if row is not None:
+            row = self._db.execute("SELECT digest, owner FROM image_names WHERE name = ?", (name,)).fetchone()
+            if row is None or tuple(row) != (image.digest, name_owner):
+                if row is not None and row[0] != image.digest:
                     touched.append(row[0])
-                self._db.execute("INSERT INTO image_names VALUES (?,?) ON CONFLICT(name) DO UPDATE "
-                                 "SET digest=excluded.digest", (name, image.digest))
+                self._db.execute("INSERT INTO image_names VALUES (?,?,?) ON CONFLICT(name) DO UPDATE "
+                                 "SET digest=excluded.digest, owner=excluded.owner",
+                                 (name, image.digest, name_owner))
                 # A name is part of the image it points at: both images changed.
                 for digest, current in self._revisions("images", "digest", touched).items():
                     self._before.setdefault(("image", digest), current)
@@ -659,10 +709,10 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         if self._revisions("services", "name", [service.name]):
             raise AlreadyExists(f"service {service.name!r} already exists")
         self._before.setdefault(("service", service.name), None)
-        self._db.execute("INSERT INTO services (name, spec, image_digest, deleting, created_at, revision) "
-                         "VALUES (?,?,?,?,?,?)",
+        self._db.execute("INSERT INTO services (name, spec, image_digest, deleting, created_at, revision, "
+                         "owner) VALUES (?,?,?,?,?,?,?)",
                          (service.name, _spec_to_json(service.spec), service.image_digest,
-                          int(service.deleting), service.created_at, revision))
+                          int(service.deleting), service.created_at, revision, service.owner))
         self.put_vnodes(service.vnodes)
 
     def put_service(self, service: model.Service) -> None:
@@ -681,6 +731,16 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         if left:
             raise WrongState(f"service {service.name!r} still has {left} virtual node(s)")
         self._db.execute("DELETE FROM services WHERE name=?", (service.name,))
+
+    # ---- quotas -------------------------------------------------------
+    def put_quota(self, tenant: str, quota: model.Quota | None) -> None:
+        revision = self._write(f"quota of {tenant}")
+        if quota is None:
+            self._db.execute("DELETE FROM quotas WHERE tenant = ?", (tenant,))
+        else:
+            self._db.execute("INSERT INTO quotas VALUES (?,?,?) ON CONFLICT(tenant) DO UPDATE SET "
+                             "quota=excluded.quota, revision=excluded.revision",
+                             (tenant, json.dumps(quota.as_dict()), revision))
 
     # ---- virtual nodes ------------------------------------------------
     def put_vnodes(self, vnodes: Iterable[model.VirtualNode]) -> None:

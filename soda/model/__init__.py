@@ -6,7 +6,8 @@
 - `state`: the cluster state the Master keeps (services, virtual nodes, nodes, images);
 - `usage`: what virtual nodes use, as the Daemons measure it;
 - `switching`: endpoints the Switch serves and the reports it sends back;
-- `fence`: the Daemon's fence of one virtual node.
+- `fence`: the Daemon's fence of one virtual node;
+- `tenancy`: ASP tenants, what they own and their quotas.
 
 Plain frozen dataclasses shared by every part (Master, Agent, Daemon,
 Switch, sodactl); no I/O and no grpc. The names below are the package's
@@ -34,3 +35,5 @@ from soda.model.switching import (  # noqa: F401
     Endpoint, SwitchVnodeStats, SwitchServiceStats, SwitchReport, EndpointSet)
 from soda.model.fence import (  # noqa: F401
     Limits, Fence, Released)
+from soda.model.tenancy import (  # noqa: F401
+    OPERATORS, QUOTA_FIELDS, Quota, TenantUsage, Tenant, check_tenant_name, usage_of, check_quota)

@@ -75,6 +75,7 @@ class Service:
     vnodes: tuple[VirtualNode, ...] = ()
     deleting: bool = False
     created_at: float = 0.0
+    owner: str = ""                 # the tenant that created it; "" = the operators' (soda.model.tenancy)
 
     @property
     def name(self) -> str:
@@ -139,6 +140,8 @@ class Image:
     names: tuple[str, ...] = ()
     created_at: float = 0.0
     init: str = "/sbin/init"
+    owners: tuple[str, ...] = ()    # tenants that pushed it (soda.model.tenancy)
+    public: bool = False            # an operator made every tenant see it
 
 
 def check_disk_holds_image(disk_mib: int, image: Image) -> None:

@@ -13,9 +13,11 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 import grpc
 
 from soda import errors, model
+from soda.config import TlsConfig
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert
+from soda.rpc import tls as soda_tls
 from soda.rpc.errors import from_rpc_error
 
 DEFAULT_MASTER = "127.0.0.1:7070"
@@ -51,15 +53,19 @@ def sha256_file(path: str, progress: ProgressFn | None = None) -> str:
 
 class StubClient:
     """A channel, a stub, and unary calls that raise SodaError: what every
-    SODA client shares. `peer` and `where` name the server in errors."""
+    SODA client shares. `peer` and `where` name the server in errors;
+    `tls` (this party's files) makes the channel mutual TLS."""
 
     peer = "SODA Master"
 
-    def __init__(self, target: str, stub_class, timeout: float = UNARY_TIMEOUT, where: str = ""):
+    def __init__(self, target: str, stub_class, timeout: float = UNARY_TIMEOUT, where: str = "",
+                 tls: TlsConfig | None = None):
         self.target = target
         self.timeout = timeout
         self.where = where or target
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        files = soda_tls.read(tls or TlsConfig())
+        self.secure = files is not None
+        self._channel = soda_tls.channel(target, files, CHANNEL_OPTIONS)
         self._stub = stub_class(self._channel)
 
     def close(self) -> None:
@@ -75,12 +81,16 @@ class StubClient:
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.where, peer=self.peer) from None
+            raise self._error(exc) from None
+
+    def _error(self, exc: grpc.RpcError) -> errors.SodaError:
+        return from_rpc_error(exc, self.where, peer=self.peer, secure=self.secure)
 
 
 class MasterClient(StubClient):
-    def __init__(self, target: str = DEFAULT_MASTER, timeout: float = UNARY_TIMEOUT):
-        super().__init__(target, pb_grpc.MasterStub, timeout)
+    def __init__(self, target: str = DEFAULT_MASTER, timeout: float = UNARY_TIMEOUT,
+                 tls: TlsConfig | None = None):
+        super().__init__(target, pb_grpc.MasterStub, timeout, tls=tls)
 
     # ---- plumbing -----------------------------------------------------
 
@@ -91,7 +101,7 @@ class MasterClient(StubClient):
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
                 return
-            raise from_rpc_error(exc, self.target) from None
+            raise self._error(exc) from None
         finally:
             call.cancel()
 
@@ -186,14 +196,17 @@ class MasterClient(StubClient):
 
     # ---- images -------------------------------------------------------
     def push_image(self, path: str, name: str = "", init: str = "",
-                   progress: ProgressFn | None = None, digest: str | None = None) -> model.Image:
+                   progress: ProgressFn | None = None, digest: str | None = None,
+                   public: bool = False) -> model.Image:
         """Stream a file to the Master in chunks; the Master checks `digest`
-        (computed here first unless given) before it keeps anything."""
+        (computed here first unless given) before it keeps anything.
+        `public` (operators only): every tenant may use it."""
         size = os.path.getsize(path)
         digest = digest or sha256_file(path)
 
         def requests():
-            yield pb.PushImageRequest(header=pb.ImageHeader(name=name, size=size, digest=digest, init=init))
+            yield pb.PushImageRequest(header=pb.ImageHeader(name=name, size=size, digest=digest, init=init,
+                                                            public=public))
             done = 0
             with open(path, "rb") as f:
                 while chunk := f.read(CHUNK_SIZE):
@@ -207,7 +220,7 @@ class MasterClient(StubClient):
         try:
             return convert.image_from_pb(self._stub.PushImage(iter(requests)))
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from None
+            raise self._error(exc) from None
 
     def list_images(self) -> list[model.Image]:
         return [convert.image_from_pb(i) for i in self._call("ListImages", pb.ListImagesRequest()).images]
@@ -236,6 +249,17 @@ class MasterClient(StubClient):
             raise errors.DataLoss(f"image {meta.digest} arrived damaged: {done} of {meta.size} "
                                   f"bytes, digest {got}")
         return meta
+
+    # ---- tenants ------------------------------------------------------
+    def set_quota(self, tenant: str, quota: model.Quota | None) -> model.Tenant:
+        """Set a tenant's quota whole; None removes it (not limited)."""
+        req = pb.SetQuotaRequest(tenant=tenant)
+        if quota is not None:
+            req.quota.CopyFrom(convert.quota_to_pb(quota))
+        return convert.tenant_from_pb(self._call("SetQuota", req))
+
+    def list_tenants(self) -> list[model.Tenant]:
+        return [convert.tenant_from_pb(t) for t in self._call("ListTenants", pb.ListTenantsRequest()).tenants]
 
     # ---- endpoints ----------------------------------------------------
     def watch_endpoints(self, service: str = "") -> Iterator[model.EndpointSet]:

@@ -134,13 +134,13 @@ def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
 def service_to_pb(s: model.Service) -> pb.Service:
     return pb.Service(spec=spec_to_pb(s.spec), image_digest=s.image_digest,
                       vnodes=[vnode_to_pb(v) for v in s.vnodes], deleting=s.deleting,
-                      created_at=s.created_at)
+                      created_at=s.created_at, owner=s.owner)
 
 
 def service_from_pb(m: pb.Service) -> model.Service:
     return model.Service(spec=spec_from_pb(m.spec), image_digest=m.image_digest,
                          vnodes=tuple(vnode_from_pb(v) for v in m.vnodes),
-                         deleting=m.deleting, created_at=m.created_at)
+                         deleting=m.deleting, created_at=m.created_at, owner=m.owner)
 
 
 def limits_to_pb(limits) -> list[pb.DriverCapabilities]:
@@ -179,12 +179,37 @@ def node_from_pb(m: pb.Node) -> model.Node:
 
 def image_to_pb(i: model.Image) -> pb.Image:
     return pb.Image(digest=i.digest, names=list(i.names), size=i.size, created_at=i.created_at,
-                    init=i.init)
+                    init=i.init, owners=list(i.owners), public=i.public)
 
 
 def image_from_pb(m: pb.Image) -> model.Image:
     return model.Image(digest=m.digest, size=m.size, names=tuple(m.names), created_at=m.created_at,
-                       init=m.init or "/sbin/init")
+                       init=m.init or "/sbin/init", owners=tuple(m.owners), public=m.public)
+
+
+# Quota fields in the model -> in the message (the message names units).
+_QUOTA_PB = {"cpu": "cpu", "memory": "memory_mib", "bandwidth": "bandwidth_mbit", "disk": "disk_mib",
+             "vnodes": "vnodes", "image_bytes": "image_bytes"}
+
+
+def quota_to_pb(q: model.Quota) -> pb.Quota:
+    return pb.Quota(**{_QUOTA_PB[k]: v for k, v in q.as_dict().items() if v is not None})
+
+
+def quota_from_pb(m: pb.Quota) -> model.Quota:
+    return model.Quota(**{k: getattr(m, f) for k, f in _QUOTA_PB.items() if m.HasField(f)})
+
+
+def tenant_to_pb(t: model.Tenant) -> pb.Tenant:
+    usage = pb.TenantUsage(**{_QUOTA_PB[k]: v for k, v in t.usage.as_dict().items()})
+    return pb.Tenant(name=t.name, quota=quota_to_pb(t.quota), usage=usage, services=t.services,
+                     images=t.images)
+
+
+def tenant_from_pb(m: pb.Tenant) -> model.Tenant:
+    usage = model.TenantUsage(**{k: getattr(m.usage, f) for k, f in _QUOTA_PB.items()})
+    return model.Tenant(name=m.name, quota=quota_from_pb(m.quota), usage=usage, services=m.services,
+                        images=m.images)
 
 
 def status_to_pb(s: model.VirtualNodeStatus) -> pb.VirtualNodeStatus:

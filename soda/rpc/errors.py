@@ -24,6 +24,8 @@ _TO_CODE: list[tuple[type[errors.SodaError], grpc.StatusCode]] = [
     (errors.Conflict, grpc.StatusCode.ABORTED),
     (errors.NoCapacity, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.TemporaryError, grpc.StatusCode.UNAVAILABLE),
     (errors.CommandError, grpc.StatusCode.INTERNAL),
 ]
@@ -37,6 +39,8 @@ _FROM_CODE: dict[grpc.StatusCode, type[errors.SodaError]] = {
     grpc.StatusCode.ABORTED: errors.Conflict,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.NoCapacity,
     grpc.StatusCode.DATA_LOSS: errors.DataLoss,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.TemporaryError,
 }
@@ -49,11 +53,37 @@ def status_code(exc: errors.SodaError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def from_rpc_error(exc: grpc.RpcError, target: str = "", peer: str = "SODA Master") -> errors.SodaError:
+# What gRPC says when a TLS handshake failed: this client could not verify
+# the server, or the server closed the connection during the handshake,
+# which is how a Master refuses a client certificate (none, another CA,
+# expired). Only the first is sure to be about certificates.
+_HANDSHAKE_FAILED = "handshake failed"
+_CLOSED_IN_HANDSHAKE = "socket closed"
+
+
+def from_rpc_error(exc: grpc.RpcError, target: str = "", peer: str = "SODA Master",
+                   secure: bool = False) -> errors.SodaError:
+    """The SodaError for a failed call to `peer` at `target`; `secure`:
+    the call went over TLS (its failures get a hint about certificates)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
         where = f" at {target}" if target else ""
+        lowered = (detail or "").lower()
+        if _HANDSHAKE_FAILED in lowered:
+            return errors.Unauthenticated(
+                f"the {peer}{where} did not prove itself: its certificate is not one of this "
+                f"cluster's CA for the address dialled, or it expects no TLS ({detail})")
+        if secure and _CLOSED_IN_HANDSHAKE in lowered:
+            # Retried like any outage (an Agent waits it out), but named.
+            return errors.Unavailable(
+                f"cannot reach the {peer}{where}: it closed the connection; if this persists, it "
+                f"does not take this client's certificate (another CA, expired) or serves plaintext")
+        if not secure and _CLOSED_IN_HANDSHAKE in lowered:
+            return errors.Unavailable(
+                f"cannot reach the {peer}{where}: it closed the connection; if this persists, it "
+                f"serves TLS: give the CA, a certificate and its key (--ca/--cert/--key or "
+                f"SODA_CA/SODA_CERT/SODA_KEY)")
         return errors.Unavailable(f"cannot reach the {peer}{where}: {detail or 'unavailable'}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.TemporaryError(f"the {peer} did not answer in time{f' ({target})' if target else ''}")

@@ -24,14 +24,17 @@ import logging
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from soda.addresses import join_host_port, split_host_port
 from soda.backoff import Backoff
-from soda.config import LOG_LEVELS, effective
+from soda import pki
+from soda.config import LOG_LEVELS, TlsConfig, effective
 from soda.errors import InvalidSpec, SodaError
 from soda.routing import HostRoutes, RouteFollower
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
+from soda.rpc import tls as soda_tls
 from soda.service import EXIT_USAGE, configure, sd_notify
 from soda.switch import ondemand
 from soda.switch.endpoints import BACKOFF_INITIAL, EndpointSync, EndpointWatcher
@@ -49,6 +52,9 @@ READY_WAIT_SECONDS = 5.0
 @dataclass(frozen=True)
 class SwitchConfig:
     master: str = DEFAULT_MASTER
+    # This Switch's certificate (sodactl pki issue switch NAME) and the CA;
+    # its name at the Master is the certificate's.
+    tls: TlsConfig = field(default_factory=TlsConfig)
     # Hosts a service may listen on; empty means any. Keeps a spec from
     # making the Switch bind an address it should not (0.0.0.0, say).
     listen_hosts: tuple[str, ...] = ()
@@ -81,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "ready virtual nodes in proportion to their shares.")
     parser.add_argument("--master", metavar="HOST:PORT", help=f"the SODA Master (default {DEFAULT_MASTER})")
     parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
+    soda_tls.add_flags(parser)
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="where to serve /metrics (\"\" = nowhere)")
     parser.add_argument("--name", help="this Switch's name at the Master (default: the host name)")
     parser.add_argument("--no-routes", dest="routes", action="store_false", default=None,
@@ -92,7 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> SwitchConfig:
     """The effective config: file, then flags; raises InvalidSpec."""
-    return effective(SwitchConfig, args.config, check_config, master=args.master,
+    return effective(SwitchConfig, args.config, lambda c: check_config(soda_tls.apply_flags(c, args)),
+                     master=args.master,
                      log_level=args.log_level, metrics_listen=args.metrics_listen, name=args.name,
                      routes=args.routes)
 
@@ -100,6 +108,10 @@ def build_config(args: argparse.Namespace) -> SwitchConfig:
 def check_config(config: SwitchConfig) -> SwitchConfig:
     if not config.master:
         raise InvalidSpec("master: the Master's HOST:PORT is required")
+    soda_tls.read(config.tls, "soda-switch")       # whole and readable, or refused now
+    if config.tls.cert:
+        config = dataclasses.replace(config, name=pki.own_name("switch", config.name, config.tls.cert,
+                                                               lambda: ""))
     for name in ("connect_timeout", "fail_timeout", "reconnect_max_seconds", "hold_seconds",
                  "report_seconds"):
         if getattr(config, name) <= 0:
@@ -133,7 +145,7 @@ class Switch:
 
     def __init__(self, config: SwitchConfig, client=None, route_follower: RouteFollower | None = None):
         self.config = config
-        self.client = client or MasterClient(config.master)
+        self.client = client or MasterClient(config.master, tls=config.tls)
         self.route_follower = route_follower
         self.proxy = Proxy(connect_timeout=config.connect_timeout, fail_timeout=config.fail_timeout,
                            listen_hosts=config.listen_hosts)
@@ -263,7 +275,7 @@ def route_follower(config: SwitchConfig) -> RouteFollower | None:
         log.error("cannot open the routing table (%s): guest subnets of other hosts are not "
                   "routed by this Switch", exc)
         return None
-    return RouteFollower(MasterClient(config.master), routes)
+    return RouteFollower(MasterClient(config.master, tls=config.tls), routes)
 
 
 def _stop_on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -436,7 +436,8 @@ def test_switch_process_routes_l4_in_the_kernel_follows_health_and_cleans_up(bac
 
         config = tmp_path / "switch.yaml"
         config.write_text(f"nft_table: {table}\ndrain_seconds: 0\n")
-        switch_argv = [sys.executable, "-m", "soda.switch.main", "--master", c.master_addr, "--config", str(config)]
+        switch_argv = [sys.executable, "-m", "soda.switch.main", "--master", c.master_addr, "--config", str(config),
+                       *c.tls_flags("switch", "switch")]
         switch = c._spawn("switch", switch_argv)
         wait_until(lambda: "comment \"web\"" in run(["nft", "list", "table", "ip", table], check=False).stdout
                    or switch.poll() is not None, 30, what="the Switch's DNAT rule")

@@ -71,6 +71,7 @@ from typing import Callable
 
 from soda.devcluster import ClusterConfig, ClusterError, LocalCluster, RestartPolicy
 from soda.devcluster.cluster import CGROUP_ROOT
+from soda.devcluster.credentials import sodactl_env
 from soda.hypervisors.recorded import LAUNCHER
 from tests.support import free_port, traversable
 
@@ -370,7 +371,7 @@ class ChaosCluster:
             if self._closing:
                 raise RuntimeError("the cluster is being taken down")
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+                                    stderr=subprocess.PIPE, text=True, env=sodactl_env(self.config.state_dir))
             self._ctl_procs.add(proc)
         try:
             out, err = proc.communicate(timeout=timeout)

@@ -1,6 +1,9 @@
 """A SODA cluster of real processes for system tests: a Master and Agents
 started as separate programs, sodactl run as a command. Every process is
-recorded and killed by its own pid at teardown, whatever happened."""
+recorded and killed by its own pid at teardown, whatever happened. The
+parts speak mutual TLS with the cluster's own CA (soda.pki under
+ROOT/pki), each with a certificate of its role and name, sodactl as the
+operator `tests`."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from soda import pki
 from tests.support import free_port, reachable_dir
 
 
@@ -39,6 +43,34 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs = []
         self._addresses: dict[str, str] = {}
+        self.ca = pki.CertificateAuthority(os.path.join(root, "pki"))
+        self.ca.init("tests")
+        self._issued: set[tuple[str, str]] = set()
+
+    # ---- certificates -------------------------------------------------
+    def tls_files(self, role: str, name: str) -> tuple[str, str, str]:
+        """(ca, cert, key) of ROLE NAME, issued on first use."""
+        if (role, name) not in self._issued:
+            self.ca.issue(role, name, hosts=["127.0.0.1", "localhost"] if role == "master" else ())
+            self._issued.add((role, name))
+        base = self.ca.file(f"{role}-{name}")
+        return self.ca.file(pki.CA_CERT), f"{base}.crt", f"{base}.key"
+
+    def tls_flags(self, role: str, name: str) -> list[str]:
+        ca, cert, key = self.tls_files(role, name)
+        return ["--ca", ca, "--cert", cert, "--key", key]
+
+    def client(self, role: str = "operator", name: str = "tests", **kwargs):
+        """A MasterClient as ROLE NAME."""
+        from soda.config import TlsConfig
+        from soda.rpc.client import MasterClient
+        ca, cert, key = self.tls_files(role, name)
+        return MasterClient(self.master_addr, tls=TlsConfig(ca=ca, cert=cert, key=key), **kwargs)
+
+    def ctl_env(self, role: str = "operator", name: str = "tests") -> dict[str, str]:
+        """The environment sodactl runs in as ROLE NAME."""
+        ca, cert, key = self.tls_files(role, name)
+        return {**os.environ, "SODA_CA": ca, "SODA_CERT": cert, "SODA_KEY": key}
 
     # ---- processes ----------------------------------------------------
     def _spawn(self, key: str, argv: list[str]) -> subprocess.Popen:
@@ -50,7 +82,8 @@ class Cluster:
 
     def start_master(self, *extra: str) -> subprocess.Popen:
         proc = self._spawn("master", [sys.executable, "-m", "soda.master.main", "--listen", self.master_addr,
-                                      "--state-dir", os.path.join(self.root, "master"), *extra])
+                                      "--state-dir", os.path.join(self.root, "master"),
+                                      *self.tls_flags("master", "master"), *extra])
         wait_until(lambda: self.ctl("node", "list", check=False).returncode == 0 or proc.poll() is not None,
                    20, what="the Master to serve")
         assert proc.poll() is None, self.log("master")
@@ -66,7 +99,8 @@ class Cluster:
         # A later --address in `extra` wins over the node's own.
         return self._spawn(name, [sys.executable, "-m", "soda.agent.main", "--master", self.master_addr,
                                   "--name", name, "--state-dir", self.agent_dir(name),
-                                  "--hypervisor", "fake", "--address", self.agent_address(name), *extra])
+                                  "--hypervisor", "fake", "--address", self.agent_address(name),
+                                  *self.tls_flags("agent", name), *extra])
 
     def start_daemon(self, name: str, netns: str, cgroup_parent: str, *extra: str) -> str:
         """A soda-daemon for node `name`; returns its socket path. A Daemon
@@ -84,11 +118,12 @@ class Cluster:
         return self._spawn(name, [sys.executable, "-m", "soda.agent.main", "--master", self.master_addr,
                                   "--name", name, "--state-dir", self.agent_dir(name), "--hypervisor", "uml",
                                   "--address", self.agent_address(name),
-                                  "--netns", netns, "--daemon-socket", daemon_socket, *extra])
+                                  "--netns", netns, "--daemon-socket", daemon_socket,
+                                  *self.tls_flags("agent", name), *extra])
 
-    def start_switch(self, *extra: str) -> subprocess.Popen:
+    def start_switch(self, *extra: str, name: str = "switch") -> subprocess.Popen:
         return self._spawn("switch", [sys.executable, "-m", "soda.switch.main", "--master", self.master_addr,
-                                      *extra])
+                                      *self.tls_flags("switch", name), *extra])
 
     def agent_dir(self, name: str) -> str:
         return os.path.join(self.agents_root, name)
@@ -120,9 +155,12 @@ class Cluster:
         shutil.rmtree(self.agents_root, ignore_errors=True)
 
     # ---- sodactl ------------------------------------------------------
-    def ctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def ctl(self, *args: str, check: bool = True, timeout: float = 120,
+            as_: tuple[str, str] = ("operator", "tests")) -> subprocess.CompletedProcess:
+        """sodactl ARGS as `as_` (ROLE, NAME)."""
         result = subprocess.run([sys.executable, "-m", "soda.cli.sodactl", "--master", self.master_addr, *args],
-                                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                                env=self.ctl_env(*as_))
         if check and result.returncode != 0:
             raise AssertionError(f"sodactl {' '.join(args)} exited {result.returncode}:\n"
                                  f"{result.stdout}\n{result.stderr}")

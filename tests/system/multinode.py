@@ -19,6 +19,7 @@ import time
 import uuid
 
 from soda.devcluster import ClusterConfig, LocalCluster
+from soda.devcluster.credentials import sodactl_env
 from soda.procid import ProcessId
 from tests.support import free_port, traversable
 from tests.system.cluster import wait_until
@@ -59,7 +60,7 @@ class MultiNode:
     def ctl(self, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "soda.cli.sodactl", "--master", self.config.master_addr,
                                  *args], capture_output=True, text=True, timeout=timeout,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=sodactl_env(self.config.state_dir))
         if check:
             assert result.returncode == 0, f"sodactl {' '.join(args)}: {result.stdout}{result.stderr}"
         return result

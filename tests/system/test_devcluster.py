@@ -18,6 +18,7 @@ import pytest
 
 from soda.agent.network import short_name
 from soda.devcluster import ClusterConfig, LocalCluster, teardown
+from soda.devcluster.credentials import sodactl_env
 from soda.procid import ProcessId
 from tests.support import free_port, reachable_tmp_dir, traversable
 from tests.system.cluster import wait_until
@@ -40,7 +41,8 @@ def config_for(state_dir) -> ClusterConfig:
 
 def ctl(config, *args, timeout=180) -> str:
     result = subprocess.run([sys.executable, "-m", "soda.cli.sodactl", "--master", config.master_addr, *args],
-                            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                            env=sodactl_env(config.state_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -3,7 +3,6 @@ holding it in memory."""
 
 import os
 
-from soda.rpc.client import MasterClient
 from tests.support import make_ext4_image, peak_rss_mib
 
 MIB = 1 << 20
@@ -13,7 +12,7 @@ def test_big_push_keeps_master_memory_bounded(cluster, tmp_path):
     master = cluster.start_master()
     path = make_ext4_image(str(tmp_path / "big.img"), size=200 * MIB, data=os.urandom(MIB))
     before = peak_rss_mib(master.pid)
-    with MasterClient(cluster.master_addr, timeout=120) as client:
+    with cluster.client(timeout=120) as client:
         image = client.push_image(path, name="big")
         assert image.size == 200 * MIB
         # The stored copy is byte-identical (its digest was verified on arrival).

@@ -46,7 +46,7 @@ def node(cluster, rootfs):
         config = os.path.join(c.root, "switch.yaml")
         with open(config, "w") as f:
             yaml.safe_dump({"report_seconds": 0.5, "name": f"sw-{os.getpid()}"}, f)
-        c.start_switch("--config", config, "--metrics-listen", c.metrics)
+        c.start_switch("--config", config, "--metrics-listen", c.metrics, name=f"sw-{os.getpid()}")
         wait_until(lambda: _metrics(c) is not None, 30, what="the Switch's /metrics")
         yield c
 

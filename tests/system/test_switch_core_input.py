@@ -43,7 +43,8 @@ def test_bad_switch_input_is_refused_and_counters_are_visible(cluster, tmp_path)
     config = tmp_path / "switch.yaml"
     config.write_text(yaml.safe_dump({"listen_hosts": ["127.0.0.1"], "report_seconds": 0.5,
                                       "name": f"sw-{os.getpid()}"}))
-    switch = c.start_switch("--config", str(config), "--metrics-listen", metrics_addr)
+    switch = c.start_switch("--config", str(config), "--metrics-listen", metrics_addr,
+                            name=f"sw-{os.getpid()}")
 
     guest_port, listen_port = free_port(), free_port()
     c.ctl("service", "create", "web", "--image", "img", "--nodes", "2", "--cpu", "0.5,1.0",

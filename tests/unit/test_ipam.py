@@ -6,7 +6,7 @@ import pytest
 from soda import model
 from soda.errors import NoCapacity
 from soda.master import ipam
-from soda.rpc.client import MasterClient
+from tests.support import master_client
 
 
 def test_a_node_gets_the_first_free_subnet_with_its_gateway_and_uplink():
@@ -29,7 +29,7 @@ def test_guests_get_neither_the_gateway_nor_the_uplink():
 
 
 def test_the_master_hands_a_registering_node_all_its_addresses(master):
-    client = MasterClient(master[1])
+    client = master_client(master[1])
     try:
         node = client.register_node("n0", "127.0.0.1", model.Resources(2, 4096, 1000, 10000), ["fake"])
         expect = ipam.node_addresses(node.subnet)

@@ -13,21 +13,21 @@ from soda.errors import AlreadyExists, DataLoss, InvalidSpec, NoCapacity, NotFou
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc.client import CHUNK_SIZE, MasterClient, sha256_file
-from tests.support import free_port, make_ext4_image
+from tests.support import free_port, make_ext4_image, master_channel, master_client
 
 CAP = model.Resources(2, 4096, 1000, 100_000)
 
 
 @pytest.fixture
 def client(master):
-    c = MasterClient(master[1])
+    c = master_client(master[1])
     yield c
     c.close()
 
 
 @pytest.fixture
 def stub(master):
-    channel = grpc.insecure_channel(master[1])
+    channel = master_channel(master[1])
     yield pb_grpc.MasterStub(channel)
     channel.close()
 
@@ -365,7 +365,7 @@ def test_resize_grows_shrinks_and_changes_resources(cluster):
 def test_health_and_reflection(master):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-    channel = grpc.insecure_channel(master[1])
+    channel = master_channel(master[1])
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="soda.proto.v1.Master"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -18,7 +18,8 @@ from soda.master.store import SCHEMA_VERSION, open_store, update_of
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert
-from soda.rpc.client import MasterClient
+from tests.support import master_channel, master_client
+from tests.unit.test_store import _as_version_7
 
 CAP = model.Resources(2, 4096, 1000, 100_000)
 SODA_UML = model.DriverCapabilities("uml", 16, "/cache/k/linux (soda)")
@@ -141,6 +142,7 @@ def test_store_keeps_limits_across_a_restart_and_replaces_them_on_registration(t
 
 def _downgrade_to_v1(path):
     """The file as a version 1 Master left it: no nodes.limits (nor later) column."""
+    _as_version_7(path)
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE nodes DROP COLUMN limits")
     db.execute("ALTER TABLE nodes DROP COLUMN assumed")
@@ -183,7 +185,7 @@ def test_a_newer_store_is_refused(tmp_path):
 
 @pytest.fixture
 def client(master, image_file):
-    c = MasterClient(master[1])
+    c = master_client(master[1])
     c.push_image(image_file, name="busybox")
     yield c
     c.close()
@@ -198,7 +200,7 @@ def test_create_below_the_minimum_is_invalid_argument_and_creates_nothing(client
     node_a = client.register_node("a", "127.0.0.1", CAP, ["uml", "qemu"], [DEBIAN_UML, QEMU])
     assert node_a.limits == (DEBIAN_UML, QEMU)
     assert {n.name: n.limits for n in client.list_nodes()} == {"a": (DEBIAN_UML, QEMU)}
-    channel = grpc.insecure_channel(master[1])
+    channel = master_channel(master[1])
     try:
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.MasterStub(channel).CreateService(

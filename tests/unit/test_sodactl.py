@@ -148,7 +148,7 @@ class FakeClient:
         self._record("remove_node", name)
         return self._node(name)
 
-    def push_image(self, path, name="", init="", progress=None, digest=None):
+    def push_image(self, path, name="", init="", progress=None, digest=None, public=False):
         self._record("push_image", path, name=name, init=init, digest=digest)
         with open(path, "rb") as f:
             data = f.read()
@@ -348,7 +348,7 @@ def test_service_get_json_shape(client):
         "nodes": 2, "port": 80, "cpu_cap": False,
         "switch": model.SwitchSpec(listen="127.0.0.1:8080").as_dict(),
         "on_demand": None, "network": {"peers": True, "egress": []},
-        "state": "FAILED", "deleting": False, "created_at": "2023-11-14T22:13:20Z",
+        "state": "FAILED", "deleting": False, "owner": "(operators)", "created_at": "2023-11-14T22:13:20Z",
         "vnodes": [
             {"name": "web-0", "node": "node-0", "address": "10.0.0.2", "phase": "RUNNING",
              "resources": {"cpu": 0.5, "memory": 64, "bandwidth": 10, "disk": 64},
@@ -443,8 +443,8 @@ def test_node_list_shows_usage_sums(client):
 def test_service_list_table_and_json(client):
     client.services["web"] = make_service(web_spec(), phases=[model.Phase.RUNNING, model.Phase.PENDING])
     table = run(client, "service", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "NODES", "IMAGE", "STATE"]
-    assert table[1].split() == ["web", "1/2", "busybox-httpd", "PENDING"]
+    assert table[0].split() == ["NAME", "NODES", "IMAGE", "STATE", "OWNER"]
+    assert table[1].split() == ["web", "1/2", "busybox-httpd", "PENDING", "(operators)"]
     listed = json.loads(run(client, "-o", "json", "service", "list").stdout)
     assert [s["name"] for s in listed] == ["web"] and listed[0]["vnodes"][0]["phase"] == "RUNNING"
 
@@ -482,8 +482,8 @@ def test_node_list_shows_a_node_without_labels_as_such(client):
 def test_image_list_and_delete(client):
     client.images = [model.Image(digest=DIGEST, size=3 * 1024 * 1024, names=("busybox-httpd",))]
     table = run(client, "image", "list").stdout.splitlines()
-    assert table[0].split() == ["DIGEST", "NAMES", "SIZE", "CREATED"]
-    assert table[1].split() == ["sha256:abababababab", "busybox-httpd", "3.0", "MiB", "-"]
+    assert table[0].split() == ["DIGEST", "NAMES", "SIZE", "CREATED", "OWNERS", "PUBLIC"]
+    assert table[1].split() == ["sha256:abababababab", "busybox-httpd", "3.0", "MiB", "-", "(operators)", "no"]
     result = run(client, "image", "delete", "busybox-httpd")
     assert result.exit_code == 0 and client.called("delete_image") == [(("busybox-httpd",), {})]
 
@@ -858,7 +858,7 @@ def test_the_sodactl_process_ends_with_its_exit_code_and_all_its_output():
                               capture_output=True, text=True, timeout=60)
     assert help_run.returncode == 0
     # All of it: the last command listed is the last line.
-    assert help_run.stdout.rstrip().splitlines()[-1].split()[0] == "service"
+    assert help_run.stdout.rstrip().splitlines()[-1].split()[0] == "tenant"
     failed = subprocess.run([sys.executable, "-m", "soda.cli.sodactl", "--master", "127.0.0.1:1",
                              "node", "list"], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and failed.stderr.startswith("error: cannot reach the SODA Master")

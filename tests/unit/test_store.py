@@ -292,8 +292,58 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_7(path):
+    """The file as a version 7 Master left it: no tenants, no quotas."""
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE services DROP COLUMN owner")
+    db.execute("ALTER TABLE images DROP COLUMN owners")
+    db.execute("ALTER TABLE images DROP COLUMN public")
+    db.execute("ALTER TABLE image_names DROP COLUMN owner")
+    db.execute("DROP TABLE quotas")
+    db.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_version_7_store_keeps_its_services_and_images_as_the_operators(tmp_path):
+    s = open_store(str(tmp_path))
+    add_node(s)
+    with s.transaction() as tx:
+        tx.put_image(model.Image(digest="sha256:" + "b" * 64, size=4096, owners=("acme",)), name="web")
+    create(s, make_service(n=2))
+    s.close()
+    _as_version_7(str(tmp_path / "state.db"))
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION
+    assert [x.owner for x in s.list_services()] == [""]
+    [image] = [i for i in s.list_images() if i.names == ("web",)]
+    assert (image.owners, image.public, s.image_name_owner("web")) == ((), False, "")
+    assert s.quotas() == {}
+    with s.transaction() as tx:
+        tx.put_quota("acme", model.Quota(cpu=2.0, vnodes=3))
+    assert s.quotas() == {"acme": model.Quota(cpu=2.0, vnodes=3)}
+    s.close()
+
+
+def test_image_owners_and_name_owner_are_kept(tmp_path):
+    s = open_store(str(tmp_path))
+    digest = "sha256:" + "c" * 64
+    with s.transaction() as tx:
+        tx.put_image(model.Image(digest=digest, size=4096, owners=("acme",)), name="web",
+                     name_owner="acme")
+    first = s.resolve_image("web")
+    assert (first.owners, s.image_name_owner("web"), s.image_name_owner("nope")) == (("acme",), "acme", None)
+    with s.transaction() as tx:
+        tx.put_image(model.Image(digest=digest, size=4096, owners=("acme", "beta"), public=True))
+    second = s.resolve_image(digest)
+    assert (second.owners, second.public) == (("acme", "beta"), True)
+    assert second.revision > first.revision
+    s.close()
+
+
 def _as_version_6(path):
     """The file as a version 6 Master left it: virtual nodes without move records."""
+    _as_version_7(path)
     db = sqlite3.connect(path)
     for column in ("moved_from", "moved_at", "moved_why"):
         db.execute(f"ALTER TABLE vnodes DROP COLUMN {column}")

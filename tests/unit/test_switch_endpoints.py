@@ -12,12 +12,10 @@ import pytest
 
 from soda import model
 from soda.backoff import Backoff
-from soda.config import MasterConfig
 from soda.errors import Unavailable
-from soda.rpc.client import MasterClient
 from soda.switch.endpoints import EndpointSync, EndpointWatcher, StreamLost, StreamOpened
 from soda.switch.main import Switch, SwitchConfig
-from tests.support import free_port, make_ext4_image
+from tests.support import free_port, make_ext4_image, master_client, master_config
 
 TIMEOUT = 10.0
 
@@ -164,8 +162,8 @@ LOOPBACK_CLUSTER = "127.77.0.0/16"
 def start_master_on(state_dir, port):
     from soda.master.main import MasterServer
     os.makedirs(state_dir, exist_ok=True)
-    server = MasterServer(MasterConfig(listen=f"127.0.0.1:{port}", state_dir=state_dir,
-                                       cluster_cidr=LOOPBACK_CLUSTER))
+    server = MasterServer(master_config(state_dir, listen=f"127.0.0.1:{port}",
+                                        cluster_cidr=LOOPBACK_CLUSTER))
     server.start()
     return server
 
@@ -206,7 +204,7 @@ def test_switch_routes_a_masters_service_and_survives_the_master(tmp_path):
     master_port, listen_port, guest_port = free_port(), free_port(), free_port()
     master = start_master_on(str(tmp_path / "m1"), master_port)
     target = f"127.0.0.1:{master_port}"
-    admin = MasterClient(target)
+    admin = master_client(target)
     try:
         admin.register_node("n0", "127.0.0.1", CAP, ["fake"])
         admin.push_image(make_ext4_image(str(tmp_path / "img")), name="img")
@@ -223,7 +221,7 @@ def test_switch_routes_a_masters_service_and_survives_the_master(tmp_path):
     async def main():
         backends = [await serve_name(v.address, guest_port, v.name) for v in vnodes]
         switch = Switch(SwitchConfig(master=target, reconnect_max_seconds=0.5, drain_seconds=1),
-                        MasterClient(target))
+                        master_client(target))
         await switch.start()
         nonlocal master
         try:
@@ -270,14 +268,14 @@ async def _gone(switch):
 
 def test_switch_follows_deletes_live(master, tmp_path):
     _, target = master
-    admin = MasterClient(target)
+    admin = master_client(target)
     listen_port = free_port()
     admin.push_image(make_ext4_image(str(tmp_path / "img")), name="img")
     admin.create_service(model.parse_spec({"name": "web", "image": "img", "nodes": 0,
                                            "switch": {"listen": f"127.0.0.1:{listen_port}"}}))
 
     async def main():
-        switch = Switch(SwitchConfig(master=target, drain_seconds=0), MasterClient(target))
+        switch = Switch(SwitchConfig(master=target, drain_seconds=0), master_client(target))
         await switch.start()
         try:
             await wait_for(lambda: _listening(switch), "the listener")

@@ -12,10 +12,9 @@ import pytest
 
 from soda import model
 from soda.errors import InvalidSpec, NoCapacity, Unavailable, WrongState
-from soda.rpc.client import MasterClient
 from soda.switch import ondemand
 from soda.switch.proxy import Proxy
-from tests.support import free_port
+from tests.support import free_port, master_client
 from tests.unit.test_switch_proxy import Backend, run  # noqa: F401 - `run` is a fixture
 
 CAP = model.Resources(2, 4096, 1000, 100_000)
@@ -25,7 +24,7 @@ CAP = model.Resources(2, 4096, 1000, 100_000)
 
 @pytest.fixture
 def client(master, image_file):
-    c = MasterClient(master[1])
+    c = master_client(master[1])
     for i in range(2):
         c.register_node(f"n{i}", f"127.0.0.{i + 1}", CAP, ["fake"])
     c.push_image(image_file, name="busybox")

@@ -193,18 +193,20 @@ class VnodeUsage(_message.Message):
     def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., throttled_seconds: _Optional[float] = ..., oom_kills: _Optional[int] = ..., packets_refused: _Optional[int] = ..., pids_refused: _Optional[int] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("spec", "image_digest", "vnodes", "deleting", "created_at")
+    __slots__ = ("spec", "image_digest", "vnodes", "deleting", "created_at", "owner")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     DELETING_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     spec: ServiceSpec
     image_digest: str
     vnodes: _containers.RepeatedCompositeFieldContainer[VirtualNode]
     deleting: bool
     created_at: float
-    def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
+    owner: str
+    def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed", "uplink", "labels", "draining")
@@ -281,18 +283,22 @@ class DriverCapabilities(_message.Message):
     def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ..., memory_overhead_mib: _Optional[int] = ..., live_memory: _Optional[bool] = ..., freeze: _Optional[bool] = ..., disk_bound: _Optional[bool] = ..., plumbing: _Optional[bool] = ..., migration: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("digest", "names", "size", "created_at", "init")
+    __slots__ = ("digest", "names", "size", "created_at", "init", "owners", "public")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     digest: str
     names: _containers.RepeatedScalarFieldContainer[str]
     size: int
     created_at: float
     init: str
-    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., created_at: _Optional[float] = ..., init: _Optional[str] = ...) -> None: ...
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    public: bool
+    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., created_at: _Optional[float] = ..., init: _Optional[str] = ..., owners: _Optional[_Iterable[str]] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class CreateServiceRequest(_message.Message):
     __slots__ = ("spec",)
@@ -476,16 +482,18 @@ class AssignmentEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[AssignmentEvent.Kind, str]] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("name", "size", "digest", "init")
+    __slots__ = ("name", "size", "digest", "init", "public")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     digest: str
     init: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., init: _Optional[str] = ...) -> None: ...
+    public: bool
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., init: _Optional[str] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class PushImageRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -612,6 +620,70 @@ class SwitchReport(_message.Message):
     busy: _containers.RepeatedScalarFieldContainer[str]
     services: _containers.RepeatedCompositeFieldContainer[SwitchServiceStats]
     def __init__(self, switch: _Optional[str] = ..., listen_hosts: _Optional[_Iterable[str]] = ..., busy: _Optional[_Iterable[str]] = ..., services: _Optional[_Iterable[_Union[SwitchServiceStats, _Mapping]]] = ...) -> None: ...
+
+class Quota(_message.Message):
+    __slots__ = ("cpu", "memory_mib", "bandwidth_mbit", "disk_mib", "vnodes", "image_bytes")
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_MBIT_FIELD_NUMBER: _ClassVar[int]
+    DISK_MIB_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu: float
+    memory_mib: int
+    bandwidth_mbit: int
+    disk_mib: int
+    vnodes: int
+    image_bytes: int
+    def __init__(self, cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., bandwidth_mbit: _Optional[int] = ..., disk_mib: _Optional[int] = ..., vnodes: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("cpu", "memory_mib", "bandwidth_mbit", "disk_mib", "vnodes", "image_bytes")
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_MBIT_FIELD_NUMBER: _ClassVar[int]
+    DISK_MIB_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu: float
+    memory_mib: int
+    bandwidth_mbit: int
+    disk_mib: int
+    vnodes: int
+    image_bytes: int
+    def __init__(self, cpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., bandwidth_mbit: _Optional[int] = ..., disk_mib: _Optional[int] = ..., vnodes: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
+
+class Tenant(_message.Message):
+    __slots__ = ("name", "quota", "usage", "services", "images")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    quota: Quota
+    usage: TenantUsage
+    services: int
+    images: int
+    def __init__(self, name: _Optional[str] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ..., usage: _Optional[_Union[TenantUsage, _Mapping]] = ..., services: _Optional[int] = ..., images: _Optional[int] = ...) -> None: ...
+
+class SetQuotaRequest(_message.Message):
+    __slots__ = ("tenant", "quota")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    quota: Quota
+    def __init__(self, tenant: _Optional[str] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...
+
+class ListTenantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTenantsResponse(_message.Message):
+    __slots__ = ("tenants",)
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
+    def __init__(self, tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

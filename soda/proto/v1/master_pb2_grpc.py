@@ -149,6 +149,16 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/soda.proto.v1.Master/SetQuota',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/soda.proto.v1.Master/ListTenants',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -292,6 +302,18 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -409,6 +431,16 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.ReportSwitchStats,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.SetQuotaRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Tenant.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ListTenantsRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ListTenantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1032,6 +1064,60 @@ class Master:
             '/soda.proto.v1.Master/ReportSwitchStats',
             soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/SetQuota',
+            soda_dot_proto_dot_v1_dot_master__pb2.SetQuotaRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/ListTenants',
+            soda_dot_proto_dot_v1_dot_master__pb2.ListTenantsRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.ListTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,9 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import subprocess
+import sys
 import urllib.request
 import uuid
 
@@ -73,6 +75,19 @@ def test_demo_up_and_down(demo_dir):
         assert all(order[i:i + 3].count("web-0") == 1 for i in range(len(order) - 2)), order
         status = subprocess.run([demo, "status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.stdout.count("running (pid") == 4, status.stdout
+        # The Master takes mutual TLS only: sodactl with `scripts/demo env`'s
+        # operator certificate gets through, without a certificate it does not.
+        exports = subprocess.run([demo, "env"], env=env, capture_output=True, text=True, timeout=60)
+        assert exports.returncode == 0, exports.stderr
+        tls_env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1)
+                       for line in exports.stdout.splitlines())
+        assert set(tls_env) == {"SODA_MASTER", "SODA_CA", "SODA_CERT", "SODA_KEY"}
+        sodactl = [sys.executable, "-m", "soda.cli.sodactl", "service", "list"]
+        listed = subprocess.run(sodactl, env={**env, **tls_env}, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and "web" in listed.stdout, listed.stderr
+        plain = {k: v for k, v in {**env, **tls_env}.items() if k not in ("SODA_CA", "SODA_CERT", "SODA_KEY")}
+        refused = subprocess.run(sodactl, env=plain, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "serves TLS" in refused.stderr, refused.stderr
         uml_dir = demo_dir / "agent" / "uml"
         for record in uml_dir.glob("*/guest.json"):
             guest_pids.append(json.loads(record.read_text())["pid"])

@@ -32,6 +32,7 @@ import pytest
 
 from soda.hypervisors.launch import landlock_abi
 
+from tests.support import skip_where_debians_kernel_cannot_run
 from tests.system.cluster import wait_until
 from tests.system.guests import (NODE, cgroup_file, curl, guest_run, read, require_guest_support,
                                  uml_node)
@@ -197,9 +198,7 @@ def create_on_debians_kernel(c, name):
     try:
         return create(c, name, "--memory", "64")
     except AssertionError as e:
-        if "ptrace set fp regs failed" in str(e):
-            pytest.skip("Debian's UML kernel cannot run processes on this CPU (ptrace set fp "
-                        "regs: its XSAVE area is larger than the kernel's buffer)")
+        skip_where_debians_kernel_cannot_run(str(e))
         raise
 
 

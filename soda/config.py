@@ -83,7 +83,9 @@ class AgentConfig:
     # that carries the default route, found at start (soda.agent.address).
     address: str = ""
     state_dir: str = "/var/lib/soda/agent"
-    hypervisors: tuple[str, ...] = ("fake",)
+    # Drivers to offer, in order of preference; empty = every real driver
+    # (not `fake`) whose fingerprint finds it usable on this host.
+    hypervisors: tuple[str, ...] = ()
     # KEY=VALUE labels the node registers (soda.model.labels); placement
     # spreads a service over `zone`s. --label adds to them.
     labels: Mapping[str, str] = field(default_factory=dict)

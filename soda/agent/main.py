@@ -82,8 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "repeatable, added to the config file's labels")
     parser.add_argument("--state-dir", metavar="DIR", help="guest state and image cache")
     parser.add_argument("--hypervisor", action="append", type=_hypervisor_names, metavar="NAME[,NAME]",
-                        help=f"hypervisor driver(s) to offer, repeatable "
-                             f"(choices: {', '.join(sorted(drivers()))})")
+                        help=f"hypervisor driver(s) to offer, repeatable (choices: "
+                             f"{', '.join(sorted(drivers()))}; default: every one usable here but fake)")
     parser.add_argument("--netns", metavar="NAME",
                         help="network namespace for the bridge and TAPs (made if missing)")
     parser.add_argument("--daemon-socket", metavar="PATH",
@@ -143,8 +143,6 @@ def check_config(config: AgentConfig) -> AgentConfig:
         raise InvalidSpec("master: the Master's HOST:PORT is required")
     if not config.state_dir:
         raise InvalidSpec("state_dir is required")
-    if not config.hypervisors:
-        raise InvalidSpec("hypervisors: name at least one hypervisor driver")
     for hypervisor in config.hypervisors:
         if hypervisor not in drivers():
             raise InvalidSpec(f"unknown hypervisor driver {hypervisor!r} "
@@ -173,7 +171,17 @@ def driver_configs(config: AgentConfig) -> dict[str, Any]:
         raise InvalidSpec(f"drivers: no hypervisor driver named {', '.join(unknown)} "
                           f"(available: {', '.join(sorted(registry))})")
     return {name: build_section(registry[name].Config, config.drivers.get(name), f"drivers.{name}")
-            for name in dict.fromkeys((*config.hypervisors, *config.drivers))}
+            for name in dict.fromkeys((*candidate_hypervisors(config), *config.drivers))}
+
+
+# A driver only for tests and benchmarks: never offered unless named.
+TEST_ONLY_DRIVERS = ("fake",)
+
+
+def candidate_hypervisors(config: AgentConfig) -> tuple[str, ...]:
+    """The drivers to try: the configured ones, or with none configured
+    every registered driver that runs real guests."""
+    return config.hypervisors or tuple(n for n in drivers() if n not in TEST_ONLY_DRIVERS)
 
 
 class DriverUnusable(SodaError):
@@ -209,14 +217,21 @@ def build_drivers(config: AgentConfig) -> Drivers:
     """Raises OSError when the state dir cannot be used, DriverUnusable when
     a driver's fingerprint says it cannot work here."""
     os.makedirs(config.state_dir, exist_ok=True)
-    made, capabilities = {}, {}
+    made, capabilities, unusable = {}, {}, []
     sections = driver_configs(config)
-    for name in config.hypervisors:
+    for name in candidate_hypervisors(config):
         driver = make_driver(name, config.state_dir, sections[name])
         found = driver.fingerprint()
         if not found.usable:
-            raise DriverUnusable(f"hypervisor {name} cannot run guests here: {found.reason}")
+            if config.hypervisors:          # named: it must work
+                raise DriverUnusable(f"hypervisor {name} cannot run guests here: {found.reason}")
+            unusable.append(f"{name}: {found.reason}")
+            continue
         made[name], capabilities[name] = driver, driver.capabilities(found)
+    if not made:
+        raise DriverUnusable("no hypervisor driver can run guests here (" + "; ".join(unusable) + ")")
+    for reason in unusable:
+        log.info("hypervisor %s, not offered", reason)
     return Drivers(made, capabilities)
 
 
@@ -292,7 +307,7 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
                             plumbing=build_plumbing(config, network, drivers.capabilities))
     on_registered = (lambda node: configure_network(network, node)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,
-                 config.hypervisors, stop=stop, on_registered=on_registered, labels=config.labels,
+                 tuple(drivers.drivers), stop=stop, on_registered=on_registered, labels=config.labels,
                  limits=tuple(drivers.capabilities.values()),
                  health_check=lambda: state_dir_problem(config.state_dir),
                  assumed=capacity.assumed)
@@ -382,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse("soda-agent", str(exc), EXIT_FAILURE)
     log.info("agent %s starting: master %s, address %s, labels %s, hypervisors %s, capacity %s, "
              "state dir %s", config.name, config.master, config.address,
-             format_labels(config.labels) or "none", ",".join(config.hypervisors),
+             format_labels(config.labels) or "none", ",".join(agent.hypervisors),
              agent.capacity.as_dict(), config.state_dir)
     agent.start()
     follower = follow_routes(config, routes)

@@ -688,3 +688,27 @@ def test_keep_routes_without_teardown_is_a_usage_error(tmp_path, capsys):
                  str(tmp_path), "--hypervisor", "fake"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "soda-agent: --keep-routes goes with --teardown"
+
+
+def test_with_no_hypervisor_named_the_agent_offers_every_real_driver_usable_here(tmp_path, monkeypatch):
+    from soda.agent.main import DriverUnusable, build_drivers
+    from soda.hypervisors.base import Fingerprint
+    from soda.hypervisors.qemu import QemuDriver
+    from soda.hypervisors.uml import UmlDriver
+
+    import soda.agent.main as agent_main
+    builtin = {n: c for n, c in drivers().items() if n in ("fake", "uml", "qemu")}
+    monkeypatch.setattr(agent_main, "drivers", lambda: builtin)     # no plugins installed for tests
+    monkeypatch.setattr(UmlDriver, "fingerprint", lambda self: Fingerprint(False, "no UML kernel"))
+    monkeypatch.setattr(QemuDriver, "fingerprint", lambda self: Fingerprint(True))
+    config = build_config(parse_args(["--state-dir", str(tmp_path), "--name", "n1"]))
+    assert config.hypervisors == ()
+    made = build_drivers(config)
+    assert list(made.drivers) == ["qemu"]            # fake is never offered unless named
+    monkeypatch.setattr(QemuDriver, "fingerprint", lambda self: Fingerprint(False, "no qemu-system-x86_64"))
+    with pytest.raises(DriverUnusable, match="uml: no UML kernel; qemu: no qemu-system-x86_64"):
+        build_drivers(config)
+    # Named, a driver must work: its reason is the error.
+    named = build_config(parse_args(["--state-dir", str(tmp_path), "--name", "n1", "--hypervisor", "uml"]))
+    with pytest.raises(DriverUnusable, match="hypervisor uml cannot run guests here: no UML kernel"):
+        build_drivers(named)

@@ -21,7 +21,9 @@ def test_shipped_configs_hold_the_defaults(cls, name):
     loaded = config.load(cls, os.path.join(TOP, "etc", "soda", name))
     if cls is config.AgentConfig:
         # Its driver sections are each driver's own dataclass, at its defaults.
-        assert driver_configs(loaded) == {n: drivers()[n].Config() for n in ("fake", "uml", "qemu")}
+        sections = driver_configs(loaded)
+        assert {"fake", "uml", "qemu"} <= set(sections)
+        assert sections == {n: drivers()[n].Config() for n in sections}
         loaded = dataclasses.replace(loaded, drivers={})
     assert loaded == cls()
 

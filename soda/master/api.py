@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 WATCH_POLL_SECONDS = 1.0
 
 
+# (request streaming, response streaming) -> the handler's behaviour
+# attribute, and how to make a handler of that kind.
+_HANDLER_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
 class AccessInterceptor(grpc.ServerInterceptor):
     """Runs before every handler: authenticate, authorize, audit."""
 
@@ -45,19 +55,16 @@ class AccessInterceptor(grpc.ServerInterceptor):
         method = details.method
         action = method.rsplit("/", 1)[-1]
         mutating = method.startswith(access.MASTER_SERVICE) and action in access.MUTATING
-        if handler.request_streaming and handler.response_streaming:
-            inner_bidi = handler.stream_stream
-
-            def stream_stream(requests, context):
-                self._admit(context, method, None)
-                yield from inner_bidi(requests, context)
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.request_streaming:
-            inner = handler.stream_unary
-
-            def stream_unary(requests, context):
+        attribute, make = _HANDLER_KINDS[handler.request_streaming, handler.response_streaming]
+        inner = getattr(handler, attribute)
+        if handler.response_streaming:
+            # Watches and pulls: admitted or not; none changes state.
+            def behaviour(request, context):
+                self._admit(context, method, None if handler.request_streaming else request)
+                yield from inner(request, context)
+        elif handler.request_streaming:
+            # A push: what it acts on is in its first message.
+            def behaviour(requests, context):
                 identity = self._admit(context, method, None)
                 first: list = []
 
@@ -68,27 +75,13 @@ class AccessInterceptor(grpc.ServerInterceptor):
                         yield request
                 return self._run(lambda: inner(peeked(), context), context, identity, action,
                                  lambda: _header_object(first), mutating)
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.response_streaming:
-            inner_stream = handler.unary_stream
-
-            def unary_stream(request, context):
-                self._admit(context, method, request)
-                yield from inner_stream(request, context)
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        inner_unary = handler.unary_unary
-
-        def unary_unary(request, context):
-            identity = self._admit(context, method, request)
-            return self._run(lambda: inner_unary(request, context), context, identity, action,
-                             lambda: access.object_of(request), mutating)
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        else:
+            def behaviour(request, context):
+                identity = self._admit(context, method, request)
+                return self._run(lambda: inner(request, context), context, identity, action,
+                                 lambda: access.object_of(request), mutating)
+        return make(behaviour, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
     def _admit(self, context, method: str, request: Any) -> Identity:
         """The caller, allowed to make this call; aborts the call if not."""

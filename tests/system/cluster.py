@@ -33,8 +33,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 class Cluster:
     def __init__(self, root: str):
         self.root = root
-        # Agents' state dirs, where guests' VMMs (uids of their own, issue
-        # 14) must reach their files: a dir of its own open to traversal,
+        # Agents' state dirs, where guests' VMMs (each service's uid of its
+        # own, soda.agent.uids) must reach their files: a dir open to traversal,
         # outside pytest's, which pytest makes 0700 again at every session
         # start (another run's would close it under this one's guests).
         self.agents_root = reachable_dir("soda-test-agents-")

@@ -1,4 +1,4 @@
-"""Issue 7, acceptance 3: 100 boots in a row at `mem=32M` with no failed
+"""Boots are reliable: 100 boots in a row at `mem=32M` with no failed
 boot, for SODA's own guest kernel (also at its minimum, 16 MiB) and for
 Debian's `linux.uml` (whose minimum is 32 MiB).
 

@@ -1,4 +1,4 @@
-"""Who may do what on the Master's API (issue 15): every RPC, called by every
+"""Who may do what on the Master's API: every RPC, called by every
 kind of caller over real mutual TLS, gives the expected allow,
 PERMISSION_DENIED or UNAUTHENTICATED, and a refused call changes nothing.
 

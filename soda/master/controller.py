@@ -124,8 +124,8 @@ class Controller:
 
         def work(tx: Transaction) -> list[model.VirtualNode]:
             image = tx.resolve_image(spec.image)
-            _check_image_use(image, tenant, f"use image {spec.image!r}")
-            self._check_quota(tx, tenant, spec)
+            model.check_image_use(image, tenant, f"use image {spec.image!r}")
+            self._check_quota(tx, tenant or model.OPERATORS, spec)
             for res in spec.resources:
                 model.check_disk_holds_image(res.disk, image)
             if spec.on_demand is not None:      # refused now, not at the first request
@@ -197,20 +197,17 @@ class Controller:
         return out
 
     def get_service(self, name: str, tenant: str | None = None) -> model.Service:
-        return self._observed(_owned(self.store.get_service(name), tenant, "get"))
+        return self._observed(model.owned_by(self.store.get_service(name), tenant, "get"))
 
     def list_services(self, tenant: str | None = None) -> list[model.Service]:
         return [self._observed(s) for s in self.store.list_services()
                 if tenant is None or s.owner == tenant]
 
-    def _check_quota(self, tx: StateReader, tenant: str | None, spec: model.ServiceSpec,
-                     owner: str | None = None) -> None:
-        """Refuse (QuotaExceeded) when the owner's services, with `spec` in
-        place of the service of that name, would go over its quota."""
-        owner = tenant if owner is None else owner
-        if not owner:
-            return
-        quota = tx.quotas().get(owner)
+    def _check_quota(self, tx: StateReader, owner: str, spec: model.ServiceSpec) -> None:
+        """Refuse (QuotaExceeded) when `owner`'s services, with `spec` in
+        place of the service of that name, would go over its quota (the
+        operators have none)."""
+        quota = tx.quotas().get(owner) if owner != model.OPERATORS else None
         if quota is None:
             return
         specs = [(o, s) for o, s in tx.list_service_owners() if s.name != spec.name] + [(owner, spec)]
@@ -255,7 +252,7 @@ class Controller:
 
     def delete_service(self, name: str, tenant: str | None = None) -> model.Service:
         def work(tx: Transaction) -> model.Service:
-            service = _owned(tx.get_service(name), tenant, "delete")
+            service = model.owned_by(tx.get_service(name), tenant, "delete")
             tx.put_service(replace(service, deleting=True))
             # Virtual nodes nobody runs (unplaced, or on a lost node) go at
             # once; the others stay, marked, until their Agent has stopped them.
@@ -301,7 +298,7 @@ class Controller:
 
     def _resize(self, tx: Transaction, name: str, nodes: int | None,
                 resources: Sequence[model.Resources], tenant: str | None = None) -> None:
-        service = _owned(tx.get_service(name), tenant, "resize")
+        service = model.owned_by(tx.get_service(name), tenant, "resize")
         if service.deleting:
             raise WrongState(f"service {name!r} is being deleted")
         # A resize starts from the virtual nodes the service wants: a move
@@ -323,7 +320,7 @@ class Controller:
                   for i in range(count)]
         spec = model.validate_spec(replace(service.spec, nodes=count, resources=tuple(wanted)))
         if count > len(live) or resources:      # what only grows: a shrink is never refused
-            self._check_quota(tx, tenant, spec, owner=service.owner)
+            self._check_quota(tx, service.owner, spec)
         image = tx.resolve_image(service.image_digest)
         for res in spec.resources:
             model.check_disk_holds_image(res.disk, image)
@@ -1014,7 +1011,7 @@ class Controller:
                                     public=public,
                                     check=lambda tx: self._check_image_push(tx, name, size, digest, tenant))
         log.info("image %s stored (%d bytes%s)", image.digest, image.size, f", name {name}" if name else "")
-        return _as_seen_by(image, tenant)
+        return model.as_seen_by(image, tenant)
 
     def _check_image_push(self, state: StateReader, name: str, size: int, digest: str,
                           tenant: str | None) -> None:
@@ -1035,18 +1032,18 @@ class Controller:
         model.check_quota(tenant, quota, model.usage_of(tenant, (), [*images, new]))
 
     def list_images(self, tenant: str | None = None) -> list[model.Image]:
-        return [_as_seen_by(i, tenant) for i in self.store.list_images() if _may_use(i, tenant)]
+        return [model.as_seen_by(i, tenant) for i in self.store.list_images() if model.may_use(i, tenant)]
 
     def image_for(self, ref: str, tenant: str | None = None, node: str | None = None) -> model.Image:
         """The image `ref` if the caller may read it: a tenant one it may
         use, an Agent (`node`) one that a virtual node placed on it boots."""
         image = self.store.resolve_image(ref)
-        _check_image_use(image, tenant, f"pull image {ref!r}")
+        model.check_image_use(image, tenant, f"pull image {ref!r}")
         if node is not None and not any(v.image_digest == image.digest
                                         for v in self.store.list_vnodes(node=node)):
             raise PermissionDenied(f"agent {node} may not pull image {ref!r}: no virtual node on "
                                    f"node {node} uses it")
-        return _as_seen_by(image, tenant)
+        return model.as_seen_by(image, tenant)
 
     def delete_image(self, ref: str, tenant: str | None = None) -> model.Image:
         """An operator deletes the image; a tenant gives up its ownership,
@@ -1060,9 +1057,9 @@ class Controller:
                 others = tuple(o for o in image.owners if o != tenant)
                 if others or image.public:
                     tx.put_image(replace(image, owners=others))
-                    return _as_seen_by(replace(image, owners=others), tenant)
+                    return model.as_seen_by(replace(image, owners=others), tenant)
             users = [s.name for s in tx.list_services() if s.image_digest == image.digest]
-            return _as_seen_by(self.images.delete(tx, image, users), tenant)
+            return model.as_seen_by(self.images.delete(tx, image, users), tenant)
 
         return self._unit_of_work(work)
 
@@ -1126,30 +1123,6 @@ def _check_address_free(tx: StateReader, node: str, address: str) -> None:
         raise AlreadyExists(f"node {node}: address {address} is already held by node {holder}, "
                             f"which is READY: give each node its own address (soda-agent --address) "
                             f"or stop {holder} first")
-
-
-def _owned(service: model.Service, tenant: str | None, action: str) -> model.Service:
-    """`service`, if `tenant` (None: not a tenant) may act on it."""
-    if tenant is not None and service.owner != tenant:
-        raise PermissionDenied(f"tenant {tenant} may not {action} service {service.name!r}: it "
-                               f"belongs to another tenant")
-    return service
-
-
-def _may_use(image: model.Image, tenant: str | None) -> bool:
-    return tenant is None or image.public or tenant in image.owners
-
-
-def _check_image_use(image: model.Image, tenant: str | None, action: str) -> None:
-    if not _may_use(image, tenant):
-        raise PermissionDenied(f"tenant {tenant} may not {action}: the image is neither its own nor public")
-
-
-def _as_seen_by(image: model.Image, tenant: str | None) -> model.Image:
-    """A tenant sees whether it owns an image, not who else does."""
-    if tenant is None:
-        return image
-    return replace(image, owners=tuple(o for o in image.owners if o == tenant))
 
 
 def _on_demand(service: model.Service, action: str) -> model.OnDemand:

@@ -36,4 +36,5 @@ from soda.model.switching import (  # noqa: F401
 from soda.model.fence import (  # noqa: F401
     Limits, Fence, Released)
 from soda.model.tenancy import (  # noqa: F401
-    OPERATORS, QUOTA_FIELDS, Quota, TenantUsage, Tenant, check_tenant_name, usage_of, check_quota)
+    OPERATORS, QUOTA_FIELDS, Quota, TenantUsage, Tenant, check_tenant_name, usage_of, check_quota,
+    owned_by, may_use, check_image_use, as_seen_by)

@@ -16,11 +16,14 @@ tenant set-quota`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Iterable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Iterable
 
-from soda.errors import InvalidSpec, QuotaExceeded
+from soda.errors import InvalidSpec, PermissionDenied, QuotaExceeded
 from soda.model.names import check_dns_label
+
+if TYPE_CHECKING:
+    from soda.model.state import Image, Service
 
 OPERATORS = ""               # the owner of what operators make
 TENANT_NAME_MAX = 63
@@ -81,6 +84,33 @@ class Tenant:
     usage: TenantUsage = TenantUsage()
     services: int = 0
     images: int = 0
+
+
+# `tenant` below: the tenant a call acts as, or None for a caller that is
+# not a tenant (operators, agents, switches: their role's rules apply).
+
+def owned_by(service: "Service", tenant: str | None, action: str) -> "Service":
+    """`service`, if `tenant` may `action` it: only its own."""
+    if tenant is not None and service.owner != tenant:
+        raise PermissionDenied(f"tenant {tenant} may not {action} service {service.name!r}: it "
+                               f"belongs to another tenant")
+    return service
+
+
+def may_use(image: "Image", tenant: str | None) -> bool:
+    return tenant is None or image.public or tenant in image.owners
+
+
+def check_image_use(image: "Image", tenant: str | None, action: str) -> None:
+    if not may_use(image, tenant):
+        raise PermissionDenied(f"tenant {tenant} may not {action}: the image is neither its own nor public")
+
+
+def as_seen_by(image: "Image", tenant: str | None) -> "Image":
+    """A tenant sees whether it owns an image, not who else does."""
+    if tenant is None:
+        return image
+    return replace(image, owners=tuple(o for o in image.owners if o == tenant))
 
 
 def usage_of(tenant: str, specs: Iterable, images: Iterable) -> TenantUsage:

@@ -175,6 +175,28 @@ class ImageStore:
         init = init or "/sbin/init"
         if not init.startswith("/") or any(c.isspace() for c in init):
             raise InvalidSpec(f"init {init!r} must be an absolute path without spaces")
+        fresh = self._receive_file(size, digest, chunks)
+        try:
+            with self.store.transaction() as tx:
+                if check is not None:
+                    check(tx)
+                try:
+                    known = tx.resolve_image(digest)
+                except NotFound:
+                    known = model.Image(digest=digest, size=size, created_at=self.clock(), init=init)
+                owners = set(known.owners) | ({owner} if owner != model.OPERATORS else set())
+                tx.put_image(replace(known, owners=tuple(sorted(owners)), public=known.public or public),
+                             name=name, name_owner=owner)
+        except BaseException:
+            if fresh:
+                self._unlink_unrecorded(digest)
+            raise
+        return self.store.resolve_image(digest)
+
+    def _receive_file(self, size: int, digest: str, chunks: Iterable[bytes]) -> bool:
+        """Write the upload to a temporary file within a reservation of its
+        room, check it whole, and rename it into place; True if this upload
+        put the file there (False: the same content was already stored)."""
         # Refused here, before the first chunk is read, the client stops
         # sending: it learns of a full disk without uploading the image.
         with self.reserve(size) as mine:
@@ -202,11 +224,11 @@ class ImageStore:
                                    f"{digest}; nothing was stored")
                 check_ext4(tmp, size)
                 final = self.path(digest)
-                fresh = not os.path.exists(final)
-                if fresh:
-                    os.rename(tmp, final)
-                else:
+                if os.path.exists(final):
                     os.unlink(tmp)
+                    return False
+                os.rename(tmp, final)
+                return True
             except BaseException as exc:
                 if tmp and os.path.exists(tmp):
                     os.unlink(tmp)
@@ -217,22 +239,6 @@ class ImageStore:
                                      f"image of {size} bytes; nothing was stored: free space there and "
                                      f"push again", resource="disk") from exc
                 raise
-        try:
-            with self.store.transaction() as tx:
-                if check is not None:
-                    check(tx)
-                try:
-                    known = tx.resolve_image(digest)
-                except NotFound:
-                    known = model.Image(digest=digest, size=size, created_at=self.clock(), init=init)
-                owners = set(known.owners) | ({owner} if owner != model.OPERATORS else set())
-                tx.put_image(replace(known, owners=tuple(sorted(owners)), public=known.public or public),
-                             name=name, name_owner=owner)
-        except BaseException:
-            if fresh:
-                self._unlink_unrecorded(digest)
-            raise
-        return self.store.resolve_image(digest)
 
     def _unlink_unrecorded(self, digest: str) -> None:
         """A file this push put in place whose record was refused: it goes,

@@ -27,6 +27,13 @@ def split_host_port(address: Any, what: str = "listen address") -> tuple[str, in
     return host, int(port)
 
 
+def host_of(address: str) -> str:
+    """The host of "HOST:PORT" without brackets, the port not checked (a
+    listen address may say port 0: any free one)."""
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def join_host_port(host: str, port: int) -> str:
     """(host, port) -> "HOST:PORT", an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

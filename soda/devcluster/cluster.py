@@ -48,7 +48,7 @@ from typing import Callable
 from soda.devcluster.supervisor import (EXITED, FAILED, RUNNING, PartState, RestartPolicy, Supervisor,
                                         describe_exit)
 from soda import command
-from soda.addresses import split_host_port
+from soda.addresses import host_of, split_host_port
 from soda.config import TlsConfig
 from soda.devcluster import credentials, fabric
 from soda.netns import netns_preexec
@@ -204,7 +204,7 @@ class LocalCluster:
         shutil.rmtree(self.log_dir, ignore_errors=True)
         os.makedirs(self.log_dir)
         if self.config.tls:
-            hosts = [credentials.host_of(self.config.master_addr)]
+            hosts = [host_of(self.config.master_addr)]
             if self.layout is not None:
                 hosts.append(self.layout.gateway)
             credentials.ensure(self.state_dir, hosts, self.node_names)

@@ -10,7 +10,6 @@ is issued anew when the cluster is prepared again (the old one revoked).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from typing import Iterable
 
@@ -77,12 +76,3 @@ def sodactl_env(state_dir: str) -> dict[str, str]:
 def flags(tls: TlsConfig) -> list[str]:
     """--ca/--cert/--key for a part's command line."""
     return ["--ca", tls.ca, "--cert", tls.cert, "--key", tls.key]
-
-
-def host_of(address: str) -> str:
-    """The host of HOST:PORT, for a certificate's --host."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from soda import config as soda_config
+from soda import config as soda_config, pki
 from soda.errors import InvalidSpec, SodaError
 from soda.master.access import Authenticator
 from soda.master.api import AccessInterceptor, MasterServicer
@@ -129,7 +129,7 @@ def crl_path(cfg: soda_config.MasterConfig) -> str:
         return ""
     if cfg.crl:
         return cfg.crl
-    beside = os.path.join(os.path.dirname(os.path.abspath(cfg.tls.ca)), "crl.pem")
+    beside = os.path.join(os.path.dirname(os.path.abspath(cfg.tls.ca)), pki.CRL)
     if os.path.exists(beside):
         return beside
     log.warning("no revocation list (crl.pem beside %s, or crl:): revoked certificates are still "

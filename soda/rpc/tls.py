@@ -16,6 +16,7 @@ from typing import Sequence
 
 import grpc
 
+from soda.addresses import host_of
 from soda.config import TlsConfig
 from soda.errors import InvalidSpec
 
@@ -78,7 +79,7 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
 
 def is_loopback(listen: str) -> bool:
     """Whether HOST:PORT listens on loopback only."""
-    host = listen.rsplit(":", 1)[0].strip("[]")
+    host = host_of(listen)
     if host == "localhost":
         return True
     try:

@@ -85,6 +85,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from soda import model, pki  # noqa: E402
 from soda.config import TlsConfig  # noqa: E402
 from soda.errors import SodaError  # noqa: E402
+from soda.rpc import tls as soda_tls  # noqa: E402
 from soda.rpc.client import MasterClient  # noqa: E402
 from tests.support import free_port, make_ext4_image, peak_rss_mib  # noqa: E402
 
@@ -153,15 +154,6 @@ def agent_address(name: str) -> str:
 
 # ---- TLS ------------------------------------------------------------------
 
-def tls_config(ca: pki.CertificateAuthority, entry: pki.Issued) -> TlsConfig:
-    return TlsConfig(ca=ca.file(pki.CA_CERT), cert=ca.file(entry.cert), key=ca.file(entry.key))
-
-
-def tls_flags(tls: TlsConfig | None) -> list[str]:
-    """--ca/--cert/--key for a soda daemon; none for plaintext."""
-    return ["--ca", tls.ca, "--cert", tls.cert, "--key", tls.key] if tls else []
-
-
 class Pki:
     """The run's CA (in its temporary directory) and the certificates of
     its parties: the Master (for 127.0.0.1, the address everyone dials),
@@ -177,7 +169,8 @@ class Pki:
         self.agents = {name: self.issue("agent", name) for name in agent_names}
 
     def issue(self, role: str, name: str, hosts: list[str] = ()) -> TlsConfig:
-        return tls_config(self.ca, self.ca.issue(role, name, hosts=hosts))
+        self.ca.issue(role, name, hosts=hosts)
+        return self.ca.tls(role, name)
 
 
 def agent_host(master: str, root: str, config_path: str, ca_dir: str, names: list[str]) -> int:
@@ -196,7 +189,7 @@ def agent_host(master: str, root: str, config_path: str, ca_dir: str, names: lis
     certified = {}
     if ca_dir:
         ca = pki.CertificateAuthority(ca_dir)
-        certified = {e.name: tls_config(ca, e) for e in ca.list() if e.role == "agent"}
+        certified = {e.name: ca.tls("agent", e.name) for e in ca.list() if e.role == "agent"}
     agents = []
     for name in names:
         if ca_dir and name not in certified:
@@ -314,7 +307,7 @@ def start_master(args, procs: Processes, addr: str, certs: Pki | None) -> subpro
     return procs.spawn("master", [sys.executable, "-m", "soda.master.main", "--listen", addr,
                                   "--config", master_config, "--state-dir", os.path.join(procs.root, "master"),
                                   "--log-level", "WARNING",
-                                  *(tls_flags(certs.master) if certs else ["--insecure"])])
+                                  *(soda_tls.flags(certs.master) if certs else ["--insecure"])])
 
 
 def master_up(master: subprocess.Popen, client: MasterClient) -> bool:
@@ -346,7 +339,7 @@ def start_agents(args, procs: Processes, agent_root: str, addr: str, certs: Pki 
                     "--address", agent_address(group[0]),
                     "--state-dir", os.path.join(agent_root, group[0]), "--hypervisor", "fake",
                     "--config", config, "--log-level", "WARNING", "--no-routes",
-                    *tls_flags(certs.agents[group[0]] if certs else None)]
+                    *soda_tls.flags(certs.agents[group[0]] if certs else None)]
         else:
             argv = [sys.executable, os.path.abspath(__file__), "--agent-host", addr, agent_root, config,
                     certs.ca.path if certs else "", *group]

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from soda.config import TlsConfig
 from soda.errors import AlreadyExists, InvalidSpec, NotFound
 from soda.files import write_file_atomic as _write
 from soda.model.names import check_dns_label
@@ -221,14 +222,19 @@ class CertificateAuthority:
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                                critical=False)
                 .sign(ca_key, hashes.SHA256()))
-        base = f"{role}-{name}"
+        key_file, cert_file = _file_names(role, name)
         entry = Issued(serial=cert.serial_number, role=role, name=name,
-                       not_after=not_after.isoformat(timespec="seconds"),
-                       key=f"{base}.key", cert=f"{base}.crt")
+                       not_after=not_after.isoformat(timespec="seconds"), key=key_file, cert=cert_file)
         _write(self.file(entry.key), _key_pem(key), 0o600)
         _write(self.file(entry.cert), cert.public_bytes(serialization.Encoding.PEM), 0o644)
         self._save([*issued, entry])
         return entry
+
+    def tls(self, role: str, name: str) -> TlsConfig:
+        """What ROLE NAME configures to speak TLS: the CA's certificate,
+        and its own certificate and key in this directory."""
+        key_file, cert_file = _file_names(role, name)
+        return TlsConfig(ca=self.file(CA_CERT), cert=self.file(cert_file), key=self.file(key_file))
 
     # ---- list and revoke --------------------------------------------------
     def list(self) -> list[Issued]:
@@ -316,6 +322,11 @@ def load_crl(path: str, ca_cert: x509.Certificate) -> frozenset[int]:
     if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
         raise InvalidSpec(f"{path} is not signed by the cluster CA")
     return frozenset(r.serial_number for r in crl)
+
+
+def _file_names(role: str, name: str) -> tuple[str, str]:
+    """(key, certificate) file names of ROLE NAME in the CA directory."""
+    return f"{role}-{name}.key", f"{role}-{name}.crt"
 
 
 def _now() -> datetime.datetime:

@@ -59,8 +59,8 @@ def cluster_ca():
 def tls_for(role: str = "operator", name: str = "tests") -> soda_config.TlsConfig:
     """The TLS files of ROLE NAME, issued once per test process by cluster_ca()."""
     ca = cluster_ca()
-    issued = ca.issue(role, name, hosts=["127.0.0.1", "localhost"] if role == "master" else ())
-    return soda_config.TlsConfig(ca=ca.file("ca.crt"), cert=ca.file(issued.cert), key=ca.file(issued.key))
+    ca.issue(role, name, hosts=["127.0.0.1", "localhost"] if role == "master" else ())
+    return ca.tls(role, name)
 
 
 def master_client(target: str, role: str = "operator", name: str = "tests", **kwargs):

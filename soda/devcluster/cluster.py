@@ -51,6 +51,7 @@ from soda import command
 from soda.addresses import host_of, split_host_port
 from soda.config import TlsConfig
 from soda.devcluster import credentials, fabric
+from soda.rpc import tls as soda_tls
 from soda.netns import netns_preexec
 from soda.files import remove_path, write_json_atomic
 from soda.netns import NETNS_DIR
@@ -290,7 +291,7 @@ class LocalCluster:
     def _tls_flags(self, role: str, name: str) -> list[str]:
         if not self.config.tls:
             return ["--insecure"] if role == "master" else []
-        return credentials.flags(credentials.tls_of(self.state_dir, role, name))
+        return soda_tls.flags(credentials.tls_of(self.state_dir, role, name))
 
     def host_of(self, name: str) -> fabric.Host | None:
         """The fabric host a part runs on (None: this host's root namespace)."""

@@ -52,9 +52,7 @@ def ensure(state_dir: str, master_hosts: Iterable[str], agents: Iterable[str]) -
 
 def tls_of(state_dir: str, role: str, name: str) -> TlsConfig:
     """The files of ROLE NAME's certificate in the cluster's PKI."""
-    ca = pki.CertificateAuthority(pki_dir(state_dir))
-    base = ca.file(f"{role}-{name}")
-    return TlsConfig(ca=ca.file(pki.CA_CERT), cert=f"{base}.crt", key=f"{base}.key")
+    return pki.CertificateAuthority(pki_dir(state_dir)).tls(role, name)
 
 
 def operator_tls(state_dir: str) -> TlsConfig:
@@ -71,8 +69,3 @@ def sodactl_env(state_dir: str) -> dict[str, str]:
     """This process's environment plus the operator's files: what sodactl
     runs in against the cluster."""
     return {**os.environ, **operator_env(state_dir)}
-
-
-def flags(tls: TlsConfig) -> list[str]:
-    """--ca/--cert/--key for a part's command line."""
-    return ["--ca", tls.ca, "--cert", tls.cert, "--key", tls.key]

@@ -96,6 +96,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--key", metavar="FILE", help="this party's private key")
 
 
+def flags(tls: TlsConfig | None) -> list[str]:
+    """The --ca/--cert/--key a SODA daemon is started with for `tls`; none
+    for plaintext."""
+    return ["--ca", tls.ca, "--cert", tls.cert, "--key", tls.key] if tls and tls.enabled else []
+
+
 def apply_flags(config, args: argparse.Namespace):
     """`config` (any config with a `tls` section) with the --ca, --cert and
     --key flags that were given laid over its section."""

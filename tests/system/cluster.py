@@ -16,6 +16,8 @@ import sys
 import time
 
 from soda import pki
+from soda.config import TlsConfig
+from soda.rpc import tls as soda_tls
 from tests.support import free_port, reachable_dir
 
 
@@ -48,29 +50,26 @@ class Cluster:
         self._issued: set[tuple[str, str]] = set()
 
     # ---- certificates -------------------------------------------------
-    def tls_files(self, role: str, name: str) -> tuple[str, str, str]:
-        """(ca, cert, key) of ROLE NAME, issued on first use."""
+    def tls(self, role: str, name: str) -> TlsConfig:
+        """The TLS files of ROLE NAME, issued on first use."""
         if (role, name) not in self._issued:
             self.ca.issue(role, name, hosts=["127.0.0.1", "localhost"] if role == "master" else ())
             self._issued.add((role, name))
-        base = self.ca.file(f"{role}-{name}")
-        return self.ca.file(pki.CA_CERT), f"{base}.crt", f"{base}.key"
+        return self.ca.tls(role, name)
 
     def tls_flags(self, role: str, name: str) -> list[str]:
-        ca, cert, key = self.tls_files(role, name)
-        return ["--ca", ca, "--cert", cert, "--key", key]
+        return soda_tls.flags(self.tls(role, name))
 
     def client(self, role: str = "operator", name: str = "tests", **kwargs):
         """A MasterClient as ROLE NAME."""
-        from soda.config import TlsConfig
         from soda.rpc.client import MasterClient
-        ca, cert, key = self.tls_files(role, name)
-        return MasterClient(self.master_addr, tls=TlsConfig(ca=ca, cert=cert, key=key), **kwargs)
+        return MasterClient(self.master_addr, tls=self.tls(role, name), **kwargs)
 
     def ctl_env(self, role: str = "operator", name: str = "tests") -> dict[str, str]:
         """The environment sodactl runs in as ROLE NAME."""
-        ca, cert, key = self.tls_files(role, name)
-        return {**os.environ, "SODA_CA": ca, "SODA_CERT": cert, "SODA_KEY": key}
+        tls = self.tls(role, name)
+        return {**os.environ, soda_tls.ENV["ca"]: tls.ca, soda_tls.ENV["cert"]: tls.cert,
+                soda_tls.ENV["key"]: tls.key}
 
     # ---- processes ----------------------------------------------------
     def _spawn(self, key: str, argv: list[str]) -> subprocess.Popen:

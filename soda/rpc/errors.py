@@ -74,16 +74,13 @@ def from_rpc_error(exc: grpc.RpcError, target: str = "", peer: str = "SODA Maste
             return errors.Unauthenticated(
                 f"the {peer}{where} did not prove itself: its certificate is not one of this "
                 f"cluster's CA for the address dialled, or it expects no TLS ({detail})")
-        if secure and _CLOSED_IN_HANDSHAKE in lowered:
+        if _CLOSED_IN_HANDSHAKE in lowered:
             # Retried like any outage (an Agent waits it out), but named.
-            return errors.Unavailable(
-                f"cannot reach the {peer}{where}: it closed the connection; if this persists, it "
-                f"does not take this client's certificate (another CA, expired) or serves plaintext")
-        if not secure and _CLOSED_IN_HANDSHAKE in lowered:
-            return errors.Unavailable(
-                f"cannot reach the {peer}{where}: it closed the connection; if this persists, it "
-                f"serves TLS: give the CA, a certificate and its key (--ca/--cert/--key or "
-                f"SODA_CA/SODA_CERT/SODA_KEY)")
+            likely = ("does not take this client's certificate (another CA, expired) or serves plaintext"
+                      if secure else "serves TLS: give the CA, a certificate and its key "
+                      "(--ca/--cert/--key or SODA_CA/SODA_CERT/SODA_KEY)")
+            return errors.Unavailable(f"cannot reach the {peer}{where}: it closed the connection; if "
+                                      f"this persists, it {likely}")
         return errors.Unavailable(f"cannot reach the {peer}{where}: {detail or 'unavailable'}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.TemporaryError(f"the {peer} did not answer in time{f' ({target})' if target else ''}")

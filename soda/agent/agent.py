@@ -214,6 +214,12 @@ class Agent:
         self._client.close()
         self._join("session", timeout)
 
+    @property
+    def heartbeats(self) -> tuple:
+        """The loops the watchdog vouches for besides the main thread."""
+        heartbeat = getattr(self._reconciler, "heartbeat", None)
+        return (heartbeat,) if heartbeat is not None else ()
+
     def wait_registered(self, timeout: float | None = None) -> bool:
         return self._registered.wait(timeout)
 

@@ -41,8 +41,8 @@ from soda.routing import HostRoutes, RouteFollower
 from soda.rpc.client import MasterClient
 from soda.rpc.daemon_client import DaemonClient
 from soda.rpc import tls as soda_tls
-from soda.service import (EXIT_FAILURE, EXIT_USAGE, configure, forbid_fork, refuse, sd_notify,
-                          stop_event_on_signals)
+from soda.service import (EXIT_FAILURE, EXIT_USAGE, Heartbeat, Watchdog, configure, forbid_fork,
+                          install_hang_hook, refuse, run_main_loop, sd_notify, stop_event_on_signals)
 
 log = logging.getLogger("soda.agent")
 # The fewest open files a guest's VMM may be limited to (guest_open_files).
@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.teardown:
         return teardown(config, keep_routes=args.keep_routes)
     stop = stop_event_on_signals()
+    install_hang_hook()
     config = with_address(config)
     try:
         drivers = build_drivers(config)
@@ -404,9 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     policy = follow_policy(config, network)
     # Ready once the loops run: guests are adopted and looked after even
     # while the Master is unreachable.
+    main_loop = Heartbeat("main loop")
+    watchdog = Watchdog.from_environment([main_loop, *agent.heartbeats])
     sd_notify("READY=1")
-    stop.wait()
+    run_main_loop(main_loop, stop)
     sd_notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.stop()
     agent.stop()
     if follower is not None:
         # The routes stay: other nodes' guests must stay reachable without us.

@@ -49,6 +49,7 @@ from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
 from soda.model.spec import Resources
 from soda.model.state import Phase, VirtualNode, VirtualNodeStatus, retry_note
+from soda.service import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ class Reconciler:
         self._plumbing = plumbing or GuestPlumbing()
         self._clock = clock
         self._interval = interval
+        # Ticked by every pass of the loop: the systemd watchdog pings only
+        # while it is fresh (a pass lists and dispatches, it never waits for a boot).
+        self.heartbeat = Heartbeat("reconcile loop", max_age=max(60.0, 10 * interval))
         self._stop_timeout = stop_timeout
         self._boot_timeout = boot_timeout
         self._backoff = restart_backoff
@@ -269,6 +273,7 @@ class Reconciler:
         while not stop.is_set() and not self._closing.is_set():
             self._wake.clear()
             self.reconcile_once()
+            self.heartbeat.tick()
             self._wake.wait(self._interval)
 
     def wait_idle(self, timeout: float | None = None) -> bool:

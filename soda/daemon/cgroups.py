@@ -197,6 +197,10 @@ class CgroupBackend(abc.ABC):
     def exists(self, name: str) -> bool:
         return any(os.path.isdir(p) for p in self.paths(name))
 
+    def prepare(self) -> None:
+        """Make the parent ready for guests' cgroups, at the Daemon's start
+        (so that a tree it cannot use is said at once, not at the first guest)."""
+
     def kill(self, name: str, pid: int, sig: int = signal.SIGKILL) -> bool:
         """Send `sig` to `pid` if it is in this virtual node's cgroups."""
         return pidfd_signal(pid, sig, lambda: self.contains(name, pid))
@@ -403,6 +407,9 @@ class CgroupV2(CgroupBackend):
 
     def paths(self, name: str) -> tuple[str, ...]:
         return (self._dir(name),)
+
+    def prepare(self) -> None:
+        self._enable_controllers()
 
     def _enable_controllers(self) -> None:
         """+cpu +memory +pids in subtree_control from base down to the parent."""

@@ -47,6 +47,7 @@ def build_manager(cfg: DaemonConfig) -> LimitManager:
     if cfg.delegated and isinstance(cgroups, CgroupV2):
         # v2 lets only a cgroup without processes hand controllers down.
         log.info("moved the Daemon into %s", cgroups.evacuate(os.getpid()))
+    cgroups.prepare()
     netlink = NetlinkThread(cfg.netns)
     return LimitManager(cgroups, NetlinkShaper(netlink, scope=cfg.cgroup_parent), cfg)
 

@@ -8,7 +8,6 @@ it blindly) and does no I/O: cgroups.py and tc.py write what it decides.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 

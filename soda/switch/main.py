@@ -35,7 +35,8 @@ from soda.errors import InvalidSpec, SodaError
 from soda.routing import HostRoutes, RouteFollower
 from soda.rpc.client import DEFAULT_MASTER, MasterClient
 from soda.rpc import tls as soda_tls
-from soda.service import EXIT_USAGE, configure, sd_notify
+from soda.service import (MAIN_LOOP_TICK_SECONDS, EXIT_USAGE, Heartbeat, Watchdog, configure,
+                          install_hang_hook, sd_notify)
 from soda.switch import ondemand
 from soda.switch.endpoints import BACKOFF_INITIAL, EndpointSync, EndpointWatcher
 from soda.switch.nft import DEFAULT_TABLE, KernelPath, ModeDispatch, check_table_name
@@ -244,6 +245,7 @@ async def serve(config: SwitchConfig, client=None, stop: asyncio.Event | None = 
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _stop_on_signal, stop, sig)
+        install_hang_hook(loop.add_signal_handler)
     switch = Switch(config, client, route_follower(config))
     await switch.start()
     log.info("switch starting: master %s, event loop %s", config.master, type(loop).__module__)
@@ -251,12 +253,21 @@ async def serve(config: SwitchConfig, client=None, stop: asyncio.Event | None = 
     await asyncio.wait(waiters, timeout=READY_WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
         waiter.cancel()
+    watchdog = None
     if not stop.is_set():
+        # The event loop is the Switch's main loop: a task that ticks shows
+        # it still runs callbacks (a blocked loop routes nothing).
+        event_loop = Heartbeat("event loop")
+        ticker = asyncio.ensure_future(_tick(event_loop, stop))
+        watchdog = Watchdog.from_environment([event_loop])
         sd_notify("READY=1")
         log.info("switch ready: %d service(s)%s", len(switch.proxy.services()),
                  "" if switch.sync.synced.is_set() else " (the Master has not answered yet)")
         await stop.wait()
+        ticker.cancel()
     sd_notify("STOPPING=1")
+    if watchdog is not None:
+        await loop.run_in_executor(None, watchdog.stop)
     await switch.stop()
     log.info("switch stopped")
     return 0
@@ -276,6 +287,12 @@ def route_follower(config: SwitchConfig) -> RouteFollower | None:
                   "routed by this Switch", exc)
         return None
     return RouteFollower(MasterClient(config.master, tls=config.tls), routes)
+
+
+async def _tick(heartbeat: Heartbeat, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        heartbeat.tick()
+        await asyncio.sleep(MAIN_LOOP_TICK_SECONDS)
 
 
 def _stop_on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

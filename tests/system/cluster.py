@@ -33,15 +33,18 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 
 
 class Cluster:
-    def __init__(self, root: str):
+    def __init__(self, root: str, master_host: str = "127.0.0.1"):
+        """`master_host`: the address the Master listens on (and its
+        certificate names), e.g. a TAP's towards a node VM."""
         self.root = root
+        self.master_host = master_host
         # Agents' state dirs, where guests' VMMs (each service's uid of its
         # own, soda.agent.uids) must reach their files: a dir open to traversal,
         # outside pytest's, which pytest makes 0700 again at every session
         # start (another run's would close it under this one's guests).
         self.agents_root = reachable_dir("soda-test-agents-")
         self.port = free_port()
-        self.master_addr = f"127.0.0.1:{self.port}"
+        self.master_addr = f"{master_host}:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs = []
         self._addresses: dict[str, str] = {}
@@ -53,7 +56,8 @@ class Cluster:
     def tls(self, role: str, name: str) -> TlsConfig:
         """The TLS files of ROLE NAME, issued on first use."""
         if (role, name) not in self._issued:
-            self.ca.issue(role, name, hosts=["127.0.0.1", "localhost"] if role == "master" else ())
+            hosts = sorted({"127.0.0.1", "localhost", self.master_host})
+            self.ca.issue(role, name, hosts=hosts if role == "master" else ())
             self._issued.add((role, name))
         return self.ca.tls(role, name)
 

@@ -10,6 +10,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 from soda.daemon.config import DaemonConfig  # noqa: E402
+from soda.daemon.cgroups import V2_DAEMON_LEAF  # noqa: E402
 from soda.switch.main import SwitchConfig  # noqa: E402
 from soda.agent.main import driver_configs  # noqa: E402
 from soda.hypervisors.base import drivers  # noqa: E402
@@ -25,7 +26,46 @@ def test_shipped_configs_hold_the_defaults(cls, name):
         assert {"fake", "uml", "qemu"} <= set(sections)
         assert sections == {n: drivers()[n].Config() for n in sections}
         loaded = dataclasses.replace(loaded, drivers={})
+    if cls is DaemonConfig:
+        # As soda-daemon.service runs it: below its delegated cgroup.
+        assert loaded.delegated
+        loaded = dataclasses.replace(loaded, delegated=False)
     assert loaded == cls()
+
+
+def unit(name: str) -> dict[str, list[str]]:
+    """A shipped unit's [Service] and [Unit] settings: key -> values."""
+    out: dict[str, list[str]] = {}
+    with open(os.path.join(TOP, "etc", "systemd", name)) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith(("#", "[")):
+                key, _, value = line.partition("=")
+                out.setdefault(key, []).append(value)
+    return out
+
+
+def test_units_agree_with_the_configs():
+    etc = os.path.join(TOP, "etc", "soda")
+    daemon = config.load(DaemonConfig, os.path.join(etc, "daemon.yaml"))
+    agent = config.load(config.AgentConfig, os.path.join(etc, "agent.yaml"))
+    master = config.load(config.MasterConfig, os.path.join(etc, "master.yaml"))
+    units = {n: unit(f"soda-{n}.service") for n in ("daemon", "agent", "master", "switch")}
+    for name, u in units.items():
+        assert u["ExecStart"] == [f"/opt/soda/bin/soda-{name} --config /etc/soda/{name}.yaml"]
+        assert u["Type"] == ["notify"] and u["Restart"] == ["on-failure"]
+        assert int(u["WatchdogSec"][0]) >= 10
+    assert units["daemon"]["Delegate"] == ["yes"] and daemon.delegated
+    assert units["daemon"]["DelegateSubgroup"] == [V2_DAEMON_LEAF]
+    # Guests outlive a restart of either node daemon.
+    assert units["daemon"]["KillMode"] == units["agent"]["KillMode"] == ["process"]
+    assert daemon.socket == agent.daemon_socket
+    assert os.path.dirname(daemon.socket) == "/run/" + units["daemon"]["RuntimeDirectory"][0]
+    assert agent.state_dir == "/var/lib/" + units["agent"]["StateDirectory"][0]
+    assert master.state_dir == "/var/lib/" + units["master"]["StateDirectory"][0]
+    for name in ("master", "switch"):
+        assert units[name]["User"] == ["soda"] and units[name]["NoNewPrivileges"] == ["yes"]
+        assert units[name]["ProtectSystem"] == ["strict"] and units[name]["PrivateTmp"] == ["yes"]
 
 
 def test_unknown_keys_are_an_error(tmp_path):

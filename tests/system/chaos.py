@@ -74,6 +74,7 @@ from soda.devcluster.cluster import CGROUP_ROOT
 from soda.devcluster.credentials import sodactl_env
 from soda.hypervisors.recorded import LAUNCHER
 from tests.support import free_port, traversable
+from tests.system.cgroupfs import VnodeCgroups
 
 PARTS = ("master", "agent", "daemon", "switch")
 STEADY = {"steady-a": "proxy", "steady-b": "l4"}    # service -> the Switch's data path
@@ -143,11 +144,12 @@ def argv_value(argv: tuple[str, ...], key: str) -> str:
 
 
 def proc_cgroup(pid: int, controller: str) -> str | None:
+    """The process's cgroup in `controller`'s v1 hierarchy, or its one v2 cgroup."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                if controller in controllers.split(","):
+                hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+                if controller in controllers.split(",") or (hierarchy == "0" and controllers == ""):
                     return path
     except FileNotFoundError:
         return None
@@ -155,19 +157,14 @@ def proc_cgroup(pid: int, controller: str) -> str | None:
 
 
 def cgroup_children(controller: str, parent: str) -> set[str]:
-    top = os.path.join(CGROUP_ROOT, controller, parent)
+    return set(VnodeCgroups(parent, CGROUP_ROOT).names(controller))
+
+
+def cgroup_pids(controller: str, parent: str, vnode: str) -> set[int]:
     try:
-        return {d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))}
+        return VnodeCgroups(parent, CGROUP_ROOT).procs(vnode, controller)
     except FileNotFoundError:
         return set()
-
-
-def cgroup_pids(controller: str, path: str) -> list[int]:
-    try:
-        with open(os.path.join(CGROUP_ROOT, controller, path, "cgroup.procs")) as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
 
 
 def listening_ports() -> set[int]:
@@ -308,8 +305,7 @@ class ChaosCluster:
             left.append(f"namespace {self.netns}")
         left += [f"host link {link['ifname']}" for link in links(None)
                  if link["ifname"] == self.uplink or self.cgroup_parent in link.get("ifalias", "")]
-        left += [f"cgroup {c}/{self.cgroup_parent}" for c in os.listdir(CGROUP_ROOT)
-                 if os.path.exists(os.path.join(CGROUP_ROOT, c, self.cgroup_parent))]
+        left += [f"cgroup {d}" for d in VnodeCgroups(self.cgroup_parent, CGROUP_ROOT).leftovers()]
         left += [f"nft table {fam} {name}" for fam, name in nft_tables() if self.tag in name]
         left += [f"process {p.pid} ({' '.join(p.argv[:4])})" for p in self.own_processes()]
         left += [f"UML dir {d}" for d in sorted(self.short_uml_dirs) if os.path.exists(d)]
@@ -327,13 +323,15 @@ class ChaosCluster:
         for proc in self.own_processes():
             if (proc.pid, proc.starttime) in seen:
                 os.kill(proc.pid, signal.SIGKILL)
-        for controller in os.listdir(CGROUP_ROOT):
-            top = os.path.join(CGROUP_ROOT, controller, self.cgroup_parent)
-            if not os.path.isdir(top):
-                continue
+        for top in VnodeCgroups(self.cgroup_parent, CGROUP_ROOT).leftovers():
             for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
                 # Only this run's Daemon put processes below its own parent.
-                for pid in cgroup_pids(controller, os.path.relpath(dirpath, os.path.join(CGROUP_ROOT, controller))):
+                try:
+                    with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                        pids = [int(p) for p in f.read().split()]
+                except FileNotFoundError:
+                    pids = []
+                for pid in pids:
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -574,7 +572,7 @@ def check(c: ChaosCluster, steady_identity: dict[str, tuple[int, int]]) -> list[
                      for vnode in sorted(extra)]
         problems += [Problem("state", f"{vnode} has no {controller} cgroup") for vnode in sorted(missing)]
         for vnode in set(wanted) & cgroup_children(controller, c.cgroup_parent):
-            members = set(cgroup_pids(controller, f"{c.cgroup_parent}/{vnode}"))
+            members = cgroup_pids(controller, c.cgroup_parent, vnode)
             # A guest makes a host process for each of its own (httpd forks one
             # per request): one newer than `groups` is looked at again.
             foreign = [pid for pid in members - {p.pid for p in groups.get(vnode, [])}

@@ -20,10 +20,10 @@ import uuid
 import pytest
 
 from soda.agent.network import short_name
+from tests.system.cgroupfs import VnodeCgroups
 from tests.system.cluster import wait_until
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CGROUP = "/sys/fs/cgroup"
 NODE = "node-a"
 
 
@@ -120,25 +120,16 @@ def curl(netns, url, *extra, timeout=120) -> str:
                     timeout=timeout + 10).stdout
 
 
-def cgroup_file(cluster, controller, vnode, filename):
-    return os.path.join(CGROUP, controller, cluster.cgroup_parent, vnode, filename)
-
-
 def vnode_cgroups(cluster, controller="cpu"):
     """Names of the cgroup directories below the test's parent (one per
-    fenced virtual node) in `controller`'s hierarchy."""
-    top = os.path.join(CGROUP, controller, cluster.cgroup_parent)
-    return sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))) \
-        if os.path.isdir(top) else []
+    fenced virtual node)."""
+    return cluster.cgroups.names(controller)
 
 
 def _sweep_cgroups(parent):
     """Kill what is left below `parent` in every hierarchy, then remove it,
     deepest first."""
-    for controller in os.listdir(CGROUP):
-        top = os.path.join(CGROUP, controller, parent.split("/")[0])
-        if not os.path.isdir(top):
-            continue
+    for top in VnodeCgroups(parent.split("/")[0]).leftovers():
         for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
             procs = os.path.join(dirpath, "cgroup.procs")
             if os.path.exists(procs):
@@ -184,6 +175,7 @@ def uml_node(cluster, rootfs, daemon_config: str = "", hypervisors: str = "uml",
         wait_until(lambda: cluster.ready_nodes() == [NODE], 30, what="the Agent to register")
         cluster.ctl("image", "push", rootfs, "--name", "busybox-httpd")
         cluster.netns, cluster.cgroup_parent = netns, parent
+        cluster.cgroups = VnodeCgroups(parent)
         cluster.guest_pids = pids_seen
         cluster.daemon_socket = socket_path
         cluster.restart_daemon = lambda: cluster.start_daemon(NODE, netns, parent, *daemon_args)

@@ -15,7 +15,8 @@ import subprocess
 import tempfile
 import time
 
-TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.system.guests import TOP
+
 NODE_VM = os.path.join(TOP, "scripts", "node-vm")
 CACHE = os.environ.get("SODA_NODE_VM_CACHE", "/var/cache/soda/node-vm")
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",

@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from tests.support import free_port, reachable_tmp_dir
+from tests.system.cgroupfs import VnodeCgroups
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.guest]
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,7 +101,6 @@ def test_demo_up_and_down(demo_dir):
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"sodad-{tag}" not in netns
     assert root_links() - links_before == set()
-    for controller in os.listdir("/sys/fs/cgroup"):
-        assert not os.path.exists(os.path.join("/sys/fs/cgroup", controller, f"soda-demo-{tag}"))
+    assert VnodeCgroups(f"soda-demo-{tag}").leftovers() == []
     for pid in guest_pids:
         assert not os.path.exists(f"/proc/{pid}")

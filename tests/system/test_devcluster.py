@@ -22,7 +22,8 @@ from soda.devcluster.credentials import sodactl_env
 from soda.procid import ProcessId
 from tests.support import free_port, reachable_tmp_dir, traversable
 from tests.system.cluster import wait_until
-from tests.system.guests import CGROUP, _sweep_cgroups, alive, fetch, require_guest_support
+from tests.system.cgroupfs import VnodeCgroups
+from tests.system.guests import _sweep_cgroups, alive, fetch, require_guest_support
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.guest]
 
@@ -66,8 +67,7 @@ def leftovers(config, pids=()) -> list[str]:
     uplink = short_name("su", config.netns)
     if subprocess.run(["ip", "link", "show", "dev", uplink], capture_output=True).returncode == 0:
         left.append(f"link {uplink}")
-    left += [f"cgroup {c}/{config.cgroup_parent}" for c in os.listdir(CGROUP)
-             if os.path.exists(os.path.join(CGROUP, c, config.cgroup_parent))]
+    left += [f"cgroup {d}" for d in VnodeCgroups(config.cgroup_parent).leftovers()]
     left += [f"guest process {p}" for p in pids if alive(p)]
     return left
 

@@ -34,7 +34,7 @@ from soda.hypervisors.launch import landlock_abi
 
 from tests.support import skip_where_debians_kernel_cannot_run
 from tests.system.cluster import wait_until
-from tests.system.guests import (NODE, cgroup_file, curl, guest_run, read, require_guest_support,
+from tests.system.guests import (NODE, curl, guest_run, require_guest_support,
                                  uml_node)
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
@@ -55,7 +55,7 @@ def create(c, name, *args, hypervisor="uml", timeout=120):
 
 def vmm_pids(c, vnode) -> list[int]:
     """Every process of the guest: what its pids cgroup holds."""
-    pids = [int(p) for p in read(cgroup_file(c, "pids", vnode, "cgroup.procs")).split()]
+    pids = sorted(c.cgroups.procs(vnode, "pids"))
     c.guest_pids.update(pids)
     return pids
 
@@ -140,10 +140,9 @@ def test_uml_guests_run_as_a_uid_per_service_with_no_privileges(cluster, rootfs)
 
         # mconsole both ways (the guest's free memory asked, then 16 MiB
         # taken back): live, the same process, its fence 16 MiB lower.
-        limit_file = cgroup_file(c, "memory", "pb-0", "memory.limit_in_bytes")
-        limit, vmm = int(read(limit_file)), main_pid(c, "pb-0")
+        limit, vmm = c.cgroups.memory_limit("pb-0"), main_pid(c, "pb-0")
         c.ctl("service", "resize", "pb", "--memory", "48", "--wait", "--timeout", "60", timeout=90)
-        wait_until(lambda: int(read(limit_file)) == limit - (16 << 20), 15,
+        wait_until(lambda: c.cgroups.memory_limit("pb-0") == limit - (16 << 20), 15,
                    what="the memory limit to drop by 16 MiB")
         assert main_pid(c, "pb-0") == vmm
         assert c.json("service", "get", "pb")["vnodes"][0]["reason"] == ""

@@ -7,7 +7,6 @@ this test creates; every figure is read outside the code under test
 (cpuacct, cpu and memory cgroup files, `tc`, the test's own clock)."""
 
 import os
-import re
 import signal
 import threading
 import time
@@ -16,8 +15,8 @@ import pytest
 
 from tests.system.cluster import wait_until
 from tests.system.guests import require_guest_support
-from tests.system.guests import (alive, cgroup_file, curl, guest_records, htb_rates,
-                                 in_netns, ns_links, qdiscs, read)
+from tests.system.guests import (alive, curl, guest_records, htb_rates,
+                                 in_netns, ns_links, qdiscs)
 from tests.system.guests import uml_node as _uml_node
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
@@ -43,7 +42,7 @@ def create(c, name, *args):
 
 
 def cpu_ns(c, vnode):
-    return int(read(cgroup_file(c, "cpuacct", vnode, "cpuacct.usage")))
+    return int(c.cgroups.cpu_seconds(vnode) * 1e9)
 
 
 def burn(c, address, seconds):
@@ -69,7 +68,7 @@ def cpu_shares_of_a_core(c, vnodes, warmup=2.0, window=5.0):
 def test_cpu_shares_split_one_core_1_to_2(one_core_node):
     c = one_core_node
     addresses = create(c, "cpu", "--nodes", "2", "--cpu", "0.5,1.0", "--memory", "48")
-    assert read(cgroup_file(c, "cpuset", "cpu-0", "cpuset.cpus")) == "0"
+    assert c.cgroups.cpus("cpu-0") == "0"
     threads = [burn(c, addresses[v], 14) for v in ("cpu-0", "cpu-1")]
     splits = []
     for _ in range(2):
@@ -149,8 +148,7 @@ def reported_usage(c, service):
 
 def host_oom_kills(c, vnode):
     """OOM kills by the virtual node's memory cgroup (its fence), from the kernel."""
-    text = read(cgroup_file(c, "memory", vnode, "memory.oom_control"))
-    return int(re.search(r"^oom_kill (\d+)", text, re.M).group(1))
+    return c.cgroups.oom_kills(vnode)
 
 
 def test_memory_hog_is_contained_and_neighbours_untouched(uml_node):
@@ -158,11 +156,10 @@ def test_memory_hog_is_contained_and_neighbours_untouched(uml_node):
     addresses = create(c, "mem", "--nodes", "2", "--memory", "48")
     before = {name: r["pid"] for name, r in guest_records(c).items()}
     # alloc really commits memory: the guest's cgroup grows while it holds it.
-    usage = cgroup_file(c, "memory", "mem-0", "memory.usage_in_bytes")
-    idle = int(read(usage))
+    idle = c.cgroups.memory_usage("mem-0")
     holder = threading.Thread(target=try_alloc, args=(c, addresses["mem-0"], 16, 4), daemon=True)
     holder.start()
-    grown = wait_until(lambda: int(read(usage)) - idle >= 12 << 20 and int(read(usage)), 30,
+    grown = wait_until(lambda: (lambda now: now - idle >= 12 << 20 and now)(c.cgroups.memory_usage("mem-0")), 30,
                        interval=0.1, what="the guest to commit 16 MiB")
     holder.join(60)
     print(f"alloc 16 MiB: cgroup {idle >> 20} -> {grown >> 20} MiB")
@@ -227,10 +224,12 @@ def test_daemon_kill_9_and_restart_keeps_the_fence_and_changes_it(uml_node):
     c = uml_node
     create(c, "web", "--nodes", "2", "--cpu", "0.5,1.0", "--bandwidth", "10", "--memory", "48")
     vnodes = ("web-0", "web-1")
-    shares = {v: read(cgroup_file(c, "cpu", v, "cpu.shares")) for v in vnodes}
-    assert shares == {"web-0": "512", "web-1": "1024"}, shares
-    kept = [("memory", "memory.limit_in_bytes"), ("pids", "pids.max")]
-    before = {(v, f): read(cgroup_file(c, ctl, v, f)) for v in vnodes for ctl, f in kept}
+    weights = {v: c.cgroups.cpu_weight(v) for v in vnodes}
+    assert weights["web-1"] == 2 * weights["web-0"], weights
+
+    def kept():
+        return {v: (c.cgroups.memory_limit(v), c.cgroups.pids_max(v)) for v in vnodes}
+    before = kept()
     pids = {name: r["pid"] for name, r in guest_records(c).items()}
     shaped_before = sorted(qdiscs(c.netns))
     taps = [d for d in ns_links(c.netns) if d.startswith(("st", "ifb-"))]
@@ -240,14 +239,14 @@ def test_daemon_kill_9_and_restart_keeps_the_fence_and_changes_it(uml_node):
     # A change only a Daemon that found its fences again can make: swap the
     # CPU shares and raise the bandwidth, then read the kernel's values.
     c.ctl("service", "resize", "web", "--cpu", "1.0,0.5", "--bandwidth", "12", "--wait", timeout=60)
-    wait_until(lambda: {v: read(cgroup_file(c, "cpu", v, "cpu.shares")) for v in vnodes}
-               == {"web-0": "1024", "web-1": "512"}, 20, what="cpu.shares 1024/512 in the kernel")
+    wait_until(lambda: {v: c.cgroups.cpu_weight(v) for v in vnodes}
+               == {"web-0": weights["web-1"], "web-1": weights["web-0"]}, 20,
+               what="the CPU weights swapped in the kernel")
     wait_until(lambda: all(htb_rates(c.netns, d) == ["12Mbit"] for d in taps), 20, what="12 Mbit/s in tc")
     # Changed where the guests are: each guest's VMM is still in its cgroup.
     for v in vnodes:
-        assert str(pids[v]) in read(cgroup_file(c, "cpu", v, "cgroup.procs")).split(), v
-    after = {(v, f): read(cgroup_file(c, ctl, v, f)) for v in vnodes for ctl, f in kept}
-    assert after == before
+        assert pids[v] in c.cgroups.procs(v, "cpu"), v
+    assert kept() == before
     # The restarted Daemon must not stack a second tree on any TAP.
     roots = [(dev, kind) for dev, kind, handle in qdiscs(c.netns) if kind in ("htb", "ingress")]
     assert len(roots) == len(set(roots)), roots                  # one tree per device
@@ -267,7 +266,7 @@ def test_usage_reaches_sodactl(uml_node):
         u = v["usage"]
         return u if u and u["cpu_seconds"] > 0 and u["memory_bytes"] > 0 and u["bytes_out"] >= 200_000 else None
     usage = wait_until(reported, 30, interval=0.5, what="usage in sodactl service get")
-    cgroup_mem = int(read(cgroup_file(c, "memory", "acct-0", "memory.usage_in_bytes")))
+    cgroup_mem = c.cgroups.memory_usage("acct-0")
     assert 0.5 * cgroup_mem <= usage["memory_bytes"] <= 2 * cgroup_mem
     assert usage["memory_peak_bytes"] >= usage["memory_bytes"]
     [node] = c.json("node", "list")

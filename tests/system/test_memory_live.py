@@ -12,7 +12,7 @@ import pytest
 
 from tests.system.cluster import wait_until
 from tests.system.guests import require_guest_support
-from tests.system.guests import alive, cgroup_file, curl, guest_records, in_netns, read
+from tests.system.guests import alive, curl, guest_records, in_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
@@ -27,12 +27,11 @@ def meminfo_kib(c, address):
 
 
 def limit(c, vnode):
-    return int(read(cgroup_file(c, "memory", vnode, "memory.limit_in_bytes")))
+    return c.cgroups.memory_limit(vnode)
 
 
 def host_oom_kills(c, vnode):
-    text = read(cgroup_file(c, "memory", vnode, "memory.oom_control"))
-    return int(re.search(r"^oom_kill (\d+)", text, re.M).group(1))
+    return c.cgroups.oom_kills(vnode)
 
 
 def test_less_memory_applies_live_more_memory_reboots_visibly(uml_node):
@@ -134,8 +133,7 @@ def test_oom_kills_inside_the_guest_reach_sodactl(uml_node):
              timeout=70, check=False)
     guest = wait_until(lambda: _guest_oom_kills(c, address), 60, interval=0.5,
                        what="the guest kernel to count an OOM kill")
-    host = int(re.search(r"oom_kill (\d+)", read(cgroup_file(c, "memory", "oom-0", "memory.oom_control")))
-               .group(1))
+    host = c.cgroups.oom_kills("oom-0")
     print(f"OOM kills: guest kernel {guest}, host memory cgroup {host}")
     reported = wait_until(lambda: (lambda u: u and u.get("oom_kills", 0) >= guest + host and u)(
         c.json("service", "get", "oom")["vnodes"][0].get("usage")), 30, interval=0.5,

@@ -174,6 +174,38 @@ def test_restarts_keep_guests_and_the_watchdog_kills_a_hung_loop(node):
     probe(node, "release", "probe-keep")
 
 
+def test_master_and_switch_run_hardened_as_soda(node):
+    """The control and edge roles on the same VM: their units start them as
+    the soda user, without privileges, and they serve (READY=1 reached
+    systemd: `systemctl start` returned)."""
+    c = node.cluster
+    for role, name in (("master", "vmmaster"), ("switch", "vmswitch"), ("operator", "vmops")):
+        tls = c.tls(role, name)
+        for src, dst in ((tls.cert, f"{name}.crt"), (tls.key, f"{name}.key")):
+            with open(src) as f:
+                node.write(f"/etc/soda/pki/{dst}", f.read(), mode="640")
+    node.ssh("chgrp soda /etc/soda/pki/ca.crt /etc/soda/pki/vmmaster.* /etc/soda/pki/vmswitch.* && "
+             "chmod 640 /etc/soda/pki/ca.crt")
+    tls_yaml = "tls:\n  ca: /etc/soda/pki/ca.crt\n  cert: /etc/soda/pki/{0}.crt\n  key: /etc/soda/pki/{0}.key\n"
+    node.write("/etc/soda/master.yaml", tls_yaml.format("vmmaster"))
+    node.write("/etc/soda/switch.yaml", tls_yaml.format("vmswitch"))
+    node.ssh("/root/soda/scripts/install --role control --role edge --wheels /root/wheels", timeout=300)
+    for unit in ("soda-master.service", "soda-switch.service"):
+        pid = node.main_pid(unit)
+        status = node.ssh(f"ps -o user= -p {pid}; grep -E '^(NoNewPrivs|CapEff)' /proc/{pid}/status").stdout
+        user, *fields = status.splitlines()
+        fields = dict(f.split(":") for f in fields)
+        assert user.strip() == "soda" and fields["NoNewPrivs"].strip() == "1", status
+        # The Master holds no capability; the Switch only the network's two.
+        assert int(fields["CapEff"], 16) == (0 if "master" in unit else (1 << 12) | (1 << 10)), status
+    env = ("SODA_CA=/etc/soda/pki/ca.crt SODA_CERT=/etc/soda/pki/vmops.crt "
+           "SODA_KEY=/etc/soda/pki/vmops.key")
+    assert json.loads(node.ssh(f"{env} sodactl --master 127.0.0.1:7070 -o json node list", timeout=60).stdout) == []
+    metrics = node.ssh("/opt/soda/bin/python -c 'import urllib.request; print(urllib.request.urlopen("
+                       "\"http://127.0.0.1:9470/metrics\").read().decode())'").stdout
+    assert "soda_switch_" in metrics, metrics[:500]
+
+
 def test_install_again_changes_nothing_and_keeps_the_operators_edit(node):
     pids = {u: node.main_pid(u) for u in UNITS}
     edited = node.ssh("sha256sum /etc/soda/agent.yaml").stdout

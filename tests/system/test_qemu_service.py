@@ -33,8 +33,8 @@ from soda.hypervisors.qmp import qmp
 from tests.support import free_port
 from tests.system.cluster import Cluster, wait_until
 from tests.system.guests import require_guest_support
-from tests.system.guests import (CGROUP, NODE, alive, fetch, guest_records,
-                                 in_netns, ns_links, read, uml_node)
+from tests.system.guests import (NODE, alive, fetch, guest_records,
+                                 in_netns, ns_links, uml_node)
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 VNODES = ("webq-0", "webq-1")
@@ -82,10 +82,8 @@ def test_qemu_and_uml_services_side_by_side(mixed_node):
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert os.path.basename(f.read().split(b"\0")[0].decode()) == "qemu-system-x86_64"
     for controller in ("cpu", "memory"):
-        procs = os.path.join(CGROUP, controller, c.cgroup_parent, "webq-0", "cgroup.procs")
-        assert str(pid) in read(procs).split()
-    limit = int(read(os.path.join(CGROUP, "memory", c.cgroup_parent, "webq-0",
-                                  "memory.limit_in_bytes")))
+        assert pid in c.cgroups.procs("webq-0", controller), controller
+    limit = c.cgroups.memory_limit("webq-0")
     assert limit > 128 << 20, "QEMU needs headroom above the guest's RAM"
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{c.netns}").st_ino
     base = os.path.join(c.agent_dir(NODE), "qemu", "webq-0", "vmm", "overlay.qcow2")
@@ -147,7 +145,7 @@ def identity(pid):
 def cpu_seconds(c, vnode) -> float:
     """CPU time of everything in the guest's cgroup (the QEMU process and
     its threads), from the kernel's cpuacct counter."""
-    return int(read(os.path.join(CGROUP, "cpuacct", c.cgroup_parent, vnode, "cpuacct.usage"))) / 1e9
+    return c.cgroups.cpu_seconds(vnode)
 
 
 def test_both_qemu_guests_answer_through_the_switch(qemu_service):
@@ -157,8 +155,7 @@ def test_both_qemu_guests_answer_through_the_switch(qemu_service):
     for vnode, record in c.records.items():
         assert identity(record["pid"])[1] == "qemu-system-x86_64"
         for controller in ("cpu", "cpuacct", "memory"):
-            procs = os.path.join(CGROUP, controller, c.cgroup_parent, vnode, "cgroup.procs")
-            assert str(record["pid"]) in read(procs).split()
+            assert record["pid"] in c.cgroups.procs(vnode, controller), controller
     seen = set()
 
     def both_answered():
@@ -296,9 +293,8 @@ def test_delete_wait_leaves_no_process_overlay_socket_tap_or_cgroup(qemu_service
     assert [t for t in taps if t in ns_links(c.netns)] == []
     assert [n for n in ns_links(c.netns) if n.startswith(("st", "ifb", "sf"))] == []
     assert [d for d in cgroups if os.path.exists(d)] == []
-    for controller in os.listdir(CGROUP):
-        for vnode in VNODES:
-            assert not os.path.exists(os.path.join(CGROUP, controller, c.cgroup_parent, vnode))
+    for vnode in VNODES:
+        assert c.cgroups.dirs(vnode) == [], vnode
     state = os.path.join(c.agent_dir(NODE), "qemu")
     assert [e for e in os.listdir(state) if not e.startswith("_")] == []
     assert glob.glob(os.path.join(state, "**", "*.qcow2"), recursive=True) == []

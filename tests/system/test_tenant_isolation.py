@@ -18,7 +18,6 @@ every one of these checks fails: the pings and the ARP get through."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

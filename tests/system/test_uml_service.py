@@ -11,8 +11,7 @@ import pytest
 from tests.support import free_port
 from tests.system.cluster import wait_until
 from tests.system.guests import require_guest_support
-from tests.system.guests import (CGROUP, alive, fetch, guest_records, htb_rates,
-                                 ns_links, read)
+from tests.system.guests import alive, fetch, guest_records, htb_rates, ns_links
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
@@ -47,16 +46,13 @@ def test_two_guests_serve_1_to_2_fenced_and_leave_nothing(uml_node):
     assert 15 <= counts["web-0"] <= 25 and 35 <= counts["web-1"] <= 45, counts
 
     # The fence, read from the kernel.
-    for vnode, shares in (("web-0", 512), ("web-1", 1024)):
-        cpu = os.path.join(CGROUP, "cpu", c.cgroup_parent, vnode)
-        assert int(read(os.path.join(cpu, "cpu.shares"))) == shares
-        assert int(read(os.path.join(cpu, "cpu.cfs_quota_us"))) == -1          # no hard cap asked
-        memory = os.path.join(CGROUP, "memory", c.cgroup_parent, vnode)
-        limit = int(read(os.path.join(memory, "memory.limit_in_bytes")))
+    assert c.cgroups.cpu_weight("web-1") == 2 * c.cgroups.cpu_weight("web-0")     # shares 0.5 : 1.0
+    for vnode in ("web-0", "web-1"):
+        assert c.cgroups.cpu_quota(vnode)[0] == -1                            # no hard cap asked
+        limit = c.cgroups.memory_limit(vnode)
         assert 64 << 20 < limit <= (64 + 64) << 20
         pid = records[vnode]["pid"]
-        assert str(pid) in read(os.path.join(cpu, "cgroup.procs")).split()
-        assert str(pid) in read(os.path.join(memory, "cgroup.procs")).split()
+        assert pid in c.cgroups.procs(vnode, "cpu") and pid in c.cgroups.procs(vnode, "memory")
     taps = {link for link in ns_links(c.netns) if link.startswith("st")}
     ifbs = {link for link in ns_links(c.netns) if link.startswith("ifb-")}
     assert len(taps) == 2 and len(ifbs) == 2
@@ -71,9 +67,7 @@ def test_two_guests_serve_1_to_2_fenced_and_leave_nothing(uml_node):
     leftovers = [n for n in ns_links(c.netns) if n.startswith(("st", "ifb", "sf"))]
     assert leftovers == []
     for controller in ("cpu", "cpuacct", "memory", "pids"):
-        path = os.path.join(CGROUP, controller, c.cgroup_parent)
-        assert not os.path.isdir(path) or not [d for d in os.listdir(path)
-                                                if os.path.isdir(os.path.join(path, d))]
+        assert c.cgroups.names(controller) == [], controller
     cow = [f for f in _files(c.agent_dir("node-a")) if f.endswith(".cow")]
     assert cow == []
 
@@ -100,10 +94,9 @@ def test_agent_kill_9_adopts_running_guests(uml_node):
     c.ctl("service", "resize", "web", "--cpu", "0.25,1.0", "--bandwidth", "20", "--wait", timeout=60)
 
     def applied():
-        shares = [int(read(os.path.join(CGROUP, "cpu", c.cgroup_parent, v, "cpu.shares")))
-                  for v in ("web-0", "web-1")]
+        weights = [c.cgroups.cpu_weight(v) for v in ("web-0", "web-1")]
         rates = {tuple(htb_rates(c.netns, dev)) for dev in ns_links(c.netns) if dev.startswith(("st", "ifb-"))}
-        return shares == [256, 1024] and rates == {("20Mbit",)}
+        return weights[1] == 4 * weights[0] and rates == {("20Mbit",)}        # 0.25 : 1.0
     wait_until(applied, 20, what="the new limits in the kernel")
     assert {name: r["pid"] for name, r in guest_records(c, "node-a").items()} == before
     assert "SODA virtual node" in fetch(url)
@@ -132,8 +125,5 @@ def test_cpu_cap_sets_a_cfs_quota(uml_node):
     c.ctl("service", "create", "capped", "--image", "busybox-httpd", "--hypervisor", "uml", "--nodes", "1",
           "--cpu", "0.25", "--cpu-cap", "--wait", "--timeout", "120", timeout=180)
     c.guest_pids.update(r["pid"] for r in guest_records(c, "node-a").values())
-    cpu = os.path.join(CGROUP, "cpu", c.cgroup_parent, "capped-0")
-    assert int(read(os.path.join(cpu, "cpu.cfs_period_us"))) == 100_000
-    assert int(read(os.path.join(cpu, "cpu.cfs_quota_us"))) == 25_000
-    assert int(read(os.path.join(cpu, "cpu.shares"))) == 256
+    assert c.cgroups.cpu_quota("capped-0") == (25_000, 100_000)
     assert c.json("service", "get", "capped")["cpu_cap"] is True

@@ -33,6 +33,7 @@ from soda.agent.uids import GuestUids, parse_uid_range
 from soda import pki
 from soda.config import LOG_LEVELS, AgentConfig, build_section, effective
 from soda.errors import InvalidSpec, SodaError
+from soda.hypervisors.base import EXITED as GUEST_EXITED
 from soda.hypervisors.base import HypervisorDriver, drivers, make_driver
 from soda.model.labels import check_labels, format_labels, parse_label
 from soda.model.names import NODE_NAME_MAX, check_dns_label
@@ -242,7 +243,23 @@ def build_network(config: AgentConfig, drivers: Drivers) -> NodeNetwork | None:
         return None
     if not config.policy:
         log.warning("policy: false: guests are not kept apart (no anti-spoofing, no network policy)")
+    if not config.netns and not ip_forwarding():
+        # The host's own stack is the node's: other hosts reach the guests
+        # through it (the Switch's route "subnet via this node").
+        log.warning("net.ipv4.ip_forward is 0: no other host (the Switch) can reach this node's "
+                    "guests; scripts/install --role node sets it in %s", SYSCTL_FILE)
     return NodeNetwork(netns=config.netns, bridge=config.bridge, guarded=config.policy)
+
+
+SYSCTL_FILE = "/etc/sysctl.d/60-soda-node.conf"
+
+
+def ip_forwarding(path: str = "/proc/sys/net/ipv4/ip_forward") -> bool:
+    try:
+        with open(path) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def configure_network(network: NodeNetwork, node: Node) -> None:
@@ -322,8 +339,9 @@ def teardown(config: AgentConfig, keep_routes: bool = False) -> int:
     except (SodaError, OSError) as exc:
         return refuse("soda-agent", f"cannot look for running guests, so nothing was removed: {exc}",
                       EXIT_FAILURE)
+    # An exited guest's record is no guest: its driver tidies it later.
     running = sorted(f"{name} ({driver.name})" for driver in made.drivers.values()
-                     for name in driver.list())
+                     for name, info in driver.list().items() if info.state != GUEST_EXITED)
     if running:
         return refuse("soda-agent", f"{len(running)} guest(s) still on this node: "
                       f"{', '.join(running[:5])}{', ...' if len(running) > 5 else ''}; drain it "

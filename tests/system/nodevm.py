@@ -64,7 +64,7 @@ class NodeVM:
             # which close() kills whole.
             self.proc = subprocess.Popen(
                 [NODE_VM, "boot", "--tap", self.tap, "--ip", f"{self.ip}/30", "--gw", self.host_ip,
-                 "--cow", os.path.join(self.work, "root.cow"), "--mem", "1024M",
+                 "--cow", os.path.join(self.work, "root.cow"), "--mem", "1536M",
                  "--umid", os.path.basename(self.work), "--uml-dir", self.work],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, "TMPDIR": self.work})

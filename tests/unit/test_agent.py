@@ -664,9 +664,13 @@ def test_each_driver_section_is_its_drivers_dataclass_checked_at_load(tmp_path, 
 def test_teardown_refuses_while_guests_run_and_removes_nothing(tmp_path, monkeypatch, capsys):
     import soda.agent.main as agent_main
 
+    from soda.hypervisors.base import EXITED, RUNNING, GuestInfo
+
     class Running(FakeDriver):
         def list(self):
-            return {"web-1": None, "web-2": None}
+            # An exited guest's leftover record is no guest on the node.
+            return {"web-1": GuestInfo("web-1", RUNNING), "old-1": GuestInfo("old-1", EXITED),
+                    "web-2": GuestInfo("web-2", RUNNING)}
 
     removed = []
     monkeypatch.setattr(agent_main, "build_drivers",

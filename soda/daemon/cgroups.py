@@ -391,10 +391,15 @@ class CgroupV2(CgroupBackend):
     def __init__(self, root: str = "/sys/fs/cgroup", parent: str = "soda",
                  proc_root: str = "/proc", base: str = "",
                  sleep: Callable[[float], None] = time.sleep,
-                 rmdir: Callable[[str], None] = os.rmdir):
+                 rmdir: Callable[[str], None] = os.rmdir, cpuset: str = ""):
         full = f"{base}/{parent}" if base else parent
         super().__init__(root, full, proc_root)
         self.base = base
+        # With a cpuset, the cpuset controller joins the enabled ones and
+        # each guest's cgroup gets cpuset.cpus (v2 children inherit the
+        # memory nodes and need no value on the levels between).
+        self.cpuset = cpuset
+        self.needed = V2_NEEDED + (("cpuset",) if cpuset else ())
         self.sleep = sleep
         self.rmdir = rmdir
 
@@ -429,7 +434,7 @@ class CgroupV2(CgroupBackend):
                 enabled = {c.lstrip("+") for c in read_file(control).split()}
             except errors.NotFound:
                 enabled = set()
-            missing = [c for c in V2_NEEDED if c not in enabled]
+            missing = [c for c in self.needed if c not in enabled]
             if missing:
                 write_file(control, " ".join(f"+{c}" for c in missing))
 
@@ -440,6 +445,8 @@ class CgroupV2(CgroupBackend):
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
             raise os_error(exc, f"cannot create cgroup {path}") from None
+        if self.cpuset:
+            write_file(os.path.join(path, "cpuset.cpus"), self.cpuset)
         return (path,)
 
     def set_limits(self, name: str, limits: Limits) -> None:
@@ -624,8 +631,9 @@ def open_backend(root: str, parent: str, version: str | None = None, delegated: 
     base = delegated_base(version, proc_self_cgroup=proc_self_cgroup) if delegated else ""
     if version == "v1":
         return CgroupV1(root, f"{base}/{parent}" if base else parent, cpuset=cpuset)
-    if cpuset:
-        raise errors.InvalidSpec("a cpuset is supported with cgroup v1 only so far")
     if version == "v2":
-        return CgroupV2(root, parent, base=base)
+        if cpuset and "cpuset" not in read_file(os.path.join(root, "cgroup.controllers")).split():
+            raise errors.WrongState(f"a cpuset was asked for ({cpuset!r}) but this kernel's cgroup2 "
+                                    f"tree at {root} has no cpuset controller")
+        return CgroupV2(root, parent, base=base, cpuset=cpuset)
     raise errors.WrongState(f"unknown cgroup version {version!r}")

@@ -21,7 +21,8 @@ class DaemonConfig:
     # Daemon's own cgroup, read from /proc/self/cgroup, not below the root.
     delegated: bool = False
     # CPUs (cpuset syntax, e.g. "0" or "0-1") every guest is confined to;
-    # "" = no cpuset. v1 only: the cpuset hierarchy joins the guest's cgroups.
+    # "" = no cpuset (v1: the cpuset hierarchy joins the guest's cgroups;
+    # v2: the cpuset controller, cpuset.cpus in each guest's cgroup).
     cpuset: str = ""
     # Network namespace the TAPs live in; "" = the Daemon's own.
     netns: str = ""

@@ -243,8 +243,18 @@ def test_probe_sees_v2_and_opens_the_v2_backend(tmp_path):
     assert probe(str(tmp_path)) == "v2"
     backend = open_backend(str(tmp_path), "soda")
     assert isinstance(backend, CgroupV2) and backend.version == "v2"
-    with pytest.raises(errors.InvalidSpec, match="v1 only"):
+    assert open_backend(str(tmp_path), "soda", cpuset="0").cpuset == "0"
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
+    with pytest.raises(errors.WrongState, match="no cpuset controller"):
         open_backend(str(tmp_path), "soda", cpuset="0")
+
+
+def test_v2_cpuset_enables_the_controller_and_confines_each_guest(tmp_path):
+    b = CgroupV2(make_v2_tree(tmp_path), "soda", rmdir=shutil.rmtree, sleep=lambda s: None, cpuset="0")
+    (path,) = b.create("web-0")
+    assert read(os.path.join(path, "cpuset.cpus")) == "0"
+    for level in (tmp_path, tmp_path / "soda"):
+        assert "cpuset" in read(level / "cgroup.subtree_control").replace("+", "").split()
 
 
 # ---- cgroup v2 against a fake unified tree ------------------------------------------

@@ -4,8 +4,9 @@ bridge. Guests are hostile: nothing a guest sends is trusted.
 
 - `GuestGuard` (bridge family, prerouting, per TAP): a guest's frames leave
   its TAP only with its own MAC, and as IPv4 or ARP with its own address;
-  anything else (another MAC or address, a gratuitous ARP for someone
-  else's address, IPv6, VLAN tags) is dropped and counted in the TAP's
+  IPv6 (the guest kernel's link-local chatter; the fabric is IPv4) is
+  dropped; anything else (another MAC or address, a gratuitous ARP for
+  someone else's address, VLAN tags) is dropped and counted in the TAP's
   counter `spoof_<tap>`. Installed when the TAP is plugged, removed with it.
 - `NodePolicy` (inet family; bridged traffic reaches it through
   br_netfilter, which it switches on): what each local guest may reach and
@@ -176,6 +177,10 @@ class GuestGuard:
             f"add rule bridge {TABLE} {chain} ether type arp return",
             f"add rule bridge {TABLE} {chain} ip saddr != {address} {drop}",
             f"add rule bridge {TABLE} {chain} ether type ip return",
+            # The guest kernel has IPv6 for services that listen on [::]
+            # (link-local only); the fabric is IPv4. Its neighbour and
+            # multicast chatter is dropped but is not spoofing.
+            f"add rule bridge {TABLE} {chain} ether type ip6 drop",
             f"add rule bridge {TABLE} {chain} {drop}",
         ]
         existing = self.nft.objects("bridge")

@@ -44,7 +44,8 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 from soda.agent.plumbing import GuestPlumbing
 from soda.backoff import Backoff
-from soda.errors import SodaError, TemporaryError, WrongState
+from soda.errors import NotFound, SodaError, TemporaryError, WrongState
+from soda.hypervisors import console
 from soda.hypervisors.base import RUNNING as GUEST_RUNNING
 from soda.hypervisors.base import GuestInfo, GuestSpec, HypervisorDriver
 from soda.model.spec import Resources
@@ -91,6 +92,10 @@ class _Vnode:
     # guests get their limits applied again (the Daemon's apply is idempotent).
     applied: Resources | None = None
     limits_error: str = ""                     # why the last live change failed
+    # The end of the console of its last boot that failed (the driver
+    # removes a stopped guest's files): `service logs` shows it until the
+    # next boot writes a console of its own.
+    last_console: str = ""
     # OOM kills of the guest's earlier lives, and its own kernel's count last
     # read in this one: usage reports add them up.
     oom_before: int = 0
@@ -112,7 +117,7 @@ class _Leftover:
 class Reconciler:
     def __init__(self, drivers: Mapping[str, HypervisorDriver], reporter: Reporter, images: Images,
                  clock: Callable[[], float] = time.monotonic, max_parallel_boots: int = 8,
-                 interval: float = 1.0, stop_timeout: float = 30.0, boot_timeout: float = 300.0,
+                 interval: float = 1.0, stop_timeout: float = 30.0, boot_timeout: float = 0.0,
                  restart_backoff: float = 1.0, restart_backoff_max: float = 60.0,
                  backoff_reset_seconds: float = 60.0, ready_poll: float = 0.02,
                  plumbing: GuestPlumbing | None = None):
@@ -191,6 +196,29 @@ class Reconciler:
 
     def _vn(self, name: str) -> _Vnode:
         return self._vnodes.setdefault(name, _Vnode())
+
+    def _keep_console(self, name: str, driver: HypervisorDriver) -> None:
+        kept = console.read_tail(driver.console_path(name)) if driver.console_path(name) else ""
+        with self._cond:
+            self._vn(name).last_console = kept
+
+    def console_of(self, name: str) -> tuple[str, str]:
+        """Where virtual node `name`'s console is: (path of the running or
+        booting guest's console, "") or ("", the kept end of its last failed
+        boot's). NotFound when this node holds no such virtual node."""
+        with self._cond:
+            desired = self._desired or {}
+            vnode = self._vnodes.get(name)
+            want = desired.get(name)
+            if want is None and vnode is None:
+                raise NotFound(f"virtual node {name} is not on this node")
+            kept = vnode.last_console if vnode else ""
+        driver_name = self._driver_for(want) if want is not None else None
+        for candidate in ([driver_name] if driver_name else list(self._drivers)):
+            driver = self._drivers.get(candidate)
+            if driver is not None and driver.info(name) is not None:
+                return driver.console_path(name), ""
+        return "", kept
 
     def _busy(self) -> set[str]:
         return {name for name, v in self._vnodes.items() if v.busy}
@@ -484,6 +512,7 @@ class Reconciler:
         if not self._still_wanted(want):
             return
         self._set(name, Phase.BOOTING, "", generation)
+        boot_timeout = want.boot_timeout or self._boot_timeout or driver.boot_timeout
         began = self._clock()
         try:
             if driver.info(name) is not None:
@@ -507,11 +536,16 @@ class Reconciler:
                 if info is None or info.state != GUEST_RUNNING:
                     why = info.exit_reason if info else "gone"
                     raise SodaError(f"guest exited while booting: {why or 'unknown reason'}")
-                if self._clock() - began > self._boot_timeout:
+                if self._clock() - began > boot_timeout:
+                    # What its console said is the reason's evidence, and
+                    # what `service logs` shows until the retry boots.
+                    said = console.quote(driver.console_path(name))
+                    self._keep_console(name, driver)
                     # Stopped so that the retry boots it afresh.
                     driver.stop(name, self._stop_timeout)
                     self._release(name, driver_name)
-                    raise SodaError(f"guest not ready {self._boot_timeout:g}s after start")
+                    raise SodaError(f"not answering on port {want.port} {boot_timeout:g}s after start "
+                                    f"(boot_timeout); console: {said or '(nothing meaningful)'}")
                 if self._closing.wait(self._ready_poll) or not self._still_wanted(want):
                     return      # the loop (or a restarted Agent) takes over from here
         except (SodaError, OSError) as exc:

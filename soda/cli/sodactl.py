@@ -367,6 +367,10 @@ def service() -> None:
 @click.option("--egress", "egress", multiple=True, metavar="CIDR:PORT",
               help="Let the guests open connections to CIDR on PORT (or LOW-HIGH), TCP and UDP; "
                    "repeat for more. By default they reach nothing beyond their own service.")
+@click.option("--boot-timeout", "boot_timeout", type=float, metavar="S",
+              help="Seconds a guest may take from its start to answering on its port before it "
+                   "is FAILED (with its console's last lines as the reason) and retried; "
+                   "default: its hypervisor's, sized to the kernel it boots.")
 @wait_options("every virtual node is running")
 @output_option
 @click.pass_obj
@@ -376,7 +380,7 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
                    policy: str | None, mode: str | None, health: str | None,
                    cpu_cap: bool | None, on_demand: int | None,
                    idle_seconds: float | None, peers: bool | None, egress: tuple[str, ...],
-                   wait: bool, timeout: float) -> None:
+                   boot_timeout: float | None, wait: bool, timeout: float) -> None:
     """Create service NAME from flags, or from a YAML spec with -f.
 
     \b
@@ -396,7 +400,7 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
         data, name=name, image=image, nodes=nodes, port=port, hypervisor=hypervisor,
         listen=listen, policy=policy, mode=mode, health=specs.health_flag(health),
         cpu_cap=cpu_cap, on_demand=on_demand, idle_seconds=idle_seconds, peers=peers, egress=egress,
-        resources=resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk))
+        boot_timeout=boot_timeout, resources=resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk))
     try:
         spec = model.parse_spec(data)
     except errors.InvalidSpec as exc:

@@ -86,14 +86,14 @@ def apply_overrides(spec: Mapping[str, Any], *, name: str | None = None, image: 
                     resources: Mapping[str, PerNodeValue] | None = None,
                     cpu_cap: bool | None = None, on_demand: int | None = None,
                     idle_seconds: float | None = None, peers: bool | None = None,
-                    egress: Sequence[str] | None = None) -> dict:
+                    egress: Sequence[str] | None = None, boot_timeout: float | None = None) -> dict:
     """A copy of `spec` with every given flag (not None) replacing its field.
     A service deployed on demand starts at zero nodes unless told otherwise."""
     merged = dict(spec)
     if on_demand is not None and nodes is None and "nodes" not in merged:
         nodes = 0
     for key, value in (("name", name), ("image", image), ("nodes", nodes), ("port", port),
-                       ("hypervisor", hypervisor), ("cpu_cap", cpu_cap)):
+                       ("hypervisor", hypervisor), ("cpu_cap", cpu_cap), ("boot_timeout", boot_timeout)):
         if value is not None:
             merged[key] = value
     merged["resources"] = _overlay(merged.get("resources"), resources or {})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib.metadata
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,21 @@ class GuestSpec:
     # (soda.agent.uids); 0 = root, as the fake driver and unit tests have it.
     uid: int = 0
     open_files: int = 0              # the VMM's RLIMIT_NOFILE; 0 = the Agent's own
+
+
+def contract_arguments(spec: GuestSpec) -> list[str]:
+    """The kernel command line arguments of the guest image contract
+    (README.rst, "Guest images"): `ip=` for the kernel's IP autoconfig (or
+    the QEMU initramfs, which reads it the same way), so that any image's
+    eth0 is up with its address and default route before its init runs,
+    then the guest's identity as `soda.*`."""
+    cidr = f"{spec.address}/{spec.prefix_length}"
+    argv = []
+    if spec.tap:
+        mask = ipaddress.IPv4Network(cidr, strict=False).netmask
+        argv.append(f"ip={spec.address}::{spec.gateway}:{mask}:{spec.name}:eth0:off")
+    return argv + [f"soda.ip={cidr}", f"soda.gw={spec.gateway}",
+                   f"soda.name={spec.name}", f"soda.service={spec.service}"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,15 @@ class HypervisorDriver(abc.ABC):
     memory_overhead = 0
     min_memory = 0          # MiB: the smallest guest it boots
     kernel_label = ""       # which kernel its guests boot, as node list shows it
+    # Seconds from a guest's start to its service port answering, past
+    # which the Agent fails it (and retries with backoff), unless the
+    # service names its own boot_timeout: sized to what this driver boots.
+    boot_timeout = 60.0
+
+    def console_path(self, name: str) -> str:
+        """The file guest `name`'s console is written to; "" when its
+        guests have none."""
+        return ""
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time):
         self.state_dir = state_dir

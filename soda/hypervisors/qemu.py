@@ -61,7 +61,7 @@ from typing import Any
 from soda import command
 from soda.errors import InvalidSpec, NotFound, WrongState
 from soda.hypervisors import process
-from soda.hypervisors.base import check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec, TUN_DEVICE
+from soda.hypervisors.base import check_guest_name, Clock, contract_arguments, Fingerprint, guest_mac, GuestSpec, TUN_DEVICE
 from soda.hypervisors.kernels import AUTO
 from soda.netns import NETNS_DIR
 from soda.hypervisors.recorded import RecordedGuestDriver, private_dir, private_file
@@ -170,6 +170,9 @@ class QemuDriver(RecordedGuestDriver):
         if accel not in ("tcg", "kvm"):
             raise InvalidSpec(f"QEMU accelerator {accel!r}: use auto, tcg or kvm")
         self.accel = accel
+        # TCG emulates every instruction: a systemd image takes tens of
+        # seconds to its service where KVM takes a few.
+        self.boot_timeout = 60.0 if accel == "kvm" else 240.0
         if sandbox not in (AUTO, "off"):
             raise InvalidSpec(f"QEMU sandbox {sandbox!r}: use auto or off")
         # What the fingerprint says of it: the -sandbox value, or why none.
@@ -210,8 +213,7 @@ class QemuDriver(RecordedGuestDriver):
         argv = self._launcher_argv(spec)
         append = ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", f"init={spec.init}"]
         append += list(self.boot_options)
-        append += [f"soda.ip={spec.address}/{spec.prefix_length}", f"soda.gw={spec.gateway}",
-                   f"soda.name={name}", f"soda.service={spec.service}"]
+        append += contract_arguments(spec)
         argv += [self.qemu,
                  "-name", f"soda-{name}",
                  "-machine", self.machine, "-accel", self.accel,

@@ -62,8 +62,8 @@ from typing import Any
 from soda.errors import InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.files import write_json_atomic
 from soda.hypervisors import process
-from soda.hypervisors.base import (check_guest_name, Clock, Fingerprint, guest_mac, GuestSpec,
-                                   TUN_DEVICE)
+from soda.hypervisors.base import (check_guest_name, Clock, contract_arguments, Fingerprint,
+                                   guest_mac, GuestSpec, TUN_DEVICE)
 from soda.hypervisors.kernels import AUTO, DEBIAN, calibrated_lpj, find_uml_kernel
 from soda.hypervisors.launch import landlock_abi
 from soda.netns import NETNS_DIR
@@ -162,6 +162,9 @@ class UmlDriver(RecordedGuestDriver):
         # Refuse what cannot boot instead of reporting a crash loop.
         self.min_memory = found.min_memory if min_memory is None else int(min_memory)
         self.kernel_label = f"{self.kernel} ({self.kernel_kind})"
+        # SODA's kernel brings a systemd image to its service in seconds;
+        # Debian's takes several times longer.
+        self.boot_timeout = 120.0 if self.kernel_kind == DEBIAN else 60.0
         # What a guest's VMM may read of the host (None: not confined, the
         # host kernel has no Landlock): its kernel, the loader and the
         # libraries that kernel links.
@@ -229,24 +232,22 @@ class UmlDriver(RecordedGuestDriver):
         # stdin would lose the guest's output); the other consoles exist,
         # on null channels, for images that run a getty or shell on tty1-6.
         argv += ["con=null", "con0=null,fd:1"]
-        # No serial lines and no legacy ptys. Every tty device is a uevent,
-        # and Debian's kernel runs /sbin/hotplug for each uevent
-        # (CONFIG_UEVENT_HELPER_PATH): at boot its ~660 serial and legacy
-        # pty devices had up to 166 helper threads alive at once (5 MiB),
-        # which at mem=32M met a 4 MiB watermark boost and panicked "System
-        # is deadlocked on memory" in 1-3 % of boots.
-        argv += ["ssl=none", "pty.legacy_count=0"]
+        # No serial lines and no legacy ptys (SODA's kernel has neither).
+        # Every tty device is a uevent, and Debian's kernel runs
+        # /sbin/hotplug for each uevent (CONFIG_UEVENT_HELPER_PATH): at boot
+        # its ~660 serial and legacy pty devices had up to 166 helper
+        # threads alive at once (5 MiB), which at mem=32M met a 4 MiB
+        # watermark boost and panicked "System is deadlocked on memory" in
+        # 1-3 % of boots.
+        if self.kernel_kind == DEBIAN:
+            argv += ["ssl=none", "pty.legacy_count=0"]
         # A kernel measures its delay loop at boot unless told the figure:
         # 40-200 ms of a ~0.3 s boot at HZ=100, the more the busier the host.
         # One guest measures it for those after it.
         if self.lpj:
             argv.append(f"lpj={self.lpj}")
         argv += list(self.boot_options)
-        argv += [f"soda.ip={spec.address}/{spec.prefix_length}",
-                 f"soda.gw={spec.gateway}",
-                 f"soda.name={spec.name}",
-                 f"soda.service={spec.service}"]
-        return argv
+        return argv + contract_arguments(spec)
 
     def _confinement(self, spec: GuestSpec) -> list[str]:
         """The launcher's --fs-read/--fs-write for this guest: all it may open."""

@@ -178,7 +178,8 @@ class Controller:
             name=name, service=spec.name, index=index, resources=res, node=p.node,
             address=address, prefix_length=ipaddress.ip_network(by_name[p.node].subnet).prefixlen,
             gateway=by_name[p.node].gateway, weight=model.share_weight(res), image_digest=digest,
-            hypervisor=p.hypervisor, port=spec.port, phase=model.Phase.PENDING, cpu_cap=spec.cpu_cap)
+            hypervisor=p.hypervisor, port=spec.port, phase=model.Phase.PENDING, cpu_cap=spec.cpu_cap,
+            boot_timeout=spec.boot_timeout)
             for name, index, res, p, address in zip(names, indexes, resources, placements, addresses)]
 
     def _allocate_addresses(self, tx: StateReader, nodes: dict[str, model.Node],

@@ -55,7 +55,7 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 # Version 7: vnodes.moved_from/at/why, the last move of a virtual node.
 # Version 8: tenants (services.owner, images.owners/public, image_names.owner)
 #            and their quotas (table quotas).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -90,7 +90,7 @@ CREATE TABLE IF NOT EXISTS vnodes (
     deleting INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL,
     cpu_cap INTEGER NOT NULL DEFAULT 0, revision INTEGER NOT NULL DEFAULT 1,
     moved_from TEXT NOT NULL DEFAULT '', moved_at REAL NOT NULL DEFAULT 0,
-    moved_why TEXT NOT NULL DEFAULT '');
+    moved_why TEXT NOT NULL DEFAULT '', boot_timeout REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS vnodes_by_node ON vnodes(node);
 CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 """
@@ -380,12 +380,13 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
         "ALTER TABLE images ADD COLUMN owners TEXT NOT NULL DEFAULT '[]'",
         "ALTER TABLE images ADD COLUMN public INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE image_names ADD COLUMN owner TEXT NOT NULL DEFAULT ''"),
+    8: ("ALTER TABLE vnodes ADD COLUMN boot_timeout REAL NOT NULL DEFAULT 0",),
 }
 
 
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
-                  "generation, cpu_cap, moved_from, moved_at, moved_why, revision")
+                  "generation, cpu_cap, moved_from, moved_at, moved_why, boot_timeout, revision")
 _VNODE_WIDTH = len(_VNODE_COLUMNS.split(","))
 # SQLite's default limit on the parameters of one statement is 999 (older builds).
 _IN_CHUNK = 500
@@ -393,7 +394,7 @@ _IN_CHUNK = 500
 # row (executemany): each statement is a step, and each step lets go of the
 # GIL (see _packed).
 _PUT_CHUNK = 999 // _VNODE_WIDTH
-_VNODE_REALS = ("cpu", "weight", "boot_seconds", "moved_at")
+_VNODE_REALS = ("cpu", "weight", "boot_seconds", "moved_at", "boot_timeout")
 _NODE_COLUMNS = ("name, address, cpu, memory, bandwidth, disk, hypervisors, subnet, gateway, state, limits, "
                  "assumed, revision, labels, draining")
 _PLACED_COLUMNS = "node, hypervisor, cpu, memory, bandwidth, disk, count"
@@ -428,20 +429,21 @@ def _vnode_row(v: model.VirtualNode, revision: int) -> tuple:
     return (v.name, v.service, v.index, v.node, v.address, v.prefix_length, v.gateway, r.cpu,
             r.memory, r.bandwidth, r.disk, v.weight, v.image_digest, v.hypervisor, v.port,
             int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation, int(v.cpu_cap),
-            *((m.from_node, m.at, m.why) if (m := v.last_move) else ("", 0.0, "")), revision)
+            *((m.from_node, m.at, m.why) if (m := v.last_move) else ("", 0.0, "")), v.boot_timeout,
+            revision)
 
 
 def _vnode_from_row(row) -> StoredVirtualNode:
     (name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, disk, weight,
      image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap,
-     moved_from, moved_at, moved_why, revision) = row
+     moved_from, moved_at, moved_why, boot_timeout, revision) = row
     return StoredVirtualNode(
         name=name, service=service, index=idx, node=node, address=address,
         prefix_length=prefix_length, gateway=gateway,
         resources=model.Resources(cpu, memory, bandwidth, disk), weight=weight,
         image_digest=image_digest, hypervisor=hypervisor, port=port, phase=model.Phase(phase),
         reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation,
-        cpu_cap=bool(cpu_cap), revision=revision,
+        cpu_cap=bool(cpu_cap), boot_timeout=boot_timeout, revision=revision,
         last_move=model.VnodeMove(moved_from, moved_at, moved_why) if moved_from or moved_why else None)
 
 

@@ -27,6 +27,10 @@ DEFAULT_SWITCH_MODE = "proxy"
 HEALTH_KINDS = ("tcp", "http", "none")
 DEFAULT_PORT = 80
 MAX_VNODES_PER_SERVICE = 1000
+# A service's boot_timeout: seconds from a guest's start to its port
+# answering, past which the guest is FAILED (and retried with backoff).
+# 0 = its driver's default, sized to the kernel it boots.
+BOOT_TIMEOUT_MIN, BOOT_TIMEOUT_MAX = 1.0, 3600.0
 
 # Bounds that catch typos (64000 cores, negative memory) before scheduling;
 # a request inside them that no node can hold is NoCapacity, not InvalidSpec.
@@ -150,6 +154,7 @@ class ServiceSpec:
     # keeps what it was given here, so that growing it asks for that.
     template: Resources = Resources(**RESOURCE_DEFAULTS)
     network: NetworkSpec = NetworkSpec()
+    boot_timeout: float = 0.0            # seconds; 0 = the driver's default
 
     def as_dict(self) -> dict:
         out = {
@@ -164,6 +169,8 @@ class ServiceSpec:
             out["on_demand"] = self.on_demand.as_dict()
         if self.network != NetworkSpec():
             out["network"] = self.network.as_dict()
+        if self.boot_timeout:
+            out["boot_timeout"] = self.boot_timeout
         return out
 
 
@@ -237,7 +244,7 @@ def check_listen(listen: Any) -> str:
 
 
 _SPEC_FIELDS = {"name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap",
-                "on_demand", "network"}
+                "on_demand", "network", "boot_timeout"}
 _NETWORK_FIELDS = {"peers", "egress"}
 MAX_EGRESS_RULES = 64
 _SWITCH_FIELDS = {"listen", "policy", "mode", "health", "drain_seconds"}
@@ -422,10 +429,13 @@ def parse_spec(data: Any) -> ServiceSpec:
         cpu_cap = False
     if not isinstance(cpu_cap, bool):
         raise InvalidSpec(f"cpu_cap must be true or false, got {cpu_cap!r}")
+    boot_timeout = data.get("boot_timeout")
+    boot_timeout = 0.0 if boot_timeout in (None, 0) else _bounded(
+        "boot_timeout (seconds)", boot_timeout, BOOT_TIMEOUT_MIN, BOOT_TIMEOUT_MAX)
     return ServiceSpec(
         name=name, image=image, nodes=nodes, hypervisor=hypervisor, port=port, cpu_cap=cpu_cap,
         resources=per_node, switch=switch, on_demand=on_demand, template=template,
-        network=parse_network(data.get("network")))
+        network=parse_network(data.get("network")), boot_timeout=boot_timeout)
 
 
 def validate_spec(spec: ServiceSpec) -> ServiceSpec:
@@ -443,6 +453,7 @@ def validate_spec(spec: ServiceSpec) -> ServiceSpec:
     if spec.on_demand is not None:
         data["on_demand"] = spec.on_demand.as_dict()
     data["network"] = spec.network.as_dict()
+    data["boot_timeout"] = spec.boot_timeout
     return parse_spec(data)
 
 

@@ -59,6 +59,7 @@ class VirtualNode:
     deleting: bool = False
     generation: int = 1
     cpu_cap: bool = False
+    boot_timeout: float = 0.0       # seconds to its port answering; 0 = its driver's default
     last_move: VnodeMove | None = None   # the last time it was placed again, and why
     usage: Usage | None = None      # observed, kept by the Master in memory only
     switch_stats: "SwitchVnodeStats | None" = None   # what the Switch measured; Master memory only

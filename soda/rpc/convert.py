@@ -81,7 +81,8 @@ def spec_to_pb(s: model.ServiceSpec) -> pb.ServiceSpec:
         name=s.name, image=s.image, hypervisor=s.hypervisor, nodes=s.nodes, port=s.port,
         cpu_cap=s.cpu_cap, resources=[resources_to_pb(r) for r in s.resources],
         switch=switch_to_pb(s.switch), on_demand=on_demand_to_pb(s.on_demand),
-        template=resources_to_pb(s.template), network=network_to_pb(s.network))
+        template=resources_to_pb(s.template), network=network_to_pb(s.network),
+        boot_timeout=s.boot_timeout)
 
 
 def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
@@ -90,6 +91,7 @@ def spec_from_pb(m: pb.ServiceSpec) -> model.ServiceSpec:
         name=m.name, image=m.image, hypervisor=m.hypervisor, nodes=m.nodes, port=m.port,
         cpu_cap=m.cpu_cap, resources=tuple(resources_from_pb(r) for r in m.resources),
         switch=switch_from_pb(m.switch), on_demand=on_demand_from_pb(m), network=network_from_pb(m),
+        boot_timeout=m.boot_timeout,
         **({"template": resources_from_pb(m.template)} if m.HasField("template") else {}))
 
 
@@ -114,7 +116,7 @@ def vnode_to_pb(v: model.VirtualNode) -> pb.VirtualNode:
         weight=v.weight, image_digest=v.image_digest, hypervisor=v.hypervisor, port=v.port,
         phase=int(v.phase), reason=v.reason, boot_seconds=v.boot_seconds,
         deleting=v.deleting, generation=v.generation, cpu_cap=v.cpu_cap,
-        usage=usage_to_pb(v.usage), switch_stats=switch_vnode_stats_to_pb(v.switch_stats),
+        boot_timeout=v.boot_timeout, usage=usage_to_pb(v.usage), switch_stats=switch_vnode_stats_to_pb(v.switch_stats),
         last_move=pb.VnodeMove(from_node=m.from_node, at=m.at, why=m.why) if (m := v.last_move) else None)
 
 
@@ -125,7 +127,7 @@ def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
         weight=m.weight, image_digest=m.image_digest, hypervisor=m.hypervisor, port=m.port,
         phase=model.Phase(m.phase), reason=m.reason, boot_seconds=m.boot_seconds,
         deleting=m.deleting, generation=m.generation, cpu_cap=m.cpu_cap,
-        usage=usage_from_pb(m),
+        boot_timeout=m.boot_timeout, usage=usage_from_pb(m),
         switch_stats=switch_vnode_stats_from_pb(m.switch_stats) if m.HasField("switch_stats") else None,
         last_move=(model.VnodeMove(m.last_move.from_node, m.last_move.at, m.last_move.why)
                    if m.HasField("last_move") else None))

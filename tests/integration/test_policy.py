@@ -260,3 +260,18 @@ def test_teardown_leaves_no_table_behind(node):
     assert port not in _spoof_counters(node)
     node.net.teardown()
     assert tables(node.net.netns) == []
+
+
+def test_a_guests_ipv6_goes_nowhere_and_is_not_counted_as_spoofing(node):
+    node.apply()
+    a1, a2 = node.guests["a1"], node.guests["a2"]
+    addrs = json.loads(run(["ip", "-n", a2["ns"], "-6", "-j", "addr", "show", "dev", "eth0"]).stdout)
+    link_local = [i["local"] for a in addrs for i in a.get("addr_info", [])
+                  if i.get("scope") == "link"]
+    assert link_local, f"a2 has no IPv6 link-local address: {addrs}"
+    before = _spoof_counters(node).get(a1["port"], 0)
+    ping = run(["ip", "netns", "exec", a1["ns"], "ping", "-6", "-c", "2", "-W", "1",
+                f"{link_local[0]}%eth0"], check=False)
+    assert ping.returncode != 0, ping.stdout
+    assert _spoof_counters(node).get(a1["port"], 0) == before
+    assert node.connects("a1", a2["address"], PORT)          # IPv4 to its peer still fine

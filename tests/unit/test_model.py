@@ -156,3 +156,15 @@ def test_a_services_template_is_its_last_nodes_resources():
     spec = model.parse_spec({"name": "z", "image": "busybox", "nodes": 2,
                              "resources": {"cpu": [0.5, 2.0], "memory": 64}})
     assert spec.template == model.Resources(2.0, 64, 100, 256)
+
+
+def test_boot_timeout_is_optional_bounded_and_survives_the_round_trips():
+    base = {"name": "web", "image": "busybox-httpd"}
+    assert model.parse_spec(base).boot_timeout == 0.0
+    spec = model.parse_spec({**base, "boot_timeout": 20})
+    assert spec.boot_timeout == 20.0 and spec.as_dict()["boot_timeout"] == 20.0
+    assert model.validate_spec(spec) == spec
+    assert "boot_timeout" not in model.parse_spec(base).as_dict()
+    for bad in (0.5, 4000, "soon", True, float("nan")):
+        with pytest.raises(InvalidSpec, match="boot_timeout"):
+            model.parse_spec({**base, "boot_timeout": bad})

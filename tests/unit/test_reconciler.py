@@ -9,7 +9,7 @@ import pytest
 
 from soda.agent.plumbing import GuestPlumbing
 from soda.agent.reconciler import Reconciler
-from soda.errors import Unavailable, WrongState
+from soda.errors import NotFound, Unavailable, WrongState
 from soda.hypervisors.base import EXITED, RUNNING
 from soda.hypervisors.fake import FakeDriver
 from soda.model.spec import Resources
@@ -257,7 +257,7 @@ def test_a_guest_that_never_gets_ready_times_out_and_is_stopped(tmp_path, image)
     clock.now += 31
     assert s.rec.wait_idle(5)
     assert s.phase("web-0") == P.FAILED
-    assert "not ready 30s after start" in s.rec.status("web-0").reason
+    assert "not answering on port 80 30s after start (boot_timeout)" in s.rec.status("web-0").reason
     assert driver.list() == {}
     s.rec.close()
 
@@ -720,3 +720,23 @@ def test_node_plumbing_finds_fences_and_taps_by_virtual_node_and_releases_them()
     assert calls == [("release_limits", "old-2"), ("unplug", "old-2")]
     assert NodePlumbing(Network(), None, caps).leftovers() == {"web-0", "tap-only-5"}
     assert GuestPlumbing().leftovers() == set()
+
+
+def test_a_services_own_boot_timeout_wins_over_the_drivers(tmp_path, image):
+    clock = FakeClock(100.0)
+    driver = FakeDriver(str(tmp_path / "state"), clock=clock, boot_seconds=1000, sleep=lambda s: None)
+    assert driver.boot_timeout == 60.0
+    s = Setup(tmp_path, image, clock=clock, driver=driver)
+    s.rec.replace_desired([dataclasses.replace(vnode("web-0"), boot_timeout=5.0, port=8080)])
+    s.rec.reconcile_once()
+    wait_for(lambda: s.phase("web-0") == P.BOOTING)
+    clock.now += 6
+    assert s.rec.wait_idle(5)
+    assert s.phase("web-0") == P.FAILED
+    reason = s.rec.status("web-0").reason
+    assert "not answering on port 8080 5s after start (boot_timeout); console: " in reason, reason
+    assert "retry in" in reason
+    assert s.rec.console_of("web-0") == ("", "")
+    with pytest.raises(NotFound):
+        s.rec.console_of("web-9")
+    s.rec.close()

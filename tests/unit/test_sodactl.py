@@ -345,7 +345,7 @@ def test_service_get_json_shape(client):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {
         "name": "web", "image": "busybox-httpd", "image_digest": DIGEST, "hypervisor": "",
-        "nodes": 2, "port": 80, "cpu_cap": False,
+        "nodes": 2, "port": 80, "cpu_cap": False, "boot_timeout": 0.0,
         "switch": model.SwitchSpec(listen="127.0.0.1:8080").as_dict(),
         "on_demand": None, "network": {"peers": True, "egress": []},
         "state": "FAILED", "deleting": False, "owner": "(operators)", "created_at": "2023-11-14T22:13:20Z",

@@ -292,8 +292,44 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_8(path):
+    """The file as a version 8 Master left it: no vnodes.boot_timeout."""
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE vnodes DROP COLUMN boot_timeout")
+    db.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_version_8_store_keeps_its_virtual_nodes_with_the_default_boot_timeout(tmp_path):
+    s = open_store(str(tmp_path))
+    add_node(s)
+    create(s, make_service())
+    before = {v.name: v for v in s.list_vnodes()}
+    s.close()
+    _as_version_8(str(tmp_path / "state.db"))
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION
+    after = {v.name: v for v in s.list_vnodes()}
+    assert set(after) == set(before) and all(v.boot_timeout == 0.0 for v in after.values())
+    s.close()
+
+
+def test_a_virtual_nodes_boot_timeout_is_kept(tmp_path):
+    s = open_store(str(tmp_path))
+    add_node(s)
+    service = make_service()
+    create(s, dataclasses.replace(service, vnodes=tuple(
+        dataclasses.replace(v, boot_timeout=45.5) for v in service.vnodes)))
+    s.close()
+    s = open_store(str(tmp_path))
+    assert {v.boot_timeout for v in s.list_vnodes()} == {45.5}
+    s.close()
+
+
 def _as_version_7(path):
     """The file as a version 7 Master left it: no tenants, no quotas."""
+    _as_version_8(path)
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE services DROP COLUMN owner")
     db.execute("ALTER TABLE images DROP COLUMN owners")

@@ -81,7 +81,7 @@ class OnDemand(_message.Message):
     def __init__(self, max_nodes: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
 
 class ServiceSpec(_message.Message):
-    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand", "template", "network")
+    __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand", "template", "network", "boot_timeout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class ServiceSpec(_message.Message):
     ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    BOOT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     hypervisor: str
@@ -104,7 +105,8 @@ class ServiceSpec(_message.Message):
     on_demand: OnDemand
     template: Resources
     network: NetworkSpec
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ..., template: _Optional[_Union[Resources, _Mapping]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ...) -> None: ...
+    boot_timeout: float
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., hypervisor: _Optional[str] = ..., nodes: _Optional[int] = ..., port: _Optional[int] = ..., resources: _Optional[_Iterable[_Union[Resources, _Mapping]]] = ..., switch: _Optional[_Union[SwitchSpec, _Mapping]] = ..., cpu_cap: _Optional[bool] = ..., on_demand: _Optional[_Union[OnDemand, _Mapping]] = ..., template: _Optional[_Union[Resources, _Mapping]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ..., boot_timeout: _Optional[float] = ...) -> None: ...
 
 class NetworkSpec(_message.Message):
     __slots__ = ("peers", "egress")
@@ -115,7 +117,7 @@ class NetworkSpec(_message.Message):
     def __init__(self, peers: _Optional[bool] = ..., egress: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
-    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats", "last_move")
+    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats", "last_move", "boot_timeout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +139,7 @@ class VirtualNode(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SWITCH_STATS_FIELD_NUMBER: _ClassVar[int]
     LAST_MOVE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     index: int
@@ -158,7 +161,8 @@ class VirtualNode(_message.Message):
     usage: VnodeUsage
     switch_stats: SwitchVnodeStats
     last_move: VnodeMove
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., switch_stats: _Optional[_Union[SwitchVnodeStats, _Mapping]] = ..., last_move: _Optional[_Union[VnodeMove, _Mapping]] = ...) -> None: ...
+    boot_timeout: float
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., switch_stats: _Optional[_Union[SwitchVnodeStats, _Mapping]] = ..., last_move: _Optional[_Union[VnodeMove, _Mapping]] = ..., boot_timeout: _Optional[float] = ...) -> None: ...
 
 class VnodeMove(_message.Message):
     __slots__ = ("from_node", "at", "why")

@@ -18,6 +18,8 @@ the life of the Agent's threads:
   reconcile  Reconciler.run
   health     every few seconds, whether the Agent can still work at all
              (its state dir writable); if not, it stops with that reason
+  consoles   the Master's log orders, each answered with a guest's console
+             (soda.agent.consoles)
 
 A thread that raises something nobody foresaw is logged with its traceback
 and started again after a capped backoff: one bug in one code path must not
@@ -38,6 +40,7 @@ import threading
 import time
 from typing import Callable, Iterable, Mapping
 
+from soda.agent.consoles import ConsoleShipper
 from soda.backoff import Backoff
 from soda.errors import NotFound, SodaError
 from soda.model.spec import Resources
@@ -180,6 +183,7 @@ class Agent:
         self._registered = threading.Event()
         self._register_lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
+        self._consoles = ConsoleShipper(client, name, reconciler, self._stop)
         self.node: Node | None = None
         # Set while a node registered as LOST has not yet stopped the guests
         # it no longer owns: the reconciler's snapshot count at registration.
@@ -195,7 +199,8 @@ class Agent:
                              ("reporter", self._reporter.run),
                              ("heartbeat", self._heartbeats),
                              ("session", self._session),
-                             ("health", self._check_health)):
+                             ("health", self._check_health),
+                             ("consoles", self._consoles.run)):
             thread = threading.Thread(target=self._guarded, args=(name, target),
                                       name=f"soda-agent-{name}", daemon=True)
             self._threads[name] = thread
@@ -213,6 +218,7 @@ class Agent:
         # client cancels it. Only now: the other threads used the client too.
         self._client.close()
         self._join("session", timeout)
+        self._join("consoles", timeout)
 
     @property
     def heartbeats(self) -> tuple:

@@ -425,6 +425,30 @@ def service_get(session: Session, name: str) -> None:
     session.emit(output.service_to_dict(found), lambda: output.service_table(found))
 
 
+@service.command("logs")
+@click.argument("name")
+@click.argument("vnode", required=False, default="")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the guest writes (Ctrl-C ends).")
+@click.option("--tail", type=int, default=100, show_default=True, metavar="N",
+              help="Start with the last N lines; -1 for all the node keeps.")
+@click.pass_obj
+def service_logs(session: Session, name: str, vnode: str, follow: bool, tail: int) -> None:
+    """Print a virtual node's console: the guest's kernel and init output,
+    relayed by the Master from the node that runs it. VNODE is its name or
+    index (default: the first). For a guest that failed and is waiting to
+    be retried, the console of the boot that failed.
+
+    \b
+    sodactl service logs web
+    sodactl service logs web web-1 --tail 20 --follow"""
+    if tail < -1:
+        raise click.BadParameter("give a number of lines, or -1 for all", param_hint="--tail")
+    out = sys.stdout.buffer
+    for _, data in session.client.service_logs(name, vnode, follow, tail if tail else 100):
+        out.write(data)
+        out.flush()
+
+
 @service.command("list")
 @output_option
 @click.pass_obj

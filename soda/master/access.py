@@ -10,13 +10,14 @@ soda.pki.identity_of) is read, checked against the CA's revocation list
 - operator: everything;
 - agent NAME: register, heartbeat, report, watch its assignments, remove
   only node NAME; watch the nodes and endpoints (its routes and policy);
-  pull the images of virtual nodes placed on it;
+  pull the images of virtual nodes placed on it; take log orders for its
+  node and answer them (SendLogs, bound to its node by the order);
 - switch NAME: watch the endpoints and nodes, report its stats as NAME,
   start and release the nodes of on-demand services, list services (its
   probe of the Master);
 - tenant NAME: create services, and get, list, watch, resize and delete
   its own; push images, and list, pull and delete the ones it owns or that
-  are public.
+  are public; read the consoles of its own services' guests.
 
 What a tenant owns is decided with the state, by the Controller (its
 `tenant` arguments); this module says which role may make a call at all and
@@ -75,6 +76,9 @@ RULES: dict[str, frozenset[str]] = {
     "PullImage": frozenset({AGENT, TENANT}),
     "ReportSwitchStats": frozenset({SWITCH}),
     "WatchEndpoints": frozenset({AGENT, SWITCH}),
+    "ServiceLogs": frozenset({TENANT}),
+    "WatchLogOrders": frozenset({AGENT}),
+    "SendLogs": frozenset({AGENT}),
     "SetQuota": frozenset(),
     "ListTenants": frozenset({TENANT}),
 }
@@ -82,7 +86,7 @@ RULES: dict[str, frozenset[str]] = {
 # their own name: an Agent acts only as its node, a Switch only as itself.
 OWN_NAME: dict[str, dict[str, str]] = {
     AGENT: {"RegisterNode": "name", "Heartbeat": "node", "ReportStatus": "node",
-            "WatchAssignments": "node", "RemoveNode": "name"},
+            "WatchAssignments": "node", "RemoveNode": "name", "WatchLogOrders": "node"},
     SWITCH: {"ReportSwitchStats": "switch"},
 }
 # Calls that change state: each is written to the audit log.

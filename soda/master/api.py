@@ -10,15 +10,17 @@ Controller's notifier and end when the client goes away or the Master stops.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Callable, Iterator
 
 import grpc
 
 from soda import model
-from soda.errors import InvalidSpec, NotFound, PermissionDenied, Unauthenticated
+from soda.errors import InvalidSpec, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from soda.pki import Identity
 from soda.master import access
+from soda.master.logs import LogBroker
 from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICES_TOPIC, Controller,
                                     node_topic, service_topic)
 from soda.proto.v1 import master_pb2 as pb
@@ -131,6 +133,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         self.controller = controller
         self.notifier = controller.notifier
         self.heartbeat_seconds = heartbeat_seconds
+        self.logs = LogBroker()
 
     @staticmethod
     def _tenant(context) -> str | None:
@@ -271,6 +274,49 @@ class MasterServicer(pb_grpc.MasterServicer):
                 if removed:
                     yield pb.AssignmentEvent(kind=pb.AssignmentEvent.REMOVE, vnodes=removed)
             sent = current
+
+    # ---- guest consoles -----------------------------------------------
+    @handle_errors
+    def ServiceLogs(self, request, context):
+        vnode = self.controller.vnode_of(request.service, request.vnode, self._tenant(context))
+        relay = self.logs.open(vnode.node, vnode.name, request.follow, request.tail)
+        try:
+            first = True
+            for data in relay.chunks(context.is_active):
+                yield pb.LogChunk(data=data, vnode=vnode.name if first else "")
+                first = False
+            if first:
+                yield pb.LogChunk(vnode=vnode.name)
+        finally:
+            self.logs.close(relay)
+
+    @handle_errors
+    def WatchLogOrders(self, request, context):
+        self.controller.store.get_node(request.node)        # NOT_FOUND: register first
+        for order in self.logs.orders(request.node, context.is_active):
+            yield pb.LogOrder(id=order.id, vnode=order.vnode, follow=order.follow, tail=order.tail)
+
+    @handle_errors
+    def SendLogs(self, request_iterator, context):
+        identity = access.caller(context)
+        first = next(request_iterator, None)
+        if first is None or not first.id:
+            raise InvalidSpec("a log stream starts with the id of the order it answers")
+        relay = self.logs.relay_for(first.id, identity.name if identity.role == access.AGENT else None)
+        try:
+            for part in itertools.chain((first,), request_iterator):
+                if part.error:
+                    relay.finish(NotFound(part.error))
+                    return pb.Empty()
+                if relay.closed.is_set() or (part.data and not relay.put(part.data)):
+                    return pb.Empty()           # the caller has gone: end the Agent's stream
+            relay.finish()
+        except grpc.RpcError:
+            # The Agent went away mid-stream (stopped, lost its link).
+            relay.finish(Unavailable(f"the Agent of node {relay.order.node} stopped sending"))
+        finally:
+            relay.closed.set()
+        return pb.Empty()
 
     # ---- images -------------------------------------------------------
     @handle_errors

@@ -200,6 +200,24 @@ class Controller:
     def get_service(self, name: str, tenant: str | None = None) -> model.Service:
         return self._observed(model.owned_by(self.store.get_service(name), tenant, "get"))
 
+    def vnode_of(self, service: str, ref: str, tenant: str | None = None) -> model.VirtualNode:
+        """Virtual node `ref` (its name or index; "" = the first by index) of
+        `service`, placed on a node: whose console `service logs` reads."""
+        vnodes = sorted(self.get_service(service, tenant).vnodes, key=lambda v: v.index)
+        if not vnodes:
+            raise WrongState(f"service {service} has no virtual node")
+        if not ref:
+            vnode = vnodes[0]
+        else:
+            vnode = next((v for v in vnodes if ref in (v.name, str(v.index))), None)
+            if vnode is None:
+                raise NotFound(f"service {service} has no virtual node {ref!r} "
+                               f"(it has {', '.join(v.name for v in vnodes)})")
+        if not vnode.node:
+            raise WrongState(f"virtual node {vnode.name} is not placed on a node yet "
+                             f"({vnode.phase.name}{': ' + vnode.reason if vnode.reason else ''})")
+        return vnode
+
     def list_services(self, tenant: str | None = None) -> list[model.Service]:
         return [self._observed(s) for s in self.store.list_services()
                 if tenant is None or s.owner == tenant]

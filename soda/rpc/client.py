@@ -250,6 +250,32 @@ class MasterClient(StubClient):
                                   f"bytes, digest {got}")
         return meta
 
+    # ---- guest consoles -------------------------------------------------
+    def service_logs(self, service: str, vnode: str = "", follow: bool = False,
+                     tail: int = 0) -> Iterator[tuple[str, bytes]]:
+        """(virtual node, bytes of whole console lines) as the Master relays them."""
+        request = pb.ServiceLogsRequest(service=service, vnode=vnode, follow=follow, tail=tail)
+        for chunk in self._stream("ServiceLogs", request):
+            yield chunk.vnode, chunk.data
+
+    def watch_log_orders(self, node: str) -> Iterator[pb.LogOrder]:
+        """The Master's orders for `node`'s consoles (id, vnode, follow, tail)."""
+        yield from self._stream("WatchLogOrders", pb.WatchLogOrdersRequest(node=node))
+
+    def send_logs(self, order_id: str, chunks: Iterator[bytes], error: str = "") -> None:
+        """Answer log order `order_id` with `chunks`, or with `error` alone.
+        Returns when the chunks end or the Master ends the stream (its
+        caller went away)."""
+        def parts():
+            yield pb.LogPart(id=order_id, error=error)
+            if not error:
+                for data in chunks:
+                    yield pb.LogPart(data=data)
+        try:
+            self._stub.SendLogs(parts())
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
     # ---- tenants ------------------------------------------------------
     def set_quota(self, tenant: str, quota: model.Quota | None) -> model.Tenant:
         """Set a tenant's quota whole; None removes it (not limited)."""

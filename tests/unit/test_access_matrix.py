@@ -89,6 +89,13 @@ CALLS = {
     "UndrainNode": ("unary", lambda c, f: pb.NodeRequest(name="node-1"), allowed()),
     "DeleteService": ("unary", lambda c, f: pb.DeleteServiceRequest(name="a-web"), allowed("tenant-a")),
     "RemoveNode": ("unary", lambda c, f: pb.NodeRequest(name="node-1"), allowed("agent")),
+    # No such virtual node: NOT_FOUND for who may ask (a node that is not
+    # connected would answer UNAVAILABLE, which reads as a refused handshake here).
+    "ServiceLogs": ("stream", lambda c, f: pb.ServiceLogsRequest(service="a-web", vnode="99"),
+                    allowed("tenant-a")),
+    "WatchLogOrders": ("stream", lambda c, f: pb.WatchLogOrdersRequest(node="node-1"), allowed("agent")),
+    # An order nobody placed: NOT_FOUND for any Agent, bound to its node by the order itself.
+    "SendLogs": ("push", lambda c, f: iter([pb.LogPart(id="no-such-order")]), allowed("agent", "other-agent")),
 }
 
 

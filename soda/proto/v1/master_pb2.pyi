@@ -689,6 +689,54 @@ class ListTenantsResponse(_message.Message):
     tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
     def __init__(self, tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ...) -> None: ...
 
+class ServiceLogsRequest(_message.Message):
+    __slots__ = ("service", "vnode", "follow", "tail")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VNODE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    vnode: str
+    follow: bool
+    tail: int
+    def __init__(self, service: _Optional[str] = ..., vnode: _Optional[str] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ...) -> None: ...
+
+class LogChunk(_message.Message):
+    __slots__ = ("data", "vnode")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    VNODE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    vnode: str
+    def __init__(self, data: _Optional[bytes] = ..., vnode: _Optional[str] = ...) -> None: ...
+
+class WatchLogOrdersRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class LogOrder(_message.Message):
+    __slots__ = ("id", "vnode", "follow", "tail")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VNODE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    vnode: str
+    follow: bool
+    tail: int
+    def __init__(self, id: _Optional[str] = ..., vnode: _Optional[str] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ...) -> None: ...
+
+class LogPart(_message.Message):
+    __slots__ = ("id", "data", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    data: bytes
+    error: str
+    def __init__(self, id: _Optional[str] = ..., data: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -149,6 +149,21 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ServiceLogs = channel.unary_stream(
+                '/soda.proto.v1.Master/ServiceLogs',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ServiceLogsRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.WatchLogOrders = channel.unary_stream(
+                '/soda.proto.v1.Master/WatchLogOrders',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchLogOrdersRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.LogOrder.FromString,
+                _registered_method=True)
+        self.SendLogs = channel.stream_unary(
+                '/soda.proto.v1.Master/SendLogs',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.LogPart.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
+                _registered_method=True)
         self.SetQuota = channel.unary_unary(
                 '/soda.proto.v1.Master/SetQuota',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.SetQuotaRequest.SerializeToString,
@@ -302,6 +317,24 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ServiceLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchLogOrders(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendLogs(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetQuota(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -430,6 +463,21 @@ def add_MasterServicer_to_server(servicer, server):
             'ReportSwitchStats': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportSwitchStats,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
+            ),
+            'ServiceLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.ServiceLogs,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ServiceLogsRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.LogChunk.SerializeToString,
+            ),
+            'WatchLogOrders': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLogOrders,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchLogOrdersRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.LogOrder.SerializeToString,
+            ),
+            'SendLogs': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendLogs,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.LogPart.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
             ),
             'SetQuota': grpc.unary_unary_rpc_method_handler(
@@ -1063,6 +1111,87 @@ class Master:
             target,
             '/soda.proto.v1.Master/ReportSwitchStats',
             soda_dot_proto_dot_v1_dot_master__pb2.SwitchReport.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServiceLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/soda.proto.v1.Master/ServiceLogs',
+            soda_dot_proto_dot_v1_dot_master__pb2.ServiceLogsRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLogOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/soda.proto.v1.Master/WatchLogOrders',
+            soda_dot_proto_dot_v1_dot_master__pb2.WatchLogOrdersRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.LogOrder.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendLogs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/soda.proto.v1.Master/SendLogs',
+            soda_dot_proto_dot_v1_dot_master__pb2.LogPart.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
             options,
             channel_credentials,

@@ -8,7 +8,10 @@ port open, and create → first answer through the Switch, in one run.
    on a TAP in a network namespace this benchmark creates (192.168.253.0/24,
    nothing leaves it), and prints each one's median, min and max from
    `start()` to the first successful TCP connect to port 80 from inside the
-   namespace. The bridge holds a permanent neighbour entry for the guest,
+   namespace. The same for a stock Debian image (scripts/build-rootfs
+   --debian: systemd, nginx's default site) as KEY+debian, on SODA's kernel
+   and under QEMU (Debian's UML kernel has no IP autoconfig, so a stock
+   image gets no network there). The bridge holds a permanent neighbour entry for the guest,
    as the Agent installs one for every guest it plugs in.
 2. Starts a real cluster (Master, Daemon, Agent, Switch as processes, as
    tests/system/guests.py does; SODA's kernel when built) and times
@@ -34,6 +37,7 @@ these figures hold for any image: the first packet towards a new guest
 must not wait for an ARP retry.
 
     python bench/boot.py [--repeats 5] [--memory-uml 32] [--memory-debian 32] [--memory-qemu 128]
+                         [--no-debian] [--memory-debian-image 64] [--memory-qemu-debian-image 256]
                          [--no-qemu] [--create-repeats 20] [--wide 10]
                          [--uid-drop-repeats 20] [--json]
 
@@ -108,11 +112,14 @@ def boot_once(driver, spec: GuestSpec) -> float:
 
 
 def memory_of(args, key: str) -> int:
+    if key.endswith("+debian"):
+        return args.memory_qemu_debian_image if key.startswith("qemu") else args.memory_debian_image
     return {"uml-soda": args.memory_uml, "uml-debian": args.memory_debian}.get(key, args.memory_qemu)
 
 
-def launch_to_port(args, work: str, image: str) -> dict[str, list[float]]:
-    """Part 1: launch → port open for each UML kernel (and QEMU), rotating."""
+def launch_to_port(args, work: str, image: str, debian_image: str = "") -> dict[str, list[float]]:
+    """Part 1: launch → port open for each UML kernel (and QEMU), rotating,
+    with the reference image and (KEY+debian) the stock Debian image."""
     netns = f"sodab-{os.getpid()}-{secrets.token_hex(3)}"
     drivers: dict[str, object] = {}
     try:
@@ -134,14 +141,19 @@ def launch_to_port(args, work: str, image: str) -> dict[str, list[float]]:
         if not args.no_qemu:
             initramfs = build("build-initramfs", os.path.join(work, "initramfs.img"))
             drivers["qemu"] = QemuDriver(os.path.join(state, "qemu"), initramfs=initramfs, short_dir=run)
-        times: dict[str, list[float]] = {k: [] for k in drivers}
-        failures: dict[str, list[str]] = {k: [] for k in drivers}
         keys = list(drivers)
+        if debian_image:
+            # Debian's UML kernel has no IP autoconfig (ip=): a stock image
+            # gets no network there, only the reference image's own init does.
+            keys += [f"{k}+debian" for k in drivers if k != "uml-debian"]
+        times: dict[str, list[float]] = {k: [] for k in keys}
+        failures: dict[str, list[str]] = {k: [] for k in keys}
         for i in range(args.repeats):
             for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-                driver = drivers[key]
+                driver = drivers[key.split("+")[0]]
                 memory = memory_of(args, key)
-                spec = GuestSpec(name="bench-0", service="bench", image_path=image,
+                spec = GuestSpec(name="bench-0", service="bench",
+                                 image_path=debian_image if key.endswith("+debian") else image,
                                  image_digest="", address=ADDRESS, prefix_length=24,
                                  gateway=GATEWAY, port=80, hypervisor=driver.name, tap="tap0",
                                  netns=netns,
@@ -160,25 +172,26 @@ def launch_to_port(args, work: str, image: str) -> dict[str, list[float]]:
                 except RuntimeError as exc:
                     # Counted and shown, not hidden: a failed boot is a finding.
                     failures[key].append(str(exc))
-                    print(f"  {key:10s} boot {i + 1}: FAILED: {exc}", file=sys.stderr)
+                    print(f"  {key:16s} boot {i + 1}: FAILED: {exc}", file=sys.stderr)
                     continue
                 times[key].append(t)
-                print(f"  {key:10s} boot {i + 1}: {t:6.2f} s", file=sys.stderr)
+                print(f"  {key:16s} boot {i + 1}: {t:6.2f} s", file=sys.stderr)
         print(f"launch -> port 80 open, {args.repeats} boots each, rotating, one run:")
-        for key, driver in drivers.items():
-            memory = memory_of(args, key)
+        for key in keys:
+            driver, memory = drivers[key.split("+")[0]], memory_of(args, key)
             what = (f"{driver.kernel}, accel {driver.accel}" if driver.name == "qemu"
                     else f"{driver.kernel} ({driver.kernel_kind})")
-            print(f"  {key:10s} mem {memory:3d}M  {what}")
-        print(f"  {'':10s} {'median':>8s} {'min':>8s} {'max':>8s} {'failed':>7s}")
+            image_name = "debian (systemd, nginx)" if key.endswith("+debian") else "busybox"
+            print(f"  {key:16s} mem {memory:3d}M  {image_name}  {what}")
+        print(f"  {'':16s} {'median':>8s} {'p95':>8s} {'min':>8s} {'max':>8s} {'failed':>7s}")
         for key, values in times.items():
             if values:
-                print(f"  {key:10s} {statistics.median(values):7.2f}s {min(values):7.2f}s "
-                      f"{max(values):7.2f}s {len(failures[key]):7d}")
+                print(f"  {key:16s} {statistics.median(values):7.2f}s {p95(values):7.2f}s "
+                      f"{min(values):7.2f}s {max(values):7.2f}s {len(failures[key]):7d}")
             else:
-                print(f"  {key:10s} {'-':>8s} {'-':>8s} {'-':>8s} {len(failures[key]):7d}")
+                print(f"  {key:16s} {'-':>8s} {'-':>8s} {'-':>8s} {'-':>8s} {len(failures[key]):7d}")
             if failures[key]:
-                print(f"  {'':10s} first failure: {failures[key][0]}")
+                print(f"  {'':16s} first failure: {failures[key][0]}")
         return {key: values for key, values in times.items() if values}
     finally:
         for driver in drivers.values():
@@ -376,6 +389,10 @@ def main() -> int:
                    help="Debian kernel guests, MiB (its minimum: soda.hypervisors.kernels)")
     p.add_argument("--memory-qemu", type=int, default=128)
     p.add_argument("--no-qemu", action="store_true", help="skip QEMU (7-9 s a boot under TCG)")
+    p.add_argument("--no-debian", action="store_true",
+                   help="skip the stock Debian image (scripts/build-rootfs --debian)")
+    p.add_argument("--memory-debian-image", type=int, default=64, help="Debian image on UML, MiB")
+    p.add_argument("--memory-qemu-debian-image", type=int, default=256, help="Debian image on QEMU, MiB")
     p.add_argument("--create-repeats", type=int, default=20)
     p.add_argument("--wide", type=int, default=10, help="virtual nodes of the wide create")
     p.add_argument("--wide-repeats", type=int, default=3)
@@ -391,7 +408,10 @@ def main() -> int:
     work = traversable(tempfile.mkdtemp(prefix="soda-bench-boot-"))
     try:
         image = build("build-rootfs", os.path.join(work, "rootfs.img"))
-        times = launch_to_port(args, work, image) if args.repeats else {}
+        debian_image = "" if args.no_debian else sh(
+            os.path.join(TOP, "scripts", "build-rootfs"), "--debian",
+            os.path.join(work, "debian.img")).strip().splitlines()[-1]
+        times = launch_to_port(args, work, image, debian_image) if args.repeats else {}
         if "uml-soda" in times and "uml-debian" in times:
             soda, debian = statistics.median(times["uml-soda"]), statistics.median(times["uml-debian"])
             print(f"  debian / soda kernel (medians): {debian / soda:.1f}x")
@@ -401,7 +421,7 @@ def main() -> int:
         drop = uid_drop_cost(args, work, image) if args.uid_drop_repeats else {}
         cluster = through_the_switch(args, work, image) if args.create_repeats or args.wide_repeats else {}
         if args.json:
-            figures = {f"launch_to_port_{key.replace('-', '_')}": summary(values)
+            figures = {f"launch_to_port_{key.replace('-', '_').replace('+', '_')}": summary(values)
                        for key, values in times.items()}
             figures.update({key: summary(values) for key, values in cluster.items() if values})
             if drop:

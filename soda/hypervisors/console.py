@@ -28,10 +28,14 @@ _NOISE = re.compile("|".join((
     r"^\s*$",
     r"^setup_one_line failed for device \d+",       # Debian's UML kernel, ssl=none
     r"^epollctl add err fd \d+",                     # UML consoles on files and null
-    r"^\[\s+OK\s+\] ",                               # systemd: a unit started or reached
+    # systemd's progress, but for a service of the image's own that started
+    # (which says it is up though its port is not).
+    r"^\[\s+OK\s+\] (?!Started )",
+    r"^\[\s+OK\s+\] Started .*(getty|systemd-|dbus|\.timer|\.path|Timer|Watch)",
     r"^\s+(Starting|Stopping|Mounting|Unmounting|Activating) .*\.\.\.$",
     r"^systemd\[1\]: (Started|Starting|Reached target|Finished|Mounted|Mounting|Listening on|"
-    r"Created slice|Queued start job|.* was skipped because)",
+    r"Created slice|Queued start job|.* was skipped because|.*: Deactivated successfully)",
+    r"^systemd-journald\[\d+\]: (Received client request|Journal started|Runtime Journal|System Journal)",
 )))
 
 

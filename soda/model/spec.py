@@ -458,5 +458,5 @@ def validate_spec(spec: ServiceSpec) -> ServiceSpec:
 
 
 def share_weight(resources: Resources) -> float:
-    """A virtual node's balancing weight: its CPU share (the paper's 1:2 rule)."""
+    """A virtual node's balancing weight: its CPU share (the 1:2 rule of Jiang & Xu's SODA paper, README.rst)."""
     return resources.cpu

@@ -3,8 +3,8 @@
 from a copy of this checkout, systemd runs the Daemon and the Agent, and
 the node joins a Master running on this host through the VM's network.
 
-UML guests cannot boot inside the VM (nested UML has no PTRACE_SYSEMU, see
-PLATFORM.md), QEMU guests can (TCG, in about 25 s): the node offers what
+UML guests cannot boot inside the VM (a UML kernel does not offer its own
+processes PTRACE_SYSEMU, which UML needs), QEMU guests can (TCG, in about 25 s): the node offers what
 its drivers fingerprint as usable (qemu) and serves a real guest through a
 Switch on this host, over host-gw routes to the VM. The Daemon's v2 fences
 are measured on real processes standing in for a guest's

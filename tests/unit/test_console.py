@@ -5,6 +5,10 @@ from soda.hypervisors import console
 NOISY = (
     "setup_one_line failed for device 3 : configured as 'none'\n"
     "epollctl add err fd 17, Operation not permitted\n"
+    "[\x1b[0;32m  OK  \x1b[0m] Reached target \x1b[0;1;39msysinit.target\x1b[0m\n"
+    "[\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mgetty@tty1.service\x1b[0m - Getty on tty1.\n"
+    "systemd[1]: modprobe@loop.service: Deactivated successfully.\n"
+    "systemd-journald[46]: Received client request to flush runtime journal.\n"
     "[\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mnginx.service\x1b[0m\n"
     "         Starting \x1b[0;1;39mnginx.service\x1b[0m - A high performance web server...\n"
     "systemd[1]: Reached target sysinit.target - System Initialization.\n"
@@ -19,6 +23,7 @@ def test_noise_and_escapes_are_left_out(tmp_path):
     path = tmp_path / "console.log"
     path.write_text(NOISY)
     assert console.last_lines(str(path)) == [
+        "[  OK  ] Started nginx.service",
         "[FAILED] Failed to start nginx.service.",
         "nginx: [emerg] socket() [::]:80 failed (97: Address family not supported by protocol)",
         "evil   text",

@@ -26,7 +26,8 @@ from tests.support import free_port
 from tests.system.cluster import wait_until
 from tests.system.guests import TOP, fetch, require_guest_support, uml_node
 
-pytestmark = [pytest.mark.root, pytest.mark.guest]
+# The first test builds the Debian image (mmdebstrap, about a minute; cached after).
+pytestmark = [pytest.mark.root, pytest.mark.guest, pytest.mark.timeout(900)]
 
 require_guest_support()
 if not shutil.which("mmdebstrap") and os.geteuid() != 0:

@@ -103,6 +103,7 @@ def test_a_guest_that_never_opens_its_port_fails_with_the_reason_and_its_console
                     check=False, timeout=120)
     took = time.monotonic() - began
     assert done.returncode != 0, done.stdout
+    print(f"create --wait of a guest that never answers: exited {done.returncode} after {took:.1f}s")
     assert took <= timeout + 5 + 5, took        # + the create and placement themselves
     said = done.stderr
     assert "not answering on port 8080 15s after start (boot_timeout)" in said, said

@@ -95,6 +95,11 @@ class FakeClient:
             raise errors.NotFound(f"service {name} not found")
         return self.services[name]
 
+    def service_logs(self, service, vnode="", follow=False, tail=0):
+        self._record("service_logs", service, vnode, follow, tail)
+        yield "web-0", b"line one\n"
+        yield "", b"line two\n"
+
     def list_services(self):
         self._record("list_services")
         return list(self.services.values())
@@ -946,3 +951,19 @@ def test_bad_health_flag_is_one_line_exit_1(client):
                  "--health", "healthz")
     assert_one_line_error(result, 1, "--health 'healthz'", "/healthz")
     assert client.calls == []
+
+
+def test_service_logs_prints_the_relayed_lines_and_passes_the_flags(client):
+    result = run(client, "service", "logs", "web", "web-1", "--tail", "20", "-f")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "line one\nline two\n"
+    assert client.called("service_logs") == [(("web", "web-1", True, 20), {})]
+    run(client, "service", "logs", "web")
+    assert client.called("service_logs")[-1] == (("web", "", False, 100), {})
+
+
+def test_service_logs_refuses_a_negative_tail_and_reports_errors_on_one_line(client):
+    result = run(client, "service", "logs", "web", "--tail", "-5")
+    assert result.exit_code == 2 and "--tail" in result.output
+    client.fail["service_logs"] = errors.Unavailable("the Agent of node n1 is not connected to this Master")
+    assert_one_line_error(run(client, "service", "logs", "web"), 1, "Agent of node n1 is not connected")

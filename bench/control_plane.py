@@ -35,6 +35,11 @@ A flag given with --shape overrides that figure of the shape. Services hold
                table of the two side by side and the ratio tls/insecure of
                virtual nodes RUNNING per second (what mutual TLS costs)
 
+`--profile [TOP]` samples the Master with py-spy (bench/profile.py) from
+the first create call to the last deletion and prints its TOP functions
+(default 5) by own time and by total time; with --json they are in
+`master_profile`.
+
 `--repeats N` makes that N measurements per transport; with both they run
 in insecure/tls pairs (ABAB), and every figure is the median of its runs,
 the ratio the median of the pairs' ratios.
@@ -87,6 +92,7 @@ from soda.config import TlsConfig  # noqa: E402
 from soda.errors import SodaError  # noqa: E402
 from soda.rpc import tls as soda_tls  # noqa: E402
 from soda.rpc.client import MasterClient  # noqa: E402
+from bench.profile import Profile, print_top  # noqa: E402
 from tests.support import free_port, make_ext4_image, peak_rss_mib  # noqa: E402
 
 AGENT_CONFIG = """\
@@ -285,9 +291,17 @@ def measure(args, transport: str) -> dict:
                 return ready[0] == args.agents
             wait_for(all_registered, max(120, args.agents * 0.5),
                      lambda: f"the Agents to register ({ready[0]}/{args.agents} READY)")
-            figures = load(args, client, master, agent_procs, root, t0)
+            # From the first create to the last deletion: what the bench
+            # measures, not the Agents' registration.
+            with Profile(master.pid, root) if args.profile else _NoProfile() as profile:
+                figures = load(args, client, master, agent_procs, root, t0)
         figures = {"transport": transport, **figures}
         print_run(figures)
+        if args.profile:
+            figures["master_profile"] = profile.summary(args.profile)
+            if args.profile_keep and os.path.exists(profile.path):
+                shutil.copyfile(profile.path, f"{args.profile_keep}.{transport}.txt")
+            print_top(figures["master_profile"], "Master profile (create to all deleted)")
         return figures
     except BaseException:
         procs.print_log_tails()
@@ -296,6 +310,14 @@ def measure(args, transport: str) -> dict:
         procs.stop()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(agent_root, ignore_errors=True)
+
+
+class _NoProfile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def start_master(args, procs: Processes, addr: str, certs: Pki | None) -> subprocess.Popen:
@@ -436,7 +458,10 @@ def median_figures(runs: list[dict]) -> dict:
     out = {}
     for key, first in runs[0].items():
         values = [run[key] for run in runs]
-        out[key] = first if all(v == first for v in values) else round(statistics.median(values), 3)
+        if isinstance(first, (dict, list)):
+            out[key] = first        # a profile: the first run's
+        else:
+            out[key] = first if all(v == first for v in values) else round(statistics.median(values), 3)
     out["vnodes_running_per_s_runs"] = [run["vnodes_running_per_s"] for run in runs]
     return out
 
@@ -502,6 +527,13 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="measurements per transport (default 1); with both in insecure/tls pairs, "
                         "figures the medians")
+    p.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="TOP",
+                   help="sample the Master with py-spy from the first create to the last deletion "
+                        "and print its TOP functions (default 5) by own and by total time; in the JSON "
+                        "as master_profile")
+    p.add_argument("--profile-keep", metavar="PREFIX",
+                   help="with --profile, keep the raw profile as PREFIX.TRANSPORT.txt (collapsed "
+                        "stacks; python bench/profile.py reads it)")
     p.add_argument("--json", action="store_true",
                    help="print the figures as one JSON object on the last line")
     args = p.parse_args()

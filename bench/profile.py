@@ -134,8 +134,10 @@ def summarize(lines, top: int = 5) -> dict:
             under[function] += n
 
     def best(counter: collections.Counter[str]) -> list[dict]:
+        # Ties by name: the same profile always reads the same.
+        ranked = sorted(counter.items(), key=lambda item: (-item[1], item[0]))[:top]
         return [{"function": f, "samples": c, "share": round(c / samples, 3) if samples else 0.0}
-                for f, c in counter.most_common(top)]
+                for f, c in ranked]
     return {"samples": samples, "self": best(own), "total": best(under)}
 
 

@@ -42,6 +42,7 @@ from soda.config import MasterConfig
 from soda.errors import (AlreadyExists, Conflict, InvalidSpec, NoCapacity, NotFound, PermissionDenied,
                          WrongState)
 from soda.master import ipam, scheduler
+from soda.master.group_commit import GroupCommit
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
 from soda.master.store import StateReader, StateStore, Transaction, update_of
@@ -100,13 +101,19 @@ class Controller:
         # known node gets a full grace period to reconnect before it is LOST.
         started = monotonic()
         self._last_seen = {n.name: started for n in store.list_nodes()}
+        # Status reports and heartbeats of all Agents: many small units at
+        # once, committed together (soda.master.group_commit).
+        self._reports = GroupCommit(lambda: self.store.transaction())
 
-    def _unit_of_work(self, work: Callable[[Transaction], T]) -> T:
-        """`work(tx)` in one transaction. A Conflict means another writer
+    def _unit_of_work(self, work: Callable[[Transaction], T], grouped: bool = False) -> T:
+        """`work(tx)` in one transaction (`grouped`: in a part of one that
+        other threads' grouped units share). A Conflict means another writer
         changed what it read: it runs again from scratch on the new state
         (its after-commit actions of the failed attempt are dropped with it)."""
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
+                if grouped:
+                    return self._reports.run(work)
                 with self.store.transaction() as tx:
                     return work(tx)
             except Conflict as exc:
@@ -188,7 +195,7 @@ class Controller:
         out = []
         for target in targets:
             if target not in taken:
-                taken[target] = {v.address for v in tx.list_vnodes(node=target)}
+                taken[target] = tx.vnode_addresses(target)
             try:
                 address = ipam.allocate_guest(nodes[target].subnet, taken[target])
             except NoCapacity as exc:
@@ -300,6 +307,10 @@ class Controller:
         """Drop services marked deleting whose last virtual node is gone."""
         done = []
         for name in services:
+            # Counted first: reading a service reads all its virtual nodes,
+            # and while any is left it is not done whatever its state.
+            if tx.count_vnodes(name):
+                continue
             try:
                 service = tx.get_service(name)
             except NotFound:
@@ -722,7 +733,7 @@ class Controller:
                     self._publish_service(service)
             tx.after_commit(committed)
 
-        self._unit_of_work(work)
+        self._unit_of_work(work, grouped=True)
 
     def assignments(self, node: str) -> dict[str, model.VirtualNode]:
         """The desired set of a physical node: what its Agent must run. A

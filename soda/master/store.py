@@ -161,6 +161,14 @@ class StateReader(abc.ABC):
     @abc.abstractmethod
     def list_vnodes(self, node: str | None = None, service: str | None = None) -> list[model.VirtualNode]: ...
     @abc.abstractmethod
+    def vnode_addresses(self, node: str) -> set[str]:
+        """The addresses of the virtual nodes on `node`, without reading
+        them: cheap, for handing out the next one."""
+    @abc.abstractmethod
+    def count_vnodes(self, service: str) -> int:
+        """How many virtual nodes `service` has, without reading them: cheap,
+        for asking whether a deleting service is done."""
+    @abc.abstractmethod
     def image_name_owner(self, name: str) -> str | None:
         """The owner of an image name (OPERATORS = ""), None when no image has it."""
     @abc.abstractmethod
@@ -218,6 +226,12 @@ class Transaction(StateReader):
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction has committed, never if it
         rolls back. Callbacks run in order, outside the transaction."""
+    @abc.abstractmethod
+    def part(self) -> typing.ContextManager[None]:
+        """`with tx.part():` a part of the transaction that may fail alone:
+        if the block raises, its writes and after-commit callbacks are
+        undone and the exception goes on, while what the transaction did
+        before stays (to commit with the rest). Parts do not nest."""
 
 
 class StateStore(StateReader):
@@ -573,6 +587,13 @@ class _SqliteReads(StateReader):
                                 tuple(args))
         return [_vnode_from_row(r) for r in sorted(json.loads(rows), key=_vnode_order)]
 
+    def vnode_addresses(self, node: str) -> set[str]:
+        return {address for (address,) in self._query("SELECT address FROM vnodes WHERE node = ?", (node,))}
+
+    def count_vnodes(self, service: str) -> int:
+        [(count,)] = self._query("SELECT COUNT(*) FROM vnodes WHERE service = ?", (service,))
+        return count
+
 
 class _SqliteTransaction(_SqliteReads, Transaction):
     """Lives between BEGIN IMMEDIATE and COMMIT on the store's write
@@ -600,6 +621,22 @@ class _SqliteTransaction(_SqliteReads, Transaction):
     def after_commit(self, callback: Callable[[], None]) -> None:
         self._check_open()
         self._after.append(callback)
+
+    @contextmanager
+    def part(self) -> Iterator[None]:
+        self._check_open()
+        before, after, revision = dict(self._before), len(self._after), self._revision
+        self._db.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK TO part")
+                self._db.execute("RELEASE part")
+            self._before, self._revision = before, revision
+            del self._after[after:]
+            raise
+        self._db.execute("RELEASE part")
 
     # ---- compare-and-swap ---------------------------------------------
     def _write(self, what: str) -> int:

@@ -1,6 +1,8 @@
 """The Master's IPAM: node subnets, each node's gateway and uplink, guest
 addresses, and that the Master hands a node all three."""
 
+import ipaddress
+
 import pytest
 
 from soda import model
@@ -38,3 +40,20 @@ def test_the_master_hands_a_registering_node_all_its_addresses(master):
         assert listed.uplink == expect.uplink
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("subnet", ["10.0.3.0/24", "10.0.0.0/16", "10.1.0.0/29", "10.1.0.0/30",
+                                    "10.2.0.0/31", "fd00::/120"])
+def test_addresses_agree_with_the_hosts_of_the_subnet(subnet):
+    # Worked out by arithmetic; the reference is ipaddress's own list.
+    hosts = [str(h) for h in ipaddress.ip_network(subnet).hosts()]
+    addresses = ipam.node_addresses(subnet)
+    assert (addresses.gateway, addresses.uplink) == (hosts[0], hosts[-1])
+    guests = hosts[1:-1]
+    taken = guests[:3] + guests[4:5]
+    free = [h for h in guests if h not in taken]
+    if free:
+        assert ipam.allocate_guest(subnet, taken) == free[0]
+    else:
+        with pytest.raises(NoCapacity):
+            ipam.allocate_guest(subnet, taken)

@@ -125,9 +125,16 @@ def test_deleting_and_delete(store):
     with pytest.raises(WrongState, match="still has 2 virtual node"), store.transaction() as tx:
         tx.delete_service(svc)
     with store.transaction() as tx:
-        tx.delete_vnodes(svc.vnodes)
+        tx.delete_vnodes(svc.vnodes[:1])
+        # A transaction counts its own writes.
+        assert tx.count_vnodes("web") == 1
+    assert store.count_vnodes("web") == 1 and store.count_vnodes("other") == 0
+    assert store.vnode_addresses("a") == {svc.vnodes[1].address} and store.vnode_addresses("b") == set()
+    with store.transaction() as tx:
+        tx.delete_vnodes(svc.vnodes[1:])
         tx.delete_service(svc)
     assert store.list_vnodes() == [] and store.list_services() == []
+    assert store.count_vnodes("web") == 0
 
 
 def test_a_stale_update_is_a_conflict_and_writes_nothing(store):

@@ -688,7 +688,10 @@ class Controller:
             # Only a heartbeat brings a node back: its Agent sends the first
             # once it has stopped the guests it no longer owns (fencing); a
             # phase report may come before that.
-            mine = {v.name: v for v in tx.list_vnodes(node=node)}
+            # A phase report needs only the virtual nodes it names; a
+            # heartbeat all of the node's, to find those it no longer runs.
+            mine = {v.name: v for v in tx.list_vnodes(
+                node=node, names=None if complete else [s.name for s in statuses])}
             if current.state != READY and complete:
                 # A heartbeat that still lists guests this node no longer
                 # owns (an Agent that outlived a partition without

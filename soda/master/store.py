@@ -159,7 +159,10 @@ class StateReader(abc.ABC):
     def list_service_specs(self) -> list[model.ServiceSpec]:
         """Specs only, without virtual nodes: cheap for admission checks."""
     @abc.abstractmethod
-    def list_vnodes(self, node: str | None = None, service: str | None = None) -> list[model.VirtualNode]: ...
+    def list_vnodes(self, node: str | None = None, service: str | None = None,
+                    names: Iterable[str] | None = None) -> list[model.VirtualNode]:
+        """The virtual nodes on `node`, of `service` and among `names`, as
+        far as each is given."""
     @abc.abstractmethod
     def vnode_addresses(self, node: str) -> set[str]:
         """The addresses of the virtual nodes on `node`, without reading
@@ -574,7 +577,8 @@ class _SqliteReads(StateReader):
         [(rows,)] = self._query(f"SELECT {_packed('name, spec')} FROM services")
         return [_spec_from_json(spec) for _, spec in sorted(json.loads(rows))]
 
-    def list_vnodes(self, node: str | None = None, service: str | None = None) -> list[StoredVirtualNode]:
+    def list_vnodes(self, node: str | None = None, service: str | None = None,
+                    names: Iterable[str] | None = None) -> list[StoredVirtualNode]:
         clauses, args = [], []
         if node is not None:
             clauses.append("node = ?")
@@ -582,10 +586,20 @@ class _SqliteReads(StateReader):
         if service is not None:
             clauses.append("service = ?")
             args.append(service)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        [(rows,)] = self._query(f"SELECT {_packed(_VNODE_COLUMNS, _VNODE_REALS)} FROM vnodes {where}",
-                                tuple(args))
-        return [_vnode_from_row(r) for r in sorted(json.loads(rows), key=_vnode_order)]
+        chunks = [None]
+        if names is not None:
+            wanted = sorted(set(names))
+            if not wanted:
+                return []
+            chunks = [wanted[i:i + _IN_CHUNK] for i in range(0, len(wanted), _IN_CHUNK)]
+        rows = []
+        for chunk in chunks:
+            where = clauses + ([f"name IN ({','.join('?' * len(chunk))})"] if chunk else [])
+            [(packed,)] = self._query(
+                f"SELECT {_packed(_VNODE_COLUMNS, _VNODE_REALS)} FROM vnodes"
+                + (" WHERE " + " AND ".join(where) if where else ""), tuple(args) + tuple(chunk or ()))
+            rows += json.loads(packed)
+        return [_vnode_from_row(r) for r in sorted(rows, key=_vnode_order)]
 
     def vnode_addresses(self, node: str) -> set[str]:
         return {address for (address,) in self._query("SELECT address FROM vnodes WHERE node = ?", (node,))}

@@ -564,3 +564,15 @@ def test_a_node_is_deleted_only_once_it_holds_no_virtual_node(tmp_path):
         tx.put_node(dataclasses.replace(node("b"), subnet=subnet))
     assert s.get_node("b").subnet == subnet
     s.close()
+
+
+def test_virtual_nodes_by_name_within_node_and_service(store):
+    create(store, make_service("web", 3, node="a"))
+    create(store, make_service("api", 2, node="b"))
+    names = lambda vnodes: [v.name for v in vnodes]  # noqa: E731
+    assert names(store.list_vnodes(names=["api-1", "web-0", "nobody"])) == ["api-1", "web-0"]
+    assert names(store.list_vnodes(node="a", names=["api-1", "web-2"])) == ["web-2"]
+    assert names(store.list_vnodes(service="api", names=["api-0"])) == ["api-0"]
+    assert store.list_vnodes(names=[]) == []
+    with store.transaction() as tx:
+        assert names(tx.list_vnodes(node="b", names=("api-0", "api-1"))) == ["api-0", "api-1"]

@@ -21,6 +21,7 @@ from soda.errors import InvalidSpec, NotFound, PermissionDenied, Unauthenticated
 from soda.pki import Identity
 from soda.master import access
 from soda.master.logs import LogBroker
+from soda.master.store import revision_of
 from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICES_TOPIC, Controller,
                                     node_topic, service_topic)
 from soda.proto.v1 import master_pb2 as pb
@@ -260,14 +261,23 @@ class MasterServicer(pb_grpc.MasterServicer):
     @handle_errors
     def WatchAssignments(self, request, context):
         self.controller.store.get_node(request.node)        # NOT_FOUND: register first
-        sent: dict[str, pb.VirtualNode] | None = None
+        # name -> (the record's revision, its message): a record not written
+        # since it was sent is not encoded again (every service created or
+        # deleted wakes the watch of each node it touches).
+        sent: dict[str, tuple[int, pb.VirtualNode]] | None = None
         for _ in self._watch(node_topic(request.node), context):
-            current = {name: convert.vnode_to_pb(v)
-                       for name, v in self.controller.assignments(request.node).items()}
+            current = {}
+            for name, v in self.controller.assignments(request.node).items():
+                revision = revision_of(v)
+                before = sent.get(name) if sent else None
+                current[name] = (revision, before[1] if before and revision and before[0] == revision
+                                 else convert.vnode_to_pb(v))
             if sent is None:
-                yield pb.AssignmentEvent(kind=pb.AssignmentEvent.SNAPSHOT, vnodes=list(current.values()))
+                yield pb.AssignmentEvent(kind=pb.AssignmentEvent.SNAPSHOT,
+                                         vnodes=[m for _, m in current.values()])
             else:
-                upserts = [m for name, m in current.items() if sent.get(name) != m]
+                upserts = [m for name, (_, m) in current.items()
+                           if name not in sent or (sent[name][1] is not m and sent[name][1] != m)]
                 removed = [pb.VirtualNode(name=name) for name in sent.keys() - current.keys()]
                 if upserts:
                     yield pb.AssignmentEvent(kind=pb.AssignmentEvent.UPSERT, vnodes=upserts)

@@ -450,18 +450,35 @@ def _vnode_row(v: model.VirtualNode, revision: int) -> tuple:
             revision)
 
 
+@functools.lru_cache(maxsize=4096)
+def _resources(cpu: float, memory: int, bandwidth: int, disk: int) -> model.Resources:
+    # Immutable, and the same for every virtual node of a service: shared.
+    return model.Resources(cpu, memory, bandwidth, disk)
+
+
+_PHASES = {int(p): p for p in model.Phase}
+
+
 def _vnode_from_row(row) -> StoredVirtualNode:
     (name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, disk, weight,
      image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap,
      moved_from, moved_at, moved_why, boot_timeout, revision) = row
-    return StoredVirtualNode(
-        name=name, service=service, index=idx, node=node, address=address,
-        prefix_length=prefix_length, gateway=gateway,
-        resources=model.Resources(cpu, memory, bandwidth, disk), weight=weight,
-        image_digest=image_digest, hypervisor=hypervisor, port=port, phase=model.Phase(phase),
+    # Every read of the Master decodes virtual nodes by the thousand, and a
+    # frozen dataclass's __init__ sets its 26 fields one object.__setattr__
+    # at a time: the largest single cost of the Master under load. A row the
+    # store wrote is a valid record, so its fields go into the instance in
+    # one step; tests/unit/test_store.py checks that this makes exactly what
+    # the constructor makes, for every field.
+    v = object.__new__(StoredVirtualNode)
+    v.__dict__.update(
+        name=name, service=service, index=idx, resources=_resources(cpu, memory, bandwidth, disk),
+        node=node, address=address, prefix_length=prefix_length, gateway=gateway, weight=weight,
+        image_digest=image_digest, hypervisor=hypervisor, port=port, phase=_PHASES[phase],
         reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation,
-        cpu_cap=bool(cpu_cap), boot_timeout=boot_timeout, revision=revision,
-        last_move=model.VnodeMove(moved_from, moved_at, moved_why) if moved_from or moved_why else None)
+        cpu_cap=bool(cpu_cap), boot_timeout=boot_timeout,
+        last_move=model.VnodeMove(moved_from, moved_at, moved_why) if moved_from or moved_why else None,
+        usage=None, switch_stats=None, revision=revision)
+    return v
 
 
 # ---- the SQLite backend ------------------------------------------------------------

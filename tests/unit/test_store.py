@@ -576,3 +576,22 @@ def test_virtual_nodes_by_name_within_node_and_service(store):
     assert store.list_vnodes(names=[]) == []
     with store.transaction() as tx:
         assert names(tx.list_vnodes(node="b", names=("api-0", "api-1"))) == ["api-0", "api-1"]
+
+
+def test_a_virtual_node_read_back_is_what_its_constructor_makes_field_for_field(store):
+    # The store builds read records without calling __init__ (for speed):
+    # every field must be there, as the constructor would set it.
+    from soda.master.store import StoredVirtualNode
+    svc = make_service("web", 1)
+    moved = dataclasses.replace(svc.vnodes[0], phase=model.Phase.RUNNING, reason="up", boot_seconds=0.5,
+                                generation=3, cpu_cap=True, boot_timeout=9.0, port=8080, weight=2.0,
+                                last_move=model.VnodeMove("b", 12.0, "node b lost"))
+    create(store, dataclasses.replace(svc, vnodes=(moved,)))
+    [read] = store.list_vnodes()
+    fields = {f.name for f in dataclasses.fields(StoredVirtualNode)}
+    assert set(vars(read)) == fields
+    assert read == StoredVirtualNode(**{name: getattr(read, name) for name in fields})
+    assert plain(read) == moved
+    assert isinstance(read.phase, model.Phase) and isinstance(read.resources, model.Resources)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        read.reason = "changed"

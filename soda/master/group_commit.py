@@ -59,8 +59,12 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._queue: list[_Unit] = []
         self._leading = False
+        self._running = threading.local()   # set while this thread runs units
 
     def run(self, work: Callable[[Transaction], T]) -> T:
+        if getattr(self._running, "yes", False):
+            # It would wait for the batch its own thread is running.
+            raise RuntimeError("a unit of work does not nest")
         unit = _Unit(work)
         with self._lock:
             self._queue.append(unit)
@@ -88,6 +92,7 @@ class GroupCommit:
         return unit.outcome()
 
     def _commit(self, batch: list[_Unit]) -> None:
+        self._running.yes = True
         try:
             with self._transaction() as tx:
                 for unit in batch:
@@ -104,3 +109,5 @@ class GroupCommit:
                     unit.value, unit.error = None, exc
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            self._running.yes = False

@@ -130,3 +130,10 @@ def test_a_failed_commit_fails_every_unit_of_the_batch(store):
     # The group is not left leading: the next unit runs.
     with pytest.raises(OSError):
         group.run(lambda tx: None)
+
+
+def test_a_unit_that_runs_another_unit_is_refused_not_hung(store):
+    group = GroupCommit(store.transaction)
+    with pytest.raises(RuntimeError, match="does not nest"):
+        group.run(lambda tx: group.run(lambda inner: None))
+    assert group.run(lambda tx: "still works") == "still works"

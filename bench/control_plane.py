@@ -19,6 +19,9 @@ Two shapes are the documented runs (`--shape` names them):
     --shape many-nodes   500 Agents, 5,000 virtual nodes in 100 services
                          (50 Agents per process), the "many nodes" run; the
                          same as  --agents 500 --vnodes 5000
+    --shape fleet        500 Agents, 10,000 virtual nodes in 200 services
+                         (50 Agents per process): the scale goal's run, with
+                         --fleet-restart to restart every Agent at once
 
 A flag given with --shape overrides that figure of the shape. Services hold
 50 virtual nodes each unless --services says otherwise.
@@ -34,6 +37,13 @@ A flag given with --shape overrides that figure of the shape. Services hold
                with a fresh Master, Agents and state, insecure first, then a
                table of the two side by side and the ratio tls/insecure of
                virtual nodes RUNNING per second (what mutual TLS costs)
+
+`--fleet-restart`: once all are RUNNING, every Agent process is stopped
+(SIGTERM: an Agent leaves its guests running) and started again at once;
+`fleet_restart_s` is the time until every node has been heard from again
+and every virtual node is RUNNING, `fleet_restart_guests_started` the
+guests the fake driver started meanwhile (its own count on disk; 0 means
+every guest was adopted).
 
 `--profile [TOP]` samples the Master with py-spy (bench/profile.py) from
 the first create call to the last deletion and prints its TOP functions
@@ -135,6 +145,7 @@ def count_phase(client: MasterClient, phase: model.Phase) -> int:
 SHAPES = {
     "default": {"agents": 50, "vnodes": 1000},
     "many-nodes": {"agents": 500, "vnodes": 5000},
+    "fleet": {"agents": 500, "vnodes": 10000},
 }
 
 
@@ -179,6 +190,28 @@ class Pki:
         return self.ca.tls(role, name)
 
 
+# In each Agent's state dir, once the Master has accepted a heartbeat of
+# this Agent process (its whole inventory): the time, for --fleet-restart.
+HEARD = "bench-first-heartbeat"
+
+
+class _CountedHeartbeats(MasterClient):
+    """An Agent's client that notes its first heartbeat the Master took."""
+
+    def __init__(self, *args, marker: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._marker = marker
+        self._noted = False
+
+    def heartbeat(self, node, statuses):
+        answer = super().heartbeat(node, statuses)
+        if not self._noted:
+            self._noted = True
+            with open(self._marker, "w") as f:
+                f.write(repr(time.time()))
+        return answer
+
+
 def agent_host(master: str, root: str, config_path: str, ca_dir: str, names: list[str]) -> int:
     """Run several Agents in this process until SIGTERM; with `ca_dir` ("" for
     plaintext) each talks mutual TLS with the agent certificate issued
@@ -203,7 +236,8 @@ def agent_host(master: str, root: str, config_path: str, ca_dir: str, names: lis
         cfg = dataclasses.replace(base, master=master, name=name, state_dir=os.path.join(root, name),
                                   hypervisors=("fake",), address=agent_address(name),
                                   tls=certified[name] if ca_dir else base.tls)
-        agent = build_agent(cfg, MasterClient(master, tls=cfg.tls), threading.Event())
+        agent = build_agent(cfg, _CountedHeartbeats(master, tls=cfg.tls, marker=os.path.join(root, name, HEARD)),
+                            threading.Event())
         agent.start()
         agents.append(agent)
     stop.wait()
@@ -245,6 +279,15 @@ class Processes:
                 tail = f.read()[-3000:].decode(errors="replace").strip()
             if tail:
                 print(f"--- end of {os.path.basename(log.name)}:\n{tail}", file=sys.stderr)
+
+    def stop_one(self, proc: subprocess.Popen) -> None:
+        """SIGTERM one of them and wait for it (an Agent leaves its guests running)."""
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -294,7 +337,12 @@ def measure(args, transport: str) -> dict:
             # From the first create to the last deletion: what the bench
             # measures, not the Agents' registration.
             with Profile(master.pid, root) if args.profile else _NoProfile() as profile:
-                figures = load(args, client, master, agent_procs, root, t0)
+                def restart_agents() -> list[subprocess.Popen]:
+                    for proc in agent_procs:
+                        procs.stop_one(proc)
+                    return start_agents(args, procs, agent_root, addr, certs, names)
+                figures = load(args, client, master, agent_procs, root, t0,
+                               restart_agents if args.fleet_restart else None, agent_root)
         figures = {"transport": transport, **figures}
         print_run(figures)
         if args.profile:
@@ -369,11 +417,53 @@ def start_agents(args, procs: Processes, agent_root: str, addr: str, certs: Pki 
     return started
 
 
+def fake_starts(agent_root: str) -> int:
+    """Guest starts of every Agent's fake driver, as the driver itself
+    counts them on disk (soda.hypervisors.fake, `_starts.json`)."""
+    total = 0
+    for top, _, files in os.walk(agent_root):
+        if "_starts.json" in files:
+            with open(os.path.join(top, "_starts.json")) as f:
+                total += sum(json.load(f).get("starts", {}).values())
+    return total
+
+
+def fleet_restart(args, client: MasterClient, restart, agent_root: str, total: int) -> dict:
+    """Every Agent stopped and started again at once while its guests run:
+    the time until every node has been heard from again and every virtual
+    node is RUNNING, and how many guests were started meanwhile (0: all
+    adopted)."""
+    starts = fake_starts(agent_root)
+    markers = [os.path.join(agent_root, f"bench-{i}", HEARD) for i in range(args.agents)]
+    for marker in markers:
+        if os.path.exists(marker):
+            os.unlink(marker)
+    began = time.monotonic()
+    agent_procs = restart()
+    waiting = [args.agents, total]
+
+    def converged() -> bool:
+        # Every new Agent process has had a heartbeat (its whole inventory)
+        # taken by the Master, every node is READY, every virtual node RUNNING.
+        waiting[0] = sum(1 for m in markers if not os.path.exists(m))
+        if not waiting[0]:
+            waiting[0] = sum(1 for n in client.list_nodes() if n.state != "READY")
+        waiting[1] = total - count_phase(client, model.Phase.RUNNING)
+        return waiting == [0, 0]
+    wait_for(converged, args.timeout, lambda: f"the fleet to converge ({waiting[0]} nodes without a "
+                                              f"heartbeat taken or not READY, {waiting[1]} virtual nodes "
+                                              f"not RUNNING)")
+    return {"fleet_restart_s": round(time.monotonic() - began, 3),
+            "fleet_restart_guests_started": fake_starts(agent_root) - starts,
+            "agent_procs": agent_procs}
+
+
 def load(args, client: MasterClient, master: subprocess.Popen, agent_procs: list[subprocess.Popen],
-         root: str, t0: float) -> dict:
+         root: str, t0: float, restart=None, agent_root: str = "") -> dict:
     """With every Agent READY (`t0` when their processes were started):
     push the image, create the services, wait for every virtual node to
-    run, delete them all; the figures."""
+    run, (with `restart`, restart every Agent at once and wait until all
+    is RUNNING again,) delete them all; the figures."""
     register_s = time.monotonic() - t0
     client.push_image(make_ext4_image(os.path.join(root, "img"), size=args.image_kib << 10), name="bench")
     rss_idle = peak_rss_mib(master.pid)
@@ -403,6 +493,10 @@ def load(args, client: MasterClient, master: subprocess.Popen, agent_procs: list
             raise SystemExit(f"only {running}/{total} RUNNING after {args.timeout:.0f} s")
         time.sleep(max(0.1, 3 * (time.monotonic() - asked)))
     t_all = milestones[1.0]
+    fleet = {}
+    if restart is not None:
+        fleet = fleet_restart(args, client, restart, agent_root, total)
+        agent_procs = fleet.pop("agent_procs")
     t_del = time.monotonic()
     for s in range(args.services):
         client.delete_service(f"svc-{s}")
@@ -426,7 +520,7 @@ def load(args, client: MasterClient, master: subprocess.Popen, agent_procs: list
         "delete_per_s": round(total / delete_s, 1),
         "master_cpu_s": round(master_cpu, 2),
         "agents_cpu_s": round(agents_cpu, 2), "master_peak_rss_mib": round(rss_peak, 1),
-        "master_idle_rss_mib": round(rss_idle, 1), "per_service": per_service}
+        "master_idle_rss_mib": round(rss_idle, 1), "per_service": per_service, **fleet}
 
 
 def print_run(f: dict) -> None:
@@ -440,6 +534,9 @@ def print_run(f: dict) -> None:
     print(f"  90% RUNNING                 {f['running_90_s']:8.2f} s")
     print(f"  100% RUNNING                {f['running_100_s']:8.2f} s")
     print(f"  virtual nodes RUNNING / s   {f['vnodes_running_per_s']:8.1f}")
+    if "fleet_restart_s" in f:
+        print(f"  fleet restart to converged  {f['fleet_restart_s']:8.2f} s   ({f['fleet_restart_guests_started']} "
+              f"guests started meanwhile)")
     print(f"  delete all (to gone)        {f['delete_s']:8.2f} s   ({f['delete_per_s']:.1f} vnodes/s; the delete "
           f"calls {f['delete_calls_s']:.2f} s)")
     print(f"  CPU used over {f['wall_s']:.1f} s      Master {f['master_cpu_s']:.1f} s, all Agents "
@@ -500,8 +597,9 @@ def main() -> int:
         return agent_host(master, root, config_path, ca_dir, names)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="default",
-                   help="a documented run: default (50 Agents, 1,000 virtual nodes) or many-nodes "
-                        "(500 Agents, 5,000 virtual nodes); other flags override its figures")
+                   help="a documented run: default (50 Agents, 1,000 virtual nodes), many-nodes "
+                        "(500 Agents, 5,000 virtual nodes) or fleet (500 Agents, 10,000 virtual nodes); "
+                        "other flags override its figures")
     p.add_argument("--agents", type=int, help="physical nodes (Agents) to simulate")
     p.add_argument("--vnodes", type=int, help="virtual nodes in all")
     p.add_argument("--services", type=int, help="services they are split into (default: 50 virtual "
@@ -527,6 +625,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="measurements per transport (default 1); with both in insecure/tls pairs, "
                         "figures the medians")
+    p.add_argument("--fleet-restart", action="store_true",
+                   help="once all are RUNNING, stop every Agent and start them again at once: the time "
+                        "until every node is heard from again and all are RUNNING (fleet_restart_s), "
+                        "and the guests started meanwhile (fleet_restart_guests_started; 0 = all adopted)")
     p.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="TOP",
                    help="sample the Master with py-spy from the first create to the last deletion "
                         "and print its TOP functions (default 5) by own and by total time; in the JSON "
@@ -539,6 +641,9 @@ def main() -> int:
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.fleet_restart and args.agents_per_process == 1:
+        p.error("--fleet-restart needs Agents in the bench's own processes (--agents-per-process above 1): "
+                "it notes their heartbeats")
     shape = SHAPES[args.shape]
     args.agents = args.agents or shape["agents"]
     args.vnodes = args.vnodes or shape["vnodes"]

@@ -1150,8 +1150,8 @@ def _check_address_free(tx: StateReader, node: str, address: str) -> None:
     one host left at the same default) that would send one node's traffic
     to the other. A LOST node's address is free: its machine may come back
     under another name."""
-    holder = next((n.name for n in tx.list_nodes()
-                   if n.name != node and n.state == READY and n.address == address), None)
+    holder = next((name for name, state in sorted(tx.nodes_at(address).items())
+                   if name != node and state == READY), None)
     if holder is not None:
         raise AlreadyExists(f"node {node}: address {address} is already held by node {holder}, "
                             f"which is READY: give each node its own address (soda-agent --address) "

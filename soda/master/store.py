@@ -164,6 +164,11 @@ class StateReader(abc.ABC):
         """The virtual nodes on `node`, of `service` and among `names`, as
         far as each is given."""
     @abc.abstractmethod
+    def nodes_at(self, address: str) -> dict[str, str]:
+        """The nodes registered at `address`, name -> state, without reading
+        them: cheap, for the check at every registration that no two READY
+        nodes share an address."""
+    @abc.abstractmethod
     def vnode_addresses(self, node: str) -> set[str]:
         """The addresses of the virtual nodes on `node`, without reading
         them: cheap, for handing out the next one."""
@@ -617,6 +622,9 @@ class _SqliteReads(StateReader):
                 + (" WHERE " + " AND ".join(where) if where else ""), tuple(args) + tuple(chunk or ()))
             rows += json.loads(packed)
         return [_vnode_from_row(r) for r in sorted(rows, key=_vnode_order)]
+
+    def nodes_at(self, address: str) -> dict[str, str]:
+        return dict(self._query("SELECT name, state FROM nodes WHERE address = ?", (address,)))
 
     def vnode_addresses(self, node: str) -> set[str]:
         return {address for (address,) in self._query("SELECT address FROM vnodes WHERE node = ?", (node,))}

@@ -595,3 +595,13 @@ def test_a_virtual_node_read_back_is_what_its_constructor_makes_field_for_field(
     assert isinstance(read.phase, model.Phase) and isinstance(read.resources, model.Resources)
     with pytest.raises(dataclasses.FrozenInstanceError):
         read.reason = "changed"
+
+
+def test_nodes_at_an_address(store):
+    add_node(store, "a")
+    add_node(store, "b", state="LOST")
+    with store.transaction() as tx:
+        tx.put_node(dataclasses.replace(node("c"), address="10.1.1.1"))
+        assert tx.nodes_at("10.1.1.1") == {"c": "READY"}
+    assert store.nodes_at("127.0.0.1") == {"a": "READY", "b": "LOST"}
+    assert store.nodes_at("10.9.9.9") == {}

@@ -59,9 +59,10 @@ share one Python process (`--agents-per-process`, by default enough for at
 most 10 processes) so that hundreds of interpreters do not starve the Master
 of this machine's CPU. With 1 every Agent is its own process, as in
 production. The Agents' processes run at nice 10 (`--agent-nice`): they
-stand for other machines. Every Agent heartbeats every 2 s and holds one
-WatchAssignments stream, which takes one of the Master's gRPC worker
-threads: the Master gets one worker per Agent plus 256, and a cluster range
+stand for other machines. Every Agent heartbeats every 2 s and holds two
+streams (WatchAssignments, WatchLogOrders), each of which takes one of the
+Master's gRPC worker threads: the Master gets two workers per Agent plus
+256 (its own limit keeps an eighth for single calls), and a cluster range
 with a /24 for each Agent (see master_config_text). The image every Agent
 pulls once is 256 KiB (`--image-kib`): 500 pulls of a bigger one through the
 Master are data path, not what this bench measures. The Agents' state dirs
@@ -150,11 +151,12 @@ SHAPES = {
 
 
 def master_config_text(agents: int, workers: int) -> str:
-    """The Master's config for `agents` Agents. Each holds a WatchAssignments
-    stream, which takes one of the Master's gRPC worker threads for as long
-    as it is open: with fewer workers than Agents, the streams take them all
-    and no unary call (heartbeat, registration) is served again. Each node
-    also takes a /24 of the cluster range: the default /16 has 256."""
+    """The Master's config for `agents` Agents. Each holds two streams
+    (assignments, log orders), each of which takes one of the Master's gRPC
+    worker threads for as long as it is open; the Master admits streams only
+    up to seven eighths of its workers (soda.rpc.streams), and a refused
+    watch would stall its Agent. Each node also takes a /24 of the cluster
+    range: the default /16 has 256."""
     text = f"max_workers: {workers}\n"
     if agents > 256:
         prefix = 24 - max(agents - 1, 1).bit_length()
@@ -618,7 +620,7 @@ def main() -> int:
                    help="the Master's node_lost_seconds (default: its own, 10)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--master-workers", type=int, default=0,
-                   help="the Master's gRPC worker threads (default: one per Agent plus 256)")
+                   help="the Master's gRPC worker threads (default: two per Agent plus 256)")
     p.add_argument("--transport", choices=sorted(TRANSPORTS), default="both",
                    help="mutual TLS (as in production), plaintext (the Master with --insecure), "
                         "or both, one after the other, side by side (default)")
@@ -649,7 +651,7 @@ def main() -> int:
     args.vnodes = args.vnodes or shape["vnodes"]
     args.services = args.services or max(1, args.vnodes // 50)
     args.agents_per_process = max(1, args.agents_per_process or max(10, -(-args.agents // 10)))
-    args.master_workers = args.master_workers or max(256, args.agents + 256)
+    args.master_workers = args.master_workers or 2 * args.agents + 256
 
     transports = TRANSPORTS[args.transport]
     runs: dict[str, list[dict]] = {t: [] for t in transports}

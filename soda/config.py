@@ -60,7 +60,11 @@ class MasterConfig:
     heartbeat_seconds: int = 2
     # A node silent for this long is LOST and its virtual nodes placed again.
     node_lost_seconds: float = 10.0
-    max_workers: int = 256
+    # gRPC worker threads (made as needed): every Agent holds two streams
+    # (assignments, log orders) and every Switch a few watches, each a
+    # thread for as long as it is open; the last eighth are kept for single
+    # calls (soda.rpc.streams). 2048 serves ~900 nodes.
+    max_workers: int = 2048
     log_level: str = "INFO"
 
 

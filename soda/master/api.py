@@ -28,21 +28,12 @@ from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert
 from soda.rpc.errors import handle_errors, status_code
+from soda.rpc.streams import HANDLER_KINDS
 
 log = logging.getLogger(__name__)
 
 # How often an idle watch wakes to notice a client that went away.
 WATCH_POLL_SECONDS = 1.0
-
-
-# (request streaming, response streaming) -> the handler's behaviour
-# attribute, and how to make a handler of that kind.
-_HANDLER_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
 
 
 class AccessInterceptor(grpc.ServerInterceptor):
@@ -58,7 +49,7 @@ class AccessInterceptor(grpc.ServerInterceptor):
         method = details.method
         action = method.rsplit("/", 1)[-1]
         mutating = method.startswith(access.MASTER_SERVICE) and action in access.MUTATING
-        attribute, make = _HANDLER_KINDS[handler.request_streaming, handler.response_streaming]
+        attribute, make = HANDLER_KINDS[handler.request_streaming, handler.response_streaming]
         inner = getattr(handler, attribute)
         if handler.response_streaming:
             # Watches and pulls: admitted or not; none changes state.

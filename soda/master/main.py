@@ -29,6 +29,7 @@ from soda.master.notifier import Notifier
 from soda.master.store import open_store
 from soda.proto.v1 import master_pb2, master_pb2_grpc
 from soda.rpc import tls as soda_tls
+from soda.rpc.streams import StreamLimit
 from soda.service import EXIT_USAGE, configure, serve_grpc
 
 log = logging.getLogger("soda.master")
@@ -62,7 +63,9 @@ class MasterServer:
             raise
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                                              thread_name_prefix="master-rpc"),
-                                  interceptors=[AccessInterceptor(self.authenticator)],
+                                  # Access first: a caller refused there takes no stream slot.
+                                  interceptors=[AccessInterceptor(self.authenticator),
+                                                StreamLimit(cfg.max_workers)],
                                   options=SERVER_OPTIONS)
         master_pb2_grpc.add_MasterServicer_to_server(
             MasterServicer(self.controller, cfg.heartbeat_seconds), self.server)

@@ -282,9 +282,8 @@ class Controller:
             tx.put_service(replace(service, deleting=True))
             # Virtual nodes nobody runs (unplaced, or on a lost node) go at
             # once; the others stay, marked, until their Agent has stopped them.
-            nodes = {n.name: n for n in tx.list_nodes()}
-            orphans = [v for v in service.vnodes
-                       if not v.node or nodes.get(v.node) is None or nodes[v.node].state != READY]
+            states = tx.node_states()
+            orphans = [v for v in service.vnodes if not v.node or states.get(v.node) != READY]
             leaving = [v for v in service.vnodes if not v.deleting]
             gone = {v.name for v in orphans}
             tx.delete_vnodes(orphans)
@@ -1150,7 +1149,7 @@ def _check_address_free(tx: StateReader, node: str, address: str) -> None:
     one host left at the same default) that would send one node's traffic
     to the other. A LOST node's address is free: its machine may come back
     under another name."""
-    holder = next((name for name, state in sorted(tx.nodes_at(address).items())
+    holder = next((name for name, state in sorted(tx.node_states(address).items())
                    if name != node and state == READY), None)
     if holder is not None:
         raise AlreadyExists(f"node {node}: address {address} is already held by node {holder}, "

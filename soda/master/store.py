@@ -164,10 +164,11 @@ class StateReader(abc.ABC):
         """The virtual nodes on `node`, of `service` and among `names`, as
         far as each is given."""
     @abc.abstractmethod
-    def nodes_at(self, address: str) -> dict[str, str]:
-        """The nodes registered at `address`, name -> state, without reading
-        them: cheap, for the check at every registration that no two READY
-        nodes share an address."""
+    def node_states(self, address: str | None = None) -> dict[str, str]:
+        """Name -> state of every node (registered at `address`, if given),
+        without what they hold: cheap, for a deletion's check of which
+        nodes still run guests and a registration's that no two READY nodes
+        share an address."""
     @abc.abstractmethod
     def vnode_addresses(self, node: str) -> set[str]:
         """The addresses of the virtual nodes on `node`, without reading
@@ -623,7 +624,9 @@ class _SqliteReads(StateReader):
             rows += json.loads(packed)
         return [_vnode_from_row(r) for r in sorted(rows, key=_vnode_order)]
 
-    def nodes_at(self, address: str) -> dict[str, str]:
+    def node_states(self, address: str | None = None) -> dict[str, str]:
+        if address is None:
+            return dict(self._query("SELECT name, state FROM nodes"))
         return dict(self._query("SELECT name, state FROM nodes WHERE address = ?", (address,)))
 
     def vnode_addresses(self, node: str) -> set[str]:

@@ -597,11 +597,12 @@ def test_a_virtual_node_read_back_is_what_its_constructor_makes_field_for_field(
         read.reason = "changed"
 
 
-def test_nodes_at_an_address(store):
+def test_node_states_of_all_and_at_an_address(store):
     add_node(store, "a")
     add_node(store, "b", state="LOST")
     with store.transaction() as tx:
         tx.put_node(dataclasses.replace(node("c"), address="10.1.1.1"))
-        assert tx.nodes_at("10.1.1.1") == {"c": "READY"}
-    assert store.nodes_at("127.0.0.1") == {"a": "READY", "b": "LOST"}
-    assert store.nodes_at("10.9.9.9") == {}
+        assert tx.node_states("10.1.1.1") == {"c": "READY"}
+    assert store.node_states("127.0.0.1") == {"a": "READY", "b": "LOST"}
+    assert store.node_states("10.9.9.9") == {}
+    assert store.node_states() == {"a": "READY", "b": "LOST", "c": "READY"}

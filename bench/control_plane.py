@@ -40,8 +40,9 @@ A flag given with --shape overrides that figure of the shape. Services hold
 
 `--fleet-restart`: once all are RUNNING, every Agent process is stopped
 (SIGTERM: an Agent leaves its guests running) and started again at once;
-`fleet_restart_s` is the time until every node has been heard from again
-and every virtual node is RUNNING, `fleet_restart_guests_started` the
+`fleet_restart_s` is the time until the Master has taken a heartbeat (a
+whole inventory) from every new Agent process, every node is READY and
+every virtual node RUNNING, `fleet_restart_guests_started` the
 guests the fake driver started meanwhile (its own count on disk; 0 means
 every guest was adopted).
 
@@ -87,6 +88,7 @@ the runs' rates and `tls_vs_insecure_pairs` the pairs' ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -282,25 +284,22 @@ class Processes:
             if tail:
                 print(f"--- end of {os.path.basename(log.name)}:\n{tail}", file=sys.stderr)
 
-    def stop_one(self, proc: subprocess.Popen) -> None:
-        """SIGTERM one of them and wait for it (an Agent leaves its guests running)."""
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def stop(self) -> None:
-        for proc in self.procs:
+    @staticmethod
+    def end(procs: list[subprocess.Popen]) -> None:
+        """SIGTERM all of `procs` at once (an Agent leaves its guests
+        running), then wait for each; SIGKILL one that takes over 15 s."""
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def stop(self) -> None:
+        self.end(self.procs)
         for log in self.logs:
             log.close()
 
@@ -338,10 +337,9 @@ def measure(args, transport: str) -> dict:
                      lambda: f"the Agents to register ({ready[0]}/{args.agents} READY)")
             # From the first create to the last deletion: what the bench
             # measures, not the Agents' registration.
-            with Profile(master.pid, root) if args.profile else _NoProfile() as profile:
+            with Profile(master.pid, root) if args.profile else contextlib.nullcontext() as profile:
                 def restart_agents() -> list[subprocess.Popen]:
-                    for proc in agent_procs:
-                        procs.stop_one(proc)
+                    procs.end(agent_procs)
                     return start_agents(args, procs, agent_root, addr, certs, names)
                 figures = load(args, client, master, agent_procs, root, t0,
                                restart_agents if args.fleet_restart else None, agent_root)
@@ -360,14 +358,6 @@ def measure(args, transport: str) -> dict:
         procs.stop()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(agent_root, ignore_errors=True)
-
-
-class _NoProfile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def start_master(args, procs: Processes, addr: str, certs: Pki | None) -> subprocess.Popen:
@@ -432,8 +422,8 @@ def fake_starts(agent_root: str) -> int:
 
 def fleet_restart(args, client: MasterClient, restart, agent_root: str, total: int) -> dict:
     """Every Agent stopped and started again at once while its guests run:
-    the time until every node has been heard from again and every virtual
-    node is RUNNING, and how many guests were started meanwhile (0: all
+    the time until every new Agent process has had a heartbeat taken, every
+    node is READY and every virtual node RUNNING, and how many guests were started meanwhile (0: all
     adopted)."""
     starts = fake_starts(agent_root)
     markers = [os.path.join(agent_root, f"bench-{i}", HEARD) for i in range(args.agents)]
@@ -629,7 +619,8 @@ def main() -> int:
                         "figures the medians")
     p.add_argument("--fleet-restart", action="store_true",
                    help="once all are RUNNING, stop every Agent and start them again at once: the time "
-                        "until every node is heard from again and all are RUNNING (fleet_restart_s), "
+                        "until each new Agent has had a heartbeat taken and all are READY and RUNNING "
+                        "(fleet_restart_s), "
                         "and the guests started meanwhile (fleet_restart_guests_started; 0 = all adopted)")
     p.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="TOP",
                    help="sample the Master with py-spy from the first create to the last deletion "

@@ -48,12 +48,10 @@ def reserve_for(workers: int) -> int:
 
 
 class StreamLimit(grpc.ServerInterceptor):
-    def __init__(self, workers: int, setting: str = "max_workers"):
+    def __init__(self, workers: int):
         self.workers = workers
         self.reserve = reserve_for(workers)
         self.limit = max(1, workers - self.reserve)
-        self.setting = setting
-        self._slots = threading.BoundedSemaphore(self.limit)
         self._lock = threading.Lock()
         self._open = 0
         self._refused = 0
@@ -91,13 +89,13 @@ class StreamLimit(grpc.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
     def _take(self, context, method: str) -> None:
-        if self._slots.acquire(blocking=False):
-            with self._lock:
+        with self._lock:
+            if self._open < self.limit:
                 self._open += 1
-            return
+                return
         exc = NoCapacity(f"this server already serves {self.limit} streams, all its {self.workers} "
                          f"worker threads but the {self.reserve} kept for single calls: raise "
-                         f"{self.setting} in its config", resource="streams")
+                         f"max_workers in its config", resource="streams")
         with self._lock:
             self._refused += 1
             now = time.monotonic()
@@ -112,4 +110,3 @@ class StreamLimit(grpc.ServerInterceptor):
     def _give(self) -> None:
         with self._lock:
             self._open -= 1
-        self._slots.release()

@@ -5,6 +5,12 @@ by a rename after its content was verified, so a file that is there is a
 verified, complete image and is reused as is. Cached images are read-only:
 guests write to their own copy-on-write layer, never here.
 
+A layered image (soda.layers) arrives as its layer alone and is composed
+here once, into a copy of its parent (pulled first when missing; reflinked
+where the filesystem can), and checked against the image's sha256 before
+it takes its name: every guest of every service that boots it shares that
+one composed file, as it would a whole image.
+
 Also owns each virtual node's root disk base (`sha256-<hex>.disk-<N>M`):
 the image grown to the virtual node's disk size, shared read-only by every
 guest of that image and size, under which the hypervisor puts the guest's
@@ -35,6 +41,7 @@ given (anything with `pull_image(digest, fileobj) -> Image`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -42,7 +49,7 @@ import tempfile
 import threading
 from typing import Iterator
 
-from soda import command
+from soda import command, layers
 from soda.errors import DataLoss, InvalidSpec, SodaError
 from soda.model.names import DIGEST_RE
 from soda.model.state import Image, check_disk_holds_image
@@ -117,10 +124,12 @@ class ImageCache:
             return self._locks.setdefault(digest, threading.Lock())
 
     def _pull(self, digest: str, path: str) -> None:
+        """Pull the image: whole, or for a layered image its layer alone,
+        composed here with its parent (pulled first if need be)."""
         log.info("pulling image %s", digest)
-        with self._building(path, f"image {digest}") as (fd, _):
+        with self._temporary(f"image {digest}") as (fd, layer):
             with os.fdopen(fd, "wb") as out:
-                image = self._client.pull_image(digest, out)
+                image = self._client.pull_image(digest, out, layer=True)
                 out.flush()
                 size = os.fstat(out.fileno()).st_size
                 os.fsync(out.fileno())
@@ -128,35 +137,60 @@ class ImageCache:
             # the header is the image we asked for and that it all landed.
             if image.digest != digest:
                 raise DataLoss(f"asked the Master for image {digest}, got {image.digest}")
-            if size != image.size:
-                raise DataLoss(f"image {digest} arrived with {size} of {image.size} bytes")
-        log.info("image %s cached (%d bytes)", digest, image.size)
+            if size != (image.layer_size if image.layer else image.size):
+                raise DataLoss(f"image {digest} arrived with {size} bytes, not as many as announced")
+            if not image.layer:
+                _publish(layer, path)
+                log.info("image %s cached (%d bytes)", digest, image.size)
+                return
+            parent = self.ensure(image.parent)
+            with self._building(path, f"image {digest} (its layer over {image.parent})") as (fd, tmp):
+                os.close(fd)
+                _run(["cp", "--sparse=always", "--reflink=auto", parent, tmp])
+                header, reader = layers.open_layer(layers.file_chunks(layer), image.parent)
+                if (header.digest, header.size) != (image.digest, image.size):
+                    raise DataLoss(f"the layer of image {digest} names image {header.digest}")
+                layers.apply(tmp, header, reader)
+                layers.check_digest(sha256_of(tmp), header)
+        log.info("image %s cached: a layer of %d bytes over %s, composed", digest, image.layer_size,
+                 image.parent)
 
     @contextlib.contextmanager
-    def _building(self, path: str, what: str) -> Iterator[tuple[int, str]]:
-        """A temporary file in the cache (its fd and path) that becomes the
-        read-only `path` if the block succeeds, and is gone if it fails."""
+    def _temporary(self, what: str) -> Iterator[tuple[int, str]]:
+        """A temporary file in the cache (its fd and path), gone after the
+        block unless the block published it."""
         try:
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=TEMP_PREFIX)
         except OSError as exc:
             raise SodaError(f"cannot write to the image cache {self.dir}: {exc.strerror}") from None
         try:
             yield fd, tmp
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, path)
         except OSError as exc:
-            _discard(tmp)
             raise SodaError(f"cannot write {what} to the image cache {self.dir}: "
                             f"{exc.strerror or exc}") from None
-        except BaseException:
+        finally:
             _discard(tmp)
-            raise
+
+    @contextlib.contextmanager
+    def _building(self, path: str, what: str) -> Iterator[tuple[int, str]]:
+        """A temporary file in the cache (its fd and path) that becomes the
+        read-only `path` if the block succeeds, and is gone if it fails."""
+        with self._temporary(what) as (fd, tmp):
+            yield fd, tmp
+            _publish(tmp, path)
 
     def _sweep_temp_files(self) -> None:
         # Leftovers of pulls cut short by an Agent crash; nobody else writes here.
         for entry in os.listdir(self.dir):
             if entry.startswith(TEMP_PREFIX):
                 _discard(os.path.join(self.dir, entry))
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    for chunk in layers.file_chunks(path):
+        h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def _is_ext4(path: str) -> bool:
@@ -170,6 +204,11 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
     found = shutil.which(argv[0]) or shutil.which(argv[0], path="/usr/sbin:/sbin")
     argv = [found or argv[0]] + argv[1:]
     command.run(argv, timeout=GROW_TIMEOUT, ok=ok, hint="Debian packages coreutils, e2fsprogs")
+
+
+def _publish(tmp: str, path: str) -> None:
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, path)
 
 
 def _discard(path: str) -> None:

@@ -127,11 +127,50 @@ def image_to_dict(image: model.Image) -> dict:
         "digest": image.digest,
         "names": list(image.names),
         "size": image.size,
+        "stored_size": image.stored_size,
+        "parent": image.parent,
+        "layer": image.layer,
         "init": image.init,
         "owners": list(image.owners),
         "public": image.public,
         "created_at": timestamp(image.created_at),
     }
+
+
+def image_detail_to_dict(image: model.Image, chain: Sequence[model.Image], children: Sequence[str],
+                         services: Sequence[str]) -> dict:
+    return {**image_to_dict(image),
+            "layers": [{"digest": i.digest, "names": list(i.names), "size": i.size,
+                        "stored_size": i.stored_size, "layer": i.layer} for i in chain],
+            "images": list(children), "services": list(services)}
+
+
+def image_label(image: model.Image) -> str:
+    return ",".join(image.names) or short_digest(image.digest)
+
+
+def image_detail(image: model.Image, chain: Sequence[model.Image], children: Sequence[str],
+                 services: Sequence[str]) -> str:
+    """One image: what it is made of (top layer first), what uses it."""
+    stored = sum(i.stored_size for i in chain)
+    summary = format_fields([
+        ("Digest", image.digest),
+        ("Names", ",".join(image.names) or "-"),
+        ("Size", f"{format_bytes(image.size)} ({image.size} bytes)"),
+        ("Stored", f"{format_bytes(image.stored_size)}" + (
+            f" (a layer over {image_label(chain[1])}; with its parents {format_bytes(stored)})"
+            if image.layer and len(chain) > 1 else " (whole)")),
+        ("Init", image.init),
+        ("Owners", ",".join(image.owners) or "(operators)"),
+        ("Public", "yes" if image.public else "no"),
+        ("Created", timestamp(image.created_at)),
+        ("Images on it", ", ".join(short_digest(c) for c in children) or "none"),
+        ("Services", ", ".join(services) or "none"),
+    ])
+    layers = format_table(("LAYER", "IMAGE", "NAMES", "STORED", "SIZE"),
+                          [(n, short_digest(i.digest), ",".join(i.names), format_bytes(i.stored_size),
+                            format_bytes(i.size)) for n, i in enumerate(chain)])
+    return summary + "\n\n" + layers
 
 
 def owner_text(owner: str) -> str:
@@ -331,10 +370,11 @@ def nodes_table(nodes: Iterable[model.Node]) -> str:
 
 
 def images_table(images: Iterable[model.Image]) -> str:
-    rows = [(short_digest(i.digest), ",".join(i.names), format_bytes(i.size), timestamp(i.created_at),
+    rows = [(short_digest(i.digest), ",".join(i.names), format_bytes(i.size), format_bytes(i.stored_size),
+             short_digest(i.parent) if i.parent else "-", timestamp(i.created_at),
              ",".join(i.owners) or "(operators)", "yes" if i.public else "no")
             for i in images]
-    return format_table(("DIGEST", "NAMES", "SIZE", "CREATED", "OWNERS", "PUBLIC"), rows)
+    return format_table(("DIGEST", "NAMES", "SIZE", "STORED", "PARENT", "CREATED", "OWNERS", "PUBLIC"), rows)
 
 
 def listing_order(item: model.Service | model.Node | model.Image | model.Tenant) -> tuple:

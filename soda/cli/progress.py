@@ -72,19 +72,24 @@ class StatusLine:
 
 
 class ByteProgress:
-    """A `progress(done, total)` callback that draws a bar on a StatusLine."""
+    """A `progress(done, total[, wire])` callback that draws a bar on a
+    StatusLine; `wire` is what the bytes took on the wire (compressed),
+    kept in .wire."""
 
     def __init__(self, status: StatusLine, label: str):
         self._status = status
         self._label = label
         self._percent = -1
+        self.wire: int | None = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, wire: int | None = None) -> None:
+        self.wire = wire
         percent = min(100, done * 100 // total) if total else 100
         if percent == self._percent:        # redraw at most a hundred times
             return
         self._percent = percent
         filled = BAR_WIDTH * percent // 100
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        on_wire = f" ({format_bytes(wire)} on the wire)" if wire is not None else ""
         self._status.update(f"{self._label} [{bar}] {percent:3d}%  "
-                            f"{format_bytes(done)} / {format_bytes(total)}")
+                            f"{format_bytes(done)} / {format_bytes(total)}{on_wire}")

@@ -279,13 +279,20 @@ def image() -> None:
 @click.option("--init", metavar="PATH",
               help="Init the guest starts instead of /sbin/init (a path inside the image).")
 @click.option("--public", is_flag=True, help="Every tenant may use it (operators only).")
+@click.option("--base", metavar="IMAGE",
+              help="An image on the Master that FILE was made from: only the blocks that differ "
+                   "from it are sent and stored (a layer over it).")
+@click.option("--no-compress", "no_compress", is_flag=True,
+              help="Send raw bytes even when the Master takes zstd.")
 @output_option
 @click.pass_obj
-def image_push(session: Session, file: str, name: str | None, init: str | None, public: bool) -> None:
+def image_push(session: Session, file: str, name: str | None, init: str | None, public: bool,
+               base: str | None, no_compress: bool) -> None:
     """Upload the raw ext4 root filesystem FILE; prints its name and digest.
 
     A tenant's push is its own image (and counts against its image-bytes
-    quota); an operator's is the operators', seen by tenants with --public."""
+    quota: what is stored, a layer's size with --base); an operator's is the
+    operators', seen by tenants with --public."""
     if name is not None:
         model.check_image_name(name)
     size = specs.file_size(file)
@@ -295,11 +302,15 @@ def image_push(session: Session, file: str, name: str | None, init: str | None, 
         digest = sha256_file(file, progress=ByteProgress(status, "hashing  "))
         status.finish(f"hashed {file}: {output.format_bytes(size)} in {time.monotonic() - started:.1f}s")
         started = time.monotonic()
-        pushed = client.push_image(file, name=name or "", init=init or "",
-                                   progress=ByteProgress(status, "uploading"), digest=digest, public=public)
+        upload = ByteProgress(status, "uploading")
+        pushed = client.push_image(file, name=name or "", init=init or "", progress=upload, digest=digest,
+                                   public=public, base=base or "", compress=not no_compress)
         elapsed = time.monotonic() - started
-        rate = f", {output.format_bytes(int(size / elapsed))}/s" if elapsed > 0 else ""
-        status.finish(f"uploaded {output.format_bytes(size)} in {elapsed:.1f}s{rate}")
+        sent = upload.wire if upload.wire is not None else pushed.stored_size
+        what = (f"a layer of {output.format_bytes(pushed.layer_size)} over {base}" if pushed.layer
+                else output.format_bytes(size))
+        rate = f", {output.format_bytes(int(sent / elapsed))}/s on the wire" if elapsed > 0 else ""
+        status.finish(f"uploaded {what} as {output.format_bytes(sent)} in {elapsed:.1f}s{rate}")
     label = name or ",".join(pushed.names) or "-"
     session.emit(output.image_to_dict(pushed), lambda: f"{label} {pushed.digest}")
 
@@ -308,8 +319,23 @@ def image_push(session: Session, file: str, name: str | None, init: str | None, 
 @output_option
 @click.pass_obj
 def image_list(session: Session) -> None:
-    """List images with their names, size and digest."""
+    """List images: names, size, what is stored (a layer's size), parent."""
     session.emit_list(session.client.list_images(), output.image_to_dict, output.images_table)
+
+
+@image.command("inspect")
+@click.argument("ref", metavar="NAME|DIGEST")
+@output_option
+@click.pass_obj
+def image_inspect(session: Session, ref: str) -> None:
+    """One image: its layers down to a whole image, their sizes on the wire
+    and whole, and the images and services that use it."""
+    image, children, services = session.client.inspect_image(ref)
+    chain = [image]
+    while chain[-1].parent:
+        chain.append(session.client.get_image(chain[-1].parent))
+    session.emit(output.image_detail_to_dict(image, chain, children, services),
+                 lambda: output.image_detail(image, chain, children, services))
 
 
 @image.command("delete")
@@ -317,7 +343,7 @@ def image_list(session: Session) -> None:
 @output_option
 @click.pass_obj
 def image_delete(session: Session, ref: str) -> None:
-    """Delete an image no service uses."""
+    """Delete an image no service uses and no image is layered on."""
     deleted = session.client.delete_image(ref)
     session.emit(output.image_to_dict(deleted), lambda: f"image {deleted.digest} deleted")
 

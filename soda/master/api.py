@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from soda import model
+from soda import layers, model
 from soda.errors import InvalidSpec, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from soda.pki import Identity
 from soda.master import access
@@ -26,7 +26,7 @@ from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICES_TOPIC
                                     node_topic, service_topic)
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
-from soda.rpc import convert
+from soda.rpc import convert, encoding
 from soda.rpc.errors import handle_errors, status_code
 from soda.rpc.streams import HANDLER_KINDS
 
@@ -326,14 +326,16 @@ class MasterServicer(pb_grpc.MasterServicer):
         if first is None or not first.HasField("header"):
             raise InvalidSpec("an image push must start with a header (name, size, digest)")
         header = first.header
+        encoding.check(header.encoding)
 
         def chunks():
             for part in request_iterator:
                 if part.HasField("header"):
                     raise InvalidSpec("an image push carries one header, first")
                 yield part.chunk
-        image = self.controller.push_image(header.name, header.size, header.digest, header.init, chunks(),
-                                           self._tenant(context), public=header.public)
+        image = self.controller.push_image(header.name, header.size, header.digest, header.init,
+                                           encoding.decode(chunks(), header.encoding),
+                                           self._tenant(context), public=header.public, base=header.base)
         return convert.image_to_pb(image)
 
     @handle_errors
@@ -342,19 +344,41 @@ class MasterServicer(pb_grpc.MasterServicer):
                                              self.controller.list_images(self._tenant(context))])
 
     @handle_errors
+    def GetImage(self, request, context):
+        image, children, services = self.controller.get_image(request.image, self._tenant(context))
+        reply = convert.image_to_pb(image)
+        reply.images.extend(children)
+        reply.services.extend(services)
+        return reply
+
+    @handle_errors
     def DeleteImage(self, request, context):
         return convert.image_to_pb(self.controller.delete_image(request.image, self._tenant(context)))
+
+    @handle_errors
+    def GetImageTransfer(self, request, context):
+        return pb.ImageTransfer(encodings=list(encoding.ENCODINGS), block_size=layers.BLOCK_SIZE)
+
+    @handle_errors
+    def ImageBlockHashes(self, request, context):
+        image = self.controller.image_for(request.image, self._tenant(context))
+        hashes = self.controller.images.block_hashes(image)
+        yield pb.ImageBlocks(size=image.size, block_size=layers.BLOCK_SIZE)
+        step = (1 << 20) // layers.HASH_BYTES * layers.HASH_BYTES
+        for start in range(0, len(hashes), step):
+            yield pb.ImageBlocks(hashes=hashes[start:start + step])
 
     @handle_errors
     def PullImage(self, request, context):
         who = access.caller(context)
         image = self.controller.image_for(request.image, access.tenant_of(who),
                                           node=who.name if who.role == access.AGENT else None)
-        for part in self.controller.images.read(image.digest):
-            if isinstance(part, model.Image):
-                yield pb.PullImageResponse(image=convert.image_to_pb(image))
-            else:
-                yield pb.PullImageResponse(chunk=part)
+        chosen = encoding.choose(request.encodings)
+        parts = self.controller.images.read(image.digest, layer=request.layer)
+        next(parts)                                 # the record, as read with the content
+        yield pb.PullImageResponse(image=convert.image_to_pb(image), encoding=chosen)
+        for chunk in encoding.encode(parts, chosen):
+            yield pb.PullImageResponse(chunk=chunk)
 
     # ---- tenants ------------------------------------------------------
     @handle_errors

@@ -1031,21 +1031,30 @@ class Controller:
 
     # ---- images -------------------------------------------------------
     def push_image(self, name: str, size: int, digest: str, init: str,
-                   chunks: Iterable[bytes], tenant: str | None = None, public: bool = False) -> model.Image:
-        """Receive an image; a tenant's becomes its own (it sent the whole
-        content), within its image_bytes quota, under a name no other
-        tenant holds. Checked before the content arrives, and again as it
-        is recorded."""
+                   chunks: Iterable[bytes], tenant: str | None = None, public: bool = False,
+                   base: str = "") -> model.Image:
+        """Receive an image (with `base`, a layer over that image, one the
+        caller may use); a tenant's becomes its own, within its image_bytes
+        quota (what is stored: a layered image's layer), under a name no
+        other tenant holds. Checked before the content arrives, and again as
+        it is recorded."""
         if public and tenant is not None:
             raise PermissionDenied(f"tenant {tenant} may not make an image public (an operator does)")
-        self._check_image_push(self.store, name, size, digest, tenant)
+        parent = None
+        if base:
+            parent = self.store.resolve_image(base)
+            model.check_image_use(parent, tenant, f"layer an image on image {base!r}")
+        announced = model.Image(digest=digest, size=size)
+        self._check_image_push(self.store, name, announced, tenant)
         image = self.images.receive(name, size, digest, init, chunks, owner=tenant or model.OPERATORS,
-                                    public=public,
-                                    check=lambda tx: self._check_image_push(tx, name, size, digest, tenant))
-        log.info("image %s stored (%d bytes%s)", image.digest, image.size, f", name {name}" if name else "")
+                                    public=public, base=parent,
+                                    check=lambda tx, image: self._check_image_push(tx, name, image, tenant))
+        log.info("image %s stored (%d bytes%s%s)", image.digest, image.size,
+                 f", a layer of {image.layer_size} bytes over {image.parent}" if image.layer else "",
+                 f", name {name}" if name else "")
         return model.as_seen_by(image, tenant)
 
-    def _check_image_push(self, state: StateReader, name: str, size: int, digest: str,
+    def _check_image_push(self, state: StateReader, name: str, new: model.Image,
                           tenant: str | None) -> None:
         if tenant is None:
             return
@@ -1058,24 +1067,44 @@ class Controller:
         if quota is None or quota.image_bytes is None:
             return
         images = state.list_images()
-        if any(i.digest == digest and tenant in i.owners for i in images):
+        if any(i.digest == new.digest and tenant in i.owners for i in images):
             return                                  # already counted
-        new = model.Image(digest=digest, size=size, owners=(tenant,))
+        new = replace(new, owners=(tenant,))
         model.check_quota(tenant, quota, model.usage_of(tenant, (), [*images, new]))
 
     def list_images(self, tenant: str | None = None) -> list[model.Image]:
         return [model.as_seen_by(i, tenant) for i in self.store.list_images() if model.may_use(i, tenant)]
 
+    def get_image(self, ref: str, tenant: str | None = None) -> tuple[model.Image, list[str], list[str]]:
+        """An image the caller may use, the images layered directly on it
+        and the services that boot it (a tenant sees its own services)."""
+        image = self.store.resolve_image(ref)
+        model.check_image_use(image, tenant, f"inspect image {ref!r}")
+        children = [i.digest for i in self.store.list_images()
+                    if i.parent == image.digest and model.may_use(i, tenant)]
+        services = [s.name for s in self.store.list_services()
+                    if s.image_digest == image.digest and (tenant is None or s.owner == tenant)]
+        return model.as_seen_by(image, tenant), children, services
+
     def image_for(self, ref: str, tenant: str | None = None, node: str | None = None) -> model.Image:
         """The image `ref` if the caller may read it: a tenant one it may
-        use, an Agent (`node`) one that a virtual node placed on it boots."""
+        use, an Agent (`node`) one that a virtual node placed on it boots,
+        or that such an image is layered on."""
         image = self.store.resolve_image(ref)
         model.check_image_use(image, tenant, f"pull image {ref!r}")
-        if node is not None and not any(v.image_digest == image.digest
-                                        for v in self.store.list_vnodes(node=node)):
-            raise PermissionDenied(f"agent {node} may not pull image {ref!r}: no virtual node on "
-                                   f"node {node} uses it")
+        if node is not None:
+            booted = {v.image_digest for v in self.store.list_vnodes(node=node)}
+            needed = {i.digest for d in booted for i in self._chain_of(d)}
+            if image.digest not in needed:
+                raise PermissionDenied(f"agent {node} may not pull image {ref!r}: no virtual node on "
+                                       f"node {node} uses it")
         return model.as_seen_by(image, tenant)
+
+    def _chain_of(self, digest: str) -> list[model.Image]:
+        try:
+            return self.images.chain(self.store.resolve_image(digest))
+        except NotFound:
+            return []
 
     def delete_image(self, ref: str, tenant: str | None = None) -> model.Image:
         """An operator deletes the image; a tenant gives up its ownership,

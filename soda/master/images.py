@@ -14,6 +14,12 @@ image directory's filesystem (less a reserve the Master keeps, less what
 pushes in flight were promised), is refused before any content is read;
 the free space is measured again as the content arrives, because other
 writers share that filesystem.
+
+A layered image (soda.layers) is stored as its layer alone: a pushed layer
+is composed with its parent as a stream, without writing the whole image,
+to check the image's sha256 and filesystem before anything is recorded,
+and composed the same way again for a caller that asks for the whole
+image. An image another image is layered on cannot be deleted.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from soda import model
+from soda import layers, model
 from soda.errors import DataLoss, InvalidSpec, NoCapacity, NotFound, WrongState
 from soda.master.store import StateReader, StateStore, Transaction
 
@@ -39,6 +45,9 @@ RESERVE_BYTES = 1 << 30             # .image_reserve_bytes
 # How often (in bytes written) an upload measures the free space again: a
 # disk filled by someone else is noticed within this much.
 RECHECK_BYTES = 64 << 20
+# Layers over layers over ...: composing walks the chain, so it is bounded.
+MAX_LAYER_DEPTH = 8
+BLOCKS_SUFFIX = ".blocks"           # an image's cached block hashes, beside its file
 
 _SUPERBLOCK = 1024
 _EXT_MAGIC = 0xEF53
@@ -49,8 +58,12 @@ def check_ext4(path: str, size: int) -> None:
     """Raise InvalidSpec unless `path` holds an ext2/3/4 filesystem whose
     superblock says it fits in `size` bytes (catches truncated images)."""
     with open(path, "rb") as f:
-        f.seek(_SUPERBLOCK)
-        sb = f.read(1024)
+        check_ext4_start(f.read(_SUPERBLOCK + 1024), size)
+
+
+def check_ext4_start(start: bytes, size: int) -> None:
+    """check_ext4 of an image whose first 2 KiB are `start`."""
+    sb = start[_SUPERBLOCK:_SUPERBLOCK + 1024]
     if len(sb) < 1024 or struct.unpack_from("<H", sb, 56)[0] != _EXT_MAGIC:
         raise InvalidSpec("not an ext4 filesystem image (no ext2/3/4 superblock); "
                           "an image is a raw ext4 root filesystem, e.g. built with mkfs.ext4 -d")
@@ -103,12 +116,17 @@ class ImageStore:
     def path(self, digest: str) -> str:
         return os.path.join(self.directory, digest.replace(":", "-"))
 
+    def file_of(self, image: model.Image) -> str:
+        """The file that holds what is stored of `image`: its layer, or it whole."""
+        return self.path(image.layer or image.digest)
+
     def sweep(self) -> None:
         """Remove half-received uploads and files the store does not know
         (a crash between rename and record)."""
         for name in os.listdir(self._tmp):
             os.unlink(os.path.join(self._tmp, name))
-        known = {self.path(i.digest) for i in self.store.list_images()}
+        images = self.store.list_images()
+        known = {self.file_of(i) for i in images} | {self.path(i.digest) + BLOCKS_SUFFIX for i in images}
         for name in os.listdir(self.directory):
             full = os.path.join(self.directory, name)
             if name.startswith("sha256-") and full not in known:
@@ -158,11 +176,14 @@ class ImageStore:
 
     def receive(self, name: str, size: int, digest: str, init: str, chunks: Iterable[bytes],
                 owner: str = model.OPERATORS, public: bool = False,
-                check: Callable[[StateReader], None] | None = None) -> model.Image:
-        """Receive one upload. The image, once whole, is recorded as
-        `owner`'s too (a tenant's name, or the operators'), public if asked,
-        with `name` as `owner`'s; `check(tx)` runs first in that transaction
-        (the caller's rules, read again against the state it commits on)."""
+                check: Callable[[StateReader, model.Image], None] | None = None,
+                base: model.Image | None = None) -> model.Image:
+        """Receive one upload of `size` bytes with sha256 `digest`: an image
+        whole, or with `base` a layer over that image. The image, once
+        whole and checked, is recorded as `owner`'s too (a tenant's name, or
+        the operators'), public if asked, with `name` as `owner`'s;
+        `check(tx, image)` runs first in that transaction (the caller's
+        rules, read again against the state it commits on)."""
         if name:
             model.check_image_name(name)
         if not model.DIGEST_RE.match(digest or ""):
@@ -175,27 +196,62 @@ class ImageStore:
         init = init or "/sbin/init"
         if not init.startswith("/") or any(c.isspace() for c in init):
             raise InvalidSpec(f"init {init!r} must be an absolute path without spaces")
-        fresh = self._receive_file(size, digest, chunks)
+        if base is not None and len(self.chain(base)) >= MAX_LAYER_DEPTH:
+            raise InvalidSpec(f"image {base.digest[:19]} is already {MAX_LAYER_DEPTH} layers deep: push "
+                              f"the new image whole, or over an image nearer the bottom")
+        if base is None:
+            verify = self._verify_whole
+        else:
+            def verify(path: str, size: int, digest: str) -> model.Image:
+                return self._verify_layer(path, size, digest, base)
+        fresh, arrived = self._receive_file(size, digest, chunks, verify)
+        stored = self.path(digest)
         try:
             with self.store.transaction() as tx:
-                if check is not None:
-                    check(tx)
                 try:
-                    known = tx.resolve_image(digest)
+                    known = tx.resolve_image(arrived.digest)
                 except NotFound:
-                    known = model.Image(digest=digest, size=size, created_at=self.clock(), init=init)
+                    known = replace(arrived, created_at=self.clock(), init=init)
+                if check is not None:
+                    check(tx, known)
                 owners = set(known.owners) | ({owner} if owner != model.OPERATORS else set())
                 tx.put_image(replace(known, owners=tuple(sorted(owners)), public=known.public or public),
                              name=name, name_owner=owner)
+                recorded = known
         except BaseException:
             if fresh:
-                self._unlink_unrecorded(digest)
+                self._unlink_unrecorded(stored)
             raise
-        return self.store.resolve_image(digest)
+        if fresh and self.file_of(recorded) != stored:
+            # The image was already held (whole, or as another layer): this
+            # layer is not needed.
+            self._unlink_unrecorded(stored)
+        return self.store.resolve_image(arrived.digest)
 
-    def _receive_file(self, size: int, digest: str, chunks: Iterable[bytes]) -> bool:
+    def _verify_whole(self, path: str, size: int, digest: str) -> model.Image:
+        check_ext4(path, size)
+        return model.Image(digest=digest, size=size)
+
+    def _verify_layer(self, path: str, size: int, digest: str, base: model.Image) -> model.Image:
+        """Compose the layer at `path` with `base` as a stream: the image it
+        names must come out, whole, with an ext4 filesystem."""
+        header, reader = layers.open_layer(layers.file_chunks(path), base.digest)
+        if header.size > self.max_bytes:
+            raise NoCapacity(f"the layer makes an image of {header.size} bytes, larger than the Master "
+                             f"accepts ({self.max_bytes} bytes, its image_max_bytes)", resource="image size")
+        start = b""
+        for piece in layers.compose(self.content(base), header, reader):
+            if len(start) < 2048:
+                start += piece[:2048]
+        check_ext4_start(start, header.size)
+        return model.Image(digest=header.digest, size=header.size, parent=base.digest, layer=digest,
+                           layer_size=size)
+
+    def _receive_file(self, size: int, digest: str, chunks: Iterable[bytes],
+                      verify: Callable[[str, int, str], model.Image]) -> tuple[bool, model.Image]:
         """Write the upload to a temporary file within a reservation of its
-        room, check it whole, and rename it into place; True if this upload
+        room, check it whole (`verify(path, size, digest)` says what image
+        it is), and rename it into place. Also returns whether this upload
         put the file there (False: the same content was already stored)."""
         # Refused here, before the first chunk is read, the client stops
         # sending: it learns of a full disk without uploading the image.
@@ -222,13 +278,13 @@ class ImageStore:
                 if got != digest:
                     raise DataLoss(f"upload is corrupt: content has digest {got}, the client announced "
                                    f"{digest}; nothing was stored")
-                check_ext4(tmp, size)
+                arrived = verify(tmp, size, digest)
                 final = self.path(digest)
                 if os.path.exists(final):
                     os.unlink(tmp)
-                    return False
+                    return False, arrived
                 os.rename(tmp, final)
-                return True
+                return True, arrived
             except BaseException as exc:
                 if tmp and os.path.exists(tmp):
                     os.unlink(tmp)
@@ -240,39 +296,81 @@ class ImageStore:
                                      f"push again", resource="disk") from exc
                 raise
 
-    def _unlink_unrecorded(self, digest: str) -> None:
-        """A file this push put in place whose record was refused: it goes,
+    def _unlink_unrecorded(self, path: str) -> None:
+        """A file this push put in place that no record holds: it goes,
         unless another push of the same content recorded it meanwhile."""
-        try:
-            self.store.resolve_image(digest)
-        except NotFound:
-            self._unlink(digest)
+        if all(self.file_of(i) != path for i in self.store.list_images()):
+            _unlink(path)
 
-    def open(self, ref: str) -> tuple[model.Image, BinaryIO]:
+    def chain(self, image: model.Image) -> list[model.Image]:
+        """`image`, its parent, its parent's parent, ... down to a whole image."""
+        out = [image]
+        while out[-1].parent:
+            if len(out) > MAX_LAYER_DEPTH:
+                raise DataLoss(f"image {image.digest[:19]} is layered more than {MAX_LAYER_DEPTH} deep")
+            out.append(self.store.resolve_image(out[-1].parent))
+        return out
+
+    def content(self, image: model.Image, layer: bool = False) -> Iterator[bytes]:
+        """The bytes of `image` (composed, for a layered one), or with
+        `layer` what is stored of it (a layered image's layer)."""
+        if layer or not image.layer:
+            return layers.file_chunks(self.file_of(image))
+        parent = self.store.resolve_image(image.parent)
+        header, reader = layers.open_layer(layers.file_chunks(self.file_of(image)), parent.digest)
+        return layers.compose(self.content(parent), header, reader)
+
+    def read(self, ref: str, layer: bool = False) -> Iterator[model.Image | bytes]:
+        """The image record, then its content (as content() says) in chunks."""
         image = self.store.resolve_image(ref)
-        return image, open(self.path(image.digest), "rb")
+        chunks = self.content(image, layer)
+        # Opened before the record goes out: a missing file is an error
+        # before the caller has begun.
+        first = next(chunks, b"")
+        yield image
+        if first:
+            yield first
+        yield from chunks
 
-    def read(self, ref: str) -> Iterator[model.Image | bytes]:
-        """The image record, then its content in chunks."""
-        image, f = self.open(ref)
-        with f:
-            yield image
-            while chunk := f.read(READ_CHUNK):
-                yield chunk
-
-    def delete(self, tx: Transaction, image: model.Image, in_use_by: Iterable[str]) -> model.Image:
-        """Delete `image` (as read in `tx`) unless services use it; its file
-        goes once `tx` has committed."""
-        users = sorted(in_use_by)
-        if users:
-            raise WrongState(f"image {image.digest[:19]} is used by service(s) {', '.join(users)}; "
-                             "delete them first")
-        tx.delete_image(image)
-        tx.after_commit(lambda: self._unlink(image.digest))
-        return image
-
-    def _unlink(self, digest: str) -> None:
+    def block_hashes(self, image: model.Image) -> bytes:
+        """soda.layers block hashes of the whole image, kept beside its file
+        after the first time (an image never changes)."""
+        path = self.path(image.digest) + BLOCKS_SUFFIX
         try:
-            os.unlink(self.path(digest))
+            with open(path, "rb") as f:
+                return f.read()
         except FileNotFoundError:
             pass
+        hashes = b"".join(layers.block_hashes(self.content(image)))
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="blocks-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(hashes)
+            os.rename(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return hashes
+
+    def delete(self, tx: Transaction, image: model.Image, in_use_by: Iterable[str]) -> model.Image:
+        """Delete `image` (as read in `tx`) unless services use it or other
+        images are layered on it; its files go once `tx` has committed."""
+        users = [f"service(s) {', '.join(sorted(in_use_by))}"] if in_use_by else []
+        children = sorted(",".join(i.names) or i.digest[:19] for i in tx.list_images()
+                          if i.parent == image.digest)
+        if children:
+            users.append(f"image(s) {', '.join(children)} layered on it")
+        if users:
+            raise WrongState(f"image {image.digest[:19]} is used by {' and '.join(users)}; "
+                             "delete them first")
+        tx.delete_image(image)
+        files = (self.file_of(image), self.path(image.digest) + BLOCKS_SUFFIX)
+        tx.after_commit(lambda: [_unlink(f) for f in files])
+        return image
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -55,7 +55,9 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 # Version 7: vnodes.moved_from/at/why, the last move of a virtual node.
 # Version 8: tenants (services.owner, images.owners/public, image_names.owner)
 #            and their quotas (table quotas).
-SCHEMA_VERSION = 9
+# Version 9: vnodes.boot_timeout, a service's own boot timeout.
+# Version 10: images.parent/layer/layer_size, layered images (soda.layers).
+SCHEMA_VERSION = 10
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,7 +71,8 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE TABLE IF NOT EXISTS images (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, init TEXT NOT NULL, created_at REAL NOT NULL,
     revision INTEGER NOT NULL DEFAULT 1, owners TEXT NOT NULL DEFAULT '[]',
-    public INTEGER NOT NULL DEFAULT 0);
+    public INTEGER NOT NULL DEFAULT 0, parent TEXT NOT NULL DEFAULT '', layer TEXT NOT NULL DEFAULT '',
+    layer_size INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS image_names (
     name TEXT PRIMARY KEY, digest TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE,
     owner TEXT NOT NULL DEFAULT '');
@@ -207,7 +210,7 @@ class Transaction(StateReader):
     @abc.abstractmethod
     def put_image(self, image: model.Image, name: str = "", name_owner: str = "") -> None:
         """Record an image (by content: a digest already held keeps its
-        size, init and creation time, and takes `image`'s owners and
+        size, init, creation time and layering, and takes `image`'s owners and
         public flag) and point `name`, if given, at it, as `name_owner`'s."""
     @abc.abstractmethod
     def delete_image(self, image: model.Image) -> None:
@@ -404,6 +407,10 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
         "ALTER TABLE images ADD COLUMN public INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE image_names ADD COLUMN owner TEXT NOT NULL DEFAULT ''"),
     8: ("ALTER TABLE vnodes ADD COLUMN boot_timeout REAL NOT NULL DEFAULT 0",),
+    # Every image stored before layers existed is whole.
+    9: ("ALTER TABLE images ADD COLUMN parent TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE images ADD COLUMN layer TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE images ADD COLUMN layer_size INTEGER NOT NULL DEFAULT 0"),
 }
 
 
@@ -542,11 +549,13 @@ class _SqliteReads(StateReader):
     def _images(self, where: str = "", args: tuple = ()) -> list[StoredImage]:
         rows = self._query(
             "SELECT i.digest, i.size, i.init, i.created_at, GROUP_CONCAT(n.name), i.revision, i.owners, "
-            "i.public FROM images i LEFT JOIN image_names n ON n.digest = i.digest " + where +
+            "i.public, i.parent, i.layer, i.layer_size FROM images i "
+            "LEFT JOIN image_names n ON n.digest = i.digest " + where +
             " GROUP BY i.digest ORDER BY i.created_at, i.digest", args)
         return [StoredImage(digest=r[0], size=r[1], init=r[2], created_at=r[3],
                             names=tuple(sorted(r[4].split(","))) if r[4] else (), revision=r[5],
-                            owners=_strings_from_json(r[6]), public=bool(r[7]))
+                            owners=_strings_from_json(r[6]), public=bool(r[7]), parent=r[8], layer=r[9],
+                            layer_size=r[10])
                 for r in rows]
 
     def resolve_image(self, ref: str) -> StoredImage:
@@ -753,9 +762,9 @@ class _SqliteTransaction(_SqliteReads, Transaction):
         touched = [image.digest]
         owners = json.dumps(sorted(set(image.owners)))
         if self._db.execute("INSERT OR IGNORE INTO images (digest, size, init, created_at, revision, owners, "
-                            "public) VALUES (?,?,?,?,?,?,?)",
+                            "public, parent, layer, layer_size) VALUES (?,?,?,?,?,?,?,?,?,?)",
                             (image.digest, image.size, image.init, image.created_at, revision, owners,
-                             int(image.public))).rowcount:
+                             int(image.public), image.parent, image.layer, image.layer_size)).rowcount:
             self._before.setdefault(("image", image.digest), None)
         else:
             current = self._revisions("images", "digest", [image.digest]).get(image.digest)

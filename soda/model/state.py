@@ -143,6 +143,15 @@ class Image:
     init: str = "/sbin/init"
     owners: tuple[str, ...] = ()    # tenants that pushed it (soda.model.tenancy)
     public: bool = False            # an operator made every tenant see it
+    # A layered image (soda.layers) is kept as its layer over its parent.
+    parent: str = ""                # digest of the image it is layered on
+    layer: str = ""                 # digest of its layer
+    layer_size: int = 0             # bytes of its layer
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes it takes in the Master's store (and on the wire, raw)."""
+        return self.layer_size if self.layer else self.size
 
 
 def check_disk_holds_image(disk_mib: int, image: Image) -> None:

@@ -127,7 +127,7 @@ def usage_of(tenant: str, specs: Iterable, images: Iterable) -> TenantUsage:
             bandwidth += res.bandwidth
             disk += res.disk
         vnodes += len(spec.resources)
-    image_bytes = sum(i.size for i in images if tenant in i.owners)
+    image_bytes = sum(i.stored_size for i in images if tenant in i.owners)
     return TenantUsage(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk, vnodes=vnodes,
                        image_bytes=image_bytes)
 

@@ -7,16 +7,17 @@ not grpc.RpcError, so code above it never imports grpc.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import grpc
 
-from soda import errors, model
+from soda import errors, layers, model
 from soda.config import TlsConfig
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
-from soda.rpc import convert
+from soda.rpc import convert, encoding
 from soda.rpc import tls as soda_tls
 from soda.rpc.errors import from_rpc_error
 
@@ -35,7 +36,28 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 16 << 20),
 ]
 
-ProgressFn = Callable[[int, int], None]      # (bytes done, bytes total)
+ProgressFn = Callable[..., None]      # (bytes done, bytes total[, bytes on the wire])
+
+
+class LayerOrImage:
+    """What a push sends: `size` bytes with sha256 `digest`, made by
+    `chunks()` (each call anew), a layer when `base` names its parent."""
+
+    def __init__(self, size: int, digest: str, base: str, chunks: Callable[[], Iterable[bytes]]):
+        self.size, self.digest, self.base, self.chunks = size, digest, base, chunks
+
+
+class _Counted:
+    """Chunks passed through, counting their bytes."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = chunks
+        self.done = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.done += len(chunk)
+            yield chunk
 
 
 def sha256_file(path: str, progress: ProgressFn | None = None) -> str:
@@ -195,26 +217,65 @@ class MasterClient(StubClient):
                 yield kind, [convert.vnode_from_pb(v) for v in ev.vnodes]
 
     # ---- images -------------------------------------------------------
+    def image_transfer(self) -> pb.ImageTransfer:
+        """What the Master's image transfers support; an older Master that
+        cannot say supports raw whole images only."""
+        try:
+            return self._stub.GetImageTransfer(pb.Empty(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return pb.ImageTransfer()
+            raise self._error(exc) from None
+
     def push_image(self, path: str, name: str = "", init: str = "",
                    progress: ProgressFn | None = None, digest: str | None = None,
-                   public: bool = False) -> model.Image:
+                   public: bool = False, base: str = "", compress: bool = True) -> model.Image:
         """Stream a file to the Master in chunks; the Master checks `digest`
         (computed here first unless given) before it keeps anything.
-        `public` (operators only): every tenant may use it."""
+        `public` (operators only): every tenant may use it. With `base` (an
+        image's name or digest) only the layer of what differs from it is
+        sent (soda.layers). Compressed when the Master decodes it and
+        `compress`; `progress(raw done, raw total, bytes sent)`."""
         size = os.path.getsize(path)
         digest = digest or sha256_file(path)
+        transfer = self.image_transfer()
+        chosen = encoding.choose(transfer.encodings) if compress else encoding.RAW
+        if base:
+            content = self.layer_of(path, digest, base, transfer)
+        else:
+            content = LayerOrImage(size, digest, "", lambda: layers.file_chunks(path))
 
         def requests():
-            yield pb.PushImageRequest(header=pb.ImageHeader(name=name, size=size, digest=digest, init=init,
-                                                            public=public))
-            done = 0
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK_SIZE):
-                    done += len(chunk)
-                    yield pb.PushImageRequest(chunk=chunk)
-                    if progress:
-                        progress(done, size)
+            yield pb.PushImageRequest(header=pb.ImageHeader(name=name, size=content.size, digest=content.digest,
+                                                            init=init, public=public, base=content.base,
+                                                            encoding=chosen))
+            counted = _Counted(content.chunks())
+            sent = 0
+            for chunk in encoding.encode(counted, chosen):
+                sent += len(chunk)
+                yield pb.PushImageRequest(chunk=chunk)
+                if progress:
+                    progress(counted.done, content.size, sent)
         return self.push_image_stream(requests())
+
+    def layer_of(self, path: str, digest: str, base: str, transfer: pb.ImageTransfer) -> "LayerOrImage":
+        """The layer of the image file at `path` (sha256 `digest`) over the
+        Master's image `base`: the Master's block hashes of the base tell
+        which blocks differ, so the base's bytes are never fetched."""
+        if transfer.block_size != layers.BLOCK_SIZE:
+            raise errors.WrongState(f"the Master at {self.where} does not take layered images (it is older "
+                                    f"than this sodactl): push {path} without --base")
+        parent = self.get_image(base)
+        hashes = self.image_block_hashes(parent.digest)
+        runs = list(layers.differing_runs(path, hashes))
+        header = layers.Header(layers.BLOCK_SIZE, os.path.getsize(path), parent.digest, digest)
+        h = hashlib.sha256()
+        size = 0
+        for piece in layers.build(path, header, runs):
+            h.update(piece)
+            size += len(piece)
+        return LayerOrImage(size, "sha256:" + h.hexdigest(), parent.digest,
+                            lambda: layers.build(path, header, runs))
 
     def push_image_stream(self, requests: Iterable[pb.PushImageRequest]) -> model.Image:
         try:
@@ -225,28 +286,61 @@ class MasterClient(StubClient):
     def list_images(self) -> list[model.Image]:
         return [convert.image_from_pb(i) for i in self._call("ListImages", pb.ListImagesRequest()).images]
 
+    def get_image(self, image: str) -> model.Image:
+        return self.inspect_image(image)[0]
+
+    def inspect_image(self, image: str) -> tuple[model.Image, list[str], list[str]]:
+        """The image, the digests of images layered directly on it, and the
+        services that boot it."""
+        reply = self._call("GetImage", pb.GetImageRequest(image=image))
+        return convert.image_from_pb(reply), list(reply.images), list(reply.services)
+
+    def image_block_hashes(self, image: str) -> bytes:
+        """soda.layers block hashes of a whole image (what a layer over it is made from)."""
+        parts = [m.hashes for m in self._stream("ImageBlockHashes", pb.ImageBlocksRequest(image=image))]
+        return b"".join(parts)
+
     def delete_image(self, image: str) -> model.Image:
         return convert.image_from_pb(self._call("DeleteImage", pb.DeleteImageRequest(image=image)))
 
-    def pull_image(self, image: str, out: BinaryIO, progress: ProgressFn | None = None) -> model.Image:
-        """Write the image's bytes to `out`; verify the digest on the way."""
+    def pull_image(self, image: str, out: BinaryIO, progress: ProgressFn | None = None,
+                   layer: bool = False) -> model.Image:
+        """Write the image's bytes to `out`, or with `layer` a layered
+        image's layer (the returned image's .layer says whether that is what
+        came); verify size and digest on the way. `progress(raw done, raw
+        total, bytes received)`."""
         meta = None
         h = hashlib.sha256()
-        done = 0
-        for part in self._stream("PullImage", pb.PullImageRequest(image=image)):
-            if part.HasField("image"):
-                meta = convert.image_from_pb(part.image)
-                continue
-            out.write(part.chunk)
-            h.update(part.chunk)
-            done += len(part.chunk)
-            if progress and meta:
-                progress(done, meta.size)
+        done = received = 0
+        chosen = encoding.RAW
+
+        def chunks():
+            nonlocal meta, chosen, received
+            request = pb.PullImageRequest(image=image, layer=layer, encodings=list(encoding.ENCODINGS))
+            for part in self._stream("PullImage", request):
+                if part.HasField("image"):
+                    meta, chosen = convert.image_from_pb(part.image), part.encoding
+                    encoding.check(chosen)
+                    continue
+                received += len(part.chunk)
+                yield part.chunk
+
+        raw = chunks()
+        first = next(raw, None)
         if meta is None:
             raise errors.DataLoss(f"pull of image {image} ended before its header")
+        want_digest, want_size = (meta.layer, meta.layer_size) if layer and meta.layer else (meta.digest, meta.size)
+        for piece in encoding.decode(itertools.chain([first] if first is not None else [], raw), chosen):
+            done += len(piece)
+            if done > want_size:
+                raise errors.DataLoss(f"image {meta.digest} arrived with more than its {want_size} bytes")
+            out.write(piece)
+            h.update(piece)
+            if progress:
+                progress(done, want_size, received)
         got = "sha256:" + h.hexdigest()
-        if done != meta.size or got != meta.digest:
-            raise errors.DataLoss(f"image {meta.digest} arrived damaged: {done} of {meta.size} "
+        if done != want_size or got != want_digest:
+            raise errors.DataLoss(f"image {meta.digest} arrived damaged: {done} of {want_size} "
                                   f"bytes, digest {got}")
         return meta
 

@@ -181,12 +181,14 @@ def node_from_pb(m: pb.Node) -> model.Node:
 
 def image_to_pb(i: model.Image) -> pb.Image:
     return pb.Image(digest=i.digest, names=list(i.names), size=i.size, created_at=i.created_at,
-                    init=i.init, owners=list(i.owners), public=i.public)
+                    init=i.init, owners=list(i.owners), public=i.public, parent=i.parent, layer=i.layer,
+                    layer_size=i.layer_size)
 
 
 def image_from_pb(m: pb.Image) -> model.Image:
     return model.Image(digest=m.digest, size=m.size, names=tuple(m.names), created_at=m.created_at,
-                       init=m.init or "/sbin/init", owners=tuple(m.owners), public=m.public)
+                       init=m.init or "/sbin/init", owners=tuple(m.owners), public=m.public,
+                       parent=m.parent, layer=m.layer, layer_size=m.layer_size)
 
 
 # Quota fields in the model -> in the message (the message names units).

@@ -57,7 +57,8 @@ def test_a_push_larger_than_the_disk_is_refused_early_and_leaves_nothing(small_d
     sent = [0]
     with master_client(target) as client:
         with pytest.raises(NoCapacity, match="no room for an image of 50331648 bytes"):
-            client.push_image(big, progress=lambda done, size: sent.__setitem__(0, done + CHUNK_SIZE))
+            client.push_image(big, progress=lambda done, size, wire: sent.__setitem__(0, wire + CHUNK_SIZE),
+                              compress=False)
         assert sent[0] < 16 * MIB
         assert os.listdir(images) == ["tmp"] and os.listdir(os.path.join(images, "tmp")) == []
         assert free(images) == DISK
@@ -71,7 +72,7 @@ def test_a_disk_filled_by_another_writer_during_a_push_is_no_capacity_and_leaves
     image = make_ext4_image(str(tmp_path / "img"), size=24 * MIB)
     filler = os.path.join(images, "filler")
 
-    def fill(done, size):
+    def fill(done, size, wire):
         # 4 MiB in, another writer takes 20 MiB: the push's 24 no longer fit.
         if done >= 4 * MIB and not os.path.exists(filler):
             with open(filler, "wb") as f:
@@ -79,7 +80,7 @@ def test_a_disk_filled_by_another_writer_during_a_push_is_no_capacity_and_leaves
 
     with master_client(target) as client:
         with pytest.raises(NoCapacity, match="filled up while receiving the image of 25165824 bytes"):
-            client.push_image(image, progress=fill)
+            client.push_image(image, progress=fill, compress=False)   # raw: progress as sent
         assert sorted(os.listdir(images)) == ["filler", "tmp"] and os.listdir(os.path.join(images, "tmp")) == []
         assert client.list_images() == []
         os.unlink(filler)

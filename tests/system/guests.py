@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import urllib.request
 import uuid
 
@@ -47,6 +49,26 @@ def build_rootfs(directory: str, overlay: str = "") -> str:
     if overlay:
         argv += ["--overlay", overlay]
     subprocess.run(argv, check=True, capture_output=True)
+    return out
+
+
+def app_image(base: str, out: str, files: dict[str, bytes]) -> str:
+    """A copy of the image `base` with `files` (path in the image -> content)
+    written into its filesystem by debugfs, as an ASP makes an application
+    image from a base image: only the blocks those files touch change."""
+    shutil.copyfile(base, out)
+    with tempfile.TemporaryDirectory() as scratch:
+        commands = []
+        for n, (dest, content) in enumerate(files.items()):
+            local = os.path.join(scratch, str(n))
+            with open(local, "wb") as f:
+                f.write(content)
+            commands += [f"rm {dest}", f"write {local} {dest}", f"sif {dest} mode 0100644"]
+        script = os.path.join(scratch, "commands")
+        with open(script, "w") as f:
+            f.write("\n".join(commands) + "\n")
+        debugfs = shutil.which("debugfs") or "/sbin/debugfs"
+        subprocess.run([debugfs, "-w", "-f", script, out], check=True, capture_output=True)
     return out
 
 

@@ -122,7 +122,7 @@ class FakeMaster:
         return
         yield
 
-    def pull_image(self, digest, out):
+    def pull_image(self, digest, out, layer=False):
         self._check()
         self.pulls.append(digest)
         data = self.images[digest]
@@ -405,7 +405,7 @@ class PullingClient:
         self.fail_after, self.delay = fail_after, delay
         self.pulls = 0
 
-    def pull_image(self, digest, out):
+    def pull_image(self, digest, out, layer=False):
         self.pulls += 1
         time.sleep(self.delay)
         if self.fail_after is not None:

@@ -153,12 +153,13 @@ class FakeClient:
         self._record("remove_node", name)
         return self._node(name)
 
-    def push_image(self, path, name="", init="", progress=None, digest=None, public=False):
+    def push_image(self, path, name="", init="", progress=None, digest=None, public=False, base="",
+                   compress=True):
         self._record("push_image", path, name=name, init=init, digest=digest)
         with open(path, "rb") as f:
             data = f.read()
         if progress:
-            progress(len(data), len(data))
+            progress(len(data), len(data), len(data))
         return model.Image(digest=digest, size=len(data), names=(name,) if name else ())
 
     def list_images(self):
@@ -487,8 +488,9 @@ def test_node_list_shows_a_node_without_labels_as_such(client):
 def test_image_list_and_delete(client):
     client.images = [model.Image(digest=DIGEST, size=3 * 1024 * 1024, names=("busybox-httpd",))]
     table = run(client, "image", "list").stdout.splitlines()
-    assert table[0].split() == ["DIGEST", "NAMES", "SIZE", "CREATED", "OWNERS", "PUBLIC"]
-    assert table[1].split() == ["sha256:abababababab", "busybox-httpd", "3.0", "MiB", "-", "(operators)", "no"]
+    assert table[0].split() == ["DIGEST", "NAMES", "SIZE", "STORED", "PARENT", "CREATED", "OWNERS", "PUBLIC"]
+    assert table[1].split() == ["sha256:abababababab", "busybox-httpd", "3.0", "MiB", "3.0", "MiB", "-", "-",
+                                "(operators)", "no"]
     result = run(client, "image", "delete", "busybox-httpd")
     assert result.exit_code == 0 and client.called("delete_image") == [(("busybox-httpd",), {})]
 

@@ -299,8 +299,39 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_9(path):
+    """The file as a version 9 Master left it: no layered images."""
+    db = sqlite3.connect(path)
+    for column in ("parent", "layer", "layer_size"):
+        db.execute(f"ALTER TABLE images DROP COLUMN {column}")
+    db.execute("UPDATE meta SET value='9' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_version_9_store_keeps_its_images_as_whole_images(tmp_path):
+    s = open_store(str(tmp_path))
+    image = model.Image(digest="sha256:" + "ab" * 32, size=4096, created_at=1.0)
+    with s.transaction() as tx:
+        tx.put_image(image, name="base")
+    s.close()
+    _as_version_9(str(tmp_path / "state.db"))
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION
+    got = s.resolve_image("base")
+    assert (got.digest, got.size, got.parent, got.layer, got.layer_size) == (image.digest, 4096, "", "", 0)
+    layered = model.Image(digest="sha256:" + "cd" * 32, size=8192, created_at=2.0, parent=image.digest,
+                          layer="sha256:" + "ef" * 32, layer_size=300)
+    with s.transaction() as tx:
+        tx.put_image(layered, name="app")
+    got = s.resolve_image("app")
+    assert (got.parent, got.layer, got.layer_size, got.stored_size) == (image.digest, layered.layer, 300, 300)
+    s.close()
+
+
 def _as_version_8(path):
     """The file as a version 8 Master left it: no vnodes.boot_timeout."""
+    _as_version_9(path)
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE vnodes DROP COLUMN boot_timeout")
     db.execute("UPDATE meta SET value='8' WHERE key='schema_version'")

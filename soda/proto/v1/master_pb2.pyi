@@ -287,7 +287,7 @@ class DriverCapabilities(_message.Message):
     def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ..., memory_overhead_mib: _Optional[int] = ..., live_memory: _Optional[bool] = ..., freeze: _Optional[bool] = ..., disk_bound: _Optional[bool] = ..., plumbing: _Optional[bool] = ..., migration: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("digest", "names", "size", "created_at", "init", "owners", "public")
+    __slots__ = ("digest", "names", "size", "created_at", "init", "owners", "public", "parent", "layer", "layer_size", "images", "services")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,11 @@ class Image(_message.Message):
     INIT_FIELD_NUMBER: _ClassVar[int]
     OWNERS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
     digest: str
     names: _containers.RepeatedScalarFieldContainer[str]
     size: int
@@ -302,7 +307,12 @@ class Image(_message.Message):
     init: str
     owners: _containers.RepeatedScalarFieldContainer[str]
     public: bool
-    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., created_at: _Optional[float] = ..., init: _Optional[str] = ..., owners: _Optional[_Iterable[str]] = ..., public: _Optional[bool] = ...) -> None: ...
+    parent: str
+    layer: str
+    layer_size: int
+    images: _containers.RepeatedScalarFieldContainer[str]
+    services: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., created_at: _Optional[float] = ..., init: _Optional[str] = ..., owners: _Optional[_Iterable[str]] = ..., public: _Optional[bool] = ..., parent: _Optional[str] = ..., layer: _Optional[str] = ..., layer_size: _Optional[int] = ..., images: _Optional[_Iterable[str]] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateServiceRequest(_message.Message):
     __slots__ = ("spec",)
@@ -486,18 +496,22 @@ class AssignmentEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[AssignmentEvent.Kind, str]] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("name", "size", "digest", "init", "public")
+    __slots__ = ("name", "size", "digest", "init", "public", "base", "encoding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     digest: str
     init: str
     public: bool
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., init: _Optional[str] = ..., public: _Optional[bool] = ...) -> None: ...
+    base: str
+    encoding: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., init: _Optional[str] = ..., public: _Optional[bool] = ..., base: _Optional[str] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class PushImageRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -524,18 +538,54 @@ class DeleteImageRequest(_message.Message):
     def __init__(self, image: _Optional[str] = ...) -> None: ...
 
 class PullImageRequest(_message.Message):
+    __slots__ = ("image", "layer", "encodings")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    layer: bool
+    encodings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[str] = ..., layer: _Optional[bool] = ..., encodings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PullImageResponse(_message.Message):
+    __slots__ = ("image", "chunk", "encoding")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    chunk: bytes
+    encoding: str
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., chunk: _Optional[bytes] = ..., encoding: _Optional[str] = ...) -> None: ...
+
+class GetImageRequest(_message.Message):
     __slots__ = ("image",)
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     image: str
     def __init__(self, image: _Optional[str] = ...) -> None: ...
 
-class PullImageResponse(_message.Message):
-    __slots__ = ("image", "chunk")
+class ImageTransfer(_message.Message):
+    __slots__ = ("encodings", "block_size")
+    ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    encodings: _containers.RepeatedScalarFieldContainer[str]
+    block_size: int
+    def __init__(self, encodings: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class ImageBlocksRequest(_message.Message):
+    __slots__ = ("image",)
     IMAGE_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    image: Image
-    chunk: bytes
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    image: str
+    def __init__(self, image: _Optional[str] = ...) -> None: ...
+
+class ImageBlocks(_message.Message):
+    __slots__ = ("size", "block_size", "hashes")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    block_size: int
+    hashes: bytes
+    def __init__(self, size: _Optional[int] = ..., block_size: _Optional[int] = ..., hashes: _Optional[bytes] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("vnode", "address", "port", "weight", "ready")

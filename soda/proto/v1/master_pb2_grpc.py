@@ -139,6 +139,21 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.PullImageRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.PullImageResponse.FromString,
                 _registered_method=True)
+        self.GetImage = channel.unary_unary(
+                '/soda.proto.v1.Master/GetImage',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.GetImageRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
+                _registered_method=True)
+        self.GetImageTransfer = channel.unary_unary(
+                '/soda.proto.v1.Master/GetImageTransfer',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ImageTransfer.FromString,
+                _registered_method=True)
+        self.ImageBlockHashes = channel.unary_stream(
+                '/soda.proto.v1.Master/ImageBlockHashes',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ImageBlocksRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ImageBlocks.FromString,
+                _registered_method=True)
         self.WatchEndpoints = channel.unary_stream(
                 '/soda.proto.v1.Master/WatchEndpoints',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchEndpointsRequest.SerializeToString,
@@ -305,6 +320,24 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetImageTransfer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageBlockHashes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEndpoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -454,6 +487,21 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.PullImage,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.PullImageRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.PullImageResponse.SerializeToString,
+            ),
+            'GetImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImage,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.GetImageRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.SerializeToString,
+            ),
+            'GetImageTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImageTransfer,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ImageTransfer.SerializeToString,
+            ),
+            'ImageBlockHashes': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImageBlockHashes,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ImageBlocksRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ImageBlocks.SerializeToString,
             ),
             'WatchEndpoints': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEndpoints,
@@ -1058,6 +1106,87 @@ class Master:
             '/soda.proto.v1.Master/PullImage',
             soda_dot_proto_dot_v1_dot_master__pb2.PullImageRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.PullImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/GetImage',
+            soda_dot_proto_dot_v1_dot_master__pb2.GetImageRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImageTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/GetImageTransfer',
+            soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.ImageTransfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageBlockHashes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/soda.proto.v1.Master/ImageBlockHashes',
+            soda_dot_proto_dot_v1_dot_master__pb2.ImageBlocksRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.ImageBlocks.FromString,
             options,
             channel_credentials,
             insecure,

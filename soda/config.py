@@ -113,6 +113,10 @@ class AgentConfig:
     policy: bool = True
     max_parallel_boots: int = 8
     reconcile_seconds: float = 1.0
+    # What the image cache (state_dir/images) may take on disk; past it the
+    # least recently used images and disk bases no virtual node here uses
+    # are evicted (soda.agent.images). 0 = no bound.
+    image_cache_bytes: int = 16 << 30
     # Guests are hostile: each service's VMMs run here as a uid of its own
     # from this range (FIRST-LAST; soda.agent.uids), with no capabilities.
     guest_uids: str = "200000-265535"

@@ -154,7 +154,8 @@ class Agent:
                  health_check: Callable[[], str] | None = None,
                  assumed: Iterable[str] = (),
                  thread_backoff: Backoff | None = None,
-                 labels: Mapping[str, str] | None = None):
+                 labels: Mapping[str, str] | None = None,
+                 image_cache: Callable[[], tuple[int, int]] | None = None):
         self._client = client
         self._reconciler = reconciler
         self._reporter = reporter
@@ -178,6 +179,8 @@ class Agent:
         self._on_registered = on_registered
         # Returns why the Agent cannot work at all ("" while it can).
         self._health_check = health_check
+        # (bytes its image cache takes, its bound): sent with each heartbeat.
+        self._image_cache = image_cache or (lambda: (0, 0))
         self._thread_backoff = thread_backoff or Backoff(first=0.5, cap=30.0)
         self._heartbeat_now = threading.Event()
         self._registered = threading.Event()
@@ -356,7 +359,8 @@ class Agent:
                 try:
                     with self._reporter.sending:
                         answer = self._client.heartbeat(self.name,
-                                                         self._reconciler.statuses_with_usage())
+                                                         self._reconciler.statuses_with_usage(),
+                                                         image_cache=self._image_cache())
                     if answer and answer > 0:
                         interval = answer
                     outage.worked()

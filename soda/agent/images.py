@@ -11,6 +11,12 @@ where the filesystem can), and checked against the image's sha256 before
 it takes its name: every guest of every service that boots it shares that
 one composed file, as it would a whole image.
 
+The cache may be bounded (`limit_bytes`, what its files take on disk): after
+a pull or a grow puts it over, the least recently used files (by atime,
+which each use sets) go first, never one that a virtual node of this node
+boots or is to boot (`in_use`); an evicted image is pulled again when next
+needed.
+
 Also owns each virtual node's root disk base (`sha256-<hex>.disk-<N>M`):
 the image grown to the virtual node's disk size, shared read-only by every
 guest of that image and size, under which the hypervisor puts the guest's
@@ -47,7 +53,8 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Iterator
+import time
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from soda import command, layers
 from soda.errors import DataLoss, InvalidSpec, SodaError
@@ -64,11 +71,18 @@ GROW_TIMEOUT = 300.0                 # seconds for one copy, fsck or resize
 
 
 class ImageCache:
-    def __init__(self, directory: str, client):
+    def __init__(self, directory: str, client, limit_bytes: int = 0,
+                 in_use: Callable[[], Iterable[tuple[str, int]]] = tuple):
+        """`limit_bytes`: the bound on what the cache's files take on disk
+        (0: none); `in_use()`: the (digest, disk MiB) of every virtual node
+        this node runs or is to run, whose files are never evicted."""
         self.dir = directory
         self._client = client
+        self.limit_bytes = limit_bytes
+        self.in_use = in_use
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        self._trimming = threading.Lock()
         os.makedirs(directory, exist_ok=True)
         self._sweep_temp_files()
 
@@ -87,9 +101,68 @@ class ImageCache:
             with self._lock_for(digest):
                 if not os.path.exists(path):
                     self._pull(digest, path)
-        if not disk_mib:
-            return path
-        return self._sized(digest, path, disk_mib)
+        used = [path, self._sized(digest, path, disk_mib)] if disk_mib else [path]
+        for p in used:
+            _touch(p)
+        self.trim(keep=used)
+        return used[-1]
+
+    # ---- the bound -----------------------------------------------------
+    def files(self) -> list[tuple[float, int, str]]:
+        """(last use, bytes on disk, path) of every image and disk base held."""
+        out = []
+        for entry in os.scandir(self.dir):
+            if entry.name.startswith("sha256-") and entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                out.append((st.st_atime, st.st_blocks * 512, entry.path))
+        return out
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes the cache's files take on disk, the bound; 0 = none)."""
+        return sum(size for _, size, _ in self.files()), self.limit_bytes
+
+    def protected(self) -> set[str]:
+        """Files a virtual node of this node boots (or will): an image and
+        the disk base grown from it for that virtual node's disk."""
+        out = set()
+        for digest, disk_mib in self.in_use():
+            image = self.path(digest)
+            out.update((image, f"{image}.disk-{disk_mib}M"))
+        return out
+
+    def trim(self, keep: Iterable[str] = ()) -> list[str]:
+        """Evict the least recently used files no virtual node needs until
+        the cache is within its bound; the paths evicted."""
+        if not self.limit_bytes:
+            return []
+        with self._trimming:
+            files = self.files()
+            used = sum(size for _, size, _ in files)
+            if used <= self.limit_bytes:
+                return []
+            protected = self.protected() | set(keep)
+            evicted = []
+            for last_use, size, path in sorted(files):
+                if used <= self.limit_bytes:
+                    break
+                if path in protected:
+                    continue
+                lock = self._lock_for(path)
+                if not lock.acquire(blocking=False):
+                    continue                        # being made or grown right now
+                try:
+                    _discard(path)
+                finally:
+                    lock.release()
+                used -= size
+                evicted.append(path)
+                log.info("image cache: evicted %s (%d bytes on disk, unused for %.0f s) to stay within "
+                         "%d bytes", os.path.basename(path), size, max(0.0, time.time() - last_use),
+                         self.limit_bytes)
+            if used > self.limit_bytes:
+                log.warning("image cache holds %d bytes, over its bound of %d: the rest is in use by "
+                            "this node's virtual nodes", used, self.limit_bytes)
+            return evicted
 
     def _sized(self, digest: str, image: str, disk_mib: int) -> str:
         size = os.stat(image).st_size
@@ -128,11 +201,12 @@ class ImageCache:
         composed here with its parent (pulled first if need be)."""
         log.info("pulling image %s", digest)
         with self._temporary(f"image {digest}") as (fd, layer):
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb") as f:
+                out = SparseWriter(f)
                 image = self._client.pull_image(digest, out, layer=True)
-                out.flush()
-                size = os.fstat(out.fileno()).st_size
-                os.fsync(out.fileno())
+                out.close()
+                size = os.fstat(f.fileno()).st_size
+                os.fsync(f.fileno())
             # MasterClient checked the bytes against the header; check that
             # the header is the image we asked for and that it all landed.
             if image.digest != digest:
@@ -186,6 +260,37 @@ class ImageCache:
                 _discard(os.path.join(self.dir, entry))
 
 
+class SparseWriter:
+    """Writes through to `f`, leaving zero blocks as holes: an image's free
+    space takes no room in the cache (as cp --sparse=always would)."""
+
+    BLOCK = 64 << 10
+    _ZEROS = bytes(BLOCK)
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        for start in range(0, len(view), self.BLOCK):
+            piece = view[start:start + self.BLOCK]
+            if piece == self._ZEROS[:len(piece)]:
+                self._f.seek(len(piece), os.SEEK_CUR)
+            else:
+                self._f.write(piece)
+        self._size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        """Set the file's length: trailing holes are not written."""
+        self._f.truncate(self._size)
+        self._f.flush()
+
+
 def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     for chunk in layers.file_chunks(path):
@@ -204,6 +309,16 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
     found = shutil.which(argv[0]) or shutil.which(argv[0], path="/usr/sbin:/sbin")
     argv = [found or argv[0]] + argv[1:]
     command.run(argv, timeout=GROW_TIMEOUT, ok=ok, hint="Debian packages coreutils, e2fsprogs")
+
+
+def _touch(path: str) -> None:
+    """Mark a file used now (its atime; the mtime stays: a UML COW layer
+    records its base's mtime and refuses a base whose mtime changed)."""
+    try:
+        st = os.stat(path)
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    except FileNotFoundError:
+        pass
 
 
 def _publish(tmp: str, path: str) -> None:

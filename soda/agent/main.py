@@ -148,6 +148,8 @@ def check_config(config: AgentConfig) -> AgentConfig:
         if hypervisor not in drivers():
             raise InvalidSpec(f"unknown hypervisor driver {hypervisor!r} "
                               f"(available: {', '.join(sorted(drivers()))})")
+    if config.image_cache_bytes < 0:
+        raise InvalidSpec(f"image_cache_bytes must be 0 (no bound) or more, got {config.image_cache_bytes}")
     if config.max_parallel_boots < 1:
         raise InvalidSpec(f"max_parallel_boots must be at least 1, got {config.max_parallel_boots}")
     if config.reconcile_seconds <= 0:
@@ -315,18 +317,19 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
     """An Agent and its collaborators for `config`; raises OSError when the
     state dir cannot be used."""
     drivers = drivers or build_drivers(config)
-    images = ImageCache(os.path.join(config.state_dir, "images"), client)
+    images = ImageCache(os.path.join(config.state_dir, "images"), client, limit_bytes=config.image_cache_bytes)
     capacity = measure_capacity(config.capacity, config.state_dir)
     reporter = StatusReporter(client, config.name)
     reconciler = Reconciler(drivers.drivers, reporter, images,
                             max_parallel_boots=config.max_parallel_boots,
                             interval=config.reconcile_seconds,
                             plumbing=build_plumbing(config, network, drivers.capabilities))
+    images.in_use = reconciler.images_wanted
     on_registered = (lambda node: configure_network(network, node)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,
                  tuple(drivers.drivers), stop=stop, on_registered=on_registered, labels=config.labels,
                  limits=tuple(drivers.capabilities.values()),
-                 health_check=lambda: state_dir_problem(config.state_dir),
+                 health_check=lambda: state_dir_problem(config.state_dir), image_cache=images.usage,
                  assumed=capacity.assumed)
 
 

@@ -190,6 +190,12 @@ class Reconciler:
         with self._cond:
             return self._statuses()
 
+    def images_wanted(self) -> list[tuple[str, int]]:
+        """(image digest, disk MiB) of every virtual node this node is to
+        run: what the image cache must keep (soda.agent.images)."""
+        with self._cond:
+            return [(v.image_digest, v.resources.disk) for v in (self._desired or {}).values()]
+
     def _statuses(self) -> list[VirtualNodeStatus]:
         return [self._vnodes[name].status for name in sorted(self._vnodes)
                 if self._vnodes[name].status is not None]

@@ -107,6 +107,8 @@ def node_to_dict(node: model.Node) -> dict:
         "assumed": list(node.assumed),
         "vnodes": node.vnodes,
         "usage": usage_to_dict(node.usage),
+        # Its image cache on disk and the bound (0 = none), as its last heartbeat said.
+        "image_cache": {"bytes": node.image_cache_bytes, "limit": node.image_cache_limit},
         # The smallest guest each hypervisor boots there, and the kernel that says so.
         "min_memory": {lim.hypervisor: {"mib": lim.min_memory, "kernel": lim.kernel}
                        for lim in node.limits},
@@ -367,6 +369,37 @@ def nodes_table(nodes: Iterable[model.Node]) -> str:
             for n in nodes]
     return format_table(("NAME", "ADDRESS", "STATE", "SUBNET", "CPU", "MEMORY", "BANDWIDTH", "DISK",
                          "VNODES", "HYPERVISORS", "LABELS") + USAGE_HEADERS, rows)
+
+
+def image_cache_text(node: model.Node) -> str:
+    used = format_bytes(node.image_cache_bytes)
+    if not node.image_cache_limit:
+        return f"{used} (no bound)"
+    percent = 100 * node.image_cache_bytes / node.image_cache_limit
+    return f"{used} of {format_bytes(node.image_cache_limit)} ({percent:.0f} %)"
+
+
+def node_detail(node: model.Node) -> str:
+    """One node: where it is, what it holds and has room for, what it runs."""
+    def used(resource: str, unit: str = "") -> str:
+        cell = f"{getattr(node.allocated, resource):g} of {getattr(node.capacity, resource):g}{unit}"
+        return cell + " (assumed)" if resource in node.assumed else cell
+
+    return format_fields([
+        ("Name", node.name),
+        ("Address", node.address),
+        ("State", node_state(node)),
+        ("Subnet", f"{node.subnet or '-'} (gateway {node.gateway or '-'}, uplink {node.uplink or '-'})"),
+        ("Labels", model.format_labels(node.labels) or "-"),
+        ("Hypervisors", ", ".join(node.hypervisors) or "-"),
+        ("CPU", used("cpu")),
+        ("Memory", used("memory", " MiB")),
+        ("Bandwidth", used("bandwidth", " Mbit/s")),
+        ("Disk", used("disk", " MiB")),
+        ("Virtual nodes", node.vnodes),
+        ("Image cache", image_cache_text(node)),
+        ("Last heartbeat", timestamp(node.last_heartbeat) if node.last_heartbeat else "-"),
+    ])
 
 
 def images_table(images: Iterable[model.Image]) -> str:

@@ -212,6 +212,18 @@ def node_list(session: Session) -> None:
     session.emit_list(session.client.list_nodes(), output.node_to_dict, output.nodes_table)
 
 
+@node.command("get")
+@click.argument("name")
+@output_option
+@click.pass_obj
+def node_get(session: Session, name: str) -> None:
+    """One physical node: address, state, capacity in use, image cache."""
+    found = [n for n in session.client.list_nodes() if n.name == name]
+    if not found:
+        raise errors.NotFound(f"no physical node named {name!r} (sodactl node list shows them)")
+    session.emit(output.node_to_dict(found[0]), lambda: output.node_detail(found[0]))
+
+
 @node.command("drain")
 @click.argument("name")
 @wait_options("the node holds no virtual node")

@@ -215,7 +215,8 @@ class MasterServicer(pb_grpc.MasterServicer):
     @handle_errors
     def Heartbeat(self, request, context):
         self.controller.report_status(request.node, [convert.status_from_pb(s) for s in request.vnodes],
-                                      complete=True)
+                                      complete=True,
+                                      image_cache=(request.image_cache_bytes, request.image_cache_limit))
         return pb.HeartbeatResponse(heartbeat_seconds=self.heartbeat_seconds)
 
     @handle_errors

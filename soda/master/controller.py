@@ -90,6 +90,7 @@ class Controller:
         self.monotonic = monotonic
         self._lock = threading.RLock()
         self._usage: dict[str, model.Usage] = {}     # vnode name -> latest reported
+        self._image_caches: dict[str, tuple[int, int]] = {}   # node -> (bytes, bound), heartbeats
         self.switches = SwitchRegistry()        # Switch reports: figures, listen checks, draining
         # Node drain, as the last membership pass saw it (memory only: the
         # next pass after a restart sees it again): vnode -> (service, why it
@@ -645,6 +646,7 @@ class Controller:
         node = self._unit_of_work(work)
         with self._lock:
             self._last_seen.pop(name, None)
+            self._image_caches.pop(name, None)
         return _addressed(node)
 
     def _seen(self, node: str) -> None:
@@ -659,6 +661,7 @@ class Controller:
         with self._lock:
             usage = dict(self._usage)
             last_seen = dict(self._last_seen)
+            caches = dict(self._image_caches)
         by_node: dict[str, list[model.Usage]] = {}
         for v in self.store.list_vnodes():
             if v.name in usage and v.node:
@@ -667,6 +670,8 @@ class Controller:
         for n in self.store.list_nodes():
             if n.name in last_seen:
                 n = replace(n, last_heartbeat=wall - (now - last_seen[n.name]))
+            if n.name in caches:
+                n = replace(n, image_cache_bytes=caches[n.name][0], image_cache_limit=caches[n.name][1])
             out.append(replace(_addressed(n), usage=model.Usage.total(by_node.get(n.name, ()))))
         return out
 
@@ -678,9 +683,13 @@ class Controller:
                 for n in self.store.list_nodes()]
 
     def report_status(self, node: str, statuses: Sequence[model.VirtualNodeStatus],
-                      complete: bool) -> None:
+                      complete: bool, image_cache: tuple[int, int] | None = None) -> None:
         """Record what an Agent observed. A complete report (heartbeat) also
-        says which virtual nodes it no longer runs."""
+        says which virtual nodes it no longer runs, and `image_cache` what
+        its image cache takes and its bound."""
+        if image_cache is not None:
+            with self._lock:
+                self._image_caches[node] = image_cache
         def work(tx: Transaction) -> None:
             current = tx.get_node(node)      # NotFound makes the Agent register again
             self._seen(node)

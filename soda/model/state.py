@@ -116,6 +116,10 @@ class Node:
     vnodes: int = 0
     last_heartbeat: float = 0.0
     usage: Usage | None = None      # sum over its virtual nodes that reported usage
+    # What its image cache takes on disk and its bound (0 = none), as its
+    # last heartbeat said: kept by the Master in memory only, like usage.
+    image_cache_bytes: int = 0
+    image_cache_limit: int = 0
     limits: tuple[DriverCapabilities, ...] = ()
     # Capacity fields the node could not measure and assumed a default for.
     assumed: tuple[str, ...] = ()

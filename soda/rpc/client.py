@@ -178,9 +178,12 @@ class MasterClient(StubClient):
                                      labels=dict(labels or {}))
         return convert.node_from_pb(self._call("RegisterNode", req))
 
-    def heartbeat(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> int:
+    def heartbeat(self, node: str, statuses: Iterable[model.VirtualNodeStatus],
+                  image_cache: tuple[int, int] = (0, 0)) -> int:
+        """`image_cache`: (bytes the node's image cache takes, its bound)."""
         req = pb.NodeStatus(node=node, complete=True,
-                            vnodes=[convert.status_to_pb(s) for s in statuses])
+                            vnodes=[convert.status_to_pb(s) for s in statuses],
+                            image_cache_bytes=image_cache[0], image_cache_limit=image_cache[1])
         return self._call("Heartbeat", req).heartbeat_seconds
 
     def report_status(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> None:
@@ -304,11 +307,12 @@ class MasterClient(StubClient):
         return convert.image_from_pb(self._call("DeleteImage", pb.DeleteImageRequest(image=image)))
 
     def pull_image(self, image: str, out: BinaryIO, progress: ProgressFn | None = None,
-                   layer: bool = False) -> model.Image:
+                   layer: bool = False, compress: bool = True) -> model.Image:
         """Write the image's bytes to `out`, or with `layer` a layered
         image's layer (the returned image's .layer says whether that is what
-        came); verify size and digest on the way. `progress(raw done, raw
-        total, bytes received)`."""
+        came); verify size and digest on the way. Compressed on the wire
+        when the Master can and `compress`. `progress(raw done, raw total,
+        bytes received)`."""
         meta = None
         h = hashlib.sha256()
         done = received = 0
@@ -316,7 +320,8 @@ class MasterClient(StubClient):
 
         def chunks():
             nonlocal meta, chosen, received
-            request = pb.PullImageRequest(image=image, layer=layer, encodings=list(encoding.ENCODINGS))
+            request = pb.PullImageRequest(image=image, layer=layer,
+                                          encodings=list(encoding.ENCODINGS) if compress else [])
             for part in self._stream("PullImage", request):
                 if part.HasField("image"):
                     meta, chosen = convert.image_from_pb(part.image), part.encoding

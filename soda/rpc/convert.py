@@ -167,7 +167,8 @@ def node_to_pb(n: model.Node) -> pb.Node:
                    subnet=n.subnet, gateway=n.gateway, uplink=n.uplink, state=n.state, vnodes=n.vnodes,
                    last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage),
                    limits=limits_to_pb(n.limits), assumed=list(n.assumed), labels=dict(n.labels),
-                   draining=n.draining)
+                   draining=n.draining, image_cache_bytes=n.image_cache_bytes,
+                   image_cache_limit=n.image_cache_limit)
 
 
 def node_from_pb(m: pb.Node) -> model.Node:
@@ -176,7 +177,8 @@ def node_from_pb(m: pb.Node) -> model.Node:
                       subnet=m.subnet, gateway=m.gateway, uplink=m.uplink, state=m.state, vnodes=m.vnodes,
                       last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m),
                       limits=limits_from_pb(m.limits), assumed=tuple(m.assumed),
-                      labels=dict(sorted(m.labels.items())), draining=m.draining)
+                      labels=dict(sorted(m.labels.items())), draining=m.draining,
+                      image_cache_bytes=m.image_cache_bytes, image_cache_limit=m.image_cache_limit)
 
 
 def image_to_pb(i: model.Image) -> pb.Image:

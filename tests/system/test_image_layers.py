@@ -66,3 +66,62 @@ def _answers(url: str) -> str:
         return fetch(url)
     except OSError:
         return ""
+
+
+CACHE_BOUND = 6 << 20     # the base (~2.2 MiB on disk) and two apps (~2.7 each) do not all fit
+
+
+@pytest.fixture
+def bounded_node(cluster, rootfs):
+    from tests.system.guests import uml_node
+    with uml_node(cluster, rootfs, agent_config=f"image_cache_bytes: {CACHE_BOUND}") as c:
+        yield c
+
+
+def test_a_bounded_cache_evicts_what_no_guest_boots_and_pulls_it_again(bounded_node, rootfs, tmp_path):
+    c = bounded_node
+    apps = {}
+    for name in ("a", "b"):
+        page = f"app {name}\n".encode()
+        path = app_image(rootfs, str(tmp_path / f"{name}.img"), {"/www/app.txt": page,
+                                                                 "/www/blob": os.urandom(512 * 1024)})
+        apps[name] = c.json("image", "push", path, "--name", f"app-{name}", "--base", "busybox-httpd")["digest"]
+    base = c.json("image", "inspect", "busybox-httpd")["digest"]
+    cache = os.path.join(c.agent_dir("node-a"), "images")
+
+    def held() -> set[str]:
+        names = {f.replace("-", ":", 1) for f in os.listdir(cache) if f.startswith("sha256-")}
+        return {k for k, d in {"base": base, **apps}.items() if d in names}
+
+    def serve(service: str, image: str, page: str) -> None:
+        port = free_port()
+        c.ctl("service", "create", service, "--image", image, "--hypervisor", "uml", "--nodes", "1",
+              "--cpu", "0.5", "--memory", "64", "--disk", "16", "--switch", f"127.0.0.1:{port}",
+              "--wait", "--timeout", "120", timeout=180)
+        c.guest_pids.update(r["pid"] for r in guest_records(c, "node-a").values())
+        url = f"http://127.0.0.1:{port}/app.txt" if page else f"http://127.0.0.1:{port}/"
+        wait_until(lambda: page in _answers(url) if page else _answers(url) != "", 30,
+                   what=f"service {service} to serve")
+
+    serve("sa", "app-a", "app a")
+    assert held() == {"base", "a"}                  # the base pulled as app a's parent
+    serve("sb", "app-b", "app b")
+    # Over the bound: the base goes (no guest boots it), both apps stay.
+    assert held() == {"a", "b"}
+    assert _answers(f"http://127.0.0.1:{_port_of(c, 'sa')}/app.txt") == "app a\n"
+    c.ctl("service", "delete", "sa", "--wait", "--timeout", "60", timeout=90)
+    serve("sc", "busybox-httpd", "")
+    # The base is pulled again; app a, no longer booted, makes room for it.
+    assert held() == {"base", "b"}
+    log = c.log("node-a")
+    assert log.count(f"pulling image {base}") == 2, log
+    node = {}
+    wait_until(lambda: node.update(c.json("node", "get", "node-a")) or
+               node["image_cache"]["bytes"] > 0, 20, what="a heartbeat with the cache's use")
+    assert node["image_cache"]["limit"] == CACHE_BOUND
+    assert 0 < node["image_cache"]["bytes"] <= CACHE_BOUND
+    assert "Image cache:" in c.ctl("node", "get", "node-a").stdout
+
+
+def _port_of(c, service: str) -> int:
+    return int(c.json("service", "get", service)["switch"]["listen"].rsplit(":", 1)[1])

@@ -82,7 +82,7 @@ class FakeMaster:
                     subnet="10.233.1.0/24", gateway="10.233.1.1", labels=dict(labels or {}),
                     state=self.state)
 
-    def heartbeat(self, node, statuses):
+    def heartbeat(self, node, statuses, image_cache=(0, 0)):
         self._check()
         if not self.known:
             raise NotFound(f"node {node} not found")

@@ -213,7 +213,7 @@ class Service(_message.Message):
     def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed", "uplink", "labels", "draining")
+    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed", "uplink", "labels", "draining", "image_cache_bytes", "image_cache_limit")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,8 @@ class Node(_message.Message):
     UPLINK_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CACHE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
@@ -253,7 +255,9 @@ class Node(_message.Message):
     uplink: str
     labels: _containers.ScalarMap[str, str]
     draining: bool
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ..., uplink: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    image_cache_bytes: int
+    image_cache_limit: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ..., uplink: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ..., image_cache_bytes: _Optional[int] = ..., image_cache_limit: _Optional[int] = ...) -> None: ...
 
 class DriverCapabilities(_message.Message):
     __slots__ = ("hypervisor", "min_memory_mib", "kernel", "memory_overhead_mib", "live_memory", "freeze", "disk_bound", "plumbing", "migration", "attributes")
@@ -430,14 +434,18 @@ class VirtualNodeStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., generation: _Optional[int] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "vnodes", "complete")
+    __slots__ = ("node", "vnodes", "complete", "image_cache_bytes", "image_cache_limit")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CACHE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     node: str
     vnodes: _containers.RepeatedCompositeFieldContainer[VirtualNodeStatus]
     complete: bool
-    def __init__(self, node: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNodeStatus, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
+    image_cache_bytes: int
+    image_cache_limit: int
+    def __init__(self, node: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNodeStatus, _Mapping]]] = ..., complete: _Optional[bool] = ..., image_cache_bytes: _Optional[int] = ..., image_cache_limit: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("heartbeat_seconds",)

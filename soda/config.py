@@ -54,6 +54,11 @@ class MasterConfig:
     # and its journal live there too); a push that would eat into it is
     # refused, before it starts and while it runs.
     image_reserve_bytes: int = 1 << 30
+    # An image fetched by URL (sodactl image push --url): a read that waits
+    # longer than the stall time is retried from where it stopped; the
+    # whole fetch must end within the timeout.
+    image_fetch_stall_seconds: float = 30.0
+    image_fetch_timeout_seconds: float = 3600.0
     # Cluster address range; every physical node gets its own /node_prefix.
     cluster_cidr: str = "10.233.0.0/16"
     node_prefix: int = 24

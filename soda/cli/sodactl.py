@@ -286,7 +286,7 @@ def image() -> None:
 
 
 @image.command("push")
-@click.argument("file", type=click.Path())
+@click.argument("file", type=click.Path(), required=False)
 @click.option("--name", metavar="NAME", help="Name for the image; its sha256 digest always works too.")
 @click.option("--init", metavar="PATH",
               help="Init the guest starts instead of /sbin/init (a path inside the image).")
@@ -296,17 +296,40 @@ def image() -> None:
                    "from it are sent and stored (a layer over it).")
 @click.option("--no-compress", "no_compress", is_flag=True,
               help="Send raw bytes even when the Master takes zstd.")
+@click.option("--url", metavar="URL",
+              help="Instead of FILE: the Master fetches the image (a layer with --base) from this "
+                   "http(s) URL itself, resuming if cut off.")
+@click.option("--sha256", "sha256", metavar="DIGEST",
+              help="With --url: the sha256 the content must have (sha256:HEX or HEX); refused otherwise.")
 @output_option
 @click.pass_obj
-def image_push(session: Session, file: str, name: str | None, init: str | None, public: bool,
-               base: str | None, no_compress: bool) -> None:
-    """Upload the raw ext4 root filesystem FILE; prints its name and digest.
+def image_push(session: Session, file: str | None, name: str | None, init: str | None, public: bool,
+               base: str | None, no_compress: bool, url: str | None, sha256: str | None) -> None:
+    """Upload the raw ext4 root filesystem FILE (or have the Master fetch
+    it from --url); prints its name and digest.
 
     A tenant's push is its own image (and counts against its image-bytes
     quota: what is stored, a layer's size with --base); an operator's is the
-    operators', seen by tenants with --public."""
+    operators', seen by tenants with --public. A tenant's --url must be on
+    a public address."""
     if name is not None:
         model.check_image_name(name)
+    if (file is None) == (url is None):
+        raise click.UsageError("give the image FILE or --url URL (one of them)")
+    if sha256 and not url:
+        raise click.UsageError("--sha256 goes with --url (a FILE's digest is computed here)")
+    if url:
+        digest = sha256 if not sha256 or sha256.startswith("sha256:") else "sha256:" + sha256
+        with StatusLine() as status:
+            started = time.monotonic()
+            status.update(f"the Master is fetching {url} ...", milestone=True)
+            pushed = session.client.fetch_image(url, digest=digest or "", name=name or "", init=init or "",
+                                                public=public, base=base or "")
+            status.finish(f"fetched {output.format_bytes(pushed.stored_size)} from {url} in "
+                          f"{time.monotonic() - started:.1f}s")
+        label = name or ",".join(pushed.names) or "-"
+        session.emit(output.image_to_dict(pushed), lambda: f"{label} {pushed.digest}")
+        return
     size = specs.file_size(file)
     client = session.client
     with StatusLine() as status:

@@ -75,6 +75,7 @@ RULES: dict[str, frozenset[str]] = {
     "DeleteImage": frozenset({TENANT}),
     "PullImage": frozenset({AGENT, TENANT}),
     "GetImage": frozenset({TENANT}),
+    "FetchImage": frozenset({TENANT}),
     "GetImageTransfer": frozenset({AGENT, TENANT}),
     "ImageBlockHashes": frozenset({TENANT}),
     "ReportSwitchStats": frozenset({SWITCH}),

@@ -340,6 +340,12 @@ class MasterServicer(pb_grpc.MasterServicer):
         return convert.image_to_pb(image)
 
     @handle_errors
+    def FetchImage(self, request, context):
+        image = self.controller.fetch_image(request.url, request.digest, request.name, request.init,
+                                            self._tenant(context), public=request.public, base=request.base)
+        return convert.image_to_pb(image)
+
+    @handle_errors
     def ListImages(self, request, context):
         return pb.ListImagesResponse(images=[convert.image_to_pb(i) for i in
                                              self.controller.list_images(self._tenant(context))])

@@ -43,6 +43,7 @@ from soda.errors import (AlreadyExists, Conflict, InvalidSpec, NoCapacity, NotFo
                          WrongState)
 from soda.master import ipam, scheduler
 from soda.master.group_commit import GroupCommit
+from soda.master.fetch import FetchLimits, UrlDownload
 from soda.master.images import ImageStore
 from soda.master.notifier import Notifier
 from soda.master.store import StateReader, StateStore, Transaction, update_of
@@ -92,6 +93,8 @@ class Controller:
         self._usage: dict[str, model.Usage] = {}     # vnode name -> latest reported
         self._image_caches: dict[str, tuple[int, int]] = {}   # node -> (bytes, bound), heartbeats
         self.switches = SwitchRegistry()        # Switch reports: figures, listen checks, draining
+        self.fetch_limits = FetchLimits(stall_seconds=config.image_fetch_stall_seconds,
+                                        deadline_seconds=config.image_fetch_timeout_seconds)
         # Node drain, as the last membership pass saw it (memory only: the
         # next pass after a restart sees it again): vnode -> (service, why it
         # moves or waits), shown as its reason while its Agent reports none;
@@ -1047,6 +1050,29 @@ class Controller:
         quota (what is stored: a layered image's layer), under a name no
         other tenant holds. Checked before the content arrives, and again as
         it is recorded."""
+        if not model.DIGEST_RE.match(digest or ""):
+            raise InvalidSpec(f"push must announce the sha256 digest of its content, got {digest!r}")
+        return self._receive(name, size, digest, init, chunks, tenant, public, base, "pushed")
+
+    def fetch_image(self, url: str, digest: str = "", name: str = "", init: str = "",
+                    tenant: str | None = None, public: bool = False, base: str = "") -> model.Image:
+        """Fetch an image (with `base`, a layer) from `url` (soda.master.fetch)
+        and receive it as a push of the same content, checked against
+        `digest` when given; a tenant only from public addresses."""
+        if digest and not model.DIGEST_RE.match(digest):
+            raise InvalidSpec(f"--sha256 takes sha256:<64 hex digits>, got {digest!r}")
+        download = UrlDownload(url, self.fetch_limits, public_only=tenant is not None)
+        try:
+            size = download.open()
+            image = self._receive(name, size, digest, init, download.chunks(), tenant, public, base,
+                                  f"fetched from {url}" + (f" (resumed {download.resumed} time(s))"
+                                                           if download.resumed else ""))
+        finally:
+            download.close()
+        return image
+
+    def _receive(self, name: str, size: int, digest: str, init: str, chunks: Iterable[bytes],
+                 tenant: str | None, public: bool, base: str, how: str) -> model.Image:
         if public and tenant is not None:
             raise PermissionDenied(f"tenant {tenant} may not make an image public (an operator does)")
         parent = None
@@ -1058,7 +1084,7 @@ class Controller:
         image = self.images.receive(name, size, digest, init, chunks, owner=tenant or model.OPERATORS,
                                     public=public, base=parent,
                                     check=lambda tx, image: self._check_image_push(tx, name, image, tenant))
-        log.info("image %s stored (%d bytes%s%s)", image.digest, image.size,
+        log.info("image %s %s (%d bytes%s%s)", image.digest, how, image.size,
                  f", a layer of {image.layer_size} bytes over {image.parent}" if image.layer else "",
                  f", name {name}" if name else "")
         return model.as_seen_by(image, tenant)

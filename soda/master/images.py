@@ -178,16 +178,17 @@ class ImageStore:
                 owner: str = model.OPERATORS, public: bool = False,
                 check: Callable[[StateReader, model.Image], None] | None = None,
                 base: model.Image | None = None) -> model.Image:
-        """Receive one upload of `size` bytes with sha256 `digest`: an image
-        whole, or with `base` a layer over that image. The image, once
+        """Receive one upload of `size` bytes with sha256 `digest` ("": any,
+        for a fetch without one): an image whole, or with `base` a layer
+        over that image. The image, once
         whole and checked, is recorded as `owner`'s too (a tenant's name, or
         the operators'), public if asked, with `name` as `owner`'s;
         `check(tx, image)` runs first in that transaction (the caller's
         rules, read again against the state it commits on)."""
         if name:
             model.check_image_name(name)
-        if not model.DIGEST_RE.match(digest or ""):
-            raise InvalidSpec(f"push must announce the sha256 digest of its content, got {digest!r}")
+        if digest and not model.DIGEST_RE.match(digest):
+            raise InvalidSpec(f"the sha256 digest of an image is sha256:<64 hex digits>, got {digest!r}")
         if size <= 0:
             raise InvalidSpec(f"image size {size} bytes is out of range (at least 1 byte)")
         if size > self.max_bytes:
@@ -205,7 +206,7 @@ class ImageStore:
             def verify(path: str, size: int, digest: str) -> model.Image:
                 return self._verify_layer(path, size, digest, base)
         fresh, arrived = self._receive_file(size, digest, chunks, verify)
-        stored = self.path(digest)
+        stored = self.path(arrived.layer or arrived.digest)
         try:
             with self.store.transaction() as tx:
                 try:
@@ -275,11 +276,11 @@ class ImageStore:
                 if received != size:
                     raise DataLoss(f"upload ended after {received} of {size} bytes; nothing was stored")
                 got = "sha256:" + h.hexdigest()
-                if got != digest:
+                if digest and got != digest:
                     raise DataLoss(f"upload is corrupt: content has digest {got}, the client announced "
                                    f"{digest}; nothing was stored")
-                arrived = verify(tmp, size, digest)
-                final = self.path(digest)
+                arrived = verify(tmp, size, got)
+                final = self.path(got)
                 if os.path.exists(final):
                     os.unlink(tmp)
                     return False, arrived

@@ -280,6 +280,13 @@ class MasterClient(StubClient):
         return LayerOrImage(size, "sha256:" + h.hexdigest(), parent.digest,
                             lambda: layers.build(path, header, runs))
 
+    def fetch_image(self, url: str, digest: str = "", name: str = "", init: str = "", public: bool = False,
+                    base: str = "", timeout: float = 3600.0) -> model.Image:
+        """The Master fetches the image (with `base`, a layer over that
+        image) from `url` itself, checked against `digest` when given."""
+        request = pb.FetchImageRequest(url=url, digest=digest, name=name, init=init, public=public, base=base)
+        return convert.image_from_pb(self._call("FetchImage", request, timeout=timeout))
+
     def push_image_stream(self, requests: Iterable[pb.PushImageRequest]) -> model.Image:
         try:
             return convert.image_from_pb(self._stub.PushImage(iter(requests)))

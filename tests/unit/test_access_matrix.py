@@ -81,6 +81,10 @@ CALLS = {
     "PullImage": ("stream", lambda c, f: pb.PullImageRequest(image="a-img"), allowed("agent", "tenant-a")),
     "DeleteImage": ("unary", lambda c, f: pb.DeleteImageRequest(image="a-img"), allowed("tenant-a")),
     "GetImage": ("unary", lambda c, f: pb.GetImageRequest(image="a-img"), allowed("tenant-a")),
+    # A URL refused as such: an allowed caller gets past the access check
+    # and fails later (INVALID_ARGUMENT); a denied one fails at it.
+    "FetchImage": ("unary", lambda c, f: pb.FetchImageRequest(url="ftp://example.org/x"),
+                   allowed("tenant-a", "tenant-b")),
     "GetImageTransfer": ("unary", lambda c, f: pb.Empty(), allowed("agent", "other-agent", "tenant-a",
                                                                  "tenant-b")),
     "ImageBlockHashes": ("stream", lambda c, f: pb.ImageBlocksRequest(image="a-img"), allowed("tenant-a")),

@@ -571,6 +571,22 @@ class GetImageRequest(_message.Message):
     image: str
     def __init__(self, image: _Optional[str] = ...) -> None: ...
 
+class FetchImageRequest(_message.Message):
+    __slots__ = ("url", "digest", "name", "init", "public", "base")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    digest: str
+    name: str
+    init: str
+    public: bool
+    base: str
+    def __init__(self, url: _Optional[str] = ..., digest: _Optional[str] = ..., name: _Optional[str] = ..., init: _Optional[str] = ..., public: _Optional[bool] = ..., base: _Optional[str] = ...) -> None: ...
+
 class ImageTransfer(_message.Message):
     __slots__ = ("encodings", "block_size")
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]

@@ -144,6 +144,11 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.GetImageRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
                 _registered_method=True)
+        self.FetchImage = channel.unary_unary(
+                '/soda.proto.v1.Master/FetchImage',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.FetchImageRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
+                _registered_method=True)
         self.GetImageTransfer = channel.unary_unary(
                 '/soda.proto.v1.Master/GetImageTransfer',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
@@ -326,6 +331,12 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetImageTransfer(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -491,6 +502,11 @@ def add_MasterServicer_to_server(servicer, server):
             'GetImage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImage,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.GetImageRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.SerializeToString,
+            ),
+            'FetchImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchImage,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.FetchImageRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.SerializeToString,
             ),
             'GetImageTransfer': grpc.unary_unary_rpc_method_handler(
@@ -1132,6 +1148,33 @@ class Master:
             target,
             '/soda.proto.v1.Master/GetImage',
             soda_dot_proto_dot_v1_dot_master__pb2.GetImageRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/FetchImage',
+            soda_dot_proto_dot_v1_dot_master__pb2.FetchImageRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
             options,
             channel_credentials,

@@ -3,8 +3,9 @@
 raw vs zstd, side by side in one run (issue 17; Dynasoar's anchor: a
 0.5 GB image shipped as 9 MB).
 
-The base is a stock Debian bookworm image with nginx (scripts/build-rootfs
---debian, about 320 MiB, built once and cached); the app is that image with
+The base is a stock Debian bookworm image with nginx and Python
+(scripts/build-rootfs --debian, a 400 MiB filesystem, built once and
+cached); the app is that image with
 a new front page and a few MiB of application files written into its
 filesystem (debugfs), as an ASP makes an application image from a base.
 One Master process (TLS), a client in this process. Each repeat, in turn
@@ -50,8 +51,8 @@ PATHS = ("whole/raw", "whole/zstd", "layered/zstd")
 
 def build_images(work: str, app_mib: int) -> tuple[str, str]:
     base = subprocess.run([os.path.join(TOP, "scripts", "build-rootfs"), "--debian",
-                           os.path.join(work, "debian.img")], check=True, capture_output=True,
-                          text=True).stdout.split()[-1]
+                           os.path.join(work, "debian.img"), "--include", "nginx-light,python3",
+                           "--size", "400M"], check=True, capture_output=True, text=True).stdout.split()[-1]
     page = b"<html><body><h1>the app, layered on Debian</h1></body></html>\n"
     app = app_image(base, os.path.join(work, "app.img"), {
         "/var/www/html/index.nginx-debian.html": page,

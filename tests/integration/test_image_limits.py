@@ -86,3 +86,40 @@ def test_a_disk_filled_by_another_writer_during_a_push_is_no_capacity_and_leaves
         os.unlink(filler)
         assert free(images) == DISK
         assert client.push_image(image).size == 24 * MIB
+
+
+# ---- a node's image cache on a full disk ------------------------------------------
+
+def test_a_node_disk_that_fills_during_a_pull_is_a_clear_error_and_keeps_what_was_cached(tmp_path):
+    """An Agent's image cache on a 12 MiB tmpfs: a 4 MiB image is pulled and
+    kept; a 16 MiB one cannot fit, and its pull fails naming the full disk,
+    leaving no partial file and the first image as it was."""
+    import hashlib
+
+    from soda.agent.images import ImageCache
+    from soda.errors import SodaError
+    from soda.model import Image
+
+    images = {name: os.urandom(size) for name, size in (("small", 4 * MIB), ("big", 16 * MIB))}
+    digests = {name: "sha256:" + hashlib.sha256(data).hexdigest() for name, data in images.items()}
+
+    class Master:
+        def pull_image(self, digest, out, layer=False):
+            [name] = [n for n, d in digests.items() if d == digest]
+            for start in range(0, len(images[name]), MIB):
+                out.write(images[name][start:start + MIB])
+            return Image(digest=digest, size=len(images[name]))
+
+    cache_dir = str(tmp_path / "cache")
+    os.makedirs(cache_dir)
+    run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "soda-test-cache", cache_dir])
+    try:
+        cache = ImageCache(cache_dir, Master())
+        small = cache.ensure(digests["small"])
+        with pytest.raises(SodaError, match="cannot write image .* to the image cache .*No space left"):
+            cache.ensure(digests["big"])
+        assert os.listdir(cache_dir) == [os.path.basename(small)]
+        with open(small, "rb") as f:
+            assert f.read() == images["small"]
+    finally:
+        run(["umount", cache_dir], check=False)

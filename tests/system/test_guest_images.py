@@ -24,7 +24,7 @@ import pytest
 
 from tests.support import free_port
 from tests.system.cluster import wait_until
-from tests.system.guests import TOP, fetch, require_guest_support, uml_node
+from tests.system.guests import TOP, app_image, fetch, require_guest_support, uml_node
 
 # The first test builds the Debian image (mmdebstrap, about a minute; cached after).
 pytestmark = [pytest.mark.root, pytest.mark.guest, pytest.mark.timeout(900)]
@@ -59,6 +59,30 @@ def _serves(url: str, text: str) -> bool:
         return text in fetch(url, timeout=2)
     except OSError:
         return False
+
+
+def test_an_app_layered_on_the_debian_image_pulls_only_its_layer_and_serves(node, debian_image, tmp_path):
+    """Issue 17's first criterion: the application is the Debian image with
+    a new front page and 3 MiB of application files; on a node that already
+    runs the base, its service pulls the layer alone, and serves the page."""
+    page = f"<html>the app {os.urandom(4).hex()}</html>\n"
+    app = app_image(debian_image, str(tmp_path / "app.img"), {
+        "/var/www/html/index.nginx-debian.html": page.encode(), "/opt/app.bin": os.urandom(3 << 20)})
+    pushed = node.json("image", "push", app, "--name", "debian-app", "--base", "debian-nginx")
+    assert pushed["layer"] and pushed["stored_size"] <= 0.05 * pushed["size"], pushed
+    ports = {}
+    for service, image in (("deb", "debian-nginx"), ("app", "debian-app")):
+        ports[service] = free_port()
+        node.ctl("service", "create", service, "--image", image, "--hypervisor", "uml", "--memory", "64",
+                 "--disk", "400", "--switch", f"127.0.0.1:{ports[service]}", "--wait", "--timeout", "120",
+                 timeout=180)
+    wait_until(lambda: _serves(f"http://127.0.0.1:{ports['app']}/", page.strip()), 30,
+               what="the app's page through the Switch")
+    assert _serves(f"http://127.0.0.1:{ports['deb']}/", NGINX_PAGE)
+    log = node.log("node-a")
+    base = node.json("image", "inspect", "debian-nginx")["digest"]
+    assert log.count(f"pulling image {base}") == 1 and log.count(f"pulling image {pushed['digest']}") == 1
+    assert f"image {pushed['digest']} cached: a layer of {pushed['stored_size']} bytes" in log, log[-3000:]
 
 
 def test_a_stock_debian_image_serves_through_the_switch_on_uml(node):

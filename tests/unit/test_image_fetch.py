@@ -92,11 +92,7 @@ class Server:
 
 @pytest.fixture
 def image(tmp_path) -> str:
-    path = make_ext4_image(str(tmp_path / "img"), 8 * MIB)
-    with open(path, "r+b") as f:
-        f.seek(MIB)
-        f.write(os.urandom(2 * MIB))
-    return path
+    return make_ext4_image(str(tmp_path / "img"), 8 * MIB, data=os.urandom(2 * MIB))
 
 
 @pytest.fixture

@@ -44,11 +44,7 @@ def master(tmp_path):
 @pytest.fixture
 def base(tmp_path) -> str:
     """A 16 MiB 'filesystem' with 4 MiB of content and holes elsewhere."""
-    path = make_ext4_image(str(tmp_path / "base.img"), 16 * MIB)
-    with open(path, "r+b") as f:
-        f.seek(MIB)
-        f.write(os.urandom(4 * MIB))
-    return path
+    return make_ext4_image(str(tmp_path / "base.img"), 16 * MIB, data=os.urandom(4 * MIB))
 
 
 def _app_of(base: str, path: str, changed: int = 64 * 1024) -> str:

@@ -220,7 +220,9 @@ class ImageCache:
             parent = self.ensure(image.parent)
             with self._building(path, f"image {digest} (its layer over {image.parent})") as (fd, tmp):
                 os.close(fd)
-                _run(["cp", "--sparse=always", "--reflink=auto", parent, tmp])
+                # Held, trim() passes the parent by while it is copied.
+                with self._lock_for(parent):
+                    _run(["cp", "--sparse=always", "--reflink=auto", parent, tmp])
                 header, reader = layers.open_layer(layers.file_chunks(layer), image.parent)
                 if (header.digest, header.size) != (image.digest, image.size):
                     raise DataLoss(f"the layer of image {digest} names image {header.digest}")

@@ -254,7 +254,7 @@ class MasterClient(StubClient):
                                                             encoding=chosen))
             counted = _Counted(content.chunks())
             sent = 0
-            for chunk in encoding.encode(counted, chosen):
+            for chunk in encoding.encode(counted, chosen, threads=-1):
                 sent += len(chunk)
                 yield pb.PushImageRequest(chunk=chunk)
                 if progress:

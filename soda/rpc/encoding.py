@@ -43,13 +43,15 @@ def check(encoding: str) -> None:
                           f"{', '.join(ENCODINGS)} or raw chunks")
 
 
-def encode(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
-    """`chunks` as `encoding` says, in pieces of about CHUNK_SIZE."""
+def encode(chunks: Iterable[bytes], encoding: str, threads: int = 0) -> Iterator[bytes]:
+    """`chunks` as `encoding` says, in pieces of about CHUNK_SIZE;
+    `threads`: zstd's worker threads (0: this one; -1: one per CPU), for a
+    client with cores to spare (a Master serving many pulls keeps to one)."""
     check(encoding)
     if encoding == RAW:
         yield from chunks
         return
-    compressor = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compressobj()
+    compressor = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True, threads=threads).compressobj()
     pending: list[bytes] = []
     held = 0
     for chunk in chunks:

@@ -207,8 +207,8 @@ class _CountedHeartbeats(MasterClient):
         self._marker = marker
         self._noted = False
 
-    def heartbeat(self, node, statuses):
-        answer = super().heartbeat(node, statuses)
+    def heartbeat(self, node, statuses, **kwargs):
+        answer = super().heartbeat(node, statuses, **kwargs)
         if not self._noted:
             self._noted = True
             with open(self._marker, "w") as f:

@@ -53,6 +53,8 @@ DEFAULT_HEARTBEAT_SECONDS = 2.0
 # How often a fenced node looks whether its old guests are gone, and how
 # often it says which still run.
 FENCE_POLL_SECONDS = 0.1
+# A primed pull that failed is tried again after this long (the Master keeps asking).
+PRIME_RETRY_SECONDS = 30.0
 FENCE_LOG_SECONDS = 10.0
 LOST = "LOST"
 HEALTH_CHECK_SECONDS = 5.0
@@ -155,7 +157,7 @@ class Agent:
                  assumed: Iterable[str] = (),
                  thread_backoff: Backoff | None = None,
                  labels: Mapping[str, str] | None = None,
-                 image_cache: Callable[[], tuple[int, int]] | None = None):
+                 images=None):
         self._client = client
         self._reconciler = reconciler
         self._reporter = reporter
@@ -179,8 +181,12 @@ class Agent:
         self._on_registered = on_registered
         # Returns why the Agent cannot work at all ("" while it can).
         self._health_check = health_check
-        # (bytes its image cache takes, its bound): sent with each heartbeat.
-        self._image_cache = image_cache or (lambda: (0, 0))
+        # The image cache: its state goes with each heartbeat, and the
+        # Master's answer may ask it to pull images ahead of need (prime).
+        self._images = images
+        self._priming: dict[str, float] = {}       # digest -> when its last try began; 0: running
+        self._priming_lock = threading.Lock()
+        self._prime_slot = threading.Lock()         # one primed pull at a time
         self._thread_backoff = thread_backoff or Backoff(first=0.5, cap=30.0)
         self._heartbeat_now = threading.Event()
         self._registered = threading.Event()
@@ -347,6 +353,37 @@ class Agent:
                         else f"these old guests have stopped: {', '.join(strangers)}")
         return False
 
+    def _prime(self, digests: Iterable[str]) -> None:
+        """Pull the images the Master asks for ahead of need, each in a
+        thread of its own, one pull at a time; one that failed is tried again
+        after PRIME_RETRY_SECONDS."""
+        if self._images is None:
+            return
+        now = time.monotonic()
+        for digest in digests:
+            with self._priming_lock:
+                began = self._priming.get(digest)
+                if began is not None and (began == 0.0 or now - began < PRIME_RETRY_SECONDS):
+                    continue
+                self._priming[digest] = 0.0             # 0: in progress
+            threading.Thread(target=self._prime_one, args=(digest,), name=f"prime-{digest[7:19]}",
+                             daemon=True).start()
+
+    def _prime_one(self, digest: str) -> None:
+        began = time.monotonic()
+        try:
+            with self._prime_slot:
+                self._images.ensure(digest)
+            log.info("image %s primed", digest)
+            self._heartbeat_now.set()                   # the Master learns it at once
+            with self._priming_lock:
+                self._priming.pop(digest, None)
+        except (SodaError, OSError) as exc:
+            log.warning("priming image %s failed: %s (tried again in %.0f s)", digest, exc,
+                        PRIME_RETRY_SECONDS)
+            with self._priming_lock:
+                self._priming[digest] = began
+
     def _heartbeats(self) -> None:
         outage = _Outage("heartbeat to the Master")
         interval = self._heartbeat_seconds
@@ -358,11 +395,12 @@ class Agent:
             if self._registered.is_set():
                 try:
                     with self._reporter.sending:
-                        answer = self._client.heartbeat(self.name,
-                                                         self._reconciler.statuses_with_usage(),
-                                                         image_cache=self._image_cache())
-                    if answer and answer > 0:
-                        interval = answer
+                        answer = self._client.heartbeat(
+                            self.name, self._reconciler.statuses_with_usage(),
+                            image_cache=self._images.state() if self._images is not None else None)
+                    if answer.heartbeat_seconds > 0:
+                        interval = answer.heartbeat_seconds
+                    self._prime(answer.prime)
                     outage.worked()
                 except NotFound as exc:
                     # The Master has forgotten this node (its state was reset).

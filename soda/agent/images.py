@@ -59,7 +59,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from soda import command, layers
 from soda.errors import DataLoss, InvalidSpec, SodaError
 from soda.model.names import DIGEST_RE
-from soda.model.state import Image, check_disk_holds_image
+from soda.model.state import Image, ImageCacheState, check_disk_holds_image
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,14 @@ class ImageCache:
                 out.append((st.st_atime, st.st_blocks * 512, entry.path))
         return out
 
-    def usage(self) -> tuple[int, int]:
-        """(bytes the cache's files take on disk, the bound; 0 = none)."""
-        return sum(size for _, size, _ in self.files()), self.limit_bytes
+    def state(self) -> ImageCacheState:
+        """What the cache takes on disk, its bound and the images it holds
+        (what a heartbeat reports)."""
+        files = self.files()
+        images = sorted("sha256:" + os.path.basename(p)[7:] for _, _, p in files
+                        if DIGEST_RE.match("sha256:" + os.path.basename(p)[7:]))
+        return ImageCacheState(bytes=sum(size for _, size, _ in files), limit=self.limit_bytes,
+                               images=tuple(images))
 
     def protected(self) -> set[str]:
         """Files a virtual node of this node boots (or will): an image and

@@ -329,7 +329,7 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,
                  tuple(drivers.drivers), stop=stop, on_registered=on_registered, labels=config.labels,
                  limits=tuple(drivers.capabilities.values()),
-                 health_check=lambda: state_dir_problem(config.state_dir), image_cache=images.usage,
+                 health_check=lambda: state_dir_problem(config.state_dir), images=images,
                  assumed=capacity.assumed)
 
 

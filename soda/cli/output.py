@@ -107,8 +107,9 @@ def node_to_dict(node: model.Node) -> dict:
         "assumed": list(node.assumed),
         "vnodes": node.vnodes,
         "usage": usage_to_dict(node.usage),
-        # Its image cache on disk and the bound (0 = none), as its last heartbeat said.
-        "image_cache": {"bytes": node.image_cache_bytes, "limit": node.image_cache_limit},
+        # Its image cache as its last heartbeat said: bytes on disk, the bound
+        # (0 = none) and the images it holds; None before its first heartbeat.
+        "image_cache": dataclasses.asdict(node.image_cache) if node.image_cache is not None else None,
         # The smallest guest each hypervisor boots there, and the kernel that says so.
         "min_memory": {lim.hypervisor: {"mib": lim.min_memory, "kernel": lim.kernel}
                        for lim in node.limits},
@@ -140,11 +141,11 @@ def image_to_dict(image: model.Image) -> dict:
 
 
 def image_detail_to_dict(image: model.Image, chain: Sequence[model.Image], children: Sequence[str],
-                         services: Sequence[str]) -> dict:
+                         services: Sequence[str], nodes: Sequence[str]) -> dict:
     return {**image_to_dict(image),
             "layers": [{"digest": i.digest, "names": list(i.names), "size": i.size,
                         "stored_size": i.stored_size, "layer": i.layer} for i in chain],
-            "images": list(children), "services": list(services)}
+            "images": list(children), "services": list(services), "nodes": list(nodes)}
 
 
 def image_label(image: model.Image) -> str:
@@ -152,7 +153,7 @@ def image_label(image: model.Image) -> str:
 
 
 def image_detail(image: model.Image, chain: Sequence[model.Image], children: Sequence[str],
-                 services: Sequence[str]) -> str:
+                 services: Sequence[str], nodes: Sequence[str]) -> str:
     """One image: what it is made of (top layer first), what uses it."""
     stored = sum(i.stored_size for i in chain)
     summary = format_fields([
@@ -168,6 +169,7 @@ def image_detail(image: model.Image, chain: Sequence[model.Image], children: Seq
         ("Created", timestamp(image.created_at)),
         ("Images on it", ", ".join(short_digest(c) for c in children) or "none"),
         ("Services", ", ".join(services) or "none"),
+        ("Cached on", ", ".join(nodes) or "no node"),
     ])
     layers = format_table(("LAYER", "IMAGE", "NAMES", "STORED", "SIZE"),
                           [(n, short_digest(i.digest), ",".join(i.names), format_bytes(i.stored_size),
@@ -372,11 +374,14 @@ def nodes_table(nodes: Iterable[model.Node]) -> str:
 
 
 def image_cache_text(node: model.Node) -> str:
-    used = format_bytes(node.image_cache_bytes)
-    if not node.image_cache_limit:
-        return f"{used} (no bound)"
-    percent = 100 * node.image_cache_bytes / node.image_cache_limit
-    return f"{used} of {format_bytes(node.image_cache_limit)} ({percent:.0f} %)"
+    cache = node.image_cache
+    if cache is None:
+        return "- (no heartbeat yet)"
+    images = f", {len(cache.images)} image(s)"
+    if not cache.limit:
+        return f"{format_bytes(cache.bytes)} (no bound){images}"
+    return (f"{format_bytes(cache.bytes)} of {format_bytes(cache.limit)} "
+            f"({100 * cache.bytes / cache.limit:.0f} %){images}")
 
 
 def node_detail(node: model.Node) -> str:

@@ -365,12 +365,51 @@ def image_list(session: Session) -> None:
 def image_inspect(session: Session, ref: str) -> None:
     """One image: its layers down to a whole image, their sizes on the wire
     and whole, and the images and services that use it."""
-    image, children, services = session.client.inspect_image(ref)
+    image, children, services, nodes = session.client.inspect_image(ref)
     chain = [image]
     while chain[-1].parent:
         chain.append(session.client.get_image(chain[-1].parent))
-    session.emit(output.image_detail_to_dict(image, chain, children, services),
-                 lambda: output.image_detail(image, chain, children, services))
+    session.emit(output.image_detail_to_dict(image, chain, children, services, nodes),
+                 lambda: output.image_detail(image, chain, children, services, nodes))
+
+
+@image.command("prime")
+@click.argument("ref", metavar="NAME|DIGEST")
+@click.option("--nodes", metavar="NODE,...", default="",
+              help="The nodes to pull it into (default: every READY node).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until every node asked holds it, showing how many do.")
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, metavar="SECONDS",
+              help="How long --wait waits.")
+@output_option
+@click.pass_obj
+def image_prime(session: Session, ref: str, nodes: str, wait: bool, timeout: float) -> None:
+    """Pull an image into nodes' image caches ahead of need (operators
+    only): a service created there later boots without pulling it. Each
+    node pulls with its next heartbeat; a node's cache bound may evict a
+    primed image no virtual node uses."""
+    client = session.client
+    asked = client.prime_image(ref, [n for n in nodes.split(",") if n])
+    holding: list[str] = []
+    if wait and asked:
+        deadline = time.monotonic() + timeout
+        with StatusLine() as status:
+            while True:
+                holding = sorted(set(client.inspect_image(ref)[3]) & set(asked))
+                status.update(f"primed on {len(holding)}/{len(asked)} node(s): {', '.join(holding) or '-'}",
+                              milestone=True)
+                if len(holding) == len(asked):
+                    status.finish(f"image {ref} is in the cache of {len(asked)} node(s)")
+                    break
+                if time.monotonic() >= deadline:
+                    missing = sorted(set(asked) - set(holding))
+                    raise errors.Unavailable(f"image {ref} is not yet in the cache of {', '.join(missing)} "
+                                             f"after {timeout:g} s (sodactl image inspect {ref} shows where "
+                                             f"it is; the Agents' logs say why)")
+                time.sleep(0.5)
+    session.emit({"image": ref, "nodes": asked, "holding": holding},
+                 lambda: f"image {ref}: asked {', '.join(asked) or 'no node'}"
+                         + (f"; held by {', '.join(holding)}" if wait else ""))
 
 
 @image.command("delete")

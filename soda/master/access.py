@@ -76,6 +76,7 @@ RULES: dict[str, frozenset[str]] = {
     "PullImage": frozenset({AGENT, TENANT}),
     "GetImage": frozenset({TENANT}),
     "FetchImage": frozenset({TENANT}),
+    "PrimeImage": frozenset(),
     "GetImageTransfer": frozenset({AGENT, TENANT}),
     "ImageBlockHashes": frozenset({TENANT}),
     "ReportSwitchStats": frozenset({SWITCH}),

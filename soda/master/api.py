@@ -214,10 +214,11 @@ class MasterServicer(pb_grpc.MasterServicer):
 
     @handle_errors
     def Heartbeat(self, request, context):
+        cache = convert.image_cache_from_pb(request.image_cache) if request.HasField("image_cache") else None
         self.controller.report_status(request.node, [convert.status_from_pb(s) for s in request.vnodes],
-                                      complete=True,
-                                      image_cache=(request.image_cache_bytes, request.image_cache_limit))
-        return pb.HeartbeatResponse(heartbeat_seconds=self.heartbeat_seconds)
+                                      complete=True, image_cache=cache)
+        return pb.HeartbeatResponse(heartbeat_seconds=self.heartbeat_seconds,
+                                    prime=self.controller.primes_for(request.node))
 
     @handle_errors
     def ReportStatus(self, request, context):
@@ -352,11 +353,17 @@ class MasterServicer(pb_grpc.MasterServicer):
 
     @handle_errors
     def GetImage(self, request, context):
-        image, children, services = self.controller.get_image(request.image, self._tenant(context))
+        image, children, services, nodes = self.controller.get_image(request.image, self._tenant(context))
         reply = convert.image_to_pb(image)
         reply.images.extend(children)
         reply.services.extend(services)
+        reply.nodes.extend(nodes)
         return reply
+
+    @handle_errors
+    def PrimeImage(self, request, context):
+        return pb.PrimeImageResponse(nodes=self.controller.prime_image(request.image, list(request.nodes),
+                                                                       self._tenant(context)))
 
     @handle_errors
     def DeleteImage(self, request, context):

@@ -91,7 +91,8 @@ class Controller:
         self.monotonic = monotonic
         self._lock = threading.RLock()
         self._usage: dict[str, model.Usage] = {}     # vnode name -> latest reported
-        self._image_caches: dict[str, tuple[int, int]] = {}   # node -> (bytes, bound), heartbeats
+        self._image_caches: dict[str, model.ImageCacheState] = {}   # node -> as its heartbeat said
+        self._primes: dict[str, set[str]] = {}      # node -> images to pull ahead (image prime)
         self.switches = SwitchRegistry()        # Switch reports: figures, listen checks, draining
         self.fetch_limits = FetchLimits(stall_seconds=config.image_fetch_stall_seconds,
                                         deadline_seconds=config.image_fetch_timeout_seconds)
@@ -650,6 +651,7 @@ class Controller:
         with self._lock:
             self._last_seen.pop(name, None)
             self._image_caches.pop(name, None)
+            self._primes.pop(name, None)
         return _addressed(node)
 
     def _seen(self, node: str) -> None:
@@ -674,7 +676,7 @@ class Controller:
             if n.name in last_seen:
                 n = replace(n, last_heartbeat=wall - (now - last_seen[n.name]))
             if n.name in caches:
-                n = replace(n, image_cache_bytes=caches[n.name][0], image_cache_limit=caches[n.name][1])
+                n = replace(n, image_cache=caches[n.name])
             out.append(replace(_addressed(n), usage=model.Usage.total(by_node.get(n.name, ()))))
         return out
 
@@ -686,13 +688,15 @@ class Controller:
                 for n in self.store.list_nodes()]
 
     def report_status(self, node: str, statuses: Sequence[model.VirtualNodeStatus],
-                      complete: bool, image_cache: tuple[int, int] | None = None) -> None:
+                      complete: bool, image_cache: model.ImageCacheState | None = None) -> None:
         """Record what an Agent observed. A complete report (heartbeat) also
         says which virtual nodes it no longer runs, and `image_cache` what
-        its image cache takes and its bound."""
+        its image cache holds."""
         if image_cache is not None:
             with self._lock:
                 self._image_caches[node] = image_cache
+                if node in self._primes:
+                    self._primes[node] -= set(image_cache.images)
         def work(tx: Transaction) -> None:
             current = tx.get_node(node)      # NotFound makes the Agent register again
             self._seen(node)
@@ -1110,25 +1114,52 @@ class Controller:
     def list_images(self, tenant: str | None = None) -> list[model.Image]:
         return [model.as_seen_by(i, tenant) for i in self.store.list_images() if model.may_use(i, tenant)]
 
-    def get_image(self, ref: str, tenant: str | None = None) -> tuple[model.Image, list[str], list[str]]:
-        """An image the caller may use, the images layered directly on it
-        and the services that boot it (a tenant sees its own services)."""
+    def get_image(self, ref: str, tenant: str | None = None) -> tuple[model.Image, list[str], list[str], list[str]]:
+        """An image the caller may use, the images layered directly on it,
+        the services that boot it (a tenant sees its own services) and the
+        nodes whose cache holds it."""
         image = self.store.resolve_image(ref)
         model.check_image_use(image, tenant, f"inspect image {ref!r}")
         children = [i.digest for i in self.store.list_images()
                     if i.parent == image.digest and model.may_use(i, tenant)]
         services = [s.name for s in self.store.list_services()
                     if s.image_digest == image.digest and (tenant is None or s.owner == tenant)]
-        return model.as_seen_by(image, tenant), children, services
+        with self._lock:
+            nodes = sorted(n for n, c in self._image_caches.items() if image.digest in c.images)
+        return model.as_seen_by(image, tenant), children, services, nodes
+
+    def prime_image(self, ref: str, nodes: Sequence[str] = (), tenant: str | None = None) -> list[str]:
+        """Ask `nodes` (every READY node when none) to pull the image into
+        their caches ahead of need, with their next heartbeat; the nodes
+        asked. Kept in memory until each node's cache reports the image."""
+        image = self.store.resolve_image(ref)
+        model.check_image_use(image, tenant, f"prime image {ref!r}")
+        known = {n.name: n for n in self.store.list_nodes()}
+        unknown = sorted(set(nodes) - set(known))
+        if unknown:
+            raise NotFound(f"no physical node named {', '.join(map(repr, unknown))} (sodactl node list)")
+        asked = sorted(nodes) if nodes else sorted(n for n, node in known.items() if node.state == READY)
+        with self._lock:
+            for name in asked:
+                held = self._image_caches.get(name)
+                if held is None or image.digest not in held.images:
+                    self._primes.setdefault(name, set()).add(image.digest)
+        log.info("image %s to be primed on %s", image.digest, ", ".join(asked) or "no node")
+        return asked
+
+    def primes_for(self, node: str) -> tuple[str, ...]:
+        """The images `node` is asked to pull ahead of need."""
+        with self._lock:
+            return tuple(sorted(self._primes.get(node, ())))
 
     def image_for(self, ref: str, tenant: str | None = None, node: str | None = None) -> model.Image:
         """The image `ref` if the caller may read it: a tenant one it may
-        use, an Agent (`node`) one that a virtual node placed on it boots,
-        or that such an image is layered on."""
+        use, an Agent (`node`) one that a virtual node placed on it boots
+        or that it was asked to prime, or that such an image is layered on."""
         image = self.store.resolve_image(ref)
         model.check_image_use(image, tenant, f"pull image {ref!r}")
         if node is not None:
-            booted = {v.image_digest for v in self.store.list_vnodes(node=node)}
+            booted = {v.image_digest for v in self.store.list_vnodes(node=node)} | set(self.primes_for(node))
             needed = {i.digest for d in booted for i in self._chain_of(d)}
             if image.digest not in needed:
                 raise PermissionDenied(f"agent {node} may not pull image {ref!r}: no virtual node on "

@@ -30,7 +30,7 @@ from soda.model.usage import (  # noqa: F401
     Usage, USAGE_FIELDS, VnodeUsage)
 from soda.model.state import (  # noqa: F401
     Phase, VnodeMove, VirtualNode, Service, DriverCapabilities, Node, Image, check_disk_holds_image,
-    VirtualNodeStatus, retry_note, retries_temporary_failure)
+    VirtualNodeStatus, retry_note, retries_temporary_failure, ImageCacheState, HeartbeatAnswer)
 from soda.model.switching import (  # noqa: F401
     Endpoint, SwitchVnodeStats, SwitchServiceStats, SwitchReport, EndpointSet)
 from soda.model.fence import (  # noqa: F401

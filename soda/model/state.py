@@ -116,10 +116,8 @@ class Node:
     vnodes: int = 0
     last_heartbeat: float = 0.0
     usage: Usage | None = None      # sum over its virtual nodes that reported usage
-    # What its image cache takes on disk and its bound (0 = none), as its
-    # last heartbeat said: kept by the Master in memory only, like usage.
-    image_cache_bytes: int = 0
-    image_cache_limit: int = 0
+    # Its image cache as its last heartbeat said: Master memory only, like usage.
+    image_cache: "ImageCacheState | None" = None
     limits: tuple[DriverCapabilities, ...] = ()
     # Capacity fields the node could not measure and assumed a default for.
     assumed: tuple[str, ...] = ()
@@ -156,6 +154,21 @@ class Image:
     def stored_size(self) -> int:
         """Bytes it takes in the Master's store (and on the wire, raw)."""
         return self.layer_size if self.layer else self.size
+
+
+@dataclass(frozen=True)
+class ImageCacheState:
+    """A node's image cache as its Agent reports it with each heartbeat."""
+    bytes: int = 0                  # what its files take on disk
+    limit: int = 0                  # its bound; 0 = none
+    images: tuple[str, ...] = ()    # digests of the images it holds (whole or composed)
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """The Master's answer to a heartbeat."""
+    heartbeat_seconds: int = 0
+    prime: tuple[str, ...] = ()     # images to pull ahead of need (sodactl image prime)
 
 
 def check_disk_holds_image(disk_mib: int, image: Image) -> None:

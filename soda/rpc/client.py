@@ -179,12 +179,12 @@ class MasterClient(StubClient):
         return convert.node_from_pb(self._call("RegisterNode", req))
 
     def heartbeat(self, node: str, statuses: Iterable[model.VirtualNodeStatus],
-                  image_cache: tuple[int, int] = (0, 0)) -> int:
-        """`image_cache`: (bytes the node's image cache takes, its bound)."""
+                  image_cache: model.ImageCacheState | None = None) -> model.HeartbeatAnswer:
         req = pb.NodeStatus(node=node, complete=True,
                             vnodes=[convert.status_to_pb(s) for s in statuses],
-                            image_cache_bytes=image_cache[0], image_cache_limit=image_cache[1])
-        return self._call("Heartbeat", req).heartbeat_seconds
+                            image_cache=convert.image_cache_to_pb(image_cache))
+        reply = self._call("Heartbeat", req)
+        return model.HeartbeatAnswer(heartbeat_seconds=reply.heartbeat_seconds, prime=tuple(reply.prime))
 
     def report_status(self, node: str, statuses: Iterable[model.VirtualNodeStatus]) -> None:
         req = pb.NodeStatus(node=node, complete=False,
@@ -299,11 +299,16 @@ class MasterClient(StubClient):
     def get_image(self, image: str) -> model.Image:
         return self.inspect_image(image)[0]
 
-    def inspect_image(self, image: str) -> tuple[model.Image, list[str], list[str]]:
-        """The image, the digests of images layered directly on it, and the
-        services that boot it."""
+    def inspect_image(self, image: str) -> tuple[model.Image, list[str], list[str], list[str]]:
+        """The image, the digests of images layered directly on it, the
+        services that boot it and the nodes whose cache holds it."""
         reply = self._call("GetImage", pb.GetImageRequest(image=image))
-        return convert.image_from_pb(reply), list(reply.images), list(reply.services)
+        return convert.image_from_pb(reply), list(reply.images), list(reply.services), list(reply.nodes)
+
+    def prime_image(self, image: str, nodes: Iterable[str] = ()) -> list[str]:
+        """Ask `nodes` (every READY node when none) to pull the image ahead
+        of need; the nodes asked."""
+        return list(self._call("PrimeImage", pb.PrimeImageRequest(image=image, nodes=list(nodes))).nodes)
 
     def image_block_hashes(self, image: str) -> bytes:
         """soda.layers block hashes of a whole image (what a layer over it is made from)."""

@@ -167,8 +167,7 @@ def node_to_pb(n: model.Node) -> pb.Node:
                    subnet=n.subnet, gateway=n.gateway, uplink=n.uplink, state=n.state, vnodes=n.vnodes,
                    last_heartbeat=n.last_heartbeat, usage=usage_to_pb(n.usage),
                    limits=limits_to_pb(n.limits), assumed=list(n.assumed), labels=dict(n.labels),
-                   draining=n.draining, image_cache_bytes=n.image_cache_bytes,
-                   image_cache_limit=n.image_cache_limit)
+                   draining=n.draining, image_cache=image_cache_to_pb(n.image_cache))
 
 
 def node_from_pb(m: pb.Node) -> model.Node:
@@ -178,7 +177,17 @@ def node_from_pb(m: pb.Node) -> model.Node:
                       last_heartbeat=m.last_heartbeat, usage=usage_from_pb(m),
                       limits=limits_from_pb(m.limits), assumed=tuple(m.assumed),
                       labels=dict(sorted(m.labels.items())), draining=m.draining,
-                      image_cache_bytes=m.image_cache_bytes, image_cache_limit=m.image_cache_limit)
+                      image_cache=image_cache_from_pb(m.image_cache) if m.HasField("image_cache") else None)
+
+
+def image_cache_to_pb(c: model.ImageCacheState | None) -> pb.ImageCache | None:
+    if c is None:
+        return None
+    return pb.ImageCache(bytes=c.bytes, limit=c.limit, images=list(c.images))
+
+
+def image_cache_from_pb(m: pb.ImageCache) -> model.ImageCacheState:
+    return model.ImageCacheState(bytes=m.bytes, limit=m.limit, images=tuple(m.images))
 
 
 def image_to_pb(i: model.Image) -> pb.Image:

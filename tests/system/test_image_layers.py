@@ -117,7 +117,7 @@ def test_a_bounded_cache_evicts_what_no_guest_boots_and_pulls_it_again(bounded_n
     assert log.count(f"pulling image {base}") == 2, log
     node = {}
     wait_until(lambda: node.update(c.json("node", "get", "node-a")) or
-               node["image_cache"]["bytes"] > 0, 20, what="a heartbeat with the cache's use")
+               (node["image_cache"] or {}).get("bytes", 0) > 0, 20, what="a heartbeat with the cache's use")
     assert node["image_cache"]["limit"] == CACHE_BOUND
     assert 0 < node["image_cache"]["bytes"] <= CACHE_BOUND
     assert "Image cache:" in c.ctl("node", "get", "node-a").stdout

@@ -87,6 +87,7 @@ CALLS = {
                    allowed("tenant-a", "tenant-b")),
     "GetImageTransfer": ("unary", lambda c, f: pb.Empty(), allowed("agent", "other-agent", "tenant-a",
                                                                  "tenant-b")),
+    "PrimeImage": ("unary", lambda c, f: pb.PrimeImageRequest(image="a-img", nodes=["node-1"]), allowed()),
     "ImageBlockHashes": ("stream", lambda c, f: pb.ImageBlocksRequest(image="a-img"), allowed("tenant-a")),
     "ReportSwitchStats": ("unary", lambda c, f: pb.SwitchReport(switch="edge-1"), allowed("switch")),
     "WatchEndpoints": ("stream", lambda c, f: pb.WatchEndpointsRequest(),

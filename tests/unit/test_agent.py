@@ -25,7 +25,7 @@ from soda.errors import DataLoss, InvalidSpec, NotFound, Unavailable
 from soda.hypervisors.base import RUNNING, drivers
 from soda.hypervisors.fake import FakeDriver
 from soda.model.spec import Resources
-from soda.model.state import Image, Node, Phase, VirtualNode, VirtualNodeStatus
+from soda.model.state import HeartbeatAnswer, Image, Node, Phase, VirtualNode, VirtualNodeStatus
 from tests.support import free_port
 
 IMAGE = b"a tiny root filesystem" * 100
@@ -82,13 +82,13 @@ class FakeMaster:
                     subnet="10.233.1.0/24", gateway="10.233.1.1", labels=dict(labels or {}),
                     state=self.state)
 
-    def heartbeat(self, node, statuses, image_cache=(0, 0)):
+    def heartbeat(self, node, statuses, image_cache=None):
         self._check()
         if not self.known:
             raise NotFound(f"node {node} not found")
         with self.lock:
             self.heartbeats.append({s.name: s for s in statuses})
-        return self.heartbeat_seconds
+        return HeartbeatAnswer(heartbeat_seconds=self.heartbeat_seconds)
 
     def report_status(self, node, statuses):
         self._check()

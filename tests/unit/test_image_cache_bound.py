@@ -53,8 +53,9 @@ def test_the_least_recently_used_image_goes_first_when_over_the_bound(tmp_path):
     cache.ensure(master.digest["a"])                   # a used again: b is now the oldest
     cache.ensure(master.digest["c"])
     assert _held(cache, master) == {"a", "c"}
-    used, limit = cache.usage()
-    assert used <= limit == int(2.5 * MIB)
+    state = cache.state()
+    assert state.bytes <= state.limit == int(2.5 * MIB)
+    assert set(state.images) == {master.digest["a"], master.digest["c"]}
     cache.ensure(master.digest["b"])                   # pulled again when needed
     assert master.pulls == ["a", "b", "c", "b"] and _held(cache, master) == {"c", "b"}
 
@@ -97,7 +98,8 @@ def test_no_bound_evicts_nothing(tmp_path):
     cache = ImageCache(str(tmp_path / "images"), master)
     for name in "abc":
         cache.ensure(master.digest[name])
-    assert _held(cache, master) == {"a", "b", "c"} and cache.usage() == (3 * MIB, 0)
+    state = cache.state()
+    assert _held(cache, master) == {"a", "b", "c"} and (state.bytes, state.limit) == (3 * MIB, 0)
 
 
 def test_eviction_keeps_the_mtime_a_uml_cow_layer_checks(tmp_path):
@@ -119,5 +121,4 @@ def test_a_pulled_image_keeps_its_free_space_as_holes(tmp_path):
     path = cache.ensure(master.digest["a"])
     with open(path, "rb") as f:
         assert f.read() == data
-    used, _ = cache.usage()
-    assert os.path.getsize(path) == len(data) and used < 1.2 * MIB
+    assert os.path.getsize(path) == len(data) and cache.state().bytes < 1.2 * MIB

@@ -78,8 +78,8 @@ def test_a_push_over_a_base_sends_and_stores_only_its_layer(master, base, tmp_pa
     assert os.path.getsize(os.path.join(images_dir, pushed.layer.replace(":", "-"))) == pushed.layer_size
     listed = {i.names[0]: i for i in client.list_images()}
     assert listed["app"].parent == pushed_base.digest and listed["app"].stored_size == pushed.layer_size
-    image, children, services = client.inspect_image("base")
-    assert children == [pushed.digest] and services == []
+    image, children, services, nodes = client.inspect_image("base")
+    assert children == [pushed.digest] and services == [] and nodes == []
 
 
 def test_an_agent_pulls_the_layer_and_composes_the_image_once(master, base, tmp_path):

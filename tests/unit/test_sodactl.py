@@ -476,6 +476,17 @@ def test_node_list(client):
     assert in_yaml["labels"] == {"rack": "r1", "zone": "a"}
 
 
+def test_node_get_shows_one_node_with_its_image_cache(client):
+    cache = model.ImageCacheState(bytes=3 << 30, limit=16 << 30, images=(DIGEST,))
+    client.nodes = [model.Node(name="node-b", address="192.0.2.11", capacity=model.Resources(4, 4096, 1000, 10240),
+                               hypervisors=("fake",), image_cache=cache)]
+    shown = run(client, "node", "get", "node-b").stdout
+    assert "Image cache:" in shown and "3.0 GiB of 16.0 GiB (19 %), 1 image(s)" in shown, shown
+    got = json.loads(run(client, "-o", "json", "node", "get", "node-b").stdout)
+    assert got["image_cache"] == {"bytes": 3 << 30, "limit": 16 << 30, "images": [DIGEST]}
+    assert_one_line_error(run(client, "node", "get", "node-z"), 1, "no physical node named 'node-z'")
+
+
 def test_node_list_shows_a_node_without_labels_as_such(client):
     client.nodes = [model.Node(name="node-b", address="192.0.2.11", capacity=model.Resources(4, 4096, 1000, 10240),
                                hypervisors=("fake",))]

@@ -213,7 +213,7 @@ class Service(_message.Message):
     def __init__(self, spec: _Optional[_Union[ServiceSpec, _Mapping]] = ..., image_digest: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNode, _Mapping]]] = ..., deleting: _Optional[bool] = ..., created_at: _Optional[float] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed", "uplink", "labels", "draining", "image_cache_bytes", "image_cache_limit")
+    __slots__ = ("name", "address", "capacity", "allocated", "hypervisors", "subnet", "gateway", "state", "vnodes", "last_heartbeat", "usage", "limits", "assumed", "uplink", "labels", "draining", "image_cache")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,8 +237,7 @@ class Node(_message.Message):
     UPLINK_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_CACHE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CACHE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: Resources
@@ -255,9 +254,8 @@ class Node(_message.Message):
     uplink: str
     labels: _containers.ScalarMap[str, str]
     draining: bool
-    image_cache_bytes: int
-    image_cache_limit: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ..., uplink: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ..., image_cache_bytes: _Optional[int] = ..., image_cache_limit: _Optional[int] = ...) -> None: ...
+    image_cache: ImageCache
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisors: _Optional[_Iterable[str]] = ..., subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., state: _Optional[str] = ..., vnodes: _Optional[int] = ..., last_heartbeat: _Optional[float] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[DriverCapabilities, _Mapping]]] = ..., assumed: _Optional[_Iterable[str]] = ..., uplink: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ..., image_cache: _Optional[_Union[ImageCache, _Mapping]] = ...) -> None: ...
 
 class DriverCapabilities(_message.Message):
     __slots__ = ("hypervisor", "min_memory_mib", "kernel", "memory_overhead_mib", "live_memory", "freeze", "disk_bound", "plumbing", "migration", "attributes")
@@ -291,7 +289,7 @@ class DriverCapabilities(_message.Message):
     def __init__(self, hypervisor: _Optional[str] = ..., min_memory_mib: _Optional[int] = ..., kernel: _Optional[str] = ..., memory_overhead_mib: _Optional[int] = ..., live_memory: _Optional[bool] = ..., freeze: _Optional[bool] = ..., disk_bound: _Optional[bool] = ..., plumbing: _Optional[bool] = ..., migration: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("digest", "names", "size", "created_at", "init", "owners", "public", "parent", "layer", "layer_size", "images", "services")
+    __slots__ = ("digest", "names", "size", "created_at", "init", "owners", "public", "parent", "layer", "layer_size", "images", "services", "nodes")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +302,7 @@ class Image(_message.Message):
     LAYER_SIZE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     digest: str
     names: _containers.RepeatedScalarFieldContainer[str]
     size: int
@@ -316,7 +315,8 @@ class Image(_message.Message):
     layer_size: int
     images: _containers.RepeatedScalarFieldContainer[str]
     services: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., created_at: _Optional[float] = ..., init: _Optional[str] = ..., owners: _Optional[_Iterable[str]] = ..., public: _Optional[bool] = ..., parent: _Optional[str] = ..., layer: _Optional[str] = ..., layer_size: _Optional[int] = ..., images: _Optional[_Iterable[str]] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., created_at: _Optional[float] = ..., init: _Optional[str] = ..., owners: _Optional[_Iterable[str]] = ..., public: _Optional[bool] = ..., parent: _Optional[str] = ..., layer: _Optional[str] = ..., layer_size: _Optional[int] = ..., images: _Optional[_Iterable[str]] = ..., services: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateServiceRequest(_message.Message):
     __slots__ = ("spec",)
@@ -434,24 +434,34 @@ class VirtualNodeStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., generation: _Optional[int] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "vnodes", "complete", "image_cache_bytes", "image_cache_limit")
+    __slots__ = ("node", "vnodes", "complete", "image_cache")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_CACHE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CACHE_FIELD_NUMBER: _ClassVar[int]
     node: str
     vnodes: _containers.RepeatedCompositeFieldContainer[VirtualNodeStatus]
     complete: bool
-    image_cache_bytes: int
-    image_cache_limit: int
-    def __init__(self, node: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNodeStatus, _Mapping]]] = ..., complete: _Optional[bool] = ..., image_cache_bytes: _Optional[int] = ..., image_cache_limit: _Optional[int] = ...) -> None: ...
+    image_cache: ImageCache
+    def __init__(self, node: _Optional[str] = ..., vnodes: _Optional[_Iterable[_Union[VirtualNodeStatus, _Mapping]]] = ..., complete: _Optional[bool] = ..., image_cache: _Optional[_Union[ImageCache, _Mapping]] = ...) -> None: ...
+
+class ImageCache(_message.Message):
+    __slots__ = ("bytes", "limit", "images")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    limit: int
+    images: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bytes: _Optional[int] = ..., limit: _Optional[int] = ..., images: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_seconds",)
+    __slots__ = ("heartbeat_seconds", "prime")
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRIME_FIELD_NUMBER: _ClassVar[int]
     heartbeat_seconds: int
-    def __init__(self, heartbeat_seconds: _Optional[int] = ...) -> None: ...
+    prime: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, heartbeat_seconds: _Optional[int] = ..., prime: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -570,6 +580,20 @@ class GetImageRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     image: str
     def __init__(self, image: _Optional[str] = ...) -> None: ...
+
+class PrimeImageRequest(_message.Message):
+    __slots__ = ("image", "nodes")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PrimeImageResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FetchImageRequest(_message.Message):
     __slots__ = ("url", "digest", "name", "init", "public", "base")

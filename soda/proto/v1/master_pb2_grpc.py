@@ -149,6 +149,11 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.FetchImageRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
                 _registered_method=True)
+        self.PrimeImage = channel.unary_unary(
+                '/soda.proto.v1.Master/PrimeImage',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.PrimeImageRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.PrimeImageResponse.FromString,
+                _registered_method=True)
         self.GetImageTransfer = channel.unary_unary(
                 '/soda.proto.v1.Master/GetImageTransfer',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Empty.SerializeToString,
@@ -337,6 +342,12 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrimeImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetImageTransfer(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -508,6 +519,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.FetchImage,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.FetchImageRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.SerializeToString,
+            ),
+            'PrimeImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrimeImage,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.PrimeImageRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.PrimeImageResponse.SerializeToString,
             ),
             'GetImageTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImageTransfer,
@@ -1176,6 +1192,33 @@ class Master:
             '/soda.proto.v1.Master/FetchImage',
             soda_dot_proto_dot_v1_dot_master__pb2.FetchImageRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrimeImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/PrimeImage',
+            soda_dot_proto_dot_v1_dot_master__pb2.PrimeImageRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.PrimeImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,6 +104,12 @@ class _Vnode:
     # be released (the Daemon was down): released again until it works, and
     # the virtual node is not forgotten before.
     unreleased: str = ""
+    pause_error: str = ""                      # why the last freeze or thaw failed
+    pause_retry_at: float = 0.0                # not tried again before
+
+    def note(self) -> str:
+        """The reason a running guest shows: what did not work out live."""
+        return "; ".join(n for n in (self.pause_error, self.limits_error) if n)
 
 
 @dataclass
@@ -395,6 +401,13 @@ class Reconciler:
         vnode = self._vn(name)
         current = vnode.status
         if info.state == GUEST_RUNNING:
+            if want is not None and want.frozen != info.frozen and not vnode.busy \
+                    and now >= vnode.pause_retry_at:
+                self._submit_pause(want, info)
+            if info.frozen:
+                thawing = want is not None and not want.frozen
+                self._record(name, Phase.THAWING if thawing else Phase.FROZEN, vnode.pause_error, generation)
+                return
             if want is not None and info.ready and vnode.applied != want.resources \
                     and not vnode.busy and not self._update_held(name, now):
                 self._submit_update(want, info)
@@ -402,11 +415,13 @@ class Reconciler:
                 since = vnode.running_since if vnode.running_since is not None else now
                 if vnode.retry is not None and now - since >= self._backoff_reset:
                     vnode.retry = None
-                self._record(name, Phase.RUNNING, vnode.limits_error, generation)
+                self._record(name, Phase.RUNNING, vnode.note(), generation)
             elif info.ready:
                 # Adopted (or finished booting while nobody watched).
                 vnode.running_since = now
-                self._record(name, Phase.RUNNING, vnode.limits_error, generation)
+                self._record(name, Phase.RUNNING, vnode.note(), generation)
+            elif current is not None and current.phase in (Phase.FROZEN, Phase.THAWING):
+                self._record(name, Phase.THAWING, "", generation)   # resumed; its port not yet answering
             else:
                 self._record(name, Phase.BOOTING, "", generation)
             return
@@ -461,6 +476,34 @@ class Reconciler:
                         return
         self._done(want.name, "update", want.generation, future)
 
+    def _submit_pause(self, want: VirtualNode, info: GuestInfo) -> None:
+        self._vn(want.name).busy = True
+        action = "freeze" if want.frozen else "thaw"
+        self._track(want.name, action, want.generation, self._stops.submit(self._pause, want))
+
+    def _pause(self, want: VirtualNode) -> None:
+        """Freeze or thaw the guest as `want` says. A failure leaves it as it
+        is, says why in its reason and is tried again after a backoff."""
+        name = want.name
+        driver_name = self._driver_for(want)
+        action = "freeze" if want.frozen else "thaw"
+        try:
+            driver = self._drivers[driver_name]
+            (driver.freeze if want.frozen else driver.thaw)(name)
+        except (SodaError, OSError, KeyError) as exc:
+            with self._cond:
+                delay = self._schedule_retry(name, action, self._clock())
+                vnode = self._vn(name)
+                vnode.pause_error = f"{action} failed: {exc} (retry in {delay:g}s)"
+                vnode.pause_retry_at = self._clock() + delay
+            log.warning("virtual node %s: %s", name, vnode.pause_error)
+            return
+        with self._cond:
+            # The next pass reports what the driver now finds (FROZEN, or
+            # RUNNING once the thawed guest answers).
+            vnode = self._vn(name)
+            vnode.pause_error, vnode.pause_retry_at = "", 0.0
+
     def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
         self._vn(name).busy = True
         self._track(name, "stop", generation, self._stops.submit(self._stop, name, driver_name, generation))
@@ -497,7 +540,7 @@ class Reconciler:
             vnode.limits_error = f"new limits not applied yet: {why} (retry in {delay:g}s)"
             current = vnode.status
             if current is not None and current.phase == Phase.RUNNING:
-                self._record(name, Phase.RUNNING, vnode.limits_error, current.generation)
+                self._record(name, Phase.RUNNING, vnode.note(), current.generation)
         else:
             self._failed(name, f"{action} failed: {why}", generation, self._clock(), action)
 

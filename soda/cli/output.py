@@ -51,6 +51,7 @@ def vnode_to_dict(vnode: model.VirtualNode) -> dict:
         "reason": vnode.reason,
         "hypervisor": vnode.hypervisor,
         "deleting": vnode.deleting,
+        "frozen": vnode.frozen,             # asked to be paused in place (service freeze)
         "usage": usage_to_dict(vnode.usage),
         # What the Switch(es) measured: None when no Switch reported it.
         "switch": dataclasses.asdict(vnode.switch_stats) if vnode.switch_stats is not None else None,

@@ -27,17 +27,23 @@ class Rollout:
     # FAILED for a cause that should pass by itself (the Daemon restarting),
     # which its Agent retries: still on its way.
     retrying: tuple[model.VirtualNode, ...] = ()
+    frozen: tuple[model.VirtualNode, ...] = ()    # asked to freeze and FROZEN: at rest, not waiting
 
     @classmethod
     def of(cls, service: model.Service) -> "Rollout":
         staying = [v for v in service.vnodes if not v.deleting]
         failed = [v for v in staying if v.phase == model.Phase.FAILED]
+        frozen = [v for v in staying if v.frozen and v.phase == model.Phase.FROZEN]
         return cls(
             name=service.name,
             wanted=service.spec.nodes,
             deleting=service.deleting,
-            running=tuple(v for v in staying if v.phase == model.Phase.RUNNING),
-            waiting=tuple(v for v in staying if v.phase not in (model.Phase.RUNNING, model.Phase.FAILED)),
+            running=tuple(v for v in staying if v.phase == model.Phase.RUNNING and not v.frozen),
+            # Neither failed nor at rest (RUNNING, or FROZEN when asked to
+            # be): booting, thawing, asked to freeze and not frozen yet.
+            waiting=tuple(v for v in staying if v.phase != model.Phase.FAILED
+                          and v.phase != (model.Phase.FROZEN if v.frozen else model.Phase.RUNNING)),
+            frozen=tuple(frozen),
             failed=tuple(v for v in failed if not model.retries_temporary_failure(v)),
             leaving=tuple(v for v in service.vnodes if v.deleting),
             retrying=tuple(v for v in failed if model.retries_temporary_failure(v)),
@@ -47,14 +53,15 @@ class Rollout:
     def done(self) -> bool:
         """Every wanted virtual node runs and every unwanted one is gone."""
         return (not self.deleting and not self.failed and not self.retrying and not self.waiting
-                and not self.leaving and len(self.running) == self.wanted)
+                and not self.leaving and len(self.running) + len(self.frozen) == self.wanted)
 
     @property
     def moving(self) -> int:
         """Live virtual nodes beyond what the service wants: replacements of
         virtual nodes on a draining node, which leave once these run (only
         a move makes a service hold more than it wants)."""
-        staying = len(self.running) + len(self.waiting) + len(self.failed) + len(self.retrying)
+        staying = (len(self.running) + len(self.frozen) + len(self.waiting) + len(self.failed)
+                   + len(self.retrying))
         return max(0, staying - self.wanted) if not self.deleting else 0
 
     @property
@@ -65,6 +72,8 @@ class Rollout:
             return "FAILED"
         if self.done:
             # A service may rest at zero virtual nodes (deploy on first request).
+            if self.frozen and not self.running:
+                return "FROZEN"
             return "RUNNING" if self.wanted else "IDLE"
         if self.moving:
             return "MOVING"
@@ -75,6 +84,8 @@ class Rollout:
     def progress(self) -> str:
         """`web: 3/4 running`, plus what else is going on."""
         text = f"{self.name}: {min(len(self.running), self.wanted)}/{self.wanted} running"
+        if self.frozen:
+            text += f", {len(self.frozen)} frozen"
         if self.moving:
             text += f", {self.moving} moving"
         if self.failed:
@@ -94,8 +105,8 @@ class Rollout:
         """One line naming what keeps the service from being done."""
         parts = [f"{v.name} ({describe(v)})" for v in self.waiting + self.retrying]
         parts += [f"{v.name} (still stopping)" for v in self.leaving]
-        missing = (self.wanted - len(self.running) - len(self.waiting) - len(self.failed)
-                   - len(self.retrying))
+        missing = (self.wanted - len(self.running) - len(self.frozen) - len(self.waiting)
+                   - len(self.failed) - len(self.retrying))
         if missing > 0:
             parts.append(f"{missing} not created yet")
         return name_some(parts)

@@ -621,6 +621,39 @@ def service_resize(session: Session, name: str, nodes: int | None, cpu: str | No
     session.emit(output.service_to_dict(resized), lambda: output.service_table(resized))
 
 
+def _freeze_command(frozen: bool):
+    """`service freeze` and `service thaw`: one command, two directions."""
+    verb = "freeze" if frozen else "thaw"
+    doc = ("Freeze virtual nodes in place: memory and address kept, no CPU, no new "
+           "connections (the Switch drains them first). Only where their hypervisor can "
+           "(qemu; `node list -o json` shows each driver's freeze); a frozen one stays frozen across "
+           "Agent restarts.\n\n\b\nsodactl service freeze web --vnode 1 --wait"
+           if frozen else
+           "Thaw frozen virtual nodes: they go on where they were paused and take "
+           "connections again once their port answers.\n\n\b\nsodactl service thaw web --wait")
+
+    @service.command(verb, help=doc)
+    @click.argument("name")
+    @click.option("--vnode", "vnodes", multiple=True, metavar="VNODE",
+                  help="Only this virtual node (its name or index); repeatable. Default: all of them.")
+    @wait_options("the virtual nodes are " + ("FROZEN" if frozen else "RUNNING again"))
+    @output_option
+    @click.pass_obj
+    def command(session: Session, name: str, vnodes: tuple[str, ...], wait: bool, timeout: float) -> None:
+        client = session.client
+        changed = client.freeze_service(name, vnodes, frozen=frozen)
+        if wait:
+            with StatusLine() as status:
+                changed = wait_until_running(client, name, status, timeout)
+        session.emit(output.service_to_dict(changed), lambda: output.service_table(changed))
+
+    return command
+
+
+service_freeze = _freeze_command(True)
+service_thaw = _freeze_command(False)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """sodactl on `argv` (default: the process's arguments); its exit code."""
     try:

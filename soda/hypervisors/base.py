@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from soda.errors import InvalidSpec
+from soda.errors import InvalidSpec, WrongState
 from soda.model.names import NODE_NAME_MAX, check_dns_label, check_hypervisor_name
 from soda.model.spec import Resources
 from soda.model.state import DriverCapabilities
@@ -102,6 +102,7 @@ class GuestInfo:
     ready: bool = False
     exit_reason: str = ""
     generation: int = 0          # GuestSpec.generation it was started with; 0 = unknown
+    frozen: bool = False         # paused in place by freeze(); never ready while so
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,17 @@ class HypervisorDriver(abc.ABC):
     def info(self, name: str) -> GuestInfo | None:
         """One guest; drivers may override this with something cheaper."""
         return self.list().get(name)
+
+    def freeze(self, name: str) -> None:
+        """Pause a running guest in place (its memory kept, no CPU), so that
+        list() and info() say frozen, after an Agent restart too. Freezing a
+        frozen guest does nothing. Drivers with can_freeze override it."""
+        raise WrongState(f"the {self.name} driver cannot freeze guests")
+
+    def thaw(self, name: str) -> None:
+        """Resume a frozen guest where it was paused; thawing a running
+        guest does nothing."""
+        raise WrongState(f"the {self.name} driver cannot freeze guests")
 
     def fingerprint(self) -> Fingerprint:
         """Whether this driver can run guests on this host (its binary and

@@ -51,6 +51,7 @@ class FakeDriver(HypervisorDriver):
     disk_bound = False            # its guests never read their image
     plumbing = False              # nor have a network or a fence
     live_memory = True            # set_memory works on its pretend guests
+    can_freeze = True             # freeze/thaw mark its pretend guests paused
 
     def __init__(self, state_dir: str, runner: Any = None, clock: Clock = time.time,
                  boot_seconds: float = 0.2, stop_seconds: float = 0.05,
@@ -227,13 +228,29 @@ class FakeDriver(HypervisorDriver):
             _unlink(self._marker(name))
         return record
 
+    def freeze(self, name: str) -> None:
+        self._set_frozen(name, True)
+
+    def thaw(self, name: str) -> None:
+        self._set_frozen(name, False)
+
+    def _set_frozen(self, name: str, frozen: bool) -> None:
+        check_guest_name(name)
+        with self._locked():
+            record = self._load(name)
+            if record is None or record["state"] != RUNNING:
+                raise NotFound(f"fake guest {name} is not running")
+            record["frozen"] = frozen
+            write_json_atomic(self._record_path(name), record)
+
     def _info(self, record: dict) -> GuestInfo:
         running = record["state"] == RUNNING
+        frozen = running and bool(record.get("frozen"))
         return GuestInfo(
             name=record["name"], state=record["state"], pid=record["pid"],
             started_at=record["started_at"],
-            ready=running and self.clock() - record["started_at"] >= self.boot_seconds,
-            exit_reason=record["exit_reason"], generation=record.get("generation", 0))
+            ready=running and not frozen and self.clock() - record["started_at"] >= self.boot_seconds,
+            exit_reason=record["exit_reason"], generation=record.get("generation", 0), frozen=frozen)
 
 
 def _unlink(path: str) -> None:

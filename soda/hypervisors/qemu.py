@@ -242,13 +242,11 @@ class QemuDriver(RecordedGuestDriver):
 
     def freeze(self, name: str) -> None:
         """Pause the guest's virtual CPUs (QMP `stop`); its memory stays."""
-        record = self._running_record(name)
-        qmp(record["qmp"], "stop", timeout=QMP_TIMEOUT)
+        self._set_frozen(name, True, lambda record: qmp(record["qmp"], "stop", timeout=QMP_TIMEOUT))
 
     def thaw(self, name: str) -> None:
         """Resume a frozen guest (QMP `cont`)."""
-        record = self._running_record(name)
-        qmp(record["qmp"], "cont", timeout=QMP_TIMEOUT)
+        self._set_frozen(name, False, lambda record: qmp(record["qmp"], "cont", timeout=QMP_TIMEOUT))
 
     def _running_record(self, name: str) -> dict:
         check_guest_name(name)

@@ -47,7 +47,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from soda.errors import CommandError, InvalidSpec, TemporaryError, WrongState
+from soda.errors import CommandError, InvalidSpec, NotFound, TemporaryError, WrongState
 from soda.files import remove_path, write_json_atomic
 from soda.hypervisors import launch, process
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
@@ -413,13 +413,36 @@ class RecordedGuestDriver(HypervisorDriver):
             reason = self._vm_ended(record)
             running = not reason
         ready = False
-        if running:
+        frozen = running and bool(record.get("frozen"))
+        if running and not frozen:
             ready = process.key(record) in self._ready or (probe and self._probe_ready(record))
         if not running and not reason:
             reason = self._exit_reason(record)
         return GuestInfo(name=record["name"], state=RUNNING if running else EXITED,
                          pid=record["pid"], started_at=record.get("started_at", 0.0),
-                         ready=ready, exit_reason=reason, generation=record.get("generation", 0))
+                         ready=ready, exit_reason=reason, generation=record.get("generation", 0),
+                         frozen=frozen)
+
+    def _set_frozen(self, name: str, frozen: bool, act: Callable[[dict], None]) -> None:
+        """freeze()/thaw() of a driver whose VMM pauses in place: `act(record)`
+        pauses or resumes the VMM; the record keeps the state, so that it
+        outlives the Agent. A thawed guest is probed again before it counts
+        as ready."""
+        check_guest_name(name)
+        with self._locked(name):
+            record = self._load(name)
+            if record is None:
+                raise NotFound(f"no {self.name} guest {name}")
+            if not self._alive(record):
+                raise WrongState(f"{self.name} guest {name} is not running")
+            if bool(record.get("frozen")) == frozen:
+                return
+            act(record)
+            record["frozen"] = frozen
+            write_json_atomic(self._record_path(name), record)
+            if not frozen:
+                self._ready.discard(process.key(record))
+        log.info("%s guest %s %s", self.name, name, "frozen" if frozen else "thawed")
 
     def _probe_ready(self, record: dict) -> bool:
         if process.key(record) in self._ready:

@@ -58,6 +58,7 @@ RULES: dict[str, frozenset[str]] = {
     "ListServices": frozenset({TENANT, SWITCH}),
     "DeleteService": frozenset({TENANT}),
     "ResizeService": frozenset({TENANT}),
+    "FreezeService": frozenset({TENANT}),
     "WatchServices": frozenset({TENANT}),
     "EnsureNodes": frozenset({SWITCH}),
     "ReleaseNodes": frozenset({SWITCH}),

@@ -257,13 +257,15 @@ class MasterServicer(pb_grpc.MasterServicer):
         # name -> (the record's revision, its message): a record not written
         # since it was sent is not encoded again (every service created or
         # deleted wakes the watch of each node it touches).
-        sent: dict[str, tuple[int, pb.VirtualNode]] | None = None
+        sent: dict[str, tuple[tuple[int, bool], pb.VirtualNode]] | None = None
         for _ in self._watch(node_topic(request.node), context):
             current = {}
             for name, v in self.controller.assignments(request.node).items():
-                revision = revision_of(v)
+                # A freezing virtual node is sent thawed while a Switch drains
+                # it, then frozen, at one revision: the flag is part of the key.
+                revision = (revision_of(v), v.frozen)
                 before = sent.get(name) if sent else None
-                current[name] = (revision, before[1] if before and revision and before[0] == revision
+                current[name] = (revision, before[1] if before and revision[0] and before[0] == revision
                                  else convert.vnode_to_pb(v))
             if sent is None:
                 yield pb.AssignmentEvent(kind=pb.AssignmentEvent.SNAPSHOT,
@@ -322,6 +324,12 @@ class MasterServicer(pb_grpc.MasterServicer):
         return pb.Empty()
 
     # ---- images -------------------------------------------------------
+    @handle_errors
+    def FreezeService(self, request, context):
+        service = self.controller.freeze_service(request.name, list(request.vnodes), request.frozen,
+                                                 self._tenant(context))
+        return convert.service_to_pb(service)
+
     @handle_errors
     def PushImage(self, request_iterator, context):
         first = next(request_iterator, None)

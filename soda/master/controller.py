@@ -307,6 +307,49 @@ class Controller:
         except NotFound:
             return marked
 
+    def freeze_service(self, name: str, vnodes: Sequence[str] = (), frozen: bool = True,
+                       tenant: str | None = None) -> model.Service:
+        """Freeze (or thaw) a service's virtual nodes, all or those named
+        (by name or index): a frozen one keeps its memory and address, uses
+        no CPU and gets no new connections. The Switches drain it first: its
+        Agent is told to freeze once no Switch holds it (or the service's
+        drain time has passed). Only where its driver can freeze."""
+        def work(tx: Transaction) -> list[model.VirtualNode]:
+            service = model.owned_by(tx.get_service(name), tenant, "freeze or thaw")
+            if service.deleting:
+                raise WrongState(f"service {name} is being deleted")
+            live = [v for v in service.vnodes if not v.deleting]
+            chosen = live
+            if vnodes:
+                by_ref = {**{v.name: v for v in live}, **{str(v.index): v for v in live}}
+                unknown = [r for r in vnodes if r not in by_ref]
+                if unknown:
+                    raise NotFound(f"service {name} has no virtual node {', '.join(map(repr, unknown))} "
+                                   f"(it has {', '.join(v.name for v in live) or 'none'})")
+                chosen = list({by_ref[r].name: by_ref[r] for r in vnodes}.values())
+            if frozen:
+                for v in chosen:
+                    _check_can_freeze(tx, v)
+            changed = [replace(v, frozen=frozen) for v in chosen if v.frozen != frozen]
+            tx.put_vnodes(changed)
+            if frozen and changed:
+                self._hold_for_draining(changed, service.spec.switch.drain_seconds)
+            elif changed:
+                tx.after_commit(lambda: self._forget_holds(changed))
+            what = "frozen" if frozen else "thawed"
+            tx.after_commit(functools.partial(log.info, "service %s: %s %s", name,
+                                              ", ".join(v.name for v in changed) or "nothing", what))
+            tx.after_commit(functools.partial(self._publish_service, name, {v.node for v in changed}))
+            return changed
+
+        self._unit_of_work(work)
+        return self.get_service(name, tenant)
+
+    def _forget_holds(self, vnodes: Iterable[model.VirtualNode]) -> None:
+        with self._lock:
+            for v in vnodes:
+                self.switches.forget(v.name)
+
     def _finish_deletions(self, tx: Transaction, services: Iterable[str]) -> list[str]:
         """Drop services marked deleting whose last virtual node is gone."""
         done = []
@@ -755,12 +798,21 @@ class Controller:
 
     def assignments(self, node: str) -> dict[str, model.VirtualNode]:
         """The desired set of a physical node: what its Agent must run. A
-        deleting virtual node a Switch is still draining keeps running."""
+        deleting virtual node a Switch is still draining keeps running, and
+        a freezing one stays thawed."""
         vnodes = self.store.list_vnodes(node=node)
         with self._lock:
             now = self.monotonic()
-            return {v.name: replace(v, deleting=False) if v.deleting else v
-                    for v in vnodes if not v.deleting or self.switches.holds(v.name, now)}
+            out = {}
+            for v in vnodes:
+                if v.deleting or v.frozen:
+                    held = self.switches.holds(v.name, now)
+                    if v.deleting and not held:
+                        continue
+                    if held:
+                        v = replace(v, deleting=False, frozen=False)
+                out[v.name] = v
+            return out
 
     # ---- Switches -------------------------------------------------------
     def report_switch(self, report: model.SwitchReport) -> None:
@@ -1226,6 +1278,20 @@ class Controller:
                               *(node_topic(n) for n in nodes if n))
 
 
+def _check_can_freeze(tx: Transaction, v: model.VirtualNode) -> None:
+    """WrongState unless the driver that runs `v` where it is placed can freeze."""
+    if not v.node:
+        raise WrongState(f"virtual node {v.name} is not placed on a node: nothing to freeze")
+    node = tx.get_node(v.node)
+    caps = {c.hypervisor: c for c in node.limits}
+    can = caps.get(v.hypervisor)
+    if can is None or not can.freeze:
+        able = sorted(c.hypervisor for c in node.limits if c.freeze)
+        raise WrongState(f"virtual node {v.name} runs on {v.hypervisor or 'its hypervisor'} on node {v.node}, "
+                         f"whose driver cannot freeze guests (drivers there that can: "
+                         f"{', '.join(able) or 'none'}); stop it instead (resize the service)")
+
+
 def _check_limits(node: str, hypervisors: Sequence[str], limits: Sequence[model.DriverCapabilities]) -> None:
     seen = set()
     for limit in limits:
@@ -1355,5 +1421,5 @@ def endpoint_set(service: model.Service) -> model.EndpointSet:
     return model.EndpointSet(
         service=service.name, switch=service.spec.switch, on_demand=service.spec.on_demand,
         network=service.spec.network, endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
-                                       ready=v.phase == model.Phase.RUNNING)
+                                       ready=v.phase == model.Phase.RUNNING and not v.frozen)
                         for v in service.vnodes if not v.deleting and v.address))

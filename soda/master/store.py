@@ -57,7 +57,8 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 #            and their quotas (table quotas).
 # Version 9: vnodes.boot_timeout, a service's own boot timeout.
 # Version 10: images.parent/layer/layer_size, layered images (soda.layers).
-SCHEMA_VERSION = 10
+# Version 11: vnodes.frozen, a virtual node paused in place.
+SCHEMA_VERSION = 11
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,7 +94,8 @@ CREATE TABLE IF NOT EXISTS vnodes (
     deleting INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL,
     cpu_cap INTEGER NOT NULL DEFAULT 0, revision INTEGER NOT NULL DEFAULT 1,
     moved_from TEXT NOT NULL DEFAULT '', moved_at REAL NOT NULL DEFAULT 0,
-    moved_why TEXT NOT NULL DEFAULT '', boot_timeout REAL NOT NULL DEFAULT 0);
+    moved_why TEXT NOT NULL DEFAULT '', boot_timeout REAL NOT NULL DEFAULT 0,
+    frozen INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS vnodes_by_node ON vnodes(node);
 CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 """
@@ -411,12 +413,14 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
     9: ("ALTER TABLE images ADD COLUMN parent TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE images ADD COLUMN layer TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE images ADD COLUMN layer_size INTEGER NOT NULL DEFAULT 0"),
+    # No virtual node was frozen before freezing existed.
+    10: ("ALTER TABLE vnodes ADD COLUMN frozen INTEGER NOT NULL DEFAULT 0",),
 }
 
 
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
-                  "generation, cpu_cap, moved_from, moved_at, moved_why, boot_timeout, revision")
+                  "generation, cpu_cap, moved_from, moved_at, moved_why, boot_timeout, frozen, revision")
 _VNODE_WIDTH = len(_VNODE_COLUMNS.split(","))
 # SQLite's default limit on the parameters of one statement is 999 (older builds).
 _IN_CHUNK = 500
@@ -460,7 +464,7 @@ def _vnode_row(v: model.VirtualNode, revision: int) -> tuple:
             r.memory, r.bandwidth, r.disk, v.weight, v.image_digest, v.hypervisor, v.port,
             int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation, int(v.cpu_cap),
             *((m.from_node, m.at, m.why) if (m := v.last_move) else ("", 0.0, "")), v.boot_timeout,
-            revision)
+            int(v.frozen), revision)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -475,7 +479,7 @@ _PHASES = {int(p): p for p in model.Phase}
 def _vnode_from_row(row) -> StoredVirtualNode:
     (name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, disk, weight,
      image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap,
-     moved_from, moved_at, moved_why, boot_timeout, revision) = row
+     moved_from, moved_at, moved_why, boot_timeout, frozen, revision) = row
     # Every read of the Master decodes virtual nodes by the thousand, and a
     # frozen dataclass's __init__ sets its 26 fields one object.__setattr__
     # at a time: the largest single cost of the Master under load. A row the
@@ -488,7 +492,7 @@ def _vnode_from_row(row) -> StoredVirtualNode:
         node=node, address=address, prefix_length=prefix_length, gateway=gateway, weight=weight,
         image_digest=image_digest, hypervisor=hypervisor, port=port, phase=_PHASES[phase],
         reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation,
-        cpu_cap=bool(cpu_cap), boot_timeout=boot_timeout,
+        cpu_cap=bool(cpu_cap), boot_timeout=boot_timeout, frozen=bool(frozen),
         last_move=model.VnodeMove(moved_from, moved_at, moved_why) if moved_from or moved_why else None,
         usage=None, switch_stats=None, revision=revision)
     return v

@@ -117,12 +117,12 @@ class SwitchRegistry:
 
     # ---- draining ------------------------------------------------------
     def leaving(self, vnodes: list[model.VirtualNode], drain_seconds: float, now: float) -> None:
-        """`vnodes` of one service were just marked deleting."""
+        """`vnodes` of one service were just marked deleting (or frozen)."""
         for v in vnodes:
             self._leaving.setdefault(v.name, _Leaving(v.service, now, now + drain_seconds))
 
     def holds(self, vnode: str, now: float) -> bool:
-        """Whether the guest of deleting `vnode` must keep running for a Switch."""
+        """Whether the guest of deleting (or freezing) `vnode` must keep running for a Switch."""
         leaving = self._leaving.get(vnode)
         if leaving is None:
             return False

@@ -25,6 +25,8 @@ class Phase(enum.IntEnum):
     FAILED = 5
     STOPPING = 6
     STOPPED = 7
+    FROZEN = 8          # paused in place: memory kept, no CPU, no traffic
+    THAWING = 9         # resuming; RUNNING again once its port answers
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class VirtualNode:
     generation: int = 1
     cpu_cap: bool = False
     boot_timeout: float = 0.0       # seconds to its port answering; 0 = its driver's default
+    frozen: bool = False            # desired: paused in place (sodactl service freeze)
     last_move: VnodeMove | None = None   # the last time it was placed again, and why
     usage: Usage | None = None      # observed, kept by the Master in memory only
     switch_stats: "SwitchVnodeStats | None" = None   # what the Switch measured; Master memory only

@@ -139,6 +139,12 @@ class MasterClient(StubClient):
         reply = self._call("ListServices", pb.ListServicesRequest())
         return [convert.service_from_pb(s) for s in reply.services]
 
+    def freeze_service(self, name: str, vnodes: Iterable[str] = (), frozen: bool = True) -> model.Service:
+        """Freeze (frozen=False: thaw) the service's virtual nodes, all or
+        those named (by name or index)."""
+        request = pb.FreezeServiceRequest(name=name, vnodes=list(vnodes), frozen=frozen)
+        return convert.service_from_pb(self._call("FreezeService", request))
+
     def delete_service(self, name: str) -> model.Service:
         return convert.service_from_pb(self._call("DeleteService", pb.DeleteServiceRequest(name=name)))
 

@@ -116,7 +116,8 @@ def vnode_to_pb(v: model.VirtualNode) -> pb.VirtualNode:
         weight=v.weight, image_digest=v.image_digest, hypervisor=v.hypervisor, port=v.port,
         phase=int(v.phase), reason=v.reason, boot_seconds=v.boot_seconds,
         deleting=v.deleting, generation=v.generation, cpu_cap=v.cpu_cap,
-        boot_timeout=v.boot_timeout, usage=usage_to_pb(v.usage), switch_stats=switch_vnode_stats_to_pb(v.switch_stats),
+        boot_timeout=v.boot_timeout, frozen=v.frozen, usage=usage_to_pb(v.usage),
+        switch_stats=switch_vnode_stats_to_pb(v.switch_stats),
         last_move=pb.VnodeMove(from_node=m.from_node, at=m.at, why=m.why) if (m := v.last_move) else None)
 
 
@@ -127,7 +128,7 @@ def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
         weight=m.weight, image_digest=m.image_digest, hypervisor=m.hypervisor, port=m.port,
         phase=model.Phase(m.phase), reason=m.reason, boot_seconds=m.boot_seconds,
         deleting=m.deleting, generation=m.generation, cpu_cap=m.cpu_cap,
-        boot_timeout=m.boot_timeout, usage=usage_from_pb(m),
+        boot_timeout=m.boot_timeout, frozen=m.frozen, usage=usage_from_pb(m),
         switch_stats=switch_vnode_stats_from_pb(m.switch_stats) if m.HasField("switch_stats") else None,
         last_move=(model.VnodeMove(m.last_move.from_node, m.last_move.at, m.last_move.why)
                    if m.HasField("last_move") else None))

@@ -9,8 +9,8 @@ creates.
   both virtual nodes answer through the Switch; a guest below the QEMU
   driver's minimum memory is refused at create; `kill -9` of the Agent and
   a restart adopt the running guests through QMP (same processes, state
-  kept); a frozen guest answers nothing and burns no CPU, and counts on
-  once thawed; `service delete --wait` leaves no process, overlay, QMP
+  kept); a guest frozen with `sodactl service freeze` answers nothing,
+  burns no CPU and keeps its memory charged, and counts on once thawed; `service delete --wait` leaves no process, overlay, QMP
   socket, TAP or cgroup.
 
 Every result is read outside the code under test: HTTP (through the
@@ -215,9 +215,8 @@ def _cpu_reported(c) -> float:
 
 def test_frozen_guest_answers_nothing_burns_no_cpu_and_counts_on_when_thawed(qemu_service):
     c = qemu_service
-    # Freeze and thaw have no RPC or sodactl path yet: drive the QEMU
-    # driver directly, on the Agent's own state dir (it reaches the guest
-    # through its recorded QMP socket, as the Agent's driver would).
+    # Frozen and thawed with sodactl; the VM's own state is read from QMP
+    # through its recorded socket, outside the Agent.
     driver = QemuDriver(c.agent_dir(NODE), accel="tcg")
     vnode, other = VNODES
     pid = c.records[vnode]["pid"]
@@ -229,10 +228,13 @@ def test_frozen_guest_answers_nothing_burns_no_cpu_and_counts_on_when_thawed(qem
     try:
         time.sleep(1.0)
         running_cpu = cpu_over(c, vnode, WINDOW)
-        driver.freeze(vnode)
+        memory_before = c.cgroups.memory_usage(vnode)
+        c.ctl("service", "freeze", "webq", "--vnode", vnode, "--wait", "--timeout", "60", timeout=90)
         try:
             assert driver.status(vnode) == "paused"
-            frozen_cpu = cpu_over(c, vnode, WINDOW)
+            assert phases(c) == ["FROZEN", "RUNNING"]
+            frozen_cpu = cpu_over(c, vnode, 2 * WINDOW)
+            memory_frozen = c.cgroups.memory_usage(vnode)
             # curl exits 28 when its --max-time runs out: no answer at all.
             r = in_netns(c.netns, ["curl", "-sS", "--max-time", "3",
                                    f"{guest_url(c, vnode)}/cgi-bin/counter"], check=False)
@@ -241,17 +243,19 @@ def test_frozen_guest_answers_nothing_burns_no_cpu_and_counts_on_when_thawed(qem
             assert counter(c, other) >= 1
             assert alive(pid)
         finally:
-            driver.thaw(vnode)
+            c.ctl("service", "thaw", "webq", "--vnode", vnode, "--wait", "--timeout", "60", timeout=90)
         out, err = burn.communicate(timeout=60)
     finally:
         if burn.poll() is None:
             burn.kill()
             burn.wait()
-    print(f"\n{vnode} (spinning): CPU over {WINDOW:g} s: running {running_cpu * 1000:.0f} ms, "
-          f"frozen {frozen_cpu * 1000:.1f} ms")
+    print(f"\n{vnode} (spinning): CPU over {WINDOW:g} s running {running_cpu * 1000:.0f} ms; over "
+          f"{2 * WINDOW:g} s frozen {frozen_cpu * 1000:.1f} ms ({100 * frozen_cpu / (2 * WINDOW):.3f} % "
+          f"of a core); memory charged {memory_before >> 20} MiB before, {memory_frozen >> 20} MiB frozen")
     # Generous: other tests may load this 2-core machine; 1.3 s was seen alone.
     assert running_cpu > 0.1 * WINDOW, f"the burn did not load the guest ({running_cpu:.3f} s)"
-    assert frozen_cpu < 0.01 * WINDOW, f"a frozen guest used {frozen_cpu:.3f} s of CPU"
+    assert frozen_cpu < 0.005 * 2 * WINDOW, f"a frozen guest used {frozen_cpu:.3f} s of CPU"
+    assert memory_frozen >= 0.9 * memory_before, (memory_before, memory_frozen)
     assert driver.status(vnode) == "running"
     # Thawed, the spinning request finishes and the guest's memory is
     # intact: the counter counts on (a reboot would start it again at 1).

@@ -62,6 +62,7 @@ CALLS = {
                       allowed("tenant-a")),
     "GetService": ("unary", lambda c, f: pb.GetServiceRequest(name="a-web"), allowed("tenant-a")),
     "ListServices": ("unary", lambda c, f: pb.ListServicesRequest(), allowed("tenant-a", "tenant-b", "switch")),
+    "FreezeService": ("unary", lambda c, f: pb.FreezeServiceRequest(name="a-web", vnodes=["7"]), allowed("tenant-a")),
     "ResizeService": ("unary", lambda c, f: pb.ResizeServiceRequest(name="a-web", nodes=2),
                       allowed("tenant-a")),
     "WatchServices": ("stream", lambda c, f: pb.WatchServicesRequest(name="a-web"), allowed("tenant-a")),

@@ -20,14 +20,20 @@ def make_controller(state_dir, clock):
     return Controller(store, images, Notifier(), MasterConfig(node_lost_seconds=10), clock=clock, monotonic=clock)
 
 
+def push_busybox(ctl, tmp_path, public=False) -> None:
+    """A 4 MiB image named busybox, the operators' (public if asked)."""
+    from soda.rpc.client import sha256_file
+    path = make_ext4_image(str(tmp_path / "img"))
+    with open(path, "rb") as f:
+        ctl.push_image("busybox", 4 << 20, sha256_file(path), "", iter(lambda: f.read(1 << 20), b""),
+                       public=public)
+
+
 @pytest.fixture
 def setup(tmp_path):
     clock = FakeClock()
     ctl = make_controller(str(tmp_path / "m"), clock)
-    path = make_ext4_image(str(tmp_path / "img"))
-    from soda.rpc.client import sha256_file
-    with open(path, "rb") as f:
-        ctl.push_image("busybox", 4 << 20, sha256_file(path), "", iter(lambda: f.read(1 << 20), b""))
+    push_busybox(ctl, tmp_path)
     for i, name in enumerate(("a", "b")):
         ctl.register_node(name, f"127.0.0.{i + 1}", CAP, ["fake"])
     return ctl, clock, tmp_path

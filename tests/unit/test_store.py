@@ -299,8 +299,32 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_10(path):
+    """The file as a version 10 Master left it: no frozen virtual nodes."""
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE vnodes DROP COLUMN frozen")
+    db.execute("UPDATE meta SET value='10' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_version_10_store_keeps_its_virtual_nodes_thawed(tmp_path):
+    s = open_store(str(tmp_path))
+    add_node(s)
+    create(s, make_service())
+    before = {v.name for v in s.list_vnodes()}
+    s.close()
+    _as_version_10(str(tmp_path / "state.db"))
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION
+    after = s.list_vnodes()
+    assert {v.name for v in after} == before and not any(v.frozen for v in after)
+    s.close()
+
+
 def _as_version_9(path):
     """The file as a version 9 Master left it: no layered images."""
+    _as_version_10(path)
     db = sqlite3.connect(path)
     for column in ("parent", "layer", "layer_size"):
         db.execute(f"ALTER TABLE images DROP COLUMN {column}")

@@ -17,6 +17,8 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILED: _ClassVar[Phase]
     STOPPING: _ClassVar[Phase]
     STOPPED: _ClassVar[Phase]
+    FROZEN: _ClassVar[Phase]
+    THAWING: _ClassVar[Phase]
 PHASE_UNSPECIFIED: Phase
 PENDING: Phase
 PULLING: Phase
@@ -25,6 +27,8 @@ RUNNING: Phase
 FAILED: Phase
 STOPPING: Phase
 STOPPED: Phase
+FROZEN: Phase
+THAWING: Phase
 
 class Resources(_message.Message):
     __slots__ = ("cpu", "memory_mib", "bandwidth_mbit", "disk_mib")
@@ -117,7 +121,7 @@ class NetworkSpec(_message.Message):
     def __init__(self, peers: _Optional[bool] = ..., egress: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
-    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats", "last_move", "boot_timeout")
+    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats", "last_move", "boot_timeout", "frozen")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +144,7 @@ class VirtualNode(_message.Message):
     SWITCH_STATS_FIELD_NUMBER: _ClassVar[int]
     LAST_MOVE_FIELD_NUMBER: _ClassVar[int]
     BOOT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     index: int
@@ -162,7 +167,8 @@ class VirtualNode(_message.Message):
     switch_stats: SwitchVnodeStats
     last_move: VnodeMove
     boot_timeout: float
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., switch_stats: _Optional[_Union[SwitchVnodeStats, _Mapping]] = ..., last_move: _Optional[_Union[VnodeMove, _Mapping]] = ..., boot_timeout: _Optional[float] = ...) -> None: ...
+    frozen: bool
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., switch_stats: _Optional[_Union[SwitchVnodeStats, _Mapping]] = ..., last_move: _Optional[_Union[VnodeMove, _Mapping]] = ..., boot_timeout: _Optional[float] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class VnodeMove(_message.Message):
     __slots__ = ("from_node", "at", "why")
@@ -361,6 +367,16 @@ class WatchServicesRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class FreezeServiceRequest(_message.Message):
+    __slots__ = ("name", "vnodes", "frozen")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vnodes: _containers.RepeatedScalarFieldContainer[str]
+    frozen: bool
+    def __init__(self, name: _Optional[str] = ..., vnodes: _Optional[_Iterable[str]] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class EnsureNodesRequest(_message.Message):
     __slots__ = ("name", "at_least")

@@ -59,6 +59,11 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.ResizeServiceRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
                 _registered_method=True)
+        self.FreezeService = channel.unary_unary(
+                '/soda.proto.v1.Master/FreezeService',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.FreezeServiceRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
+                _registered_method=True)
         self.WatchServices = channel.unary_stream(
                 '/soda.proto.v1.Master/WatchServices',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchServicesRequest.SerializeToString,
@@ -229,6 +234,12 @@ class MasterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResizeService(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FreezeService(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -428,6 +439,11 @@ def add_MasterServicer_to_server(servicer, server):
             'ResizeService': grpc.unary_unary_rpc_method_handler(
                     servicer.ResizeService,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.ResizeServiceRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.SerializeToString,
+            ),
+            'FreezeService': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeService,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.FreezeServiceRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.SerializeToString,
             ),
             'WatchServices': grpc.unary_stream_rpc_method_handler(
@@ -705,6 +721,33 @@ class Master:
             target,
             '/soda.proto.v1.Master/ResizeService',
             soda_dot_proto_dot_v1_dot_master__pb2.ResizeServiceRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/FreezeService',
+            soda_dot_proto_dot_v1_dot_master__pb2.FreezeServiceRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
             options,
             channel_credentials,

@@ -15,7 +15,7 @@ import threading
 from typing import Callable, Protocol
 
 from soda.backoff import Backoff
-from soda.errors import NotFound, SodaError
+from soda.errors import NoCapacity, NotFound, SodaError
 from soda.hypervisors import console
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,14 @@ class ConsoleShipper:
 
     def _answer(self, order) -> None:
         if not self._slots.acquire(blocking=False):
-            self._send_error(order, f"node {self._node} already streams {MAX_STREAMS} consoles: "
-                                    "try again later")
+            self._send_error(order, NoCapacity(f"node {self._node} already streams {MAX_STREAMS} consoles: "
+                                               "try again later", resource="console streams"))
             return
         try:
             try:
                 path, kept = self._consoles.console_of(order.vnode)
             except NotFound as exc:
-                self._send_error(order, str(exc))
+                self._send_error(order, exc)
                 return
             chunks = self._follow(path, kept, order.tail, order.follow, self._stop.is_set)
             self._client.send_logs(order.id, chunks)
@@ -73,7 +73,7 @@ class ConsoleShipper:
         finally:
             self._slots.release()
 
-    def _send_error(self, order, why: str) -> None:
+    def _send_error(self, order, why: SodaError) -> None:
         try:
             self._client.send_logs(order.id, iter(()), error=why)
         except SodaError as exc:

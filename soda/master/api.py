@@ -27,7 +27,7 @@ from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICES_TOPIC
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert, encoding
-from soda.rpc.errors import handle_errors, status_code
+from soda.rpc.errors import from_code_name, handle_errors, status_code
 from soda.rpc.streams import HANDLER_KINDS
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         try:
             for part in itertools.chain((first,), request_iterator):
                 if part.error:
-                    relay.finish(NotFound(part.error))
+                    relay.finish(from_code_name(part.code or "NOT_FOUND", part.error))
                     return pb.Empty()
                 if relay.closed.is_set() or (part.data and not relay.put(part.data)):
                     return pb.Empty()           # the caller has gone: end the Agent's stream

@@ -19,7 +19,7 @@ from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert, encoding
 from soda.rpc import tls as soda_tls
-from soda.rpc.errors import from_rpc_error
+from soda.rpc.errors import from_rpc_error, status_code
 
 DEFAULT_MASTER = "127.0.0.1:7070"
 CHUNK_SIZE = 1 << 20          # 1 MiB: well under gRPC's 4 MiB message cap
@@ -379,15 +379,17 @@ class MasterClient(StubClient):
         """The Master's orders for `node`'s consoles (id, vnode, follow, tail)."""
         yield from self._stream("WatchLogOrders", pb.WatchLogOrdersRequest(node=node))
 
-    def send_logs(self, order_id: str, chunks: Iterator[bytes], error: str = "") -> None:
-        """Answer log order `order_id` with `chunks`, or with `error` alone.
-        Returns when the chunks end or the Master ends the stream (its
-        caller went away)."""
+    def send_logs(self, order_id: str, chunks: Iterator[bytes], error: errors.SodaError | None = None) -> None:
+        """Answer log order `order_id` with `chunks`, or with `error` alone
+        (relayed to the caller as the same kind of error). Returns when the
+        chunks end or the Master ends the stream (its caller went away)."""
         def parts():
-            yield pb.LogPart(id=order_id, error=error)
-            if not error:
-                for data in chunks:
-                    yield pb.LogPart(data=data)
+            if error is not None:
+                yield pb.LogPart(id=order_id, error=error.message, code=status_code(error).name)
+                return
+            yield pb.LogPart(id=order_id)
+            for data in chunks:
+                yield pb.LogPart(data=data)
         try:
             self._stub.SendLogs(parts())
         except grpc.RpcError as exc:

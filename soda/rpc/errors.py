@@ -53,6 +53,13 @@ def status_code(exc: errors.SodaError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def from_code_name(name: str, message: str) -> errors.SodaError:
+    """The SodaError for an error relayed in a message as its status code's
+    name (status_code(exc).name), e.g. an Agent's answer to a log order."""
+    code = grpc.StatusCode.__members__.get(name, grpc.StatusCode.UNKNOWN)
+    return _FROM_CODE.get(code, errors.SodaError)(message)
+
+
 # What gRPC says when a TLS handshake failed: this client could not verify
 # the server, or the server closed the connection during the handshake,
 # which is how a Master refuses a client certificate (none, another CA,

@@ -11,7 +11,7 @@ import pytest
 from soda import model
 from soda.agent.consoles import MAX_STREAMS, ConsoleShipper
 from soda.backoff import Backoff
-from soda.errors import NotFound, Unavailable, WrongState
+from soda.errors import NoCapacity, NotFound, Unavailable, WrongState
 from soda.hypervisors import console
 from tests.support import master_client
 
@@ -118,6 +118,20 @@ def test_follow_streams_new_lines_and_ends_when_the_reader_goes(node):
     while busy():
         assert time.monotonic() < deadline, "the Agent kept following a console nobody reads"
         time.sleep(0.05)
+
+
+def test_a_node_streaming_all_it_may_says_so_as_no_capacity(node):
+    client, _, shipper, _ = node
+    for _ in range(MAX_STREAMS):
+        # The streams of earlier tests give their slots back as they end.
+        assert shipper._slots.acquire(timeout=10)
+    try:
+        with pytest.raises(NoCapacity, match=f"already streams {MAX_STREAMS} consoles"):
+            list(client.service_logs("web", "0", tail=1))
+    finally:
+        for _ in range(MAX_STREAMS):
+            shipper._slots.release()
+    assert "red alert" in text(client.service_logs("web", "0", tail=1))
 
 
 def test_a_node_without_its_agent_is_unavailable(master, image_file):

@@ -842,14 +842,16 @@ class LogOrder(_message.Message):
     def __init__(self, id: _Optional[str] = ..., vnode: _Optional[str] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ...) -> None: ...
 
 class LogPart(_message.Message):
-    __slots__ = ("id", "data", "error")
+    __slots__ = ("id", "data", "error", "code")
     ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     data: bytes
     error: str
-    def __init__(self, id: _Optional[str] = ..., data: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+    code: str
+    def __init__(self, id: _Optional[str] = ..., data: _Optional[bytes] = ..., error: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

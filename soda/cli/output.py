@@ -108,9 +108,6 @@ def node_to_dict(node: model.Node) -> dict:
         "assumed": list(node.assumed),
         "vnodes": node.vnodes,
         "usage": usage_to_dict(node.usage),
-        # Its image cache as its last heartbeat said: bytes on disk, the bound
-        # (0 = none) and the images it holds; None before its first heartbeat.
-        "image_cache": dataclasses.asdict(node.image_cache) if node.image_cache is not None else None,
         # The smallest guest each hypervisor boots there, and the kernel that says so.
         "min_memory": {lim.hypervisor: {"mib": lim.min_memory, "kernel": lim.kernel}
                        for lim in node.limits},
@@ -122,8 +119,17 @@ def node_to_dict(node: model.Node) -> dict:
                                    "attributes": dict(c.attributes)}
                     for c in node.limits},
         # No last_heartbeat: it changes every few seconds, and scripts compare
-        # node lists to see whether anything changed. `state` says LOST.
+        # node lists to see whether anything changed. `state` says LOST. Nor
+        # the image cache, which changes with every pull: node get shows it.
     }
+
+
+def node_detail_to_dict(node: model.Node) -> dict:
+    """node_to_dict and what changes by itself: the image cache as the
+    node's last heartbeat said (bytes on disk, the bound, 0 = none, and the
+    images it holds; None before its first heartbeat)."""
+    return {**node_to_dict(node),
+            "image_cache": dataclasses.asdict(node.image_cache) if node.image_cache is not None else None}
 
 
 def image_to_dict(image: model.Image) -> dict:

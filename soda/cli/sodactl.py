@@ -221,7 +221,7 @@ def node_get(session: Session, name: str) -> None:
     found = [n for n in session.client.list_nodes() if n.name == name]
     if not found:
         raise errors.NotFound(f"no physical node named {name!r} (sodactl node list shows them)")
-    session.emit(output.node_to_dict(found[0]), lambda: output.node_detail(found[0]))
+    session.emit(output.node_detail_to_dict(found[0]), lambda: output.node_detail(found[0]))
 
 
 @node.command("drain")

@@ -107,10 +107,7 @@ def test_the_reconciler_freezes_and_thaws_with_the_driver(tmp_path):
     rec = Reconciler({"fake": driver}, reporter, images)
     try:
         rec.replace_desired([vnode("web-0")])
-        rec.reconcile_once()
-        wait_for(lambda: driver.is_ready("web-0"))
-        rec.reconcile_once()
-        assert rec.status("web-0").phase == Phase.RUNNING
+        wait_for(lambda: _settled(rec, Phase.RUNNING))
         rec.upsert_desired([vnode("web-0", frozen=True)])
         wait_for(lambda: _settled(rec, Phase.FROZEN))
         assert driver.info("web-0").frozen and not driver.is_ready("web-0")
@@ -120,8 +117,7 @@ def test_the_reconciler_freezes_and_thaws_with_the_driver(tmp_path):
     rec = Reconciler({"fake": FakeDriver(str(tmp_path / "state"), boot_seconds=0)}, RecordingReporter(), images)
     try:
         rec.replace_desired([vnode("web-0", frozen=True)])
-        rec.reconcile_once()
-        assert rec.status("web-0").phase == Phase.FROZEN
+        wait_for(lambda: _settled(rec, Phase.FROZEN))
         rec.upsert_desired([vnode("web-0", frozen=False)])
         wait_for(lambda: _settled(rec, Phase.RUNNING))
         assert not driver.info("web-0").frozen

@@ -246,11 +246,18 @@ def test_lifecycle_start_ready_adopt_and_graceful_stop(harness):
     assert list(listed) == ["web-0"] and listed["web-0"].ready and listed["web-0"].pid == pid
 
     if driver.can_freeze:
-        # Drivers that declare it: freeze/thaw pause the guest and keep it.
+        # Drivers that declare it: freeze/thaw pause the guest and keep it,
+        # and say so (a frozen guest is never ready); either is idempotent.
         driver.freeze("web-0")
-        assert driver.status("web-0") == "paused"
+        driver.freeze("web-0")
+        frozen = driver.info("web-0")
+        assert frozen.frozen and not frozen.ready and frozen.pid == pid and frozen.state == RUNNING
+        assert harness.driver().info("web-0").frozen            # a restarted Agent sees it too
         driver.thaw("web-0")
-        assert driver.status("web-0") == "running" and harness.serves("web-0")
+        driver.thaw("web-0")
+        assert not driver.info("web-0").frozen
+        wait_ready(driver, "web-0")
+        assert harness.serves("web-0")
 
     # A restarted Agent: a new driver instance on the same state dir adopts it.
     fresh = harness.driver()

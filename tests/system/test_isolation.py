@@ -23,7 +23,14 @@ pytestmark = [pytest.mark.root, pytest.mark.guest]
 
 require_guest_support()
 
-TRANSFER = 3_000_000          # bytes per bandwidth measurement: 2.4 s at 10 Mbit/s
+# Each bandwidth measurement moves what its limit passes in this long: the
+# guest's CGI answers ~0.1 s after the last byte, which a fixed size would
+# weigh more at higher limits (3 MB measured 20 Mbit/s as 14-18.5).
+TRANSFER_SECONDS = 2.4
+
+
+def transfer_bytes(mbit: float) -> int:
+    return int(mbit * 1e6 / 8 * TRANSFER_SECONDS)
 
 
 @pytest.fixture
@@ -91,26 +98,28 @@ def test_cpu_cap_holds_a_burning_guest_at_its_quarter(uml_node):
     assert 0.15 <= share <= 0.27, share
 
 
-def _rate(c, address, direction):
-    """Mbit/s of one transfer of TRANSFER bytes timed from inside the netns."""
+def _rate(c, address, direction, limit_mbit):
+    """Mbit/s of one transfer, sized to last TRANSFER_SECONDS at `limit_mbit`,
+    timed from inside the netns."""
     url = f"http://{address}/cgi-bin/"
+    nbytes = transfer_bytes(limit_mbit)
     if direction == "to_guest":
-        blob = os.path.join(c.root, "blob")
+        blob = os.path.join(c.root, f"blob-{nbytes}")
         if not os.path.exists(blob):
             with open(blob, "wb") as f:
-                f.write(os.urandom(TRANSFER))
+                f.write(os.urandom(nbytes))
         # No "Expect: 100-continue": busybox httpd never answers it, and
         # curl would wait a second before sending the body.
         out = curl(c.netns, url + "recv", "--data-binary", f"@{blob}", "-H", "Expect:",
                    "-H", "Content-Type: application/octet-stream",
                    "-w", "\n%{size_upload} %{time_pretransfer} %{time_total}")
-        assert f"received {TRANSFER}" in out, out
+        assert f"received {nbytes}" in out, out
         size, start, total = out.strip().splitlines()[-1].split()
     else:
-        out = curl(c.netns, url + f"send?bytes={TRANSFER}", "-o", "/dev/null",
+        out = curl(c.netns, url + f"send?bytes={nbytes}", "-o", "/dev/null",
                    "-w", "%{size_download} %{time_starttransfer} %{time_total}")
         size, start, total = out.split()
-    assert int(size) == TRANSFER
+    assert int(size) == nbytes
     # From the first byte of the body on the wire to the last one: not the
     # connection set-up, nor the guest starting its CGI for a download.
     return int(size) * 8 / (float(total) - float(start)) / 1e6
@@ -121,23 +130,27 @@ def test_bandwidth_both_ways_and_changed_live(uml_node):
     addresses = create(c, "net", "--nodes", "1", "--bandwidth", "10", "--memory", "48")
     address = addresses["net-0"]
     pid = guest_records(c)["net-0"]["pid"]
-    _rate(c, address, "from_guest")           # warm-up
-    rates = {d: sorted(_rate(c, address, d) for _ in range(3)) for d in ("to_guest", "from_guest")}
+    _rate(c, address, "from_guest", 10)           # warm-up
+    rates = {d: sorted(_rate(c, address, d, 10) for _ in range(3)) for d in ("to_guest", "from_guest")}
     print(f"--bandwidth 10: {rates}")
     assert 9.0 <= rates["to_guest"][1] <= 11.0, rates
     assert 9.0 <= rates["from_guest"][1] <= 11.0, rates
 
-    c.ctl("service", "resize", "net", "--bandwidth", "20", timeout=60)
+    # 15, not 20: a UML guest receiving through busybox httpd and a CGI (each
+    # syscall a ptrace round trip) tops out near 18.5 Mbit/s on this 2-core
+    # machine, so a 20 Mbit/s limit measured 15-18.8 to the guest: the
+    # guest's own ceiling, not the limit.
+    c.ctl("service", "resize", "net", "--bandwidth", "15", timeout=60)
     t0 = time.monotonic()
     taps = [d for d in ns_links(c.netns) if d.startswith(("st", "ifb-"))]
-    wait_until(lambda: all(htb_rates(c.netns, d) == ["20Mbit"] for d in taps), 10, interval=0.05,
-               what="20 Mbit/s in tc")
+    wait_until(lambda: all(htb_rates(c.netns, d) == ["15Mbit"] for d in taps), 10, interval=0.05,
+               what="15 Mbit/s in tc")
     applied = time.monotonic() - t0
-    rates = {d: sorted(_rate(c, address, d) for _ in range(3)) for d in ("to_guest", "from_guest")}
-    print(f"--bandwidth 20 (applied after {applied:.2f} s): {rates}")
+    rates = {d: sorted(_rate(c, address, d, 15) for _ in range(3)) for d in ("to_guest", "from_guest")}
+    print(f"--bandwidth 15 (applied after {applied:.2f} s): {rates}")
     assert applied <= 2.0
-    assert 18.0 <= rates["to_guest"][1] <= 22.0, rates
-    assert 18.0 <= rates["from_guest"][1] <= 22.0, rates
+    assert 13.5 <= rates["to_guest"][1] <= 16.5, rates
+    assert 13.5 <= rates["from_guest"][1] <= 16.5, rates
     assert guest_records(c)["net-0"]["pid"] == pid and alive(pid)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Image transfer: bytes on the wire and push/pull times, whole vs layered,
-raw vs zstd, side by side in one run (issue 17; Dynasoar's anchor: a
-0.5 GB image shipped as 9 MB).
+raw vs zstd, side by side in one run. The yardstick: Dynasoar, the system
+SODA's images follow, shipped a service as a shared base VM image plus a
+differencing disk, 0.5 GB compressed to 9 MB on the wire.
 
 The base is a stock Debian bookworm image with nginx and Python
 (scripts/build-rootfs --debian, a 400 MiB filesystem, built once and

@@ -3,16 +3,71 @@
 Records (guests, the local cluster's state) are replaced atomically, so a
 reader or a restarted process sees the old file or the new one, never half
 of one; `remove_path` takes away a file, a link or a whole tree alike.
+Also the reading of big files and streams of chunks: a file in chunks, its
+sha256, and exact reads over an iterator of chunks (image transfers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
+
+CHUNK_SIZE = 1 << 20
+
+
+def file_chunks(path: str, start: int = 0) -> Iterator[bytes]:
+    """The file's bytes from `start`, in CHUNK_SIZE pieces."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(CHUNK_SIZE):
+            yield chunk
+
+
+def sha256_file(path: str, progress: Callable[[int, int], None] | None = None) -> str:
+    """"sha256:<hex>" of the file; `progress(done, total)` as it reads."""
+    h = hashlib.sha256()
+    total = os.path.getsize(path)
+    done = 0
+    for chunk in file_chunks(path):
+        h.update(chunk)
+        done += len(chunk)
+        if progress:
+            progress(done, total)
+    return "sha256:" + h.hexdigest()
+
+
+class ChunkReader:
+    """read(n) over an iterator of chunks: `n` bytes, fewer only where the
+    stream ends (then `ended`); `consumed` counts what it handed out."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self._at = 0
+        self.ended = False
+        self.consumed = 0
+
+    def read(self, n: int) -> bytes:
+        parts = []
+        while n > 0:
+            if self._at == len(self._buffer):
+                nxt = next(self._chunks, None)
+                if nxt is None:
+                    self.ended = True
+                    break
+                self._buffer, self._at = nxt, 0
+            take = self._buffer[self._at:self._at + n]
+            self._at += len(take)
+            n -= len(take)
+            parts.append(take)
+        out = b"".join(parts)
+        self.consumed += len(out)
+        return out
 
 
 def write_json_atomic(path: str, data: Any, indent: int | None = None) -> None:

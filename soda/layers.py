@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from soda.errors import DataLoss, InvalidSpec
+from soda.files import CHUNK_SIZE, ChunkReader, file_chunks
 
 MAGIC = b"SODALYR1"
 BLOCK_SIZE = 4096
 HASH_BYTES = 16
 MAX_RUN = 256                    # blocks in one record: 1 MiB, what a reader holds at once
-CHUNK_SIZE = 1 << 20
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 
 _HEADER = struct.Struct("<8sIQ32s32s")
@@ -108,13 +108,6 @@ def block_hashes(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield b"".join(out)
 
 
-def file_chunks(path: str, start: int = 0) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        f.seek(start)
-        while chunk := f.read(CHUNK_SIZE):
-            yield chunk
-
-
 def _hash(block: memoryview, zero: bool) -> bytes:
     # Zero blocks are most of a sparse image: their hash is known.
     return ZERO_HASH if zero and len(block) == BLOCK_SIZE else block_hash(block)
@@ -167,44 +160,16 @@ def _data_length(header: Header, first: int, count: int) -> int:
     return min(count * header.block_size, header.size - first * header.block_size)
 
 
-class _Reader:
-    """Exact reads over a stream of chunks."""
-
-    def __init__(self, chunks: Iterable[bytes]):
-        self._chunks = iter(chunks)
-        self._buffer = b""
-        self._at = 0
-        self.ended = False
-
-    def read(self, n: int) -> bytes:
-        """Up to `n` bytes; fewer only at the end of the stream."""
-        parts = []
-        while n > 0:
-            if self._at == len(self._buffer):
-                nxt = next(self._chunks, None)
-                if nxt is None:
-                    self.ended = True
-                    break
-                self._buffer, self._at = nxt, 0
-            take = self._buffer[self._at:self._at + n]
-            self._at += len(take)
-            n -= len(take)
-            parts.append(take)
-        return b"".join(parts)
-
-    def exact(self, n: int, what: str) -> bytes:
-        data = self.read(n)
-        if len(data) != n:
-            raise InvalidLayer(f"layer ends inside {what}")
-        return data
-
-    def at_end(self) -> bool:
-        return not self.read(1)
+def _exact(reader: ChunkReader, n: int, what: str) -> bytes:
+    data = reader.read(n)
+    if len(data) != n:
+        raise InvalidLayer(f"layer ends inside {what}")
+    return data
 
 
-def read_header(stream: Iterable[bytes] | _Reader) -> tuple[Header, _Reader]:
-    reader = stream if isinstance(stream, _Reader) else _Reader(stream)
-    magic, block_size, size, parent, digest = _HEADER.unpack(reader.exact(_HEADER.size, "its header"))
+def read_header(stream: Iterable[bytes]) -> tuple[Header, ChunkReader]:
+    reader = ChunkReader(stream)
+    magic, block_size, size, parent, digest = _HEADER.unpack(_exact(reader, _HEADER.size, "its header"))
     if magic != MAGIC:
         raise InvalidLayer("not a SODA layer (no SODALYR1 header); a layer is made by "
                            "sodactl image push --base")
@@ -215,15 +180,15 @@ def read_header(stream: Iterable[bytes] | _Reader) -> tuple[Header, _Reader]:
     return Header(block_size, size, "sha256:" + parent.hex(), "sha256:" + digest.hex()), reader
 
 
-def records(header: Header, reader: _Reader) -> Iterator[tuple[int, int, bytes | None]]:
+def records(header: Header, reader: ChunkReader) -> Iterator[tuple[int, int, bytes | None]]:
     """(byte offset, length, data or None for zeros) of each record, checked;
     then the layer must end."""
     blocks_in_image = -(-header.size // header.block_size)
     next_free = 0
     while True:
-        kind, first, count = _RECORD.unpack(reader.exact(_RECORD.size, "a record"))
+        kind, first, count = _RECORD.unpack(_exact(reader, _RECORD.size, "a record"))
         if kind == END:
-            if first or count or not reader.at_end():
+            if first or count or reader.read(1):
                 raise InvalidLayer("layer has bytes after its end record")
             return
         if kind not in (DATA, ZERO) or not 0 < count <= MAX_RUN:
@@ -233,12 +198,12 @@ def records(header: Header, reader: _Reader) -> Iterator[tuple[int, int, bytes |
                                f"or outside the image of {blocks_in_image} blocks")
         next_free = first + count
         length = _data_length(header, first, count)
-        data = reader.exact(length, f"the data of blocks {first}..{first + count - 1}") \
+        data = _exact(reader, length, f"the data of blocks {first}..{first + count - 1}") \
             if kind == DATA else None
         yield first * header.block_size, length, data
 
 
-def open_layer(layer: Iterable[bytes], parent_digest: str) -> tuple[Header, _Reader]:
+def open_layer(layer: Iterable[bytes], parent_digest: str) -> tuple[Header, ChunkReader]:
     """A layer's header, checked to be over `parent_digest`, and a reader
     positioned at its first record, for compose or apply."""
     header, reader = read_header(layer)
@@ -247,11 +212,11 @@ def open_layer(layer: Iterable[bytes], parent_digest: str) -> tuple[Header, _Rea
     return header, reader
 
 
-def compose(parent: Iterable[bytes], header: Header, reader: _Reader) -> Iterator[bytes]:
+def compose(parent: Iterable[bytes], header: Header, reader: ChunkReader) -> Iterator[bytes]:
     """The composed image's bytes: the parent's stream with the layer laid
     over it, checked against the header's sha256 (DataLoss when it differs,
     after the last byte)."""
-    base = _Reader(parent)
+    base = ChunkReader(parent)
     h = hashlib.sha256()
     position = 0
 
@@ -282,7 +247,7 @@ def check_digest(got: str, header: Header) -> None:
                        f"not the {header.digest} it names")
 
 
-def apply(path: str, header: Header, reader: _Reader) -> None:
+def apply(path: str, header: Header, reader: ChunkReader) -> None:
     """Lay an opened layer over the file at `path`, a copy of its parent:
     cut or extend it to the image's size and write the records (zeros as
     holes). The caller checks the result against check_digest."""

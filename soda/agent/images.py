@@ -47,7 +47,6 @@ given (anything with `pull_image(digest, fileobj) -> Image`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -58,6 +57,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from soda import command, layers
 from soda.errors import DataLoss, InvalidSpec, SodaError
+from soda.files import file_chunks, sha256_file
 from soda.model.names import DIGEST_RE
 from soda.model.state import Image, ImageCacheState, check_disk_holds_image
 
@@ -228,11 +228,11 @@ class ImageCache:
                 # Held, trim() passes the parent by while it is copied.
                 with self._lock_for(parent):
                     _run(["cp", "--sparse=always", "--reflink=auto", parent, tmp])
-                header, reader = layers.open_layer(layers.file_chunks(layer), image.parent)
+                header, reader = layers.open_layer(file_chunks(layer), image.parent)
                 if (header.digest, header.size) != (image.digest, image.size):
                     raise DataLoss(f"the layer of image {digest} names image {header.digest}")
                 layers.apply(tmp, header, reader)
-                layers.check_digest(sha256_of(tmp), header)
+                layers.check_digest(sha256_file(tmp), header)
         log.info("image %s cached: a layer of %d bytes over %s, composed", digest, image.layer_size,
                  image.parent)
 
@@ -296,13 +296,6 @@ class SparseWriter:
         """Set the file's length: trailing holes are not written."""
         self._f.truncate(self._size)
         self._f.flush()
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    for chunk in layers.file_chunks(path):
-        h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _is_ext4(path: str) -> bool:

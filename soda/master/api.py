@@ -396,10 +396,9 @@ class MasterServicer(pb_grpc.MasterServicer):
         image = self.controller.image_for(request.image, access.tenant_of(who),
                                           node=who.name if who.role == access.AGENT else None)
         chosen = encoding.choose(request.encodings)
-        parts = self.controller.images.read(image.digest, layer=request.layer)
-        next(parts)                                 # the record, as read with the content
+        content = self.controller.images.read(image, layer=request.layer)
         yield pb.PullImageResponse(image=convert.image_to_pb(image), encoding=chosen)
-        for chunk in encoding.encode(parts, chosen):
+        for chunk in encoding.encode(content, chosen):
             yield pb.PullImageResponse(chunk=chunk)
 
     # ---- tenants ------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import struct
 import tempfile
@@ -37,6 +38,7 @@ from typing import Callable, Iterable, Iterator
 
 from soda import layers, model
 from soda.errors import DataLoss, InvalidSpec, NoCapacity, NotFound, WrongState
+from soda.files import file_chunks
 from soda.master.store import StateReader, StateStore, Transaction
 
 READ_CHUNK = 1 << 20
@@ -236,7 +238,7 @@ class ImageStore:
     def _verify_layer(self, path: str, size: int, digest: str, base: model.Image) -> model.Image:
         """Compose the layer at `path` with `base` as a stream: the image it
         names must come out, whole, with an ext4 filesystem."""
-        header, reader = layers.open_layer(layers.file_chunks(path), base.digest)
+        header, reader = layers.open_layer(file_chunks(path), base.digest)
         if header.size > self.max_bytes:
             raise NoCapacity(f"the layer makes an image of {header.size} bytes, larger than the Master "
                              f"accepts ({self.max_bytes} bytes, its image_max_bytes)", resource="image size")
@@ -316,22 +318,17 @@ class ImageStore:
         """The bytes of `image` (composed, for a layered one), or with
         `layer` what is stored of it (a layered image's layer)."""
         if layer or not image.layer:
-            return layers.file_chunks(self.file_of(image))
+            return file_chunks(self.file_of(image))
         parent = self.store.resolve_image(image.parent)
-        header, reader = layers.open_layer(layers.file_chunks(self.file_of(image)), parent.digest)
+        header, reader = layers.open_layer(file_chunks(self.file_of(image)), parent.digest)
         return layers.compose(self.content(parent), header, reader)
 
-    def read(self, ref: str, layer: bool = False) -> Iterator[model.Image | bytes]:
-        """The image record, then its content (as content() says) in chunks."""
-        image = self.store.resolve_image(ref)
+    def read(self, image: model.Image, layer: bool = False) -> Iterator[bytes]:
+        """content(), opened at once: a file that is missing is an error
+        here, before the caller has sent anything."""
         chunks = self.content(image, layer)
-        # Opened before the record goes out: a missing file is an error
-        # before the caller has begun.
         first = next(chunks, b"")
-        yield image
-        if first:
-            yield first
-        yield from chunks
+        return itertools.chain((first,) if first else (), chunks)
 
     def block_hashes(self, image: model.Image) -> bytes:
         """soda.layers block hashes of the whole image, kept beside its file

@@ -14,6 +14,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 import grpc
 
 from soda import errors, layers, model
+from soda.files import file_chunks, sha256_file
 from soda.config import TlsConfig
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
@@ -58,19 +59,6 @@ class _Counted:
         for chunk in self._chunks:
             self.done += len(chunk)
             yield chunk
-
-
-def sha256_file(path: str, progress: ProgressFn | None = None) -> str:
-    h = hashlib.sha256()
-    total = os.path.getsize(path)
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-    return "sha256:" + h.hexdigest()
 
 
 class StubClient:
@@ -252,7 +240,7 @@ class MasterClient(StubClient):
         if base:
             content = self.layer_of(path, digest, base, transfer)
         else:
-            content = LayerOrImage(size, digest, "", lambda: layers.file_chunks(path))
+            content = LayerOrImage(size, digest, "", lambda: file_chunks(path))
 
         def requests():
             yield pb.PushImageRequest(header=pb.ImageHeader(name=name, size=content.size, digest=content.digest,

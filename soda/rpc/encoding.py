@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import zstandard
 
 from soda.errors import DataLoss, InvalidSpec
+from soda.files import ChunkReader
 
 RAW = ""
 ZSTD = "zstd"
@@ -71,32 +72,13 @@ def _cut(data: bytes) -> Iterator[bytes]:
         yield data[start:start + CHUNK_SIZE]
 
 
-class _ChunkReader:
-    """A file-like read(n) over an iterator of chunks, for zstd's reader;
-    counts what it handed out."""
-
-    def __init__(self, chunks: Iterable[bytes]):
-        self._chunks = iter(chunks)
-        self._buffer = memoryview(b"")
-        self.consumed = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if not self._buffer:
-            self._buffer = memoryview(next(self._chunks, b""))
-        if n < 0:
-            n = len(self._buffer)
-        out, self._buffer = bytes(self._buffer[:n]), self._buffer[n:]
-        self.consumed += len(out)
-        return out
-
-
 def decode(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
     """The bytes `chunks` stand for, in pieces of at most CHUNK_SIZE."""
     check(encoding)
     if encoding == RAW:
         yield from chunks
         return
-    source = _ChunkReader(chunks)
+    source = ChunkReader(chunks)
     reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(
         source, read_size=CHUNK_SIZE, read_across_frames=True)
     try:

@@ -62,7 +62,7 @@ def _serves(url: str, text: str) -> bool:
 
 
 def test_an_app_layered_on_the_debian_image_pulls_only_its_layer_and_serves(node, debian_image, tmp_path):
-    """Issue 17's first criterion: the application is the Debian image with
+    """An application shipped as a layer: the application is the Debian image with
     a new front page and 3 MiB of application files, pushed over it; the
     node pulls the base once (what a node that runs the base already has)
     and, for the app, its layer alone; the app's guest serves the page."""

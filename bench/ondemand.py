@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Deploy on first request: how long the first client of a service resting
 at zero virtual nodes waits (held by the Switch → served by a guest booted
-for it), beside a warm request to the same guest, in one run.
+for it), beside the first client of a service resting with a warm pool
+(held → a frozen guest thawed → served) and a warm request to a running
+guest, in one run.
 
 Starts a real cluster (Master, Daemon, Agent, Switch as processes, one
 physical node with real User-Mode Linux guests, as tests/system/guests.py
@@ -11,11 +13,14 @@ Switch while the service is at zero (cold), then `--warm` requests to the
 guest it started (warm), then waits until the Switch has sent the service
 back to zero and the guest process is gone. Also times bursts of `--burst`
 concurrent first clients (each one's whole wait; one guest serves them all).
-Prints median, min and max of each. Times are from connect to the last
-byte of the answer, measured by this script.
+Then a second service with `--warm 1` (a pool of one frozen guest, `idle:
+freeze`), `--runs` times: a first request while its guest is FROZEN, and
+back to FROZEN once idle; the guest's pid must stay the same (thawed, never
+booted again). Prints median, p95, min and max of each. Times are from
+connect to the last byte of the answer, measured by this script.
 
     python bench/ondemand.py [--runs 7] [--warm 20] [--burst 10] [--burst-runs 3]
-                             [--idle-seconds 1] [--memory 32] [--keep-logs]
+                             [--idle-seconds 1] [--memory 32] [--no-pool] [--keep-logs]
 
 Run it alone: `flock /tmp/soda-bench.lock python bench/ondemand.py`.
 Needs root (namespaces, TAPs, cgroups). Everything it creates goes at the
@@ -44,6 +49,7 @@ from tests.system.cluster import Cluster, wait_until  # noqa: E402
 from tests.system.guests import alive, build_rootfs, guest_records, uml_node  # noqa: E402
 
 SERVICE = "ondemand-bench"
+POOLED = "ondemand-pool"
 REQUEST_TIMEOUT = 60.0
 
 
@@ -80,10 +86,52 @@ def host_routes(subnet: str) -> int:
     return len(json.loads(out or "[]"))
 
 
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+
+
 def summary(label: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
-    return (f"{label:<44} median {statistics.median(ms):8.1f} ms   min {min(ms):8.1f}   "
-            f"max {max(ms):8.1f}   (n={len(ms)})")
+    return (f"{label:<44} median {statistics.median(ms):8.1f} ms   p95 {p95(ms):8.1f}   "
+            f"min {min(ms):8.1f}   max {max(ms):8.1f}   (n={len(ms)})")
+
+
+def phases(c: Cluster, service: str) -> list[str]:
+    return [v["phase"] for v in c.json("service", "get", service)["vnodes"]]
+
+
+def pool_runs(c: Cluster, args: argparse.Namespace, failed: list[str]) -> list[float]:
+    """First requests to a service resting with a warm pool of one."""
+    port = free_port()
+    c.ctl("service", "create", POOLED, "--image", "busybox-httpd", "--hypervisor", "uml",
+          "--cpu", "0.5", "--memory", str(args.memory), "--on-demand", "1", "--warm", "1",
+          "--idle-seconds", str(args.idle_seconds), "--switch", f"127.0.0.1:{port}")
+    wait_until(lambda: listening(port), 30, what="the Switch to listen")
+    out = []
+    pid = 0
+    for i in range(args.runs):
+        wait_until(lambda: phases(c, POOLED) == ["FROZEN"], 120, interval=0.05,
+                   what="the pool's guest to be FROZEN")
+        records = guest_records(c)
+        record = records.get(f"{POOLED}-0") or {}
+        c.guest_pids.update(r["pid"] for r in records.values())
+        if pid and record.get("pid") != pid:
+            raise RuntimeError(f"the pool's guest was booted again (pid {pid} -> {record.get('pid')})")
+        pid = record["pid"]
+        try:
+            _, first = get(port)
+        except (RuntimeError, OSError) as exc:
+            failed.append(f"pool run {i + 1}: {exc}")
+            print(f"  pool run {i + 1}: first request FAILED: {exc}", file=sys.stderr)
+            continue
+        out.append(first)
+        print(f"  pool run {i + 1}: first request (thawed) {first * 1000:7.1f} ms", file=sys.stderr)
+        # Idle again: the Switch asks for the idle state, the guest freezes.
+        wait_until(lambda: phases(c, POOLED) == ["RUNNING"], 30, interval=0.02,
+                   what="the thawed guest to be RUNNING")
+    c.ctl("service", "delete", POOLED, "--wait", "--timeout", "60")
+    return out
 
 
 def run(args: argparse.Namespace, work: str) -> None:
@@ -138,10 +186,13 @@ def run(args: argparse.Namespace, work: str) -> None:
             print(f"  burst {i + 1}: {args.burst} concurrent first clients, slowest {max(times) * 1000:7.1f} ms",
                   file=sys.stderr)
             back_to_zero()
+        pooled = [] if args.no_pool else pool_runs(c, args, failed)
         kernel = find_uml_kernel()
         print(f"\nDeploy on first request: UML guest ({kernel.kind} kernel, "
               f"{args.memory} MiB), one physical node, idle_seconds {args.idle_seconds}")
         print(summary("first request (held -> served)", cold))
+        if pooled:
+            print(summary("first request, warm pool (thawed -> served)", pooled))
         print(summary("warm request (same guest)", warm))
         if burst_all:
             print(summary(f"{args.burst} concurrent first clients, each", burst_all))
@@ -155,9 +206,11 @@ def run(args: argparse.Namespace, work: str) -> None:
         if args.json:
             def ms(values):
                 return {"median_ms": round(statistics.median(values) * 1000, 1),
+                        "p95_ms": round(p95(values) * 1000, 1),
                         "min_ms": round(min(values) * 1000, 1), "max_ms": round(max(values) * 1000, 1),
                         "n": len(values)} if values else None
-            print(json.dumps({"first_request": ms(cold), "warm_request": ms(warm),
+            print(json.dumps({"first_request": ms(cold), "first_request_warm_pool": ms(pooled),
+                              "warm_request": ms(warm),
                               "burst_each": ms(burst_all), "burst_slowest": ms(burst_max),
                               "failed_first_requests": len(failed), "shared_route_runs": shared}))
 
@@ -170,6 +223,7 @@ def main() -> int:
     p.add_argument("--burst-runs", type=int, default=3)
     p.add_argument("--idle-seconds", type=float, default=1.0)
     p.add_argument("--memory", type=int, default=32, help="MiB of each guest")
+    p.add_argument("--no-pool", action="store_true", help="skip the warm-pool service")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (path on stderr)")
     p.add_argument("--json", action="store_true",
                    help="print the figures as one JSON object on the last line")

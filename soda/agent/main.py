@@ -320,10 +320,13 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
     images = ImageCache(os.path.join(config.state_dir, "images"), client, limit_bytes=config.image_cache_bytes)
     capacity = measure_capacity(config.capacity, config.state_dir)
     reporter = StatusReporter(client, config.name)
+    plumbing = build_plumbing(config, network, drivers.capabilities)
+    for hypervisor, driver in drivers.drivers.items():
+        # Drivers whose VMM cannot pause itself freeze the guest's fence.
+        driver.freezer = lambda vnode, frozen, h=hypervisor: plumbing.freeze(vnode, h, frozen)
     reconciler = Reconciler(drivers.drivers, reporter, images,
                             max_parallel_boots=config.max_parallel_boots,
-                            interval=config.reconcile_seconds,
-                            plumbing=build_plumbing(config, network, drivers.capabilities))
+                            interval=config.reconcile_seconds, plumbing=plumbing)
     images.in_use = reconciler.images_wanted
     on_registered = (lambda node: configure_network(network, node)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,

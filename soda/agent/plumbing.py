@@ -22,7 +22,7 @@ from typing import Mapping, Protocol
 
 from soda.agent.network import NetworkBackend
 from soda.agent.uids import GuestUids
-from soda.errors import NotFound, SodaError
+from soda.errors import NotFound, SodaError, WrongState
 from soda.hypervisors.base import guest_mac
 from soda.model.state import DriverCapabilities, VirtualNode
 from soda.model.usage import Usage
@@ -36,6 +36,7 @@ class Daemon(Protocol):
     def apply_limits(self, name: str, resources, hypervisor: str, memory_overhead: int,
                      tap: str = "", cpu_cap: bool = False): ...
     def release_limits(self, name: str): ...
+    def freeze(self, name: str, frozen: bool): ...
     def usage(self, name: str): ...
     def list(self): ...
 
@@ -52,6 +53,11 @@ class GuestPlumbing:
 
     def release(self, name: str, hypervisor: str) -> None:
         return None
+
+    def freeze(self, name: str, hypervisor: str, frozen: bool) -> None:
+        """Freeze (or thaw) the guest's fence, every process in it: for
+        drivers whose VMM cannot pause itself (their `freezer`)."""
+        raise WrongState(f"virtual node {name} has no fence to freeze on this node")
 
     def usage(self, name: str, hypervisor: str) -> Usage | None:
         """What the guest has used so far; None when nothing measures it."""
@@ -132,6 +138,11 @@ class NodePlumbing(GuestPlumbing):
             log.debug("no usage for %s from the Daemon: %s", name, exc)
             return None
         return replace(u.usage(), packets_refused=self.network.refused_packets(name))
+
+    def freeze(self, name: str, hypervisor: str, frozen: bool) -> None:
+        if not self._plumbed(hypervisor) or self.daemon is None:
+            super().freeze(name, hypervisor, frozen)
+        self.daemon.freeze(name, frozen)
 
     def release(self, name: str, hypervisor: str) -> None:
         if self._plumbed(hypervisor):

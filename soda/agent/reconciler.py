@@ -401,8 +401,9 @@ class Reconciler:
         vnode = self._vn(name)
         current = vnode.status
         if info.state == GUEST_RUNNING:
+            # Frozen once booted (a warm pool's guest boots, then freezes).
             if want is not None and want.frozen != info.frozen and not vnode.busy \
-                    and now >= vnode.pause_retry_at:
+                    and now >= vnode.pause_retry_at and (info.ready or info.frozen):
                 self._submit_pause(want, info)
             if info.frozen:
                 thawing = want is not None and not want.frozen

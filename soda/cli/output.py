@@ -281,8 +281,10 @@ def on_demand_text(on_demand: model.OnDemand | None) -> str:
     if on_demand is None:
         return "no"
     r = on_demand.resources
+    rest = (f"{on_demand.warm} frozen (warm pool; guests that served are "
+            f"{'frozen' if on_demand.idle == 'freeze' else 'stopped'})" if on_demand.warm else "zero")
     return (f"up to {on_demand.max_nodes} node(s) of cpu {r.cpu:g}, {r.memory}Mi, {r.bandwidth}Mbit, "
-            f"disk {r.disk}Mi; back to zero after {on_demand.idle_seconds:g} s idle")
+            f"disk {r.disk}Mi; back to {rest} after {on_demand.idle_seconds:g} s idle")
 
 
 def network_text(network: model.NetworkSpec) -> str:

@@ -459,8 +459,16 @@ def service() -> None:
               help="Deploy on first request: start with no virtual node (unless --nodes), let the "
                    "Switch ask for one when a client connects, up to MAX_NODES.")
 @click.option("--idle-seconds", type=float, metavar="S",
-              help="With --on-demand: back to zero virtual nodes after S seconds without a "
-                   "connection (default 300).")
+              help="With --on-demand: back to zero virtual nodes (or to the warm pool) after S "
+                   "seconds without a connection (default 300).")
+@click.option("--warm", type=int, metavar="N",
+              help="With --on-demand: keep N virtual nodes booted and frozen while idle; a first "
+                   "client thaws one (milliseconds) instead of booting one (default 0). They "
+                   "hold their memory on their node, not their CPU.")
+@click.option("--idle", "idle_policy", type=click.Choice(model.IDLE_POLICIES),
+              help="With --on-demand: what the guests that served become when the service is "
+                   "idle: frozen into the warm pool (freeze, the default), or stopped, the pool "
+                   "booted afresh (stop).")
 @click.option("--peers/--no-peers", "peers", default=None,
               help="Whether the service's virtual nodes may reach each other (default: they may). "
                    "Other services' guests and the hosts are closed to them either way.")
@@ -479,7 +487,8 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
                    disk: str | None, port: int | None, hypervisor: str | None, listen: str | None,
                    policy: str | None, mode: str | None, health: str | None,
                    cpu_cap: bool | None, on_demand: int | None,
-                   idle_seconds: float | None, peers: bool | None, egress: tuple[str, ...],
+                   idle_seconds: float | None, warm: int | None, idle_policy: str | None,
+                   peers: bool | None, egress: tuple[str, ...],
                    boot_timeout: float | None, wait: bool, timeout: float) -> None:
     """Create service NAME from flags, or from a YAML spec with -f.
 
@@ -487,7 +496,9 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
     sodactl service create web --image busybox-httpd --nodes 2 --cpu 0.5,1.0
     sodactl service create -f web.yaml --nodes 3 --wait
     sodactl service create api --image busybox-httpd --on-demand 1 --idle-seconds 60 \\
-        --switch 127.0.0.1:8081"""
+        --switch 127.0.0.1:8081
+    sodactl service create api --image busybox-httpd --on-demand 2 --warm 1 \\
+        --switch 127.0.0.1:8082"""
     if spec_file is None:
         if not name:
             raise click.UsageError("give the service NAME, or a spec file with -f FILE")
@@ -499,7 +510,8 @@ def service_create(session: Session, name: str | None, spec_file: str | None, im
     data = specs.apply_overrides(
         data, name=name, image=image, nodes=nodes, port=port, hypervisor=hypervisor,
         listen=listen, policy=policy, mode=mode, health=specs.health_flag(health),
-        cpu_cap=cpu_cap, on_demand=on_demand, idle_seconds=idle_seconds, peers=peers, egress=egress,
+        cpu_cap=cpu_cap, on_demand=on_demand, idle_seconds=idle_seconds, warm=warm,
+        idle_policy=idle_policy, peers=peers, egress=egress,
         boot_timeout=boot_timeout, resources=resource_values(cpu=cpu, memory=memory, bandwidth=bandwidth, disk=disk))
     try:
         spec = model.parse_spec(data)

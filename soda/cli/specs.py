@@ -85,7 +85,8 @@ def apply_overrides(spec: Mapping[str, Any], *, name: str | None = None, image: 
                     mode: str | None = None, health: Mapping[str, Any] | None = None,
                     resources: Mapping[str, PerNodeValue] | None = None,
                     cpu_cap: bool | None = None, on_demand: int | None = None,
-                    idle_seconds: float | None = None, peers: bool | None = None,
+                    idle_seconds: float | None = None, warm: int | None = None,
+                    idle_policy: str | None = None, peers: bool | None = None,
                     egress: Sequence[str] | None = None, boot_timeout: float | None = None) -> dict:
     """A copy of `spec` with every given flag (not None) replacing its field.
     A service deployed on demand starts at zero nodes unless told otherwise."""
@@ -100,7 +101,8 @@ def apply_overrides(spec: Mapping[str, Any], *, name: str | None = None, image: 
     merged["switch"] = _overlay(merged.get("switch"), {"listen": listen, "policy": policy,
                                                        "mode": mode, "health": health})
     merged["on_demand"] = _overlay(merged.get("on_demand"), {"max_nodes": on_demand,
-                                                             "idle_seconds": idle_seconds})
+                                                             "idle_seconds": idle_seconds,
+                                                             "warm": warm, "idle": idle_policy})
     merged["network"] = _overlay(merged.get("network"), {"peers": peers,
                                                          "egress": list(egress) if egress else None})
     if merged["on_demand"] is None:

@@ -38,5 +38,9 @@ class DaemonServicer(pb_grpc.DaemonServicer):
         return convert.vnode_usage_to_pb(self.manager.usage(request.name))
 
     @handle_errors
+    def FreezeVnode(self, request, context):
+        return convert.fence_to_pb(self.manager.freeze(request.name, request.frozen))
+
+    @handle_errors
     def ListVnodes(self, request, context):
         return pb.ListVnodesResponse(vnodes=[convert.fence_to_pb(f) for f in self.manager.list()])

@@ -34,6 +34,13 @@ V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 V1_PROBE_FILES = ("cpu/cpu.shares", "cpuacct/cpuacct.usage", "memory/memory.limit_in_bytes",
                   "pids/cgroup.procs")
 V2_NEEDED = ("cpu", "memory", "pids")
+# The v1 freezer is optional: a host without it fences as before, and
+# freezing a guest there is refused with the reason.
+V1_FREEZER = "freezer"
+# How long a freeze may take to hold every task (a task in the kernel, in
+# an uninterruptible sleep, is held when it comes out) before it is undone.
+FREEZE_TIMEOUT_SECONDS = 5.0
+FREEZE_POLL_SECONDS = 0.005
 # cgroup v2's default cpu.weight is 100 where v1's default cpu.shares is
 # 1024: map linearly, so that ratios of shares stay ratios of weights.
 V2_WEIGHT_MIN, V2_WEIGHT_MAX = 1, 10_000
@@ -201,6 +208,28 @@ class CgroupBackend(abc.ABC):
         """Make the parent ready for guests' cgroups, at the Daemon's start
         (so that a tree it cannot use is said at once, not at the first guest)."""
 
+    can_freeze = False
+
+    def freeze(self, name: str, frozen: bool) -> None:
+        """Hold (or let go) every process in the virtual node's cgroups;
+        returns once the kernel says all are held (or undoes the freeze and
+        raises TemporaryError when some are not within
+        FREEZE_TIMEOUT_SECONDS). NotFound when it has no cgroups."""
+        raise errors.WrongState(f"this host's cgroups ({self.version}) have no freezer")
+
+    def frozen(self, name: str) -> bool:
+        """Whether the virtual node's cgroups are frozen (or freezing)."""
+        return False
+
+    def _wait_frozen(self, name: str, state: Callable[[], bool], undo: Callable[[], None]) -> None:
+        deadline = time.monotonic() + FREEZE_TIMEOUT_SECONDS
+        while not state():
+            if time.monotonic() >= deadline:
+                undo()
+                raise errors.TemporaryError(f"the freezer did not hold every process of virtual node "
+                                            f"{name} within {FREEZE_TIMEOUT_SECONDS:g}s; thawed it again")
+            self.sleep(FREEZE_POLL_SECONDS)
+
     def kill(self, name: str, pid: int, sig: int = signal.SIGKILL) -> bool:
         """Send `sig` to `pid` if it is in this virtual node's cgroups."""
         return pidfd_signal(pid, sig, lambda: self.contains(name, pid))
@@ -231,21 +260,26 @@ class CgroupBackend(abc.ABC):
 
 class CgroupV1(CgroupBackend):
     """cgroup v1: cpu, cpuacct, memory and pids are separate hierarchies,
-    each mounted at <root>/<controller>; a guest joins all four."""
+    each mounted at <root>/<controller>; a guest joins all four, and the
+    freezer's too where it is mounted (`freezer=True`)."""
 
     version = "v1"
 
     def __init__(self, root: str = "/sys/fs/cgroup", parent: str = "soda",
                  proc_root: str = "/proc", controllers: tuple[str, ...] = V1_CONTROLLERS,
                  sleep: Callable[[float], None] = time.sleep,
-                 rmdir: Callable[[str], None] = os.rmdir, cpuset: str = ""):
+                 rmdir: Callable[[str], None] = os.rmdir, cpuset: str = "",
+                 freezer: bool = False):
         super().__init__(root, parent, proc_root)
         # With a cpuset every guest also joins the cpuset hierarchy, confined
         # to those CPUs (and to the memory nodes the root allows).
         self.cpuset = cpuset
         if cpuset and "cpuset" not in controllers:
             controllers = tuple(controllers) + ("cpuset",)
+        if freezer and V1_FREEZER not in controllers:
+            controllers = tuple(controllers) + (V1_FREEZER,)
         self.controllers = controllers
+        self.can_freeze = V1_FREEZER in controllers
         self.sleep = sleep
         # Injected for tests: a fake tree's directories hold real files,
         # which cgroupfs directories only appear to.
@@ -353,6 +387,26 @@ class CgroupV1(CgroupBackend):
             parts = line.split(":", 2)
             if len(parts) == 3 and set(parts[1].split(",")) & set(self.controllers):
                 yield parts[2]
+
+    def freeze(self, name: str, frozen: bool) -> None:
+        if not self.can_freeze:
+            super().freeze(name, frozen)
+        state = self._file(V1_FREEZER, name, "freezer.state")
+        if not os.path.isdir(self._dir(V1_FREEZER, name)):
+            raise errors.NotFound(f"virtual node {name} has no freezer cgroup here")
+        write_file(state, "FROZEN" if frozen else "THAWED")
+        if frozen:
+            # FREEZING until every task is held.
+            self._wait_frozen(name, lambda: read_file(state).strip() == "FROZEN",
+                              lambda: write_file(state, "THAWED"))
+
+    def frozen(self, name: str) -> bool:
+        if not self.can_freeze:
+            return False
+        try:
+            return read_file(self._file(V1_FREEZER, name, "freezer.state")).strip() != "THAWED"
+        except errors.NotFound:
+            return False
 
     def remove(self, name: str) -> bool:
         existed = False
@@ -514,6 +568,23 @@ class CgroupV2(CgroupBackend):
                 yield line[3:]
                 return
 
+    can_freeze = True       # cgroup.freeze: Linux 5.2, older than anything SODA runs on
+
+    def freeze(self, name: str, frozen: bool) -> None:
+        if not os.path.isdir(self._dir(name)):
+            raise errors.NotFound(f"virtual node {name} has no cgroup here")
+        write_file(self._file(name, "cgroup.freeze"), 1 if frozen else 0)
+        if frozen:
+            # cgroup.events says "frozen 1" once every task is held.
+            self._wait_frozen(name, lambda: read_keyed(self._file(name, "cgroup.events")).get("frozen") == 1,
+                              lambda: write_file(self._file(name, "cgroup.freeze"), 0))
+
+    def frozen(self, name: str) -> bool:
+        try:
+            return read_int(self._file(name, "cgroup.freeze")) == 1
+        except errors.NotFound:
+            return False
+
     def kill_all(self, name: str) -> bool:
         """Kill every process in the cgroup at once through cgroup.kill
         (Linux 5.14+); False when the kernel has no cgroup.kill."""
@@ -630,7 +701,10 @@ def open_backend(root: str, parent: str, version: str | None = None, delegated: 
     check_parent(parent)
     base = delegated_base(version, proc_self_cgroup=proc_self_cgroup) if delegated else ""
     if version == "v1":
-        return CgroupV1(root, f"{base}/{parent}" if base else parent, cpuset=cpuset)
+        # The freezer hierarchy's root has no freezer.state (its children
+        # do): that it is mounted is its cgroup.procs.
+        freezer = os.path.isfile(os.path.join(root, V1_FREEZER, "cgroup.procs"))
+        return CgroupV1(root, f"{base}/{parent}" if base else parent, cpuset=cpuset, freezer=freezer)
     if version == "v2":
         if cpuset and "cpuset" not in read_file(os.path.join(root, "cgroup.controllers")).split():
             raise errors.WrongState(f"a cpuset was asked for ({cpuset!r}) but this kernel's cgroup2 "

@@ -108,7 +108,24 @@ class LimitManager:
             for pid in sorted(pids):
                 if self.cgroups.kill(name, pid):
                     killed.add(pid)
+            # A task the v1 freezer holds dies only once thawed (the v2
+            # freezer lets a fatal signal through): thaw after the kill, so
+            # that a frozen guest never runs again.
+            if self.cgroups.frozen(name):
+                self.cgroups.freeze(name, False)
             self.sleep(KILL_POLL_SECONDS)
+
+    def freeze(self, name: str, frozen: bool) -> Fence:
+        """Freeze (or thaw) the virtual node's processes in place, through
+        the cgroup freezer; idempotent. NotFound when it is not fenced here,
+        WrongState when this host's cgroups have no freezer."""
+        model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)
+        with self._lock:
+            if not self.cgroups.exists(name):
+                raise errors.NotFound(f"virtual node {name} is not fenced here")
+            self.cgroups.freeze(name, frozen)
+            log.info("%s %s", "froze" if frozen else "thawed", name)
+            return self._read(name)
 
     def usage(self, name: str) -> model.VnodeUsage:
         model.check_dns_label("virtual node", name, model.NODE_NAME_MAX)
@@ -138,4 +155,5 @@ class LimitManager:
             limits = replace(limits, rate_bit=shaping.rate_bit, burst_bytes=shaping.burst_bytes)
         return Fence(name=name, cgroups=self.cgroups.paths(name),
                      cgroup_version=self.cgroups.version, limits=limits,
-                     tap=shaping.tap if shaping else "", ifb=shaping.ifb if shaping else "")
+                     tap=shaping.tap if shaping else "", ifb=shaping.ifb if shaping else "",
+                     frozen=self.cgroups.frozen(name))

@@ -148,6 +148,10 @@ class HypervisorDriver(abc.ABC):
         self.state_dir = state_dir
         self.runner = runner
         self.clock = clock
+        # freezer(name, frozen): freezes or thaws the guest's fence (the
+        # Daemon's cgroup freezer), for drivers whose VMM cannot pause
+        # itself; the Agent hands it over with its plumbing. None: no fence.
+        self.freezer: Callable[[str, bool], None] | None = None
 
     @abc.abstractmethod
     def build_argv(self, spec: GuestSpec) -> list[str]:

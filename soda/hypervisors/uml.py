@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from soda.errors import InvalidSpec, NotFound, TemporaryError, WrongState
+from soda.errors import InvalidSpec, NotFound, SodaError, TemporaryError, WrongState
 from soda.files import write_json_atomic
 from soda.hypervisors import process
 from soda.hypervisors.base import (check_guest_name, Clock, contract_arguments, Fingerprint,
@@ -140,6 +140,9 @@ class UmlDriver(RecordedGuestDriver):
     # UML's memory hot-unplug gives RAM back and takes it again, up to
     # what the guest booted with.
     live_memory = True
+    # A UML guest is a tree of host processes (its tracer and the guest's
+    # own): the fence's cgroup freezer holds them all (`freezer`).
+    can_freeze = True
     memory_overhead = MEMORY_OVERHEAD
 
     default_short_dir = DEFAULT_SHORT_DIR
@@ -452,7 +455,27 @@ class UmlDriver(RecordedGuestDriver):
                 shutil.rmtree(short, ignore_errors=True)
         shutil.rmtree(self.tmp_dir(name), ignore_errors=True)
 
+    def freeze(self, name: str) -> None:
+        """Hold every process of the guest in its fence's cgroup freezer."""
+        self._set_frozen(name, True, lambda record: self._freeze_fence(name, True))
+
+    def thaw(self, name: str) -> None:
+        self._set_frozen(name, False, lambda record: self._freeze_fence(name, False))
+
+    def _freeze_fence(self, name: str, frozen: bool) -> None:
+        if self.freezer is None:
+            raise WrongState(f"uml guest {name} freezes in its fence (the Daemon's cgroup freezer), "
+                             f"and this Agent has none")
+        self.freezer(name, frozen)
+
     def _halt(self, record: dict, timeout: float) -> None:
+        if record.get("frozen") and self.freezer is not None:
+            # Held by the freezer it neither halts nor dies (v1 keeps even a
+            # SIGKILL pending until thawed): let it go first.
+            try:
+                self.freezer(record["name"], False)
+            except SodaError as exc:
+                log.warning("uml guest %s: cannot thaw it to stop it: %s", record["name"], exc)
         if timeout <= 0:
             return
         deadline = time.monotonic() + timeout

@@ -155,6 +155,10 @@ class Controller:
             tx.create_service(model.Service(spec=spec, image_digest=image.digest, vnodes=tuple(vnodes),
                                             created_at=self.clock(), owner=tenant or model.OPERATORS))
             tx.after_commit(functools.partial(self._publish_service, spec.name, {v.node for v in vnodes}))
+            if not vnodes and spec.on_demand is not None and spec.on_demand.warm:
+                # Created idle: its warm pool boots (and freezes) now.
+                self._go_idle(tx, tx.get_service(spec.name))
+                vnodes = list(tx.get_service(spec.name).vnodes)
             return vnodes
 
         vnodes = self._unit_of_work(work)
@@ -474,13 +478,17 @@ class Controller:
 
     # ---- deploy on first request (Dynasoar) ------------------------------
     # The Switch knows the connections, so it decides when: it asks for a
-    # node when a connection finds none ready, and for zero once the service
-    # has been idle for on_demand.idle_seconds. Both calls are idempotent and
-    # decided in the unit of work that grows or shrinks the service, so
-    # concurrent asks give one node and an ensure that follows a release
-    # always gets a fresh node.
+    # node when a connection finds none ready, and for the idle state once
+    # the service has been idle for on_demand.idle_seconds. Both calls are
+    # idempotent and decided in the unit of work that grows or shrinks the
+    # service, so concurrent asks give one node and an ensure that follows a
+    # release always gets a node in use again. The idle state is the warm
+    # pool: on_demand.warm virtual nodes booted and frozen (none by default);
+    # an ensure thaws those before it boots any.
     def ensure_nodes(self, name: str, at_least: int = 1) -> model.Service:
-        """At least `at_least` live virtual nodes (new ones get on_demand.resources)."""
+        """At least `at_least` virtual nodes in use (not frozen): frozen ones
+        thawed first where their node has the CPU for them again, then new
+        ones (they get on_demand.resources)."""
         def work(tx: Transaction) -> None:
             service = tx.get_service(name)
             on_demand = _on_demand(service, "start virtual nodes on demand for")
@@ -488,28 +496,102 @@ class Controller:
                 raise InvalidSpec(f"service {name!r}: at_least must be from 1 to on_demand.max_nodes "
                                   f"({on_demand.max_nodes}), got {at_least}")
             live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
-            if len(live) >= at_least:
+            need = at_least - sum(1 for v in live if not v.frozen)
+            if need <= 0:
                 return
+            thawed, unfit = _thawable(tx, [v for v in live if v.frozen], need)
+            if thawed:
+                tx.put_vnodes(thawed)
+                tx.after_commit(lambda: self._forget_holds(thawed))
+                tx.after_commit(functools.partial(self._publish_service, name, {v.node for v in thawed}))
+                tx.after_commit(functools.partial(log.info, "service %s: thawed %s on demand", name,
+                                                  ", ".join(v.name for v in thawed)))
+                need -= len(thawed)
+            if need <= 0:
+                return
+            # Frozen ones that cannot thaw where they are give their place
+            # under max_nodes to new ones.
+            excess = max(0, len(live) + need - on_demand.max_nodes)
+            if excess:
+                self._drop(tx, service, unfit[:excess], tx.list_nodes())
+                live = [v for v in live if v not in unfit[:excess]]
             tx.after_commit(functools.partial(log.info, "service %s: %d virtual node(s) asked on demand",
-                                              name, at_least - len(live)))
-            self._resize(tx, name, at_least, [v.resources for v in live]
-                         + [on_demand.resources] * (at_least - len(live)))
+                                              name, need))
+            self._resize(tx, name, len(live) + need, [v.resources for v in live]
+                         + [on_demand.resources] * need)
 
         self._unit_of_work(work)
         return self.get_service(name)
 
     def release_nodes(self, name: str) -> model.Service:
-        """Back to zero virtual nodes; a service already at zero is left as it is."""
+        """An idle service to its idle state: on_demand.warm frozen virtual
+        nodes, none else. `idle: freeze` freezes those that served (the
+        already frozen first), `idle: stop` stops them all and boots new
+        ones for the pool. A service in its idle state is left as it is."""
         def work(tx: Transaction) -> None:
-            service = tx.get_service(name)
-            _on_demand(service, "release the on-demand virtual nodes of")
-            if not any(not v.deleting for v in service.vnodes):
-                return
-            tx.after_commit(functools.partial(log.info, "service %s: idle, back to zero virtual nodes", name))
-            self._resize(tx, name, 0, [])
+            self._go_idle(tx, tx.get_service(name))
 
         self._unit_of_work(work)
         return self.get_service(name)
+
+    def _go_idle(self, tx: Transaction, service: model.Service) -> None:
+        name = service.name
+        on_demand = _on_demand(service, "release the on-demand virtual nodes of")
+        live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
+        frozen = [v for v in live if v.frozen]
+        active = [v for v in live if not v.frozen]
+        if on_demand.idle == "freeze":
+            keep, drop = [], []
+            for v in frozen + active:
+                if len(keep) < on_demand.warm and (v.frozen or _can_freeze(tx, v)):
+                    keep.append(v)
+                else:
+                    drop.append(v)
+        else:
+            keep, drop = frozen[:on_demand.warm], active + frozen[on_demand.warm:]
+        freezing = [replace(v, frozen=True) for v in keep if not v.frozen]
+        add = on_demand.warm - len(keep)
+        if not drop and not freezing and not add:
+            return
+        if drop:
+            tx.after_commit(functools.partial(log.info, "service %s: idle, %s stopped", name,
+                                              ", ".join(v.name for v in drop)))
+        if freezing:
+            tx.put_vnodes(freezing)
+            self._hold_for_draining(freezing, service.spec.switch.drain_seconds)
+            tx.after_commit(functools.partial(log.info, "service %s: idle, %s frozen", name,
+                                              ", ".join(v.name for v in freezing)))
+        kept = [replace(v, frozen=True) for v in keep]
+        added: list[model.VirtualNode] = []
+        if add:
+            used = {v.index for v in service.vnodes}
+            indexes = [i for i in range(len(used) + add) if i not in used][:add]
+            counts: dict[str, int] = {}
+            for v in kept:
+                counts[v.node] = counts.get(v.node, 0) + 1
+            spec = replace(service.spec, nodes=len(kept) + add,
+                           resources=tuple(v.resources for v in kept) + (on_demand.resources,) * add)
+            try:
+                added = [replace(v, frozen=True) for v in self._place_new(
+                    tx, spec, service.image_digest, indexes, [on_demand.resources] * add,
+                    [model.vnode_name(name, i) for i in indexes], counts)]
+            except NoCapacity as exc:
+                # The pool is a speed-up: the release goes on without it.
+                tx.after_commit(functools.partial(log.warning, "service %s: no room for its warm pool "
+                                                  "of %d: %s", name, on_demand.warm, exc))
+            if added:
+                tx.put_vnodes(added)
+                tx.after_commit(functools.partial(log.info, "service %s: %s booting for the warm pool",
+                                                  name, ", ".join(v.name for v in added)))
+        dropped = [replace(v, deleting=True) for v in drop]
+        tx.put_vnodes(dropped)
+        self._hold_for_draining(dropped, service.spec.switch.drain_seconds)
+        final = sorted(kept + added, key=lambda v: v.index)
+        spec = model.validate_spec(replace(service.spec, nodes=len(final),
+                                           resources=tuple(v.resources for v in final)))
+        tx.put_service(replace(service, spec=spec))
+        tx.after_commit(functools.partial(self._publish_service, name,
+                                          {v.node for v in freezing + added + dropped if v.node}))
 
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
@@ -1278,6 +1360,34 @@ class Controller:
                               *(node_topic(n) for n in nodes if n))
 
 
+def _can_freeze(tx: StateReader, v: model.VirtualNode) -> bool:
+    try:
+        _check_can_freeze(tx, v)
+    except (WrongState, NotFound):
+        return False
+    return True
+
+
+def _thawable(tx: StateReader, frozen: Sequence[model.VirtualNode],
+              need: int) -> tuple[list[model.VirtualNode], list[model.VirtualNode]]:
+    """Up to `need` of `frozen`, thawed (frozen=False), whose nodes are READY,
+    not draining, and have the CPU for them again (a frozen virtual node
+    holds its memory, not its CPU); and the others."""
+    nodes = {n.name: n for n in tx.list_nodes()}
+    spare: dict[str, float] = {}
+    thawed, unfit = [], []
+    for v in frozen:
+        node = nodes.get(v.node)
+        if len(thawed) < need and node is not None and node.state == READY and not node.draining:
+            free = spare.setdefault(v.node, node.capacity.cpu - node.allocated.cpu)
+            if free + 1e-9 >= v.resources.cpu:
+                spare[v.node] = free - v.resources.cpu
+                thawed.append(replace(v, frozen=False))
+                continue
+        unfit.append(v)
+    return thawed, unfit
+
+
 def _check_can_freeze(tx: Transaction, v: model.VirtualNode) -> None:
     """WrongState unless the driver that runs `v` where it is placed can freeze."""
     if not v.node:
@@ -1421,5 +1531,6 @@ def endpoint_set(service: model.Service) -> model.EndpointSet:
     return model.EndpointSet(
         service=service.name, switch=service.spec.switch, on_demand=service.spec.on_demand,
         network=service.spec.network, endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
-                                       ready=v.phase == model.Phase.RUNNING and not v.frozen)
+                                       ready=v.phase == model.Phase.RUNNING and not v.frozen,
+                                       frozen=v.frozen)
                         for v in service.vnodes if not v.deleting and v.address))

@@ -514,11 +514,12 @@ class _SqliteReads(StateReader):
         # one statement (one step, see _packed) reads them and sums what each
         # holds per hypervisor (each guest also costs its hypervisor
         # process's own memory), and the JSON columns, the same on most
-        # nodes, are decoded once.
+        # nodes, are decoded once. A frozen guest holds its memory, not its
+        # CPU: a warm pool counts against capacity as memory.
         node_where, vnode_where = ("WHERE name = ?", "WHERE node = ?") if name is not None else ("", "")
         [(node_rows, placed_rows)] = self._query(
             f"SELECT (SELECT {_packed(_NODE_COLUMNS, ['cpu'])} FROM nodes {node_where}), "
-            f"(SELECT {_packed(_PLACED_COLUMNS, ['cpu'])} FROM (SELECT node, hypervisor, SUM(cpu) AS cpu, "
+            f"(SELECT {_packed(_PLACED_COLUMNS, ['cpu'])} FROM (SELECT node, hypervisor, SUM(CASE WHEN frozen THEN 0 ELSE cpu END) AS cpu, "
             f"SUM(memory) AS memory, SUM(bandwidth) AS bandwidth, SUM(disk) AS disk, COUNT(*) AS count "
             f"FROM vnodes {vnode_where} GROUP BY node, hypervisor))",
             (name, name) if name is not None else ())

@@ -18,7 +18,7 @@ from soda.model.names import (  # noqa: F401
     SERVICE_NAME_MAX, NODE_NAME_MAX, IMAGE_NAME_RE, DIGEST_RE, check_dns_label,
     check_image_ref, check_image_name, check_hypervisor_name, vnode_name)
 from soda.model.spec import (  # noqa: F401
-    POLICIES, DEFAULT_POLICY, SWITCH_MODES, DEFAULT_SWITCH_MODE, HEALTH_KINDS, DEFAULT_PORT,
+    POLICIES, DEFAULT_POLICY, IDLE_POLICIES, SWITCH_MODES, DEFAULT_SWITCH_MODE, HEALTH_KINDS, DEFAULT_PORT,
     MAX_VNODES_PER_SERVICE, RESOURCE_BOUNDS, RESOURCE_UNITS, RESOURCE_DEFAULTS, Resources,
     HealthCheck, SwitchSpec, OnDemand, EgressRule, NetworkSpec, ServiceSpec, resource_columns, expand_resources,
     check_listen, parse_health, last_entries, parse_on_demand, parse_switch, parse_egress, parse_network,

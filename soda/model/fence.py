@@ -27,6 +27,7 @@ class Fence:
     limits: Limits
     tap: str = ""
     ifb: str = ""
+    frozen: bool = False        # its processes are held by the cgroup freezer
 
 
 @dataclass(frozen=True)

@@ -96,18 +96,27 @@ class SwitchSpec:
                 "health": self.health.as_dict(), "drain_seconds": self.drain_seconds}
 
 
+IDLE_POLICIES = ("freeze", "stop")
+
+
 @dataclass(frozen=True)
 class OnDemand:
     """Deploy on first request (Dynasoar): the Switch holds a connection that
     arrives while no node is ready and asks the Master for one; after
-    `idle_seconds` without connections the service goes back to zero."""
+    `idle_seconds` without connections the service goes back to its idle
+    state: `warm` virtual nodes booted and frozen (a first connection thaws
+    one instead of booting), none when `warm` is 0. `idle` says where the
+    pool comes from: "freeze" freezes the guests that served (the others are
+    stopped), "stop" stops them all and boots the pool afresh."""
     max_nodes: int
     idle_seconds: float
     resources: Resources        # of each virtual node deployed on demand
+    warm: int = 0
+    idle: str = "freeze"
 
     def as_dict(self) -> dict:
         return {"max_nodes": self.max_nodes, "idle_seconds": self.idle_seconds,
-                "resources": self.resources.as_dict()}
+                "resources": self.resources.as_dict(), "warm": self.warm, "idle": self.idle}
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,7 @@ _NETWORK_FIELDS = {"peers", "egress"}
 MAX_EGRESS_RULES = 64
 _SWITCH_FIELDS = {"listen", "policy", "mode", "health", "drain_seconds"}
 _HEALTH_FIELDS = set(HealthCheck.__dataclass_fields__)
-_ON_DEMAND_FIELDS = {"max_nodes", "idle_seconds", "resources"}
+_ON_DEMAND_FIELDS = {"max_nodes", "idle_seconds", "resources", "warm", "idle"}
 _HTTP_PATH = re.compile(r"/[\x21-\x7e]*\Z")     # absolute, printable, no spaces
 
 
@@ -325,8 +334,14 @@ def parse_on_demand(data: Any, nodes: int, template: Resources) -> OnDemand | No
     own = data.get("resources")
     if own is not None and not isinstance(own, Mapping):
         raise InvalidSpec("on_demand.resources must be a mapping like {cpu: 0.5, memory: 64}")
+    warm = _bounded("on_demand.warm", data.get("warm"), 0, max_nodes, integer=True, default=0)
+    policy = data.get("idle", "freeze")
+    if policy not in IDLE_POLICIES:
+        raise InvalidSpec(f"on_demand.idle must be one of {', '.join(IDLE_POLICIES)} (what an idle "
+                          f"service's guests become), got {policy!r}")
     return OnDemand(max_nodes=max_nodes, idle_seconds=idle,
-                    resources=expand_resources(1, own)[0] if own is not None else template)
+                    resources=expand_resources(1, own)[0] if own is not None else template,
+                    warm=int(warm), idle=policy)
 
 
 def parse_egress(text: Any) -> EgressRule:

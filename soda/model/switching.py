@@ -15,6 +15,7 @@ class Endpoint:
     port: int
     weight: float
     ready: bool
+    frozen: bool = False        # kept frozen (a warm pool's): never ready, not in use
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def on_demand_to_pb(o: model.OnDemand | None) -> pb.OnDemand | None:
     if o is None:
         return None
     return pb.OnDemand(max_nodes=o.max_nodes, idle_seconds=o.idle_seconds,
-                       resources=resources_to_pb(o.resources))
+                       resources=resources_to_pb(o.resources), warm=o.warm, idle=o.idle)
 
 
 def on_demand_from_pb(m, field: str = "on_demand") -> model.OnDemand | None:
@@ -61,7 +61,8 @@ def on_demand_from_pb(m, field: str = "on_demand") -> model.OnDemand | None:
         return None
     o = getattr(m, field)
     return model.OnDemand(max_nodes=o.max_nodes, idle_seconds=o.idle_seconds,
-                          resources=resources_from_pb(o.resources))
+                          resources=resources_from_pb(o.resources), warm=o.warm,
+                          idle=o.idle or "freeze")
 
 
 def network_to_pb(n: model.NetworkSpec) -> pb.NetworkSpec:
@@ -244,13 +245,14 @@ def endpoints_to_pb(e: model.EndpointSet) -> pb.EndpointSet:
     return pb.EndpointSet(service=e.service, switch=switch_to_pb(e.switch), deleted=e.deleted,
                           on_demand=on_demand_to_pb(e.on_demand), network=network_to_pb(e.network),
                           endpoints=[pb.Endpoint(vnode=x.vnode, address=x.address, port=x.port,
-                                                 weight=x.weight, ready=x.ready) for x in e.endpoints])
+                                                 weight=x.weight, ready=x.ready, frozen=x.frozen)
+                                     for x in e.endpoints])
 
 
 def endpoints_from_pb(m: pb.EndpointSet) -> model.EndpointSet:
     return model.EndpointSet(service=m.service, switch=switch_from_pb(m.switch), deleted=m.deleted,
                              on_demand=on_demand_from_pb(m), network=network_from_pb(m),
-                             endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready)
+                             endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready, x.frozen)
                                              for x in m.endpoints))
 
 
@@ -294,11 +296,12 @@ def vnode_usage_from_pb(m: daemon_pb2.Usage) -> model.VnodeUsage:
 
 def fence_to_pb(f: model.Fence) -> daemon_pb2.Fence:
     return daemon_pb2.Fence(name=f.name, cgroups=list(f.cgroups), cgroup_version=f.cgroup_version,
-                            tap=f.tap, ifb=f.ifb, limits=daemon_pb2.Limits(**dataclasses.asdict(f.limits)))
+                            tap=f.tap, ifb=f.ifb, frozen=f.frozen,
+                            limits=daemon_pb2.Limits(**dataclasses.asdict(f.limits)))
 
 
 def fence_from_pb(m: daemon_pb2.Fence) -> model.Fence:
     return model.Fence(name=m.name, cgroups=tuple(m.cgroups), cgroup_version=m.cgroup_version,
-                       tap=m.tap, ifb=m.ifb,
+                       tap=m.tap, ifb=m.ifb, frozen=m.frozen,
                        limits=model.Limits(**{f.name: getattr(m.limits, f.name)
                                               for f in dataclasses.fields(model.Limits)}))

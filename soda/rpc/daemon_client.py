@@ -56,6 +56,10 @@ class DaemonClient(StubClient):
         reply = self._call("ReleaseLimits", pb.ReleaseLimitsRequest(name=name))
         return Released(name=reply.name, existed=reply.existed, killed=reply.killed)
 
+    def freeze(self, name: str, frozen: bool) -> Fence:
+        """Freeze (or thaw) every process in the virtual node's cgroups."""
+        return convert.fence_from_pb(self._call("FreezeVnode", pb.FreezeVnodeRequest(name=name, frozen=frozen)))
+
     def usage(self, name: str) -> VnodeUsage:
         return convert.vnode_usage_from_pb(self._call("GetUsage", pb.GetUsageRequest(name=name)))
 

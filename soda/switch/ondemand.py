@@ -53,6 +53,9 @@ class _State:
     on_demand: OnDemand
     last_used: float
     vnodes: frozenset[str] = frozenset()    # every endpoint the Master lists, ready or not
+    # Those not kept frozen (a warm pool's guests are idle already: they
+    # neither count as in use nor are released again).
+    active: frozenset[str] = frozenset()
     released: set[str] = field(default_factory=set)   # asked away: held connections must not go there
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     bring_up: asyncio.Task | None = None
@@ -100,9 +103,10 @@ class OnDemandSwitch:
                          es.service)
             st.kernel_path = kernel_path
             names = frozenset(e.vnode for e in es.endpoints)
-            if names and not st.vnodes:
-                st.last_used = now          # idleness counts from when a node appears
-            st.vnodes = names
+            active = frozenset(e.vnode for e in es.endpoints if not e.frozen)
+            if active and not st.active:
+                st.last_used = now          # idleness counts from when a node is in use
+            st.vnodes, st.active = names, active
             st.released &= names
         await self.target.apply(es)
         if st is not None:
@@ -232,7 +236,7 @@ class OnDemandSwitch:
         now = self.clock()
         for name, st in self._states.items():
             if (st.bring_up is not None or st.release is not None or st.kernel_path
-                    or not st.vnodes - st.released):
+                    or not st.active - st.released):
                 continue
             if st.held or self.connections(name):
                 st.last_used = now
@@ -241,7 +245,7 @@ class OnDemandSwitch:
 
     async def _release(self, name: str, st: _State) -> None:
         # From here on new connections are held, not sent to these nodes.
-        releasing = st.vnodes - st.released
+        releasing = st.active - st.released
         st.released |= releasing
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.master.release_nodes, name)

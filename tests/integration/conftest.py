@@ -26,6 +26,8 @@ NETNS_PREFIX = "sodat-"
 CGROUP_PREFIX = "soda-test-"
 CGROUP_ROOT = "/sys/fs/cgroup"
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
+# Hierarchies a test's cgroups may have dirs in (the freezer's where mounted).
+V1_HIERARCHIES = V1_CONTROLLERS + ("freezer",)
 _OWNED = re.compile(r"^(?:sodat-|soda-test-)(\d+)-[0-9a-f]+$")
 
 
@@ -107,12 +109,16 @@ def _kill_members(directory: str) -> None:
                 pass
             finally:
                 os.close(fd)
+        # A task the v1 freezer holds dies only once thawed.
+        if os.path.exists(os.path.join(directory, "freezer.state")):
+            with open(os.path.join(directory, "freezer.state"), "w") as f:
+                f.write("THAWED")
         time.sleep(0.02)
 
 
 def remove_cgroup_parent(parent: str, root: str = CGROUP_ROOT) -> None:
     """Remove <root>/<controller>/<parent> and everything below it."""
-    for controller in V1_CONTROLLERS:
+    for controller in V1_HIERARCHIES:
         top = os.path.join(root, controller, parent)
         if not os.path.isdir(top):
             continue
@@ -130,7 +136,7 @@ def remove_cgroup_parent(parent: str, root: str = CGROUP_ROOT) -> None:
 
 
 def sweep_cgroups(root: str = CGROUP_ROOT) -> None:
-    for controller in V1_CONTROLLERS:
+    for controller in V1_HIERARCHIES:
         base = os.path.join(root, controller)
         if not os.path.isdir(base):
             continue

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,6 +22,10 @@ from soda.daemon.tc import NetlinkThread, ifb_name
 from soda.model.spec import Resources
 
 from tests.integration.conftest import CGROUP_ROOT, V1_CONTROLLERS, link_names, make_tap, run
+
+# A guest joins the freezer's hierarchy too where it is mounted.
+FREEZER = os.path.isfile(os.path.join(CGROUP_ROOT, "freezer", "cgroup.procs"))
+HIERARCHIES = V1_CONTROLLERS + (("freezer",) if FREEZER else ())
 
 pytestmark = pytest.mark.root
 
@@ -98,7 +103,7 @@ WEB = Resources(cpu=0.5, memory=64, bandwidth=10, disk=256)
 
 def test_apply_writes_cgroups_and_shapes_both_ways(manager, netns, cgroup_parent, tap):
     fence = manager.apply("web-0", WEB, "uml", 32, tap, cpu_cap=True)
-    assert fence.cgroups == tuple(cg(c, cgroup_parent, "web-0") for c in V1_CONTROLLERS)
+    assert fence.cgroups == tuple(cg(c, cgroup_parent, "web-0") for c in HIERARCHIES)
     assert read(cg("cpu", cgroup_parent, "web-0", "cpu.shares")) == "512"
     assert read(cg("cpu", cgroup_parent, "web-0", "cpu.cfs_period_us")) == "100000"
     assert read(cg("cpu", cgroup_parent, "web-0", "cpu.cfs_quota_us")) == "50000"
@@ -176,13 +181,51 @@ def test_release_kills_removes_and_keeps_the_tap(manager, netns, cgroup_parent, 
     assert done.existed and done.killed == 2
     assert p.wait(timeout=10) == -signal.SIGKILL
     assert child.wait(timeout=10) == -signal.SIGKILL
-    for c in V1_CONTROLLERS:
+    for c in HIERARCHIES:
         assert not os.path.exists(cg(c, cgroup_parent, "web-0"))
     assert [q["kind"] for q in qdiscs(netns, tap) if q["kind"] in ("htb", "ingress")] == []
     names = link_names(netns)
     assert tap in names
     assert fence.ifb not in names
     assert manager.release("web-0").existed is False
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])        # utime + stime
+
+
+SPIN = (sys.executable, "-c", "while True: pass")
+
+
+@pytest.mark.skipif(not FREEZER, reason="this kernel's cgroup v1 has no freezer hierarchy mounted")
+def test_freeze_holds_every_process_in_place_and_a_release_still_kills_them(
+        manager, cgroup_parent, sleeper):
+    fence = manager.apply("web-0", WEB, "uml", 32, "")
+    spinner = sleeper(SPIN)
+    join(spinner.pid, fence.cgroups)
+    time.sleep(0.3)
+    assert cpu_ticks(spinner.pid) > 0
+    frozen = manager.freeze("web-0", True)
+    assert frozen.frozen and manager.get("web-0").frozen
+    assert read(cg("freezer", cgroup_parent, "web-0", "freezer.state")) == "FROZEN"
+    held = cpu_ticks(spinner.pid)
+    time.sleep(0.5)
+    assert cpu_ticks(spinner.pid) == held, "a frozen process ran"
+    assert manager.freeze("web-0", True).frozen                 # idempotent
+    thawed = manager.freeze("web-0", False)
+    assert not thawed.frozen and read(cg("freezer", cgroup_parent, "web-0", "freezer.state")) == "THAWED"
+    time.sleep(0.3)
+    assert cpu_ticks(spinner.pid) > held, "a thawed process did not run again"
+    # Frozen again, then released: the kill reaches it (the v1 freezer
+    # holds a SIGKILL until it thaws), and it never ran in between.
+    manager.freeze("web-0", True)
+    done = manager.release("web-0")
+    assert done.killed == 1 and spinner.wait(timeout=10) == -signal.SIGKILL
+    assert not os.path.exists(cg("freezer", cgroup_parent, "web-0"))
+    with pytest.raises(errors.NotFound, match="not fenced"):
+        manager.freeze("web-0", True)
 
 
 def test_unshaped_fake_guest_gets_cgroups_only(manager, netns, cgroup_parent):

@@ -31,7 +31,8 @@ from soda.errors import InvalidSpec, NotFound
 from soda.hypervisors.base import EXITED, RUNNING, GuestSpec, driver_class, drivers
 from soda.hypervisors.kernels import find_uml_kernel
 from soda.model.spec import Resources
-from tests.integration.conftest import run
+from soda.daemon.cgroups import open_backend
+from tests.integration.conftest import CGROUP_ROOT, run
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GATEWAY = "192.168.252.1"
@@ -94,8 +95,12 @@ class Harness:
     """What differs between drivers, behind one face: how to make one, the
     spec it boots, how to crash a guest, how to check its processes."""
 
-    def __init__(self, kind, tmp_path, image, netns="", initramfs=""):
+    def __init__(self, kind, tmp_path, image, netns="", initramfs="", fence=None):
         self.kind = kind
+        # The cgroups a UML guest freezes in (the Daemon's part, here
+        # without a Daemon): its VMM joins them, its driver's freezer
+        # freezes them.
+        self.fence = fence
         self.tmp_path = tmp_path
         self.image = image
         self.netns = netns
@@ -115,6 +120,8 @@ class Harness:
             from soda.hypervisors.qemu import QemuDriver
             d = QemuDriver(state, initramfs=self.initramfs, short_dir=str(self.tmp_path / "run"),
                            **kw)
+        if self.fence is not None:
+            d.freezer = self.fence.freeze
         self.made.append(d)
         return d
 
@@ -127,7 +134,8 @@ class Harness:
                          resources=Resources(cpu=1.0, memory=memory, bandwidth=10, disk=64),
                          address=ADDRESS, prefix_length=24, gateway=GATEWAY, port=80,
                          hypervisor=self.kind, generation=5, tap="tap0" if real else "",
-                         netns=self.netns if real else "")
+                         netns=self.netns if real else "",
+                         cgroups=self.fence.create(name) if self.fence is not None else ())
 
     def crash(self, driver, name):
         """The VMM dies under the driver (as when the OOM killer takes it)."""
@@ -161,6 +169,18 @@ class Harness:
             if fields[0] != "Z" and (int(entry) == pid or int(fields[3]) == pid):
                 found.append(int(entry))
         return found
+
+    def cpu_ticks(self, pid):
+        """CPU time (clock ticks) the guest's processes have used, from /proc."""
+        total = 0
+        for member in self.processes(pid):
+            try:
+                with open(f"/proc/{member}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            total += int(fields[11]) + int(fields[12])        # utime, stime
+        return total
 
     def leftovers(self, driver):
         """Files of guests still under the driver's state dir (and sockets
@@ -203,7 +223,10 @@ def harness(request, tmp_path, rootfs):
         run(["ip", "-n", netns, "link", "set", "tap0", "up"])
     if kind == "qemu":
         initramfs = request.getfixturevalue("initramfs")
-    h = Harness(kind, tmp_path, rootfs, netns, initramfs)
+    fence = None
+    if kind == "uml":
+        fence = open_backend(CGROUP_ROOT, request.getfixturevalue("cgroup_parent"))
+    h = Harness(kind, tmp_path, rootfs, netns, initramfs, fence)
     try:
         yield h
     finally:
@@ -252,6 +275,9 @@ def test_lifecycle_start_ready_adopt_and_graceful_stop(harness):
         driver.freeze("web-0")
         frozen = driver.info("web-0")
         assert frozen.frozen and not frozen.ready and frozen.pid == pid and frozen.state == RUNNING
+        used = harness.cpu_ticks(pid)
+        time.sleep(0.5)
+        assert harness.cpu_ticks(pid) - used <= 1, "a frozen guest's processes ran"
         assert harness.driver().info("web-0").frozen            # a restarted Agent sees it too
         driver.thaw("web-0")
         driver.thaw("web-0")

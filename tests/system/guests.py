@@ -158,6 +158,11 @@ def _sweep_cgroups(parent):
                 for pid in read(procs).split():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid), signal.SIGKILL)
+                # A task the v1 freezer holds dies only once thawed.
+                state = os.path.join(dirpath, "freezer.state")
+                if os.path.exists(state):
+                    with open(state, "w") as f:
+                        f.write("THAWED")
                 wait_until(lambda: not read(procs), 10, what=f"{dirpath} to empty")
             os.rmdir(dirpath)
 

@@ -91,3 +91,55 @@ def test_first_requests_start_one_guest_and_idle_returns_to_zero(uml_node):
     c.guest_pids.update(r["pid"] for r in records.values())
     assert len([v for v in c.json("service", "get", "od")["vnodes"]]) == 1
     print(f"second cold start: {again:.2f} s")
+
+
+def _phases(c, service):
+    return [v["phase"] for v in c.json("service", "get", service)["vnodes"]]
+
+
+def _cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def test_a_warm_pool_thaws_its_frozen_guest_for_the_first_request_and_freezes_it_when_idle(uml_node):
+    c = uml_node
+    port = free_port()
+    c.ctl("service", "create", "wp", "--image", "busybox-httpd", "--hypervisor", "uml", "--cpu", "0.5",
+          "--memory", "64", "--on-demand", "1", "--warm", "1", "--idle-seconds", str(IDLE_SECONDS),
+          "--switch", f"127.0.0.1:{port}")
+    assert c.json("service", "get", "wp")["on_demand"]["warm"] == 1
+    wait_until(lambda: _phases(c, "wp") == ["FROZEN"], 120, interval=0.2,
+               what="the pool's guest to boot and freeze")
+    pid = guest_records(c)["wp-0"]["pid"]
+    c.guest_pids.add(pid)
+    # Frozen as the kernel says: the freezer holds it, and it uses no CPU.
+    procs = c.cgroups.procs("wp-0")
+    assert pid in procs
+    held = _cpu_ticks(procs)
+    time.sleep(1.0)
+    assert _cpu_ticks(procs) == held, "the frozen guest ran"
+    wait_until(lambda: listening(port), 30, what="the Switch to listen for wp")
+
+    url = f"http://127.0.0.1:{port}/"
+    page, first = timed_fetch(url)
+    assert "wp-0" in page
+    assert guest_records(c)["wp-0"]["pid"] == pid, "the pool's guest was booted again, not thawed"
+    print(f"\nfirst request to a warm pool (frozen guest thawed -> served): {first * 1000:.1f} ms")
+    assert first < 2.0, f"a thaw took {first:.2f} s"
+    wait_until(lambda: _phases(c, "wp") == ["RUNNING"], 30, what="the thawed guest to be RUNNING")
+
+    # Idle: frozen again, the same guest; and thawed again by the next client.
+    wait_until(lambda: _phases(c, "wp") == ["FROZEN"], 60, interval=0.2,
+               what="the idle service to freeze its guest")
+    assert alive(pid) and guest_records(c)["wp-0"]["pid"] == pid
+    page, again = timed_fetch(url)
+    assert "wp-0" in page and guest_records(c)["wp-0"]["pid"] == pid
+    print(f"second thaw: {again * 1000:.1f} ms")

@@ -112,11 +112,33 @@ def test_live_change_list_usage_release(daemon, client):
     (lambda c: c.apply_limits("web-0", WEB, "uml", 32, tap="tap-missing"), errors.NotFound),
     (lambda c: c.usage("web-9"), errors.NotFound),
     (lambda c: c.release_limits("../etc"), errors.InvalidSpec),
+    (lambda c: c.freeze("web-9", True), errors.NotFound),
 ])
 def test_errors_arrive_as_soda_errors(client, call, exc):
     with pytest.raises(exc) as info:
         call(client)
     assert info.value.message
+
+
+def test_freeze_and_thaw_through_the_freezer_and_a_clear_refusal_without_one(tmp_path, short_dir):
+    for freezer in (True, False):
+        cgroups = FakeKernelCgroups(tmp_path / f"cg-{freezer}", freezer=freezer)
+        cfg = DaemonConfig(socket=os.path.join(short_dir, f"d{int(freezer)}.sock"))
+        server = DaemonServer(cfg, LimitManager(cgroups, FakeShaper(), cfg))
+        server.start()
+        client = DaemonClient(server.socket_path)
+        try:
+            client.apply_limits("web-0", WEB, "uml", 32, tap="tap-web0")
+            if freezer:
+                assert client.freeze("web-0", True).frozen
+                assert [f.frozen for f in client.list()] == [True]
+                assert not client.freeze("web-0", False).frozen
+            else:
+                with pytest.raises(errors.WrongState, match="no freezer"):
+                    client.freeze("web-0", True)
+        finally:
+            client.close()
+            server.stop(grace=0)
 
 
 def test_unexpected_errors_are_internal_without_traceback(daemon, client, monkeypatch):

@@ -421,3 +421,46 @@ def test_probe_says_what_is_missing(tmp_path):
         probe(str(tmp_path))
     assert "memory/memory.limit_in_bytes" in info.value.message
     assert "no controllers" in info.value.message
+
+
+def test_v1_joins_the_freezer_where_it_is_mounted_and_freezes_through_freezer_state(tmp_path):
+    root = make_v1_tree(tmp_path / "cg")
+    (tmp_path / "cg" / "freezer").mkdir()
+    (tmp_path / "cg" / "freezer" / "cgroup.procs").write_text("")
+    b = open_backend(root, "soda", version="v1")
+    b.rmdir, b.sleep = shutil.rmtree, (lambda s: None)
+    assert b.can_freeze and b.create("web-0")[-1] == str(tmp_path / "cg/freezer/soda/web-0")
+    state = tmp_path / "cg/freezer/soda/web-0/freezer.state"
+    state.write_text("THAWED\n")
+    assert not b.frozen("web-0")
+    b.freeze("web-0", True)
+    assert read(state) == "FROZEN" and b.frozen("web-0")
+    b.freeze("web-0", False)
+    assert read(state) == "THAWED" and not b.frozen("web-0")
+    with pytest.raises(errors.NotFound, match="web-1"):
+        b.freeze("web-1", True)
+
+
+def test_v1_without_a_freezer_fences_as_before_and_refuses_to_freeze(tmp_path):
+    b = open_backend(make_v1_tree(tmp_path / "cg"), "soda", version="v1")
+    assert not b.can_freeze and len(b.create("web-0")) == 4
+    assert not b.frozen("web-0")
+    with pytest.raises(errors.WrongState, match="no freezer"):
+        b.freeze("web-0", True)
+
+
+def test_v2_freezes_through_cgroup_freeze_and_waits_for_the_kernel(tmp_path, monkeypatch):
+    b = v2_backend(tmp_path / "cg")
+    d = tmp_path / "cg" / "soda" / "web-0"
+    b.create("web-0")
+    (d / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    b.freeze("web-0", True)
+    assert read(d / "cgroup.freeze") == "1" and b.frozen("web-0")
+    b.freeze("web-0", False)
+    assert read(d / "cgroup.freeze") == "0" and not b.frozen("web-0")
+    # Some task is never held (the kernel keeps "frozen 0"): undone, and said.
+    monkeypatch.setattr(cgroups, "FREEZE_TIMEOUT_SECONDS", 0.05)
+    (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    with pytest.raises(errors.TemporaryError, match="did not hold every process of virtual node web-0"):
+        b.freeze("web-0", True)
+    assert read(d / "cgroup.freeze") == "0"

@@ -56,8 +56,9 @@ class FakeKernelCgroups(CgroupV1):
     process leaves every cgroup.procs. Pids in `stubborn` never die; each
     pid in `forks` spawns its value into the cgroup when killed."""
 
-    def __init__(self, root, parent="soda"):
-        super().__init__(make_v1_tree(root), parent, rmdir=shutil.rmtree, sleep=lambda s: None)
+    def __init__(self, root, parent="soda", freezer=False):
+        super().__init__(make_v1_tree(root), parent, rmdir=shutil.rmtree, sleep=lambda s: None,
+                         freezer=freezer)
         self.killed: list[int] = []
         self.stubborn: set[int] = set()
         self.forks: dict[int, int] = {}

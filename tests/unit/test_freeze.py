@@ -126,6 +126,25 @@ def test_the_reconciler_freezes_and_thaws_with_the_driver(tmp_path):
         rec.close()
 
 
+def test_a_guest_wanted_frozen_from_the_start_boots_then_freezes(tmp_path):
+    """A warm pool's guest: frozen only once its service answers."""
+    class Watched(FakeDriver):
+        frozen_ready = []
+
+        def freeze(self, name):
+            self.frozen_ready.append(self.is_ready(name))
+            super().freeze(name)
+
+    driver = Watched(str(tmp_path / "state"), boot_seconds=0.3)
+    rec = Reconciler({"fake": driver}, RecordingReporter(), FakeImages(make_ext4_image(str(tmp_path / "img"))))
+    try:
+        rec.replace_desired([vnode("web-0", frozen=True)])
+        wait_for(lambda: _settled(rec, Phase.FROZEN))
+        assert driver.frozen_ready == [True] and driver.info("web-0").frozen
+    finally:
+        rec.close()
+
+
 def test_a_freeze_the_driver_refuses_is_a_reason_not_a_restart(tmp_path):
     class Stubborn(FakeDriver):
         def freeze(self, name):

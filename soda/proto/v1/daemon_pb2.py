@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from soda.proto.v1 import master_pb2 as soda_dot_proto_dot_v1_dot_master__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asoda/proto/v1/daemon.proto\x12\rsoda.proto.v1\x1a\x1asoda/proto/v1/master.proto\"\xbb\x01\n\x12\x41pplyLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\tresources\x18\x02 \x01(\x0b\x32\x18.soda.proto.v1.Resources\x12\x12\n\nhypervisor\x18\x03 \x01(\t\x12\x0b\n\x03tap\x18\x04 \x01(\t\x12\x0f\n\x07\x63pu_cap\x18\x05 \x01(\x08\x12 \n\x13memory_overhead_mib\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x16\n\x14_memory_overhead_mib\"\x98\x01\n\x06Limits\x12\x12\n\ncpu_shares\x18\x01 \x01(\x03\x12\x14\n\x0c\x63pu_quota_us\x18\x02 \x01(\x03\x12\x15\n\rcpu_period_us\x18\x03 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x10\n\x08pids_max\x18\x05 \x01(\x03\x12\x10\n\x08rate_bit\x18\x06 \x01(\x03\x12\x13\n\x0b\x62urst_bytes\x18\x07 \x01(\x03\"\x7f\n\x05\x46\x65nce\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63groups\x18\x02 \x03(\t\x12\x16\n\x0e\x63group_version\x18\x03 \x01(\t\x12\x0b\n\x03tap\x18\x04 \x01(\t\x12\x0b\n\x03ifb\x18\x05 \x01(\t\x12%\n\x06limits\x18\x06 \x01(\x0b\x32\x15.soda.proto.v1.Limits\"$\n\x14ReleaseLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x15ReleaseLimitsResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\x12\x0e\n\x06killed\x18\x03 \x01(\x05\"\x1f\n\x0fGetUsageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc9\x02\n\x05Usage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x1d\n\x15\x63pu_throttled_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_peak_bytes\x18\x05 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ememory_failcnt\x18\x07 \x01(\x03\x12\x11\n\toom_kills\x18\x08 \x01(\x03\x12\x0c\n\x04pids\x18\t \x01(\x03\x12\x16\n\x0e\x62ytes_to_guest\x18\n \x01(\x03\x12\x18\n\x10\x62ytes_from_guest\x18\x0b \x01(\x03\x12\x16\n\x0e\x64rops_to_guest\x18\x0c \x01(\x03\x12\x18\n\x10\x64rops_from_guest\x18\r \x01(\x03\x12\x14\n\x0cpids_refused\x18\x0e \x01(\x03\"\x13\n\x11ListVnodesRequest\":\n\x12ListVnodesResponse\x12$\n\x06vnodes\x18\x01 \x03(\x0b\x32\x14.soda.proto.v1.Fence2\xc1\x02\n\x06\x44\x61\x65mon\x12\x46\n\x0b\x41pplyLimits\x12!.soda.proto.v1.ApplyLimitsRequest\x1a\x14.soda.proto.v1.Fence\x12Z\n\rReleaseLimits\x12#.soda.proto.v1.ReleaseLimitsRequest\x1a$.soda.proto.v1.ReleaseLimitsResponse\x12@\n\x08GetUsage\x12\x1e.soda.proto.v1.GetUsageRequest\x1a\x14.soda.proto.v1.Usage\x12Q\n\nListVnodes\x12 .soda.proto.v1.ListVnodesRequest\x1a!.soda.proto.v1.ListVnodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asoda/proto/v1/daemon.proto\x12\rsoda.proto.v1\x1a\x1asoda/proto/v1/master.proto\"\xbb\x01\n\x12\x41pplyLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\tresources\x18\x02 \x01(\x0b\x32\x18.soda.proto.v1.Resources\x12\x12\n\nhypervisor\x18\x03 \x01(\t\x12\x0b\n\x03tap\x18\x04 \x01(\t\x12\x0f\n\x07\x63pu_cap\x18\x05 \x01(\x08\x12 \n\x13memory_overhead_mib\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x16\n\x14_memory_overhead_mib\"\x98\x01\n\x06Limits\x12\x12\n\ncpu_shares\x18\x01 \x01(\x03\x12\x14\n\x0c\x63pu_quota_us\x18\x02 \x01(\x03\x12\x15\n\rcpu_period_us\x18\x03 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x10\n\x08pids_max\x18\x05 \x01(\x03\x12\x10\n\x08rate_bit\x18\x06 \x01(\x03\x12\x13\n\x0b\x62urst_bytes\x18\x07 \x01(\x03\"\x8f\x01\n\x05\x46\x65nce\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63groups\x18\x02 \x03(\t\x12\x16\n\x0e\x63group_version\x18\x03 \x01(\t\x12\x0b\n\x03tap\x18\x04 \x01(\t\x12\x0b\n\x03ifb\x18\x05 \x01(\t\x12%\n\x06limits\x18\x06 \x01(\x0b\x32\x15.soda.proto.v1.Limits\x12\x0e\n\x06\x66rozen\x18\x07 \x01(\x08\"$\n\x14ReleaseLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x15ReleaseLimitsResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\x12\x0e\n\x06killed\x18\x03 \x01(\x05\"\x1f\n\x0fGetUsageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc9\x02\n\x05Usage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x1d\n\x15\x63pu_throttled_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_peak_bytes\x18\x05 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ememory_failcnt\x18\x07 \x01(\x03\x12\x11\n\toom_kills\x18\x08 \x01(\x03\x12\x0c\n\x04pids\x18\t \x01(\x03\x12\x16\n\x0e\x62ytes_to_guest\x18\n \x01(\x03\x12\x18\n\x10\x62ytes_from_guest\x18\x0b \x01(\x03\x12\x16\n\x0e\x64rops_to_guest\x18\x0c \x01(\x03\x12\x18\n\x10\x64rops_from_guest\x18\r \x01(\x03\x12\x14\n\x0cpids_refused\x18\x0e \x01(\x03\"2\n\x12\x46reezeVnodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66rozen\x18\x02 \x01(\x08\"\x13\n\x11ListVnodesRequest\":\n\x12ListVnodesResponse\x12$\n\x06vnodes\x18\x01 \x03(\x0b\x32\x14.soda.proto.v1.Fence2\x89\x03\n\x06\x44\x61\x65mon\x12\x46\n\x0b\x41pplyLimits\x12!.soda.proto.v1.ApplyLimitsRequest\x1a\x14.soda.proto.v1.Fence\x12Z\n\rReleaseLimits\x12#.soda.proto.v1.ReleaseLimitsRequest\x1a$.soda.proto.v1.ReleaseLimitsResponse\x12@\n\x08GetUsage\x12\x1e.soda.proto.v1.GetUsageRequest\x1a\x14.soda.proto.v1.Usage\x12Q\n\nListVnodes\x12 .soda.proto.v1.ListVnodesRequest\x1a!.soda.proto.v1.ListVnodesResponse\x12\x46\n\x0b\x46reezeVnode\x12!.soda.proto.v1.FreezeVnodeRequest\x1a\x14.soda.proto.v1.Fenceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLYLIMITSREQUEST']._serialized_end=261
   _globals['_LIMITS']._serialized_start=264
   _globals['_LIMITS']._serialized_end=416
-  _globals['_FENCE']._serialized_start=418
-  _globals['_FENCE']._serialized_end=545
-  _globals['_RELEASELIMITSREQUEST']._serialized_start=547
-  _globals['_RELEASELIMITSREQUEST']._serialized_end=583
-  _globals['_RELEASELIMITSRESPONSE']._serialized_start=585
-  _globals['_RELEASELIMITSRESPONSE']._serialized_end=655
-  _globals['_GETUSAGEREQUEST']._serialized_start=657
-  _globals['_GETUSAGEREQUEST']._serialized_end=688
-  _globals['_USAGE']._serialized_start=691
-  _globals['_USAGE']._serialized_end=1020
-  _globals['_LISTVNODESREQUEST']._serialized_start=1022
-  _globals['_LISTVNODESREQUEST']._serialized_end=1041
-  _globals['_LISTVNODESRESPONSE']._serialized_start=1043
-  _globals['_LISTVNODESRESPONSE']._serialized_end=1101
-  _globals['_DAEMON']._serialized_start=1104
-  _globals['_DAEMON']._serialized_end=1425
+  _globals['_FENCE']._serialized_start=419
+  _globals['_FENCE']._serialized_end=562
+  _globals['_RELEASELIMITSREQUEST']._serialized_start=564
+  _globals['_RELEASELIMITSREQUEST']._serialized_end=600
+  _globals['_RELEASELIMITSRESPONSE']._serialized_start=602
+  _globals['_RELEASELIMITSRESPONSE']._serialized_end=672
+  _globals['_GETUSAGEREQUEST']._serialized_start=674
+  _globals['_GETUSAGEREQUEST']._serialized_end=705
+  _globals['_USAGE']._serialized_start=708
+  _globals['_USAGE']._serialized_end=1037
+  _globals['_FREEZEVNODEREQUEST']._serialized_start=1039
+  _globals['_FREEZEVNODEREQUEST']._serialized_end=1089
+  _globals['_LISTVNODESREQUEST']._serialized_start=1091
+  _globals['_LISTVNODESREQUEST']._serialized_end=1110
+  _globals['_LISTVNODESRESPONSE']._serialized_start=1112
+  _globals['_LISTVNODESRESPONSE']._serialized_end=1170
+  _globals['_DAEMON']._serialized_start=1173
+  _globals['_DAEMON']._serialized_end=1566
 # @@protoc_insertion_point(module_scope)

@@ -42,20 +42,22 @@ class Limits(_message.Message):
     def __init__(self, cpu_shares: _Optional[int] = ..., cpu_quota_us: _Optional[int] = ..., cpu_period_us: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., pids_max: _Optional[int] = ..., rate_bit: _Optional[int] = ..., burst_bytes: _Optional[int] = ...) -> None: ...
 
 class Fence(_message.Message):
-    __slots__ = ("name", "cgroups", "cgroup_version", "tap", "ifb", "limits")
+    __slots__ = ("name", "cgroups", "cgroup_version", "tap", "ifb", "limits", "frozen")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CGROUPS_FIELD_NUMBER: _ClassVar[int]
     CGROUP_VERSION_FIELD_NUMBER: _ClassVar[int]
     TAP_FIELD_NUMBER: _ClassVar[int]
     IFB_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     cgroups: _containers.RepeatedScalarFieldContainer[str]
     cgroup_version: str
     tap: str
     ifb: str
     limits: Limits
-    def __init__(self, name: _Optional[str] = ..., cgroups: _Optional[_Iterable[str]] = ..., cgroup_version: _Optional[str] = ..., tap: _Optional[str] = ..., ifb: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    frozen: bool
+    def __init__(self, name: _Optional[str] = ..., cgroups: _Optional[_Iterable[str]] = ..., cgroup_version: _Optional[str] = ..., tap: _Optional[str] = ..., ifb: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class ReleaseLimitsRequest(_message.Message):
     __slots__ = ("name",)
@@ -110,6 +112,14 @@ class Usage(_message.Message):
     drops_from_guest: int
     pids_refused: int
     def __init__(self, name: _Optional[str] = ..., cpu_seconds: _Optional[float] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_failcnt: _Optional[int] = ..., oom_kills: _Optional[int] = ..., pids: _Optional[int] = ..., bytes_to_guest: _Optional[int] = ..., bytes_from_guest: _Optional[int] = ..., drops_to_guest: _Optional[int] = ..., drops_from_guest: _Optional[int] = ..., pids_refused: _Optional[int] = ...) -> None: ...
+
+class FreezeVnodeRequest(_message.Message):
+    __slots__ = ("name", "frozen")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    frozen: bool
+    def __init__(self, name: _Optional[str] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class ListVnodesRequest(_message.Message):
     __slots__ = ()

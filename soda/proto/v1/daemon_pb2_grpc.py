@@ -54,6 +54,11 @@ class DaemonStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_daemon__pb2.ListVnodesRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_daemon__pb2.ListVnodesResponse.FromString,
                 _registered_method=True)
+        self.FreezeVnode = channel.unary_unary(
+                '/soda.proto.v1.Daemon/FreezeVnode',
+                request_serializer=soda_dot_proto_dot_v1_dot_daemon__pb2.FreezeVnodeRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_daemon__pb2.Fence.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -94,6 +99,14 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeVnode(self, request, context):
+        """Freeze (or thaw) every process in a virtual node's cgroups through the
+        kernel's freezer: how guests whose VMM cannot pause itself (UML) pause.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +129,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.ListVnodes,
                     request_deserializer=soda_dot_proto_dot_v1_dot_daemon__pb2.ListVnodesRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_daemon__pb2.ListVnodesResponse.SerializeToString,
+            ),
+            'FreezeVnode': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeVnode,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_daemon__pb2.FreezeVnodeRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_daemon__pb2.Fence.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +244,33 @@ class Daemon:
             '/soda.proto.v1.Daemon/ListVnodes',
             soda_dot_proto_dot_v1_dot_daemon__pb2.ListVnodesRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_daemon__pb2.ListVnodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeVnode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Daemon/FreezeVnode',
+            soda_dot_proto_dot_v1_dot_daemon__pb2.FreezeVnodeRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_daemon__pb2.Fence.FromString,
             options,
             channel_credentials,
             insecure,

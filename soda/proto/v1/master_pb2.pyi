@@ -75,14 +75,18 @@ class SwitchSpec(_message.Message):
     def __init__(self, listen: _Optional[str] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., drain_seconds: _Optional[float] = ...) -> None: ...
 
 class OnDemand(_message.Message):
-    __slots__ = ("max_nodes", "idle_seconds", "resources")
+    __slots__ = ("max_nodes", "idle_seconds", "resources", "warm", "idle")
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    WARM_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
     max_nodes: int
     idle_seconds: float
     resources: Resources
-    def __init__(self, max_nodes: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+    warm: int
+    idle: str
+    def __init__(self, max_nodes: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., warm: _Optional[int] = ..., idle: _Optional[str] = ...) -> None: ...
 
 class ServiceSpec(_message.Message):
     __slots__ = ("name", "image", "hypervisor", "nodes", "port", "resources", "switch", "cpu_cap", "on_demand", "template", "network", "boot_timeout")
@@ -652,18 +656,20 @@ class ImageBlocks(_message.Message):
     def __init__(self, size: _Optional[int] = ..., block_size: _Optional[int] = ..., hashes: _Optional[bytes] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("vnode", "address", "port", "weight", "ready")
+    __slots__ = ("vnode", "address", "port", "weight", "ready", "frozen")
     VNODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     vnode: str
     address: str
     port: int
     weight: float
     ready: bool
-    def __init__(self, vnode: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[float] = ..., ready: _Optional[bool] = ...) -> None: ...
+    frozen: bool
+    def __init__(self, vnode: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[float] = ..., ready: _Optional[bool] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class EndpointSet(_message.Message):
     __slots__ = ("service", "endpoints", "deleted", "switch", "on_demand", "network")

@@ -139,10 +139,14 @@ class FakeMaster:
         self.generation = 0
         self.on_demand = model.OnDemand(max_nodes=1, idle_seconds=0.3, resources=model.Resources(0.5, 64))
         self.lock = threading.Lock()
+        self.pool = False               # idle: one frozen endpoint (a warm pool), not none
 
     def endpoint_set(self, ready):
         eps = ((model.Endpoint(f"svc-{self.generation}", "127.0.0.1", self.backend.port, 1.0, True),)
                if ready else ())
+        if not ready and self.pool:
+            eps = (model.Endpoint(f"svc-{self.generation}", "127.0.0.1", self.backend.port, 1.0, False,
+                                  frozen=True),)
         return model.EndpointSet("svc", switch=self.switch_spec, endpoints=eps, on_demand=self.on_demand)
 
     def ensure_nodes(self, name):
@@ -223,6 +227,29 @@ def test_idle_service_goes_back_to_zero_and_comes_back(run):
         await asyncio.sleep(0.1)
         assert s.proxy.services()["svc"]["endpoints"] == []
         answer, _ = await request(s.port)             # the next client brings it back
+        assert answer.endswith(b"svc-backend") and s.fake.ensures == 2
+        await s.od.stop()
+        await s.proxy.close(0)
+    run(scenario())
+
+
+def test_a_warm_pools_frozen_endpoint_is_idle_already_and_is_not_released_again(run):
+    async def scenario():
+        s = await setup_switch(boot=0.05)
+        s.fake.pool = True
+        await s.od.apply(s.fake.endpoint_set(False))          # rests with its pool
+        s.od.start()
+        await asyncio.sleep(1.0)                               # > 2 idle_seconds
+        assert s.fake.releases == 0, "a frozen pool was sent back to idle"
+        answer, _ = await request(s.port)                      # thawed for the client
+        assert answer.endswith(b"svc-backend") and s.fake.ensures == 1
+        deadline = time.monotonic() + 5
+        while s.fake.releases == 0:
+            assert time.monotonic() < deadline, "no release after idle_seconds"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        assert s.fake.releases == 1                            # frozen again: idle, left alone
+        answer, _ = await request(s.port)
         assert answer.endswith(b"svc-backend") and s.fake.ensures == 2
         await s.od.stop()
         await s.proxy.close(0)

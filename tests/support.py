@@ -109,6 +109,20 @@ def skip_where_debians_kernel_cannot_run(output: str) -> None:
                     "its XSAVE area is larger than the kernel's buffer)")
 
 
+def cpu_ticks(*pids: int) -> int:
+    """The CPU time (clock ticks, user and system) processes have used, read
+    from /proc/PID/stat; a process that is gone counts nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])          # utime, stime
+    return total
+
+
 def peak_rss_mib(pid: int) -> float:
     """The kernel's high-water mark of a process's resident memory (VmHWM)."""
     with open(f"/proc/{pid}/status") as f:

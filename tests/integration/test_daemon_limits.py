@@ -22,6 +22,7 @@ from soda.daemon.tc import NetlinkThread, ifb_name
 from soda.model.spec import Resources
 
 from tests.integration.conftest import CGROUP_ROOT, V1_CONTROLLERS, link_names, make_tap, run
+from tests.support import cpu_ticks
 
 # A guest joins the freezer's hierarchy too where it is mounted.
 FREEZER = os.path.isfile(os.path.join(CGROUP_ROOT, "freezer", "cgroup.procs"))
@@ -188,12 +189,6 @@ def test_release_kills_removes_and_keeps_the_tap(manager, netns, cgroup_parent, 
     assert tap in names
     assert fence.ifb not in names
     assert manager.release("web-0").existed is False
-
-
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])        # utime + stime
 
 
 SPIN = (sys.executable, "-c", "while True: pass")

@@ -33,6 +33,7 @@ from soda.hypervisors.kernels import find_uml_kernel
 from soda.model.spec import Resources
 from soda.daemon.cgroups import open_backend
 from tests.integration.conftest import CGROUP_ROOT, run
+from tests.support import cpu_ticks
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GATEWAY = "192.168.252.1"
@@ -172,15 +173,7 @@ class Harness:
 
     def cpu_ticks(self, pid):
         """CPU time (clock ticks) the guest's processes have used, from /proc."""
-        total = 0
-        for member in self.processes(pid):
-            try:
-                with open(f"/proc/{member}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            total += int(fields[11]) + int(fields[12])        # utime, stime
-        return total
+        return cpu_ticks(*self.processes(pid))
 
     def leftovers(self, driver):
         """Files of guests still under the driver's state dir (and sockets

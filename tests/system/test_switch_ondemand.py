@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.support import free_port
+from tests.support import cpu_ticks, free_port
 from tests.system.cluster import wait_until
 from tests.system.guests import alive, fetch, guest_records, require_guest_support, vnode_cgroups
 pytestmark = [pytest.mark.root, pytest.mark.guest]
@@ -97,18 +97,6 @@ def _phases(c, service):
     return [v["phase"] for v in c.json("service", "get", service)["vnodes"]]
 
 
-def _cpu_ticks(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total
-
-
 def test_a_warm_pool_thaws_its_frozen_guest_for_the_first_request_and_freezes_it_when_idle(uml_node):
     c = uml_node
     port = free_port()
@@ -123,9 +111,9 @@ def test_a_warm_pool_thaws_its_frozen_guest_for_the_first_request_and_freezes_it
     # Frozen as the kernel says: the freezer holds it, and it uses no CPU.
     procs = c.cgroups.procs("wp-0")
     assert pid in procs
-    held = _cpu_ticks(procs)
+    held = cpu_ticks(*procs)
     time.sleep(1.0)
-    assert _cpu_ticks(procs) == held, "the frozen guest ran"
+    assert cpu_ticks(*procs) == held, "the frozen guest ran"
     wait_until(lambda: listening(port), 30, what="the Switch to listen for wp")
 
     url = f"http://127.0.0.1:{port}/"

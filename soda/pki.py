@@ -39,29 +39,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from soda.config import TlsConfig
 from soda.errors import AlreadyExists, InvalidSpec, NotFound
 from soda.files import write_file_atomic as _write
-from soda.model.names import check_dns_label
-
-ROLES = ("master", "agent", "switch", "operator", "tenant")
-# Days a certificate lives unless told: people's certificates are shorter
-# (a lost laptop), machines' a year, the CA ten.
-DEFAULT_DAYS = {"ca": 3650, "master": 365, "agent": 365, "switch": 365, "operator": 90, "tenant": 365}
-SCHEME = "soda"
-NAME_MAX = 63                        # a DNS label, as node and service names
-CA_KEY, CA_CERT, CRL, ISSUED = "ca.key", "ca.crt", "crl.pem", "issued.json"
-CRL_DAYS = 30        # a CRL's next_update: re-signed on each revoke, or by sodactl pki crl
-
-
-@dataclass(frozen=True)
-class Identity:
-    role: str
-    name: str
-
-    @property
-    def uri(self) -> str:
-        return f"{SCHEME}://{self.role}/{self.name}"
-
-    def __str__(self) -> str:
-        return f"{self.role} {self.name}"
+# What a certificate names and where the CA keeps its files live in
+# soda.model.identity, which needs no cryptography (sodactl starts without
+# loading it); they are reached here too, as pki.ROLES etc.
+from soda.model.identity import (  # noqa: F401
+    CA_CERT, CA_KEY, CRL, CRL_DAYS, DEFAULT_DAYS, ISSUED, NAME_MAX, ROLES, SCHEME, Identity, check_name)
 
 
 @dataclass(frozen=True)
@@ -79,12 +61,6 @@ class Issued:
         if self.revoked_at:
             return "revoked"
         return "expired" if datetime.datetime.fromisoformat(self.not_after) <= now else "valid"
-
-
-def check_name(role: str, name: str) -> Identity:
-    if role not in ROLES:
-        raise InvalidSpec(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
-    return Identity(role, check_dns_label(role, name, NAME_MAX))
 
 
 def identity_of(cert: x509.Certificate) -> Identity:

@@ -19,17 +19,21 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Sequence
 
 import click
 
-from soda import errors, model, pki
+from soda import errors, model
 from soda.cli import output, specs
 from soda.cli.progress import ByteProgress, StatusLine
 from soda.cli.wait import DEFAULT_TIMEOUT, wait_until_deleted, wait_until_drained, wait_until_running
 from soda.config import TlsConfig
+from soda.model import identity
 from soda.rpc.client import DEFAULT_MASTER, MasterClient, sha256_file
 from soda.rpc.tls import ENV as TLS_ENV
+
+if TYPE_CHECKING:
+    from soda import pki
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -683,6 +687,13 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 # ---- pki: the cluster's certificates (no Master involved) ----------------------
 
+def certificate_authority(directory: str) -> pki.CertificateAuthority:
+    # Loaded here, not with sodactl: the cryptography it needs is a third
+    # of sodactl's start-up, and only the pki commands use it.
+    from soda import pki
+    return pki.CertificateAuthority(directory)
+
+
 def pki_dir_option(command: Callable) -> Callable:
     return click.option("--dir", "directory", envvar="SODA_PKI_DIR", required=True, metavar="DIR",
                         help="The CA directory (env SODA_PKI_DIR); its keys are secrets.")(command)
@@ -777,18 +788,18 @@ def pki_group() -> None:
 @pki_group.command("init")
 @pki_dir_option
 @click.option("--cluster", default="soda", show_default=True, help="The cluster's name, in the CA's.")
-@click.option("--days", type=int, default=pki.DEFAULT_DAYS["ca"], show_default=True,
+@click.option("--days", type=int, default=identity.DEFAULT_DAYS["ca"], show_default=True,
               help="Days the CA lives.")
 def pki_init(directory: str, cluster: str, days: int) -> None:
     """Make the cluster CA in DIR (refused where one exists)."""
-    cert = pki.CertificateAuthority(directory).init(cluster, days)
+    cert = certificate_authority(directory).init(cluster, days)
     click.echo(f"CA of cluster {cluster} made in {os.path.abspath(directory)} (until "
-               f"{cert.not_valid_after_utc.date()}): give {pki.CA_CERT} to every party, keep "
-               f"{pki.CA_KEY} secret")
+               f"{cert.not_valid_after_utc.date()}): give {identity.CA_CERT} to every party, keep "
+               f"{identity.CA_KEY} secret")
 
 
 @pki_group.command("issue")
-@click.argument("role", type=click.Choice(pki.ROLES))
+@click.argument("role", type=click.Choice(identity.ROLES))
 @click.argument("name")
 @pki_dir_option
 @click.option("--days", type=int, default=None,
@@ -802,7 +813,7 @@ def pki_issue(session: Session, role: str, name: str, directory: str, days: int 
     """A key and certificate for ROLE NAME, signed by the CA.
 
     Refused while ROLE NAME holds a valid one: revoke it first."""
-    entry = pki.CertificateAuthority(directory).issue(role, name, days, hosts)
+    entry = certificate_authority(directory).issue(role, name, days, hosts)
     data = issued_to_dict(entry, os.path.abspath(directory))
     session.emit(data, lambda: f"issued {role} {name} (serial {data['serial']}, until {entry.not_after}): "
                                f"{data['cert']}, key {data['key']} (0600)")
@@ -814,13 +825,13 @@ def pki_issue(session: Session, role: str, name: str, directory: str, days: int 
 @click.pass_obj
 def pki_list(session: Session, directory: str) -> None:
     """Every certificate the CA issued: STATE is valid, expired or revoked."""
-    entries = pki.CertificateAuthority(directory).list()
+    entries = certificate_authority(directory).list()
     session.emit([issued_to_dict(e, os.path.abspath(directory)) for e in entries],
                  lambda: issued_table(entries))
 
 
 @pki_group.command("revoke")
-@click.argument("role", type=click.Choice(pki.ROLES))
+@click.argument("role", type=click.Choice(identity.ROLES))
 @click.argument("name")
 @pki_dir_option
 @click.option("--serial", default=None, metavar="HEX", help="Only the certificate with this serial.")
@@ -833,7 +844,7 @@ def pki_revoke(session: Session, role: str, name: str, directory: str, serial: s
         number = int(serial, 16) if serial is not None else None
     except ValueError:
         raise CliError(f"--serial {serial!r} is not a hexadecimal serial") from None
-    revoked = pki.CertificateAuthority(directory).revoke(role, name, number)
+    revoked = certificate_authority(directory).revoke(role, name, number)
     session.emit([issued_to_dict(e, os.path.abspath(directory)) for e in revoked],
                  lambda: "\n".join(f"revoked {role} {name} (serial {e.serial:x})" for e in revoked))
 
@@ -843,9 +854,9 @@ def pki_revoke(session: Session, role: str, name: str, directory: str, serial: s
 def pki_crl(directory: str) -> None:
     """Sign the revocation list again: it is good for 30 days from each
     signing (each revoke signs it too)."""
-    pki.CertificateAuthority(directory).refresh_crl()
-    click.echo(f"signed {os.path.join(os.path.abspath(directory), pki.CRL)} again: good for "
-               f"{pki.CRL_DAYS} days")
+    certificate_authority(directory).refresh_crl()
+    click.echo(f"signed {os.path.join(os.path.abspath(directory), identity.CRL)} again: good for "
+               f"{identity.CRL_DAYS} days")
 
 
 def main() -> NoReturn:

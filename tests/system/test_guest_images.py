@@ -128,7 +128,9 @@ def test_a_guest_that_never_opens_its_port_fails_with_the_reason_and_its_console
     assert took <= timeout + 5 + 5, took        # + the create and placement themselves
     said = done.stderr
     assert "not answering on port 8080 15s after start (boot_timeout)" in said, said
-    assert "console: " in said and "nginx" in said, said
+    # The console is quoted (how far the boot got within the 15 s varies
+    # with the host's load: nginx's failure, or systemd still starting).
+    assert "console: " in said and ("nginx" in said or "systemd" in said), said
     reason = node.json("service", "get", "mute")["vnodes"][0]["reason"]
     assert "not answering on port 8080" in reason and "console: " in reason, reason
     # Its console, kept by the Agent until the retry boots it again.

@@ -141,7 +141,7 @@ class NodePlumbing(GuestPlumbing):
 
     def freeze(self, name: str, hypervisor: str, frozen: bool) -> None:
         if not self._plumbed(hypervisor) or self.daemon is None:
-            super().freeze(name, hypervisor, frozen)
+            return super().freeze(name, hypervisor, frozen)
         self.daemon.freeze(name, frozen)
 
     def release(self, name: str, hypervisor: str) -> None:

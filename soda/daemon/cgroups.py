@@ -390,7 +390,7 @@ class CgroupV1(CgroupBackend):
 
     def freeze(self, name: str, frozen: bool) -> None:
         if not self.can_freeze:
-            super().freeze(name, frozen)
+            return super().freeze(name, frozen)
         state = self._file(V1_FREEZER, name, "freezer.state")
         if not os.path.isdir(self._dir(V1_FREEZER, name)):
             raise errors.NotFound(f"virtual node {name} has no freezer cgroup here")

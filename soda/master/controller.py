@@ -513,7 +513,8 @@ class Controller:
             # under max_nodes to new ones.
             excess = max(0, len(live) + need - on_demand.max_nodes)
             if excess:
-                self._drop(tx, service, unfit[:excess], tx.list_nodes())
+                self._drop(tx, service, unfit[:excess], tx.list_nodes(),
+                           "frozen where their node has no CPU left to thaw them")
                 live = [v for v in live if v not in unfit[:excess]]
             tx.after_commit(functools.partial(log.info, "service %s: %d virtual node(s) asked on demand",
                                               name, need))
@@ -553,9 +554,7 @@ class Controller:
         add = on_demand.warm - len(keep)
         if not drop and not freezing and not add:
             return
-        if drop:
-            tx.after_commit(functools.partial(log.info, "service %s: idle, %s stopped", name,
-                                              ", ".join(v.name for v in drop)))
+        self._drop(tx, service, drop, tx.list_nodes(), "idle, beyond the warm pool")
         if freezing:
             tx.put_vnodes(freezing)
             self._hold_for_draining(freezing, service.spec.switch.drain_seconds)
@@ -583,15 +582,12 @@ class Controller:
                 tx.put_vnodes(added)
                 tx.after_commit(functools.partial(log.info, "service %s: %s booting for the warm pool",
                                                   name, ", ".join(v.name for v in added)))
-        dropped = [replace(v, deleting=True) for v in drop]
-        tx.put_vnodes(dropped)
-        self._hold_for_draining(dropped, service.spec.switch.drain_seconds)
         final = sorted(kept + added, key=lambda v: v.index)
         spec = model.validate_spec(replace(service.spec, nodes=len(final),
                                            resources=tuple(v.resources for v in final)))
         tx.put_service(replace(service, spec=spec))
         tx.after_commit(functools.partial(self._publish_service, name,
-                                          {v.node for v in freezing + added + dropped if v.node}))
+                                          {v.node for v in freezing + added if v.node}))
 
     # ---- nodes --------------------------------------------------------
     def register_node(self, name: str, address: str, capacity: model.Resources,
@@ -735,10 +731,10 @@ class Controller:
         return _addressed(self.store.get_node(name))
 
     def _drop(self, tx: Transaction, service: model.Service, vnodes: Sequence[model.VirtualNode],
-              nodes: Sequence[model.Node]) -> None:
-        """Take `vnodes` (replacements of moves given up) out of `service`:
-        through the Switch's drain where an Agent runs them, at once where
-        none does."""
+              nodes: Sequence[model.Node], why: str = "move given up") -> None:
+        """Take `vnodes` (replacements of moves given up, pooled guests that
+        served or cannot thaw) out of `service`: through the Switch's drain
+        where an Agent runs them, at once where none does."""
         if not vnodes:
             return
         ready = {n.name for n in nodes if n.state == READY}
@@ -747,8 +743,8 @@ class Controller:
         tx.delete_vnodes(gone)
         tx.put_vnodes(leaving)
         self._hold_for_draining(leaving, service.spec.switch.drain_seconds)
-        tx.after_commit(functools.partial(log.info, "service %s: move of %s given up", service.name,
-                                          ", ".join(v.name for v in vnodes)))
+        tx.after_commit(functools.partial(log.info, "service %s: %s dropped (%s)", service.name,
+                                          ", ".join(v.name for v in vnodes), why))
         tx.after_commit(functools.partial(self._publish_service, service.name, {v.node for v in leaving}))
 
     def remove_node(self, name: str) -> model.Node:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from soda.agent.address import NodeAddress, find_node_address
 from soda.agent.agent import Agent, StatusReporter, state_dir_problem
+from soda.agent.moves import DiskSender
 from soda.agent.capacity import measure_capacity
 from soda.agent.images import ImageCache
 from soda.agent.network import NodeNetwork
@@ -326,7 +327,8 @@ def build_agent(config: AgentConfig, client: MasterClient, stop: threading.Event
         driver.freezer = lambda vnode, frozen, h=hypervisor: plumbing.freeze(vnode, h, frozen)
     reconciler = Reconciler(drivers.drivers, reporter, images,
                             max_parallel_boots=config.max_parallel_boots,
-                            interval=config.reconcile_seconds, plumbing=plumbing)
+                            interval=config.reconcile_seconds, plumbing=plumbing,
+                            disks=DiskSender(os.path.join(config.state_dir, "moves"), client))
     images.in_use = reconciler.images_wanted
     on_registered = (lambda node: configure_network(network, node)) if network else None
     return Agent(client, reconciler, reporter, config.name, config.address, capacity.resources,

@@ -65,6 +65,12 @@ class Reporter(Protocol):
         queue, never block."""
 
 
+class Disks(Protocol):
+    def send(self, vnode: VirtualNode, driver: HypervisorDriver) -> None:
+        """Export the frozen guest's disk and send it for `vnode`'s move
+        (soda.agent.moves)."""
+
+
 class Images(Protocol):
     def ensure(self, digest: str, disk_mib: int = 0) -> str:
         """Path of the verified image `digest`, pulled if need be; with
@@ -106,6 +112,8 @@ class _Vnode:
     unreleased: str = ""
     pause_error: str = ""                      # why the last freeze or thaw failed
     pause_retry_at: float = 0.0                # not tried again before
+    # The node its disk went to for a move (the Master has it): not sent again.
+    disk_sent: str = ""
 
     def note(self) -> str:
         """The reason a running guest shows: what did not work out live."""
@@ -126,7 +134,7 @@ class Reconciler:
                  interval: float = 1.0, stop_timeout: float = 30.0, boot_timeout: float = 0.0,
                  restart_backoff: float = 1.0, restart_backoff_max: float = 60.0,
                  backoff_reset_seconds: float = 60.0, ready_poll: float = 0.02,
-                 plumbing: GuestPlumbing | None = None):
+                 plumbing: GuestPlumbing | None = None, disks: Disks | None = None):
         if not drivers:
             raise ValueError("a reconciler needs at least one hypervisor driver")
         if max_parallel_boots < 1:
@@ -134,6 +142,7 @@ class Reconciler:
         self._drivers = dict(drivers)
         self._reporter = reporter
         self._images = images
+        self._disks = disks
         self._plumbing = plumbing or GuestPlumbing()
         self._clock = clock
         self._interval = interval
@@ -200,7 +209,8 @@ class Reconciler:
         """(image digest, disk MiB) of every virtual node this node is to
         run: what the image cache must keep (soda.agent.images)."""
         with self._cond:
-            return [(v.image_digest, v.resources.disk) for v in (self._desired or {}).values()]
+            return [(v.image_digest, v.resources.disk) for v in (self._desired or {}).values()
+                    if v.image_digest]
 
     def _statuses(self) -> list[VirtualNodeStatus]:
         return [self._vnodes[name].status for name in sorted(self._vnodes)
@@ -401,13 +411,21 @@ class Reconciler:
         vnode = self._vn(name)
         current = vnode.status
         if info.state == GUEST_RUNNING:
+            moving = want is not None and want.frozen and bool(want.moving_to)
+            if moving and vnode.disk_sent != want.moving_to and not vnode.busy \
+                    and now >= vnode.pause_retry_at and (info.ready or info.frozen):
+                self._submit_send_disk(want)
             # Frozen once booted (a warm pool's guest boots, then freezes).
-            if want is not None and want.frozen != info.frozen and not vnode.busy \
+            elif not moving and want is not None and want.frozen != info.frozen and not vnode.busy \
                     and now >= vnode.pause_retry_at and (info.ready or info.frozen):
                 self._submit_pause(want, info)
+            if not moving:
+                vnode.disk_sent = ""
             if info.frozen:
                 thawing = want is not None and not want.frozen
-                self._record(name, Phase.THAWING if thawing else Phase.FROZEN, vnode.pause_error, generation)
+                note = vnode.pause_error or (f"moving: its disk went to node {vnode.disk_sent}"
+                                             if vnode.disk_sent else "")
+                self._record(name, Phase.THAWING if thawing else Phase.FROZEN, note, generation)
                 return
             if want is not None and info.ready and vnode.applied != want.resources \
                     and not vnode.busy and not self._update_held(name, now):
@@ -440,6 +458,9 @@ class Reconciler:
         current = self._vn(name).status
         if want.deleting:
             self._record(name, Phase.STOPPED, "", want.generation)
+        elif want.awaits_disk:
+            self._record(name, Phase.PENDING, f"waiting for the disk of {want.replaces}, which moves here",
+                         want.generation)
         elif self._driver_for(want) is None:
             self._record(name, Phase.FAILED,
                          f"hypervisor {want.hypervisor!r} is not available on this node "
@@ -504,6 +525,44 @@ class Reconciler:
             # RUNNING once the thawed guest answers).
             vnode = self._vn(name)
             vnode.pause_error, vnode.pause_retry_at = "", 0.0
+
+    def _submit_send_disk(self, want: VirtualNode) -> None:
+        self._vn(want.name).busy = True
+        self._track(want.name, "send its disk", want.generation, self._stops.submit(self._send_disk, want))
+
+    def _send_disk(self, want: VirtualNode) -> None:
+        """For a move that carries the guest's disk: have the guest write out
+        what it holds, freeze it, and send its disk. A failure leaves it
+        frozen, says why in its reason and is tried again after a backoff;
+        the Master gives the move up (and thaws it) if the disk never comes."""
+        name = want.name
+        try:
+            if self._disks is None:
+                raise WrongState("this Agent cannot send a guest's disk")
+            driver = self._drivers[self._driver_for(want)]
+            info = driver.info(name)
+            if info is not None and not info.frozen:
+                driver.sync_disk(name)
+                driver.freeze(name)
+            self._disks.send(want, driver)
+        except WrongState as exc:
+            # The Master no longer wants it (the move was given up): the
+            # desired set that follows says what now.
+            log.info("virtual node %s: its disk was not taken: %s", name, exc)
+            with self._cond:
+                self._vn(name).disk_sent = want.moving_to
+            return
+        except (SodaError, OSError, KeyError) as exc:
+            with self._cond:
+                delay = self._schedule_retry(name, "send its disk", self._clock())
+                vnode = self._vn(name)
+                vnode.pause_error = f"sending its disk to node {want.moving_to} failed: {exc} (retry in {delay:g}s)"
+                vnode.pause_retry_at = self._clock() + delay
+            log.warning("virtual node %s: %s", name, vnode.pause_error)
+            return
+        with self._cond:
+            vnode = self._vn(name)
+            vnode.disk_sent, vnode.pause_error, vnode.pause_retry_at = want.moving_to, "", 0.0
 
     def _submit_stop(self, name: str, driver_name: str, generation: int) -> None:
         self._vn(name).busy = True

@@ -52,6 +52,8 @@ def vnode_to_dict(vnode: model.VirtualNode) -> dict:
         "hypervisor": vnode.hypervisor,
         "deleting": vnode.deleting,
         "frozen": vnode.frozen,             # asked to be paused in place (service freeze)
+        "replaces": vnode.replaces,         # a move in flight: the virtual node it replaces
+        "moving_to": vnode.moving_to,       # a move in flight that carries its disk: the target node
         "usage": usage_to_dict(vnode.usage),
         # What the Switch(es) measured: None when no Switch reported it.
         "switch": dataclasses.asdict(vnode.switch_stats) if vnode.switch_stats is not None else None,

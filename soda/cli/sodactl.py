@@ -26,7 +26,8 @@ import click
 from soda import errors, model
 from soda.cli import output, specs
 from soda.cli.progress import ByteProgress, StatusLine
-from soda.cli.wait import DEFAULT_TIMEOUT, wait_until_deleted, wait_until_drained, wait_until_running
+from soda.cli.wait import (DEFAULT_TIMEOUT, wait_until_deleted, wait_until_drained, wait_until_moved,
+                            wait_until_running)
 from soda.config import TlsConfig
 from soda.model import identity
 from soda.rpc.client import DEFAULT_MASTER, MasterClient, sha256_file
@@ -668,6 +669,46 @@ def _freeze_command(frozen: bool):
 
 service_freeze = _freeze_command(True)
 service_thaw = _freeze_command(False)
+
+
+@service.command("move")
+@click.argument("name")
+@click.argument("vnode")
+@click.option("--to", "to", default="", metavar="NODE",
+              help="The physical node to move it to. Default: where placement finds room.")
+@click.option("--cold", is_flag=True,
+              help="Where its disk cannot be carried (a driver that cannot, a guest that is not "
+                   "running): boot its image afresh on the target instead; what it wrote is lost.")
+@wait_options("the replacement is RUNNING and the old virtual node gone")
+@output_option
+@click.pass_obj
+def service_move(session: Session, name: str, vnode: str, to: str, cold: bool, wait: bool,
+                 timeout: float) -> None:
+    """Move a virtual node (its name or index) to another physical node.
+
+    Where the drivers of both nodes can carry a guest's disk (`node list -o
+    json`: migration), the Switch drains the guest, it is frozen, its disk
+    is sent to the target, and a replacement boots there from it: what it
+    wrote survives, its memory does not (no live migration yet). New
+    connections wait for the replacement meanwhile when the service has no
+    other guest. Without that, the move is refused unless --cold. Either
+    way the replacement takes the next index and the old one leaves once
+    it is ready.
+
+    \b
+    sodactl service move web web-0 --to node-b --wait
+    sodactl service move web 2 --cold"""
+    client = session.client
+    moving = client.move_vnode(name, vnode, to=to, cold=cold)
+    old = next((v for v in moving.vnodes if vnode in (v.name, str(v.index))), None)
+    new = next((v for v in moving.vnodes if old is not None and v.replaces == old.name), None)
+    if old is not None and new is not None:
+        how = "carrying its disk" if old.moving_to else "booting its image afresh"
+        click.echo(f"moving {old.name} from {old.node} to {new.node} as {new.name}, {how}", err=True)
+        if wait:
+            with StatusLine() as status:
+                moving = wait_until_moved(client, name, old.name, new.name, status, timeout)
+    session.emit(output.service_to_dict(moving), lambda: output.service_table(moving))
 
 
 def run(argv: Sequence[str] | None = None) -> int:

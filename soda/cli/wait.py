@@ -131,6 +131,32 @@ def wait_until_running(client: ServiceReader, name: str, status: StatusLine,
                      f"not running: {last.not_running()}")
 
 
+def wait_until_moved(client: ServiceReader, name: str, old: str, new: str, status: StatusLine,
+                     timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL,
+                     clock: Clock = time.monotonic) -> model.Service:
+    """Return the service once `new` (the replacement of `old`) is RUNNING
+    and `old` is gone; raise WaitFailed when the move is given up (`new`
+    goes) or `new` FAILED for good, or at timeout."""
+    last = ""
+    for service in follow_service(client, name, clock() + timeout, poll_interval, clock):
+        if service is None:
+            raise WaitFailed(f"service {name} was deleted while waiting for {old} to move")
+        by_name = {v.name: v for v in service.vnodes}
+        moved, leaving = by_name.get(new), by_name.get(old)
+        if moved is None or moved.deleting:
+            why = f": {leaving.reason}" if leaving is not None and leaving.reason else ""
+            raise WaitFailed(f"the move of {old} was given up; it stays on {leaving.node if leaving else '?'}"
+                             f"{why}")
+        if moved.phase == model.Phase.FAILED and not model.retries_temporary_failure(moved):
+            raise WaitFailed(f"{new}, which replaces {old}, failed: {moved.reason}")
+        last = f"{old} -> {new}: {describe(moved)}" + (f"; {old}: {describe(leaving)}" if leaving else "")
+        status.update(last, milestone=True)
+        if leaving is None and moved.phase == model.Phase.RUNNING:
+            status.finish(f"{old} moved: {new} runs on {moved.node}")
+            return service
+    raise WaitFailed(f"timed out after {timeout:g}s waiting for {old} to move: {last or 'no word of it'}")
+
+
 def wait_until_deleted(client: ServiceReader, name: str, status: StatusLine,
                        timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL,
                        clock: Clock = time.monotonic) -> None:

@@ -127,7 +127,10 @@ class HypervisorDriver(abc.ABC):
     can_freeze = False      # freeze(name)/thaw(name) pause a guest in place
     disk_bound = True       # guests boot a root disk of the virtual node's size
     plumbing = True         # guests need a TAP on the node bridge and the Daemon's fence
-    migration = ""          # how a guest moves to another node; "" = it cannot
+    # How a guest moves to another node: "copy" (frozen, its disk carried
+    # by export_disk, booted there from it: what it wrote survives, not its
+    # memory); "" = it cannot (a move boots its image afresh, if asked to).
+    migration = ""
     # MiB each guest's hypervisor process needs above the guest's memory.
     # The Agent registers it with the Master (placement counts it) and hands
     # it to the Daemon (the memory limit adds it).
@@ -191,6 +194,19 @@ class HypervisorDriver(abc.ABC):
         """Resume a frozen guest where it was paused; thawing a running
         guest does nothing."""
         raise WrongState(f"the {self.name} driver cannot freeze guests")
+
+    def sync_disk(self, name: str) -> None:
+        """Ask the running guest to write what it holds for its disk (its
+        page cache) to the disk, before a move copies it. Drivers that
+        cannot leave it to the guest's own writeback (a copy is then as
+        after a power cut: what the guest synced is there)."""
+
+    def export_disk(self, name: str, path: str) -> None:
+        """Write the whole disk that guest `name` sees (its image and what
+        it wrote over it) as a new sparse raw file at `path`, for a move
+        that carries it (`migration`). The guest is frozen or stopped
+        meanwhile: what it wrote during the copy would tear it."""
+        raise WrongState(f"the {self.name} driver cannot carry a guest's disk to another node")
 
     def fingerprint(self) -> Fingerprint:
         """Whether this driver can run guests on this host (its binary and

@@ -130,6 +130,10 @@ class QemuConfig:
     sandbox: str = AUTO
 
 
+# Seconds for qemu-img to write a guest's disk out whole.
+EXPORT_TIMEOUT = 600.0
+
+
 class QemuDriver(RecordedGuestDriver):
     Config = QemuConfig
     identity = _identity
@@ -138,6 +142,9 @@ class QemuDriver(RecordedGuestDriver):
     # Memory changes boot the guest again: its initramfs loads no
     # virtio-balloon driver. QMP stop/cont pause it in place.
     can_freeze = True
+    # A move freezes the guest (QMP `stop`, which flushes its disks to the
+    # overlay) and carries its disk; live migration is not offered yet.
+    migration = "copy"
     memory_overhead = MEMORY_OVERHEAD
 
     default_short_dir = DEFAULT_SHORT_DIR
@@ -247,6 +254,18 @@ class QemuDriver(RecordedGuestDriver):
     def thaw(self, name: str) -> None:
         """Resume a frozen guest (QMP `cont`)."""
         self._set_frozen(name, False, lambda record: qmp(record["qmp"], "cont", timeout=QMP_TIMEOUT))
+
+    def export_disk(self, name: str, path: str) -> None:
+        """The overlay with its base, as one raw file (qemu-img convert;
+        -U: the paused VMM still holds the overlay's lock)."""
+        check_guest_name(name)
+        record = self._load(name)
+        if record is None:
+            raise NotFound(f"qemu guest {name} does not exist")
+        if self._alive(record) and not record.get("frozen"):
+            raise WrongState(f"qemu guest {name} runs: freeze it before its disk is copied")
+        command.run([self.qemu_img, "convert", "-U", "-q", "-f", "qcow2", "-O", "raw",
+                     self.overlay_path(name), path], timeout=EXPORT_TIMEOUT, hint="Debian package qemu-utils")
 
     def _running_record(self, name: str) -> dict:
         check_guest_name(name)

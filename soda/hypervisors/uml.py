@@ -48,6 +48,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -143,6 +144,9 @@ class UmlDriver(RecordedGuestDriver):
     # A UML guest is a tree of host processes (its tracer and the guest's
     # own): the fence's cgroup freezer holds them all (`freezer`).
     can_freeze = True
+    # No live migration (UML cannot save a running kernel): a move freezes
+    # the guest and carries its disk (its COW layer over the image).
+    migration = "copy"
     memory_overhead = MEMORY_OVERHEAD
 
     default_short_dir = DEFAULT_SHORT_DIR
@@ -462,6 +466,43 @@ class UmlDriver(RecordedGuestDriver):
     def thaw(self, name: str) -> None:
         self._set_frozen(name, False, lambda record: self._freeze_fence(name, False))
 
+    def sync_disk(self, name: str) -> None:
+        """The guest kernel's emergency sync (mconsole `sysrq s`), waited
+        for until its console says it is complete (SYNC_WAIT at most: a
+        guest that hides its kernel's messages is copied as it is)."""
+        check_guest_name(name)
+        record = self._load(name)
+        if record is None or not self._alive(record):
+            raise NotFound(f"uml guest {name} is not running")
+        uml_dir = record.get("uml_dir") or self.uml_dir(name)
+        console = self.console_path(name)
+        seen = _size(console)
+        try:
+            err, reply = mconsole(self.mconsole_path(name, uml_dir), "sysrq s", client_dir=uml_dir,
+                                  timeout=MCONSOLE_TIMEOUT)
+        except OSError as e:
+            raise TemporaryError(f"uml guest {name}: mconsole 'sysrq s': {e}") from None
+        if err:
+            raise TemporaryError(f"uml guest {name}: mconsole 'sysrq s': {reply}")
+        deadline = time.monotonic() + SYNC_WAIT
+        while time.monotonic() < deadline:
+            if SYNC_DONE in _read_from(console, seen):
+                return
+            self._sleep(0.02)
+        log.info("uml guest %s: no word of its sync within %g s: its disk is copied as it is", name,
+                 SYNC_WAIT)
+
+    def export_disk(self, name: str, path: str) -> None:
+        """The image under the guest with its COW layer's sectors laid over
+        it, into `path`."""
+        check_guest_name(name)
+        record = self._load(name)
+        if record is None:
+            raise NotFound(f"uml guest {name} does not exist")
+        if self._alive(record) and not record.get("frozen"):
+            raise WrongState(f"uml guest {name} runs: freeze it before its disk is copied")
+        compose_cow(self.cow_path(name), record["spec"]["image_path"], path)
+
     def _freeze_fence(self, name: str, frozen: bool) -> None:
         if self.freezer is None:
             raise WrongState(f"uml guest {name} freezes in its fence (the Daemon's cgroup freezer), "
@@ -493,6 +534,97 @@ class UmlDriver(RecordedGuestDriver):
         self._wait_gone(record, max(0.0, deadline - time.monotonic()))
 
 # ---- helpers (module level, so tests and other drivers can use them) -------
+
+# UML's COW layer (arch/um/drivers/cow_user.c, version 3): a big-endian
+# header (magic, version, mtime, disk size, sector size, alignment, format,
+# the backing file's path), a bitmap of the sectors written (bit i of byte
+# i // 8 for sector i), then the data, aligned, each written sector at its
+# own offset.
+COW_MAGIC = 0x4F4F4F4D
+_COW_V3 = struct.Struct(">IIIQIII4096s")
+SYNC_DONE = b"Emergency Sync complete"
+SYNC_WAIT = 5.0
+
+
+def cow_sectors(cow: str) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """(disk size, sector size, data offset, [(first sector, count), ...])
+    of the sectors a UML COW layer holds. A layer this cannot read is
+    refused (InvalidSpec), never guessed at."""
+    with open(cow, "rb") as f:
+        head = f.read(_COW_V3.size)
+        if len(head) < _COW_V3.size:
+            raise InvalidSpec(f"{cow} is not a UML COW layer (too short)")
+        magic, version, _, size, sector, align, _, _ = _COW_V3.unpack(head)
+        if magic != COW_MAGIC or version != 3 or sector <= 0 or sector % 512 or align <= 0:
+            raise InvalidSpec(f"{cow} is not a UML COW layer of version 3 "
+                              f"(magic {magic:#x}, version {version})")
+        sectors = -(-size // sector)
+        bitmap_offset = -(-_COW_V3.size // 8) * 8
+        bitmap_len = -(-sectors // 8)
+        data_offset = -(-(bitmap_offset + bitmap_len) // align) * align
+        f.seek(bitmap_offset)
+        bitmap = f.read(bitmap_len)
+    if len(bitmap) != bitmap_len:
+        raise InvalidSpec(f"{cow}: its bitmap is cut short")
+    runs: list[tuple[int, int]] = []
+    for match in re.finditer(rb"[^\x00]+", bitmap):
+        for byte in range(match.start(), match.end()):
+            bits = bitmap[byte]
+            for bit in range(8):
+                if bits >> bit & 1:
+                    i = byte * 8 + bit
+                    if i >= sectors:
+                        break
+                    if runs and runs[-1][0] + runs[-1][1] == i:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                    else:
+                        runs.append((i, 1))
+    return size, sector, data_offset, runs
+
+
+def compose_cow(cow: str, base: str, out: str) -> None:
+    """Write to `out` (made anew, sparse) the disk a guest sees through
+    the UML COW layer `cow` over the image `base`."""
+    size, sector, data_offset, runs = cow_sectors(cow)
+    if os.path.getsize(base) != size:
+        raise InvalidSpec(f"{cow} is a layer of {size} bytes, its base {base} has "
+                          f"{os.path.getsize(base)}")
+    subprocess.run(["cp", "--sparse=always", "--reflink=auto", base, out], check=True,
+                   capture_output=True)
+    with open(cow, "rb") as src, open(out, "r+b") as dst:
+        for first, count in runs:
+            left = count * sector
+            offset = first * sector
+            while left > 0:
+                piece = min(left, 1 << 20)
+                src.seek(data_offset + offset)
+                data = src.read(piece)
+                if len(data) != piece:
+                    raise InvalidSpec(f"{cow}: sector data at {offset} is cut short")
+                dst.seek(offset)
+                dst.write(data)
+                offset += piece
+                left -= piece
+        dst.truncate(size)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read_from(path: str, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(1 << 20)
+    except OSError:
+        return b""
+
 
 def _root_dir(path: str, mode: int) -> None:
     """`path` as root's directory with `mode`, made if missing; anything

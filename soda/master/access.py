@@ -59,6 +59,7 @@ RULES: dict[str, frozenset[str]] = {
     "DeleteService": frozenset({TENANT}),
     "ResizeService": frozenset({TENANT}),
     "FreezeService": frozenset({TENANT}),
+    "MoveVnode": frozenset({TENANT}),
     "WatchServices": frozenset({TENANT}),
     "EnsureNodes": frozenset({SWITCH}),
     "ReleaseNodes": frozenset({SWITCH}),
@@ -72,6 +73,7 @@ RULES: dict[str, frozenset[str]] = {
     "UndrainNode": frozenset(),
     "RemoveNode": frozenset({AGENT}),
     "PushImage": frozenset({TENANT}),
+    "PushVnodeDisk": frozenset({AGENT}),
     "ListImages": frozenset({TENANT}),
     "DeleteImage": frozenset({TENANT}),
     "PullImage": frozenset({AGENT, TENANT}),
@@ -79,7 +81,7 @@ RULES: dict[str, frozenset[str]] = {
     "FetchImage": frozenset({TENANT}),
     "PrimeImage": frozenset(),
     "GetImageTransfer": frozenset({AGENT, TENANT}),
-    "ImageBlockHashes": frozenset({TENANT}),
+    "ImageBlockHashes": frozenset({AGENT, TENANT}),
     "ReportSwitchStats": frozenset({SWITCH}),
     "WatchEndpoints": frozenset({AGENT, SWITCH}),
     "ServiceLogs": frozenset({TENANT}),
@@ -96,7 +98,8 @@ OWN_NAME: dict[str, dict[str, str]] = {
     SWITCH: {"ReportSwitchStats": "switch"},
 }
 # Calls that change state: each is written to the audit log.
-MUTATING = frozenset({"CreateService", "DeleteService", "ResizeService", "EnsureNodes", "ReleaseNodes",
+MUTATING = frozenset({"CreateService", "DeleteService", "ResizeService", "MoveVnode", "EnsureNodes",
+                      "ReleaseNodes", "PushVnodeDisk",
                       "RegisterNode", "DrainNode", "UndrainNode", "RemoveNode", "PushImage", "DeleteImage",
                       "SetQuota"})
 MASTER_SERVICE = "/soda.proto.v1.Master/"

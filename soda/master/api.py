@@ -115,6 +115,22 @@ def _header_object(first: list) -> str:
     return first[0].header.name or first[0].header.digest
 
 
+def _pushed(request_iterator) -> tuple[Any, Iterator[bytes]]:
+    """The header of an image push and its content, decoded."""
+    first = next(request_iterator, None)
+    if first is None or not first.HasField("header"):
+        raise InvalidSpec("an image push must start with a header (name, size, digest)")
+    header = first.header
+    encoding.check(header.encoding)
+
+    def chunks():
+        for part in request_iterator:
+            if part.HasField("header"):
+                raise InvalidSpec("an image push carries one header, first")
+            yield part.chunk
+    return header, encoding.decode(chunks(), header.encoding)
+
+
 def _details(context) -> str:
     details = context.details() if hasattr(context, "details") else ""
     return details.decode() if isinstance(details, bytes) else (details or "")
@@ -331,21 +347,24 @@ class MasterServicer(pb_grpc.MasterServicer):
         return convert.service_to_pb(service)
 
     @handle_errors
-    def PushImage(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise InvalidSpec("an image push must start with a header (name, size, digest)")
-        header = first.header
-        encoding.check(header.encoding)
+    def MoveVnode(self, request, context):
+        return convert.service_to_pb(self.controller.move_vnode(request.service, request.vnode, request.to,
+                                                                request.cold, self._tenant(context)))
 
-        def chunks():
-            for part in request_iterator:
-                if part.HasField("header"):
-                    raise InvalidSpec("an image push carries one header, first")
-                yield part.chunk
-        image = self.controller.push_image(header.name, header.size, header.digest, header.init,
-                                           encoding.decode(chunks(), header.encoding),
+    @handle_errors
+    def PushImage(self, request_iterator, context):
+        header, chunks = _pushed(request_iterator)
+        image = self.controller.push_image(header.name, header.size, header.digest, header.init, chunks,
                                            self._tenant(context), public=header.public, base=header.base)
+        return convert.image_to_pb(image)
+
+    @handle_errors
+    def PushVnodeDisk(self, request_iterator, context):
+        header, chunks = _pushed(request_iterator)
+        who = access.caller(context)
+        image = self.controller.receive_vnode_disk(who.name if who.role == access.AGENT else None,
+                                                   header.name, header.size, header.digest, header.base,
+                                                   chunks)
         return convert.image_to_pb(image)
 
     @handle_errors
@@ -383,7 +402,9 @@ class MasterServicer(pb_grpc.MasterServicer):
 
     @handle_errors
     def ImageBlockHashes(self, request, context):
-        image = self.controller.image_for(request.image, self._tenant(context))
+        who = access.caller(context)
+        image = self.controller.image_for(request.image, access.tenant_of(who),
+                                          node=who.name if who.role == access.AGENT else None)
         hashes = self.controller.images.block_hashes(image)
         yield pb.ImageBlocks(size=image.size, block_size=layers.BLOCK_SIZE)
         step = (1 << 20) // layers.HASH_BYTES * layers.HASH_BYTES

@@ -20,10 +20,21 @@ and per service: a replacement (same service, resources and image, the
 next index) is placed on another node while the old one runs on, and once
 it is RUNNING, and healthy at the Switch when a Switch serves the service,
 the old one leaves through the Switch's drain like any removed virtual
-node. A move in flight is not recorded anywhere: it is read from counts (a
-service with more live virtual nodes than it wants, one of them on a
-draining node: `moves_of`), so a Master restarted mid-drain carries on
-where it stopped.
+node. A move in flight is the pair itself: the replacement names the
+virtual node it `replaces` (`moves_of`), so a Master restarted mid-move
+carries on where it stopped.
+
+Moves (`move_vnode`, and a drain's): where the drivers of both nodes can
+carry a guest's disk (`DriverCapabilities.migration`), the one leaving is
+drained at the Switches, then frozen, and its Agent sends its disk (a
+layer over the root of its image: `receive_vnode_disk`), which becomes the
+image the replacement boots; the Switches hold new connections of a
+service with nothing else to serve them meanwhile. Elsewhere (`cold`) the
+replacement boots the image afresh while the old one serves on. A move
+whose replacement's node is lost, or whose disk does not come within
+DISK_WAIT_SECONDS, is given up and the old one thawed; one whose old node is
+lost goes on (the replacement boots the image afresh if the disk had not
+come).
 """
 
 from __future__ import annotations
@@ -59,6 +70,16 @@ DRAINING = "DRAINING"
 # A unit of work that keeps meeting a Conflict is given up on after this many
 # attempts: the caller sees the Conflict (ABORTED) and may try again.
 CONFLICT_ATTEMPTS = 5
+# A move that carries a disk gives up (and thaws the guest) when the disk
+# has not arrived this long after the guest was frozen.
+DISK_WAIT_SECONDS = 300.0
+# What the image of a carried disk is named: one per virtual node that
+# boots it, deleted with that virtual node.
+DISK_IMAGE_PREFIX = "disk."
+
+
+def disk_image_name(vnode: str) -> str:
+    return DISK_IMAGE_PREFIX + vnode
 
 T = TypeVar("T")
 
@@ -176,11 +197,16 @@ class Controller:
 
     def _place_new(self, tx: StateReader, spec: model.ServiceSpec, digest: str, indexes: Sequence[int],
                    resources: Sequence[model.Resources], names: Sequence[str],
-                   service_counts: dict[str, int]) -> list[model.VirtualNode]:
+                   service_counts: dict[str, int], only: Iterable[str] | None = None,
+                   avoid: str | None = None) -> list[model.VirtualNode]:
+        """Virtual nodes for `names`, placed (on the nodes `only`, or on any
+        node, but never on `avoid`), with addresses; not yet stored."""
         nodes = tx.list_nodes()
         draining = {n.name for n in nodes if n.draining}
+        view = [n for n in _placement_view(nodes, draining)
+                if (only is None or n.name in only) and n.name != avoid]
         try:
-            placements = scheduler.place(_placement_view(nodes, draining), resources,
+            placements = scheduler.place(view, resources,
                                          hypervisor=spec.hypervisor, service_counts=service_counts,
                                          labels=names)
         except NoCapacity as exc:
@@ -348,6 +374,117 @@ class Controller:
 
         self._unit_of_work(work)
         return self.get_service(name, tenant)
+
+    def move_vnode(self, name: str, ref: str, to: str = "", cold: bool = False,
+                   tenant: str | None = None) -> model.Service:
+        """Move virtual node `ref` (name or index) of service `name` to node
+        `to` ("": where placement finds room), carrying its disk where the
+        drivers of both nodes can (the guest is frozen meanwhile and boots
+        from it there); elsewhere only with `cold`, which boots its image
+        afresh there while it serves on here. Either way the one here stays
+        until the replacement is ready, then leaves through the Switches'
+        drain. Returns the service, the move under way."""
+        def work(tx: Transaction) -> model.VirtualNode:
+            service = model.owned_by(tx.get_service(name), tenant, "move")
+            if service.deleting:
+                raise WrongState(f"service {name} is being deleted")
+            live = [v for v in service.vnodes if not v.deleting]
+            v = next((x for x in live if ref in (x.name, str(x.index))), None)
+            if v is None:
+                raise NotFound(f"service {name} has no virtual node {ref!r} "
+                               f"(it has {', '.join(x.name for x in live) or 'none'})")
+            moves, _ = moves_of(service, set())
+            busy = next((m for m in moves if v.name in (m.old.name, m.new.name)), None)
+            if busy is not None or v.replaces:
+                other = busy.new if busy is not None and busy.old.name == v.name else None
+                raise WrongState(f"virtual node {v.name} is being moved already"
+                                 + (f" (to {other.name} on {other.node})" if other else
+                                    f" (it replaces {v.replaces})"))
+            if not v.node:
+                raise WrongState(f"virtual node {v.name} is not placed on a node: it is placed "
+                                 f"where there is room by itself")
+            nodes = {n.name: n for n in tx.list_nodes()}
+            if to:
+                target = nodes.get(to)
+                if target is None:
+                    raise NotFound(f"no physical node named {to!r} (sodactl node list)")
+                if to == v.node:
+                    raise InvalidSpec(f"virtual node {v.name} runs on node {to} already")
+                if target.state != READY or target.draining:
+                    raise WrongState(f"node {to} takes no new virtual nodes: it is "
+                                     f"{'draining' if target.draining else target.state}")
+            receivers = _disk_receivers(nodes.values(), v, {n for n, x in nodes.items() if x.draining},
+                                        only=to or None)
+            if not receivers and not cold:
+                raise WrongState(_cannot_carry(nodes, v, to))
+            why = f"moved to node {to}" if to else "moved"
+            return self._begin_move(tx, service, v, receivers or ([to] if to else None), bool(receivers),
+                                    f"replaces {v.name}: {why} by an operator")
+
+        try:
+            new = self._unit_of_work(work)
+        except NoCapacity as exc:
+            raise NoCapacity(f"cannot move {ref} of service {name}: {exc.message}",
+                             resource=exc.resource) from None
+        self._publish_service(name)
+        return self.get_service(new.service, tenant)
+
+    def receive_vnode_disk(self, node: str | None, vnode: str, size: int, digest: str, base: str,
+                           chunks: Iterable[bytes]) -> model.Image:
+        """The disk of `vnode`, moving off `node` (None: any), as its Agent sends it: a
+        layer over its `disk_base`, checked like any pushed image, kept as
+        the image `disk.<replacement>` (its service owner's) and handed to
+        the replacement to boot. A disk for a move given up meanwhile is
+        not kept."""
+        if not model.DIGEST_RE.match(digest or ""):
+            raise InvalidSpec(f"a disk must announce the sha256 digest of its content, got {digest!r}")
+        [v] = self.store.list_vnodes(names=[vnode]) or [None]
+        if v is None or (node is not None and v.node != node):
+            raise PermissionDenied(f"agent {node} may not send the disk of {vnode!r}: it does not run it")
+        if not v.moving_to or v.deleting:
+            raise WrongState(f"virtual node {vnode} is not moving: its disk is not wanted")
+        if base != v.disk_base:
+            raise InvalidSpec(f"the disk of {vnode} must be a layer over {v.disk_base}, not {base!r}")
+        service = self.store.get_service(v.service)
+        new = next((x for x in service.vnodes if x.replaces == vnode and not x.deleting), None)
+        if new is None or not new.awaits_disk:
+            raise WrongState(f"virtual node {vnode} has no replacement waiting for its disk")
+        init = self.store.resolve_image(v.image_digest).init
+        image = self.images.receive(disk_image_name(new.name), size, digest, init, chunks,
+                                    owner=service.owner, base=self.store.resolve_image(base))
+
+        def work(tx: Transaction) -> bool:
+            [waiting] = tx.list_vnodes(names=[new.name]) or [None]
+            if waiting is None or waiting.deleting or not waiting.awaits_disk or waiting.replaces != vnode:
+                return False
+            tx.put_vnodes([replace(waiting, image_digest=image.digest)])
+            tx.after_commit(functools.partial(self.notifier.publish, node_topic(waiting.node)))
+            return True
+
+        if self._unit_of_work(work):
+            log.info("the disk of %s arrived (%d bytes, a layer of %d): %s boots it on %s", vnode, image.size,
+                     image.layer_size, new.name, new.node)
+            self._publish_service(v.service)
+        else:
+            self._collect_disk_images()
+        return image
+
+    def _collect_disk_images(self) -> None:
+        """Delete the images of carried disks that no virtual node boots."""
+        def work(tx: Transaction) -> list[model.Image]:
+            images = tx.list_images()
+            disks = [i for i in images if any(n.startswith(DISK_IMAGE_PREFIX) for n in i.names)]
+            if not disks:
+                return []
+            used = {v.image_digest for s in tx.list_services() for v in s.vnodes}
+            parents = {i.parent for i in images}
+            gone = [i for i in disks if i.digest not in used and i.digest not in parents]
+            for image in gone:
+                self.images.delete(tx, image, [])
+            return gone
+
+        for image in self._unit_of_work(work):
+            log.info("image %s (%s) deleted: no virtual node boots it", image.digest[:19], ", ".join(image.names))
 
     def _forget_holds(self, vnodes: Iterable[model.VirtualNode]) -> None:
         with self._lock:
@@ -742,10 +879,25 @@ class Controller:
         leaving = [replace(v, deleting=True) for v in vnodes if v.node in ready]
         tx.delete_vnodes(gone)
         tx.put_vnodes(leaving)
+        self._resume_moved_from(tx, vnodes)
         self._hold_for_draining(leaving, service.spec.switch.drain_seconds)
         tx.after_commit(functools.partial(log.info, "service %s: %s dropped (%s)", service.name,
                                           ", ".join(v.name for v in vnodes), why))
         tx.after_commit(functools.partial(self._publish_service, service.name, {v.node for v in leaving}))
+
+    def _resume_moved_from(self, tx: Transaction, replacements: Sequence[model.VirtualNode]) -> None:
+        """The virtual nodes that `replacements` (given up) were to replace
+        stay, thawed where the move froze them."""
+        names = {v.replaces for v in replacements if v.replaces}
+        olds = [v for v in tx.list_vnodes(names=names) if v.moving_to and not v.deleting]
+        if not olds:
+            return
+        tx.put_vnodes([replace(v, frozen=False, moving_to="", disk_base="") for v in olds])
+        tx.after_commit(lambda: self._forget_holds(olds))
+        tx.after_commit(functools.partial(log.info, "%s stay(s) where they run, thawed: their move was "
+                                          "given up", ", ".join(v.name for v in olds)))
+        for node in {v.node for v in olds}:
+            tx.after_commit(functools.partial(self.notifier.publish, node_topic(node)))
 
     def remove_node(self, name: str) -> model.Node:
         """Forget a node that runs nothing (drained, or LOST with its
@@ -868,6 +1020,8 @@ class Controller:
                     self._record_usage(mine, statuses, complete)
                     for v in removed:
                         self._usage.pop(v.name, None)
+                if any(v.last_move is not None for v in removed):
+                    self._collect_disk_images()     # only a moved one may boot a carried disk
                 for service in sorted({v.service for v in changed + removed}):
                     self._publish_service(service)
             tx.after_commit(committed)
@@ -888,7 +1042,7 @@ class Controller:
                     if v.deleting and not held:
                         continue
                     if held:
-                        v = replace(v, deleting=False, frozen=False)
+                        v = replace(v, deleting=False, frozen=False, moving_to="")
                 out[v.name] = v
             return out
 
@@ -963,6 +1117,8 @@ class Controller:
             return True
         if any(state.list_vnodes(node=name) for name in ["", *(n.name for n in nodes if n.state != READY)]):
             return True
+        if state.moving_services():
+            return True
         return any(not v.deleting for n in nodes if n.draining and n.state == READY
                    for v in state.list_vnodes(node=n.name))
 
@@ -982,11 +1138,23 @@ class Controller:
                 continue
             service = tx.get_service(v.service)
             moves, strays = moves_of(service, draining)
-            if v.name in {m.old.name for m in moves} | {m.new.name for m in moves} | {u.name for u in strays}:
-                # Half of a move: the other half stands in for it (a
-                # replacement lost is started again by the drain).
+            half = next((m for m in moves if v.name in (m.old.name, m.new.name)), None)
+            if half is not None or v.name in {u.name for u in strays}:
+                # Half of a move: the other half stands in for it. A lost
+                # replacement gives the move up (the one it was to replace
+                # stays, thawed; a drain starts again); a lost leaver leaves
+                # its replacement in its place, which boots the image afresh
+                # if the disk had not come.
                 tx.delete_vnodes([v])
                 touched.add(v.service)
+                if half is not None and half.new.name == v.name:
+                    self._resume_moved_from(tx, [v])
+                elif half is not None:
+                    stays = replace(half.new, replaces="")
+                    if stays.awaits_disk:
+                        stays = replace(stays, image_digest=v.image_digest)
+                    tx.put_vnodes([stays])
+                    tx.after_commit(functools.partial(self.notifier.publish, node_topic(stays.node)))
                 tx.after_commit(functools.partial(log.info, "virtual node %s lost mid-move: not placed again",
                                                   v.name))
                 continue
@@ -1024,7 +1192,8 @@ class Controller:
         out = _DrainPass()
         nodes = {n.name: n for n in tx.list_nodes()}
         draining = {name for name, n in nodes.items() if n.draining}
-        if not draining:
+        moving = tx.moving_services()
+        if not draining and not moving:
             return out
         with self._lock:
             stats = self.switches.vnode_stats(now)
@@ -1032,9 +1201,9 @@ class Controller:
         busy: set[str] = set()                  # draining nodes with a move in flight
         moved: set[str] = set()                 # virtual nodes leaving now, replaced
         idle: list[model.Service] = []          # services with a virtual node to move and no move
-        visited = [s for s in map(tx.get_service, sorted({v.service for name in draining
-                                                           for v in tx.list_vnodes(node=name)
-                                                           if not v.deleting}))
+        visited = [s for s in map(tx.get_service, sorted(moving | {v.service for name in draining
+                                                                   for v in tx.list_vnodes(node=name)
+                                                                   if not v.deleting}))
                    if not s.deleting]
         for service in visited:
             moves, strays = moves_of(service, draining)
@@ -1043,13 +1212,19 @@ class Controller:
                 self._drop(tx, service, strays, list(nodes.values()))
                 out.touched.add(service.name)
             for move in moves:
+                late = self._disk_late(move)
+                if late:
+                    self._drop(tx, service, [move.new], list(nodes.values()), late)
+                    out.touched.add(service.name)
+                    continue
                 waiting = self._replacement_waits(service, move, stats, seen, now)
                 if waiting:
                     out.replacements[move.new.name] = seen[move.new.name]
                     busy.add(move.old.node)
-                    out.note(move.old, f"node {move.old.node} is draining: moving to {move.new.name} on "
-                                       f"{move.new.node}, {waiting}")
-                    out.note(move.new, f"replaces {move.old.name} (node {move.old.node} is draining)")
+                    cause = (f"node {move.old.node} is draining" if move.old.node in draining
+                             else "moved by an operator")
+                    out.note(move.old, f"{cause}: moving to {move.new.name} on {move.new.node}, {waiting}")
+                    out.note(move.new, f"replaces {move.old.name} ({cause})")
                 else:
                     self._finish_move(tx, service, move)
                     moved.add(move.old.name)
@@ -1067,8 +1242,10 @@ class Controller:
                 if name in busy or service.name in started:
                     out.note(v, f"node {name} is draining: waiting for its turn to move")
                     continue
+                receivers = _disk_receivers(nodes.values(), v, draining)
                 try:
-                    new = self._start_move(tx, service, v)
+                    new = self._begin_move(tx, service, v, receivers or None, bool(receivers),
+                                           f"replaces {v.name}: node {v.node} is draining")
                 except (NoCapacity, InvalidSpec) as exc:
                     out.note(v, f"node {name} is draining: waiting for room elsewhere: {exc.message}")
                     continue
@@ -1088,29 +1265,50 @@ class Controller:
             tx.after_commit(functools.partial(self.notifier.publish, node_topic(node)))
         return out
 
-    def _start_move(self, tx: Transaction, service: model.Service,
-                    old: model.VirtualNode) -> model.VirtualNode:
-        """Place a replacement of `old` on a node that is not draining: the
-        next index of its service, its resources and image digest."""
+    def _begin_move(self, tx: Transaction, service: model.Service, old: model.VirtualNode,
+                    targets: Iterable[str] | None, carry: bool, why: str) -> model.VirtualNode:
+        """Place a replacement of `old` (the next index of its service, its
+        resources) on one of `targets` (None: any node but its own).
+        `carry`: it boots `old`'s disk, which `old`'s Agent sends once the
+        Switches have let go of it and it is frozen; else its image."""
         index = max(v.index for v in service.vnodes) + 1
         counts: dict[str, int] = {}
         for v in service.vnodes:
             if not v.deleting:
                 counts[v.node] = counts.get(v.node, 0) + 1
-        [new] = self._place_new(tx, service.spec, old.image_digest, [index], [old.resources],
-                                [model.vnode_name(service.name, index)], counts)
-        new = replace(new, last_move=model.VnodeMove(old.node, self.clock(),
-                                                     f"replaces {old.name}: node {old.node} is draining"))
+        # A carried disk is the hypervisor's guest's: the replacement keeps it.
+        spec = replace(service.spec, hypervisor=old.hypervisor) if carry else service.spec
+        [new] = self._place_new(tx, spec, "" if carry else old.image_digest, [index], [old.resources],
+                                [model.vnode_name(service.name, index)], counts,
+                                only=targets, avoid=old.node)
+        new = replace(new, replaces=old.name, last_move=model.VnodeMove(old.node, self.clock(), why))
         tx.put_vnodes([new])
-        tx.after_commit(functools.partial(log.info, "moving %s off draining node %s: %s placed on %s",
-                                          old.name, old.node, new.name, new.node))
+        if carry:
+            leaving = replace(old, frozen=True, moving_to=new.node,
+                              disk_base=self._chain_of(old.image_digest)[-1].digest)
+            tx.put_vnodes([leaving])
+            self._hold_for_draining([leaving], service.spec.switch.drain_seconds)
+        tx.after_commit(functools.partial(
+            log.info, "moving %s off node %s (%s): %s placed on %s, %s", old.name, old.node, why, new.name,
+            new.node, "carrying its disk" if carry else "booting its image afresh"))
+        for node in {old.node, new.node}:
+            tx.after_commit(functools.partial(self.notifier.publish, node_topic(node)))
         return new
+
+    def _disk_late(self, move: Move) -> str:
+        """Why a move that carries a disk is given up ("" while it may wait)."""
+        if not move.new.awaits_disk or move.new.last_move is None:
+            return ""
+        waited = self.clock() - move.new.last_move.at
+        if waited < DISK_WAIT_SECONDS:
+            return ""
+        return f"move given up: the disk of {move.old.name} did not arrive within {waited:.0f} s"
 
     def _finish_move(self, tx: Transaction, service: model.Service, move: Move) -> None:
         """The replacement is ready: the old virtual node leaves, through
         the Switch's drain like any removed one."""
         leaving = replace(move.old, deleting=True)
-        tx.put_vnodes([leaving])
+        tx.put_vnodes([leaving, replace(move.new, replaces="")])
         self._hold_for_draining([leaving], service.spec.switch.drain_seconds)
         # The spec's per-node resources follow the live virtual nodes in
         # index order (what a resize applies them by): the replacement took
@@ -1120,7 +1318,7 @@ class Controller:
         resources = tuple(v.resources for v in staying)
         if resources != service.spec.resources and len(resources) == service.spec.nodes:
             tx.put_service(replace(service, spec=replace(service.spec, resources=resources)))
-        tx.after_commit(functools.partial(log.info, "%s moved off draining node %s: %s runs on %s",
+        tx.after_commit(functools.partial(log.info, "%s moved off node %s: %s runs on %s",
                                           move.old.name, move.old.node, move.new.name, move.new.node))
 
     def _replacement_waits(self, service: model.Service, move: Move,
@@ -1384,6 +1582,39 @@ def _thawable(tx: StateReader, frozen: Sequence[model.VirtualNode],
     return thawed, unfit
 
 
+def _disk_receivers(nodes: Iterable[model.Node], v: model.VirtualNode, draining: set[str],
+                    only: str | None = None) -> list[str]:
+    """The nodes (only `only`, if given) that a move of `v` may carry its
+    disk to: READY, not draining, not its own, with a driver of its
+    hypervisor that can take a guest's disk, when the driver running it can
+    send it and it runs (a guest that does not has nothing to carry)."""
+    nodes = list(nodes)
+    source = next((n for n in nodes if n.name == v.node), None)
+    sends = source.limit(v.hypervisor) if source is not None else None
+    if sends is None or not sends.migration or v.phase not in (model.Phase.RUNNING, model.Phase.FROZEN):
+        return []
+    return sorted(n.name for n in nodes
+                  if n.state == READY and n.name not in draining and n.name != v.node
+                  and (only is None or n.name == only)
+                  and (lim := n.limit(v.hypervisor)) is not None and lim.migration)
+
+
+def _cannot_carry(nodes: Mapping[str, model.Node], v: model.VirtualNode, to: str) -> str:
+    """Why a move of `v` cannot carry its disk, and what to do instead."""
+    source = nodes.get(v.node)
+    sends = source.limit(v.hypervisor) if source is not None else None
+    if sends is None or not sends.migration:
+        why = f"the {v.hypervisor} driver of node {v.node} cannot send a guest's disk"
+    elif v.phase not in (model.Phase.RUNNING, model.Phase.FROZEN):
+        why = f"it is {v.phase.name}, so it has no disk to carry"
+    elif to:
+        why = f"the {v.hypervisor} driver of node {to} cannot take a guest's disk"
+    else:
+        why = f"no other READY node has a {v.hypervisor} driver that can take a guest's disk"
+    return (f"cannot move virtual node {v.name} with its disk: {why}; pass --cold to boot its image "
+            f"afresh on the target instead (what the guest wrote is lost)")
+
+
 def _check_can_freeze(tx: Transaction, v: model.VirtualNode) -> None:
     """WrongState unless the driver that runs `v` where it is placed can freeze."""
     if not v.node:
@@ -1443,44 +1674,32 @@ class Move:
 
 def moves_of(service: model.Service,
              draining: set[str]) -> tuple[list[Move], list[model.VirtualNode]]:
-    """The moves in flight of `service`, read from counts, and its surplus
-    virtual nodes that replace nothing (to be dropped).
-
-    Only a move leaves a service with more live virtual nodes than it
-    wants, and its replacement takes an index above every other: so with
-    k too many, the k highest-index live ones are replacements, each of
-    the lowest-index live virtual node with the same resources on a
-    draining node (`_movable` starts moves in that order). A replacement
-    with no such virtual node (its node was undrained) or on a draining
-    node itself is surplus."""
+    """The moves in flight of `service` (each replacement names the virtual
+    node it replaces), and the replacements that no longer replace anything
+    (to be dropped): the one they replaced is gone, they were placed on a
+    node that is draining since, or they are a drain's whose node was
+    undrained (a move that carries a disk, once begun, goes on)."""
     if service.deleting:
         return [], []
-    live = sorted((v for v in service.vnodes if not v.deleting), key=lambda v: v.index)
-    surplus = len(live) - service.spec.nodes
-    if surplus <= 0:
-        return [], []
-    leaving = [v for v in live[:-surplus] if v.node in draining]
+    live = {v.name: v for v in service.vnodes if not v.deleting}
     moves, strays = [], []
-    for new in live[-surplus:]:
-        old = next((v for v in leaving if v.resources == new.resources), None)
-        if old is None or new.node in draining:
-            strays.append(new)
+    for new in sorted(live.values(), key=lambda v: v.index):
+        if not new.replaces:
             continue
-        leaving.remove(old)
-        moves.append(Move(old=old, new=new))
+        old = live.get(new.replaces)
+        if old is None or new.node in draining or (not old.moving_to and old.node not in draining):
+            strays.append(new)
+        else:
+            moves.append(Move(old=old, new=new))
     return moves, strays
 
 
 def _movable(service: model.Service, draining: set[str]) -> list[model.VirtualNode]:
-    """The live virtual nodes of `service` on draining nodes that a move
-    may start from: of those with the same resources, the lowest index
-    first (the one `moves_of` pairs a replacement with)."""
-    out, classes = [], set()
-    for v in sorted(service.vnodes, key=lambda v: v.index):
-        if not v.deleting and v.node in draining and v.resources not in classes:
-            classes.add(v.resources)
-            out.append(v)
-    return out
+    """The live virtual nodes of `service` on draining nodes that no move
+    has begun from, lowest index first."""
+    replaced = {v.replaces for v in service.vnodes if v.replaces and not v.deleting}
+    return [v for v in sorted(service.vnodes, key=lambda v: v.index)
+            if not v.deleting and not v.replaces and v.node in draining and v.name not in replaced]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1528,5 +1747,5 @@ def endpoint_set(service: model.Service) -> model.EndpointSet:
         service=service.name, switch=service.spec.switch, on_demand=service.spec.on_demand,
         network=service.spec.network, endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
                                        ready=v.phase == model.Phase.RUNNING and not v.frozen,
-                                       frozen=v.frozen)
+                                       frozen=v.frozen, moving=bool(v.moving_to))
                         for v in service.vnodes if not v.deleting and v.address))

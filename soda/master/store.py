@@ -58,7 +58,8 @@ from soda.errors import AlreadyExists, Conflict, NotFound, SodaError, WrongState
 # Version 9: vnodes.boot_timeout, a service's own boot timeout.
 # Version 10: images.parent/layer/layer_size, layered images (soda.layers).
 # Version 11: vnodes.frozen, a virtual node paused in place.
-SCHEMA_VERSION = 11
+# Version 12: vnodes.replaces/moving_to/disk_base, moves paired explicitly.
+SCHEMA_VERSION = 12
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,7 +96,8 @@ CREATE TABLE IF NOT EXISTS vnodes (
     cpu_cap INTEGER NOT NULL DEFAULT 0, revision INTEGER NOT NULL DEFAULT 1,
     moved_from TEXT NOT NULL DEFAULT '', moved_at REAL NOT NULL DEFAULT 0,
     moved_why TEXT NOT NULL DEFAULT '', boot_timeout REAL NOT NULL DEFAULT 0,
-    frozen INTEGER NOT NULL DEFAULT 0);
+    frozen INTEGER NOT NULL DEFAULT 0, replaces TEXT NOT NULL DEFAULT '',
+    moving_to TEXT NOT NULL DEFAULT '', disk_base TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS vnodes_by_node ON vnodes(node);
 CREATE INDEX IF NOT EXISTS vnodes_by_service ON vnodes(service);
 """
@@ -182,6 +184,11 @@ class StateReader(abc.ABC):
     def count_vnodes(self, service: str) -> int:
         """How many virtual nodes `service` has, without reading them: cheap,
         for asking whether a deleting service is done."""
+    @abc.abstractmethod
+    def moving_services(self) -> set[str]:
+        """The services with a move in flight (a live virtual node that
+        replaces another), without reading them: cheap, for the membership
+        pass's question whether there is anything to do."""
     @abc.abstractmethod
     def image_name_owner(self, name: str) -> str | None:
         """The owner of an image name (OPERATORS = ""), None when no image has it."""
@@ -415,12 +422,19 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
         "ALTER TABLE images ADD COLUMN layer_size INTEGER NOT NULL DEFAULT 0"),
     # No virtual node was frozen before freezing existed.
     10: ("ALTER TABLE vnodes ADD COLUMN frozen INTEGER NOT NULL DEFAULT 0",),
+    # Moves were paired by counting before; one in flight across the
+    # upgrade has its replacement dropped as surplus, and the drain starts
+    # it again.
+    11: ("ALTER TABLE vnodes ADD COLUMN replaces TEXT NOT NULL DEFAULT ''",
+         "ALTER TABLE vnodes ADD COLUMN moving_to TEXT NOT NULL DEFAULT ''",
+         "ALTER TABLE vnodes ADD COLUMN disk_base TEXT NOT NULL DEFAULT ''"),
 }
 
 
 _VNODE_COLUMNS = ("name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, "
                   "disk, weight, image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, "
-                  "generation, cpu_cap, moved_from, moved_at, moved_why, boot_timeout, frozen, revision")
+                  "generation, cpu_cap, moved_from, moved_at, moved_why, boot_timeout, frozen, replaces, "
+                  "moving_to, disk_base, revision")
 _VNODE_WIDTH = len(_VNODE_COLUMNS.split(","))
 # SQLite's default limit on the parameters of one statement is 999 (older builds).
 _IN_CHUNK = 500
@@ -464,7 +478,7 @@ def _vnode_row(v: model.VirtualNode, revision: int) -> tuple:
             r.memory, r.bandwidth, r.disk, v.weight, v.image_digest, v.hypervisor, v.port,
             int(v.phase), v.reason, v.boot_seconds, int(v.deleting), v.generation, int(v.cpu_cap),
             *((m.from_node, m.at, m.why) if (m := v.last_move) else ("", 0.0, "")), v.boot_timeout,
-            int(v.frozen), revision)
+            int(v.frozen), v.replaces, v.moving_to, v.disk_base, revision)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -479,7 +493,7 @@ _PHASES = {int(p): p for p in model.Phase}
 def _vnode_from_row(row) -> StoredVirtualNode:
     (name, service, idx, node, address, prefix_length, gateway, cpu, memory, bandwidth, disk, weight,
      image_digest, hypervisor, port, phase, reason, boot_seconds, deleting, generation, cpu_cap,
-     moved_from, moved_at, moved_why, boot_timeout, frozen, revision) = row
+     moved_from, moved_at, moved_why, boot_timeout, frozen, replaces, moving_to, disk_base, revision) = row
     # Every read of the Master decodes virtual nodes by the thousand, and a
     # frozen dataclass's __init__ sets its 26 fields one object.__setattr__
     # at a time: the largest single cost of the Master under load. A row the
@@ -492,7 +506,8 @@ def _vnode_from_row(row) -> StoredVirtualNode:
         node=node, address=address, prefix_length=prefix_length, gateway=gateway, weight=weight,
         image_digest=image_digest, hypervisor=hypervisor, port=port, phase=_PHASES[phase],
         reason=reason, boot_seconds=boot_seconds, deleting=bool(deleting), generation=generation,
-        cpu_cap=bool(cpu_cap), boot_timeout=boot_timeout, frozen=bool(frozen),
+        cpu_cap=bool(cpu_cap), boot_timeout=boot_timeout, frozen=bool(frozen), replaces=replaces,
+        moving_to=moving_to, disk_base=disk_base,
         last_move=model.VnodeMove(moved_from, moved_at, moved_why) if moved_from or moved_why else None,
         usage=None, switch_stats=None, revision=revision)
     return v
@@ -649,6 +664,10 @@ class _SqliteReads(StateReader):
     def count_vnodes(self, service: str) -> int:
         [(count,)] = self._query("SELECT COUNT(*) FROM vnodes WHERE service = ?", (service,))
         return count
+
+    def moving_services(self) -> set[str]:
+        return {service for (service,) in self._query(
+            "SELECT DISTINCT service FROM vnodes WHERE replaces != '' AND deleting = 0")}
 
 
 class _SqliteTransaction(_SqliteReads, Transaction):

@@ -63,9 +63,23 @@ class VirtualNode:
     cpu_cap: bool = False
     boot_timeout: float = 0.0       # seconds to its port answering; 0 = its driver's default
     frozen: bool = False            # desired: paused in place (sodactl service freeze)
+    # A move (sodactl service move, a drain) pairs two virtual nodes: the
+    # replacement names the one it `replaces`; the one leaving stays until
+    # the replacement is ready. A move that carries the disk freezes the one
+    # leaving and sets its `moving_to` (the target node), so that its Agent
+    # sends the guest's disk as a layer over `disk_base`; the replacement has
+    # no image_digest until that disk has arrived (then: the disk's image).
+    replaces: str = ""
+    moving_to: str = ""
+    disk_base: str = ""
     last_move: VnodeMove | None = None   # the last time it was placed again, and why
     usage: Usage | None = None      # observed, kept by the Master in memory only
     switch_stats: "SwitchVnodeStats | None" = None   # what the Switch measured; Master memory only
+
+    @property
+    def awaits_disk(self) -> bool:
+        """A replacement waiting for the disk of the virtual node it replaces."""
+        return bool(self.replaces) and not self.image_digest
 
     def with_status(self, phase: Phase, reason: str = "", boot_seconds: float | None = None) -> "VirtualNode":
         return replace(self, phase=phase, reason=reason,

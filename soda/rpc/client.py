@@ -133,6 +133,13 @@ class MasterClient(StubClient):
         request = pb.FreezeServiceRequest(name=name, vnodes=list(vnodes), frozen=frozen)
         return convert.service_from_pb(self._call("FreezeService", request))
 
+    def move_vnode(self, service: str, vnode: str, to: str = "", cold: bool = False) -> model.Service:
+        """Move a virtual node of `service` (name or index) to node `to` ("":
+        where there is room); `cold`: boot its image afresh there where its
+        disk cannot be carried."""
+        request = pb.MoveVnodeRequest(service=service, vnode=vnode, to=to, cold=cold)
+        return convert.service_from_pb(self._call("MoveVnode", request))
+
     def delete_service(self, name: str) -> model.Service:
         return convert.service_from_pb(self._call("DeleteService", pb.DeleteServiceRequest(name=name)))
 
@@ -226,7 +233,8 @@ class MasterClient(StubClient):
 
     def push_image(self, path: str, name: str = "", init: str = "",
                    progress: ProgressFn | None = None, digest: str | None = None,
-                   public: bool = False, base: str = "", compress: bool = True) -> model.Image:
+                   public: bool = False, base: str = "", compress: bool = True,
+                   method: str = "PushImage") -> model.Image:
         """Stream a file to the Master in chunks; the Master checks `digest`
         (computed here first unless given) before it keeps anything.
         `public` (operators only): every tenant may use it. With `base` (an
@@ -253,7 +261,12 @@ class MasterClient(StubClient):
                 yield pb.PushImageRequest(chunk=chunk)
                 if progress:
                     progress(counted.done, content.size, sent)
-        return self.push_image_stream(requests())
+        return self.push_image_stream(requests(), method)
+
+    def push_vnode_disk(self, path: str, vnode: str, base: str) -> model.Image:
+        """An Agent sends the disk of virtual node `vnode` that it moves
+        (the raw disk at `path`), as a layer over image `base` (a digest)."""
+        return self.push_image(path, name=vnode, base=base, method="PushVnodeDisk")
 
     def layer_of(self, path: str, digest: str, base: str, transfer: pb.ImageTransfer) -> "LayerOrImage":
         """The layer of the image file at `path` (sha256 `digest`) over the
@@ -262,7 +275,8 @@ class MasterClient(StubClient):
         if transfer.block_size != layers.BLOCK_SIZE:
             raise errors.WrongState(f"the Master at {self.where} does not take layered images (it is older "
                                     f"than this sodactl): push {path} without --base")
-        parent = self.get_image(base)
+        # A digest needs no lookup (an Agent may not look images up).
+        parent = self.get_image(base) if not model.DIGEST_RE.match(base) else model.Image(base, 0)
         hashes = self.image_block_hashes(parent.digest)
         runs = list(layers.differing_runs(path, hashes))
         header = layers.Header(layers.BLOCK_SIZE, os.path.getsize(path), parent.digest, digest)
@@ -281,9 +295,10 @@ class MasterClient(StubClient):
         request = pb.FetchImageRequest(url=url, digest=digest, name=name, init=init, public=public, base=base)
         return convert.image_from_pb(self._call("FetchImage", request, timeout=timeout))
 
-    def push_image_stream(self, requests: Iterable[pb.PushImageRequest]) -> model.Image:
+    def push_image_stream(self, requests: Iterable[pb.PushImageRequest],
+                          method: str = "PushImage") -> model.Image:
         try:
-            return convert.image_from_pb(self._stub.PushImage(iter(requests)))
+            return convert.image_from_pb(getattr(self._stub, method)(iter(requests)))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 

@@ -117,7 +117,8 @@ def vnode_to_pb(v: model.VirtualNode) -> pb.VirtualNode:
         weight=v.weight, image_digest=v.image_digest, hypervisor=v.hypervisor, port=v.port,
         phase=int(v.phase), reason=v.reason, boot_seconds=v.boot_seconds,
         deleting=v.deleting, generation=v.generation, cpu_cap=v.cpu_cap,
-        boot_timeout=v.boot_timeout, frozen=v.frozen, usage=usage_to_pb(v.usage),
+        boot_timeout=v.boot_timeout, frozen=v.frozen, replaces=v.replaces, moving_to=v.moving_to,
+        disk_base=v.disk_base, usage=usage_to_pb(v.usage),
         switch_stats=switch_vnode_stats_to_pb(v.switch_stats),
         last_move=pb.VnodeMove(from_node=m.from_node, at=m.at, why=m.why) if (m := v.last_move) else None)
 
@@ -129,7 +130,8 @@ def vnode_from_pb(m: pb.VirtualNode) -> model.VirtualNode:
         weight=m.weight, image_digest=m.image_digest, hypervisor=m.hypervisor, port=m.port,
         phase=model.Phase(m.phase), reason=m.reason, boot_seconds=m.boot_seconds,
         deleting=m.deleting, generation=m.generation, cpu_cap=m.cpu_cap,
-        boot_timeout=m.boot_timeout, frozen=m.frozen, usage=usage_from_pb(m),
+        boot_timeout=m.boot_timeout, frozen=m.frozen, replaces=m.replaces, moving_to=m.moving_to,
+        disk_base=m.disk_base, usage=usage_from_pb(m),
         switch_stats=switch_vnode_stats_from_pb(m.switch_stats) if m.HasField("switch_stats") else None,
         last_move=(model.VnodeMove(m.last_move.from_node, m.last_move.at, m.last_move.why)
                    if m.HasField("last_move") else None))
@@ -245,14 +247,16 @@ def endpoints_to_pb(e: model.EndpointSet) -> pb.EndpointSet:
     return pb.EndpointSet(service=e.service, switch=switch_to_pb(e.switch), deleted=e.deleted,
                           on_demand=on_demand_to_pb(e.on_demand), network=network_to_pb(e.network),
                           endpoints=[pb.Endpoint(vnode=x.vnode, address=x.address, port=x.port,
-                                                 weight=x.weight, ready=x.ready, frozen=x.frozen)
+                                                 weight=x.weight, ready=x.ready, frozen=x.frozen,
+                                                 moving=x.moving)
                                      for x in e.endpoints])
 
 
 def endpoints_from_pb(m: pb.EndpointSet) -> model.EndpointSet:
     return model.EndpointSet(service=m.service, switch=switch_from_pb(m.switch), deleted=m.deleted,
                              on_demand=on_demand_from_pb(m), network=network_from_pb(m),
-                             endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready, x.frozen)
+                             endpoints=tuple(model.Endpoint(x.vnode, x.address, x.port, x.weight, x.ready, x.frozen,
+                                                            x.moving)
                                              for x in m.endpoints))
 
 

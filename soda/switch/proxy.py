@@ -29,6 +29,7 @@ half of direct throughput (measured with wrk against nginx).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -59,6 +60,8 @@ CONNECT_ATTEMPTS = 2
 # connection) -- only while no byte of an answer came back, only for requests
 # that start with an idempotent HTTP method, and only up to this many bytes.
 REPLAY_LIMIT = 64 << 10
+# Seconds a new connection waits for a moving service's replacement guest.
+MOVE_HOLD_SECONDS = 30.0
 REPLAYABLE = (b"GET ", b"HEAD ", b"OPTIONS ")
 
 
@@ -187,6 +190,8 @@ class _Relay:
         service, balancer, proxy = self.service, self.service.balancer, self.proxy
         if proxy.hold is not None and not tried:      # deploy on first request: see ondemand.py
             await proxy.hold(service.name, balancer)
+        if not tried and service.moving and not balancer.endpoints:
+            await service.wait_for_move(proxy.clock)
         while len(tried) < CONNECT_ATTEMPTS and not self.client.lost:
             endpoint = balancer.pick(exclude=tried, now=proxy.clock())
             if endpoint is None:
@@ -356,6 +361,22 @@ class _Service:
         # vnode -> the timer that cuts its connections once it has drained long enough
         self.drains: dict[str, asyncio.TimerHandle] = {}
         self._warned_empty = False
+        # A virtual node of it is frozen for a move (its replacement is on
+        # its way); set, and replaced, by each endpoint update.
+        self.moving = False
+        self.changed = asyncio.Event()
+
+    async def wait_for_move(self, clock: Callable[[], float]) -> None:
+        """Hold a new connection of a service whose only guests are frozen
+        for a move until another is ready (MOVE_HOLD_SECONDS at most), as
+        a deploy on first request holds one: a move costs its clients a
+        delay, not an error."""
+        deadline = clock() + MOVE_HOLD_SECONDS
+        while self.moving and not self.balancer.endpoints and (left := deadline - clock()) > 0:
+            changed = self.changed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
 
     def note_no_endpoint(self) -> None:
         if not self._warned_empty:
@@ -444,11 +465,16 @@ class Proxy:
         svc.balancer.update(es.endpoints)
         svc.balancer.set_healthy(self.health.healthy(es.service))
         svc.endpoints_changed()
-        self._drain_left(svc, {e.vnode for e in es.endpoints})
+        svc.moving = any(e.moving for e in es.endpoints)
+        svc.changed.set()
+        svc.changed = asyncio.Event()
+        # A frozen one (or one to be frozen) drains like one that left: its
+        # guest runs until its connections are done or the drain time ends.
+        self._drain_left(svc, {e.vnode for e in es.endpoints if not e.frozen})
         # Listed but not ready: its Agent saw the guest stop or die. What it
         # left unanswered goes elsewhere if it can; the rest is cut rather
         # than left hanging on a guest that is gone.
-        self._node_down(svc, {e.vnode for e in es.endpoints if not e.ready}, cut=True)
+        self._node_down(svc, {e.vnode for e in es.endpoints if not e.ready and not e.frozen}, cut=True)
         log.info("service %s: listen %s, policy %s, routing to %s", es.service, es.listen,
                  svc.balancer.policy, _describe_endpoints(svc.balancer.endpoints) or "nothing (no ready node)")
         if es.listen != svc.listen or svc.server is None:

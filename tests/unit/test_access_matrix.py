@@ -63,6 +63,8 @@ CALLS = {
     "GetService": ("unary", lambda c, f: pb.GetServiceRequest(name="a-web"), allowed("tenant-a")),
     "ListServices": ("unary", lambda c, f: pb.ListServicesRequest(), allowed("tenant-a", "tenant-b", "switch")),
     "FreezeService": ("unary", lambda c, f: pb.FreezeServiceRequest(name="a-web", vnodes=["7"]), allowed("tenant-a")),
+    # No such virtual node: NOT_FOUND for who may ask.
+    "MoveVnode": ("unary", lambda c, f: pb.MoveVnodeRequest(service="a-web", vnode="7"), allowed("tenant-a")),
     "ResizeService": ("unary", lambda c, f: pb.ResizeServiceRequest(name="a-web", nodes=2),
                       allowed("tenant-a")),
     "WatchServices": ("stream", lambda c, f: pb.WatchServicesRequest(name="a-web"), allowed("tenant-a")),
@@ -89,7 +91,12 @@ CALLS = {
     "GetImageTransfer": ("unary", lambda c, f: pb.Empty(), allowed("agent", "other-agent", "tenant-a",
                                                                  "tenant-b")),
     "PrimeImage": ("unary", lambda c, f: pb.PrimeImageRequest(image="a-img", nodes=["node-1"]), allowed()),
-    "ImageBlockHashes": ("stream", lambda c, f: pb.ImageBlocksRequest(image="a-img"), allowed("tenant-a")),
+    # An Agent: of an image a virtual node on its node boots.
+    "ImageBlockHashes": ("stream", lambda c, f: pb.ImageBlocksRequest(image="a-img"),
+                         allowed("tenant-a", "agent")),
+    # A disk nobody asked for: WRONG_STATE for the Agent that runs the
+    # virtual node, PERMISSION_DENIED for any other.
+    "PushVnodeDisk": ("push", lambda c, f: _image_request("a-web-0", f), allowed("agent")),
     "ReportSwitchStats": ("unary", lambda c, f: pb.SwitchReport(switch="edge-1"), allowed("switch")),
     "WatchEndpoints": ("stream", lambda c, f: pb.WatchEndpointsRequest(),
                        allowed("agent", "other-agent", "switch")),

@@ -100,7 +100,8 @@ def test_agent_registers_the_minimum_of_the_kernel_its_uml_driver_boots(tmp_path
     monkeypatch.setenv(kernels.CACHE_ENV, str(cache))
     soda = UmlDriver(str(tmp_path / "s1"))           # "auto": the SODA kernel in the cache
     debian = UmlDriver(str(tmp_path / "s2"), kernel=kernels.DEBIAN_KERNEL)
-    common = dict(memory_overhead=32, live_memory=True, freeze=True, disk_bound=True, plumbing=True)
+    common = dict(memory_overhead=32, live_memory=True, freeze=True, disk_bound=True, plumbing=True,
+                  migration="copy")
     assert soda.capabilities() == model.DriverCapabilities(
         "uml", 16, f"{build / 'linux'} (soda)", **common)
     assert debian.capabilities() == model.DriverCapabilities(

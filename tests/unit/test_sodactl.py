@@ -359,11 +359,11 @@ def test_service_get_json_shape(client):
             {"name": "web-0", "node": "node-0", "address": "10.0.0.2", "phase": "RUNNING",
              "resources": {"cpu": 0.5, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 0.5, "boot_seconds": 1.5, "reason": "", "hypervisor": "fake",
-             "deleting": False, "frozen": False, "usage": None, "switch": None, "last_move": None},
+             "deleting": False, "frozen": False, "replaces": "", "moving_to": "", "usage": None, "switch": None, "last_move": None},
             {"name": "web-1", "node": "node-1", "address": "10.0.1.2", "phase": "FAILED",
              "resources": {"cpu": 1.0, "memory": 64, "bandwidth": 10, "disk": 64},
              "weight": 1.0, "boot_seconds": 0.0, "reason": "kernel panic", "hypervisor": "fake",
-             "deleting": False, "frozen": False, "usage": None, "switch": None, "last_move": None},
+             "deleting": False, "frozen": False, "replaces": "", "moving_to": "", "usage": None, "switch": None, "last_move": None},
         ],
     }
 

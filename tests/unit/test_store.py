@@ -299,8 +299,35 @@ def test_a_stored_spec_missing_a_later_field_takes_its_default(tmp_path):
     s.close()
 
 
+def _as_version_11(path):
+    """The file as a version 11 Master left it: moves paired by counting."""
+    db = sqlite3.connect(path)
+    for column in ("replaces", "moving_to", "disk_base"):
+        db.execute(f"ALTER TABLE vnodes DROP COLUMN {column}")
+    db.execute("UPDATE meta SET value='11' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_version_11_store_keeps_its_virtual_nodes_with_no_move_in_flight(tmp_path):
+    s = open_store(str(tmp_path))
+    add_node(s)
+    create(s, make_service())
+    before = {v.name for v in s.list_vnodes()}
+    s.close()
+    _as_version_11(str(tmp_path / "state.db"))
+    s = open_store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION
+    after = s.list_vnodes()
+    assert {v.name for v in after} == before
+    assert not any(v.replaces or v.moving_to or v.disk_base for v in after)
+    assert s.moving_services() == set()
+    s.close()
+
+
 def _as_version_10(path):
     """The file as a version 10 Master left it: no frozen virtual nodes."""
+    _as_version_11(path)
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE vnodes DROP COLUMN frozen")
     db.execute("UPDATE meta SET value='10' WHERE key='schema_version'")

@@ -125,7 +125,7 @@ class NetworkSpec(_message.Message):
     def __init__(self, peers: _Optional[bool] = ..., egress: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VirtualNode(_message.Message):
-    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats", "last_move", "boot_timeout", "frozen")
+    __slots__ = ("name", "service", "index", "node", "address", "prefix_length", "gateway", "resources", "weight", "image_digest", "hypervisor", "port", "phase", "reason", "boot_seconds", "deleting", "generation", "cpu_cap", "usage", "switch_stats", "last_move", "boot_timeout", "frozen", "replaces", "moving_to", "disk_base")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,9 @@ class VirtualNode(_message.Message):
     LAST_MOVE_FIELD_NUMBER: _ClassVar[int]
     BOOT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
+    MOVING_TO_FIELD_NUMBER: _ClassVar[int]
+    DISK_BASE_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     index: int
@@ -172,7 +175,10 @@ class VirtualNode(_message.Message):
     last_move: VnodeMove
     boot_timeout: float
     frozen: bool
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., switch_stats: _Optional[_Union[SwitchVnodeStats, _Mapping]] = ..., last_move: _Optional[_Union[VnodeMove, _Mapping]] = ..., boot_timeout: _Optional[float] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    replaces: str
+    moving_to: str
+    disk_base: str
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., index: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., weight: _Optional[float] = ..., image_digest: _Optional[str] = ..., hypervisor: _Optional[str] = ..., port: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., deleting: _Optional[bool] = ..., generation: _Optional[int] = ..., cpu_cap: _Optional[bool] = ..., usage: _Optional[_Union[VnodeUsage, _Mapping]] = ..., switch_stats: _Optional[_Union[SwitchVnodeStats, _Mapping]] = ..., last_move: _Optional[_Union[VnodeMove, _Mapping]] = ..., boot_timeout: _Optional[float] = ..., frozen: _Optional[bool] = ..., replaces: _Optional[str] = ..., moving_to: _Optional[str] = ..., disk_base: _Optional[str] = ...) -> None: ...
 
 class VnodeMove(_message.Message):
     __slots__ = ("from_node", "at", "why")
@@ -371,6 +377,18 @@ class WatchServicesRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class MoveVnodeRequest(_message.Message):
+    __slots__ = ("service", "vnode", "to", "cold")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VNODE_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    COLD_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    vnode: str
+    to: str
+    cold: bool
+    def __init__(self, service: _Optional[str] = ..., vnode: _Optional[str] = ..., to: _Optional[str] = ..., cold: _Optional[bool] = ...) -> None: ...
 
 class FreezeServiceRequest(_message.Message):
     __slots__ = ("name", "vnodes", "frozen")
@@ -656,20 +674,22 @@ class ImageBlocks(_message.Message):
     def __init__(self, size: _Optional[int] = ..., block_size: _Optional[int] = ..., hashes: _Optional[bytes] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("vnode", "address", "port", "weight", "ready", "frozen")
+    __slots__ = ("vnode", "address", "port", "weight", "ready", "frozen", "moving")
     VNODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    MOVING_FIELD_NUMBER: _ClassVar[int]
     vnode: str
     address: str
     port: int
     weight: float
     ready: bool
     frozen: bool
-    def __init__(self, vnode: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[float] = ..., ready: _Optional[bool] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    moving: bool
+    def __init__(self, vnode: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[float] = ..., ready: _Optional[bool] = ..., frozen: _Optional[bool] = ..., moving: _Optional[bool] = ...) -> None: ...
 
 class EndpointSet(_message.Message):
     __slots__ = ("service", "endpoints", "deleted", "switch", "on_demand", "network")

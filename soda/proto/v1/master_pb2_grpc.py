@@ -64,6 +64,11 @@ class MasterStub:
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.FreezeServiceRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
                 _registered_method=True)
+        self.MoveVnode = channel.unary_unary(
+                '/soda.proto.v1.Master/MoveVnode',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.MoveVnodeRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
+                _registered_method=True)
         self.WatchServices = channel.unary_stream(
                 '/soda.proto.v1.Master/WatchServices',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchServicesRequest.SerializeToString,
@@ -126,6 +131,11 @@ class MasterStub:
                 _registered_method=True)
         self.PushImage = channel.stream_unary(
                 '/soda.proto.v1.Master/PushImage',
+                request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.PushImageRequest.SerializeToString,
+                response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
+                _registered_method=True)
+        self.PushVnodeDisk = channel.stream_unary(
+                '/soda.proto.v1.Master/PushVnodeDisk',
                 request_serializer=soda_dot_proto_dot_v1_dot_master__pb2.PushImageRequest.SerializeToString,
                 response_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
                 _registered_method=True)
@@ -245,6 +255,12 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveVnode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchServices(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -319,6 +335,14 @@ class MasterServicer:
 
     def PushImage(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushVnodeDisk(self, request_iterator, context):
+        """An Agent sends the disk of a virtual node it moves (header.name: the
+        virtual node; header.base: its disk_base), as a layer.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -446,6 +470,11 @@ def add_MasterServicer_to_server(servicer, server):
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.FreezeServiceRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.SerializeToString,
             ),
+            'MoveVnode': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveVnode,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.MoveVnodeRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Service.SerializeToString,
+            ),
             'WatchServices': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchServices,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.WatchServicesRequest.FromString,
@@ -508,6 +537,11 @@ def add_MasterServicer_to_server(servicer, server):
             ),
             'PushImage': grpc.stream_unary_rpc_method_handler(
                     servicer.PushImage,
+                    request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.PushImageRequest.FromString,
+                    response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.SerializeToString,
+            ),
+            'PushVnodeDisk': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushVnodeDisk,
                     request_deserializer=soda_dot_proto_dot_v1_dot_master__pb2.PushImageRequest.FromString,
                     response_serializer=soda_dot_proto_dot_v1_dot_master__pb2.Image.SerializeToString,
             ),
@@ -748,6 +782,33 @@ class Master:
             target,
             '/soda.proto.v1.Master/FreezeService',
             soda_dot_proto_dot_v1_dot_master__pb2.FreezeServiceRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveVnode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/soda.proto.v1.Master/MoveVnode',
+            soda_dot_proto_dot_v1_dot_master__pb2.MoveVnodeRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.Service.FromString,
             options,
             channel_credentials,
@@ -1098,6 +1159,33 @@ class Master:
             request_iterator,
             target,
             '/soda.proto.v1.Master/PushImage',
+            soda_dot_proto_dot_v1_dot_master__pb2.PushImageRequest.SerializeToString,
+            soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushVnodeDisk(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/soda.proto.v1.Master/PushVnodeDisk',
             soda_dot_proto_dot_v1_dot_master__pb2.PushImageRequest.SerializeToString,
             soda_dot_proto_dot_v1_dot_master__pb2.Image.FromString,
             options,

@@ -537,9 +537,9 @@ class UmlDriver(RecordedGuestDriver):
 
 # UML's COW layer (arch/um/drivers/cow_user.c, version 3): a big-endian
 # header (magic, version, mtime, disk size, sector size, alignment, format,
-# the backing file's path), a bitmap of the sectors written (bit i of byte
-# i // 8 for sector i), then the data, aligned, each written sector at its
-# own offset.
+# the backing file's path), at the next multiple of the alignment a bitmap
+# of the sectors written (bit i % 8 of byte i // 8 for sector i), then at
+# the next multiple the data, each written sector at its own offset.
 COW_MAGIC = 0x4F4F4F4D
 _COW_V3 = struct.Struct(">IIIQIII4096s")
 SYNC_DONE = b"Emergency Sync complete"
@@ -559,7 +559,7 @@ def cow_sectors(cow: str) -> tuple[int, int, int, list[tuple[int, int]]]:
             raise InvalidSpec(f"{cow} is not a UML COW layer of version 3 "
                               f"(magic {magic:#x}, version {version})")
         sectors = -(-size // sector)
-        bitmap_offset = -(-_COW_V3.size // 8) * 8
+        bitmap_offset = -(-_COW_V3.size // align) * align
         bitmap_len = -(-sectors // 8)
         data_offset = -(-(bitmap_offset + bitmap_len) // align) * align
         f.seek(bitmap_offset)

@@ -419,7 +419,7 @@ class Controller:
                 raise WrongState(_cannot_carry(nodes, v, to))
             why = f"moved to node {to}" if to else "moved"
             return self._begin_move(tx, service, v, receivers or ([to] if to else None), bool(receivers),
-                                    f"replaces {v.name}: {why} by an operator")
+                                    f"replaces {v.name}: {why} by an operator", operator=True)
 
         try:
             new = self._unit_of_work(work)
@@ -441,8 +441,8 @@ class Controller:
         [v] = self.store.list_vnodes(names=[vnode]) or [None]
         if v is None or (node is not None and v.node != node):
             raise PermissionDenied(f"agent {node} may not send the disk of {vnode!r}: it does not run it")
-        if not v.moving_to or v.deleting:
-            raise WrongState(f"virtual node {vnode} is not moving: its disk is not wanted")
+        if not v.moving_to or not v.frozen or v.deleting:
+            raise WrongState(f"virtual node {vnode} is not moving with its disk: its disk is not wanted")
         if base != v.disk_base:
             raise InvalidSpec(f"the disk of {vnode} must be a layer over {v.disk_base}, not {base!r}")
         service = self.store.get_service(v.service)
@@ -1097,6 +1097,8 @@ class Controller:
                 for service in sorted(touched):
                     self._publish_service(service, nodes=set())
                 self._note_drain(drain)
+                if touched:
+                    self._collect_disk_images()     # of moves given up or done
             tx.after_commit(committed)
             return [n.name for n, _ in lost]
 
@@ -1150,9 +1152,8 @@ class Controller:
                 if half is not None and half.new.name == v.name:
                     self._resume_moved_from(tx, [v])
                 elif half is not None:
-                    stays = replace(half.new, replaces="")
-                    if stays.awaits_disk:
-                        stays = replace(stays, image_digest=v.image_digest)
+                    stays = replace(half.new, replaces="",
+                                    image_digest=half.new.image_digest or v.image_digest)
                     tx.put_vnodes([stays])
                     tx.after_commit(functools.partial(self.notifier.publish, node_topic(stays.node)))
                 tx.after_commit(functools.partial(log.info, "virtual node %s lost mid-move: not placed again",
@@ -1266,7 +1267,8 @@ class Controller:
         return out
 
     def _begin_move(self, tx: Transaction, service: model.Service, old: model.VirtualNode,
-                    targets: Iterable[str] | None, carry: bool, why: str) -> model.VirtualNode:
+                    targets: Iterable[str] | None, carry: bool, why: str,
+                    operator: bool = False) -> model.VirtualNode:
         """Place a replacement of `old` (the next index of its service, its
         resources) on one of `targets` (None: any node but its own).
         `carry`: it boots `old`'s disk, which `old`'s Agent sends once the
@@ -1286,8 +1288,14 @@ class Controller:
         if carry:
             leaving = replace(old, frozen=True, moving_to=new.node,
                               disk_base=self._chain_of(old.image_digest)[-1].digest)
-            tx.put_vnodes([leaving])
             self._hold_for_draining([leaving], service.spec.switch.drain_seconds)
+        elif operator:
+            # Serves on meanwhile; marked, so that the move goes on whatever
+            # becomes of drains (a drain's is given up with an undrain).
+            leaving = replace(old, moving_to=new.node)
+        else:
+            leaving = old
+        tx.put_vnodes([leaving])
         tx.after_commit(functools.partial(
             log.info, "moving %s off node %s (%s): %s placed on %s, %s", old.name, old.node, why, new.name,
             new.node, "carrying its disk" if carry else "booting its image afresh"))
@@ -1309,7 +1317,10 @@ class Controller:
         the Switch's drain like any removed one."""
         leaving = replace(move.old, deleting=True)
         tx.put_vnodes([leaving, replace(move.new, replaces="")])
-        self._hold_for_draining([leaving], service.spec.switch.drain_seconds)
+        if not move.old.frozen:
+            # One frozen for the move was drained before it froze: held, it
+            # would be thawed for nothing.
+            self._hold_for_draining([leaving], service.spec.switch.drain_seconds)
         # The spec's per-node resources follow the live virtual nodes in
         # index order (what a resize applies them by): the replacement took
         # a new index, so they may have to be ordered anew.
@@ -1678,7 +1689,8 @@ def moves_of(service: model.Service,
     node it replaces), and the replacements that no longer replace anything
     (to be dropped): the one they replaced is gone, they were placed on a
     node that is draining since, or they are a drain's whose node was
-    undrained (a move that carries a disk, once begun, goes on)."""
+    undrained (an operator's move, which sets the old one's `moving_to`,
+    goes on)."""
     if service.deleting:
         return [], []
     live = {v.name: v for v in service.vnodes if not v.deleting}
@@ -1742,10 +1754,17 @@ def _template(spec: model.ServiceSpec) -> model.Resources:
     return spec.template
 
 
+def _coming(v: model.VirtualNode) -> bool:
+    """Whether `v` will serve again shortly without a new boot: frozen for
+    a move, or thawing (the Switch holds new connections for it when
+    nothing else serves)."""
+    return bool(v.moving_to) or (not v.frozen and v.phase in (model.Phase.FROZEN, model.Phase.THAWING))
+
+
 def endpoint_set(service: model.Service) -> model.EndpointSet:
     return model.EndpointSet(
         service=service.name, switch=service.spec.switch, on_demand=service.spec.on_demand,
         network=service.spec.network, endpoints=tuple(model.Endpoint(vnode=v.name, address=v.address, port=v.port, weight=v.weight,
                                        ready=v.phase == model.Phase.RUNNING and not v.frozen,
-                                       frozen=v.frozen, moving=bool(v.moving_to))
+                                       frozen=v.frozen, moving=_coming(v))
                         for v in service.vnodes if not v.deleting and v.address))

@@ -16,7 +16,7 @@ class Endpoint:
     weight: float
     ready: bool
     frozen: bool = False        # kept frozen (a warm pool's): never ready, not in use
-    moving: bool = False        # frozen for a move: its replacement is on its way
+    moving: bool = False        # serves again soon (frozen for a move, thawing): connections may wait
 
 
 @dataclass(frozen=True)

@@ -456,35 +456,32 @@ class Controller:
         def work(tx: Transaction) -> bool:
             [waiting] = tx.list_vnodes(names=[new.name]) or [None]
             if waiting is None or waiting.deleting or not waiting.awaits_disk or waiting.replaces != vnode:
+                self._collect_disk_images(tx)       # the move was given up meanwhile
                 return False
             tx.put_vnodes([replace(waiting, image_digest=image.digest)])
             tx.after_commit(functools.partial(self.notifier.publish, node_topic(waiting.node)))
             return True
 
-        if self._unit_of_work(work):
-            log.info("the disk of %s arrived (%d bytes, a layer of %d): %s boots it on %s", vnode, image.size,
-                     image.layer_size, new.name, new.node)
-            self._publish_service(v.service)
-        else:
-            self._collect_disk_images()
+        if not self._unit_of_work(work):
+            raise WrongState(f"the move of {vnode} was given up while its disk came")
+        log.info("the disk of %s arrived (%d bytes, a layer of %d): %s boots it on %s", vnode, image.size,
+                 image.layer_size, new.name, new.node)
+        self._publish_service(v.service)
         return image
 
-    def _collect_disk_images(self) -> None:
-        """Delete the images of carried disks that no virtual node boots."""
-        def work(tx: Transaction) -> list[model.Image]:
-            images = tx.list_images()
-            disks = [i for i in images if any(n.startswith(DISK_IMAGE_PREFIX) for n in i.names)]
-            if not disks:
-                return []
-            used = {v.image_digest for s in tx.list_services() for v in s.vnodes}
-            parents = {i.parent for i in images}
-            gone = [i for i in disks if i.digest not in used and i.digest not in parents]
-            for image in gone:
+    def _collect_disk_images(self, tx: Transaction) -> None:
+        """Delete (in `tx`) the images of carried disks that no virtual node boots."""
+        images = tx.list_images()
+        disks = [i for i in images if any(n.startswith(DISK_IMAGE_PREFIX) for n in i.names)]
+        if not disks:
+            return
+        used = {v.image_digest for s in tx.list_services() for v in s.vnodes}
+        parents = {i.parent for i in images}
+        for image in disks:
+            if image.digest not in used and image.digest not in parents:
                 self.images.delete(tx, image, [])
-            return gone
-
-        for image in self._unit_of_work(work):
-            log.info("image %s (%s) deleted: no virtual node boots it", image.digest[:19], ", ".join(image.names))
+                tx.after_commit(functools.partial(log.info, "image %s (%s) deleted: no virtual node boots it",
+                                                  image.digest[:19], ", ".join(image.names)))
 
     def _forget_holds(self, vnodes: Iterable[model.VirtualNode]) -> None:
         with self._lock:
@@ -1014,14 +1011,15 @@ class Controller:
             tx.delete_vnodes(removed)
             if removed:
                 self._finish_deletions(tx, {v.service for v in removed})
+            if any(v.last_move is not None for v in removed):
+                self._collect_disk_images(tx)       # only a moved one may boot a carried disk
 
             def committed() -> None:
                 with self._lock:
                     self._record_usage(mine, statuses, complete)
                     for v in removed:
                         self._usage.pop(v.name, None)
-                if any(v.last_move is not None for v in removed):
-                    self._collect_disk_images()     # only a moved one may boot a carried disk
+
                 for service in sorted({v.service for v in changed + removed}):
                     self._publish_service(service)
             tx.after_commit(committed)
@@ -1097,9 +1095,9 @@ class Controller:
                 for service in sorted(touched):
                     self._publish_service(service, nodes=set())
                 self._note_drain(drain)
-                if touched:
-                    self._collect_disk_images()     # of moves given up or done
             tx.after_commit(committed)
+            if touched:
+                self._collect_disk_images(tx)       # of moves given up or done
             return [n.name for n, _ in lost]
 
         return self._unit_of_work(work)

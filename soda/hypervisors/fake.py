@@ -20,11 +20,12 @@ import fnmatch
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from soda.errors import CommandError, NotFound
+from soda.errors import CommandError, NotFound, WrongState
 from soda.files import write_json_atomic
 from soda.hypervisors.base import (EXITED, RUNNING, Clock, GuestInfo, GuestSpec, HypervisorDriver,
                                    check_guest_name, spec_as_dict)
@@ -233,6 +234,18 @@ class FakeDriver(HypervisorDriver):
 
     def thaw(self, name: str) -> None:
         self._set_frozen(name, False)
+
+    def export_disk(self, name: str, path: str) -> None:
+        """A pretend guest writes nothing: its disk is its image. (Its
+        `migration` stays "": a plugin that builds on it may declare one.)"""
+        check_guest_name(name)
+        with self._locked():
+            record = self._load(name)
+        if record is None:
+            raise NotFound(f"fake guest {name} does not exist")
+        if record["state"] == RUNNING and not record.get("frozen"):
+            raise WrongState(f"fake guest {name} runs: freeze it before its disk is copied")
+        shutil.copyfile(record["spec"]["image_path"], path)
 
     def _set_frozen(self, name: str, frozen: bool) -> None:
         check_guest_name(name)

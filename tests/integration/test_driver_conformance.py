@@ -264,6 +264,8 @@ def test_lifecycle_start_ready_adopt_and_graceful_stop(harness):
     if driver.can_freeze:
         # Drivers that declare it: freeze/thaw pause the guest and keep it,
         # and say so (a frozen guest is never ready); either is idempotent.
+        if driver.migration:
+            driver.sync_disk("web-0")       # as a move does before it freezes
         driver.freeze("web-0")
         driver.freeze("web-0")
         frozen = driver.info("web-0")
@@ -272,6 +274,18 @@ def test_lifecycle_start_ready_adopt_and_graceful_stop(harness):
         time.sleep(0.5)
         assert harness.cpu_ticks(pid) - used <= 1, "a frozen guest's processes ran"
         assert harness.driver().info("web-0").frozen            # a restarted Agent sees it too
+        if driver.migration:
+            # A move carries the frozen guest's disk: the whole disk it sees.
+            export = os.path.join(harness.tmp_path, "export.img")
+            driver.export_disk("web-0", export)
+            assert os.path.getsize(export) == os.path.getsize(spec.image_path)
+            if harness.kind == "uml":
+                # What the guest wrote at boot (its init's /etc/soda.env, never
+                # synced) is on it: the sync before the freeze wrote it out.
+                env = subprocess.run([shutil.which("debugfs") or "/sbin/debugfs", "-R", "cat /etc/soda.env",
+                                      export], capture_output=True, text=True).stdout
+                assert "SODA_NAME=web-0" in env, env
+            os.unlink(export)
         driver.thaw("web-0")
         driver.thaw("web-0")
         assert not driver.info("web-0").frozen

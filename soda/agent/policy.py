@@ -471,7 +471,8 @@ class PolicyFollower:
             if self._opening:
                 self._stream_seen = set()      # a new stream's snapshot begins
                 self._opening = False
-            self._stream_seen.add(es.service)
+            if self._stream_seen is not None:       # None: this stream's snapshot is in
+                self._stream_seen.add(es.service)
             self._last_event = self.clock()
             if es.deleted:
                 self.sets.pop(es.service, None)

@@ -157,6 +157,7 @@ class StreamClient:
             self.cond.notify_all()
 
     def watch_endpoints(self):
+        self.opened = getattr(self, "opened", 0) + 1
         while True:
             with self.cond:
                 while not self.items and not self.closed:
@@ -213,6 +214,16 @@ def test_the_follower_applies_what_the_stream_says(follower):
     wait_for(lambda: local(policy) == {"10.0.3.2": "web", "10.0.3.3": "api"})
     client.push(endpoints("api", "10.0.3.3", deleted=True))
     wait_for(lambda: local(policy) == {"10.0.3.2": "web"})
+
+
+def test_a_change_after_the_snapshot_settled_follows_on_the_same_stream(follower):
+    f, client, policy, _ = follower
+    client.push(endpoints("web", "10.0.3.2"))
+    wait_for(lambda: local(policy) == {"10.0.3.2": "web"})
+    time.sleep(0.4)                         # the snapshot has settled
+    client.push(endpoints("web", "10.0.3.2", "10.0.3.4"))
+    wait_for(lambda: local(policy) == {"10.0.3.2": "web", "10.0.3.4": "web"})
+    assert client.opened == 1               # not by watching again after a failure
 
 
 def test_a_reconnect_keeps_services_until_the_new_snapshot_settles_then_drops_the_unnamed(follower):

@@ -10,6 +10,7 @@ sha256, and exact reads over an iterator of chunks (image transfers).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,12 +29,56 @@ def file_chunks(path: str, start: int = 0) -> Iterator[bytes]:
             yield chunk
 
 
+_ZEROS = bytes(CHUNK_SIZE)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The byte ranges [start, end) of an open file of `size` bytes that hold
+    data, as SEEK_DATA/SEEK_HOLE find them: the rest are holes, zeros
+    without blocks (a filesystem that cannot tell has one range, all of it)."""
+    out: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:        # ENXIO: no data after offset
+                raise
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if start >= stop:
+            break
+        out.append((start, stop))
+        offset = stop
+    return out
+
+
+def sparse_chunks(path: str) -> Iterator[bytes]:
+    """The file's bytes in pieces of at most CHUNK_SIZE, its holes as zeros
+    that are not read (a guest's disk of 256 MiB may hold 20 MiB of data)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        at = 0
+        for start, stop in [*data_extents(f.fileno(), size), (size, size)]:
+            while at < start:
+                n = min(start - at, CHUNK_SIZE)
+                yield _ZEROS[:n] if n < CHUNK_SIZE else _ZEROS
+                at += n
+            f.seek(at)
+            while at < stop:
+                chunk = f.read(min(stop - at, CHUNK_SIZE))
+                if not chunk:
+                    return
+                at += len(chunk)
+                yield chunk
+
+
 def sha256_file(path: str, progress: Callable[[int, int], None] | None = None) -> str:
     """"sha256:<hex>" of the file; `progress(done, total)` as it reads."""
     h = hashlib.sha256()
     total = os.path.getsize(path)
     done = 0
-    for chunk in file_chunks(path):
+    for chunk in sparse_chunks(path):
         h.update(chunk)
         done += len(chunk)
         if progress:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from soda.errors import DataLoss, InvalidSpec
-from soda.files import CHUNK_SIZE, ChunkReader, file_chunks
+from soda.files import CHUNK_SIZE, ChunkReader, data_extents, file_chunks
 
 MAGIC = b"SODALYR1"
 BLOCK_SIZE = 4096
@@ -119,20 +119,39 @@ def _zero(block: memoryview) -> bool:
 
 def differing_runs(path: str, parent_hashes: bytes) -> Iterator[tuple[int, int, int]]:
     """(kind, first block, count) of the blocks of the file at `path` that
-    differ from the parent whose hashes are given, runs of at most MAX_RUN."""
+    differ from the parent whose hashes are given, runs of at most MAX_RUN.
+    The file's holes are zeros, known without reading them (a guest's disk
+    is mostly holes)."""
     if len(parent_hashes) % HASH_BYTES:
         raise InvalidLayer(f"parent block hashes of {len(parent_hashes)} bytes are not whole "
                            f"{HASH_BYTES}-byte hashes")
     parent_blocks = len(parent_hashes) // HASH_BYTES
+
+    def theirs(index: int) -> bytes:
+        return parent_hashes[index * HASH_BYTES:(index + 1) * HASH_BYTES]
+
+    def kinds() -> Iterator[tuple[int, int]]:
+        with open(path, "rb") as f:
+            for first, end, data in _block_ranges(f.fileno(), os.fstat(f.fileno()).st_size):
+                if not data:
+                    # Zeros: the same as the parent where its block is zero
+                    # or where it has ended (composing extends it with zeros).
+                    for index in range(first, min(end, parent_blocks)):
+                        if theirs(index) != ZERO_HASH:
+                            yield index, ZERO
+                    continue
+                f.seek(first * BLOCK_SIZE)
+                for index, block in enumerate(blocks(_read(f, (end - first) * BLOCK_SIZE)), first):
+                    zero = _zero(block)
+                    if index < parent_blocks:
+                        same = _hash(block, zero) == theirs(index) or (zero and theirs(index) == ZERO_HASH)
+                    else:
+                        same = zero
+                    if not same:
+                        yield index, ZERO if zero else DATA
+
     run_kind, run_first, run_count = END, 0, 0
-    for index, block in enumerate(blocks(file_chunks(path))):
-        zero = _zero(block)
-        if index < parent_blocks:
-            theirs = parent_hashes[index * HASH_BYTES:(index + 1) * HASH_BYTES]
-            same = _hash(block, zero) == theirs or (zero and theirs == ZERO_HASH)
-        else:
-            same = zero          # beyond the parent the composed image is zeros already
-        kind = END if same else (ZERO if zero else DATA)
+    for index, kind in kinds():
         if kind == run_kind and run_first + run_count == index and run_count < MAX_RUN:
             run_count += 1
             continue
@@ -141,6 +160,39 @@ def differing_runs(path: str, parent_hashes: bytes) -> Iterator[tuple[int, int, 
         run_kind, run_first, run_count = kind, index, 1
     if run_kind != END:
         yield run_kind, run_first, run_count
+
+
+def _block_ranges(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
+    """(first block, end block, holds data) covering the file's blocks in
+    order: the data extents (soda.files.data_extents) widened to whole
+    blocks, and the holes between. The last block, when short, is read."""
+    count = -(-size // BLOCK_SIZE)
+    ranges: list[list[int]] = []
+    extents = [(start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)) for start, stop in data_extents(fd, size)]
+    if size % BLOCK_SIZE:
+        extents.append((count - 1, count))
+    for first, end in extents:
+        if ranges and first <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], end)
+        else:
+            ranges.append([first, end])
+    at = 0
+    for first, end in ranges:
+        if first > at:
+            yield at, first, False
+        yield first, end, True
+        at = end
+    if at < count:
+        yield at, count, False
+
+
+def _read(f, length: int) -> Iterator[bytes]:
+    while length > 0:
+        chunk = f.read(min(length, CHUNK_SIZE))
+        if not chunk:
+            return
+        length -= len(chunk)
+        yield chunk
 
 
 def build(path: str, header: Header, runs: Iterable[tuple[int, int, int]]) -> Iterator[bytes]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -48,6 +49,9 @@ log = logging.getLogger("soda.switch")
 # READY=1 waits at most this long for the first endpoint lists, so that a
 # unit ordered after the Switch finds its listeners bound when the Master is up.
 READY_WAIT_SECONDS = 5.0
+# A report asked for soon (a virtual node let go) waits this long for more
+# changes to come with it.
+REPORT_SOON_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ class Switch:
         self._report_task: asyncio.Task | None = None
         self._take_over_task: asyncio.Task | None = None
         self._watcher: EndpointWatcher | None = None
+        self._report_soon: asyncio.Event | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -178,6 +183,8 @@ class Switch:
             except OSError as exc:
                 # Counters still reach the Master; a busy port must not stop routing.
                 log.warning("cannot serve metrics on %s: %s", self.config.metrics_listen, exc.strerror or exc)
+        self._report_soon = asyncio.Event()
+        self.proxy.let_go = self._report_soon.set
         self._report_task = asyncio.create_task(self._report_loop(), name="switch-report")
         if self.route_follower is not None:
             self.route_follower.start()
@@ -217,7 +224,17 @@ class Switch:
                 failing = True
             except Exception:       # a report bug must not stop routing
                 log.exception("switch report failed")
-            await asyncio.sleep(self.config.report_seconds)
+            # Every report_seconds, or soon after a virtual node may have
+            # been let go (the Master holds its guest until a report says so).
+            soon = self._report_soon
+            if soon is None or failing:
+                await asyncio.sleep(self.config.report_seconds)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.report_seconds):
+                    await soon.wait()
+            await asyncio.sleep(REPORT_SOON_SECONDS)        # one report for a burst of changes
+            soon.clear()
 
     async def stop(self) -> None:
         """Stop following the Master (closes the client), then close the proxy:

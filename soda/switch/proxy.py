@@ -440,6 +440,10 @@ class Proxy:
         # Set by soda.switch.ondemand.attach: awaited before a new connection
         # picks a virtual node, it holds it while its service is at zero.
         self.hold: Callable[[str, Balancer], Awaitable[None]] | None = None
+        # Called when a virtual node may have been let go (no longer routed,
+        # its last connection done): the Switch then reports soon, since the
+        # Master waits for that report to freeze or stop the guest.
+        self.let_go: Callable[[], None] | None = None
 
     # ---- the control side -------------------------------------------------
     async def apply(self, es: EndpointSet) -> None:
@@ -475,6 +479,8 @@ class Proxy:
         # left unanswered goes elsewhere if it can; the rest is cut rather
         # than left hanging on a guest that is gone.
         self._node_down(svc, {e.vnode for e in es.endpoints if not e.ready and not e.frozen}, cut=True)
+        if self.let_go is not None:
+            self.let_go()
         log.info("service %s: listen %s, policy %s, routing to %s", es.service, es.listen,
                  svc.balancer.policy, _describe_endpoints(svc.balancer.endpoints) or "nothing (no ready node)")
         if es.listen != svc.listen or svc.server is None:
@@ -646,6 +652,8 @@ class Proxy:
         if vnode in svc.drains and not svc.relays_to(vnode):
             svc.drains.pop(vnode).cancel()      # drained in time
             svc.prune()
+            if self.let_go is not None:
+                self.let_go()
         if self._idle is not None and not self._relays:
             self._idle.set()
 

@@ -141,3 +141,56 @@ def test_a_malformed_layer_is_refused(tmp_path, parent, damage):
     with pytest.raises(layers.InvalidLayer):
         header, reader = layers.open_layer([layer], _digest(parent))
         b"".join(layers.compose([parent], header, reader))
+
+
+def _dense_runs(path: str, parent_hashes: bytes) -> list[tuple[int, int, int]]:
+    """What differing_runs must find, read the plain way: every block of
+    the file, holes included, hashed and compared."""
+    known = len(parent_hashes) // layers.HASH_BYTES
+    out: list[list[int]] = []
+    with open(path, "rb") as f:
+        data = f.read()
+    for index in range(-(-len(data) // layers.BLOCK_SIZE)):
+        block = data[index * layers.BLOCK_SIZE:(index + 1) * layers.BLOCK_SIZE]
+        zero = block == bytes(len(block))
+        theirs = parent_hashes[index * layers.HASH_BYTES:(index + 1) * layers.HASH_BYTES]
+        if index < known:
+            ours = layers.ZERO_HASH if zero and len(block) == layers.BLOCK_SIZE else layers.block_hash(block)
+            same = ours == theirs or (zero and theirs == layers.ZERO_HASH)
+        else:
+            same = zero
+        if same:
+            continue
+        kind = layers.ZERO if zero else layers.DATA
+        if out and out[-1][0] == kind and out[-1][1] + out[-1][2] == index and out[-1][2] < layers.MAX_RUN:
+            out[-1][2] += 1
+        else:
+            out.append([kind, index, 1])
+    return [tuple(r) for r in out]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_holes_are_zeros_read_or_not(tmp_path, seed):
+    # A guest's disk is mostly holes: they are known to be zeros without
+    # being read, and what is found is what reading every block finds.
+    import random
+    rng = random.Random(seed)
+    size = rng.choice([100, 5000, 3 * 4096 + 7, 300 * 4096 + 123, 2000 * 4096])
+    parent = bytearray(rng.choice([0, size // 2, size, 5 * 4096]))
+    for _ in range(4):
+        if parent:
+            at = rng.randrange(len(parent))
+            n = min(rng.randrange(1, 9000), len(parent) - at)
+            parent[at:at + n] = rng.randbytes(n)
+    hashes = b"".join(layers.block_hashes([bytes(parent)])) if parent else b""
+    path = str(tmp_path / "disk")
+    with open(path, "wb") as f:
+        f.truncate(size)                        # all hole
+        for _ in range(rng.randrange(6)):
+            at, n = rng.randrange(size), rng.randrange(1, 20000)
+            f.seek(at)
+            f.write(rng.choice([rng.randbytes(n), bytes(n), bytes(parent[at:at + n]) or b"x"]))
+    assert list(layers.differing_runs(path, hashes)) == _dense_runs(path, hashes)
+    from soda.files import sha256_file
+    with open(path, "rb") as f:
+        assert sha256_file(path) == "sha256:" + hashlib.sha256(f.read()).hexdigest()

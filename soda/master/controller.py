@@ -1196,6 +1196,7 @@ class Controller:
             return out
         with self._lock:
             stats = self.switches.vnode_stats(now)
+            served = self.switches.services(now)
             seen = dict(self._replacements)
         busy: set[str] = set()                  # draining nodes with a move in flight
         moved: set[str] = set()                 # virtual nodes leaving now, replaced
@@ -1216,7 +1217,8 @@ class Controller:
                     self._drop(tx, service, [move.new], list(nodes.values()), late)
                     out.touched.add(service.name)
                     continue
-                waiting = self._replacement_waits(service, move, stats, seen, now)
+                waiting = self._replacement_waits(service, move, stats, seen, now,
+                                                  served=service.name in served)
                 if waiting:
                     out.replacements[move.new.name] = seen[move.new.name]
                     busy.add(move.old.node)
@@ -1332,7 +1334,7 @@ class Controller:
 
     def _replacement_waits(self, service: model.Service, move: Move,
                            stats: Mapping[str, model.SwitchVnodeStats],
-                           seen: dict[str, _Replacement], now: float) -> str:
+                           seen: dict[str, _Replacement], now: float, served: bool = False) -> str:
         """What the replacement of `move` still waits for ("" when ready):
         RUNNING, and healthy at a Switch when a Switch reports the service.
         A Switch starts a new virtual node healthy and calls it unhealthy
@@ -1349,7 +1351,10 @@ class Controller:
         watched = seen.get(new.name) or _Replacement()
         if watched.running_since is None:
             watched = replace(watched, running_since=now)
-        if not any(v.name in stats for v in service.vnodes):
+        # A Switch serves the service when its report lists it, or any of
+        # its virtual nodes (a report between the old one let go and the
+        # replacement known may list none of them).
+        if not served and not any(v.name in stats for v in service.vnodes):
             seen[new.name] = watched
             return ""           # no Switch serves the service
         health = service.spec.switch.health

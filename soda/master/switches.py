@@ -94,6 +94,11 @@ class SwitchRegistry:
                     out[v.vnode] = v if v.vnode not in out else _add(out[v.vnode], v)
         return out
 
+    def services(self, now: float) -> set[str]:
+        """The services a live Switch serves (listed in its last report,
+        whether or not any of their virtual nodes is)."""
+        return {svc.service for received in self._live(now) for svc in received.report.services}
+
     # ---- admission -----------------------------------------------------
     def check_listen(self, listen: str, now: float) -> None:
         parsed = _host_port(listen)

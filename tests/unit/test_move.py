@@ -173,3 +173,19 @@ def test_a_disk_that_never_comes_gives_the_move_up(movable):
     ctl.check_membership()
     v = vnodes(ctl)
     assert v["web-1"].deleting and not v["web-0"].frozen and not v["web-0"].moving_to
+
+
+def test_a_switch_that_lists_the_service_and_none_of_its_vnodes_is_waited_for(movable):
+    # Between letting the frozen guest go and hearing of its replacement a
+    # Switch's report may name none of the service's virtual nodes: it
+    # still serves the service, so the replacement must pass its checks.
+    ctl, clock, tmp_path = movable
+    ctl.move_vnode("web", "0", to="b")
+    send_disk(ctl, tmp_path, "web-0")
+    ctl.report_switch(model.SwitchReport(switch="sw", services=(model.SwitchServiceStats(service="web"),)))
+    heartbeat(ctl)
+    ctl.check_membership()
+    v = vnodes(ctl)
+    assert not v["web-0"].deleting and v["web-1"].replaces == "web-0"
+    assert "waiting for a Switch to report it healthy" in ctl.get_service("web").vnodes[0].reason \
+        or any("Switch" in x.reason for x in ctl.get_service("web").vnodes)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from soda.errors import DataLoss, InvalidSpec
-from soda.files import CHUNK_SIZE, ChunkReader, data_extents, file_chunks
+from soda.files import CHUNK_SIZE, ChunkReader, data_extents
 
 MAGIC = b"SODALYR1"
 BLOCK_SIZE = 4096

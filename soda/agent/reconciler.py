@@ -513,18 +513,23 @@ class Reconciler:
             driver = self._drivers[driver_name]
             (driver.freeze if want.frozen else driver.thaw)(name)
         except (SodaError, OSError, KeyError) as exc:
-            with self._cond:
-                delay = self._schedule_retry(name, action, self._clock())
-                vnode = self._vn(name)
-                vnode.pause_error = f"{action} failed: {exc} (retry in {delay:g}s)"
-                vnode.pause_retry_at = self._clock() + delay
-            log.warning("virtual node %s: %s", name, vnode.pause_error)
+            self._pause_failed(name, action, f"{action} failed: {exc}")
             return
         with self._cond:
             # The next pass reports what the driver now finds (FROZEN, or
             # RUNNING once the thawed guest answers).
             vnode = self._vn(name)
             vnode.pause_error, vnode.pause_retry_at = "", 0.0
+
+    def _pause_failed(self, name: str, action: str, why: str) -> None:
+        """A freeze, thaw or disk sending that failed: its reason says why
+        and when it is tried again."""
+        with self._cond:
+            delay = self._schedule_retry(name, action, self._clock())
+            vnode = self._vn(name)
+            vnode.pause_error = f"{why} (retry in {delay:g}s)"
+            vnode.pause_retry_at = self._clock() + delay
+        log.warning("virtual node %s: %s", name, vnode.pause_error)
 
     def _submit_send_disk(self, want: VirtualNode) -> None:
         self._vn(want.name).busy = True
@@ -553,12 +558,7 @@ class Reconciler:
                 self._vn(name).disk_sent = want.moving_to
             return
         except (SodaError, OSError, KeyError) as exc:
-            with self._cond:
-                delay = self._schedule_retry(name, "send its disk", self._clock())
-                vnode = self._vn(name)
-                vnode.pause_error = f"sending its disk to node {want.moving_to} failed: {exc} (retry in {delay:g}s)"
-                vnode.pause_retry_at = self._clock() + delay
-            log.warning("virtual node %s: %s", name, vnode.pause_error)
+            self._pause_failed(name, "send its disk", f"sending its disk to node {want.moving_to} failed: {exc}")
             return
         with self._cond:
             vnode = self._vn(name)

@@ -255,17 +255,12 @@ class QemuDriver(RecordedGuestDriver):
         """Resume a frozen guest (QMP `cont`)."""
         self._set_frozen(name, False, lambda record: qmp(record["qmp"], "cont", timeout=QMP_TIMEOUT))
 
-    def export_disk(self, name: str, path: str) -> None:
+    def _write_disk(self, record: dict, path: str) -> None:
         """The overlay with its base, as one raw file (qemu-img convert;
         -U: the paused VMM still holds the overlay's lock)."""
-        check_guest_name(name)
-        record = self._load(name)
-        if record is None:
-            raise NotFound(f"qemu guest {name} does not exist")
-        if self._alive(record) and not record.get("frozen"):
-            raise WrongState(f"qemu guest {name} runs: freeze it before its disk is copied")
         command.run([self.qemu_img, "convert", "-U", "-q", "-f", "qcow2", "-O", "raw",
-                     self.overlay_path(name), path], timeout=EXPORT_TIMEOUT, hint="Debian package qemu-utils")
+                     self.overlay_path(record["name"]), path], timeout=EXPORT_TIMEOUT,
+                    hint="Debian package qemu-utils")
 
     def _running_record(self, name: str) -> dict:
         check_guest_name(name)

@@ -423,6 +423,19 @@ class RecordedGuestDriver(HypervisorDriver):
                          ready=ready, exit_reason=reason, generation=record.get("generation", 0),
                          frozen=frozen)
 
+    def export_disk(self, name: str, path: str) -> None:
+        check_guest_name(name)
+        record = self._load(name)
+        if record is None:
+            raise NotFound(f"{self.name} guest {name} does not exist")
+        if self._alive(record) and not record.get("frozen"):
+            raise WrongState(f"{self.name} guest {name} runs: freeze it before its disk is copied")
+        self._write_disk(record, path)
+
+    def _write_disk(self, record: dict, path: str) -> None:
+        """export_disk of the guest of `record` (frozen or stopped)."""
+        raise WrongState(f"the {self.name} driver cannot carry a guest's disk to another node")
+
     def _set_frozen(self, name: str, frozen: bool, act: Callable[[dict], None]) -> None:
         """freeze()/thaw() of a driver whose VMM pauses in place: `act(record)`
         pauses or resumes the VMM; the record keeps the state, so that it

@@ -492,16 +492,9 @@ class UmlDriver(RecordedGuestDriver):
         log.info("uml guest %s: no word of its sync within %g s: its disk is copied as it is", name,
                  SYNC_WAIT)
 
-    def export_disk(self, name: str, path: str) -> None:
-        """The image under the guest with its COW layer's sectors laid over
-        it, into `path`."""
-        check_guest_name(name)
-        record = self._load(name)
-        if record is None:
-            raise NotFound(f"uml guest {name} does not exist")
-        if self._alive(record) and not record.get("frozen"):
-            raise WrongState(f"uml guest {name} runs: freeze it before its disk is copied")
-        compose_cow(self.cow_path(name), record["spec"]["image_path"], path)
+    def _write_disk(self, record: dict, path: str) -> None:
+        """The image under the guest with its COW layer's sectors laid over it."""
+        compose_cow(self.cow_path(record["name"]), record["spec"]["image_path"], path)
 
     def _freeze_fence(self, name: str, frozen: bool) -> None:
         if self.freezer is None:

@@ -145,7 +145,7 @@ def test_a_target_lost_mid_move_gives_the_move_up_and_the_guest_serves_on(mn):
 
 
 def test_a_source_lost_mid_move_leaves_one_guest_on_the_target(mn):
-    port = mn.create("mvs", [0.25])
+    mn.create("mvs", [0.25])
     try:
         [old] = live(mn, "mvs")
         source = host_index(mn, old["node"])

@@ -13,7 +13,6 @@ import pytest
 
 from soda import layers, model
 from soda.errors import InvalidSpec, NotFound, PermissionDenied, WrongState
-from soda.files import file_chunks
 from soda.master.controller import DISK_WAIT_SECONDS, endpoint_set, moves_of
 from tests.unit.test_controller import CAP, make_controller, push_busybox
 from tests.unit.test_drain import heartbeat

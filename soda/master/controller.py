@@ -1283,7 +1283,8 @@ class Controller:
         [new] = self._place_new(tx, spec, "" if carry else old.image_digest, [index], [old.resources],
                                 [model.vnode_name(service.name, index)], counts,
                                 only=targets, avoid=old.node)
-        new = replace(new, replaces=old.name, last_move=model.VnodeMove(old.node, self.clock(), why))
+        new = replace(new, replaces=old.name, frozen=old.frozen,
+                      last_move=model.VnodeMove(old.node, self.clock(), why))
         tx.put_vnodes([new])
         if carry:
             leaving = replace(old, frozen=True, moving_to=new.node,
@@ -1345,6 +1346,13 @@ class Controller:
         move goes on, unless the Switch finds the replacement unhealthy
         and the old one healthy, which is never a good trade."""
         new, old = move.new, move.old
+        if new.frozen:
+            # A frozen one (a warm pool's) is ready once booted and frozen;
+            # no Switch routes to it, so none is waited for.
+            if new.phase == model.Phase.FROZEN:
+                return ""
+            seen[new.name] = _Replacement()
+            return f"waiting for it to boot and freeze ({new.phase.name})"
         if new.phase != model.Phase.RUNNING:
             seen[new.name] = _Replacement()
             return f"waiting for it to run ({new.phase.name})"
@@ -1601,11 +1609,15 @@ def _disk_receivers(nodes: Iterable[model.Node], v: model.VirtualNode, draining:
     """The nodes (only `only`, if given) that a move of `v` may carry its
     disk to: READY, not draining, not its own, with a driver of its
     hypervisor that can take a guest's disk, when the driver running it can
-    send it and it runs (a guest that does not has nothing to carry)."""
+    send it and it runs, not frozen (a guest that does not run has nothing
+    to carry)."""
     nodes = list(nodes)
     source = next((n for n in nodes if n.name == v.node), None)
     sends = source.limit(v.hypervisor) if source is not None else None
-    if sends is None or not sends.migration or v.phase not in (model.Phase.RUNNING, model.Phase.FROZEN):
+    # One frozen already (a warm pool's, or by hand) moves as it is kept:
+    # booted on the target and frozen there once it runs; a move given up
+    # would otherwise have to know to leave it frozen.
+    if sends is None or not sends.migration or v.frozen or v.phase != model.Phase.RUNNING:
         return []
     return sorted(n.name for n in nodes
                   if n.state == READY and n.name not in draining and n.name != v.node
@@ -1619,7 +1631,9 @@ def _cannot_carry(nodes: Mapping[str, model.Node], v: model.VirtualNode, to: str
     sends = source.limit(v.hypervisor) if source is not None else None
     if sends is None or not sends.migration:
         why = f"the {v.hypervisor} driver of node {v.node} cannot send a guest's disk"
-    elif v.phase not in (model.Phase.RUNNING, model.Phase.FROZEN):
+    elif v.frozen:
+        why = "it is frozen (thaw it first to carry its disk)"
+    elif v.phase != model.Phase.RUNNING:
         why = f"it is {v.phase.name}, so it has no disk to carry"
     elif to:
         why = f"the {v.hypervisor} driver of node {to} cannot take a guest's disk"
@@ -1761,7 +1775,8 @@ def _coming(v: model.VirtualNode) -> bool:
     """Whether `v` will serve again shortly without a new boot: frozen for
     a move, or thawing (the Switch holds new connections for it when
     nothing else serves)."""
-    return bool(v.moving_to) or (not v.frozen and v.phase in (model.Phase.FROZEN, model.Phase.THAWING))
+    carried = bool(v.moving_to) and bool(v.disk_base)       # a cold move's serves on meanwhile
+    return carried or (not v.frozen and v.phase in (model.Phase.FROZEN, model.Phase.THAWING))
 
 
 def endpoint_set(service: model.Service) -> model.EndpointSet:

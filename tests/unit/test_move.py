@@ -188,3 +188,18 @@ def test_a_switch_that_lists_the_service_and_none_of_its_vnodes_is_waited_for(mo
     assert not v["web-0"].deleting and v["web-1"].replaces == "web-0"
     assert "waiting for a Switch to report it healthy" in ctl.get_service("web").vnodes[0].reason \
         or any("Switch" in x.reason for x in ctl.get_service("web").vnodes)
+
+
+def test_a_frozen_virtual_node_moves_as_it_is_kept_booted_there_and_frozen(movable):
+    ctl, _, _ = movable
+    ctl.freeze_service("web")
+    heartbeat(ctl, phase=FROZEN)
+    with pytest.raises(WrongState, match="it is frozen"):
+        ctl.move_vnode("web", "0", to="b")
+    ctl.move_vnode("web", "0", to="b", cold=True)
+    v = vnodes(ctl)
+    assert (v["web-1"].frozen, v["web-1"].image_digest, v["web-0"].frozen) == (True, v["web-0"].image_digest, True)
+    heartbeat(ctl, phase=FROZEN)            # booted there, then frozen
+    ctl.check_membership()
+    heartbeat(ctl, phase=FROZEN)
+    assert [(x.name, x.node, x.frozen) for x in vnodes(ctl).values()] == [("web-1", "b", True)]

@@ -22,8 +22,8 @@ from soda.pki import Identity
 from soda.master import access
 from soda.master.logs import LogBroker
 from soda.master.store import revision_of
-from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICES_TOPIC, Controller,
-                                    node_topic, service_topic)
+from soda.master.controller import (ENDPOINTS_TOPIC, NODES_TOPIC, SERVICE_TOPIC_PREFIX, SERVICES_TOPIC,
+                                    Controller, node_topic, service_topic)
 from soda.proto.v1 import master_pb2 as pb
 from soda.proto.v1 import master_pb2_grpc as pb_grpc
 from soda.rpc import convert, encoding
@@ -442,20 +442,47 @@ class MasterServicer(pb_grpc.MasterServicer):
 
     @handle_errors
     def WatchEndpoints(self, request, context):
+        """Every service's endpoint set (or one's), then each one that
+        changes. A change reads again only the services it published (their
+        service topics), not all of them: with 200 services and every Agent
+        and Switch watching, reading all on every change was most of the
+        Master's work and of a resize's way to the Switch."""
         if request.service:
             self.controller.get_service(request.service)
         last: dict[str, pb.EndpointSet] = {}
-        for _ in self._watch(ENDPOINTS_TOPIC, context):
-            try:
-                sets = self.controller.endpoint_sets(request.service)
-            except NotFound:
-                sets = []
-            current = {s.service: convert.endpoints_to_pb(s) for s in sets}
+        names: list[str] | None = None          # None: all of them (this stream's first read)
+        seen = self.notifier.revision(ENDPOINTS_TOPIC)
+        while True:
+            if request.service:
+                names = [request.service]
+            current: dict[str, pb.EndpointSet] = {}
+            gone: set[str] = set()
+            if names is None:
+                current = {s.service: convert.endpoints_to_pb(s) for s in self.controller.endpoint_sets()}
+                gone = last.keys() - current.keys()
+            else:
+                for name in names:
+                    try:
+                        [es] = self.controller.endpoint_sets(name)
+                    except NotFound:
+                        gone.add(name)
+                        continue
+                    current[name] = convert.endpoints_to_pb(es)
             for name, message in current.items():
                 if last.get(name) != message:
+                    last[name] = message
                     yield message
-            for name in last.keys() - current.keys():
+            for name in sorted(gone & last.keys()):
+                del last[name]
                 yield pb.EndpointSet(service=name, deleted=True)
-            last = current
-            if request.service and not current:
+            if request.service and not last:
+                return
+            while context.is_active() and not self.notifier.closed:
+                revision = self.notifier.wait(ENDPOINTS_TOPIC, seen, WATCH_POLL_SECONDS)
+                if revision > seen:
+                    names = [topic[len(SERVICE_TOPIC_PREFIX):]
+                             for topic in self.notifier.changed(SERVICE_TOPIC_PREFIX, seen)]
+                    seen = revision
+                    break
+            else:
                 return

@@ -88,8 +88,11 @@ def node_topic(node: str) -> str:
     return f"node:{node}"
 
 
+SERVICE_TOPIC_PREFIX = "service:"
+
+
 def service_topic(service: str) -> str:
-    return f"service:{service}"
+    return SERVICE_TOPIC_PREFIX + service
 
 
 SERVICES_TOPIC = "services"

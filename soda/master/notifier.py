@@ -42,6 +42,12 @@ class Notifier:
         with self._lock:
             return self._topics.get(topic, 0)
 
+    def changed(self, prefix: str, since: int) -> list[str]:
+        """The topics starting with `prefix` published after revision `since`."""
+        with self._lock:
+            return [topic for topic, revision in self._topics.items()
+                    if revision > since and topic.startswith(prefix)]
+
     def wait(self, topic: str, seen: int, timeout: float) -> int:
         """Block until `topic` moves past `seen`, the timeout passes, or the
         notifier closes; return the topic's revision."""

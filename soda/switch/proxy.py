@@ -466,6 +466,7 @@ class Proxy:
             log.warning("service %s: unknown policy %r, using %s", es.service, policy, svc.balancer.policy)
         svc.switch = es.switch
         self.health.update(es.service, es.switch.health, es.endpoints)
+        routed = {e.vnode for e in svc.balancer.endpoints}
         svc.balancer.update(es.endpoints)
         svc.balancer.set_healthy(self.health.healthy(es.service))
         svc.endpoints_changed()
@@ -479,7 +480,7 @@ class Proxy:
         # left unanswered goes elsewhere if it can; the rest is cut rather
         # than left hanging on a guest that is gone.
         self._node_down(svc, {e.vnode for e in es.endpoints if not e.ready and not e.frozen}, cut=True)
-        if self.let_go is not None:
+        if self.let_go is not None and routed - {e.vnode for e in svc.balancer.endpoints}:
             self.let_go()
         log.info("service %s: listen %s, policy %s, routing to %s", es.service, es.listen,
                  svc.balancer.policy, _describe_endpoints(svc.balancer.endpoints) or "nothing (no ready node)")

@@ -454,3 +454,34 @@ def test_drain_undrain_and_their_errors_on_the_wire(cluster):
     cluster.drain_node("n0")
     assert cluster.remove_node("n0").name == "n0"
     assert [n.name for n in cluster.list_nodes()] == ["n1", "n2"]
+
+
+def test_a_watch_of_every_service_reads_again_only_the_services_that_changed(master, cluster, monkeypatch):
+    server, _ = master
+    for name in ("web", "api", "db"):
+        cluster.create_service(spec(name=name, nodes=1))
+    read: list[str] = []
+    real = server.controller.endpoint_sets
+
+    def counted(service=""):
+        read.append(service or "*")
+        return real(service)
+    monkeypatch.setattr(server.controller, "endpoint_sets", counted)
+    stream = cluster.watch_endpoints()
+    assert sorted(next(stream).service for _ in range(3)) == ["api", "db", "web"]
+    assert read == ["*"]
+    api = cluster.get_service("api").vnodes[0]
+    cluster.report_status(api.node, [model.VirtualNodeStatus(api.name, model.Phase.RUNNING,
+                                                             generation=api.generation)])
+    changed = next(stream)
+    assert changed.service == "api" and [e.ready for e in changed.endpoints] == [True]
+    assert read == ["*", "api"]
+    db = cluster.get_service("db").vnodes[0]
+    cluster.delete_service("db")
+    leaving = next(stream)
+    assert (leaving.service, leaving.deleted, list(leaving.endpoints)) == ("db", False, [])
+    cluster.heartbeat(db.node, [])          # its Agent stopped it: the service is gone
+    gone = next(stream)
+    assert (gone.service, gone.deleted) == ("db", True)
+    assert read == ["*", "api", "db", "db"]
+    stream.close()
